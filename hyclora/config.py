@@ -1,0 +1,203 @@
+"""HyCLoRAConfig: every knob of hyclora, validated when the config is built.
+
+The field names are the HyC-LoRA reference's command-line names, so scripts written for it keep
+working: ``--use_hyclora --layer_type --q_bit --softmax_outlier_ratio --layernorm_outlier_ratio
+--iteration_threshold``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+LAYER_TYPES = ("baseline", "intra", "intra_inter", "intra_inter_full_fuse")
+Q_BITS = (2, 4, 8)
+ON_NONFINITE = ("raise", "ignore")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+def _str2bool(value: Any) -> bool:
+    """argparse type for booleans: ``type=bool`` would turn any non-empty string into True."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+@dataclass
+class HyCLoRAConfig:
+    """What hyclora compresses and how.
+
+    Attributes:
+        use_hyclora: master switch. ``False`` leaves the model untouched.
+        layer_type: ``baseline`` (our backward, nothing compressed), ``intra`` (every buffered
+            activation quantised, outlier channels on norm inputs, sparse softmax map),
+            ``intra_inter`` (intra + LoRA-aware reconstruction and recomputation) or
+            ``intra_inter_full_fuse`` (intra_inter with fused Triton epilogues).
+        q_bit: bits per quantised activation element: 2, 4 or 8.
+        softmax_outlier_ratio: fraction of attention-probability entries kept (eager attention).
+        layernorm_outlier_ratio: fraction of channels of every norm input kept exactly.
+        iteration_threshold: training forwards per layer during which quantisation statistics
+            are calibrated; frozen afterwards. ``0`` recomputes them on every step.
+        on_nonfinite: ``raise`` (default) stops on a NaN/Inf activation naming the layer;
+            ``ignore`` skips the check.
+        kernel_backend: ``auto`` (Triton on CUDA tensors, torch on CPU), ``triton`` or ``torch``.
+    """
+
+    use_hyclora: bool = True
+    layer_type: str = "intra_inter"
+    q_bit: int = 4
+    softmax_outlier_ratio: float = 0.05
+    layernorm_outlier_ratio: float = 0.005
+    iteration_threshold: int = 5
+    on_nonfinite: str = "raise"
+    kernel_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not isinstance(self.use_hyclora, bool):
+            raise ValueError(
+                f"HyCLoRAConfig.use_hyclora={self.use_hyclora!r} is invalid: expected True or False."
+            )
+        if self.layer_type not in LAYER_TYPES:
+            raise ValueError(
+                f"HyCLoRAConfig.layer_type={self.layer_type!r} is invalid: expected one of "
+                f"{', '.join(LAYER_TYPES)}."
+            )
+        if isinstance(self.q_bit, bool) or self.q_bit not in Q_BITS:
+            raise ValueError(
+                f"HyCLoRAConfig.q_bit={self.q_bit!r} is invalid: expected one of "
+                f"{', '.join(map(str, Q_BITS))}."
+            )
+        for name in ("softmax_outlier_ratio", "layernorm_outlier_ratio"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not 0.0 <= value <= 1.0
+            ):
+                raise ValueError(
+                    f"HyCLoRAConfig.{name}={value!r} is invalid: expected a number in [0, 1]."
+                )
+        if (
+            isinstance(self.iteration_threshold, bool)
+            or not isinstance(self.iteration_threshold, int)
+            or self.iteration_threshold < 0
+        ):
+            raise ValueError(
+                f"HyCLoRAConfig.iteration_threshold={self.iteration_threshold!r} is invalid: "
+                "expected an integer >= 0 (0 recomputes statistics on every step)."
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"HyCLoRAConfig.on_nonfinite={self.on_nonfinite!r} is invalid: expected one of "
+                f"{', '.join(ON_NONFINITE)}."
+            )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"HyCLoRAConfig.kernel_backend={self.kernel_backend!r} is invalid: expected one "
+                f"of {', '.join(KERNEL_BACKENDS)}."
+            )
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def compresses(self) -> bool:
+        """True when saved activations are lossy (anything but ``baseline``)."""
+        return self.use_hyclora and self.layer_type != "baseline"
+
+    @property
+    def reconstructs(self) -> bool:
+        """True for the LoRA-aware inter-operator reconstruction (intra_inter*)."""
+        return self.use_hyclora and self.layer_type.startswith("intra_inter")
+
+    @property
+    def fused(self) -> bool:
+        return self.use_hyclora and self.layer_type == "intra_inter_full_fuse"
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "HyCLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown HyCLoRAConfig field(s) {unknown}: expected a subset of {sorted(known)}."
+            )
+        return cls(**data)
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "HyCLoRAConfig":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, "r", encoding="utf-8") as handle:
+                text = handle.read()
+        return cls.from_dict(json.loads(text))
+
+    # -- command line -------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add ``--use_hyclora --layer_type --q_bit ...`` to an argparse parser.
+
+        Works with ``transformers.HfArgumentParser`` too (it is an ``ArgumentParser``); there
+        you may also pass ``HyCLoRAConfig`` itself as one of its dataclasses.
+        """
+        defaults = cls.__dataclass_fields__
+        group = parser.add_argument_group("hyclora")
+        group.add_argument(
+            "--use_hyclora", type=_str2bool, nargs="?", const=True,
+            default=defaults["use_hyclora"].default,
+            help="compress buffered activations (true/false; bare flag = true)",
+        )
+        group.add_argument("--layer_type", choices=LAYER_TYPES, default=defaults["layer_type"].default)
+        group.add_argument("--q_bit", type=int, choices=Q_BITS, default=defaults["q_bit"].default)
+        group.add_argument(
+            "--softmax_outlier_ratio", type=float, default=defaults["softmax_outlier_ratio"].default,
+            help="fraction of attention-map entries kept (eager attention)",
+        )
+        group.add_argument(
+            "--layernorm_outlier_ratio", type=float,
+            default=defaults["layernorm_outlier_ratio"].default,
+            help="fraction of norm-input channels kept exactly",
+        )
+        group.add_argument(
+            "--iteration_threshold", type=int, default=defaults["iteration_threshold"].default,
+            help="calibration forwards per layer before statistics freeze (0: never freeze)",
+        )
+        group.add_argument("--on_nonfinite", choices=ON_NONFINITE, default=defaults["on_nonfinite"].default)
+        group.add_argument("--kernel_backend", choices=KERNEL_BACKENDS, default=defaults["kernel_backend"].default)
+        return parser
+
+    @classmethod
+    def from_args(cls, args: Any) -> "HyCLoRAConfig":
+        """Build from a parsed namespace (or any object with the field names as attributes)."""
+        values = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(cls)
+            if hasattr(args, f.name)
+        }
+        return cls(**values)
+
+
+__all__ = ["HyCLoRAConfig", "LAYER_TYPES", "Q_BITS"]
