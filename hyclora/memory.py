@@ -1,0 +1,261 @@
+"""Buffered-activation accounting: what autograd keeps alive between forward and backward.
+
+Two independent measurements, neither relying on hyclora's own bookkeeping:
+
+* ``measure_saved_tensors`` wraps one forward in ``torch.autograd.graph.saved_tensors_hooks``
+  and records every tensor autograd stores for the backward (built-in ops and custom Functions'
+  ``save_for_backward`` alike). Storages are deduplicated (q/k/v all saving the same input
+  count once), and parameters (frozen or trainable weights) are excluded: they are not
+  activations. Each byte is attributed to the decoder layer that was running when it was saved.
+* On CUDA, ``allocator_delta`` reads ``torch.cuda.memory_allocated`` before and after each
+  decoder layer's forward; what a layer leaves allocated, minus its output, is what it buffers.
+
+``theoretical_bytes_per_token`` gives the analytic count of the bytes a decoder layer keeps
+per token for each layer_type and q_bit (the HyC-LoRA paper's Table 9 counting rule, extended
+with the small tensors the paper leaves out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+OTHER = "other"
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        storage = t.untyped_storage()
+        return (t.device.type, t.device.index, storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+        return (t.device.type, t.device.index, id(t)), t.numel() * t.element_size()
+
+
+@dataclass
+class SavedTensorReport:
+    """Bytes of buffered activations per region (decoder layer index or ``"other"``)."""
+
+    per_region: Dict[object, int] = field(default_factory=dict)
+    tensors_per_region: Dict[object, int] = field(default_factory=dict)
+    details: Dict[object, List[tuple]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_region.values())
+
+    def layer_bytes(self) -> List[int]:
+        return [v for k, v in sorted(
+            ((k, v) for k, v in self.per_region.items() if k != OTHER), key=lambda kv: kv[0])]
+
+    @property
+    def mean_layer_bytes(self) -> float:
+        layers = self.layer_bytes()
+        return sum(layers) / max(len(layers), 1)
+
+
+def find_decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The repeated blocks of a transformers model (``...layers`` / ``...layer`` ModuleList)."""
+    best: List[torch.nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "layer", "h"):
+            if len(module) > len(best):
+                best = list(module)
+    if not best:
+        raise ValueError(
+            "Could not find the decoder layers of this model (a ModuleList named 'layers', "
+            "'layer' or 'h'); pass layers=... explicitly."
+        )
+    return best
+
+
+@contextlib.contextmanager
+def _region_tracker(layers: Iterable[torch.nn.Module]):
+    current: List[object] = [OTHER]
+    handles = []
+    for index, layer in enumerate(layers):
+        def pre(_module, _args, index=index):
+            current.append(index)
+
+        def post(_module, _args, _output):
+            current.pop()
+
+        handles.append(layer.register_forward_pre_hook(pre))
+        handles.append(layer.register_forward_hook(post))
+    try:
+        yield current
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measure_saved_tensors(
+    model: torch.nn.Module,
+    run_forward: Callable[[], torch.Tensor],
+    layers: Optional[List[torch.nn.Module]] = None,
+    keep_details: bool = False,
+):
+    """Run ``run_forward()`` (which must return the loss) and count what autograd saved.
+
+    Returns ``(loss, SavedTensorReport)``. The graph is alive when this returns: call
+    ``loss.backward()`` afterwards if gradients are wanted.
+    """
+    layers = find_decoder_layers(model) if layers is None else layers
+    param_storages = set()
+    for p in model.parameters():
+        param_storages.add(_storage_key(p)[0])
+    seen = set()
+    report = SavedTensorReport()
+
+    with _region_tracker(layers) as current:
+        def pack(t: torch.Tensor):
+            key, nbytes = _storage_key(t)
+            if isinstance(t, torch.nn.Parameter) or key in param_storages or key in seen:
+                return t
+            seen.add(key)
+            region = current[-1]
+            report.per_region[region] = report.per_region.get(region, 0) + nbytes
+            report.tensors_per_region[region] = report.tensors_per_region.get(region, 0) + 1
+            if keep_details:
+                report.details.setdefault(region, []).append((tuple(t.shape), t.dtype, nbytes))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = run_forward()
+    for index in range(len(layers)):
+        report.per_region.setdefault(index, 0)
+    return loss, report
+
+
+def allocator_delta(
+    model: torch.nn.Module,
+    run_forward: Callable[[], torch.Tensor],
+    layers: Optional[List[torch.nn.Module]] = None,
+):
+    """CUDA only: bytes each decoder layer leaves allocated after its forward (minus its output).
+
+    Returns ``(loss, {layer_index: bytes})``.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("allocator_delta needs CUDA; use measure_saved_tensors on the CPU.")
+    layers = find_decoder_layers(model) if layers is None else layers
+    deltas: Dict[int, int] = {}
+    before: Dict[int, int] = {}
+    handles = []
+    for index, layer in enumerate(layers):
+        def pre(_module, _args, index=index):
+            before[index] = torch.cuda.memory_allocated()
+
+        def post(_module, _args, output, index=index):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            out_bytes = out.numel() * out.element_size() if torch.is_tensor(out) else 0
+            deltas[index] = torch.cuda.memory_allocated() - before[index] - out_bytes
+
+        handles.append(layer.register_forward_pre_hook(pre))
+        handles.append(layer.register_forward_hook(post))
+    try:
+        loss = run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return loss, deltas
+
+
+# -- theory ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The widths of one decoder layer that decide its buffered bytes."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    lora_rank: int = 0
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @classmethod
+    def from_config(cls, config, lora_rank: int = 0, lora_targets: Optional[Iterable[str]] = None):
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            lora_rank=lora_rank,
+            lora_targets=tuple(lora_targets) if lora_targets is not None else cls.lora_targets,
+        )
+
+
+def _packed_bytes(width: int, bits: int) -> float:
+    return math.ceil(width * bits / 8)
+
+
+def theoretical_bytes_per_token(
+    shape: LayerShape,
+    layer_type: str,
+    q_bit: int = 16,
+    *,
+    dtype_bytes: int = 2,
+    layernorm_outlier_ratio: float = 0.005,
+    attention: str = "sdpa",
+    include_small: bool = True,
+) -> float:
+    """Bytes one decoder layer buffers per token (sequence-length-independent part).
+
+    Large tensors (the paper's count): per layer_type, which (b, s, width) tensors are kept and
+    at how many bits. ``include_small`` adds what the paper leaves out but we keep exactly:
+    the LoRA ``X A`` tensors (r per LoRA linear, input dtype), two fp32 rstd values, the exact
+    outlier columns of both norm inputs. Per-channel scales are per-layer constants, not per
+    token, and are omitted. The eager softmax map grows with s^2 and is also left out.
+    """
+    d, df = shape.hidden, shape.intermediate
+    dq = shape.num_heads * shape.head_dim
+    dkv = shape.num_kv_heads * shape.head_dim
+    w = dtype_bytes
+    if layer_type in ("peft", "baseline"):
+        # X_in, X_n1, Q, K, V, O, X_mid, X_n2, G, U, SiLU(G), D at the input dtype.
+        big = (2 * d + dq + 2 * dkv + dq + 2 * d + 4 * df) * w
+    elif layer_type == "intra":
+        big = sum(
+            _packed_bytes(width, q_bit) for width in (d, d, dq, dkv, dkv, dq, d, d, df, df, df, df)
+        )
+    elif layer_type.startswith("intra_inter"):
+        big = sum(_packed_bytes(width, q_bit) for width in (d, d, dq, dkv, dkv, dq, d, d, df, df))
+    else:
+        raise ValueError(f"unknown layer_type {layer_type!r}")
+    if not include_small:
+        return float(big)
+    small = 0.0
+    if shape.lora_rank:
+        small += len(shape.lora_targets) * shape.lora_rank * w
+    small += 2 * 4  # rstd of both norms, fp32
+    if layer_type not in ("peft", "baseline"):
+        small += 2 * math.floor(d * layernorm_outlier_ratio) * w
+    return float(big + small)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+__all__ = [
+    "SavedTensorReport",
+    "measure_saved_tensors",
+    "allocator_delta",
+    "find_decoder_layers",
+    "LayerShape",
+    "theoretical_bytes_per_token",
+    "format_bytes",
+]
