@@ -1,0 +1,163 @@
+"""Calibration statistics of one saved activation: per-channel range and outlier channels.
+
+The reference kept these in a Python dict (lost on resume, moved by nothing), measured them on
+the first sequence of the micro-batch only, averaged scales computed with different channel sets
+removed and kept only the LAST batch's outlier set (method notes §8.7, §8.8). Here:
+
+* everything is a registered buffer of fixed shape (``state_dict``, ``.to()``, DDP broadcast);
+* ranges come from ALL rows of the micro-batch and merge by running min/max, so the frozen range
+  covers every calibration batch (values outside it later are clamped);
+* outlier scores are the per-channel sum of squares over all calibration rows (= squared L2
+  norm over every calibration token), accumulated, so the frozen outlier set is the top-k of the
+  whole calibration window, not of the last batch;
+* ``count`` advances only with ``update=True`` (a gradient-checkpointing recompute passes
+  ``update=False`` and is not counted twice).
+
+``iteration_threshold == 0`` never freezes: ranges come from each micro-batch and the outlier set
+is recomputed from each micro-batch alone (``outlier_score`` then holds the latest batch's score,
+not a sum that would grow without bound).
+
+No host syncs on the hot path: whether the stats are frozen is decided from a Python-side mirror
+of ``count`` (kept in step by :meth:`range_for`, :meth:`reset` and ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+class ChannelStats(torch.nn.Module):
+    """Calibration state for ONE saved tensor of width ``width``.
+
+    Buffers: ``lo`` (N,) fp32, ``hi`` (N,) fp32, ``outlier_score`` (N,) fp32,
+    ``outlier_idx`` (k,) long, ``count`` () long.
+    """
+
+    def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5):
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"ChannelStats width={width!r} is invalid: use the tensor's last dimension (>= 1).")
+        if isinstance(num_outliers, bool) or not isinstance(num_outliers, int) or not 0 <= num_outliers <= width:
+            raise ValueError(
+                f"ChannelStats num_outliers={num_outliers!r} is invalid: use an int in [0, {width}] "
+                f"(e.g. floor(width * layernorm_outlier_ratio))."
+            )
+        if (isinstance(iteration_threshold, bool) or not isinstance(iteration_threshold, int)
+                or iteration_threshold < 0):
+            raise ValueError(
+                f"ChannelStats iteration_threshold={iteration_threshold!r} is invalid: use an int "
+                f">= 0 (0 = recompute every step, never freeze)."
+            )
+        self.width = width
+        self.num_outliers = num_outliers
+        self.iteration_threshold = iteration_threshold
+        self.register_buffer("lo", torch.full((width,), float("inf")))
+        self.register_buffer("hi", torch.full((width,), float("-inf")))
+        self.register_buffer("outlier_score", torch.zeros(width))
+        self.register_buffer("outlier_idx", torch.arange(num_outliers, dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._count_host = 0
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        return self.iteration_threshold > 0 and self._count_host >= self.iteration_threshold
+
+    def reset(self) -> None:
+        """Forget everything and calibrate again."""
+        with torch.no_grad():
+            self.lo.fill_(float("inf"))
+            self.hi.fill_(float("-inf"))
+            self.outlier_score.zero_()
+            self.outlier_idx.copy_(torch.arange(self.num_outliers, device=self.outlier_idx.device))
+            self.count.zero_()
+        self._count_host = 0
+
+    _FP32_BUFFERS = ("lo", "hi", "outlier_score")
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; statistics must stay
+        # fp32 (an fp16 sum of squares overflows at 65504, a bf16 range loses the 2-bit grid), so
+        # take the device move but keep the original fp32 values.
+        before = {name: self._buffers[name] for name in self._FP32_BUFFERS}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # one host read per load, so the hot path never has to read `count` from the device
+        self._count_host = int(self.count.item())
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, num_outliers={self.num_outliers}, "
+                f"iteration_threshold={self.iteration_threshold}, count={self._count_host}")
+
+    def _check_compatible(self, x: Tensor) -> None:
+        if x.shape[-1] != self.width:
+            raise ValueError(
+                f"ChannelStats of width {self.width} got a tensor of width {x.shape[-1]} "
+                f"(shape {tuple(x.shape)}): use one ChannelStats per saved tensor, built with "
+                f"ChannelStats({x.shape[-1]}, ...)."
+            )
+        if x.device != self.lo.device:
+            raise ValueError(
+                f"ChannelStats buffers are on {self.lo.device} but the tensor is on {x.device}: "
+                f"move the module that owns them (module.to({str(x.device)!r}))."
+            )
+
+    # -- statistics -----------------------------------------------------------------------------
+    def range_for(self, x: Tensor, *, update: bool = True) -> Tuple[Tensor, Tensor]:
+        """Per-channel (lo, hi) fp32 to quantise ``x`` with.
+
+        Calibrating: ``x``'s own min/max over all its rows (merged into the running min/max and
+        counted when ``update``). Frozen: the stored range (copies, so a later reset cannot
+        change what an autograd graph saved).
+        """
+        self._check_compatible(x)
+        if self.frozen:
+            return self.lo.clone(), self.hi.clone()
+        with torch.no_grad():
+            lo, hi = torch.aminmax(x.detach().reshape(-1, self.width), dim=0)
+            lo, hi = lo.float(), hi.float()
+            if update:
+                torch.minimum(self.lo, lo, out=self.lo)
+                torch.maximum(self.hi, hi, out=self.hi)
+                self.count += 1
+                self._count_host += 1
+        return lo, hi
+
+    def select_outliers(self, x: Tensor, *, update: bool = True) -> Tensor:
+        """(k,) long indices (ascending) of the channels to keep exactly.
+
+        Calibrating with ``update``: the per-channel sum of squares of ``x`` is added to
+        ``outlier_score`` (replaces it when ``iteration_threshold == 0``) and the top-k of the
+        score becomes ``outlier_idx``. Calibrating without ``update`` (a recompute): the stored
+        set, which is what the counted forward of the same micro-batch used; before any update,
+        the top-k of ``x`` alone. Frozen: the stored set.
+        """
+        self._check_compatible(x)
+        k = self.num_outliers
+        if k == 0:
+            return torch.empty(0, dtype=torch.long, device=x.device)
+        if self.frozen or (not update and self._count_host > 0):
+            return self.outlier_idx.clone()
+        with torch.no_grad():
+            xf = x.detach().reshape(-1, self.width).float()
+            score = (xf * xf).sum(0)
+            if update:
+                if self.iteration_threshold == 0:
+                    self.outlier_score.copy_(score)
+                else:
+                    self.outlier_score += score
+                score = self.outlier_score
+            idx = torch.topk(score, k, sorted=False).indices.sort().values
+            if update:
+                self.outlier_idx.copy_(idx)
+        return idx

@@ -1,0 +1,181 @@
+"""ChannelStats: calibration merge, freezing, update semantics, buffers as state."""
+
+import io
+
+import pytest
+import torch
+
+from hyclora.quant import ChannelStats, dequantize, quantize
+from hyclora.quant.core import unpack_codes
+
+
+def _batch(seed, n=6, rows=10, big=None, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * scale
+    if big is not None:
+        ch, val = big
+        x[:, ch] = val
+    return x
+
+
+def test_range_merges_running_min_max_over_all_rows_then_freezes():
+    s = ChannelStats(6, iteration_threshold=2)
+    x1 = _batch(0)
+    x2 = _batch(1, scale=3.0)
+    lo1, hi1 = s.range_for(x1)
+    # all rows count (the reference looked at x[0] only)
+    assert torch.equal(lo1, x1.amin(0)) and torch.equal(hi1, x1.amax(0))
+    assert not s.frozen and int(s.count) == 1
+    lo2, hi2 = s.range_for(x2)
+    # while calibrating, the micro-batch is quantised with its own range ...
+    assert torch.equal(lo2, x2.amin(0)) and torch.equal(hi2, x2.amax(0))
+    # ... and the stored range is the running min/max of both
+    assert torch.equal(s.lo, torch.minimum(x1.amin(0), x2.amin(0)))
+    assert torch.equal(s.hi, torch.maximum(x1.amax(0), x2.amax(0)))
+    assert s.frozen and int(s.count) == 2
+    lo3, hi3 = s.range_for(_batch(2, scale=100.0))
+    assert torch.equal(lo3, s.lo) and torch.equal(hi3, s.hi) and int(s.count) == 2
+
+
+def test_update_false_does_not_count_or_merge():
+    s = ChannelStats(6, iteration_threshold=2)
+    s.range_for(_batch(0))
+    lo_before, hi_before = s.lo.clone(), s.hi.clone()
+    x = _batch(1, scale=10.0)
+    lo, hi = s.range_for(x, update=False)
+    assert torch.equal(lo, x.amin(0)) and torch.equal(hi, x.amax(0))
+    assert torch.equal(s.lo, lo_before) and torch.equal(s.hi, hi_before)
+    assert int(s.count) == 1 and not s.frozen
+
+
+def test_zero_threshold_never_freezes():
+    s = ChannelStats(6, num_outliers=1, iteration_threshold=0)
+    for i in range(7):
+        x = _batch(i, big=(i % 6, 50.0))
+        lo, hi = s.range_for(x)
+        assert torch.equal(lo, x.amin(0))
+        assert not s.frozen
+    assert int(s.count) == 7
+    # outliers are recomputed from each micro-batch alone
+    x = _batch(9, big=(4, 50.0))
+    assert s.select_outliers(x).tolist() == [4]
+    assert s.select_outliers(_batch(10, big=(1, 50.0))).tolist() == [1]
+
+
+def test_outlier_scores_accumulate_across_calibration_batches():
+    s = ChannelStats(6, num_outliers=1, iteration_threshold=3)
+    # batch 1: channel 2 huge; batches 2, 3: channel 5 moderately large. Last-batch-only (the
+    # reference) would pick 5; over the whole window channel 2 has the larger L2 norm.
+    order = [(2, 40.0), (5, 15.0), (5, 15.0)]
+    picked = []
+    for i, big in enumerate(order):
+        x = _batch(i, big=big)
+        picked.append(s.select_outliers(x).tolist())
+        s.range_for(x)
+    assert picked == [[2], [2], [2]]
+    expected = sum((_batch(i, big=b) ** 2).sum(0) for i, b in enumerate(order))
+    assert torch.allclose(s.outlier_score, expected)
+    assert s.frozen and s.outlier_idx.tolist() == [2]
+    # frozen: the stored set, whatever the batch
+    assert s.select_outliers(_batch(7, big=(0, 1e3))).tolist() == [2]
+
+
+def test_scores_merge_can_change_the_set():
+    s = ChannelStats(6, num_outliers=1, iteration_threshold=5)
+    assert s.select_outliers(_batch(0, big=(1, 10.0))).tolist() == [1]
+    s.range_for(_batch(0))
+    assert s.select_outliers(_batch(1, big=(3, 30.0))).tolist() == [3]
+
+
+def test_recompute_reproduces_the_counted_forward():
+    torch.manual_seed(0)
+    s = ChannelStats(8, num_outliers=2, iteration_threshold=4)
+    quantize(torch.randn(5, 8) * torch.arange(1, 9), 2, stats=s)
+    x = torch.randn(5, 8) * torch.arange(8, 0, -1)
+    q1 = quantize(x, 2, stats=s)
+    state = {k: v.clone() for k, v in s.state_dict().items()}
+    q2 = quantize(x, 2, stats=s, update=False)  # gradient-checkpointing recompute
+    assert torch.equal(q1.codes, q2.codes) and torch.equal(q1.outlier_idx, q2.outlier_idx)
+    assert torch.equal(dequantize(q1), dequantize(q2))
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert int(s.count) == 2
+
+
+def test_update_false_before_any_update_uses_the_tensor_itself():
+    s = ChannelStats(6, num_outliers=1)
+    assert s.select_outliers(_batch(0, big=(4, 30.0)), update=False).tolist() == [4]
+    assert int(s.count) == 0 and torch.all(s.outlier_score == 0)
+
+
+def test_frozen_range_clamps():
+    s = ChannelStats(3, iteration_threshold=1)
+    s.range_for(torch.tensor([[0.0, -1.0, 2.0], [1.0, 1.0, 4.0]]))
+    assert s.frozen
+    x = torch.tensor([[5.0, -7.0, 3.0]])
+    y = dequantize(quantize(x, 4, stats=s))
+    assert y.tolist() == [[1.0, -1.0, pytest.approx(3.0, abs=2 / 15 / 2)]]
+
+
+def test_quantize_with_stats_keeps_outliers_exact_and_counts_once():
+    s = ChannelStats(16, num_outliers=2, iteration_threshold=2)
+    x = torch.randn(3, 4, 16)
+    x[..., 3] += 100
+    x[..., 11] -= 80
+    q = quantize(x, 2, stats=s)
+    assert q.outlier_idx.tolist() == [3, 11] and int(s.count) == 1
+    y = dequantize(q)
+    assert torch.equal(y[..., [3, 11]], x[..., [3, 11]])
+    # outlier columns carry code 0 (no information in the packed bits)
+    assert torch.all(unpack_codes(q.codes, 2, 16)[:, [3, 11]] == 0)
+
+
+def test_state_dict_round_trip_and_fp32_kept_under_casts():
+    s = ChannelStats(5, num_outliers=2, iteration_threshold=2)
+    for i in range(2):
+        quantize(_batch(i, n=5, big=(i, 20.0)), 4, stats=s)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    t = ChannelStats(5, num_outliers=2, iteration_threshold=2)
+    assert not t.frozen
+    t.load_state_dict(torch.load(buf))
+    assert t.frozen and int(t.count) == 2
+    for name in ("lo", "hi", "outlier_score", "outlier_idx", "count"):
+        assert torch.equal(getattr(t, name), getattr(s, name)), name
+    assert set(s.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count"}
+    # as a child of a model cast to bf16 / half: stats stay exact fp32
+    parent = torch.nn.Sequential(torch.nn.Linear(5, 5), t)
+    parent.to(torch.bfloat16)
+    assert parent[0].weight.dtype == torch.bfloat16
+    assert t.lo.dtype == torch.float32 and torch.equal(t.lo, s.lo)
+    parent.half()
+    assert t.outlier_score.dtype == torch.float32 and torch.equal(t.outlier_score, s.outlier_score)
+    t.to("cpu")
+    assert t.frozen
+    t.reset()
+    assert not t.frozen and int(t.count) == 0 and torch.all(t.outlier_score == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_cuda_moves_every_buffer():
+    s = ChannelStats(4, num_outliers=1).cuda()
+    assert all(b.is_cuda for b in s.buffers())
+    quantize(torch.randn(3, 4, device="cuda"), 4, stats=s)
+    assert int(s.count) == 1
+
+
+def test_bad_stats_usage_raises_clear_errors():
+    with pytest.raises(ValueError, match="width"):
+        ChannelStats(0)
+    with pytest.raises(ValueError, match="num_outliers=9"):
+        ChannelStats(8, num_outliers=9)
+    with pytest.raises(ValueError, match="iteration_threshold=-1"):
+        ChannelStats(8, iteration_threshold=-1)
+    s = ChannelStats(8)
+    with pytest.raises(ValueError, match="width 8 got a tensor of width 7"):
+        quantize(torch.randn(2, 7), 4, stats=s)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize(torch.randn(2, 8), 4, stats=s, group_size=4)
+    with pytest.raises(ValueError, match="meta"):
+        quantize(torch.randn(2, 8, device="meta"), 4, stats=s, backend="torch")
