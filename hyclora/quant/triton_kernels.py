@@ -152,6 +152,11 @@ def _blocks(m: int, n: int, bits: int):
     return block_m, max(1, block_n // e), 8 if block_m * block_n >= 8192 else 4
 
 
+def _config(config, bits: int):
+    block_m, block_n, warps = config
+    return block_m, max(1, block_n // (8 // bits)), warps
+
+
 def _launch_opts(num_warps: int) -> dict:
     if _INTERPRET:
         return {}
@@ -168,8 +173,11 @@ def _check_device(*tensors: torch.Tensor) -> None:
 
 
 def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, bits: int,
-                  group_size: Optional[int] = None) -> torch.Tensor:
-    """(rows, N) bf16/fp16/fp32 -> (rows, ceil(N*bits/8)) uint8 codes."""
+                  group_size: Optional[int] = None, *, config=None) -> torch.Tensor:
+    """(rows, N) bf16/fp16/fp32 -> (rows, ceil(N*bits/8)) uint8 codes.
+
+    ``config`` = (BLOCK_M, BLOCK_N columns, num_warps) overrides the heuristic (benchmark sweeps).
+    """
     _check_device(x2d)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
@@ -179,7 +187,7 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
     lo = lo.contiguous()
     inv_step = inv_step.contiguous()
     n_groups = 1 if group_size is None else lo.shape[-1]
-    bm, bb, warps = _blocks(m, n, bits)
+    bm, bb, warps = _blocks(m, n, bits) if config is None else _config(config, bits)
     grid = (triton.cdiv(m, bm), triton.cdiv(nb, bb))
     _quant_pack_kernel[grid](
         x2d, lo, inv_step, out, m, n, nb, x2d.stride(0), n_groups,
@@ -190,8 +198,9 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
 
 
 def unpack_dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
-                      n: int, dtype: torch.dtype, group_size: Optional[int] = None) -> torch.Tensor:
-    """(rows, NB) uint8 -> (rows, n) ``dtype``."""
+                      n: int, dtype: torch.dtype, group_size: Optional[int] = None, *,
+                      config=None) -> torch.Tensor:
+    """(rows, NB) uint8 -> (rows, n) ``dtype``. ``config`` as in :func:`quantize_pack`."""
     _check_device(codes)
     codes = codes.contiguous()
     m, nb = codes.shape
@@ -202,7 +211,7 @@ def unpack_dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
     lo = lo.contiguous()
     step = step.contiguous()
     n_groups = 1 if group_size is None else lo.shape[-1]
-    bm, bb, warps = _blocks(m, n, bits)
+    bm, bb, warps = _blocks(m, n, bits) if config is None else _config(config, bits)
     grid = (triton.cdiv(m, bm), triton.cdiv(nb, bb))
     _unpack_dequant_kernel[grid](
         codes, lo, step, out, m, n, nb, out.stride(0), n_groups,

@@ -1,0 +1,250 @@
+"""Throughput of hyclora's quantise+pack and unpack+dequantise against a device-to-device copy.
+
+    python benchmarks/bench_quant.py                 # GPU: (4,1024,4096), (4,1024,11008) bf16
+    python benchmarks/bench_quant.py --smoke         # CPU: tiny shapes, checks the script works
+    TRITON_INTERPRET=1 python benchmarks/bench_quant.py --smoke   # CPU, through the Triton interpreter
+
+Bandwidth counts the bytes each operation must move: quantise reads the input and writes the
+packed codes (+ 8 bytes of parameters per channel); dequantise reads the codes (+ parameters)
+and writes the output; the copy reads and writes the tensor. Each timing is the median of many
+repetitions, each timed alone with CUDA events after the L2 cache was flushed (a 256 MB write),
+so no repetition reads a tensor that is still in L2.
+
+Rows:
+* ``quant kernel``: quantise+pack with precomputed per-channel parameters (what runs on every
+  training step once calibration has frozen the ranges);
+* ``quantize(stats frozen)``: the whole public call with frozen ChannelStats (kernel + the tiny
+  per-channel parameter ops);
+* ``quantize(own range)``: the public call computing this tensor's per-channel min/max first
+  (calibration steps and iteration_threshold=0): one more read of the input, so it cannot reach
+  the kernel's bandwidth; reported against the same byte count;
+* ``dequant kernel`` / ``dequantize()``: unpack+dequantise, kernel alone and public call.
+
+Also checks, for every configuration, that the Triton codes equal the torch reference's, and
+(unless --no-sweep) times a few tile shapes per kernel so the launch heuristic can be tuned.
+Prints markdown tables and writes CSV files to $OUT (or ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hyclora.quant import ChannelStats, dequantize, quantize  # noqa: E402
+from hyclora.quant.core import (  # noqa: E402
+    affine_params,
+    packed_width,
+    quantize_pack_torch,
+    unpack_dequantize_torch,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class Timer:
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device = device
+        self.reps = reps
+        self.warmup = warmup
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.flush_buf = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn) -> float:
+        """Median seconds of fn()."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.cuda:
+            torch.cuda.synchronize()
+            for _ in range(self.reps):
+                self.flush_buf.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _activation(shape, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+    x = x * (torch.rand(n, generator=g, device=device) * 2 + 0.1) + torch.randn(n, generator=g, device=device)
+    return x.to(dtype)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 100 GPU, 3 smoke)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tile-shape sweep")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="CSV folder ($OUT or ./out)")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not INTERPRET
+    if not cuda and not args.smoke:
+        print("bench_quant: no CUDA device; run on the GPU machine, or pass --smoke for a CPU check.")
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    backend = "triton" if (cuda or INTERPRET) else "torch"
+    shapes = [(2, 8, 96), (2, 8, 172)] if args.smoke else [(4, 1024, 4096), (4, 1024, 11008)]
+    dtype = torch.bfloat16
+    reps = args.reps or (3 if args.smoke else 100)
+    timer = Timer(device, reps=reps, warmup=1 if args.smoke else 10)
+    if backend == "triton":
+        from hyclora.quant import triton_kernels
+
+    gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "-"
+    header = (f"bench_quant: {gpu}, torch {torch.__version__}, triton {triton_version}, "
+              f"backend={backend}, {datetime.date.today().isoformat()}, median of {reps} reps")
+    print(header)
+
+    rows = []
+    codes_ok = True
+    for shape in shapes:
+        x = _activation(shape, dtype, device)
+        n = shape[-1]
+        m = x.numel() // n
+        x2d = x.view(m, n)
+        esize = x.element_size()
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x))
+        copy_bytes = 2 * x.numel() * esize
+        copy_bw = copy_bytes / t_copy
+        rows.append(dict(shape=str(shape), bits="-", op="copy (read+write)", bytes=copy_bytes,
+                         us=t_copy * 1e6, gbps=copy_bw / 1e9, pct_copy=100.0))
+        for bits in args.bits:
+            lo, hi = torch.aminmax(x2d, dim=0)
+            lo, step, inv = affine_params(lo, hi, bits)
+            pbytes = m * packed_width(n, bits)
+            q_bytes = x.numel() * esize + pbytes + 8 * n
+            d_bytes = pbytes + 8 * n + x.numel() * esize
+            stats = ChannelStats(n, iteration_threshold=1).to(device)
+            quantize(x, bits, stats=stats, backend=backend)  # calibrate once -> frozen
+            assert stats.frozen
+            q = quantize(x, bits, stats=stats, backend=backend)
+
+            if backend == "triton":
+                ref = quantize_pack_torch(x2d, lo, inv, bits)
+                got = triton_kernels.quantize_pack(x2d, lo, inv, bits)
+                same = torch.equal(ref, got)
+                codes_ok &= same
+                y_ref = unpack_dequantize_torch(ref, lo, step, bits, n, dtype)
+                y_got = triton_kernels.unpack_dequantize(ref, lo, step, bits, n, dtype)
+                max_diff = (y_ref.float() - y_got.float()).abs().max().item()
+                print(f"  {shape} {bits}-bit: triton codes == torch reference: {same}; "
+                      f"max |dequant diff| = {max_diff:.3g}")
+                q_kernel = lambda: triton_kernels.quantize_pack(x2d, lo, inv, bits)  # noqa: E731
+                d_kernel = lambda: triton_kernels.unpack_dequantize(q.codes, q.lo, q.step, bits, n, dtype)  # noqa: E731
+            else:
+                q_kernel = lambda: quantize_pack_torch(x2d, lo, inv, bits)  # noqa: E731
+                d_kernel = lambda: unpack_dequantize_torch(q.codes, q.lo, q.step, bits, n, dtype)  # noqa: E731
+
+            cases = [
+                ("quant kernel", q_kernel, q_bytes),
+                ("quantize(stats frozen)", lambda: quantize(x, bits, stats=stats, backend=backend), q_bytes),
+                ("quantize(own range)", lambda: quantize(x, bits, backend=backend), q_bytes),
+                ("dequant kernel", d_kernel, d_bytes),
+                ("dequantize()", lambda: dequantize(q, backend=backend), d_bytes),
+            ]
+            for name, fn, nbytes in cases:
+                t = timer(fn)
+                rows.append(dict(shape=str(shape), bits=bits, op=name, bytes=nbytes, us=t * 1e6,
+                                 gbps=nbytes / t / 1e9, pct_copy=100.0 * (nbytes / t) / copy_bw))
+        del x, dst
+
+    print()
+    print("| shape (bf16) | bits | operation | bytes moved | time (us) | GB/s | % of copy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['bits']} | {r['op']} | {r["bytes"] / 1e6:.3f} MB | "
+              f"{r['us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_quant.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwrote {out / 'bench_quant.csv'}")
+
+    if backend == "triton" and not args.no_sweep:
+        sweep(shapes, args.bits, dtype, device, timer, out)
+    if not codes_ok:
+        print("ERROR: Triton codes differ from the torch reference")
+        return 1
+    return 0
+
+
+def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
+    """Time tile shapes (BLOCK_M rows, BLOCK_N columns, warps) per kernel; best first."""
+    from hyclora.quant import triton_kernels
+
+    configs = [(bm, bn, w) for bn in (128, 256, 512, 1024) for bm in (4, 8, 16, 32)
+               for w in (4, 8) if 1024 <= bm * bn <= 16384]
+    if INTERPRET:
+        configs = configs[:2]
+    results = []
+    for shape in shapes[-1:]:
+        x = _activation(shape, dtype, device)
+        n = shape[-1]
+        m = x.numel() // n
+        x2d = x.view(m, n)
+        copy_t = timer(lambda: torch.empty_like(x).copy_(x))
+        copy_bw = 2 * x.numel() * x.element_size() / copy_t
+        for bits in bits_list:
+            lo, hi = torch.aminmax(x2d, dim=0)
+            lo, step, inv = affine_params(lo, hi, bits)
+            codes = triton_kernels.quantize_pack(x2d, lo, inv, bits)
+            pbytes = codes.numel()
+            nbytes = x.numel() * x.element_size() + pbytes + 8 * n
+            for cfg in configs:
+                tq = timer(lambda: triton_kernels.quantize_pack(x2d, lo, inv, bits, config=cfg))
+                td = timer(lambda: triton_kernels.unpack_dequantize(codes, lo, step, bits, n, dtype,
+                                                                    config=cfg))
+                results.append(dict(shape=str(shape), bits=bits, block_m=cfg[0], block_n=cfg[1],
+                                    warps=cfg[2], quant_pct=100 * nbytes / tq / copy_bw,
+                                    dequant_pct=100 * nbytes / td / copy_bw))
+    print("\nTile sweep (% of copy bandwidth), best 5 per kernel and bit width:")
+    print("| shape | bits | kernel | BLOCK_M | BLOCK_N | warps | % of copy |")
+    print("|---|---|---|---|---|---|---|")
+    for bits in bits_list:
+        for kern in ("quant", "dequant"):
+            rs = sorted((r for r in results if r["bits"] == bits), key=lambda r: -r[f"{kern}_pct"])
+            for r in rs[:5]:
+                print(f"| {r['shape']} | {bits} | {kern} | {r['block_m']} | {r['block_n']} | "
+                      f"{r['warps']} | {r[f'{kern}_pct']:.0f}% |")
+    with open(out / "bench_quant_sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    print(f"wrote {out / 'bench_quant_sweep.csv'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
