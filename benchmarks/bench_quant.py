@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     print("| shape (bf16) | bits | operation | bytes moved | time (us) | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['bits']} | {r['op']} | {r["bytes"] / 1e6:.3f} MB | "
+        print(f"| {r['shape']} | {r['bits']} | {r['op']} | {r['bytes'] / 1e6:.3f} MB | "
               f"{r['us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
