@@ -1,0 +1,111 @@
+"""``apply_hyclora`` / ``revert_hyclora`` and introspection of a patched model."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import nn
+
+from .base import LlamaFamilyAdapter
+from .registry import get_adapter, supported_model_types
+
+SUPPORTED_TRANSFORMERS_MAJOR = 5
+
+
+def _check_transformers_version() -> None:
+    import transformers
+
+    version = transformers.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:  # pragma: no cover - odd dev builds
+        major = -1
+    if major != SUPPORTED_TRANSFORMERS_MAJOR:
+        raise ValueError(
+            f"hyclora: transformers {version} is not supported; hyclora patches the decoder layers "
+            f"of transformers {SUPPORTED_TRANSFORMERS_MAJOR}.x. Install transformers>=5,<6."
+        )
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _model_config(model: nn.Module):
+    config = getattr(_base_model(model), "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise ValueError(
+            "hyclora: apply_hyclora expects a transformers model (or a PEFT model wrapping one) "
+            f"with a config; got {type(model).__name__}. Supported model types: "
+            f"{', '.join(supported_model_types())}."
+        )
+    return config
+
+
+def _patched_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if "_hyclora_patch" in m.__dict__]
+
+
+def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
+    """Patch the decoder layers of ``model`` in place and return it.
+
+    ``model``: ``peft.get_peft_model(LlamaForCausalLM | MistralForCausalLM, LoraConfig(...))``
+    or a bare transformers Llama/Mistral model whose base linears are frozen (e.g. only norms
+    and embeddings trainable). ``config``: a ``HyCLoRAConfig`` (default: ``HyCLoRAConfig()``).
+    With ``config.use_hyclora=False`` the model is returned untouched.
+    """
+    from hyclora.config import HyCLoRAConfig
+
+    config = HyCLoRAConfig() if config is None else config
+    if not isinstance(config, HyCLoRAConfig):
+        raise TypeError(f"hyclora: apply_hyclora needs a HyCLoRAConfig, got {type(config).__name__}")
+    config.validate()
+    if not config.use_hyclora:
+        return model
+    if _patched_layers(model):
+        raise ValueError("hyclora: this model is already patched; call revert_hyclora(model) first.")
+    _check_transformers_version()
+    model_config = _model_config(model)
+    adapter: LlamaFamilyAdapter = get_adapter(model_config.model_type)
+    adapter.check_config(model_config)
+    layers = adapter.find_layers(model)
+    if not layers:
+        raise ValueError(
+            f"hyclora: found no {adapter.layer_class().__name__} in this {model_config.model_type} "
+            "model; is it a supported transformers 5.x model?"
+        )
+    for name, layer in layers:  # check everything before touching anything
+        adapter.check_layer(layer, name)
+    for name, layer in layers:
+        adapter.patch(layer, name, config)
+    return model
+
+
+def revert_hyclora(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_hyclora`: original forwards back, ``hyclora_state`` removed."""
+    for _, layer in _patched_layers(model):
+        LlamaFamilyAdapter.unpatch(layer)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return bool(_patched_layers(model))
+
+
+def buffered_tensors(model: nn.Module) -> Dict[str, Dict[str, list]]:
+    """What each patched layer kept for the backward in its last training forward.
+
+    Returns ``{layer_name: {"attention": [...], "mlp": [...]}}``; each entry is a dict with
+    ``name`` (e.g. ``x_in``, ``q``, ``probs``), ``kind`` (``plain``/``quant``/``sparse``),
+    ``parts`` (``(shape, dtype)`` of each stored tensor) and ``nbytes``. Shared inputs that
+    every layer references (cos/sin, the mask) and parameters are not listed. Empty before the
+    first training forward.
+    """
+    out: Dict[str, Dict[str, list]] = {}
+    for name, layer in _patched_layers(model):
+        out[name] = {k: list(v) for k, v in layer.hyclora_state.last_saved.items()}
+    return out
+
+
+__all__ = ["apply_hyclora", "revert_hyclora", "is_patched", "buffered_tensors"]

@@ -1,0 +1,231 @@
+"""Patching of Llama-style decoder layers (Llama, Mistral): the only place that knows the
+transformers module layout of those layers.
+
+A patched layer keeps its modules and parameters untouched; only its instance ``forward`` is
+replaced. The replacement takes the compressed path (two autograd Functions from
+``hyclora.ops.blocks``) only for a training forward with grad enabled, and calls the original
+forward otherwise, so eval, ``no_grad`` and ``generate()`` are exactly the unpatched model.
+
+Calibration and gradient checkpointing: a layer updates its statistics on a counted training
+forward. A non-reentrant checkpoint recomputes the layer inside the backward (the graph-task
+id is set); that recompute is not counted, because the first forward already was. A
+reentrant checkpoint runs the first forward under ``no_grad`` (original path) and the only
+compressed forward inside the backward; the ``no_grad`` training forward leaves an ``owed``
+mark, so that recompute is counted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from hyclora.ops.attention import check_implementation
+from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
+from hyclora.ops.storage import StoragePolicy
+
+from .peft_utils import resolve_linear, resolve_norm
+from .state import ATTENTION_TENSORS, ELEMENTWISE_TENSORS, MLP_TENSORS, HyCLoRALayerState, tensor_widths
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+
+
+@dataclass
+class _Patch:
+    adapter: "LlamaFamilyAdapter"
+    config: Any  # HyCLoRAConfig
+    name: str
+    original_forward: Callable
+    instance_forward: Any  # what was in layer.__dict__["forward"] before (None if nothing)
+    signature: inspect.Signature
+    var_kw: str
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class LlamaFamilyAdapter:
+    """Patches decoder layers whose structure is Llama's (Llama, Mistral and relatives)."""
+
+    def __init__(self, model_type: str, layer_class_path: Tuple[str, str]):
+        self.model_type = model_type
+        self._layer_class_path = layer_class_path
+
+    # -- discovery and checks ----------------------------------------------------------------
+    def layer_class(self):
+        module, name = self._layer_class_path
+        return getattr(__import__(module, fromlist=[name]), name)
+
+    def find_layers(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        cls = self.layer_class()
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+    def check_config(self, config) -> None:
+        act = getattr(config, "hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hyclora: hidden_act={act!r} is not supported for {self.model_type}; supported: "
+                f"{', '.join(SUPPORTED_ACTIVATIONS)} (SwiGLU MLP)."
+            )
+        if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+            raise ValueError(
+                f"hyclora: attention_dropout={config.attention_dropout} is not supported (Llama and "
+                "Mistral are trained with 0); set config.attention_dropout = 0.0."
+            )
+        check_implementation(getattr(config, "_attn_implementation", None) or "eager", self.model_type)
+
+    def check_layer(self, layer: nn.Module, name: str) -> None:
+        for path in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+            if not hasattr(layer, path):
+                raise ValueError(
+                    f"hyclora: {name} ({type(layer).__name__}) has no {path!r}: this transformers "
+                    "version lays out the decoder layer differently from the supported 5.x layout."
+                )
+        self.resolve(layer, name)
+
+    def resolve(self, layer: nn.Module, name: str, training: bool = True):
+        """Read the layer's modules: ``(norm1, norm2, attn metas+params, mlp metas+params)``."""
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1 = resolve_norm(layer.input_layernorm, f"{name}.input_layernorm")
+        norm2 = resolve_norm(layer.post_attention_layernorm, f"{name}.post_attention_layernorm")
+        a_metas, a_params, m_metas, m_params = [], [], [], []
+        for proj in ATTN_PROJ:
+            meta, params = resolve_linear(getattr(attn, proj), proj, f"{name}.self_attn.{proj}", training)
+            a_metas.append(meta)
+            a_params.extend(params)
+        for proj in MLP_PROJ:
+            meta, params = resolve_linear(getattr(mlp, proj), proj, f"{name}.mlp.{proj}", training)
+            m_metas.append(meta)
+            m_params.extend(params)
+        return norm1, norm2, (tuple(a_metas), a_params), (tuple(m_metas), m_params)
+
+    @staticmethod
+    def _geometry(layer: nn.Module):
+        attn = layer.self_attn
+        cfg = attn.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return heads, kv_heads, attn.head_dim, float(attn.scaling), bool(getattr(attn, "is_causal", True))
+
+    # -- patch / unpatch ---------------------------------------------------------------------
+    def patch(self, layer: nn.Module, name: str, config) -> None:
+        heads, kv_heads, head_dim, _, _ = self._geometry(layer)
+        cfg = layer.self_attn.config
+        widths = tensor_widths(cfg.hidden_size, cfg.intermediate_size, heads, kv_heads, head_dim)
+        names: List[str] = []
+        if config.compresses:
+            names = list(ATTENTION_TENSORS + MLP_TENSORS)
+            if config.layer_type == "intra":
+                names += list(ELEMENTWISE_TENSORS)
+        norm_weight = resolve_norm(layer.input_layernorm, name)[0]
+        layer.hyclora_state = HyCLoRALayerState(
+            widths, names, config.layernorm_outlier_ratio, config.iteration_threshold,
+            device=norm_weight.device,
+        )
+        sig = inspect.signature(type(layer).forward)
+        params = list(sig.parameters.values())[1:]  # drop self
+        var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
+        patch = _Patch(
+            adapter=self, config=config, name=name, original_forward=layer.forward,
+            instance_forward=layer.__dict__.get("forward"),
+            signature=sig.replace(parameters=params), var_kw=var_kw,
+        )
+        layer._hyclora_patch = patch
+        # A bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copy.
+        layer.forward = types.MethodType(_patched_forward, layer)
+
+    @staticmethod
+    def unpatch(layer: nn.Module) -> None:
+        patch: _Patch = layer.__dict__.get("_hyclora_patch")
+        if patch is None:
+            return
+        if patch.instance_forward is not None:
+            layer.forward = patch.instance_forward
+        else:
+            layer.__dict__.pop("forward", None)
+        del layer._hyclora_patch
+        if "hyclora_state" in layer._modules:
+            del layer._modules["hyclora_state"]
+
+    # -- the compressed forward --------------------------------------------------------------
+    def compressed_forward(self, layer: nn.Module, patch: _Patch, args, kwargs):
+        bound = patch.signature.bind(*args, **kwargs)
+        arguments: Dict[str, Any] = dict(bound.arguments)
+        arguments.update(arguments.pop(patch.var_kw, {}) or {})
+        hidden = arguments.get("hidden_states", args[0] if args else None)
+        mask = arguments.get("attention_mask")
+        pos = arguments.get("position_embeddings")
+        name = patch.name
+        if pos is None:
+            raise ValueError(
+                f"hyclora: {name} was called without position_embeddings; hyclora needs the "
+                "(cos, sin) tables the transformers 5.x model passes to its decoder layers."
+            )
+        if arguments.get("output_attentions"):
+            raise ValueError("hyclora: output_attentions=True is not available in the compressed training path.")
+        layer_idx = getattr(layer.self_attn, "layer_idx", 0)
+        for value in arguments.values():
+            # Any KV cache (5.17 passes it as past_key_values, newer versions as cache): the
+            # training path does not fill it, and cannot attend to tokens already in it.
+            get_len = getattr(value, "get_seq_length", None)
+            if callable(get_len) and not torch.is_tensor(value) and get_len(layer_idx) > 0:
+                raise ValueError(
+                    f"hyclora: {name} got a KV cache that already holds tokens; training with a "
+                    "pre-filled cache (prefix tuning) is not supported. Pass use_cache=False."
+                )
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4):
+            raise ValueError(
+                f"hyclora: {name} got an attention mask of type {type(mask).__name__} "
+                f"{tuple(mask.shape) if torch.is_tensor(mask) else ''}; expected None or the 4-D "
+                "mask transformers builds for eager/sdpa attention."
+            )
+        cfg = layer.self_attn.config
+        impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        check_implementation(impl, name)
+        self.check_config(cfg)
+
+        config = patch.config
+        state: HyCLoRALayerState = layer.hyclora_state
+        counted = (not _in_backward()) or state.owed
+        state.owed = False
+        if counted:
+            with torch.no_grad():
+                state.forward_count.add_(1)
+
+        (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve(layer, name)
+        heads, kv_heads, head_dim, scaling, is_causal = self._geometry(layer)
+        policy = StoragePolicy(config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend)
+        stats = state.stats_dict()
+        common = dict(
+            layer_name=name, policy=policy, stats=stats, update=bool(counted and config.compresses),
+            check_finite=config.on_nonfinite == "raise", record=state.last_saved,
+        )
+        cos, sin = pos
+        aplan = AttentionPlan(
+            eps=eps1, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            scaling=scaling, impl=impl, is_causal=is_causal, **common,
+        )
+        hidden = attention_block(aplan, hidden, w1, cos, sin, mask, a_params)
+        mplan = MLPPlan(eps=eps2, linears=m_metas, **common)
+        return mlp_block(mplan, hidden, w2, m_params)
+
+
+def _patched_forward(layer: nn.Module, *args, **kwargs):
+    patch: _Patch = layer._hyclora_patch
+    if not (layer.training and torch.is_grad_enabled()):
+        if layer.training and not _in_backward():
+            # A training-mode forward without grad: the first pass of a reentrant checkpoint
+            # (or a no_grad evaluation in train mode). Its recompute, if any, is the counted one.
+            layer.hyclora_state.owed = True
+        return patch.original_forward(*args, **kwargs)
+    return patch.adapter.compressed_forward(layer, patch, args, kwargs)
+
+
+__all__ = ["LlamaFamilyAdapter"]

@@ -1,0 +1,132 @@
+"""Reading PEFT / transformers modules into the plain tensors and metadata the ops take.
+
+Duck-typed on PEFT's ``LoraLayer`` attributes (``base_layer``, ``lora_A``, ``lora_B``,
+``scaling``, ``lora_dropout``) so that PEFT internals that do not matter here can move.
+Unsupported PEFT features are refused with a message listing what is supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from hyclora.ops.lora import LinearMeta
+
+SUPPORTED_PEFT = (
+    "plain LoRA (peft LoraConfig) with one active adapter, any subset of "
+    "q/k/v/o/gate/up/down_proj as targets, lora_dropout, use_rslora, bias on the base layer"
+)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "active_adapters")
+
+
+def _unsupported(where: str, what: str) -> ValueError:
+    return ValueError(
+        f"hyclora: {where} uses {what}, which hyclora does not support. Supported: {SUPPORTED_PEFT}. "
+        "Set HyCLoRAConfig(use_hyclora=False) to train this model without hyclora."
+    )
+
+
+def _bnb_weight_fn(base: nn.Module, where: str):
+    """NF4/FP4 bitsandbytes ``Linear4bit``: dequantise the weight inside the block."""
+    weight = base.weight
+    if weight.device.type != "cuda":
+        raise ValueError(
+            f"hyclora: {where} is a bitsandbytes Linear4bit on {weight.device.type}; 4-bit base "
+            "weights are supported on CUDA only."
+        )
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:  # pragma: no cover - only with a broken bnb install
+        raise ValueError(f"hyclora: {where} is a Linear4bit but bitsandbytes cannot be imported") from exc
+
+    def weight_fn(w: torch.Tensor) -> torch.Tensor:
+        return bnbf.dequantize_4bit(w.data if isinstance(w, nn.Parameter) else w, w.quant_state)
+
+    return weight_fn
+
+
+def _base_linear(base: nn.Module, where: str):
+    """``(weight, bias, weight_fn)`` of a frozen base linear."""
+    cls = type(base)
+    if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):
+        return base.weight, base.bias, _bnb_weight_fn(base, where)
+    if isinstance(base, nn.Linear) and not cls.__module__.startswith("bitsandbytes"):
+        return base.weight, base.bias, None
+    raise ValueError(
+        f"hyclora: {where} is a {cls.__module__}.{cls.__name__}; supported base layers are "
+        "torch.nn.Linear and bitsandbytes Linear4bit (NF4/FP4, CUDA)."
+    )
+
+
+def resolve_linear(module: nn.Module, name: str, where: str, training: bool = True):
+    """Return ``(LinearMeta, (weight, bias, lora_A, lora_B))`` for one projection."""
+    if is_lora_layer(module):
+        if getattr(module, "merged", False):
+            raise _unsupported(where, "a merged LoRA adapter (unmerge it before training: model.unmerge_adapter())")
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
+        if is_tuner_layer(base):
+            raise _unsupported(where, "nested adapter layers")
+        weight, bias, weight_fn = _base_linear(base, where)
+        if getattr(module, "fan_in_fan_out", False):
+            raise _unsupported(where, "fan_in_fan_out=True")
+        active = list(module.active_adapters)
+        if len(active) > 1:
+            raise _unsupported(where, f"several active adapters {active}")
+        if getattr(module, "disable_adapters", False) or not active or active[0] not in module.lora_A:
+            return LinearMeta(name, False, weight_fn=weight_fn), (weight, bias, None, None)
+        adapter = active[0]
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+            variant = type(module.lora_variant.get(adapter)).__name__ if adapter in getattr(module, "lora_variant", {}) else "DoRA"
+            raise _unsupported(where, f"a LoRA variant ({variant}; e.g. DoRA)")
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        if not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear):
+            raise _unsupported(where, f"LoRA modules of type {type(lora_a).__name__}")
+        if lora_b.bias is not None or lora_a.bias is not None:
+            raise _unsupported(where, "lora_bias=True")
+        if lora_a.weight.dtype != lora_b.weight.dtype:
+            raise _unsupported(where, "lora_A and lora_B of different dtypes")
+        dropout = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
+        p = 0.0
+        if isinstance(dropout, nn.Dropout):
+            p = float(dropout.p) if (dropout.training and training) else 0.0
+        elif dropout is not None and not isinstance(dropout, nn.Identity):
+            raise _unsupported(where, f"a lora_dropout module of type {type(dropout).__name__}")
+        scaling = float(module.scaling[adapter])
+        meta = LinearMeta(name, True, scaling=scaling, dropout_p=p, weight_fn=weight_fn)
+        return meta, (weight, bias, lora_a.weight, lora_b.weight)
+    if is_tuner_layer(module):
+        raise _unsupported(where, f"a non-LoRA PEFT tuner layer ({type(module).__name__})")
+    weight, bias, weight_fn = _base_linear(module, where)
+    return LinearMeta(name, False, weight_fn=weight_fn), (weight, bias, None, None)
+
+
+def resolve_norm(module: nn.Module, where: str) -> Tuple[torch.Tensor, float]:
+    """``(weight, eps)`` of an RMSNorm, unwrapping PEFT's ``ModulesToSaveWrapper``."""
+    if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+        active = list(getattr(module, "active_adapters", [])) or [getattr(module, "active_adapter", None)]
+        if getattr(module, "disable_adapters", False) or active[0] not in module.modules_to_save:
+            module = module.original_module
+        else:
+            module = module.modules_to_save[active[0]]
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps", None)
+    weight = getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor) or getattr(module, "bias", None) is not None:
+        raise ValueError(
+            f"hyclora: {where} is a {type(module).__name__}, expected an RMSNorm with a weight and "
+            "variance_epsilon (Llama/Mistral RMSNorm)."
+        )
+    return weight, float(eps)
+
+
+__all__ = ["resolve_linear", "resolve_norm", "is_lora_layer", "SUPPORTED_PEFT"]

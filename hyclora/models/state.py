@@ -1,0 +1,65 @@
+"""Per-decoder-layer hyclora state: calibration statistics (buffers, so they are in
+``state_dict``) and the step counter."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable
+
+import torch
+from torch import nn
+
+# names of the tensors whose quantisation statistics a layer keeps, and the width key each uses
+ATTENTION_TENSORS = ("x_in", "x_n1", "q", "k", "v", "o")
+MLP_TENSORS = ("x_mid", "x_n2", "gate", "up")
+ELEMENTWISE_TENSORS = ("silu", "hidden")  # only stored (quantised) by ``intra``
+NORM_INPUTS = ("x_in", "x_mid")  # get exact outlier channels
+
+
+def tensor_widths(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> Dict[str, int]:
+    return {
+        "x_in": hidden, "x_n1": hidden,
+        "q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim,
+        "o": num_heads * head_dim,
+        "x_mid": hidden, "x_n2": hidden,
+        "gate": intermediate, "up": intermediate, "silu": intermediate, "hidden": intermediate,
+    }
+
+
+class HyCLoRALayerState(nn.Module):
+    """Child module ``hyclora_state`` of a patched decoder layer.
+
+    Buffers:
+        forward_count: training forwards of this layer that were counted (a gradient
+            checkpointing recompute is not counted twice).
+    Submodules:
+        stats: one ``ChannelStats`` per quantised tensor (compressing layer types only).
+    """
+
+    def __init__(self, widths: Dict[str, int], names: Iterable[str], layernorm_outlier_ratio: float,
+                 iteration_threshold: int, device=None):
+        super().__init__()
+        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=device))
+        self.stats = nn.ModuleDict()
+        names = list(names)
+        if names:
+            from hyclora.quant import ChannelStats
+
+            for name in names:
+                width = widths[name]
+                outliers = int(math.floor(width * layernorm_outlier_ratio)) if name in NORM_INPUTS else 0
+                self.stats[name] = ChannelStats(
+                    width, num_outliers=outliers, iteration_threshold=iteration_threshold
+                )
+            if device is not None:
+                self.stats.to(device)
+        # Python-side bookkeeping (not state): see models/base.py for how these are used.
+        self.owed = False
+        self.last_saved: Dict[str, list] = {}
+
+    def stats_dict(self) -> Dict[str, nn.Module]:
+        return dict(self.stats.items())
+
+
+__all__ = ["HyCLoRALayerState", "tensor_widths", "ATTENTION_TENSORS", "MLP_TENSORS",
+           "ELEMENTWISE_TENSORS", "NORM_INPUTS"]

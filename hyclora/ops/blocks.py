@@ -1,0 +1,427 @@
+"""The two autograd Functions of a Llama-style decoder layer, with hand-written backwards.
+
+* :class:`AttentionBlockFn`: ``x -> RMSNorm -> q/k/v LoRA -> RoPE -> attention -> o LoRA -> + x``
+* :class:`MLPBlockFn`: ``x -> RMSNorm -> gate/up LoRA -> SiLU(G) * U -> down LoRA -> + x``
+
+The forward computes every output from exact activations (outputs equal the unpatched
+model's); what is kept for the backward is decided by a :class:`StoragePolicy`, so the three
+layer types share this code. Parameters are Function inputs (never views made outside), so
+ZeRO-3 can swap ``param.data``; LoRA A/B gradients are reduced over the batch here.
+
+Saved tensors per layer type (``*`` only when that linear carries LoRA; ``Q`` = quantised at
+``q_bit``, ``Q+o`` = quantised with exact outlier channels, ``fp`` = as is):
+
+=================  ==========================  ===========  =====================
+tensor             shape                       baseline     intra / intra_inter
+=================  ==========================  ===========  =====================
+x_in               (b, s, d)                   fp           Q+o
+rstd1              (b, s, 1) fp32              fp           fp
+x_n1*              (b, s, d)   (q/k/v input)   fp           Q
+xa_q/k/v*, xa_o*   (b, s, r)                   fp           fp
+q, k, v            (b, s, h*dh), (b, s, hkv*dh) fp, Y pre-RoPE  Q(Y) pre-RoPE / Q(XW) pre-RoPE
+probs (eager)      (b, h, s, s)                fp           sparse top ratio
+o* (eager)         (b, s, h*dh)  (o_proj input) fp          Q
+x_mid              (b, s, d)                   fp           Q+o
+rstd2              (b, s, 1) fp32              fp           fp
+x_n2*              (b, s, d)   (gate/up input) fp           Q
+xa_gate*, xa_up*, xa_down*  (b, s, r)          fp           fp
+gate, up           (b, s, d_ff)                fp (G, U)    Q(G), Q(U) / Q(XW_g), Q(XW_u)
+silu, hidden*      (b, s, d_ff)                recomputed   Q(S), Q(D) / recomputed
+cos, sin           (b, s, dh)                  fp (shared by all layers)
+mask               model's mask                fp (shared by all layers)
+rng_<linear>       generator state, only with LoRA dropout > 0
+=================  ==========================  ===========  =====================
+
+With sdpa nothing of the attention map and no ``o`` is kept: the backward recomputes the
+attention forward from the (rebuilt) q/k/v, which also yields the o_proj input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .attention import (
+    check_implementation,
+    eager_attention_backward,
+    eager_attention_forward,
+    sdpa_attention_forward,
+    sdpa_attention_recompute,
+)
+from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import apply_rope, rope_backward
+from .storage import StoragePolicy, TensorLoad, TensorStore
+from .swiglu import silu_mul_backward, silu_mul_forward
+
+PARAMS_PER_LINEAR = 4  # weight, bias, lora_A, lora_B
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(
+            f"hyclora: non-finite values (NaN/Inf) in {where}. Lower the learning rate, use bf16 "
+            "instead of fp16, or set HyCLoRAConfig(on_nonfinite='ignore') to skip this check."
+        )
+
+
+@dataclass
+class BlockPlan:
+    """Non-tensor arguments of a block Function.
+
+    Attributes:
+        layer_name: module path used in error messages (e.g. ``model.layers.3``).
+        eps: RMSNorm epsilon.
+        linears: ``LinearMeta`` of the block's linears, in order.
+        policy: the storage policy (layer type, bits).
+        stats: ``ChannelStats`` per saved-tensor name (compressing policies), or empty.
+        update: whether this forward updates the calibration statistics (``False`` on a
+            checkpoint recompute, so calibration does not count it twice).
+        check_finite: raise on NaN/Inf in the block input/output.
+        record: a dict that receives the manifest of what was saved (names, shapes, dtypes,
+            bytes) under ``record_key``; ``None`` to skip.
+    """
+
+    layer_name: str
+    eps: float
+    linears: Tuple[LinearMeta, ...]
+    policy: StoragePolicy = field(default_factory=StoragePolicy)
+    stats: Mapping[str, torch.nn.Module] = field(default_factory=dict)
+    update: bool = False
+    check_finite: bool = False
+    record: Optional[Dict[str, list]] = None
+
+
+@dataclass
+class AttentionPlan(BlockPlan):
+    num_heads: int = 1
+    num_kv_heads: int = 1
+    head_dim: int = 1
+    scaling: float = 1.0
+    impl: str = "sdpa"
+    is_causal: bool = True
+
+
+@dataclass
+class MLPPlan(BlockPlan):
+    pass
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _autocast_state(device_type: str):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # very old torch: CUDA only
+        enabled = device_type == "cuda" and torch.is_autocast_enabled()
+    return (device_type, torch.get_autocast_dtype(device_type)) if enabled else None
+
+
+def _autocast(state):
+    # The autograd engine runs backward without the forward's autocast state; restore it so the
+    # backward matmuls run in the same precision as the forward ones (what custom_bwd does).
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state[0], dtype=state[1])
+
+
+def _linear_params(lin: Sequence, i: int):
+    return tuple(lin[PARAMS_PER_LINEAR * i : PARAMS_PER_LINEAR * (i + 1)])
+
+
+def _check_params(plan: BlockPlan, lin: Sequence):
+    for i, meta in enumerate(plan.linears):
+        weight, bias, lora_a, lora_b = _linear_params(lin, i)
+        if weight.requires_grad:
+            raise ValueError(
+                f"hyclora: {plan.layer_name}.{meta.name} has a trainable base weight; hyclora "
+                "trains LoRA adapters on frozen base weights. Freeze it (requires_grad_(False)), "
+                "make it a LoRA target, or set use_hyclora=False."
+            )
+        if meta.has_lora and (lora_a is None or lora_b is None):
+            raise RuntimeError(f"hyclora internal error: {meta.name} has LoRA but no A/B")
+
+
+def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
+    if meta.has_lora:
+        store.plain(f"xa_{name}", out.xa)
+        if out.rng_state is not None:
+            store.plain(f"rng_{name}", out.rng_state)
+
+
+def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
+    """Run one linear's backward; returns ``(dx, (None, dbias, dA, dB))``."""
+    meta = plan.linears[i]
+    weight, bias, lora_a, lora_b = (load.get(f"p{lin_offset + PARAMS_PER_LINEAR * i + j}") for j in range(4))
+    base = lin_offset + PARAMS_PER_LINEAR * i
+    need = ctx.needs_input_grad
+    dx, dbias, da, db = lora_linear_backward(
+        meta, dy, x_hat, load.get(f"xa_{name}"), weight, bias, lora_a, lora_b,
+        rng_state=load.get(f"rng_{name}"),
+        need_dx=True,
+        need_da=bool(need[base + 2]),
+        need_db=bool(need[base + 3]),
+        need_dbias=bool(need[base + 1]),
+    )
+    return dx, (None, dbias, da, db)
+
+
+def _save_params(store: TensorStore, params: Sequence, offset: int):
+    for j, p in enumerate(params):
+        store.param(f"p{offset + j}", p)
+
+
+# -- attention block ------------------------------------------------------------------------
+
+_QKV = ("q", "k", "v")
+_ATTN_LIN_OFFSET = 6  # forward(ctx, plan, x, norm_w, cos, sin, mask, *lin)
+
+
+class AttentionBlockFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
+        check_implementation(plan.impl, plan.layer_name)
+        _check_params(plan, lin)
+        ctx.plan = plan
+        ctx.autocast = _autocast_state(x.device.type)
+        pol, st, upd = plan.policy, plan.stats, plan.update
+        b, s, _ = x.shape
+        H, HKV, D = plan.num_heads, plan.num_kv_heads, plan.head_dim
+        if plan.check_finite:
+            check_finite(x, f"{plan.layer_name} (input of the decoder layer)")
+        store = TensorStore()
+        _save_params(store, (None, None, norm_w) + (None, None, None) + tuple(lin), 0)
+
+        xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
+        pol.keep(store, "x_in", x, st.get("x_in"), upd)
+        store.plain("rstd1", rstd)
+
+        metas = plan.linears
+        outs = [lora_linear_forward(metas[i], xn, *_linear_params(lin, i)) for i in range(3)]
+        if any(m.has_lora for m in metas[:3]):
+            pol.keep(store, "x_n1", xn, st.get("x_n1"), upd)
+        del xn
+        for name, meta, out in zip(_QKV, metas[:3], outs):
+            _keep_linear_extras(store, name, meta, out)
+            # Q/K are kept before RoPE (RoPE is re-applied in the backward): the rotation mixes
+            # channel pairs, and per-channel ranges are tighter on the un-rotated values.
+            pol.keep(store, name, out.y_w if pol.reconstruct else out.y, st.get(name), upd)
+
+        q = outs[0].y.view(b, s, H, D).transpose(1, 2)
+        k = outs[1].y.view(b, s, HKV, D).transpose(1, 2)
+        v = outs[2].y.view(b, s, HKV, D).transpose(1, 2)
+        del outs
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if plan.impl == "eager":
+            o, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
+            pol.keep_probs(store, "probs", probs)
+            del probs
+            if metas[3].has_lora:
+                pol.keep(store, "o", o, st.get("o"), upd)
+        else:
+            o = sdpa_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
+        del q, k, v
+        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3))
+        _keep_linear_extras(store, "o", metas[3], out_o)
+        y = x + out_o.y
+
+        store.plain("cos", cos, describe=False)
+        store.plain("sin", sin, describe=False)
+        store.plain("mask", mask, describe=False)
+        store.save(ctx)
+        if plan.record is not None:
+            plan.record["attention"] = store.manifest
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        plan: AttentionPlan = ctx.plan
+        with _autocast(ctx.autocast):
+            return AttentionBlockFn._backward(ctx, plan, dy)
+
+    @staticmethod
+    def _backward(ctx, plan: AttentionPlan, dy):
+        pol = plan.policy
+        load = TensorLoad(ctx, pol.backend)
+        need = ctx.needs_input_grad
+        metas = plan.linears
+        b, s, _ = dy.shape
+        H, HKV, D = plan.num_heads, plan.num_kv_heads, plan.head_dim
+        cos, sin, mask = load.get("cos"), load.get("sin"), load.get("mask")
+        off = _ATTN_LIN_OFFSET
+        lin_grads = [None] * (PARAMS_PER_LINEAR * 4)
+
+        def rebuilt(i: int, name: str, heads: int):
+            val = load.get(name)
+            if pol.reconstruct:
+                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+            return val.view(b, s, heads, D).transpose(1, 2)
+
+        q = apply_rope(rebuilt(0, "q", H), cos, sin)
+        k = apply_rope(rebuilt(1, "k", HKV), cos, sin)
+        v = rebuilt(2, "v", HKV)
+
+        if plan.impl == "eager":
+            o_hat = load.get("o") if metas[3].has_lora else None
+            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_hat, off)
+            del o_hat
+            do = do.view(b, s, H, D).transpose(1, 2)
+            dq, dk, dv = eager_attention_backward(do, load.get("probs"), q, k, v, plan.scaling)
+        else:
+            o_re, leaves = sdpa_attention_recompute(q, k, v, mask, plan.scaling, plan.is_causal)
+            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)
+            dq, dk, dv = torch.autograd.grad(o_re, leaves, do)
+            del o_re, leaves
+        del q, k, v, do
+
+        dq = rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, H * D)
+        dk = rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, HKV * D)
+        dv = dv.transpose(1, 2).reshape(b, s, HKV * D)
+
+        x_n1 = load.get("x_n1")
+        dxn = None
+        for i, (name, dproj) in enumerate(zip(_QKV, (dq, dk, dv))):
+            dxi, lin_grads[4 * i : 4 * i + 4] = _linear_grads(ctx, plan, load, i, name, dproj, x_n1, off)
+            dxn = dxi if dxn is None else dxn + dxi
+        del x_n1, dq, dk, dv
+
+        dx = dnorm = None
+        if need[1] or need[2]:
+            x_hat = load.get("x_in")
+            dx, dnorm = rmsnorm_backward(
+                dxn, x_hat, load.get("rstd1"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
+            )
+            if dx is not None:
+                dx = dx + dy
+        return (None, dx, dnorm, None, None, None, *lin_grads)
+
+
+# -- MLP block ------------------------------------------------------------------------------
+
+_GATE_UP = ("gate", "up")
+_MLP_LIN_OFFSET = 3  # forward(ctx, plan, x, norm_w, *lin)
+
+
+class MLPBlockFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: MLPPlan, x, norm_w, *lin):
+        _check_params(plan, lin)
+        ctx.plan = plan
+        ctx.autocast = _autocast_state(x.device.type)
+        pol, st, upd = plan.policy, plan.stats, plan.update
+        store = TensorStore()
+        _save_params(store, (None, None, norm_w) + tuple(lin), 0)
+
+        xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
+        pol.keep(store, "x_mid", x, st.get("x_mid"), upd)
+        store.plain("rstd2", rstd)
+
+        metas = plan.linears
+        g_out = lora_linear_forward(metas[0], xn, *_linear_params(lin, 0))
+        u_out = lora_linear_forward(metas[1], xn, *_linear_params(lin, 1))
+        if metas[0].has_lora or metas[1].has_lora:
+            pol.keep(store, "x_n2", xn, st.get("x_n2"), upd)
+        del xn
+        for name, meta, out in zip(_GATE_UP, metas[:2], (g_out, u_out)):
+            _keep_linear_extras(store, name, meta, out)
+            pol.keep(store, name, out.y_w if pol.reconstruct else out.y, st.get(name), upd)
+
+        sil, hidden = silu_mul_forward(g_out.y, u_out.y)
+        del g_out, u_out
+        if pol.store_elementwise:
+            pol.keep(store, "silu", sil, st.get("silu"), upd)
+            if metas[2].has_lora:
+                pol.keep(store, "hidden", hidden, st.get("hidden"), upd)
+        del sil
+        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2))
+        del hidden
+        _keep_linear_extras(store, "down", metas[2], d_out)
+        y = x + d_out.y
+        if plan.check_finite:
+            check_finite(y, f"{plan.layer_name} (output of the decoder layer)")
+        store.save(ctx)
+        if plan.record is not None:
+            plan.record["mlp"] = store.manifest
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        plan: MLPPlan = ctx.plan
+        with _autocast(ctx.autocast):
+            return MLPBlockFn._backward(ctx, plan, dy)
+
+    @staticmethod
+    def _backward(ctx, plan: MLPPlan, dy):
+        pol = plan.policy
+        load = TensorLoad(ctx, pol.backend)
+        need = ctx.needs_input_grad
+        metas = plan.linears
+        off = _MLP_LIN_OFFSET
+        lin_grads = [None] * (PARAMS_PER_LINEAR * 3)
+
+        def rebuilt(i: int, name: str):
+            val = load.get(name)
+            if pol.reconstruct:
+                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+            return val
+
+        g, u = rebuilt(0, "gate"), rebuilt(1, "up")
+        if pol.store_elementwise:
+            sil = load.get("silu")
+            hidden = load.get("hidden") if metas[2].has_lora else None
+        else:
+            sil, hidden = silu_mul_forward(g, u)
+            if not metas[2].has_lora:
+                hidden = None
+        dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, hidden, off)
+        del hidden
+        dg, du = silu_mul_backward(dh, g, u, sil)
+        del dh, g, u, sil
+
+        x_n2 = load.get("x_n2")
+        dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
+        dxu, lin_grads[4:8] = _linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
+        dxn = dxg + dxu
+        del x_n2, dxg, dxu, dg, du
+
+        dx = dnorm = None
+        if need[1] or need[2]:
+            dx, dnorm = rmsnorm_backward(
+                dxn, load.get("x_mid"), load.get("rstd2"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
+            )
+            if dx is not None:
+                dx = dx + dy
+        return (None, dx, dnorm, *lin_grads)
+
+
+# -- functional entry points ----------------------------------------------------------------
+
+
+def attention_block(plan: AttentionPlan, x, norm_w, cos, sin, mask, params: Sequence):
+    """``params``: ``(W, bias, A, B)`` for q, k, v, o (16 entries, ``None`` where absent)."""
+    if len(params) != PARAMS_PER_LINEAR * 4 or len(plan.linears) != 4:
+        raise ValueError("hyclora: attention_block needs 4 linears (q, k, v, o)")
+    return AttentionBlockFn.apply(plan, x, norm_w, cos, sin, mask, *params)
+
+
+def mlp_block(plan: MLPPlan, x, norm_w, params: Sequence):
+    """``params``: ``(W, bias, A, B)`` for gate, up, down (12 entries)."""
+    if len(params) != PARAMS_PER_LINEAR * 3 or len(plan.linears) != 3:
+        raise ValueError("hyclora: mlp_block needs 3 linears (gate, up, down)")
+    return MLPBlockFn.apply(plan, x, norm_w, *params)
+
+
+__all__ = [
+    "AttentionPlan",
+    "MLPPlan",
+    "BlockPlan",
+    "AttentionBlockFn",
+    "MLPBlockFn",
+    "attention_block",
+    "mlp_block",
+    "check_finite",
+]

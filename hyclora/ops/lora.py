@@ -1,0 +1,197 @@
+"""LoRA linear: ``y = x W^T (+ bias) + s * (drop(x) A^T) B^T`` with a hand-written backward.
+
+The base weight ``W`` is frozen (its gradient is never computed: that would need the exact
+input); ``A`` (``r x in``) and ``B`` (``out x r``) are trained. The forward follows PEFT's
+``lora.Linear`` op by op (input cast to the adapter dtype, dropout, ``lora_B(lora_A(x)) *
+scaling`` added to the base output, result cast back), so outputs equal PEFT's bit for bit.
+
+The backward needs only:
+* ``xa = drop(x) A^T`` (``... x r``, kept exactly) for ``grad_B``;
+* a (possibly reconstructed) input ``x_hat`` for ``grad_A``;
+* nothing for ``grad_x`` (weights only).
+
+LoRA dropout is honoured without storing the mask: the RNG state before the mask is drawn is
+kept (a few bytes) and the same mask is drawn again in the backward. On the CPU the mask is
+drawn exactly as ``torch.nn.Dropout`` draws it, so a seeded run reproduces PEFT's masks; on
+CUDA PyTorch's fused dropout kernel consumes the generator differently, so the masks are
+statistically equivalent but not identical to PEFT's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LinearMeta:
+    """Non-tensor description of one linear of a block.
+
+    Attributes:
+        name: ``q_proj`` ... ``down_proj`` (used in error messages and saved-tensor names).
+        has_lora: whether ``A``/``B`` are present for this call.
+        scaling: PEFT's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+        dropout_p: LoRA dropout probability (0 = none).
+        weight_fn: turns the stored base weight into a dense ``out x in`` matrix (e.g. NF4
+            dequantisation); ``None`` for a plain weight.
+    """
+
+    name: str
+    has_lora: bool = False
+    scaling: float = 1.0
+    dropout_p: float = 0.0
+    weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def dense_weight(meta: LinearMeta, weight: torch.Tensor) -> torch.Tensor:
+    w = meta.weight_fn(weight) if meta.weight_fn is not None else weight
+    if w.numel() == 0:
+        # ZeRO-3 partitions parameters to empty tensors outside their module's forward.
+        raise RuntimeError(
+            f"hyclora: the base weight of {meta.name} is empty (a ZeRO-3 partitioned parameter "
+            "that was not gathered?). Register the decoder layer as a ZeRO-3 leaf module."
+        )
+    return w
+
+
+# -- dropout masks that can be drawn again in the backward ----------------------------------
+
+
+def capture_rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    raise NotImplementedError(
+        f"hyclora: LoRA dropout on device type {device.type!r} is not supported (cpu and cuda "
+        "are); set lora_dropout=0."
+    )
+
+
+@contextlib.contextmanager
+def _rng_restored(device: torch.device, state: torch.Tensor):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+def draw_dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Scaled keep-mask drawn exactly as ``torch.nn.functional.dropout`` does on the CPU."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def redraw_dropout_mask(
+    state: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, p: float
+) -> torch.Tensor:
+    with _rng_restored(device, state):
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+# -- forward / backward ---------------------------------------------------------------------
+
+
+@dataclass
+class LinearOut:
+    y: torch.Tensor                      # full output
+    y_w: torch.Tensor                    # base part x W^T + bias (== y without LoRA)
+    xa: Optional[torch.Tensor]           # drop(x) A^T, exact (None without LoRA)
+    rng_state: Optional[torch.Tensor]    # generator state before the dropout mask
+
+
+def lora_linear_forward(
+    meta: LinearMeta,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+) -> LinearOut:
+    y_w = F.linear(x, dense_weight(meta, weight), bias)
+    if not meta.has_lora:
+        return LinearOut(y_w, y_w, None, None)
+    xl = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
+    rng_state = None
+    if meta.dropout_p > 0:
+        rng_state = capture_rng_state(xl.device)
+        xl = xl * draw_dropout_mask(xl, meta.dropout_p)
+    xa = F.linear(xl, lora_a)
+    y = (y_w + F.linear(xa, lora_b) * meta.scaling).to(y_w.dtype)
+    return LinearOut(y, y_w, xa, rng_state)
+
+
+def lora_reconstruct(
+    meta: LinearMeta, y_w: torch.Tensor, xa: Optional[torch.Tensor], lora_b: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Rebuild ``y = y_w + s * xa B^T`` from a (dequantised) base part and the exact ``xa``."""
+    if not meta.has_lora:
+        return y_w
+    return (y_w + F.linear(xa, lora_b) * meta.scaling).to(y_w.dtype)
+
+
+def lora_linear_backward(
+    meta: LinearMeta,
+    dy: torch.Tensor,
+    x_hat: Optional[torch.Tensor],
+    xa: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    rng_state: Optional[torch.Tensor] = None,
+    need_dx: bool = True,
+    need_da: bool = True,
+    need_db: bool = True,
+    need_dbias: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Return ``(dx, dbias, dA, dB)``; A/B gradients are reduced over all tokens explicitly.
+
+    ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it.
+    """
+    dx = F.linear(dy, dense_weight(meta, weight).t()) if need_dx else None
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
+    da = db = None
+    if meta.has_lora and (need_dx or need_da or need_db):
+        r = lora_a.shape[0]
+        dl = dy.to(lora_b.dtype) * meta.scaling
+        dl2 = dl.reshape(-1, dl.shape[-1])
+        if need_db:
+            db = dl2.t().mm(xa.reshape(-1, r).to(dl2.dtype)).to(lora_b.dtype)
+        dxa = dl.matmul(lora_b.to(dl.dtype))  # (..., r)
+        mask = None
+        if meta.dropout_p > 0 and (need_da or need_dx):
+            shape = dy.shape[:-1] + (lora_a.shape[1],)
+            mask = redraw_dropout_mask(rng_state, shape, lora_a.dtype, dy.device, meta.dropout_p)
+        if need_da:
+            if x_hat is None:
+                raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
+            xl = x_hat.to(lora_a.dtype)
+            if mask is not None:
+                xl = xl * mask
+            da = dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])).to(lora_a.dtype)
+        if need_dx:
+            dxl = dxa.matmul(lora_a.to(dxa.dtype))
+            if mask is not None:
+                dxl = dxl * mask
+            dx = dx + dxl.to(dx.dtype)
+    return dx, dbias, da, db
+
+
+__all__ = [
+    "LinearMeta",
+    "LinearOut",
+    "lora_linear_forward",
+    "lora_linear_backward",
+    "lora_reconstruct",
+    "dense_weight",
+    "capture_rng_state",
+    "draw_dropout_mask",
+    "redraw_dropout_mask",
+]

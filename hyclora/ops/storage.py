@@ -1,0 +1,149 @@
+"""How a block keeps each buffered tensor: the storage policy of a ``layer_type``.
+
+One code path for every layer type: the blocks call ``policy.keep(...)`` for each tensor they
+need in the backward, and ``load.get(name)`` in the backward returns it (dequantised /
+densified). Which tensors are kept at all (e.g. ``Q(X W)`` instead of ``Q(Y)`` and no SiLU
+output for ``intra_inter``) is read from the policy's flags by the blocks.
+
+Everything goes through a single ``ctx.save_for_backward`` call, so saved-tensor hooks
+(memory measurement, offloading, non-reentrant checkpointing) see every byte; only non-tensor
+metadata (shapes, bit widths, an index of names) sits on ``ctx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+COMPRESSING_TYPES = ("intra", "intra_inter", "intra_inter_full_fuse")
+LAYER_TYPES = ("baseline",) + COMPRESSING_TYPES
+
+
+def _quant():
+    # Imported lazily: the baseline path must work without the compression engine.
+    from hyclora import quant
+
+    return quant
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """Decides the storage of every buffered tensor of a block.
+
+    * ``baseline``: everything as is (exact gradients).
+    * ``intra``: every buffered activation quantised at ``bits`` (per channel; the norm inputs
+      with exact outlier channels, via their ``ChannelStats``), the eager softmax map sparse;
+      SiLU(G) and the Hadamard product D are stored quantised.
+    * ``intra_inter`` (and ``intra_inter_full_fuse``, same numerics): as ``intra``, but the
+      outputs of q/k/v and gate/up are kept as ``Q(X W)`` only and rebuilt as
+      ``deq + s (X A) B`` in the backward; SiLU(G) and D are recomputed, never stored.
+    """
+
+    layer_type: str = "baseline"
+    bits: int = 4
+    softmax_ratio: float = 0.05
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.layer_type not in LAYER_TYPES:
+            raise ValueError(
+                f"hyclora: unknown layer_type {self.layer_type!r}; expected one of {', '.join(LAYER_TYPES)}"
+            )
+
+    @property
+    def compress(self) -> bool:
+        return self.layer_type != "baseline"
+
+    @property
+    def reconstruct(self) -> bool:
+        """Keep only the base part of q/k/v/gate/up outputs and rebuild the LoRA part."""
+        return self.layer_type.startswith("intra_inter")
+
+    @property
+    def store_elementwise(self) -> bool:
+        """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
+        return self.layer_type == "intra"
+
+    def keep(self, store: "TensorStore", name: str, x: torch.Tensor, stats=None, update: bool = False):
+        if not self.compress:
+            store.plain(name, x)
+            return
+        q = _quant()
+        store.packed(name, "quant", q.quantize(x, self.bits, stats=stats, update=update, backend=self.backend))
+
+    def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
+        if not self.compress:
+            store.plain(name, probs)
+            return
+        q = _quant()
+        store.packed(name, "sparse", q.sparsify_probs(probs, self.softmax_ratio))
+
+
+def _nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class TensorStore:
+    """Collects what a block keeps, then saves it with one ``ctx.save_for_backward``."""
+
+    def __init__(self):
+        self._tensors: List[Optional[torch.Tensor]] = []
+        self._index: Dict[str, Tuple[str, int, int, object]] = {}
+        self.manifest: List[dict] = []
+
+    def _add(self, name: str, kind: str, tensors, meta, describe: bool):
+        if name in self._index:
+            raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
+        start = len(self._tensors)
+        self._tensors.extend(tensors)
+        self._index[name] = (kind, start, len(tensors), meta)
+        if describe:
+            parts = [(tuple(t.shape), t.dtype) for t in tensors if t is not None]
+            self.manifest.append(
+                {"name": name, "kind": kind, "parts": parts, "nbytes": sum(_nbytes(t) for t in tensors)}
+            )
+
+    def plain(self, name: str, t: Optional[torch.Tensor], describe: bool = True):
+        self._add(name, "plain", [t], None, describe and t is not None)
+
+    def param(self, name: str, t: Optional[torch.Tensor]):
+        """A parameter or other input the backward reads (not an activation; not described)."""
+        self._add(name, "plain", [t], None, False)
+
+    def packed(self, name: str, kind: str, obj):
+        self._add(name, kind, list(obj.tensors()), obj.meta(), True)
+
+    def save(self, ctx):
+        ctx.save_for_backward(*self._tensors)
+        ctx.hyclora_index = self._index
+
+
+class TensorLoad:
+    """Backward-side view of a :class:`TensorStore`: ``get(name)`` restores one tensor."""
+
+    def __init__(self, ctx, backend: str = "auto"):
+        self._saved = ctx.saved_tensors
+        self._index = ctx.hyclora_index
+        self._backend = backend
+
+    def has(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self._index:
+            return None
+        kind, start, n, meta = self._index[name]
+        tensors = self._saved[start : start + n]
+        if kind == "plain":
+            return tensors[0]
+        q = _quant()
+        if kind == "quant":
+            return q.dequantize(q.QuantizedTensor.restore(tensors, meta), backend=self._backend)
+        if kind == "sparse":
+            return q.densify_probs(q.SparseProbs.restore(tensors, meta))
+        raise RuntimeError(f"hyclora internal error: unknown storage kind {kind!r}")
+
+
+__all__ = ["StoragePolicy", "TensorStore", "TensorLoad", "LAYER_TYPES", "COMPRESSING_TYPES"]

@@ -1,0 +1,125 @@
+"""Shared builders for the model-level tests: tiny Llama/Mistral models (from configs, no hub)
+wrapped with PEFT LoRA, and gradient comparison helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import pytest
+import torch
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TINYLLAMA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyllamas-stories260K" / "hf"
+
+
+def tiny_config(kind: str = "llama", impl: str = "sdpa", **overrides):
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+    )
+    common.update(overrides)
+    if kind == "llama":
+        cfg = LlamaConfig(**common)
+    elif kind == "mistral":
+        common.setdefault("sliding_window", 5)  # shorter than the test sequences
+        cfg = MistralConfig(**common)
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def tiny_model(kind: str = "llama", impl: str = "sdpa", dtype=torch.float32, seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, impl, **overrides)
+    cls = LlamaForCausalLM if kind == "llama" else MistralForCausalLM
+    model = cls(cfg)
+    model.set_attn_implementation(impl)
+    return model.to(dtype)
+
+
+def lora_model(
+    model,
+    targets: Iterable[str] = ALL_TARGETS,
+    r: int = 4,
+    alpha: int = 8,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    b_std: float = 0.05,
+    seed: int = 1,
+    train_norms: bool = False,
+    train_embeddings: bool = False,
+):
+    """PEFT LoRA with lora_B drawn non-zero (as after some training), so lora_A gets gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(
+        model,
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, use_rslora=rslora),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+    for name, p in pm.named_parameters():
+        if train_norms and "norm" in name:
+            p.requires_grad_(True)
+        if train_embeddings and "embed_tokens" in name:
+            p.requires_grad_(True)
+    return pm
+
+
+def step_grads(model, batch: Dict[str, torch.Tensor]):
+    """One training forward/backward; returns (loss, {name: grad})."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def worst_rel_err(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
+    assert got.keys() == ref.keys()
+    for name, g in ref.items():
+        assert torch.isfinite(g).all(), name
+        assert g.norm() > 0, f"reference gradient of {name} is zero: the test would not test it"
+    return max(rel_err(got[n], ref[n]) for n in ref)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def quant_available() -> bool:
+    try:
+        from hyclora.quant import ChannelStats, quantize  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_quant = pytest.mark.skipif(not quant_available(), reason="hyclora.quant has not landed yet")
+
+
+def tinyllama(kind: str = "llama", impl: str = "eager"):
+    if not (TINYLLAMA / "config.json").exists():
+        pytest.skip(f"pretrained tiny Llama not found at {TINYLLAMA}")
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    cls = LlamaForCausalLM if kind == "llama" else MistralForCausalLM
+    model = cls.from_pretrained(str(TINYLLAMA), attn_implementation=impl, dtype=torch.float32)
+    return model
