@@ -312,6 +312,14 @@ def _check_outlier_idx(outlier_idx, x: Tensor) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # public entry points
 # ---------------------------------------------------------------------------------------------
+def _pack(x2d, lo, inv_step, bits, group_size, backend) -> Tensor:
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.quantize_pack(x2d, lo, inv_step, bits, group_size)
+    return quantize_pack_torch(x2d, lo, inv_step, bits, group_size)
+
+
 def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] = None,
              update: bool = True, backend: str = "auto",
              group_size: Optional[int] = None) -> QuantizedTensor:
@@ -349,6 +357,14 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                 "computed from each tensor itself. Drop one of the two."
             )
         stats._check_compatible(x2d)
+        if stats.frozen and outlier_idx is None:
+            # steady state after calibration: cached parameters, one kernel + one gather
+            lo, step, inv_step, outlier_idx = stats.frozen_params(bits)
+            with torch.no_grad():
+                outlier_vals = None if outlier_idx is None else x2d.index_select(1, outlier_idx)
+                codes = _pack(x2d, lo, inv_step, bits, None, backend)
+            return QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
+                                   outlier_idx=outlier_idx, outlier_vals=outlier_vals)
         if outlier_idx is None and stats.num_outliers > 0:
             outlier_idx = stats.select_outliers(x2d, update=update)
         lo, hi = stats.range_for(x2d, update=update)
@@ -369,12 +385,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                 lo = lo.index_fill(0, outlier_idx, 0.0)
                 step = step.index_fill(0, outlier_idx, 0.0)
                 inv_step = inv_step.index_fill(0, outlier_idx, 0.0)
-        if backend == "triton":
-            from . import triton_kernels
-
-            codes = triton_kernels.quantize_pack(x2d, lo, inv_step, bits, group_size)
-        else:
-            codes = quantize_pack_torch(x2d, lo, inv_step, bits, group_size)
+        codes = _pack(x2d, lo, inv_step, bits, group_size, backend)
     return QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
                            outlier_idx=outlier_idx, outlier_vals=outlier_vals,
                            group_size=group_size)

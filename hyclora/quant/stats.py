@@ -60,6 +60,9 @@ class ChannelStats(torch.nn.Module):
         self.register_buffer("outlier_idx", torch.arange(num_outliers, dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._count_host = 0
+        # frozen quantisation parameters per bit width (see frozen_params); never modified in
+        # place, only dropped, so autograd graphs may keep references to them
+        self._param_cache = {}
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -75,6 +78,7 @@ class ChannelStats(torch.nn.Module):
             self.outlier_idx.copy_(torch.arange(self.num_outliers, device=self.outlier_idx.device))
             self.count.zero_()
         self._count_host = 0
+        self._param_cache = {}
 
     _FP32_BUFFERS = ("lo", "hi", "outlier_score")
 
@@ -88,12 +92,14 @@ class ChannelStats(torch.nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != torch.float32:
                 self._buffers[name] = old.to(device=new.device)
+        self._param_cache = {}
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # one host read per load, so the hot path never has to read `count` from the device
         self._count_host = int(self.count.item())
+        self._param_cache = {}
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, num_outliers={self.num_outliers}, "
@@ -132,6 +138,30 @@ class ChannelStats(torch.nn.Module):
                 self.count += 1
                 self._count_host += 1
         return lo, hi
+
+    def frozen_params(self, bits: int):
+        """(lo, step, inv_step, outlier_idx) fp32/long for quantising with frozen stats.
+
+        Computed once per bit width after freezing and reused on every later step, so the
+        steady-state ``quantize`` launches the kernel and the outlier gather, nothing else.
+        Outlier columns get lo = step = inv_step = 0 (they encode as 0, restored exactly).
+        """
+        if not self.frozen:
+            raise RuntimeError("ChannelStats.frozen_params() is only defined once the stats are frozen.")
+        cached = self._param_cache.get(bits)
+        if cached is None:
+            from .core import affine_params
+
+            with torch.no_grad():
+                lo, step, inv_step = affine_params(self.lo, self.hi, bits)
+                idx = self.outlier_idx.clone() if self.num_outliers > 0 else None
+                if idx is not None:
+                    lo = lo.index_fill(0, idx, 0.0)
+                    step = step.index_fill(0, idx, 0.0)
+                    inv_step = inv_step.index_fill(0, idx, 0.0)
+            cached = (lo, step, inv_step, idx)
+            self._param_cache[bits] = cached
+        return cached
 
     def select_outliers(self, x: Tensor, *, update: bool = True) -> Tensor:
         """(k,) long indices (ascending) of the channels to keep exactly.

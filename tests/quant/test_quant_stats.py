@@ -179,3 +179,24 @@ def test_bad_stats_usage_raises_clear_errors():
         quantize(torch.randn(2, 8), 4, stats=s, group_size=4)
     with pytest.raises(ValueError, match="meta"):
         quantize(torch.randn(2, 8, device="meta"), 4, stats=s, backend="torch")
+
+
+def test_frozen_params_are_cached_and_equal_the_uncached_path():
+    torch.manual_seed(1)
+    s = ChannelStats(16, num_outliers=2, iteration_threshold=1)
+    quantize(torch.randn(4, 16) * torch.arange(1, 17), 4, stats=s)
+    assert s.frozen
+    x2, x3 = torch.randn(2, 5, 16) * 4, torch.randn(3, 16)
+    q1, q2 = quantize(x2, 4, stats=s), quantize(x3, 4, stats=s)
+    assert q1.lo is q2.lo and q1.step is q2.step  # computed once, shared
+    # the general path (explicit outlier set, range from range_for) gives the same result
+    q3 = quantize(x2, 4, stats=s, outlier_idx=s.outlier_idx.clone())
+    assert torch.equal(q1.codes, q3.codes) and torch.equal(dequantize(q1), dequantize(q3))
+    assert torch.equal(q1.lo, q3.lo) and torch.equal(q1.step, q3.step)
+    # a load or reset drops the cache
+    s.load_state_dict(s.state_dict())
+    q4 = quantize(x2, 4, stats=s)
+    assert q4.lo is not q1.lo and torch.equal(q4.codes, q1.codes)
+    s.reset()
+    with pytest.raises(RuntimeError, match="frozen"):
+        s.frozen_params(4)
