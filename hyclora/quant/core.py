@@ -347,6 +347,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
     n = x.shape[-1]
     group_size = check_group_size(group_size, n)
     backend = resolve_backend(backend, x.device)
+    explicit_outliers = outlier_idx is not None  # an explicit empty set means "none"
     outlier_idx = _check_outlier_idx(outlier_idx, x)
     x2d = x.detach().reshape(-1, n)
 
@@ -357,7 +358,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                 "computed from each tensor itself. Drop one of the two."
             )
         stats._check_compatible(x2d)
-        if stats.frozen and outlier_idx is None:
+        if stats.frozen and not explicit_outliers:
             # steady state after calibration: cached parameters, one kernel + one gather
             lo, step, inv_step, outlier_idx = stats.frozen_params(bits)
             with torch.no_grad():
@@ -365,7 +366,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                 codes = _pack(x2d, lo, inv_step, bits, None, backend)
             return QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
                                    outlier_idx=outlier_idx, outlier_vals=outlier_vals)
-        if outlier_idx is None and stats.num_outliers > 0:
+        if not explicit_outliers and stats.num_outliers > 0:
             outlier_idx = stats.select_outliers(x2d, update=update)
         lo, hi = stats.range_for(x2d, update=update)
     elif group_size is None:

@@ -200,3 +200,10 @@ def test_frozen_params_are_cached_and_equal_the_uncached_path():
     s.reset()
     with pytest.raises(RuntimeError, match="frozen"):
         s.frozen_params(4)
+
+
+def test_explicit_empty_outlier_set_overrides_the_stats():
+    s = ChannelStats(8, num_outliers=2, iteration_threshold=3)
+    x = torch.randn(4, 8)
+    q = quantize(x, 4, stats=s, outlier_idx=torch.empty(0, dtype=torch.long))
+    assert q.outlier_idx is None and q.num_outliers == 0 and torch.all(s.outlier_score == 0)
