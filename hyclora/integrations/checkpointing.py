@@ -1,0 +1,163 @@
+"""Activation checkpointing of decoder layers, with a hybrid policy for hyclora.
+
+Two backends, one switch:
+
+* ``backend="torch"``: ``torch.utils.checkpoint`` (non-reentrant by default), what HF's
+  ``gradient_checkpointing_enable`` installs.
+* ``backend="deepspeed"``: ``deepspeed.checkpointing.checkpoint``, configured from the DeepSpeed
+  JSON's ``activation_checkpointing`` block (``partition_activations``, ``cpu_checkpointing``,
+  ``contiguous_memory_optimization``, ``number_checkpoints``). That block is otherwise ignored under
+  HF Trainer and accelerate, because nothing calls ``deepspeed.checkpointing.configure``.
+
+Hybrid policy (``every_k``): checkpoint layers 0, k, 2k, ... and leave the others to keep their
+(hyclora-compressed) activations. ``every_k=1`` is classic full checkpointing; larger k trades
+memory back for less recompute. A hyclora layer that *is* checkpointed still compresses what its
+recompute saves, so its backward peak shrinks too; only the layer input (the checkpoint boundary)
+is kept exactly, because the recompute must see the same input the forward saw.
+
+The hook point is transformers' ``GradientCheckpointingLayer.__call__``, which routes through
+``self._gradient_checkpointing_func`` when ``self.gradient_checkpointing`` is set and the model is
+training. Do not also pass ``gradient_checkpointing=True`` to ``TrainingArguments``: the Trainer
+would call ``gradient_checkpointing_enable`` and overwrite this choice.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .deepspeed import (
+    ConfigLike,
+    _hf_model,
+    _unwrap,
+    activation_checkpointing_settings,
+    configure_activation_checkpointing,
+    decoder_layers,
+)
+
+BACKENDS = ("torch", "deepspeed")
+
+
+def checkpointed_indices(num_layers: int, every_k: int) -> List[int]:
+    """Indices of the layers the hybrid policy checkpoints: 0, k, 2k, ..."""
+    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+        raise ValueError(f"every_k={every_k!r} is invalid: expected an integer >= 1 (1 = every layer).")
+    return list(range(0, num_layers, every_k))
+
+
+def _deepspeed_checkpoint(ds_func, function, *args):
+    """``deepspeed.checkpointing`` with leaf inputs replaced by views of themselves.
+
+    DeepSpeed's partitioned and CPU paths swap ``arg.data`` for a flat (or empty) copy and put a
+    flat copy back for the recompute. That is harmless for an intermediate tensor, whose gradient
+    autograd checks against recorded metadata, but a *leaf* input -- the embeddings' output once
+    ``enable_input_require_grads`` marks it, i.e. the first decoder layer under LoRA -- then gets a
+    ``[b, s, h]`` gradient accumulated into ``[b*s*h]`` data ("The size of tensor a (4096) must
+    match ..."). A view is not a leaf and keeps the real input intact; it costs nothing.
+    """
+    args = tuple(
+        a.view_as(a) if isinstance(a, torch.Tensor) and a.is_leaf and a.requires_grad else a for a in args
+    )
+    return ds_func(function, *args)
+
+
+def enable_activation_checkpointing(
+    model: nn.Module,
+    *,
+    every_k: int = 1,
+    backend: str = "torch",
+    ds_config: Optional[ConfigLike] = None,
+    use_reentrant: Optional[bool] = None,
+    **ds_overrides: Any,
+) -> Dict[str, Any]:
+    """Checkpoint every ``every_k``-th decoder layer of ``model`` (a transformers model, a PEFT
+    model around one, or a DeepSpeed engine).
+
+    ``backend="deepspeed"`` configures ``deepspeed.checkpointing`` from ``ds_config``'s
+    ``activation_checkpointing`` block (``ds_overrides`` win over the JSON; ``number_checkpoints``
+    defaults to the number of checkpointed layers when contiguous memory is asked for) and uses its
+    reentrant ``checkpoint`` (``use_reentrant=False`` picks ``non_reentrant_checkpoint``).
+    ``backend="torch"`` uses ``torch.utils.checkpoint.checkpoint`` (non-reentrant unless
+    ``use_reentrant=True``).
+
+    Reentrant checkpointing only passes gradients to layer inputs that require grad, which frozen
+    embeddings under LoRA do not produce, so input gradients are switched on
+    (``enable_input_require_grads``) for the reentrant variants.
+
+    Returns a summary: backend, reentrant, every_k, checkpointed layer indices, and (DeepSpeed) the
+    applied ``activation_checkpointing`` settings.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+    if ds_config is not None and backend != "deepspeed":
+        raise ValueError(
+            "ds_config only configures backend='deepspeed' (its activation_checkpointing block); "
+            "pass backend='deepspeed' or drop ds_config."
+        )
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(_unwrap(model)).__name__} has no checkpointable decoder layers "
+            "(transformers GradientCheckpointingLayer): activation checkpointing cannot be enabled."
+        )
+    chosen = checkpointed_indices(len(layers), every_k)
+    summary: Dict[str, Any] = {"backend": backend, "every_k": every_k, "layers": chosen}
+
+    if backend == "deepspeed":
+        import deepspeed
+
+        overrides = dict(ds_overrides)
+        settings = activation_checkpointing_settings(ds_config, **overrides)
+        if settings["contiguous_memory_optimization"] and settings["number_checkpoints"] is None:
+            overrides["number_checkpoints"] = len(chosen)
+        summary["settings"] = configure_activation_checkpointing(ds_config, **overrides)
+        reentrant = True if use_reentrant is None else bool(use_reentrant)
+        ds_func = deepspeed.checkpointing.checkpoint if reentrant else deepspeed.checkpointing.non_reentrant_checkpoint
+        func = functools.partial(_deepspeed_checkpoint, ds_func)
+    else:
+        if ds_overrides:
+            raise ValueError(
+                f"{sorted(ds_overrides)} are DeepSpeed activation-checkpointing options: pass "
+                "backend='deepspeed'."
+            )
+        import torch.utils.checkpoint
+
+        reentrant = False if use_reentrant is None else bool(use_reentrant)
+        func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=reentrant)
+    summary["reentrant"] = reentrant
+
+    chosen_set = set(chosen)
+    for index, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = func
+        layer.gradient_checkpointing = index in chosen_set
+    if reentrant:
+        hf = _hf_model(model)
+        enable = getattr(hf, "enable_input_require_grads", None)
+        if enable is None:
+            raise TypeError(
+                f"Reentrant checkpointing needs input gradients but {type(hf).__name__} has no "
+                "enable_input_require_grads(): use backend='torch' with use_reentrant=False."
+            )
+        enable()
+    return summary
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_activation_checkpointing` (input gradients are switched back off too)."""
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = False
+    hf = _hf_model(model)
+    disable = getattr(hf, "disable_input_require_grads", None)
+    if callable(disable):  # a no-op when no input-grad hook is installed
+        disable()
+
+
+__all__ = [
+    "BACKENDS",
+    "checkpointed_indices",
+    "disable_activation_checkpointing",
+    "enable_activation_checkpointing",
+]

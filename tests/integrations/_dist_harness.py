@@ -1,0 +1,90 @@
+"""Start N ranks of ``_dist_worker.py`` on this machine (gloo, CPU) and collect their results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+WORKER = HERE / "_dist_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(rank: int, world: int, port: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    if world == 1:
+        # A 1-process reference run is not distributed at all.
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            env.pop(key, None)
+    return env
+
+
+def launch(world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout: float = 240) -> Dict[str, dict]:
+    """Run ``scenarios`` on ``world`` ranks; return ``{name: result}`` from rank 0.
+    Raises with every rank's stderr tail when a rank fails or hangs."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = {"scenarios": scenarios, "out_dir": str(tmp), "model_dir": model_dir}
+    spec_path = tmp / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(tmp / f"rank{rank}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "--spec", str(spec_path)],
+            env=worker_env(rank, world, port), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+        ))
+    failed: Optional[str] = None
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                failed = f"rank {rank} timed out after {timeout}s"
+                break
+            if code != 0:
+                failed = f"rank {rank} exited with {code}"
+                break
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed:
+        tails = []
+        for rank, log in enumerate(logs):
+            log.seek(0)
+            tails.append(f"--- rank {rank} ---\n" + log.read()[-4000:])
+        raise RuntimeError(failed + "\n" + "\n".join(tails))
+    for log in logs:
+        log.close()
+    results = {}
+    for sc in scenarios:
+        path = tmp / sc["name"] / "result.json"
+        if path.exists():
+            results[sc["name"]] = json.loads(path.read_text())
+    return results
+
+
+def load_adapter_tensors(path: Path) -> Dict[str, "torch.Tensor"]:  # noqa: F821
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
