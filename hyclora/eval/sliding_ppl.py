@@ -57,6 +57,11 @@ def window_plan(n_tokens: int, context_length: int, stride: int, mode: str = "lo
                 f"{n_tokens} tokens are fewer than one window of context_length={context_length} + 1."
             )
         return [(i, i + context_length, i + 1) for i in range(0, n_tokens - context_length, stride)]
+    if stride > context_length:
+        raise ValueError(
+            f"strided perplexity needs stride ({stride}) <= context_length ({context_length}), "
+            "otherwise tokens between windows are never scored."
+        )
     if n_tokens < 2:
         raise ValueError("need at least 2 tokens to score one")
     plan, begin, prev_end = [], 0, 0

@@ -393,10 +393,14 @@ class CausalLMChunkedLoss(nn.Module):
         """Tell DeepSpeed ZeRO-3 to gather the LM head weight around our loss's forward/backward.
 
         The loss reads ``lm_head.weight`` outside ``lm_head.forward``, so ZeRO-3's per-module
-        gather hooks would never fire (Liger #767: an empty weight). Call before
-        ``accelerator.prepare`` when the DeepSpeed plugin runs ZeRO stage 3.
+        gather hooks never fire for it (Liger #767: an empty weight). DeepSpeed 0.19 also notices
+        a partitioned parameter fetched through ``module._parameters`` during a forward and
+        registers it on the fly (``ZeROOrderedDict``); registering it explicitly here does not
+        depend on that path. Call before ``accelerator.prepare`` under ZeRO stage 3.
         """
-        from deepspeed.zero import register_external_parameter
+        import deepspeed
+
+        register_external_parameter = deepspeed.zero.register_external_parameter
 
         lm_head = self.head_loss.lm_head
         heads = [lm_head]
