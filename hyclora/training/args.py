@@ -1,0 +1,215 @@
+"""Command-line arguments of the examples: HfArgumentParser dataclasses and per-task defaults.
+
+One parser serves every example: model, data, LoRA, hyclora (``HyCLoRAConfig`` itself, so the
+flags are the reference's ``--use_hyclora --layer_type --q_bit ...``) and HF
+``TrainingArguments`` (which bring ``--deepspeed``, ``--local_rank``, ``--bf16``,
+``--gradient_accumulation_steps``, ``--resume_from_checkpoint`` ...). Each task's defaults follow
+the paper's Table 8 and the reference scripts; anything on the command line wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from hyclora.config import HyCLoRAConfig
+
+TASKS = ("gsm8k", "wikitext2", "multitask")
+LLAMA_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "local folder or hub id of the base model; 'tiny-random-llama' builds a "
+                          "2-layer random Llama with a BPE tokenizer trained on synthetic problems "
+                          "(smoke tests only)"},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "tokenizer folder or hub id (default: the model's)"}
+    )
+    gguf_file: Optional[str] = field(
+        default=None, metadata={"help": "GGUF file name inside model_name_or_path (dequantised on load)"}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "NF4 4-bit base weights (QLoRA, the paper's setting); needs bitsandbytes and CUDA"},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4"})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "double-quantise the 4-bit scales"})
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "dtype of the base weights: float32, bfloat16, float16 or auto "
+                          "(default: bfloat16 with --bf16, else float32)"},
+    )
+    attn_implementation: str = field(
+        default="eager",
+        metadata={"help": "eager (the paper's; needed for the sparse attention map), sdpa, ..."},
+    )
+    trust_remote_code: bool = field(default=False)
+
+
+@dataclass
+class DataArguments:
+    data: Optional[str] = field(
+        default=None,
+        metadata={"help": "hub dataset name (online), a local file/folder (../shared/data formats), "
+                          "or synthetic[:N] (GSM8K task)"},
+    )
+    eval_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "evaluation data when it is not next to --data (GSM8K test file, "
+                          "WikiText test file, LLM-Adapters dataset/ folder)"},
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "max tokens per example (WikiText: the block size)"}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "use the first N training examples"})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "first N evaluation examples/blocks for the eval loss"}
+    )
+    max_generate_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "first N test problems (per set) for generation accuracy; 0 skips generation"},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per answer"})
+    eval_sets: str = field(
+        default="gsm8k,SVAMP,mawps,AQuA,AddSub,MultiArith,SingleEq",
+        metadata={"help": "multitask evaluation sets (comma-separated)"},
+    )
+    strip_calc_annotations: bool = field(
+        default=False, metadata={"help": "drop GSM8K's <<a*b=c>> annotations from targets"}
+    )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None,
+        metadata={"help": "round padded lengths up (default: 32 for intra_inter_full_fuse, else 8)"},
+    )
+    synthetic_seed: int = field(default=0, metadata={"help": "seed of --data synthetic"})
+    results_file: Optional[str] = field(
+        default=None, metadata={"help": "results JSON (default: <output_dir>/results.json)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bars during evaluation"})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (paper: alpha = r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default=LLAMA_LINEARS, metadata={"help": "comma-separated module names, or all-linear"}
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={"help": "PEFT init_lora_weights: default, gaussian, pissa, olora, loftq, ..."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r {self.lora_r}: expected a positive rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout {self.lora_dropout}: expected a value in [0, 1)")
+
+    def target_modules(self):
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
+        if not names:
+            raise ValueError("--lora_target_modules is empty")
+        return names
+
+
+# Paper Table 8 (lr / max len / batch / grad-acc / epochs) and the reference scripts' optimiser
+# settings (hyclora-method.md section 7).
+_COMMON: Dict[str, Any] = dict(
+    learning_rate=3e-4,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=8,
+    gradient_accumulation_steps=4,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.03,
+    weight_decay=0.1,
+    optim="adamw_torch",
+    seed=11,
+    logging_steps=10,
+    save_strategy="epoch",
+    save_total_limit=2,
+    report_to="none",
+)
+TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "gsm8k": dict(_COMMON, num_train_epochs=6, max_length=512, max_new_tokens=256,
+                  data="openai/gsm8k", output_dir="output/gsm8k"),
+    "wikitext2": dict(_COMMON, num_train_epochs=3, max_length=1024, data="wikitext",
+                      output_dir="output/wikitext2"),
+    "multitask": dict(_COMMON, num_train_epochs=12, max_length=512, max_new_tokens=512,
+                      warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0, seed=42,
+                      output_dir="output/multitask"),
+}
+
+
+@dataclass
+class FinetuneArgs:
+    task: str
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    hyclora: HyCLoRAConfig
+    training: Any  # transformers.TrainingArguments
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "task": self.task,
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "lora": dataclasses.asdict(self.lora),
+            "hyclora": self.hyclora.to_dict(),
+            "training": self.training.to_dict(),
+        }
+
+
+def build_parser(task: str):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, LoraArguments, HyCLoRAConfig, TrainingArguments),
+        description=f"hyclora {task} fine-tuning (defaults: paper Table 8)",
+    )
+    parser.set_defaults(**TASK_DEFAULTS[task])
+    return parser
+
+
+def parse_finetune_args(task: str, argv: Sequence[str] = (), **overrides: Any) -> FinetuneArgs:
+    """Parse ``argv`` (command-line strings) for ``task`` on top of its defaults.
+
+    ``overrides`` (field names of any of the argument dataclasses, e.g. ``data="synthetic"``,
+    ``max_steps=50``, ``use_hyclora=False``) replace the task defaults and are themselves
+    overridden by ``argv``; that is the Python entry point used by the demo and benchmarks.
+    """
+    parser = build_parser(task)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for parse_finetune_args")
+    if overrides:
+        parser.set_defaults(**overrides)
+    model, data, lora, hy, training = parser.parse_args_into_dataclasses(
+        args=list(argv), look_for_args_file=False
+    )
+    return FinetuneArgs(task, model, data, lora, hy, training)
+
+
+__all__ = [
+    "TASKS",
+    "TASK_DEFAULTS",
+    "LLAMA_LINEARS",
+    "ModelArguments",
+    "DataArguments",
+    "LoraArguments",
+    "FinetuneArgs",
+    "build_parser",
+    "parse_finetune_args",
+]

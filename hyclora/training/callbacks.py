@@ -1,0 +1,255 @@
+"""Trainer callbacks: a memory/throughput summary, and hyclora calibration state in checkpoints.
+
+Calibration statistics live in buffers of a child module named ``hyclora_state`` on each
+patched decoder layer. A PEFT model's checkpoint holds only the adapter, so without help a
+resumed run would recalibrate on different batches than the original run did.
+``HyCLoRAStateCallback`` stores those buffers next to the adapter in every checkpoint and puts
+them back when training resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+STATE_MODULE = "hyclora_state"
+STATE_FILE = "hyclora_state.pt"
+
+
+# -- hyclora calibration state -----------------------------------------------------------------
+def _strip_wrappers(name: str) -> str:
+    # DDP / DeepSpeed wrap the model as ``module``; keys must not depend on the wrapping.
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _state_modules(model) -> Dict[str, torch.nn.Module]:
+    return {
+        _strip_wrappers(name): module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == STATE_MODULE
+    }
+
+
+def hyclora_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Every buffer of every ``hyclora_state`` module, keyed ``<module path>.<buffer>`` (on CPU)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, module in _state_modules(model).items():
+        for key, value in module.state_dict().items():
+            out[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def state_file_name(world_size: int = 1, rank: int = 0) -> str:
+    """Each rank calibrates on its own micro-batches, so with several ranks each keeps its own."""
+    return STATE_FILE if world_size <= 1 else f"hyclora_state_rank{rank}.pt"
+
+
+def save_hyclora_state(model, folder: str, *, world_size: int = 1, rank: int = 0) -> Optional[str]:
+    """Write the calibration buffers to ``folder``; returns the path, or None when the model has
+    no hyclora state (plain LoRA)."""
+    state = hyclora_state_dict(model)
+    if not state:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, state_file_name(world_size, rank))
+    torch.save(state, path)
+    return path
+
+
+def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank: int = 0) -> Optional[str]:
+    """Restore calibration buffers saved by ``save_hyclora_state``; returns the file used, or
+    None when there is none. Buffers whose shape changed since ``apply_hyclora`` (statistics
+    allocated lazily) are replaced rather than copied into."""
+    path = folder_or_file
+    if os.path.isdir(folder_or_file):
+        candidates = [state_file_name(world_size, rank), STATE_FILE, state_file_name(2, 0)]
+        path = next((os.path.join(folder_or_file, c) for c in candidates
+                     if os.path.isfile(os.path.join(folder_or_file, c))), None)
+        if path is None:
+            return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    modules = _state_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{path} holds hyclora calibration state but the model has no '{STATE_MODULE}' "
+            "module: call apply_hyclora(model, config) before resuming"
+        )
+    # Keys are "<state module path>.<buffer path inside it>"; the buffer path may itself be
+    # dotted (statistics live in submodules), so split on the module path, not the last dot.
+    by_module: Dict[str, Dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, value in saved.items():
+        name = key[: key.index(f"{STATE_MODULE}.") + len(STATE_MODULE)] if f"{STATE_MODULE}." in key else None
+        if name is None or name not in modules:
+            unmatched.append(key)
+            continue
+        by_module.setdefault(name, {})[key[len(name) + 1:]] = value
+    missing = sorted(set(modules) - set(by_module))
+    extra = unmatched
+    if missing or extra:
+        raise ValueError(
+            f"{path} does not match the model's hyclora layers (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): resume with the same model and HyCLoRAConfig"
+        )
+    for name, module in modules.items():
+        sub = by_module[name]
+        current = module.state_dict()
+        if set(sub) != set(current):
+            raise ValueError(
+                f"{path}: {name} holds {sorted(set(sub) - set(current))[:3]} but not "
+                f"{sorted(set(current) - set(sub))[:3]}: resume with the same HyCLoRAConfig"
+            )
+        for buffer, value in sub.items():
+            target = current[buffer]
+            if target.shape != value.shape:
+                # A buffer allocated lazily (still at its placeholder shape): make room first.
+                owner_path, _, leaf = buffer.rpartition(".")
+                owner = module.get_submodule(owner_path) if owner_path else module
+                owner.register_buffer(leaf, torch.empty(value.shape, dtype=target.dtype, device=target.device))
+        # load_state_dict (not a raw copy_) so modules that mirror buffers on the host (e.g.
+        # ChannelStats' calibration count) refresh them in their _load_from_state_dict hooks.
+        module.load_state_dict(sub, strict=True)
+    return path
+
+
+class HyCLoRAStateCallback(TrainerCallback):
+    """Saves hyclora calibration buffers into each checkpoint folder; on resume (pass the
+    checkpoint path) loads them back before the first training step."""
+
+    def __init__(self, resume_from_checkpoint: Optional[str] = None):
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.loaded_from: Optional[str] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.resume_from_checkpoint and model is not None and _state_modules(model):
+            self.loaded_from = load_hyclora_state(
+                model, self.resume_from_checkpoint, world_size=args.world_size, rank=args.process_index
+            )
+            if self.loaded_from is None:
+                logger.warning(
+                    "checkpoint %s has no hyclora state: calibration starts again",
+                    self.resume_from_checkpoint,
+                )
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        save_hyclora_state(model, folder, world_size=args.world_size, rank=args.process_index)
+
+
+# -- memory and throughput ---------------------------------------------------------------------
+def _rss_peak_gb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 30) if sys.platform == "darwin" else peak / (1 << 20)
+
+
+class MemoryThroughputCallback(TrainerCallback):
+    """Measures a training run and prints a summary at its end.
+
+    * throughput: optimizer steps and (non-padding) input tokens per second over the whole run,
+      and over the steps after the first (which includes warm-up, compilation, calibration);
+      tokens come from ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``).
+    * CUDA: peak allocated / reserved bytes during training (``torch.cuda`` peak counters reset
+      at train begin) and what was allocated before the first step (weights, optimizer-free).
+    * CPU only: the process's peak resident set size over its whole life, labelled as such;
+      nothing GPU-like is reported without a GPU.
+
+    The numbers are in ``self.summary`` after training.
+    """
+
+    def __init__(self, print_summary: bool = True):
+        self.print_summary = print_summary
+        self.summary: Dict[str, object] = {}
+
+    @staticmethod
+    def _cuda(args) -> Optional[torch.device]:
+        device = getattr(args, "device", None)
+        if device is not None and device.type == "cuda" and torch.cuda.is_available():
+            return device
+        return None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._device = self._cuda(args)
+        if self._device is not None:
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self._static = torch.cuda.memory_allocated(self._device)
+        self._t0 = time.perf_counter()
+        self._step0 = state.global_step
+        self._tokens0 = state.num_input_tokens_seen or 0
+        self._first = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._first is None:
+            if self._device is not None:
+                torch.cuda.synchronize(self._device)
+            self._first = (time.perf_counter(), state.global_step, state.num_input_tokens_seen or 0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._device is not None:
+            torch.cuda.synchronize(self._device)
+        now = time.perf_counter()
+        steps = state.global_step - self._step0
+        tokens = (state.num_input_tokens_seen or 0) - self._tokens0
+        elapsed = now - self._t0
+        s: Dict[str, object] = {
+            "device": str(getattr(args, "device", "cpu")),
+            "train_steps": steps,
+            "train_seconds": elapsed,
+            "steps_per_s": steps / elapsed if elapsed > 0 else None,
+            "input_tokens": tokens if tokens else None,
+            "tokens_per_s": tokens / elapsed if tokens and elapsed > 0 else None,
+        }
+        if self._first is not None and state.global_step > self._first[1]:
+            dt = now - self._first[0]
+            dtok = (state.num_input_tokens_seen or 0) - self._first[2]
+            s["seconds_per_step_after_first"] = dt / (state.global_step - self._first[1])
+            s["tokens_per_s_after_first"] = dtok / dt if dtok and dt > 0 else None
+        if self._device is not None:
+            s["cuda_static_gb"] = self._static / 2**30
+            s["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+            s["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self._device) / 2**30
+        else:
+            s["cpu_peak_rss_gb_process_lifetime"] = _rss_peak_gb()
+        self.summary = s
+        if self.print_summary and state.is_world_process_zero:
+            print(format_summary(s), flush=True)
+
+
+def format_summary(summary: Dict[str, object]) -> str:
+    lines = ["training summary (hyclora MemoryThroughputCallback)"]
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if value is None:
+            text = "n/a"
+        elif isinstance(value, float):
+            text = f"{value:.4g}"
+        else:
+            text = str(value)
+        lines.append(f"  {key.ljust(width)}  {text}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "STATE_MODULE",
+    "STATE_FILE",
+    "hyclora_state_dict",
+    "save_hyclora_state",
+    "load_hyclora_state",
+    "HyCLoRAStateCallback",
+    "MemoryThroughputCallback",
+    "format_summary",
+]

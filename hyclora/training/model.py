@@ -1,0 +1,212 @@
+"""Model and tokenizer loading, LoRA/QLoRA setup, and hyclora application for the examples."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from hyclora.config import HyCLoRAConfig
+
+from .args import LoraArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random-llama"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def hyclora_api():
+    """``(apply_hyclora, None)`` when ``hyclora.models`` provides it, else ``(None, reason)``."""
+    try:
+        from hyclora.models import apply_hyclora
+    except ImportError as err:
+        return None, f"hyclora.models.apply_hyclora is not importable ({err})"
+    return apply_hyclora, None
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """The tokenizer of ``tokenizer_name_or_path`` (else the model's), with a pad token.
+
+    Llama tokenizers have no pad token; we reuse ``unk`` (else ``eos``) rather than adding one:
+    a new token would resize the embeddings, which are frozen (and quantised under QLoRA).
+    Padded positions are masked out of attention and loss, so the choice does not matter.
+    """
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if name is None:
+        raise ValueError("pass --model_name_or_path (a local folder or hub id)")
+    if name == TINY_RANDOM:
+        from hyclora.data.tokenizer import build_bpe_tokenizer
+
+        return build_bpe_tokenizer()
+    kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.gguf_file and not model_args.tokenizer_name_or_path:
+        kwargs["gguf_file"] = model_args.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        logger.info("tokenizer has no pad token; using %r", tokenizer.pad_token)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer {name!r} has no eos_token; answers could never end")
+    return tokenizer
+
+
+def build_tiny_llama(tokenizer, **config_overrides):
+    """A randomly initialised 2-layer Llama sized for CPU tests (hidden 64, 4 heads / 2 KV
+    heads, FFN 128); ``config_overrides`` replace any ``LlamaConfig`` field."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
+    values.update(config_overrides)
+    return LlamaForCausalLM(LlamaConfig(**values))
+
+
+def resolve_dtype(model_args: ModelArguments, training_args) -> torch.dtype | str:
+    if model_args.torch_dtype:
+        if model_args.torch_dtype == "auto":
+            return "auto"
+        if model_args.torch_dtype not in _DTYPES:
+            raise ValueError(f"--torch_dtype {model_args.torch_dtype!r}: expected one of {sorted(_DTYPES)} or auto")
+        return _DTYPES[model_args.torch_dtype]
+    # fp16 mixed precision keeps fp32 master weights, so only --bf16 changes the load dtype.
+    return torch.bfloat16 if getattr(training_args, "bf16", False) else torch.float32
+
+
+def _quantization_config(model_args: ModelArguments, training_args):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "--load_in_4bit needs bitsandbytes: `pip install bitsandbytes` (and a CUDA GPU), or "
+            "drop --load_in_4bit to fine-tune unquantised base weights"
+        ) from None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "--load_in_4bit (NF4 QLoRA) needs a CUDA GPU and none is visible; drop "
+            "--load_in_4bit to fine-tune unquantised base weights on this machine"
+        )
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if getattr(training_args, "bf16", False) else (
+        torch.float16 if getattr(training_args, "fp16", False) else torch.float32
+    )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
+    """The base causal LM (optionally NF4 4-bit), not yet wrapped with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    name = model_args.model_name_or_path
+    if name is None:
+        raise ValueError("pass --model_name_or_path (a local folder or hub id)")
+    if name == TINY_RANDOM:
+        if tokenizer is None:
+            raise ValueError(f"{TINY_RANDOM} needs the tokenizer to size its vocabulary")
+        if model_args.load_in_4bit:
+            raise ValueError(f"--load_in_4bit does not apply to {TINY_RANDOM}")
+        return build_tiny_llama(tokenizer, attn_implementation=model_args.attn_implementation)
+    kwargs = dict(
+        dtype=resolve_dtype(model_args, training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if model_args.gguf_file:
+        kwargs["gguf_file"] = model_args.gguf_file
+    if model_args.load_in_4bit:
+        kwargs["quantization_config"] = _quantization_config(model_args, training_args)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if model_args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False))
+        )
+    return model
+
+
+def add_lora(model, lora_args: LoraArguments, *, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with a PEFT LoRA adapter (rank, alpha, dropout and targets from
+    ``lora_args``); prints the trainable-parameter count."""
+    from peft import LoraConfig, get_peft_model
+
+    init = lora_args.lora_init
+    init_value = True if init in ("default", "true", "True") else (False if init in ("false", "False") else init)
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.target_modules(),
+        init_lora_weights=init_value,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad when every base weight is frozen.
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def maybe_apply_hyclora(model, config: HyCLoRAConfig):
+    """``apply_hyclora(model, config)`` when ``config.use_hyclora``; a clear error when the
+    hyclora operators are not available in this installation."""
+    if not config.use_hyclora:
+        return model
+    apply, reason = hyclora_api()
+    if apply is None:
+        raise RuntimeError(
+            f"--use_hyclora is on but {reason}. Pass --use_hyclora false to fine-tune with plain "
+            "PEFT LoRA, or install a hyclora build that includes hyclora.models."
+        )
+    result = apply(model, config)
+    return model if result is None else result
+
+
+def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
+    """Base model (given or loaded) -> LoRA -> hyclora. Returns (model, hyclora status text)."""
+    if model is None:
+        model = load_base_model(args.model, args.training, tokenizer)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.data.max_length > max_pos:
+        raise ValueError(
+            f"--max_length {args.data.max_length} exceeds the model's max_position_embeddings "
+            f"{max_pos}; pass --max_length {max_pos} or less"
+        )
+    model = add_lora(model, args.lora, gradient_checkpointing=bool(args.training.gradient_checkpointing))
+    model = maybe_apply_hyclora(model, args.hyclora)
+    status = (
+        f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
+        if args.hyclora.use_hyclora else "plain LoRA (hyclora off)"
+    )
+    return model, status
+
+
+__all__ = [
+    "TINY_RANDOM",
+    "hyclora_api",
+    "load_tokenizer",
+    "build_tiny_llama",
+    "resolve_dtype",
+    "load_base_model",
+    "add_lora",
+    "maybe_apply_hyclora",
+    "prepare_model",
+]

@@ -1,0 +1,240 @@
+"""``run_finetune``: the whole example pipeline (data -> model -> Trainer -> save -> evaluate).
+
+Steps, for every task:
+ 1. tokenizer (given, or loaded; ``tiny-random-llama`` builds one)
+ 2. datasets for the task (training examples, eval-loss examples, generation problems)
+ 3. model: base (given, or loaded, NF4 with --load_in_4bit) -> PEFT LoRA -> apply_hyclora
+ 4. HF Trainer with the padding collator and the memory/throughput + hyclora-state callbacks
+ 5. train (resuming when asked), save the adapter, the tokenizer and hyclora's calibration state
+ 6. evaluate: token-weighted eval loss / perplexity, and greedy-generation accuracy
+ 7. write ``results.json`` (+ predictions), print a table, return a flat dict of metrics
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from hyclora.data import (
+    CausalLMCollator,
+    build_gsm8k_dataset,
+    build_math_dataset,
+    build_wikitext_dataset,
+    load_gsm8k_records,
+    load_math_eval_sets,
+    load_math_train_records,
+    resolve_math_eval_dir,
+    wikitext_splits,
+)
+from hyclora.eval.harness import (
+    evaluate_gsm8k,
+    evaluate_math_sets,
+    evaluate_perplexity,
+    format_table,
+    write_results,
+)
+
+from .args import FinetuneArgs, parse_finetune_args
+from .callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state
+from .model import load_tokenizer, prepare_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    train: Any
+    eval_loss: Any = None  # datasets.Dataset for the token-weighted eval loss, or None
+    generate: Optional[Callable] = None  # (model, tokenizer) -> (results, predictions)
+    notes: List[str] = field(default_factory=list)
+
+
+def _first(items, n: Optional[int]):
+    if n is None:
+        return items
+    if n < 0:
+        raise ValueError(f"sample limit {n}: expected >= 0")
+    return items.select(range(min(n, len(items)))) if hasattr(items, "select") else items[:n]
+
+
+def prepare_task_data(args: FinetuneArgs, tokenizer) -> TaskData:
+    d, t = args.data, args.training
+    progress = d.progress
+    if args.task == "gsm8k":
+        train_records = _first(load_gsm8k_records(d.data, "train", seed=d.synthetic_seed), d.max_train_samples)
+        test_records = load_gsm8k_records(d.eval_data or d.data, "test", seed=d.synthetic_seed)
+        train = build_gsm8k_dataset(tokenizer, train_records, d.max_length,
+                                    strip_calc_annotations=d.strip_calc_annotations)
+        loss_records = _first(test_records, d.max_eval_samples)
+        eval_loss = build_gsm8k_dataset(tokenizer, loss_records, d.max_length,
+                                        strip_calc_annotations=d.strip_calc_annotations) if loss_records else None
+        gen_records = _first(test_records, d.max_generate_samples)
+        generate = None
+        if gen_records:
+            generate = lambda model, tok: evaluate_gsm8k(  # noqa: E731
+                model, tok, gen_records, max_new_tokens=d.max_new_tokens,
+                batch_size=t.per_device_eval_batch_size, progress=progress)
+        notes = [f"GSM8K zero-shot, greedy, fine-tuning prompt; {len(train)} training examples"]
+        return TaskData(train, eval_loss, generate, notes)
+    if args.task == "wikitext2":
+        train_lines, eval_lines, note = wikitext_splits(d.data, d.eval_data)
+        train = _first(build_wikitext_dataset(tokenizer, train_lines, d.max_length), d.max_train_samples)
+        eval_loss = None
+        if d.max_eval_samples != 0:
+            eval_loss = _first(build_wikitext_dataset(tokenizer, eval_lines, d.max_length), d.max_eval_samples)
+        return TaskData(train, eval_loss, None, [note, f"{d.max_length}-token blocks"])
+    if args.task == "multitask":
+        train_records = _first(load_math_train_records(d.data), d.max_train_samples)
+        train = build_math_dataset(tokenizer, train_records, d.max_length)
+        names = [n.strip() for n in d.eval_sets.split(",") if n.strip()]
+        generate = None
+        if d.max_generate_samples != 0 and names:
+            eval_dir = resolve_math_eval_dir(d.data, d.eval_data)
+            sets = load_math_eval_sets(eval_dir, names, max_samples=d.max_generate_samples)
+            generate = lambda model, tok: evaluate_math_sets(  # noqa: E731
+                model, tok, sets, max_new_tokens=d.max_new_tokens,
+                batch_size=t.per_device_eval_batch_size, progress=progress)
+        notes = ["arithmetic multitask: Alpaca prompt, greedy; numeric within 1e-3, AQuA by letter"]
+        return TaskData(train, None, generate, notes)
+    raise ValueError(f"unknown task {args.task!r}")
+
+
+def _pad_multiple(args: FinetuneArgs) -> Optional[int]:
+    if args.data.pad_to_multiple_of is not None:
+        return args.data.pad_to_multiple_of or None
+    # The fused kernels need sequence lengths that are multiples of 32 (hyclora-method.md 8.9).
+    return 32 if args.hyclora.fused else 8
+
+
+def _resolve_resume(training_args) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False or str(value).lower() in ("", "false", "no"):
+        return None
+    if str(value).lower() in ("true", "last", "yes"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}"
+            )
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a folder")
+    return value
+
+
+def _should_evaluate_here(trainer) -> bool:
+    # Under ZeRO-3 the weights are sharded: every rank must take part in each forward.
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        if is_deepspeed_zero3_enabled():
+            return True
+    except ImportError:  # pragma: no cover - very old transformers
+        pass
+    return trainer.is_world_process_zero()
+
+
+def run_finetune(
+    args: Union[FinetuneArgs, Sequence[str]],
+    *,
+    task: Optional[str] = None,
+    model=None,
+    tokenizer=None,
+    extra_callbacks: Sequence[Any] = (),
+) -> Dict[str, Any]:
+    """Fine-tune and evaluate; returns a flat dict of metrics.
+
+    ``args`` is a ``FinetuneArgs`` (``parse_finetune_args(task, argv, **overrides)``) or a list
+    of command-line strings (then ``task`` is required). ``model`` / ``tokenizer`` replace the
+    loaded ones (e.g. a model built from a config); ``model`` must be the base model, without
+    LoRA. Keys: ``train_loss``, ``eval_loss``, ``eval_perplexity``, ``<set>_<metric>`` for each
+    generation metric, the throughput/memory summary, ``loss_history`` ([(step, loss), ...]),
+    ``output_dir`` and ``results_file``.
+    """
+    from transformers import Trainer, set_seed
+
+    if not isinstance(args, FinetuneArgs):
+        if task is None:
+            raise ValueError("run_finetune(argv_list) needs task=")
+        args = parse_finetune_args(task, list(args))
+    t = args.training
+    set_seed(t.seed)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(args.model)
+    data = prepare_task_data(args, tokenizer)
+    for note in data.notes:
+        logger.info(note)
+    model, hyclora_status = prepare_model(args, tokenizer, model)
+    if t.include_num_input_tokens_seen in ("no", False, None):
+        # The throughput summary counts real (non-padding) tokens.
+        t.include_num_input_tokens_seen = "non_padding"
+    resume = _resolve_resume(t)
+    memory = MemoryThroughputCallback()
+    callbacks = [memory, HyCLoRAStateCallback(resume), *extra_callbacks]
+    trainer = Trainer(
+        model=model,
+        args=t,
+        train_dataset=data.train,
+        eval_dataset=data.eval_loss,
+        data_collator=CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=_pad_multiple(args)),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        save_hyclora_state(trainer.model, t.output_dir)
+
+    metrics: Dict[str, Any] = {"task": args.task, "hyclora": hyclora_status}
+    metrics["train_loss"] = train_output.training_loss
+    metrics["loss_history"] = [
+        (row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row
+    ]
+    metrics.update({k: v for k, v in memory.summary.items()})
+
+    results: Dict[str, Dict[str, Any]] = {}
+    predictions: List[Dict[str, Any]] = []
+    if _should_evaluate_here(trainer):
+        eval_model = trainer.model
+        if data.eval_loss is not None and len(data.eval_loss) > 0:
+            name = "wikitext2" if args.task == "wikitext2" else f"{args.task}_test"
+            ppl = evaluate_perplexity(eval_model, tokenizer, data.eval_loss,
+                                      batch_size=t.per_device_eval_batch_size,
+                                      progress=args.data.progress, name=name)
+            results.update(ppl)
+            metrics["eval_loss"] = ppl[name]["loss"]
+            metrics["eval_perplexity"] = ppl[name]["perplexity"]
+            metrics["eval_tokens"] = ppl[name]["tokens"]
+        if data.generate is not None:
+            gen_results, predictions = data.generate(eval_model, tokenizer)
+            results.update(gen_results)
+            for set_name, values in gen_results.items():
+                for key, value in values.items():
+                    metrics[f"{set_name}_{key}"] = value
+    trainer.accelerator.wait_for_everyone()
+
+    results_file = args.data.results_file or os.path.join(t.output_dir, "results.json")
+    metrics["output_dir"] = t.output_dir
+    metrics["results_file"] = results_file
+    if trainer.is_world_process_zero():
+        title = f"{args.task}: {hyclora_status}, {args.model.model_name_or_path}"
+        if results:
+            print(format_table(results, title=title), flush=True)
+        payload = {
+            "task": args.task,
+            "notes": data.notes,
+            "results": results,
+            "metrics": {k: v for k, v in metrics.items() if k != "loss_history"},
+            "loss_history": metrics["loss_history"],
+            "args": args.to_dict(),
+        }
+        write_results(results_file, payload, predictions or None)
+    return metrics
+
+
+__all__ = ["TaskData", "prepare_task_data", "run_finetune"]
