@@ -88,8 +88,18 @@ def sliding_window_perplexity(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (a transformers causal LM, PEFT-wrapped or not) on ``tokens``."""
+    """Perplexity of ``model`` on ``tokens``.
+
+    ``model``: a transformers causal LM (PEFT-wrapped or not), or the
+    :class:`~hyclora.integrations.longseq.CausalLMChunkedLoss` used in training (under DeepSpeed
+    ZeRO-3 pass that one: its LM-head gather is already registered; its own chunk size is used).
+    """
     from hyclora.integrations.longseq import CausalLMChunkedLoss
+
+    if isinstance(model, CausalLMChunkedLoss):  # keeps its own chunk_size
+        loss_fn, model = model, model.model
+    else:
+        loss_fn = CausalLMChunkedLoss(model, chunk_size=chunk_size)
 
     stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     plan = window_plan(stream.numel(), context_length, stride, mode)
@@ -97,7 +107,6 @@ def sliding_window_perplexity(
         plan = plan[:max_windows]
     if device is None:
         device = next(model.parameters()).device
-    loss_fn = CausalLMChunkedLoss(model, chunk_size=chunk_size)
     was_training = model.training
     model.eval()
     window_nll: List[float] = []

@@ -355,6 +355,11 @@ def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return decoder, inner.get_output_embeddings()
 
 
+def _zero3_partitioned(param: torch.Tensor) -> bool:
+    status = getattr(param, "ds_status", None)
+    return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
+
+
 class _LMHeadLoss(nn.Module):
     """Owns no parameters: reads the LM head's weight (registered as ZeRO-3 external parameter)."""
 
@@ -366,6 +371,16 @@ class _LMHeadLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         head = _active_head(self.lm_head)
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        if not torch.is_grad_enabled() and any(_zero3_partitioned(p) for p in params):
+            # Evaluation through a wrapper DeepSpeed never saw (no hooks): gather for this call.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return self._loss(head, hidden, labels, reduction)
+        return self._loss(head, hidden, labels, reduction)
+
+    def _loss(self, head, hidden, labels, reduction):
         return chunked_cross_entropy(
             hidden, head.weight, labels, bias=getattr(head, "bias", None),
             chunk_size=self.chunk_size, reduction=reduction,

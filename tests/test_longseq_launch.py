@@ -1,0 +1,125 @@
+"""End-to-end runs of launch/longseq.py on a tiny random Llama, on CPU.
+
+* ``accelerate launch --config_file launch/cpu.yaml``: 3 optimizer steps (gradient accumulation 2)
+  with S²-Attn, RoPE interpolation, a checkpoint at step 2, the adapter and a perplexity at the end;
+  then ``python launch/longseq.py --resume_from_checkpoint`` from step 2 must reproduce step 3.
+* ``accelerate launch --config_file launch/zero3_2gpu.yaml`` with 2 CPU processes (gloo,
+  ``DS_ACCELERATOR=cpu``): the shipped DeepSpeed ZeRO-3 config runs, with the LM head (larger than
+  DeepSpeed's persistence threshold, so it is really partitioned) gathered for the chunked loss.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_longseq_common import (
+    LONG_DOCS,
+    REPO,
+    long_docs_or_skip,
+    save_test_tokenizer,
+    test_tokenizer,
+    tiny_llama_config_file,
+)
+
+SCRIPT = REPO / "launch" / "longseq.py"
+TRAIN_DOC = LONG_DOCS / "pg19-books" / "43790_book_of_cats_ross.txt"
+EVAL_DOC = LONG_DOCS / "proofpile-like-mathlib" / "topology_metric_space_basic.lean"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    env.update(extra)
+    return env
+
+
+def _run(cmd, env, timeout=300):
+    proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _common_args(tmp_path, vocab):
+    tok_dir = save_test_tokenizer(tmp_path / "tok")
+    cfg_dir = tiny_llama_config_file(tmp_path / "cfg", vocab_size=vocab, max_position_embeddings=64)
+    return [
+        "--config_name", str(cfg_dir), "--tokenizer_name", str(tok_dir), "--dataset", str(TRAIN_DOC),
+        "--seq_len", "128", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+        "--warmup_steps", "1", "--use_hyclora", "false", "--cache_dir", str(tmp_path / "cache"),
+    ]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path):
+    long_docs_or_skip()
+    vocab = len(test_tokenizer())
+    common = _common_args(tmp_path, vocab)
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml")]
+    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "3", "--s2attn", "true", "--output_dir", str(out),
+                          "--checkpointing_steps", "2", "--eval_files", str(EVAL_DOC), "--eval_stride", "128",
+                          "--eval_max_windows", "2"], _env())
+    assert "== summary ==" in proc.stdout and "host peak RSS" in proc.stdout
+
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["s2attn"] is True and summary["rope_factor"] == 2.0
+    assert summary["eval"]["n_windows"] == 2 and 100 < summary["eval"]["perplexity"] < 5000
+    assert summary["memory"]["per_rank"][0]["peak_rss_gib"] > 0
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and set(adapter_cfg["modules_to_save"]) == {"embed_tokens", "norm"}
+    assert (out / "checkpoint-2" / "progress.json").is_file()
+
+    # The adapter is a plain PEFT adapter: it loads onto a fresh base model, embeddings included.
+    import peft
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path / "cfg")))
+    loaded = peft.PeftModel.from_pretrained(base, str(out / "adapter"))
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    emb_key = next(k for k in saved if "embed_tokens" in k)
+    emb = loaded.get_base_model().model.embed_tokens.modules_to_save["default"].weight
+    assert torch.equal(emb, saved[emb_key])
+
+    # Resume from step 2 with plain `python` (no launcher): step 3 is reproduced.
+    out2 = tmp_path / "resumed"
+    _run([sys.executable, str(SCRIPT), *common, "--max_steps", "3", "--s2attn", "true", "--output_dir", str(out2),
+          "--resume_from_checkpoint", str(out / "checkpoint-2"), "--save_adapter", "false"], _env())
+    resumed = _metrics(out2)
+    assert [m["step"] for m in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(metrics[2]["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_deepspeed_zero3_two_cpu_processes(tmp_path):
+    long_docs_or_skip()
+    pytest.importorskip("deepspeed")
+    # 2048 x 64 LM head > DeepSpeed's 1e5-element persistence threshold: it is partitioned.
+    common = _common_args(tmp_path, vocab=2048)
+    out = tmp_path / "z3"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "launch" / "zero3_2gpu.yaml")]
+    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "3", "--output_dir", str(out),
+                          "--eval_files", str(EVAL_DOC), "--eval_stride", "128", "--eval_max_windows", "1"],
+                _env(DS_ACCELERATOR="cpu"), timeout=420)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(6.5 < m["loss"] < 9.0 for m in metrics)  # ~ln(2048) = 7.6 at random init
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and len(summary["memory"]["per_rank"]) == 2
+    assert summary["s2attn"] is True and summary["eval"]["n_windows"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "== summary ==" in proc.stdout
