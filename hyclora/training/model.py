@@ -180,6 +180,15 @@ def maybe_apply_hyclora(model, config: HyCLoRAConfig):
     return model if result is None else result
 
 
+def zero3_enabled() -> bool:
+    """True when the TrainingArguments built so far carry a DeepSpeed ZeRO-3 config."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
     """Base model (given or loaded) -> LoRA -> hyclora. Returns (model, hyclora status text)."""
     if model is None:
@@ -192,6 +201,12 @@ def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
         )
     model = add_lora(model, args.lora, gradient_checkpointing=bool(args.training.gradient_checkpointing))
     model = maybe_apply_hyclora(model, args.hyclora)
+    if zero3_enabled():
+        # ZeRO-3 partitions every weight; hyclora's fused layers read their children's weights
+        # without calling them, so the decoder layers must be ZeRO-3 leaf modules.
+        from hyclora.integrations.deepspeed import prepare_zero3
+
+        prepare_zero3(model)
     status = (
         f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
         if args.hyclora.use_hyclora else "plain LoRA (hyclora off)"
@@ -209,4 +224,5 @@ __all__ = [
     "add_lora",
     "maybe_apply_hyclora",
     "prepare_model",
+    "zero3_enabled",
 ]

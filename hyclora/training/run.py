@@ -39,7 +39,7 @@ from hyclora.eval.harness import (
 
 from .args import FinetuneArgs, parse_finetune_args
 from .callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state
-from .model import load_tokenizer, prepare_model
+from .model import load_tokenizer, prepare_model, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,16 @@ def run_finetune(
         callbacks=callbacks,
     )
     train_output = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    if zero3_enabled():
+        # Trainer.save_model can write an empty adapter from ZeRO-3 shards; gather and save a
+        # plain PEFT adapter instead (a collective: every rank calls it).
+        from hyclora.integrations.deepspeed import save_lora_adapter
+
+        save_lora_adapter(trainer.model, t.output_dir, is_main_process=trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(t.output_dir)
+    else:
+        trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
         save_hyclora_state(trainer.model, t.output_dir)
