@@ -282,9 +282,13 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def hyclora_blocks(model: nn.Module) -> List[nn.Module]:
-    """The blocks whose forward reads their children's weights directly: modules flagged
-    ``_hyclora_block = True`` by :mod:`hyclora.models`, else the decoder layers."""
-    flagged = [m for m in _unwrap(model).modules() if getattr(m, "_hyclora_block", False)]
+    """The blocks whose forward reads their children's weights directly: the layers
+    :func:`hyclora.models.apply_hyclora` patched (``_hyclora_patch``), or modules flagged
+    ``_hyclora_block = True``; else (nothing patched yet) the decoder layers."""
+    flagged = [
+        m for m in _unwrap(model).modules()
+        if "_hyclora_patch" in m.__dict__ or getattr(m, "_hyclora_block", False)
+    ]
     return flagged or decoder_layers(model)
 
 

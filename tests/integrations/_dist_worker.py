@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -222,6 +223,9 @@ def run_trainer(sc, model_dir, out):
 
     trainer = Trainer(model=model, args=args, train_dataset=_Dataset(token_data()), callbacks=[Record()])
     trainer.train(resume_from_checkpoint=sc.get("resume"))
+    from hyclora.integrations.deepspeed import save_lora_adapter
+
+    save_lora_adapter(trainer.model_wrapped, out / "adapter")
     return {"losses": [l for _, l in losses], "steps": [s for s, _ in losses],
             "deepspeed": bool(trainer.is_deepspeed_enabled)}
 
@@ -279,6 +283,7 @@ def main():
     for sc in spec["scenarios"]:
         out = Path(spec["out_dir"]) / sc["name"]
         out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         try:
             result = RUNNERS[sc["mode"]](sc, spec["model_dir"], out)
             result["error"] = None
@@ -287,6 +292,7 @@ def main():
                                 "traceback": traceback.format_exc()}}
             if not sc.get("expect_error"):
                 print(result["error"]["traceback"], file=sys.stderr, flush=True)
+        result["seconds"] = round(time.perf_counter() - started, 2)
         if rank == 0:
             (out / "result.json").write_text(json.dumps(result))
         if sc.get("expect_error"):

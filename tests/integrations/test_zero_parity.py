@@ -1,0 +1,215 @@
+"""DeepSpeed ZeRO-1/2/3 with 2 gloo processes on CPU equals a 1-process run, for plain LoRA and
+hyclora baseline / intra_inter, through a plain ``deepspeed.initialize`` loop, HF Trainer and
+accelerate; DeepSpeed activation checkpointing under ZeRO-3 changes nothing; ZeRO-3 resume
+continues the loss curve (calibrated statistics included); the adapter saved under ZeRO-3 is a
+plain PEFT adapter.
+
+All runs are fp32 on a tiny random Llama with LoRA on every linear. The 1-process reference
+accumulates over the same micro-batches the ranks see (see _dist_worker), so any difference is
+summation order: parity is asserted to fp32 rounding.
+
+Process start-up dominates the cost, so each fixture launches its scenarios together.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+pytest.importorskip("deepspeed")
+
+from _dist_harness import launch, load_adapter_tensors  # noqa: E402
+from _dist_worker import save_tiny_llama  # noqa: E402
+
+# Every LoRA tensor is partitioned under ZeRO-3 (the default threshold would keep these tiny
+# tensors whole), so gathering and saving are really exercised.
+Z3 = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+STEPS, TRAINER_STEPS, MB = 4, 6, 2
+# Measured (fp32, 2 ranks vs 1 process): losses equal to 2e-7 relative, adapter weights to 2.9e-6
+# absolute (|w| <= 0.15; Adam turns summation-order noise in near-zero gradients into tiny
+# updates). A real fault moves weights by ~lr = 1e-2 per step, 1000x these bounds.
+LOSS_RTOL, W_ATOL, W_RTOL = 2e-6, 1e-5, 0.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+# hyclora layer types. iteration_threshold=0 recomputes the quantisation statistics from each
+# micro-batch, so a rank and the 1-process run quantise the same micro-batch identically. (With
+# a threshold > 0 each rank calibrates on its own micro-batches, which legitimately differs from
+# one process calibrating on all of them.)
+BASELINE = {"layer_type": "baseline"}
+INTRA_INTER = {"layer_type": "intra_inter", "q_bit": 4, "iteration_threshold": 0}
+CALIBRATED = {"layer_type": "intra_inter", "q_bit": 4, "iteration_threshold": 2}
+LEAF = {"zero3_prep": "leaf"}
+
+# scenario name -> reference scenario name
+LOOP_PARITY = {
+    "z2": "ref", "z3": "ref",
+    "hy_base_z2": "ref_base", "hy_base_z3": "ref_base",
+    "hy_ii_z1": "ref_ii", "hy_ii_z2": "ref_ii", "hy_ii_z3": "ref_ii",
+    "hy_base_z3_ckpt": "ref_base", "acc_hy_ii_z3": "ref_ii",
+}
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    return tmp, launch(1, [
+        dict(name="ref", mode="loop", steps=STEPS, mb=MB, ga=2),
+        dict(name="ref_base", mode="loop", steps=STEPS, mb=MB, ga=2, hyclora=BASELINE),
+        dict(name="ref_ii", mode="loop", steps=STEPS, mb=MB, ga=2, hyclora=INTRA_INTER),
+        dict(name="tref", mode="trainer", steps=STEPS, mb=MB, ga=2),
+        dict(name="tref_ii", mode="trainer", steps=TRAINER_STEPS, mb=MB, ga=2, hyclora=INTRA_INTER),
+    ], tmp, model_dir)
+
+
+@pytest.fixture(scope="module")
+def loop_runs(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    common = dict(mode="loop", steps=STEPS, mb=MB)
+    return tmp, launch(2, [
+        dict(name="z2", ds="zero2", **common),
+        dict(name="z3", ds="zero3", ds_overrides=Z3, **common),
+        dict(name="hy_base_z2", ds="zero2", hyclora=BASELINE, **common),
+        dict(name="hy_base_z3", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, **LEAF, **common),
+        dict(name="hy_ii_z1", ds="zero1", hyclora=INTRA_INTER, **common),
+        dict(name="hy_ii_z2", ds="zero2", hyclora=INTRA_INTER, **common),
+        dict(name="hy_ii_z3", ds="zero3", ds_overrides=Z3, hyclora=INTRA_INTER, **LEAF, **common),
+        # DeepSpeed activation checkpointing from the JSON block (cpu_checkpointing, which on a
+        # CPU-only run needs partitioning), every 2nd layer, under ZeRO-3.
+        dict(name="hy_base_z3_ckpt", ds="zero3_actckpt_cpu", ds_overrides=Z3, hyclora=BASELINE,
+             ckpt=dict(backend="deepspeed", every_k=2, partition_activations=True), **LEAF, **common),
+        dict(name="acc_hy_ii_z3", mode="accelerate", ds="zero3", ds_overrides=Z3, steps=STEPS, mb=MB,
+             hyclora=INTRA_INTER, **LEAF),
+        # Last: hyclora under ZeRO-3 without leaf registration must fail loudly, naming ZeRO-3.
+        dict(name="hy_z3_noleaf", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, zero3_prep="guard",
+             expect_error=True, **dict(common, steps=1)),
+    ], tmp, model_dir)
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trainer")
+    checkpoint = tmp / "t3_cal" / "trainer" / "checkpoint-3"
+    z3 = dict(mode="trainer", ds="zero3", ds_overrides=Z3, steps=TRAINER_STEPS, mb=MB, **LEAF)
+    return tmp, launch(2, [
+        dict(name="t2", mode="trainer", ds="zero2", steps=STEPS, mb=MB),
+        dict(name="t3_ii", hyclora=INTRA_INTER, **z3),
+        # Calibrated statistics (frozen after 2 forwards) are state: resuming from step 3 must
+        # restore them, or steps 4-6 would quantise differently.
+        dict(name="t3_cal", hyclora=CALIBRATED, save_steps=3, **z3),
+        dict(name="t3_cal_resume", hyclora=CALIBRATED, resume=str(checkpoint), **z3),
+    ], tmp, model_dir, timeout=500)
+
+
+def _ok(result, name):
+    assert name in result, f"scenario {name} wrote no result"
+    err = result[name]["error"]
+    assert err is None, f"{name} failed:\n{err and err['traceback']}"
+    return result[name]
+
+
+def _assert_adapter_equal(got_dir, want_dir):
+    got, want = load_adapter_tensors(got_dir), load_adapter_tensors(want_dir)
+    assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    for name in want:
+        assert got[name].numel() > 0, f"{name} saved as an empty ZeRO-3 shard"
+        torch.testing.assert_close(got[name], want[name], rtol=W_RTOL, atol=W_ATOL, msg=name)
+
+
+def _assert_losses_equal(got, want):
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=LOSS_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(LOOP_PARITY))
+def test_two_ranks_equal_one_process(loop_runs, reference, name):
+    tmp, runs = loop_runs
+    ref_tmp, refs = reference
+    ref_name = LOOP_PARITY[name]
+    got = _ok(runs, name)["losses"]
+    want = _ok(refs, ref_name)["losses"]
+    assert len(got) == len(want) == STEPS
+    assert got[-1] != want[0], "the loss must move, or the comparison proves nothing"
+    _assert_losses_equal(got, want)
+    _assert_adapter_equal(tmp / name / "adapter", ref_tmp / ref_name / "adapter")
+    if name.startswith("acc"):
+        assert runs[name]["distributed_type"] == "DistributedType.DEEPSPEED"
+
+
+def test_references_differ_where_they_should(reference):
+    """hyclora baseline is plain LoRA to rounding; intra_inter is lossy, so its loss curve moves
+    (if it did not, the intra_inter parity above would not show compression under ZeRO)."""
+    ref_tmp, refs = reference
+    _assert_losses_equal(_ok(refs, "ref_base")["losses"], _ok(refs, "ref")["losses"])
+    _assert_adapter_equal(ref_tmp / "ref_base" / "adapter", ref_tmp / "ref" / "adapter")
+    plain, ii = _ok(refs, "ref")["losses"], _ok(refs, "ref_ii")["losses"]
+    assert plain[0] == ii[0], "forward outputs are exact, so the first loss is equal"
+    assert max(abs(a - b) for a, b in zip(plain[1:], ii[1:])) > 1e-5
+
+
+def test_hyclora_without_leaf_registration_names_zero3(loop_runs):
+    _, runs = loop_runs
+    err = runs["hy_z3_noleaf"]["error"]
+    assert err is not None, "a hyclora layer reading ZeRO-3 shards must not run silently"
+    assert err["type"] == "ZeRO3GatherError"
+    assert "ZeRO-3" in err["message"] and "prepare_zero3" in err["message"]
+
+
+def test_zero3_adapter_loads_without_deepspeed(loop_runs, model_dir):
+    """The adapter written under ZeRO-3 is a plain PEFT adapter: it loads into a plain model and
+    changes its output exactly as its weights say."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    tmp, runs = loop_runs
+    _ok(runs, "hy_ii_z3")
+    adapter = tmp / "hy_ii_z3" / "adapter"
+    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    x = torch.arange(16).view(1, 16)
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+    model = PeftModel.from_pretrained(base, str(adapter))
+    saved = load_adapter_tensors(adapter)
+    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+    with torch.no_grad():
+        after = model(input_ids=x).logits
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_trainer_zero2_zero3_equal_one_process(trainer_runs, reference):
+    tmp, runs = trainer_runs
+    ref_tmp, refs = reference
+    t2 = _ok(runs, "t2")
+    assert t2["deepspeed"] and t2["steps"] == list(range(1, STEPS + 1))
+    _assert_losses_equal(t2["losses"], _ok(refs, "tref")["losses"])
+    _assert_adapter_equal(tmp / "t2" / "adapter", ref_tmp / "tref" / "adapter")
+    t3 = _ok(runs, "t3_ii")
+    assert t3["deepspeed"]
+    _assert_losses_equal(t3["losses"], _ok(refs, "tref_ii")["losses"])
+    _assert_adapter_equal(tmp / "t3_ii" / "adapter", ref_tmp / "tref_ii" / "adapter")
+
+
+def test_trainer_zero3_checkpoint_holds_a_plain_adapter(trainer_runs):
+    """Trainer's own save under ZeRO-3 (stage3_gather_16bit_weights_on_model_save) writes the
+    gathered adapter, equal to what save_lora_adapter writes at the end."""
+    tmp, runs = trainer_runs
+    _ok(runs, "t3_cal")
+    _assert_adapter_equal(tmp / "t3_cal" / "trainer" / f"checkpoint-{TRAINER_STEPS}", tmp / "t3_cal" / "adapter")
+
+
+def test_trainer_zero3_resume_continues_the_loss_curve(trainer_runs):
+    tmp, runs = trainer_runs
+    full = _ok(runs, "t3_cal")
+    resumed = _ok(runs, "t3_cal_resume")
+    assert len(full["losses"]) == TRAINER_STEPS
+    assert resumed["steps"] == [4, 5, 6], "resume must start after the checkpointed step"
+    _assert_losses_equal(resumed["losses"], full["losses"][3:])
+    _assert_adapter_equal(tmp / "t3_cal_resume" / "adapter", tmp / "t3_cal" / "adapter")
