@@ -109,6 +109,10 @@ def run_variant(model, variant, batch, device, steps, warmup):
     except torch.cuda.OutOfMemoryError:
         result.update(peak_gib=float("inf"), tok_s=0.0, buffered_layer_mib=float("nan"),
                       buffered_total_gib=float("nan"))
+    except Exception as exc:  # report and go on: one broken variant must not lose the others
+        print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+        result.update(peak_gib=float("nan"), tok_s=0.0, buffered_layer_mib=float("nan"),
+                      buffered_total_gib=float("nan"))
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
