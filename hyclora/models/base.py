@@ -201,7 +201,10 @@ class LlamaFamilyAdapter:
 
         (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve(layer, name)
         heads, kv_heads, head_dim, scaling, is_causal = self._geometry(layer)
-        policy = StoragePolicy(config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend)
+        policy = StoragePolicy(
+            config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
+            probs=getattr(config, "attention_probs", "auto"),
+        )
         stats = state.stats_dict()
         common = dict(
             layer_name=name, policy=policy, stats=stats, update=bool(counted and config.compresses),

@@ -2,9 +2,9 @@
 
 * ``eager``: materialises the probability map like transformers' eager attention (softmax in
   fp32, cast to the compute dtype). The map is the tensor the backward keeps (dense for
-  ``baseline``, sparse for the compressed layer types). Grouped-query attention is computed by
-  stacking the query heads of each KV head along the rows, so K/V are never repeated, neither
-  in the forward nor in what is saved.
+  ``baseline``, sparse for the compressed layer types). Grouped-query attention: only the KV
+  heads are kept; the backward stacks the query heads of each KV head along the rows, so the
+  K/V gradients are summed over their query heads without repeating K/V.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the arguments
   transformers uses. Nothing but Q/K/V is kept; the backward recomputes the attention forward
   from the (reconstructed) Q/K/V under autograd and differentiates it. Reusing the forward's
@@ -56,15 +56,6 @@ def additive_mask(
     return mask
 
 
-def _grouped_mask(mask: torch.Tensor, hkv: int, groups: int) -> torch.Tensor:
-    """``(b, 1|h, q, kv)`` -> broadcastable to ``(b, hkv, groups, q, kv)``."""
-    if mask.dim() != 4:
-        raise ValueError(f"hyclora: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
-    if mask.shape[1] == 1:
-        return mask.unsqueeze(2)
-    return mask.reshape(mask.shape[0], hkv, groups, mask.shape[2], mask.shape[3])
-
-
 def eager_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,22 +67,20 @@ def eager_attention_forward(
     """``q``: ``(b, h, s, d)``; ``k``/``v``: ``(b, hkv, kv, d)``.
 
     Returns ``(o, probs)`` with ``o``: ``(b, s, h*d)`` (the o_proj input) and ``probs``:
-    ``(b, h, s, kv)`` in ``q.dtype``.
+    ``(b, h, s, kv)`` in ``q.dtype``. The forward uses transformers' exact formulation
+    (K/V repeated transiently for the matmuls) so that outputs are bit-identical to the
+    unpatched model; the repeated K/V are never kept.
     """
     b, h, s, d = q.shape
-    hkv, kv = k.shape[1], k.shape[2]
-    groups = h // hkv
-    qg = q.reshape(b, hkv, groups * s, d)
-    scores = torch.matmul(qg, k.transpose(2, 3)) * scaling
-    scores = scores.view(b, hkv, groups, s, kv)
-    amask = additive_mask(mask, scores.dtype, s, kv, q.device, is_causal)
+    groups = h // k.shape[1]
+    scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scaling
+    amask = additive_mask(mask, scores.dtype, s, k.shape[2], q.device, is_causal)
     if amask is not None:
-        scores = scores + _grouped_mask(amask, hkv, groups)
+        scores = scores + amask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     del scores
-    o = torch.matmul(probs.view(b, hkv, groups * s, kv), v)
-    o = o.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-    return o, probs.view(b, h, s, kv)
+    o = torch.matmul(probs, repeat_kv(v, groups))
+    return o.transpose(1, 2).reshape(b, s, h * d), probs
 
 
 def eager_attention_backward(

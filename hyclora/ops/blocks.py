@@ -56,16 +56,9 @@ from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import apply_rope, rope_backward
 from .storage import StoragePolicy, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
+from hyclora.quant import check_finite  # raises FloatingPointError naming the place
 
 PARAMS_PER_LINEAR = 4  # weight, bias, lora_A, lora_B
-
-
-def check_finite(t: torch.Tensor, where: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise FloatingPointError(
-            f"hyclora: non-finite values (NaN/Inf) in {where}. Lower the learning rate, use bf16 "
-            "instead of fp16, or set HyCLoRAConfig(on_nonfinite='ignore') to skip this check."
-        )
 
 
 @dataclass
@@ -218,10 +211,11 @@ class AttentionBlockFn(torch.autograd.Function):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if plan.impl == "eager":
             o, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
-            pol.keep_probs(store, "probs", probs)
+            if pol.probs_mode != "recompute":
+                pol.keep_probs(store, "probs", probs)
+                if metas[3].has_lora:
+                    pol.keep(store, "o", o, st.get("o"), upd)
             del probs
-            if metas[3].has_lora:
-                pol.keep(store, "o", o, st.get("o"), upd)
         else:
             o = sdpa_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
         del q, k, v
@@ -266,11 +260,16 @@ class AttentionBlockFn(torch.autograd.Function):
         v = rebuilt(2, "v", HKV)
 
         if plan.impl == "eager":
-            o_hat = load.get("o") if metas[3].has_lora else None
+            if load.has("probs"):
+                probs = load.get("probs")
+                o_hat = load.get("o") if metas[3].has_lora else None
+            else:  # recompute the map (and the o_proj input) from the rebuilt q/k/v
+                o_hat, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
             do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_hat, off)
             del o_hat
             do = do.view(b, s, H, D).transpose(1, 2)
-            dq, dk, dv = eager_attention_backward(do, load.get("probs"), q, k, v, plan.scaling)
+            dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
+            del probs
         else:
             o_re, leaves = sdpa_attention_recompute(q, k, v, mask, plan.scaling, plan.is_causal)
             do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)

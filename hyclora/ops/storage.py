@@ -19,10 +19,10 @@ import torch
 
 COMPRESSING_TYPES = ("intra", "intra_inter", "intra_inter_full_fuse")
 LAYER_TYPES = ("baseline",) + COMPRESSING_TYPES
+PROBS_MODES = ("auto", "dense", "sparse", "recompute")
 
 
 def _quant():
-    # Imported lazily: the baseline path must work without the compression engine.
     from hyclora import quant
 
     return quant
@@ -45,12 +45,24 @@ class StoragePolicy:
     bits: int = 4
     softmax_ratio: float = 0.05
     backend: str = "auto"
+    probs: str = "auto"
 
     def __post_init__(self):
         if self.layer_type not in LAYER_TYPES:
             raise ValueError(
                 f"hyclora: unknown layer_type {self.layer_type!r}; expected one of {', '.join(LAYER_TYPES)}"
             )
+        if self.probs not in PROBS_MODES:
+            raise ValueError(f"hyclora: probs={self.probs!r} is invalid; expected one of {', '.join(PROBS_MODES)}")
+
+    @property
+    def probs_mode(self) -> str:
+        """How the eager path keeps the attention map: ``dense`` (as is), ``sparse`` (top
+        ``softmax_ratio`` of each row) or ``recompute`` (nothing; the backward recomputes it
+        from the rebuilt Q/K, like the sdpa path). ``auto``: dense for baseline, sparse else."""
+        if self.probs != "auto":
+            return self.probs
+        return "sparse" if self.compress else "dense"
 
     @property
     def compress(self) -> bool:
@@ -74,7 +86,7 @@ class StoragePolicy:
         store.packed(name, "quant", q.quantize(x, self.bits, stats=stats, update=update, backend=self.backend))
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
-        if not self.compress:
+        if self.probs_mode == "dense":
             store.plain(name, probs)
             return
         q = _quant()

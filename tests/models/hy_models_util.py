@@ -59,6 +59,7 @@ def lora_model(
     """PEFT LoRA with lora_B drawn non-zero (as after some training), so lora_A gets gradients."""
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)  # lora_A is initialised from the global generator
     pm = get_peft_model(
         model,
         LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, use_rslora=rslora),
