@@ -64,7 +64,7 @@ def _pad_mask(b, s):
     return pad
 
 
-@pytest.mark.parametrize("case", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("case", ["plain", "padded", "right_padded", "packed"])
 @pytest.mark.parametrize("s", [32, 30])
 def test_training_forward_and_grads_equal_masked_reference(case, s):
     b = 2
@@ -76,8 +76,12 @@ def test_training_forward_and_grads_equal_masked_reference(case, s):
     ids = torch.randint(0, 97, (b, s), generator=torch.Generator().manual_seed(1))
     if case == "plain":
         inputs, ref_inputs = {}, {"attention_mask": _reference_mask(b, s)}
-    elif case == "padded":
+    elif case in ("padded", "right_padded"):
         pad = _pad_mask(b, s)
+        if case == "right_padded":  # the usual training layout: S²-Attn's unmasked fast path
+            pad = torch.ones(b, s, dtype=torch.long)
+            pad[0, -6:] = 0
+            pad[1, -11:] = 0
         inputs, ref_inputs = {"attention_mask": pad}, {"attention_mask": _reference_mask(b, s, pad=pad)}
     else:  # documents packed in a row, marked by position_ids restarting at 0
         cut = 11
@@ -85,7 +89,7 @@ def test_training_forward_and_grads_equal_masked_reference(case, s):
         seg = (torch.arange(s) >= cut).long()
         inputs = {"position_ids": pos}
         ref_inputs = {"position_ids": pos, "attention_mask": _reference_mask(b, s, segments=seg)}
-    rows = inputs["attention_mask"] if case == "padded" else torch.ones(b, s, dtype=torch.long)
+    rows = inputs["attention_mask"] if "padded" in case else torch.ones(b, s, dtype=torch.long)
     out, grads = _logits_and_grads(model, rows, input_ids=ids, **inputs)
     want, want_grads = _logits_and_grads(ref, rows, input_ids=ids, **ref_inputs)
     valid = rows.bool()[..., None]

@@ -114,6 +114,38 @@ def test_padded_batches_match_reference(form, b, h, hk, s, d, gs):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("form", ["2d", "index"])
+def test_right_padding_takes_the_unmasked_fast_path(form, monkeypatch):
+    # Right padding hides nothing from real tokens that causality does not: no mask is needed.
+    b, h, hk, s, d = 3, 4, 2, 37, 8
+    q, k, v = _qkv(b, h, hk, s, d, seed=8)
+    pm = torch.ones(b, s, dtype=torch.bool)
+    pm[0, -7:] = False
+    pm[2, -20:] = False
+    mask = pm if form == "2d" else IndexMask(lambda bi, hi, qi, ki: pm[bi, ki] & (ki <= qi), b, s, key_padding=pm)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    G = resolve_group_size(s, 0.25)
+    w = torch.randn(b, h, s, d, dtype=F64) * pm[:, None, :, None]
+    out, grads = _grads(lambda *t: s2_attention(*t, attention_mask=mask), q, k, v, w)
+    assert calls and all(no_mask and causal for no_mask, causal in calls)
+    ref, ref_grads = _grads(lambda *t: naive_s2attn(*t, G, pm[:, None, :].expand(b, s, s)), q, k, v, w)
+    valid = pm[:, None, :, None]
+    torch.testing.assert_close(out * valid, ref * valid, rtol=0, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # Left padding still needs the mask.
+    calls.clear()
+    s2_attention(q, k, v, attention_mask=pm.flip(1))
+    assert not any(no_mask for no_mask, _ in calls)
+
+
 def test_packed_documents_index_mask():
     # Three documents packed in one row: attention must not cross document boundaries.
     b, h, hk, s, d = 1, 4, 2, 40, 8

@@ -43,8 +43,8 @@ _PREV_ATTR = "_hyclora_attn_before_s2attn"
 class _HFLazyMask(IndexMask):
     """IndexMask over transformers' mask predicate; ``dense()`` defers to ``sdpa_mask``."""
 
-    def __init__(self, predicate, batch_size: int, length: int, device, sdpa_kwargs: dict) -> None:
-        super().__init__(predicate, batch_size, length, device)
+    def __init__(self, predicate, batch_size: int, length: int, device, sdpa_kwargs: dict, key_padding=None) -> None:
+        super().__init__(predicate, batch_size, length, device, key_padding=key_padding)
         self._sdpa_kwargs = sdpa_kwargs
 
     def dense(self) -> Optional[torch.Tensor]:
@@ -96,9 +96,12 @@ def s2attn_mask(
     if allow_is_causal_skip and mask_function is causal_mask_function and no_padding:
         return None
     predicate = mask_function
+    key_padding = None
     if padding_mask is not None and not no_padding:
         predicate = and_masks(mask_function, padding_mask_function(padding_mask))
-    return _HFLazyMask(predicate, batch_size, q_length, device, sdpa_kwargs)
+        if mask_function is causal_mask_function:
+            key_padding = padding_mask[:, :kv_length]  # lets S²-Attn skip the mask on right padding
+    return _HFLazyMask(predicate, batch_size, q_length, device, sdpa_kwargs, key_padding=key_padding)
 
 
 def _group_settings(module: nn.Module) -> Tuple[float, Optional[int]]:

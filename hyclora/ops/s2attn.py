@@ -56,6 +56,10 @@ class IndexMask:
 
     Indices outside ``[0, length)`` are never passed to the predicate (they are clamped and the
     result masked out), so predicates may index tensors of length ``length`` directly.
+
+    ``key_padding``: optional ``(batch, length)`` bool tensor, given when the predicate is exactly
+    "causal and key is not padding"; S²-Attn then uses the cheaper 2-D path (and the unmasked
+    fast path when the padding is on the right).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class IndexMask:
         batch_size: int,
         length: int,
         device: Union[torch.device, str] = "cpu",
+        key_padding: Optional[torch.Tensor] = None,
     ) -> None:
         if not callable(predicate):
             raise TypeError(f"IndexMask needs a callable predicate, got {type(predicate).__name__}.")
@@ -71,6 +76,7 @@ class IndexMask:
         self.batch_size = int(batch_size)
         self.length = int(length)
         self.device = torch.device(device)
+        self.key_padding = key_padding
 
     def blocks(self, start: int, n: int, size: int) -> torch.Tensor:
         """Bool mask of the ``n`` diagonal blocks ``[start + i*size, start + (i+1)*size)``.
@@ -180,6 +186,25 @@ def _check_mask(mask: MaskLike, b: int, h: int, s: int) -> None:
         )
 
 
+def _simplify_mask(mask: MaskLike) -> MaskLike:
+    """Drop masks that causal attention already implies.
+
+    A key-padding mask whose padding sits at the end of every row (right padding, the usual
+    training layout) hides nothing from a real token that causality does not hide already: real
+    tokens come first. So the unmasked ``is_causal`` fast path gives the same outputs for every
+    real token (padding rows then get finite, meaningless outputs instead of zeros; no real token
+    and no loss reads them). This keeps padded batches on the flash/efficient sdpa kernels.
+    """
+    if isinstance(mask, IndexMask) and mask.key_padding is not None:
+        mask = mask.key_padding
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        keep = mask.to(torch.bool)
+        if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # every row: valid prefix, then padding
+            return None
+        return keep
+    return mask
+
+
 # -- core ---------------------------------------------------------------------------------------------
 def _kv_heads(t: torch.Tensor, h0: int, h1: int, n_rep: int) -> torch.Tensor:
     """KV heads serving query heads [h0, h1): a slice when the split is aligned, else a gather."""
@@ -276,7 +301,9 @@ def s2_attention(
         group_size: explicit group size in tokens (overrides ``group_ratio``).
         dropout_p: attention dropout probability (pass 0 at eval).
 
-    Query rows that can see no key at all (padding) return zeros.
+    Outputs at padding positions are not meaningful: rows that can see no key return zeros, and
+    with right padding (the fast path, see ``_simplify_mask``) padding rows attend like real
+    tokens. Real tokens are exact in every case.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -299,6 +326,7 @@ def s2_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"s2_attention: dropout_p={dropout_p!r} must be in [0, 1).")
     _check_mask(attention_mask, b, h, s)
+    attention_mask = _simplify_mask(attention_mask)
 
     g = resolve_group_size(s, group_ratio, group_size)
     shift = g // 2
