@@ -109,6 +109,26 @@ def _quantization_config(model_args: ModelArguments, training_args):
     )
 
 
+def _unmark_gguf(model) -> None:
+    """transformers dequantises GGUF weights into ordinary dense tensors on load, yet leaves the
+    model flagged as GGUF-quantized, and Trainer refuses to train such a model. The weights are
+    plain floating-point tensors (checked here), so drop the flag."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+    if quantizer is None or "gguf" not in method.lower():
+        return
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            raise ValueError(f"GGUF model still holds quantized weight {name} ({param.dtype}); cannot train it")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:  # pragma: no cover - config without a deletable attribute
+            model.config.quantization_config = None
+
+
 def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
     """The base causal LM (optionally NF4 4-bit), not yet wrapped with LoRA."""
     from transformers import AutoModelForCausalLM
@@ -133,6 +153,8 @@ def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
         kwargs["quantization_config"] = _quantization_config(model_args, training_args)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if model_args.gguf_file:
+        _unmark_gguf(model)
     if model_args.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -355,3 +355,20 @@ def test_deepspeed_zero3_single_process_matches_plain_run(tmp_path):
         assert zero3[key].shape == plain[key].shape
         assert torch.allclose(zero3[key], plain[key], atol=1e-6), key
     assert (outs["zero3"] / "hyclora_state.pt").is_file() == (APPLY is not None)
+
+
+def test_gguf_flag_is_dropped_only_for_dense_weights():
+    """transformers dequantises GGUF checkpoints (SmolLM2) to dense tensors but keeps them
+    flagged as quantized, which Trainer refuses to train."""
+    torch.manual_seed(0)
+    m = build_tiny_llama(tokenizer())
+    gguf = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    m.hf_quantizer, m.is_quantized, m.config.quantization_config = gguf, True, {"quant_method": "gguf"}
+    model_module._unmark_gguf(m)
+    assert m.hf_quantizer is None and m.is_quantized is False
+    assert getattr(m.config, "quantization_config", None) is None
+    m.hf_quantizer, m.is_quantized = gguf, True
+    m.register_buffer("dummy", torch.zeros(1))
+    m.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized weight"):
+        model_module._unmark_gguf(m)
