@@ -18,7 +18,9 @@ Rows:
 * ``quantize(own range)``: the public call computing this tensor's per-channel min/max first
   (calibration steps and iteration_threshold=0): one more read of the input, so it cannot reach
   the kernel's bandwidth; reported against the same byte count;
-* ``dequant kernel`` / ``dequantize()``: unpack+dequantise, kernel alone and public call.
+* ``dequant kernel`` / ``dequantize()``: unpack+dequantise, kernel alone and public call;
+* ``sparsify_probs`` / ``densify_probs`` of a causal (4, 32, 512, 512) bf16 attention map at
+  ratio 0.05 for each scope (torch top-k / sort / scatter, no Triton).
 
 Also checks, for every configuration, that the Triton codes equal the torch reference's, and
 (unless --no-sweep) times a few tile shapes per kernel so the launch heuristic can be tuned.
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
                                  gbps=nbytes / t / 1e9, pct_copy=100.0 * (nbytes / t) / copy_bw))
         del x, dst
 
+    rows += bench_sparse(args.smoke, device, timer)
+
     print()
     print("| shape (bf16) | bits | operation | bytes moved | time (us) | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|")
@@ -199,6 +203,35 @@ def main(argv=None) -> int:
         print("ERROR: Triton codes differ from the torch reference")
         return 1
     return 0
+
+
+def bench_sparse(smoke, device, timer):
+    """sparsify_probs / densify_probs of a causal bf16 attention map, per scope, vs a copy of
+    the dense map. Bytes: the dense map read (sparsify) or written (densify) + the sparse form."""
+    from hyclora.quant import densify_probs, sparsify_probs
+
+    shape = (1, 2, 16, 16) if smoke else (4, 32, 512, 512)
+    s = shape[-1]
+    g = torch.Generator(device=device).manual_seed(0)
+    scores = torch.randn(*shape, generator=g, device=device) * 3
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    p = torch.softmax(scores, -1).to(torch.bfloat16)
+    del scores
+    dst = torch.empty_like(p)
+    dense = p.numel() * p.element_size()
+    t_copy = timer(lambda: dst.copy_(p))
+    copy_bw = 2 * dense / t_copy
+    out = [dict(shape=str(shape), bits="-", op="attn map copy", bytes=2 * dense, us=t_copy * 1e6,
+                gbps=copy_bw / 1e9, pct_copy=100.0)]
+    for scope in ("global", "head", "row"):
+        sp = sparsify_probs(p, 0.05, scope=scope)
+        nbytes = dense + sp.nbytes
+        for name, fn in ((f"sparsify_probs({scope}, 0.05)", lambda: sparsify_probs(p, 0.05, scope=scope)),
+                         (f"densify_probs({scope})", lambda: densify_probs(sp))):
+            t = timer(fn)
+            out.append(dict(shape=str(shape), bits="-", op=name, bytes=nbytes, us=t * 1e6,
+                            gbps=nbytes / t / 1e9, pct_copy=100.0 * (nbytes / t) / copy_bw))
+    return out
 
 
 def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:

@@ -16,47 +16,70 @@ def _probs(b=2, h=3, s=17, causal=True, dtype=torch.bfloat16, seed=0):
     return torch.softmax(scores, -1).to(dtype)
 
 
+def _check_topk(p, d, groups):
+    """d keeps exactly the largest entries of p within each group (ties allowed), values exact."""
+    kept = d != 0
+    assert torch.equal(d[kept], p[kept])
+    pg, kg = p.reshape(groups, -1).float(), kept.reshape(groups, -1)
+    dropped_max = pg.masked_fill(kg, float("-inf")).amax(-1)
+    kept_min = pg.masked_fill(~kg, float("inf")).amin(-1)
+    has = kg.any(-1)
+    assert torch.all(kept_min[has] >= dropped_max[has])
+
+
 @pytest.mark.parametrize("ratio", [0.05, 0.2, 0.5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_keeps_exactly_the_largest_entries_of_each_row(ratio, dtype):
+@pytest.mark.parametrize("scope", ["global", "head", "row"])
+def test_keeps_exactly_the_largest_entries(ratio, dtype, scope):
     p = _probs(dtype=dtype)
-    sp = sparsify_probs(p, ratio)
-    k = math.ceil(ratio * 17)
-    assert sp.values.shape == (2, 3, 17, k) and sp.indices.dtype == torch.int16
+    sp = sparsify_probs(p, ratio, scope=scope)
+    numel = p.numel()
+    expected = {"global": math.ceil(ratio * numel - 1e-9),
+                "head": 6 * math.ceil(ratio * 17 * 17 - 1e-9),
+                "row": 6 * 17 * math.ceil(ratio * 17 - 1e-9)}[scope]
+    assert sp.kept == expected and sp.cols.dtype == torch.int16
     d = densify_probs(sp)
     assert d.shape == p.shape and d.dtype == dtype
-    kept = d != 0
-    # kept entries are exact, everything else is 0
-    assert torch.equal(d[kept], p[kept])
-    # every kept value >= every dropped value of the same row (ties allowed)
-    dropped_max = p.masked_fill(kept, float("-inf")).amax(-1)
-    kept_min = p.masked_fill(~kept, float("inf")).amin(-1)
-    nonzero_rows = kept.any(-1)
-    assert torch.all(kept_min[nonzero_rows] >= dropped_max[nonzero_rows])
-    # the kept mass equals the sum of the top-k
-    topk_sum = p.float().topk(k, -1).values.sum(-1)
-    assert torch.allclose(d.float().sum(-1), topk_sum, rtol=1e-3)
+    groups = {"global": 1, "head": 6, "row": 6 * 17}[scope]
+    # each group keeps its k largest; where a (causal) row has fewer non-zeros, zeros fill up
+    nnz = (p != 0).reshape(groups, -1).sum(-1)
+    assert int((d != 0).sum()) == int(torch.clamp(nnz, max=expected // groups).sum())
+    _check_topk(p, d, groups)
+    if sp.counts is not None:
+        assert sp.counts.dtype == torch.int16 and int(sp.counts.long().sum()) == expected
+        assert torch.equal(sp.counts.long(), (d != 0).reshape(-1, 17).sum(-1))
 
 
 def test_ratio_edges_and_bytes():
     p = _probs(s=20, dtype=torch.float32)
-    full = sparsify_probs(p, 1.0)
-    assert torch.equal(densify_probs(full), p)
-    none = sparsify_probs(p, 0.0)
-    assert none.values.shape[-1] == 0 and torch.all(densify_probs(none) == 0)
-    sp = sparsify_probs(p.bfloat16(), 0.1)
+    for scope in ("global", "head", "row"):
+        full = sparsify_probs(p, 1.0, scope=scope)
+        assert torch.equal(densify_probs(full), p)
+        none = sparsify_probs(p, 0.0, scope=scope)
+        assert none.kept == 0 and torch.all(densify_probs(none) == 0)
+    sp = sparsify_probs(p.bfloat16(), 0.1, scope="row")
     assert sp.values.shape[-1] == 2  # ceil(0.1 * 20), no float round-up to 3
     assert sp.nbytes == 2 * 3 * 20 * 2 * (2 + 2)
-    r = SparseProbs.restore(sp.tensors(), sp.meta())
-    assert torch.equal(densify_probs(r), densify_probs(sp))
+    g = sparsify_probs(p.bfloat16(), 0.05)
+    k = math.ceil(0.05 * p.numel())
+    assert g.nbytes == k * (2 + 2) + 2 * 3 * 20 * 2  # values + int16 cols + int16 row counts
+    for sp in (sparsify_probs(p, 0.1, scope="row"), g):
+        r = SparseProbs.restore(sp.tensors(), sp.meta())
+        assert torch.equal(densify_probs(r), densify_probs(sp))
 
 
-def test_long_rows_use_int32_indices():
-    p = torch.rand(1, 1, 1, 40000)
-    sp = sparsify_probs(p, 0.001)
-    assert sp.indices.dtype == torch.int32
-    assert torch.equal(densify_probs(sp).nonzero()[:, -1].sort().values,
-                       p.topk(40, -1).indices.flatten().sort().values)
+def test_global_scope_follows_the_mass():
+    # a sharp row and a flat row, budget 11 of 20: globally the flat row keeps all ten entries
+    # and the sharp row only its peak; per row both would keep 6
+    p = torch.zeros(1, 1, 2, 10)
+    p[0, 0, 0] = torch.tensor([0.91] + [0.01] * 9)
+    p[0, 0, 1] = 0.1
+    d = densify_probs(sparsify_probs(p, 0.55))
+    assert d[0, 0, 0].tolist() == [pytest.approx(0.91)] + [0.0] * 9
+    assert torch.equal(d[0, 0, 1], p[0, 0, 1])
+    r = densify_probs(sparsify_probs(p, 0.55, scope="row"))
+    assert (r != 0).sum(-1).tolist() == [[[6, 6]]]
+    assert d.sum() > r.sum()
 
 
 @pytest.mark.parametrize("p,ratio,exc,match", [
@@ -68,6 +91,8 @@ def test_long_rows_use_int32_indices():
 def test_bad_inputs(p, ratio, exc, match):
     with pytest.raises(exc, match=match):
         sparsify_probs(p, ratio)
+    with pytest.raises(ValueError, match="scope='batch'"):
+        sparsify_probs(torch.rand(1, 1, 2, 2), 0.5, scope="batch")
 
 
 def test_check_finite_names_the_place_and_the_fix():
