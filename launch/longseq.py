@@ -395,6 +395,11 @@ def main(argv=None) -> dict:
                 continue
             step += 1
             bar.update(1)
+            if step == completed + 1:
+                # The first step pays for CUDA/kernel warm-up; steady throughput starts after it.
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t_steady, tokens_at_steady = time.perf_counter(), tokens_seen
             if step % args.logging_steps == 0 or step == args.max_steps:
                 mean_loss = accelerator.gather(torch.tensor([window_loss / window_micro], device=accelerator.device)).mean().item()
                 record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
@@ -409,7 +414,13 @@ def main(argv=None) -> dict:
                 break
         epoch += 1
     bar.close()
-    elapsed = time.perf_counter() - t_start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t_end = time.perf_counter()
+    elapsed = t_end - t_start
+    steady = None
+    if step > completed + 1:
+        steady = (tokens_seen - tokens_at_steady) / (t_end - t_steady)
 
     # -- save, evaluate, summarise --
     if args.save_adapter:
@@ -422,6 +433,7 @@ def main(argv=None) -> dict:
     summary = {
         "steps": step, "resumed_from": completed, "seconds": elapsed,
         "tokens_per_second": tokens_seen / elapsed if elapsed > 0 else None,
+        "steady_tokens_per_second": steady,  # after the first step (warm-up excluded)
         "seq_len": args.seq_len, "rope_factor": rope_factor, "s2attn": args.s2attn,
         "gradient_checkpointing": args.gradient_checkpointing, "hyclora": hcfg.to_dict() if hcfg.use_hyclora else None,
         "num_processes": accelerator.num_processes, "trainable_parameters": n_train,
@@ -445,7 +457,7 @@ def main(argv=None) -> dict:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log("\n== summary ==")
         log(f"steps {step} in {elapsed:.1f}s, {summary['tokens_per_second']:.0f} tokens/s"
-            if summary["tokens_per_second"] else f"steps {step}")
+            + (f" ({steady:.0f} tokens/s after the first step)" if steady else ""))
         if summary.get("eval"):
             e = summary["eval"]
             log(f"perplexity {e['perplexity']:.3f} ({e['mode']}, L={e['context_length']}, stride {e['stride']}, "
