@@ -197,6 +197,10 @@ def main(argv=None) -> int:
         w.writerows(rows)
     print(f"\nwrote {out / 'bench_quant.csv'}")
 
+    if backend == "triton" and not INTERPRET:
+        for kern in ("quant", "dequant"):
+            for key, cfg in triton_kernels._tuned(kern).cache.items():
+                print(f"autotuned {kern} {key}: {cfg}")
     if backend == "triton" and not args.no_sweep:
         sweep(shapes, args.bits, dtype, device, timer, out)
     if not codes_ok:
@@ -238,8 +242,8 @@ def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
     """Time tile shapes (BLOCK_M rows, BLOCK_N columns, warps) per kernel; best first."""
     from hyclora.quant import triton_kernels
 
-    configs = [(bm, bn, w) for bn in (128, 256, 512, 1024) for bm in (4, 8, 16, 32)
-               for w in (4, 8) if 1024 <= bm * bn <= 16384]
+    configs = [(16, 128, 8), (32, 64, 8), (64, 32, 8), (8, 128, 4), (16, 64, 4), (8, 256, 8),
+               (4, 512, 8), (16, 256, 8), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (32, 128, 8)]
     if INTERPRET:
         configs = configs[:2]
     results = []

@@ -7,8 +7,8 @@ least-significant first, ``x_hat = code * step + lo`` rounded to the output dtyp
 need nothing here: their lo/step/inv_step are 0 so they encode as 0; the caller gathers/scatters
 the exact values with torch index ops.
 
-Layout of the work: one program per (BLOCK_M rows) x (BLOCK_B packed bytes = BLOCK_B * 8/bits
-columns). Each program reads a contiguous 2-D tile (vectorised 16-byte loads), works in fp32,
+Layout of the work: one program per (BLOCK_M rows) x (BLOCK_N columns = BLOCK_N * bits / 8
+packed bytes). Each program reads a contiguous 2-D tile (vectorised 16-byte loads), works in fp32,
 and writes a contiguous tile of packed bytes (quantise) or of dequantised values (dequantise).
 The per-channel lo and 1/step are precomputed once per tensor and loaded once per program as a
 row vector broadcast over the BLOCK_M rows. Packing uses reshape + split (interleave via join on
@@ -40,10 +40,10 @@ def _quant_pack_kernel(
     x_ptr, lo_ptr, inv_ptr, out_ptr,
     M, N, NB, stride_xm, n_groups,
     BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     E: tl.constexpr = 8 // BITS
-    BLOCK_N: tl.constexpr = BLOCK_B * E
+    BLOCK_B: tl.constexpr = BLOCK_N // E
     QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -88,10 +88,10 @@ def _unpack_dequant_kernel(
     codes_ptr, lo_ptr, step_ptr, out_ptr,
     M, N, NB, stride_om, n_groups,
     BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
 ):
     E: tl.constexpr = 8 // BITS
-    BLOCK_N: tl.constexpr = BLOCK_B * E
+    BLOCK_B: tl.constexpr = BLOCK_N // E
     QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -139,28 +139,59 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _blocks(m: int, n: int, bits: int):
-    """(BLOCK_M, BLOCK_B, num_warps). ~8K elements (16 KB of bf16) per program on GPU: enough
-    bytes in flight per SM to saturate HBM, small enough for many programs per SM."""
-    e = 8 // bits
-    if _INTERPRET:
-        # the interpreter pays per program, not per element: few, large tiles
-        block_n = min(_next_pow2(n), 256)
-        return min(_next_pow2(m), 64), max(1, block_n // e), 4
-    block_n = min(_next_pow2(n), 512)
-    block_m = max(1, min(_next_pow2(m), 8192 // block_n))
-    return block_m, max(1, block_n // e), 8 if block_m * block_n >= 8192 else 4
+# Tiles (BLOCK_M rows, BLOCK_N columns, warps). On GPU the launch is autotuned over these, per
+# (N, bits, granularity); the winner is cached for the process. Why these: with 8 elements per
+# thread (BLOCK_M * BLOCK_N = 256 * warps) and BLOCK_N <= 128 Triton keeps the loads, the
+# pack/unpack, the per-channel parameters and the store in one register layout (16-byte accesses
+# of bf16, no shared-memory round trip; checked on the sm_90 TTGIR); a tall tile (BLOCK_M >= 16)
+# amortises the parameter loads (8 bytes per column) over many rows. The larger tiles put more
+# bytes in flight per program but stage through shared memory. Which wins depends on the GPU,
+# hence the tuning (benchmarks/bench_quant.py prints a sweep).
+GPU_CONFIGS = [(16, 128, 8), (32, 64, 8), (8, 128, 4), (8, 256, 8), (4, 512, 8), (16, 512, 8),
+               (32, 256, 8)]
+_AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
 
 
-def _config(config, bits: int):
-    block_m, block_n, warps = config
-    return block_m, max(1, block_n // (8 // bits)), warps
+def _interpret_blocks(m: int, n: int):
+    # the interpreter pays per program, not per element: few, large tiles
+    return min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4
+
+
+def _fixed_blocks(m: int, n: int):
+    """Heuristic when autotuning is off (HYCLORA_QUANT_AUTOTUNE=0): (16, 128, 8)-like tiles."""
+    block_n = max(8, min(_next_pow2(n), 128))
+    return max(1, 2048 // block_n), block_n, 8
 
 
 def _launch_opts(num_warps: int) -> dict:
     if _INTERPRET:
         return {}
     return dict(num_warps=num_warps, enable_fp_fusion=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str):
+    kernel = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}[kernel_name]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in GPU_CONFIGS]
+    return triton.autotune(configs=configs, key=["N", "BITS", "GROUP"])(kernel)
+
+
+def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config) -> None:
+    kernel = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}[kernel_name]
+    if config is None and not _INTERPRET and _AUTOTUNE:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        _tuned(kernel_name)[grid](*args, **consts, enable_fp_fusion=False)
+        return
+    if config is not None:
+        bm, bn, warps = config
+        bn = max(8, bn)
+    elif _INTERPRET:
+        bm, bn, warps = _interpret_blocks(m, n)
+    else:
+        bm, bn, warps = _fixed_blocks(m, n)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, **_launch_opts(warps))
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -176,7 +207,7 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
                   group_size: Optional[int] = None, *, config=None) -> torch.Tensor:
     """(rows, N) bf16/fp16/fp32 -> (rows, ceil(N*bits/8)) uint8 codes.
 
-    ``config`` = (BLOCK_M, BLOCK_N columns, num_warps) overrides the heuristic (benchmark sweeps).
+    ``config`` = (BLOCK_M, BLOCK_N columns, num_warps) overrides the autotuner (benchmark sweeps).
     """
     _check_device(x2d)
     if x2d.stride(-1) != 1:
@@ -187,13 +218,8 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
     lo = lo.contiguous()
     inv_step = inv_step.contiguous()
     n_groups = 1 if group_size is None else lo.shape[-1]
-    bm, bb, warps = _blocks(m, n, bits) if config is None else _config(config, bits)
-    grid = (triton.cdiv(m, bm), triton.cdiv(nb, bb))
-    _quant_pack_kernel[grid](
-        x2d, lo, inv_step, out, m, n, nb, x2d.stride(0), n_groups,
-        BITS=bits, GROUP=0 if group_size is None else group_size,
-        BLOCK_M=bm, BLOCK_B=bb, **_launch_opts(warps),
-    )
+    _launch("quant", m, n, (x2d, lo, inv_step, out, m, n, nb, x2d.stride(0), n_groups),
+            dict(BITS=bits, GROUP=0 if group_size is None else group_size), config)
     return out
 
 
@@ -211,12 +237,7 @@ def unpack_dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
     lo = lo.contiguous()
     step = step.contiguous()
     n_groups = 1 if group_size is None else lo.shape[-1]
-    bm, bb, warps = _blocks(m, n, bits) if config is None else _config(config, bits)
-    grid = (triton.cdiv(m, bm), triton.cdiv(nb, bb))
-    _unpack_dequant_kernel[grid](
-        codes, lo, step, out, m, n, nb, out.stride(0), n_groups,
-        BITS=bits, GROUP=0 if group_size is None else group_size,
-        BLOCK_M=bm, BLOCK_B=bb, EMULATE_BF16_RNE=_INTERPRET and dtype == torch.bfloat16,
-        **_launch_opts(warps),
-    )
+    _launch("dequant", m, n, (codes, lo, step, out, m, n, nb, out.stride(0), n_groups),
+            dict(BITS=bits, GROUP=0 if group_size is None else group_size,
+                 EMULATE_BF16_RNE=_INTERPRET and dtype == torch.bfloat16), config)
     return out

@@ -92,3 +92,20 @@ def test_group_kernels_match_reference(group, bits):
 def test_strided_rows_are_handled():
     x = _acts((10, 48), torch.float16, seed=3)[:, :33]  # row stride 48, width 33
     assert torch.equal(quantize(x, 4, backend="triton").codes, quantize(x, 4, backend="torch").codes)
+
+
+@pytest.mark.parametrize("config", [(2, 8, 4), (4, 16, 4), (1, 32, 4)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_small_tiles_cover_every_edge(config, bits):
+    # many programs in both grid dimensions, partial tiles at the row and column ends
+    from hyclora.quant import triton_kernels
+
+    x = _acts((5, 37), torch.bfloat16, seed=bits).reshape(5, 37)
+    lo, hi = torch.aminmax(x, dim=0)
+    lo, step, inv = affine_params(lo, hi, bits)
+    ref = quantize_pack_torch(x, lo, inv, bits)
+    assert torch.equal(triton_kernels.quantize_pack(x, lo, inv, bits, config=config), ref)
+    from hyclora.quant.core import unpack_dequantize_torch
+
+    y = triton_kernels.unpack_dequantize(ref, lo, step, bits, 37, torch.bfloat16, config=config)
+    assert _same_values(y, unpack_dequantize_torch(ref, lo, step, bits, 37, torch.bfloat16))
