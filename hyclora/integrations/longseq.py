@@ -48,9 +48,12 @@ class _HFLazyMask(IndexMask):
         self._sdpa_kwargs = sdpa_kwargs
 
     def dense(self) -> Optional[torch.Tensor]:
-        from transformers.masking_utils import sdpa_mask
+        # Built once per forward (every layer receives this same object), exactly as "sdpa" would.
+        if not hasattr(self, "_dense"):
+            from transformers.masking_utils import sdpa_mask
 
-        return sdpa_mask(**self._sdpa_kwargs)
+            self._dense = sdpa_mask(**self._sdpa_kwargs)
+        return self._dense
 
 
 def s2attn_mask(

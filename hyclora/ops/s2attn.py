@@ -196,7 +196,10 @@ def _simplify_mask(mask: MaskLike) -> MaskLike:
     and no loss reads them). This keeps padded batches on the flash/efficient sdpa kernels.
     """
     if isinstance(mask, IndexMask) and mask.key_padding is not None:
-        mask = mask.key_padding
+        # One mask object serves every layer of a forward: decide (and sync) once.
+        if not hasattr(mask, "_s2_simplified"):
+            mask._s2_simplified = _simplify_mask(mask.key_padding)
+        return mask._s2_simplified
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         keep = mask.to(torch.bool)
         if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # every row: valid prefix, then padding
