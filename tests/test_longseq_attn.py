@@ -10,7 +10,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from hyclora.integrations.longseq import (  # noqa: E402
-    S2ATTN_NAME,
     CausalLMChunkedLoss,
     disable_s2attn,
     enable_s2attn,
