@@ -193,11 +193,18 @@ class LlamaFamilyAdapter:
 
         config = patch.config
         state: HyCLoRALayerState = layer.hyclora_state
-        counted = (not _in_backward()) or state.owed
+        in_backward = _in_backward()
+        counted = (not in_backward) or state.owed
         state.owed = False
+        stats = state.stats_dict()
+        replay = frozenset()
         if counted:
             with torch.no_grad():
                 state.forward_count.add_(1)
+            # what a non-reentrant recompute of this forward must quantise as calibrated here
+            state.calibrating = frozenset(n for n, s in stats.items() if not s.frozen)
+        elif in_backward:
+            replay = state.calibrating
 
         (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve(layer, name)
         heads, kv_heads, head_dim, scaling, is_causal = self._geometry(layer)
@@ -205,10 +212,9 @@ class LlamaFamilyAdapter:
             config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
             probs=getattr(config, "attention_probs", "auto"),
         )
-        stats = state.stats_dict()
         common = dict(
             layer_name=name, policy=policy, stats=stats, update=bool(counted and config.compresses),
-            check_finite=config.on_nonfinite == "raise", record=state.last_saved,
+            check_finite=config.on_nonfinite == "raise", record=state.last_saved, replay=replay,
         )
         cos, sin = pos
         aplan = AttentionPlan(

@@ -55,6 +55,7 @@ class HyCLoRALayerState(nn.Module):
                 self.stats.to(device)
         # Python-side bookkeeping (not state): see models/base.py for how these are used.
         self.owed = False
+        self.calibrating: frozenset = frozenset()
         self.last_saved: Dict[str, list] = {}
 
     def stats_dict(self) -> Dict[str, nn.Module]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,7 +75,9 @@ class BlockPlan:
             checkpoint recompute, so calibration does not count it twice).
         check_finite: raise on NaN/Inf in the block input/output.
         record: a dict that receives the manifest of what was saved (names, shapes, dtypes,
-            bytes) under ``record_key``; ``None`` to skip.
+            bytes) under ``"attention"`` / ``"mlp"``; ``None`` to skip.
+        replay: on a checkpoint recompute, the names whose statistics were still calibrating
+            in the counted forward (quantised again exactly as that forward did).
     """
 
     layer_name: str
@@ -86,6 +88,7 @@ class BlockPlan:
     update: bool = False
     check_finite: bool = False
     record: Optional[Dict[str, list]] = None
+    replay: FrozenSet[str] = frozenset()
 
 
 @dataclass
@@ -139,6 +142,10 @@ def _check_params(plan: BlockPlan, lin: Sequence):
             raise RuntimeError(f"hyclora internal error: {meta.name} has LoRA but no A/B")
 
 
+def _keep(plan: BlockPlan, store: TensorStore, name: str, x: torch.Tensor):
+    plan.policy.keep(store, name, x, plan.stats.get(name), plan.update, replay=name in plan.replay)
+
+
 def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
     if meta.has_lora:
         store.plain(f"xa_{name}", out.xa)
@@ -181,7 +188,7 @@ class AttentionBlockFn(torch.autograd.Function):
         _check_params(plan, lin)
         ctx.plan = plan
         ctx.autocast = _autocast_state(x.device.type)
-        pol, st, upd = plan.policy, plan.stats, plan.update
+        pol = plan.policy
         b, s, _ = x.shape
         H, HKV, D = plan.num_heads, plan.num_kv_heads, plan.head_dim
         if plan.check_finite:
@@ -190,19 +197,19 @@ class AttentionBlockFn(torch.autograd.Function):
         _save_params(store, (None, None, norm_w) + (None, None, None) + tuple(lin), 0)
 
         xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-        pol.keep(store, "x_in", x, st.get("x_in"), upd)
+        _keep(plan, store, "x_in", x)
         store.plain("rstd1", rstd)
 
         metas = plan.linears
         outs = [lora_linear_forward(metas[i], xn, *_linear_params(lin, i)) for i in range(3)]
         if any(m.has_lora for m in metas[:3]):
-            pol.keep(store, "x_n1", xn, st.get("x_n1"), upd)
+            _keep(plan, store, "x_n1", xn)
         del xn
         for name, meta, out in zip(_QKV, metas[:3], outs):
             _keep_linear_extras(store, name, meta, out)
             # Q/K are kept before RoPE (RoPE is re-applied in the backward): the rotation mixes
             # channel pairs, and per-channel ranges are tighter on the un-rotated values.
-            pol.keep(store, name, out.y_w if pol.reconstruct else out.y, st.get(name), upd)
+            _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
 
         q = outs[0].y.view(b, s, H, D).transpose(1, 2)
         k = outs[1].y.view(b, s, HKV, D).transpose(1, 2)
@@ -214,7 +221,7 @@ class AttentionBlockFn(torch.autograd.Function):
             if pol.probs_mode != "recompute":
                 pol.keep_probs(store, "probs", probs)
                 if metas[3].has_lora:
-                    pol.keep(store, "o", o, st.get("o"), upd)
+                    _keep(plan, store, "o", o)
             del probs
         else:
             o = sdpa_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
@@ -311,30 +318,30 @@ class MLPBlockFn(torch.autograd.Function):
         _check_params(plan, lin)
         ctx.plan = plan
         ctx.autocast = _autocast_state(x.device.type)
-        pol, st, upd = plan.policy, plan.stats, plan.update
+        pol = plan.policy
         store = TensorStore()
         _save_params(store, (None, None, norm_w) + tuple(lin), 0)
 
         xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-        pol.keep(store, "x_mid", x, st.get("x_mid"), upd)
+        _keep(plan, store, "x_mid", x)
         store.plain("rstd2", rstd)
 
         metas = plan.linears
         g_out = lora_linear_forward(metas[0], xn, *_linear_params(lin, 0))
         u_out = lora_linear_forward(metas[1], xn, *_linear_params(lin, 1))
         if metas[0].has_lora or metas[1].has_lora:
-            pol.keep(store, "x_n2", xn, st.get("x_n2"), upd)
+            _keep(plan, store, "x_n2", xn)
         del xn
         for name, meta, out in zip(_GATE_UP, metas[:2], (g_out, u_out)):
             _keep_linear_extras(store, name, meta, out)
-            pol.keep(store, name, out.y_w if pol.reconstruct else out.y, st.get(name), upd)
+            _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
 
         sil, hidden = silu_mul_forward(g_out.y, u_out.y)
         del g_out, u_out
         if pol.store_elementwise:
-            pol.keep(store, "silu", sil, st.get("silu"), upd)
+            _keep(plan, store, "silu", sil)
             if metas[2].has_lora:
-                pol.keep(store, "hidden", hidden, st.get("hidden"), upd)
+                _keep(plan, store, "hidden", hidden)
         del sil
         d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2))
         del hidden

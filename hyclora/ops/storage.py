@@ -78,12 +78,24 @@ class StoragePolicy:
         """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
         return self.layer_type == "intra"
 
-    def keep(self, store: "TensorStore", name: str, x: torch.Tensor, stats=None, update: bool = False):
+    def keep(self, store: "TensorStore", name: str, x: torch.Tensor, stats=None, update: bool = False,
+             replay: bool = False):
+        """Keep ``x`` for the backward.
+
+        ``replay``: this is a checkpoint recompute of a forward that quantised ``x`` while its
+        statistics were still calibrating; quantise it the same way (its own range, the outlier
+        channels that forward chose) even if that forward has frozen the statistics since.
+        """
         if not self.compress:
             store.plain(name, x)
             return
         q = _quant()
-        store.packed(name, "quant", q.quantize(x, self.bits, stats=stats, update=update, backend=self.backend))
+        if replay and stats is not None:
+            idx = stats.outlier_idx.clone() if stats.num_outliers > 0 else None
+            qt = q.quantize(x, self.bits, outlier_idx=idx, backend=self.backend)
+        else:
+            qt = q.quantize(x, self.bits, stats=stats, update=update, backend=self.backend)
+        store.packed(name, "quant", qt)
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
         if self.probs_mode == "dense":
