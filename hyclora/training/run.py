@@ -62,6 +62,8 @@ def _first(items, n: Optional[int]):
 
 def prepare_task_data(args: FinetuneArgs, tokenizer) -> TaskData:
     d, t = args.data, args.training
+    if d.max_train_samples is not None and d.max_train_samples < 1:
+        raise ValueError(f"--max_train_samples {d.max_train_samples}: expected at least 1 training example")
     progress = d.progress
     if args.task == "gsm8k":
         train_records = _first(load_gsm8k_records(d.data, "train", seed=d.synthetic_seed), d.max_train_samples)

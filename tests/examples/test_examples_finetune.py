@@ -91,16 +91,19 @@ def test_gsm8k_three_steps_plain_lora(tmp_path):
 @needs_hyclora
 def test_gsm8k_three_steps_with_hyclora_tracks_plain_lora(tmp_path):
     plain = run(tiny(tmp_path / "plain", max_generate_samples=0))
+    base = run(tiny(tmp_path / "base", use_hyclora=True, layer_type="baseline", max_generate_samples=0))
     hy = run(tiny(tmp_path / "hy", use_hyclora=True, layer_type="intra_inter", q_bit=4,
-                           max_generate_samples=0))
+                  max_generate_samples=0))
     assert hy["hyclora"] == "hyclora intra_inter q_bit=4"
     assert_finite_history(hy, 3)
-    p, h = [loss for _, loss in plain["loss_history"]], [loss for _, loss in hy["loss_history"]]
+    p, b, h = ([loss for _, loss in m["loss_history"]] for m in (plain, base, hy))
+    # nothing compressed: the same training as plain PEFT LoRA (measured: identical losses)
+    assert b == pytest.approx(p, abs=1e-6)
     # forward values are exact, so the first loss is the same; later steps follow gradients
-    # computed from 4-bit activations: measured max |difference| 5.8e-4 over these 3 steps
-    # (2-bit intra_inter: 7.0e-4), and not zero, so the compressed path really ran
+    # computed from 4-bit activations: measured max relative difference 3.2e-4 over the 3 steps
+    # (2-bit: 3.4e-4), and not zero, so the compressed path really ran
     assert h[0] == pytest.approx(p[0], abs=1e-6)
-    assert 0 < max(abs(a - b) for a, b in zip(p, h)) < 1e-3
+    assert 0 < max(abs(x - y) / y for x, y in zip(h, p)) < 2e-3
     assert (Path(hy["output_dir"]) / "hyclora_state.pt").is_file()
 
 
@@ -309,6 +312,8 @@ def test_clear_errors(tmp_path, monkeypatch):
         run(tiny(tmp_path, max_length=4096))
     with pytest.raises(ValueError, match="--model_name_or_path"):
         run_finetune(tiny(tmp_path, model_name_or_path=None))
+    with pytest.raises(ValueError, match="--max_train_samples"):
+        run(tiny(tmp_path, max_train_samples=0))
 
 
 def test_throughput_arithmetic(monkeypatch):
