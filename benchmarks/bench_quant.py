@@ -242,8 +242,10 @@ def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
     """Time tile shapes (BLOCK_M rows, BLOCK_N columns, warps) per kernel; best first."""
     from hyclora.quant import triton_kernels
 
-    configs = [(16, 128, 8), (32, 64, 8), (64, 32, 8), (8, 128, 4), (16, 64, 4), (8, 256, 8),
-               (4, 512, 8), (16, 256, 8), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (32, 128, 8)]
+    # (BLOCK_M, BLOCK_N, warps, ROW_ITERS): both kernels' autotuning lists and neighbours
+    configs = [(16, 128, 8, 1), (16, 128, 8, 2), (16, 128, 8, 4), (16, 128, 8, 8), (32, 64, 8, 4),
+               (32, 64, 8, 8), (8, 128, 4, 4), (32, 256, 8, 1), (16, 256, 4, 1), (16, 1024, 4, 1),
+               (32, 512, 4, 1), (8, 1024, 4, 1), (32, 256, 4, 1), (16, 256, 4, 2)]
     if INTERPRET:
         configs = configs[:2]
     results = []
@@ -265,17 +267,17 @@ def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
                 td = timer(lambda: triton_kernels.unpack_dequantize(codes, lo, step, bits, n, dtype,
                                                                     config=cfg))
                 results.append(dict(shape=str(shape), bits=bits, block_m=cfg[0], block_n=cfg[1],
-                                    warps=cfg[2], quant_pct=100 * nbytes / tq / copy_bw,
+                                    warps=cfg[2], row_iters=cfg[3], quant_pct=100 * nbytes / tq / copy_bw,
                                     dequant_pct=100 * nbytes / td / copy_bw))
     print("\nTile sweep (% of copy bandwidth), best 5 per kernel and bit width:")
-    print("| shape | bits | kernel | BLOCK_M | BLOCK_N | warps | % of copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | bits | kernel | BLOCK_M | BLOCK_N | warps | ROW_ITERS | % of copy |")
+    print("|---|---|---|---|---|---|---|---|")
     for bits in bits_list:
         for kern in ("quant", "dequant"):
             rs = sorted((r for r in results if r["bits"] == bits), key=lambda r: -r[f"{kern}_pct"])
             for r in rs[:5]:
                 print(f"| {r['shape']} | {bits} | {kern} | {r['block_m']} | {r['block_n']} | "
-                      f"{r['warps']} | {r[f'{kern}_pct']:.0f}% |")
+                      f"{r['warps']} | {r['row_iters']} | {r[f'{kern}_pct']:.0f}% |")
     with open(out / "bench_quant_sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(results[0]))
         w.writeheader()

@@ -335,6 +335,17 @@ def _check_outlier_idx(outlier_idx, x: Tensor) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # public entry points
 # ---------------------------------------------------------------------------------------------
+def column_minmax(x2d: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Per-channel (lo, hi) in fp32 over all rows of ``x2d`` (rows, N)."""
+    backend = resolve_backend(backend, x2d.device)
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.column_minmax(x2d)
+    lo, hi = torch.aminmax(x2d, dim=0)
+    return lo.float(), hi.float()
+
+
 def _pack(x2d, lo, inv_step, bits, group_size, backend) -> Tensor:
     if backend == "triton":
         from . import triton_kernels
@@ -391,10 +402,10 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                                    outlier_idx=outlier_idx, outlier_vals=outlier_vals)
         if not explicit_outliers and stats.num_outliers > 0:
             outlier_idx = stats.select_outliers(x2d, update=update)
-        lo, hi = stats.range_for(x2d, update=update)
+        lo, hi = stats.range_for(x2d, update=update, backend=backend)
     elif group_size is None:
         with torch.no_grad():
-            lo, hi = torch.aminmax(x2d, dim=0)
+            lo, hi = column_minmax(x2d, backend)
     else:
         with torch.no_grad():
             lo, hi = _group_range(x2d, group_size, outlier_idx)

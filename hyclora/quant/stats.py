@@ -119,7 +119,7 @@ class ChannelStats(torch.nn.Module):
             )
 
     # -- statistics -----------------------------------------------------------------------------
-    def range_for(self, x: Tensor, *, update: bool = True) -> Tuple[Tensor, Tensor]:
+    def range_for(self, x: Tensor, *, update: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
         """Per-channel (lo, hi) fp32 to quantise ``x`` with.
 
         Calibrating: ``x``'s own min/max over all its rows (merged into the running min/max and
@@ -130,8 +130,9 @@ class ChannelStats(torch.nn.Module):
         if self.frozen:
             return self.lo.clone(), self.hi.clone()
         with torch.no_grad():
-            lo, hi = torch.aminmax(x.detach().reshape(-1, self.width), dim=0)
-            lo, hi = lo.float(), hi.float()
+            from .core import column_minmax
+
+            lo, hi = column_minmax(x.detach().reshape(-1, self.width), backend)
             if update:
                 torch.minimum(self.lo, lo, out=self.lo)
                 torch.maximum(self.hi, hi, out=self.hi)

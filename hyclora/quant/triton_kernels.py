@@ -40,47 +40,49 @@ def _quant_pack_kernel(
     x_ptr, lo_ptr, inv_ptr, out_ptr,
     M, N, NB, stride_xm, n_groups,
     BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ITERS: tl.constexpr,
 ):
     E: tl.constexpr = 8 // BITS
     BLOCK_B: tl.constexpr = BLOCK_N // E
     QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_b * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
     cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    bcols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     if GROUP == 0:
-        # per channel: one vector of parameters, broadcast over the rows
+        # per channel: one vector of parameters, loaded once and reused for all the
+        # BLOCK_M * ROW_ITERS rows of this program
         lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
         inv = tl.load(inv_ptr + cols, mask=cmask, other=0.0)[None, :]
-    else:
-        poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
-        lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
-        inv = tl.load(inv_ptr + poff, mask=mask, other=0.0)
-    v = (x - lo) * inv
-    c = tl.floor(v + 0.5)
-    c = tl.minimum(tl.maximum(c, 0.0), QMAX)
-    # padding columns of the last byte must be 0, as in the reference
-    c = tl.where(mask, c, 0.0).to(tl.int32)
-    if E == 1:
-        packed = c
-    elif E == 2:
-        a, b = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2)))
-        packed = a | (b << 4)
-    else:
-        # column 4*byte + 2*i + j  ->  split on j, then on i
-        even, odd = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2, 2)))
-        e0, e2 = tl.split(even)
-        e1, e3 = tl.split(odd)
-        packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
-    bcols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    omask = rmask[:, None] & (bcols < NB)[None, :]
-    tl.store(out_ptr + rows[:, None] * NB + bcols[None, :], packed.to(tl.uint8), mask=omask)
+    for r in tl.static_range(ROW_ITERS):
+        rows = ((pid_m * ROW_ITERS + r) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if GROUP != 0:
+            poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
+            lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
+            inv = tl.load(inv_ptr + poff, mask=mask, other=0.0)
+        v = (x - lo) * inv
+        c = tl.floor(v + 0.5)
+        c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+        # padding columns of the last byte must be 0, as in the reference
+        c = tl.where(mask, c, 0.0).to(tl.int32)
+        if E == 1:
+            packed = c
+        elif E == 2:
+            a, b = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2)))
+            packed = a | (b << 4)
+        else:
+            # column 4*byte + 2*i + j  ->  split on j, then on i
+            even, odd = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2, 2)))
+            e0, e2 = tl.split(even)
+            e1, e3 = tl.split(odd)
+            packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
+        omask = rmask[:, None] & (bcols < NB)[None, :]
+        tl.store(out_ptr + rows[:, None] * NB + bcols[None, :], packed.to(tl.uint8), mask=omask)
 
 
 @triton.jit
@@ -88,48 +90,113 @@ def _unpack_dequant_kernel(
     codes_ptr, lo_ptr, step_ptr, out_ptr,
     M, N, NB, stride_om, n_groups,
     BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ITERS: tl.constexpr,
+    EMULATE_BF16_RNE: tl.constexpr,
 ):
     E: tl.constexpr = 8 // BITS
     BLOCK_B: tl.constexpr = BLOCK_N // E
     QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < M
     bcols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = rmask[:, None] & (bcols < NB)[None, :]
-    p = tl.load(codes_ptr + rows[:, None] * NB + bcols[None, :], mask=bmask, other=0).to(tl.int32)
-    if E == 1:
-        c = p
-    elif E == 2:
-        c = tl.reshape(tl.join(p & QMAX, p >> 4), (BLOCK_M, BLOCK_N))
-    else:
-        e0 = p & QMAX
-        e1 = (p >> 2) & QMAX
-        e2 = (p >> 4) & QMAX
-        e3 = (p >> 6) & QMAX
-        c = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_N))
     cols = pid_b * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
     if GROUP == 0:
         lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
         step = tl.load(step_ptr + cols, mask=cmask, other=0.0)[None, :]
+    for r in tl.static_range(ROW_ITERS):
+        rows = ((pid_m * ROW_ITERS + r) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        bmask = rmask[:, None] & (bcols < NB)[None, :]
+        p = tl.load(codes_ptr + rows[:, None] * NB + bcols[None, :], mask=bmask, other=0)
+        p = p.to(tl.int32)
+        if E == 1:
+            c = p
+        elif E == 2:
+            c = tl.reshape(tl.join(p & QMAX, p >> 4), (BLOCK_M, BLOCK_N))
+        else:
+            e0 = p & QMAX
+            e1 = (p >> 2) & QMAX
+            e2 = (p >> 4) & QMAX
+            e3 = (p >> 6) & QMAX
+            c = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_N))
+        mask = rmask[:, None] & cmask[None, :]
+        if GROUP != 0:
+            poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
+            lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
+            step = tl.load(step_ptr + poff, mask=mask, other=0.0)
+        y = c.to(tl.float32) * step + lo
+        if EMULATE_BF16_RNE:
+            # The interpreter casts fp32 -> bf16 by truncation; round to nearest even by hand so
+            # the interpreted kernel matches torch (the GPU's cvt.rn already does this).
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _col_minmax_kernel(
+    x_ptr, min_ptr, max_ptr, M, N, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+):
+    # partial per-column min/max over rows [pid_m * rows_per_prog, +rows_per_prog): elementwise
+    # running min/max in a (BLOCK_M, BLOCK_N) accumulator, one cross-thread reduction at the end
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc_min = tl.full((BLOCK_M, BLOCK_N), float("inf"), tl.float32)
+    acc_max = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    # a constexpr trip count (a power of two, so few variants get compiled): the interpreter
+    # cannot take loop bounds from kernel arguments
+    for t in range(ROW_TILES):
+        rows = ((pid_m * ROW_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+        acc_max = tl.maximum(acc_max, tl.where(mask, x, float("-inf")))
+    tl.store(min_ptr + pid_m * N + cols, tl.min(acc_min, axis=0), mask=cmask)
+    tl.store(max_ptr + pid_m * N + cols, tl.max(acc_max, axis=0), mask=cmask)
+
+
+def column_minmax(x2d: torch.Tensor, *, programs_per_column_block: Optional[int] = None):
+    """Per-column (lo, hi) fp32 of a (rows, N) tensor: Triton partials over row chunks, then a
+    small torch reduction. Exact (min/max do not round). torch.aminmax(dim=0) took ~300 us on a
+    (4096, 4096) bf16 tensor on an H200, ~10x a read of the tensor."""
+    _check_device(x2d)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    m, n = x2d.shape
+    if _INTERPRET:
+        block_m, block_n, warps = min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4
     else:
-        poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
-        lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
-        step = tl.load(step_ptr + poff, mask=mask, other=0.0)
-    y = c.to(tl.float32) * step + lo
-    if EMULATE_BF16_RNE:
-        # The interpreter casts fp32 -> bf16 by truncation; round to nearest even by hand so the
-        # interpreted kernel matches torch (the GPU's cvt.rn already does this).
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+        block_m, block_n, warps = 32, 128, 8
+    col_blocks = triton.cdiv(n, block_n)
+    # enough programs to fill the GPU (~4 per SM), each reducing whole BLOCK_M row tiles
+    want = programs_per_column_block
+    if want is None:
+        want = 1 if _INTERPRET else max(1, (4 * _sm_count(x2d.device)) // col_blocks)
+    row_tiles = triton.cdiv(m, block_m)
+    row_tiles_per_prog = _next_pow2(triton.cdiv(row_tiles, max(1, min(want, row_tiles))))
+    chunks = triton.cdiv(row_tiles, row_tiles_per_prog)
+    pmin = torch.empty((chunks, n), dtype=torch.float32, device=x2d.device)
+    pmax = torch.empty((chunks, n), dtype=torch.float32, device=x2d.device)
+    _col_minmax_kernel[(chunks, col_blocks)](
+        x2d, pmin, pmax, m, n, x2d.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles_per_prog, **_launch_opts(warps),
+    )
+    if chunks == 1:
+        return pmin[0], pmax[0]
+    return pmin.amin(0), pmax.amax(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,28 +206,35 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Tiles (BLOCK_M rows, BLOCK_N columns, warps). On GPU the launch is autotuned over these, per
-# (N, bits, granularity); the winner is cached for the process. Why these: with 8 elements per
-# thread (BLOCK_M * BLOCK_N = 256 * warps) and BLOCK_N <= 128 Triton keeps the loads, the
-# pack/unpack, the per-channel parameters and the store in one register layout (16-byte accesses
-# of bf16, no shared-memory round trip; checked on the sm_90 TTGIR); a tall tile (BLOCK_M >= 16)
-# amortises the parameter loads (8 bytes per column) over many rows. The larger tiles put more
-# bytes in flight per program but stage through shared memory. Which wins depends on the GPU,
-# hence the tuning (benchmarks/bench_quant.py prints a sweep).
-GPU_CONFIGS = [(16, 128, 8), (32, 64, 8), (8, 128, 4), (8, 256, 8), (4, 512, 8), (16, 512, 8),
-               (32, 256, 8)]
+# Tiles (BLOCK_M rows, BLOCK_N columns, warps, ROW_ITERS sub-tiles of BLOCK_M rows per program).
+# On GPU each kernel is autotuned over its list, per (N, bits, granularity, dtypes); the winner is
+# cached for the process. Why these: with 8 elements per thread (BLOCK_M * BLOCK_N = 256 * warps)
+# and BLOCK_N <= 128, Triton keeps the loads, the pack/unpack and the store in one register layout
+# (16-byte accesses of bf16, no shared-memory round trip; checked on the sm_90 TTGIR), and
+# ROW_ITERS > 1 reuses the per-channel parameters (8 bytes per column, which otherwise cost as
+# much load traffic as the data) over more rows. Larger tiles put more bytes in flight but stage
+# through shared memory; they were the fastest for the dequantise kernel and for 8-bit codes in
+# the first H200 sweep (BENCHMARKS.md), so they stay in the lists. benchmarks/bench_quant.py
+# prints a sweep and the configurations the tuner picked.
+QUANT_CONFIGS = [(16, 128, 8, 1), (16, 128, 8, 4), (16, 128, 8, 8), (8, 128, 4, 4),
+                 (32, 64, 8, 4), (32, 256, 8, 1), (16, 256, 4, 1)]
+DEQUANT_CONFIGS = [(16, 1024, 4, 1), (32, 512, 4, 1), (8, 1024, 4, 1), (32, 256, 4, 1),
+                   (16, 128, 8, 4), (16, 256, 4, 2)]
 _AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
 
 
 def _interpret_blocks(m: int, n: int):
     # the interpreter pays per program, not per element: few, large tiles
-    return min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4
+    return min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4, 1
 
 
-def _fixed_blocks(m: int, n: int):
-    """Heuristic when autotuning is off (HYCLORA_QUANT_AUTOTUNE=0): (16, 128, 8)-like tiles."""
-    block_n = max(8, min(_next_pow2(n), 128))
-    return max(1, 2048 // block_n), block_n, 8
+def _fixed_blocks(kernel_name: str, m: int, n: int):
+    """Tiles when autotuning is off (HYCLORA_QUANT_AUTOTUNE=0): the first H200 sweep's best."""
+    if kernel_name == "quant":
+        block_n = max(8, min(_next_pow2(n), 128))
+        return max(1, 2048 // block_n), block_n, 8, 4
+    block_n = max(8, min(_next_pow2(n), 512))
+    return max(1, 16384 // block_n), block_n, 4, 1
 
 
 def _launch_opts(num_warps: int) -> dict:
@@ -169,29 +243,33 @@ def _launch_opts(num_warps: int) -> dict:
     return dict(num_warps=num_warps, enable_fp_fusion=False)
 
 
+_KERNELS = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str):
-    kernel = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}[kernel_name]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in GPU_CONFIGS]
-    return triton.autotune(configs=configs, key=["N", "BITS", "GROUP"])(kernel)
+    table = QUANT_CONFIGS if kernel_name == "quant" else DEQUANT_CONFIGS
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROW_ITERS": ri}, num_warps=w)
+               for bm, bn, w, ri in table]
+    return triton.autotune(configs=configs, key=["N", "BITS", "GROUP"])(_KERNELS[kernel_name])
 
 
 def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config) -> None:
-    kernel = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}[kernel_name]
     if config is None and not _INTERPRET and _AUTOTUNE:
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+            return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
         _tuned(kernel_name)[grid](*args, **consts, enable_fp_fusion=False)
         return
     if config is not None:
-        bm, bn, warps = config
+        bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))
         bn = max(8, bn)
     elif _INTERPRET:
-        bm, bn, warps = _interpret_blocks(m, n)
+        bm, bn, warps, ri = _interpret_blocks(m, n)
     else:
-        bm, bn, warps = _fixed_blocks(m, n)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, **_launch_opts(warps))
+        bm, bn, warps, ri = _fixed_blocks(kernel_name, m, n)
+    grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
+    _KERNELS[kernel_name][grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri,
+                                **_launch_opts(warps))
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -207,7 +285,8 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
                   group_size: Optional[int] = None, *, config=None) -> torch.Tensor:
     """(rows, N) bf16/fp16/fp32 -> (rows, ceil(N*bits/8)) uint8 codes.
 
-    ``config`` = (BLOCK_M, BLOCK_N columns, num_warps) overrides the autotuner (benchmark sweeps).
+    ``config`` = (BLOCK_M, BLOCK_N columns, num_warps[, ROW_ITERS]) overrides the autotuner
+    (benchmark sweeps, tests).
     """
     _check_device(x2d)
     if x2d.stride(-1) != 1:

@@ -94,7 +94,7 @@ def test_strided_rows_are_handled():
     assert torch.equal(quantize(x, 4, backend="triton").codes, quantize(x, 4, backend="torch").codes)
 
 
-@pytest.mark.parametrize("config", [(2, 8, 4), (4, 16, 4), (1, 32, 4)])
+@pytest.mark.parametrize("config", [(2, 8, 4), (4, 16, 4, 2), (1, 32, 4, 3)])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_small_tiles_cover_every_edge(config, bits):
     # many programs in both grid dimensions, partial tiles at the row and column ends
@@ -109,3 +109,18 @@ def test_small_tiles_cover_every_edge(config, bits):
 
     y = triton_kernels.unpack_dequantize(ref, lo, step, bits, 37, torch.bfloat16, config=config)
     assert _same_values(y, unpack_dequantize_torch(ref, lo, step, bits, 37, torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (70, 33), (300, 100), (129, 260)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_minmax_matches_torch(shape, dtype):
+    from hyclora.quant import triton_kernels
+
+    x = _acts(shape, dtype, seed=shape[0])
+    lo, hi = triton_kernels.column_minmax(x)
+    ref_lo, ref_hi = torch.aminmax(x, dim=0)
+    assert lo.dtype == torch.float32 and torch.equal(lo, ref_lo.float()) and torch.equal(hi, ref_hi.float())
+    # several programs per column block (partials reduced by torch), strided rows
+    xs = _acts((shape[0], shape[1] + 5), dtype, seed=1)[:, : shape[1]]
+    lo, hi = triton_kernels.column_minmax(xs, programs_per_column_block=3)
+    assert torch.equal(lo, xs.float().amin(0)) and torch.equal(hi, xs.float().amax(0))
