@@ -13,7 +13,6 @@ Steps, for every task:
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
