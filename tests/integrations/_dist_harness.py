@@ -36,52 +36,61 @@ def worker_env(rank: int, world: int, port: int) -> Dict[str, str]:
     return env
 
 
+class Launch:
+    """N ranks of the worker running ``scenarios``; :meth:`wait` returns ``{name: result}``."""
+
+    def __init__(self, world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout: float = 240):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp, self.scenarios, self.timeout = tmp, scenarios, timeout
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps({"scenarios": scenarios, "out_dir": str(tmp), "model_dir": model_dir}))
+        port = free_port()
+        self.procs, self.logs = [], []
+        for rank in range(world):
+            log = open(tmp / f"rank{rank}.log", "w+")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), "--spec", str(spec_path)],
+                env=worker_env(rank, world, port), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+            ))
+
+    def wait(self) -> Dict[str, dict]:
+        """Raises with every rank's log tail when a rank fails or hangs."""
+        failed: Optional[str] = None
+        try:
+            for rank, proc in enumerate(self.procs):
+                try:
+                    code = proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    failed = f"rank {rank} timed out after {self.timeout}s"
+                    break
+                if code != 0:
+                    failed = f"rank {rank} exited with {code}"
+                    break
+        finally:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if failed:
+            tails = []
+            for rank, log in enumerate(self.logs):
+                log.seek(0)
+                tails.append(f"--- rank {rank} ---\n" + log.read()[-4000:])
+            raise RuntimeError(failed + "\n" + "\n".join(tails))
+        for log in self.logs:
+            log.close()
+        results = {}
+        for sc in self.scenarios:
+            path = self.tmp / sc["name"] / "result.json"
+            if path.exists():
+                results[sc["name"]] = json.loads(path.read_text())
+        return results
+
+
 def launch(world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout: float = 240) -> Dict[str, dict]:
-    """Run ``scenarios`` on ``world`` ranks; return ``{name: result}`` from rank 0.
-    Raises with every rank's stderr tail when a rank fails or hangs."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    spec = {"scenarios": scenarios, "out_dir": str(tmp), "model_dir": model_dir}
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(tmp / f"rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), "--spec", str(spec_path)],
-            env=worker_env(rank, world, port), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
-        ))
-    failed: Optional[str] = None
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                failed = f"rank {rank} timed out after {timeout}s"
-                break
-            if code != 0:
-                failed = f"rank {rank} exited with {code}"
-                break
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if failed:
-        tails = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            tails.append(f"--- rank {rank} ---\n" + log.read()[-4000:])
-        raise RuntimeError(failed + "\n" + "\n".join(tails))
-    for log in logs:
-        log.close()
-    results = {}
-    for sc in scenarios:
-        path = tmp / sc["name"] / "result.json"
-        if path.exists():
-            results[sc["name"]] = json.loads(path.read_text())
-    return results
+    """Run ``scenarios`` on ``world`` ranks and wait; ``{name: result}`` from rank 0."""
+    return Launch(world, scenarios, tmp, model_dir, timeout).wait()
 
 
 def load_adapter_tensors(path: Path) -> Dict[str, "torch.Tensor"]:  # noqa: F821

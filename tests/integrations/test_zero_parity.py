@@ -8,7 +8,9 @@ All runs are fp32 on a tiny random Llama with LoRA on every linear. The 1-proces
 accumulates over the same micro-batches the ranks see (see _dist_worker), so any difference is
 summation order: parity is asserted to fp32 rounding.
 
-Process start-up dominates the cost, so each fixture launches its scenarios together.
+Process start-up dominates the cost, so each test launches its scenarios together in one set of
+ranks, with its 1-process reference running alongside; the checks of one launch live in one test
+(each failing scenario is named), so pytest-xdist never repeats a launch on two workers.
 """
 
 import sys
@@ -21,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 pytest.importorskip("deepspeed")
 
-from _dist_harness import launch, load_adapter_tensors  # noqa: E402
+from _dist_harness import Launch, load_adapter_tensors  # noqa: E402
 from _dist_worker import save_tiny_llama  # noqa: E402
 
 # Every LoRA tensor is partitioned under ZeRO-3 (the default threshold would keep these tiny
@@ -57,56 +59,6 @@ LOOP_PARITY = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    return tmp, launch(1, [
-        dict(name="ref", mode="loop", steps=STEPS, mb=MB, ga=2),
-        dict(name="ref_base", mode="loop", steps=STEPS, mb=MB, ga=2, hyclora=BASELINE),
-        dict(name="ref_ii", mode="loop", steps=STEPS, mb=MB, ga=2, hyclora=INTRA_INTER),
-        dict(name="tref", mode="trainer", steps=STEPS, mb=MB, ga=2),
-        dict(name="tref_ii", mode="trainer", steps=TRAINER_STEPS, mb=MB, ga=2, hyclora=INTRA_INTER),
-    ], tmp, model_dir)
-
-
-@pytest.fixture(scope="module")
-def loop_runs(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loop")
-    common = dict(mode="loop", steps=STEPS, mb=MB)
-    return tmp, launch(2, [
-        dict(name="z2", ds="zero2", **common),
-        dict(name="z3", ds="zero3", ds_overrides=Z3, **common),
-        dict(name="hy_base_z2", ds="zero2", hyclora=BASELINE, **common),
-        dict(name="hy_base_z3", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, **LEAF, **common),
-        dict(name="hy_ii_z1", ds="zero1", hyclora=INTRA_INTER, **common),
-        dict(name="hy_ii_z2", ds="zero2", hyclora=INTRA_INTER, **common),
-        dict(name="hy_ii_z3", ds="zero3", ds_overrides=Z3, hyclora=INTRA_INTER, **LEAF, **common),
-        # DeepSpeed activation checkpointing from the JSON block (cpu_checkpointing, which on a
-        # CPU-only run needs partitioning), every 2nd layer, under ZeRO-3.
-        dict(name="hy_base_z3_ckpt", ds="zero3_actckpt_cpu", ds_overrides=Z3, hyclora=BASELINE,
-             ckpt=dict(backend="deepspeed", every_k=2, partition_activations=True), **LEAF, **common),
-        dict(name="acc_hy_ii_z3", mode="accelerate", ds="zero3", ds_overrides=Z3, steps=STEPS, mb=MB,
-             hyclora=INTRA_INTER, **LEAF),
-        # Last: hyclora under ZeRO-3 without leaf registration must fail loudly, naming ZeRO-3.
-        dict(name="hy_z3_noleaf", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, zero3_prep="guard",
-             expect_error=True, **dict(common, steps=1)),
-    ], tmp, model_dir)
-
-
-@pytest.fixture(scope="module")
-def trainer_runs(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trainer")
-    checkpoint = tmp / "t3_cal" / "trainer" / "checkpoint-3"
-    z3 = dict(mode="trainer", ds="zero3", ds_overrides=Z3, steps=TRAINER_STEPS, mb=MB, **LEAF)
-    return tmp, launch(2, [
-        dict(name="t2", mode="trainer", ds="zero2", steps=STEPS, mb=MB),
-        dict(name="t3_ii", hyclora=INTRA_INTER, **z3),
-        # Calibrated statistics (frozen after 2 forwards) are state: resuming from step 3 must
-        # restore them, or steps 4-6 would quantise differently.
-        dict(name="t3_cal", hyclora=CALIBRATED, save_steps=3, **z3),
-        dict(name="t3_cal_resume", hyclora=CALIBRATED, resume=str(checkpoint), **z3),
-    ], tmp, model_dir, timeout=500)
-
 
 def _ok(result, name):
     assert name in result, f"scenario {name} wrote no result"
@@ -127,89 +79,141 @@ def _assert_losses_equal(got, want):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=LOSS_RTOL, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(LOOP_PARITY))
-def test_two_ranks_equal_one_process(loop_runs, reference, name):
-    tmp, runs = loop_runs
-    ref_tmp, refs = reference
-    ref_name = LOOP_PARITY[name]
-    got = _ok(runs, name)["losses"]
-    want = _ok(refs, ref_name)["losses"]
-    assert len(got) == len(want) == STEPS
-    assert got[-1] != want[0], "the loss must move, or the comparison proves nothing"
-    _assert_losses_equal(got, want)
-    _assert_adapter_equal(tmp / name / "adapter", ref_tmp / ref_name / "adapter")
-    if name.startswith("acc"):
-        assert runs[name]["distributed_type"] == "DistributedType.DEEPSPEED"
+def _check_all(checks):
+    """Run every named check; fail once, naming each failing one."""
+    failures = []
+    for name, check in checks:
+        try:
+            check()
+        except AssertionError as err:
+            failures.append(f"[{name}] {err}")
+    assert not failures, "\n\n".join(failures)
 
 
-def test_references_differ_where_they_should(reference):
-    """hyclora baseline is plain LoRA to rounding; intra_inter is lossy, so its loss curve moves
-    (if it did not, the intra_inter parity above would not show compression under ZeRO)."""
-    ref_tmp, refs = reference
-    _assert_losses_equal(_ok(refs, "ref_base")["losses"], _ok(refs, "ref")["losses"])
-    _assert_adapter_equal(ref_tmp / "ref_base" / "adapter", ref_tmp / "ref" / "adapter")
-    plain, ii = _ok(refs, "ref")["losses"], _ok(refs, "ref_ii")["losses"]
-    assert plain[0] == ii[0], "forward outputs are exact, so the first loss is equal"
-    assert max(abs(a - b) for a, b in zip(plain[1:], ii[1:])) > 1e-5
+def test_loop_and_accelerate_zero_parity(model_dir, tmp_path):
+    common = dict(mode="loop", steps=STEPS, mb=MB)
+    ref_launch = Launch(1, [
+        dict(name="ref", ga=2, **common),
+        dict(name="ref_base", ga=2, hyclora=BASELINE, **common),
+        dict(name="ref_ii", ga=2, hyclora=INTRA_INTER, **common),
+    ], tmp_path / "ref", model_dir)
+    dist_launch = Launch(2, [
+        dict(name="z2", ds="zero2", **common),
+        dict(name="z3", ds="zero3", ds_overrides=Z3, **common),
+        dict(name="hy_base_z2", ds="zero2", hyclora=BASELINE, **common),
+        dict(name="hy_base_z3", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, **LEAF, **common),
+        dict(name="hy_ii_z1", ds="zero1", hyclora=INTRA_INTER, **common),
+        dict(name="hy_ii_z2", ds="zero2", hyclora=INTRA_INTER, **common),
+        dict(name="hy_ii_z3", ds="zero3", ds_overrides=Z3, hyclora=INTRA_INTER, **LEAF, **common),
+        # DeepSpeed activation checkpointing from the JSON block (cpu_checkpointing, which on a
+        # CPU-only run needs partitioning), every 2nd layer, under ZeRO-3.
+        dict(name="hy_base_z3_ckpt", ds="zero3_actckpt_cpu", ds_overrides=Z3, hyclora=BASELINE,
+             ckpt=dict(backend="deepspeed", every_k=2, partition_activations=True), **LEAF, **common),
+        dict(name="acc_hy_ii_z3", mode="accelerate", ds="zero3", ds_overrides=Z3, steps=STEPS, mb=MB,
+             hyclora=INTRA_INTER, **LEAF),
+        # Last: hyclora under ZeRO-3 without leaf registration must fail loudly, naming ZeRO-3.
+        dict(name="hy_z3_noleaf", ds="zero3", ds_overrides=Z3, hyclora=BASELINE, zero3_prep="guard",
+             expect_error=True, **dict(common, steps=1)),
+    ], tmp_path / "dist", model_dir)
+    refs, runs = ref_launch.wait(), dist_launch.wait()
+    ref_dir, dist_dir = tmp_path / "ref", tmp_path / "dist"
+
+    def parity(name):
+        ref_name = LOOP_PARITY[name]
+        got, want = _ok(runs, name)["losses"], _ok(refs, ref_name)["losses"]
+        assert len(got) == len(want) == STEPS
+        assert got[-1] != want[0], "the loss must move, or the comparison proves nothing"
+        _assert_losses_equal(got, want)
+        _assert_adapter_equal(dist_dir / name / "adapter", ref_dir / ref_name / "adapter")
+        if name.startswith("acc"):
+            assert runs[name]["distributed_type"] == "DistributedType.DEEPSPEED"
+
+    def references_differ_where_they_should():
+        # hyclora baseline is plain LoRA to rounding; intra_inter is lossy, so its curve moves
+        # (if it did not, the intra_inter parity would not show compression under ZeRO).
+        _assert_losses_equal(_ok(refs, "ref_base")["losses"], _ok(refs, "ref")["losses"])
+        _assert_adapter_equal(ref_dir / "ref_base" / "adapter", ref_dir / "ref" / "adapter")
+        plain, ii = _ok(refs, "ref")["losses"], _ok(refs, "ref_ii")["losses"]
+        assert plain[0] == ii[0], "forward outputs are exact, so the first loss is equal"
+        assert max(abs(a - b) for a, b in zip(plain[1:], ii[1:])) > 1e-5
+
+    def noleaf_names_zero3():
+        err = runs["hy_z3_noleaf"]["error"]
+        assert err is not None, "a hyclora layer reading ZeRO-3 shards must not run silently"
+        assert err["type"] == "ZeRO3GatherError", err
+        assert "ZeRO-3" in err["message"] and "prepare_zero3" in err["message"]
+
+    def zero3_adapter_loads_without_deepspeed():
+        # The adapter written under ZeRO-3 is a plain PEFT adapter: it loads into a plain model
+        # and changes its output as its weights say.
+        from peft import PeftModel
+        from transformers import LlamaForCausalLM
+
+        _ok(runs, "hy_ii_z3")
+        adapter = dist_dir / "hy_ii_z3" / "adapter"
+        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        x = torch.arange(16).view(1, 16)
+        with torch.no_grad():
+            before = base(input_ids=x).logits
+        model = PeftModel.from_pretrained(base, str(adapter))
+        loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+        for name, tensor in load_adapter_tensors(adapter).items():
+            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+        with torch.no_grad():
+            after = model(input_ids=x).logits
+        assert (after - before).abs().max() > 1e-4
+
+    _check_all(
+        [(name, lambda name=name: parity(name)) for name in sorted(LOOP_PARITY)]
+        + [("references", references_differ_where_they_should), ("noleaf", noleaf_names_zero3),
+           ("adapter_load", zero3_adapter_loads_without_deepspeed)]
+    )
 
 
-def test_hyclora_without_leaf_registration_names_zero3(loop_runs):
-    _, runs = loop_runs
-    err = runs["hy_z3_noleaf"]["error"]
-    assert err is not None, "a hyclora layer reading ZeRO-3 shards must not run silently"
-    assert err["type"] == "ZeRO3GatherError"
-    assert "ZeRO-3" in err["message"] and "prepare_zero3" in err["message"]
+def test_trainer_zero_parity_checkpoint_and_resume(model_dir, tmp_path):
+    ref_launch = Launch(1, [
+        dict(name="tref", mode="trainer", steps=STEPS, mb=MB, ga=2),
+        dict(name="tref_ii", mode="trainer", steps=TRAINER_STEPS, mb=MB, ga=2, hyclora=INTRA_INTER),
+    ], tmp_path / "ref", model_dir, timeout=500)
+    dist_dir = tmp_path / "dist"
+    checkpoint = dist_dir / "t3_cal" / "trainer" / "checkpoint-3"
+    z3 = dict(mode="trainer", ds="zero3", ds_overrides=Z3, steps=TRAINER_STEPS, mb=MB, **LEAF)
+    dist_launch = Launch(2, [
+        dict(name="t2", mode="trainer", ds="zero2", steps=STEPS, mb=MB),
+        dict(name="t3_ii", hyclora=INTRA_INTER, **z3),
+        # Calibrated statistics (frozen after 2 forwards) are state: resuming from step 3 must
+        # restore them, or steps 4-6 would quantise differently.
+        dict(name="t3_cal", hyclora=CALIBRATED, save_steps=3, **z3),
+        dict(name="t3_cal_resume", hyclora=CALIBRATED, resume=str(checkpoint), **z3),
+    ], dist_dir, model_dir, timeout=500)
+    refs, runs = ref_launch.wait(), dist_launch.wait()
+    ref_dir = tmp_path / "ref"
 
+    def zero2():
+        t2 = _ok(runs, "t2")
+        assert t2["deepspeed"] and t2["steps"] == list(range(1, STEPS + 1))
+        _assert_losses_equal(t2["losses"], _ok(refs, "tref")["losses"])
+        _assert_adapter_equal(dist_dir / "t2" / "adapter", ref_dir / "tref" / "adapter")
 
-def test_zero3_adapter_loads_without_deepspeed(loop_runs, model_dir):
-    """The adapter written under ZeRO-3 is a plain PEFT adapter: it loads into a plain model and
-    changes its output exactly as its weights say."""
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
+    def zero3():
+        t3 = _ok(runs, "t3_ii")
+        assert t3["deepspeed"] and len(t3["losses"]) == TRAINER_STEPS
+        _assert_losses_equal(t3["losses"], _ok(refs, "tref_ii")["losses"])
+        _assert_adapter_equal(dist_dir / "t3_ii" / "adapter", ref_dir / "tref_ii" / "adapter")
 
-    tmp, runs = loop_runs
-    _ok(runs, "hy_ii_z3")
-    adapter = tmp / "hy_ii_z3" / "adapter"
-    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    x = torch.arange(16).view(1, 16)
-    with torch.no_grad():
-        before = base(input_ids=x).logits
-    model = PeftModel.from_pretrained(base, str(adapter))
-    saved = load_adapter_tensors(adapter)
-    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
-    for name, tensor in saved.items():
-        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
-    with torch.no_grad():
-        after = model(input_ids=x).logits
-    assert (after - before).abs().max() > 1e-4
+    def checkpoint_holds_plain_adapter():
+        # Trainer's own save under ZeRO-3 (stage3_gather_16bit_weights_on_model_save) writes the
+        # gathered adapter, equal to what save_lora_adapter writes at the end.
+        _ok(runs, "t3_cal")
+        _assert_adapter_equal(dist_dir / "t3_cal" / "trainer" / f"checkpoint-{TRAINER_STEPS}",
+                              dist_dir / "t3_cal" / "adapter")
 
+    def resume_continues():
+        full, resumed = _ok(runs, "t3_cal"), _ok(runs, "t3_cal_resume")
+        assert len(full["losses"]) == TRAINER_STEPS
+        assert resumed["steps"] == [4, 5, 6], "resume must start after the checkpointed step"
+        _assert_losses_equal(resumed["losses"], full["losses"][3:])
+        _assert_adapter_equal(dist_dir / "t3_cal_resume" / "adapter", dist_dir / "t3_cal" / "adapter")
 
-def test_trainer_zero2_zero3_equal_one_process(trainer_runs, reference):
-    tmp, runs = trainer_runs
-    ref_tmp, refs = reference
-    t2 = _ok(runs, "t2")
-    assert t2["deepspeed"] and t2["steps"] == list(range(1, STEPS + 1))
-    _assert_losses_equal(t2["losses"], _ok(refs, "tref")["losses"])
-    _assert_adapter_equal(tmp / "t2" / "adapter", ref_tmp / "tref" / "adapter")
-    t3 = _ok(runs, "t3_ii")
-    assert t3["deepspeed"]
-    _assert_losses_equal(t3["losses"], _ok(refs, "tref_ii")["losses"])
-    _assert_adapter_equal(tmp / "t3_ii" / "adapter", ref_tmp / "tref_ii" / "adapter")
-
-
-def test_trainer_zero3_checkpoint_holds_a_plain_adapter(trainer_runs):
-    """Trainer's own save under ZeRO-3 (stage3_gather_16bit_weights_on_model_save) writes the
-    gathered adapter, equal to what save_lora_adapter writes at the end."""
-    tmp, runs = trainer_runs
-    _ok(runs, "t3_cal")
-    _assert_adapter_equal(tmp / "t3_cal" / "trainer" / f"checkpoint-{TRAINER_STEPS}", tmp / "t3_cal" / "adapter")
-
-
-def test_trainer_zero3_resume_continues_the_loss_curve(trainer_runs):
-    tmp, runs = trainer_runs
-    full = _ok(runs, "t3_cal")
-    resumed = _ok(runs, "t3_cal_resume")
-    assert len(full["losses"]) == TRAINER_STEPS
-    assert resumed["steps"] == [4, 5, 6], "resume must start after the checkpointed step"
-    _assert_losses_equal(resumed["losses"], full["losses"][3:])
-    _assert_adapter_equal(tmp / "t3_cal_resume" / "adapter", tmp / "t3_cal" / "adapter")
+    _check_all([("trainer_zero2", zero2), ("trainer_zero3", zero3),
+                ("checkpoint_adapter", checkpoint_holds_plain_adapter), ("resume", resume_continues)])
