@@ -7,7 +7,7 @@ Unsupported PEFT features are refused with a message listing what is supported.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

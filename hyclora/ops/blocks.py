@@ -129,9 +129,15 @@ def _linear_params(lin: Sequence, i: int):
     return tuple(lin[PARAMS_PER_LINEAR * i : PARAMS_PER_LINEAR * (i + 1)])
 
 
-def _check_params(plan: BlockPlan, lin: Sequence):
+def _check_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor):
+    if norm_w.numel() == 0 or any(p is not None and p.numel() == 0 for p in lin):
+        # ZeRO-3 partitions parameters to empty tensors outside their own module's forward.
+        raise RuntimeError(
+            f"hyclora: {plan.layer_name} got an empty parameter (a ZeRO-3 partitioned parameter that "
+            "was not gathered?). Register the decoder layer as a ZeRO-3 leaf module."
+        )
     for i, meta in enumerate(plan.linears):
-        weight, bias, lora_a, lora_b = _linear_params(lin, i)
+        weight, _, lora_a, lora_b = _linear_params(lin, i)
         if weight.requires_grad:
             raise ValueError(
                 f"hyclora: {plan.layer_name}.{meta.name} has a trainable base weight; hyclora "
@@ -179,13 +185,15 @@ def _save_params(store: TensorStore, params: Sequence, offset: int):
 
 _QKV = ("q", "k", "v")
 _ATTN_LIN_OFFSET = 6  # forward(ctx, plan, x, norm_w, cos, sin, mask, *lin)
+_GATE_UP = ("gate", "up")
+_MLP_LIN_OFFSET = 3  # forward(ctx, plan, x, norm_w, *lin)
 
 
 class AttentionBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
         check_implementation(plan.impl, plan.layer_name)
-        _check_params(plan, lin)
+        _check_params(plan, lin, norm_w)
         ctx.plan = plan
         ctx.autocast = _autocast_state(x.device.type)
         pol = plan.policy
@@ -307,18 +315,58 @@ class AttentionBlockFn(torch.autograd.Function):
 
 
 # -- MLP block ------------------------------------------------------------------------------
+#
+# The SwiGLU epilogue (what is kept of G/U, SiLU(G) * U, and its backward) is the part the
+# fused-kernel layer type replaces; it is isolated in these two functions so that a fused
+# implementation can be plugged in without touching the rest of the block.
 
-_GATE_UP = ("gate", "up")
-_MLP_LIN_OFFSET = 3  # forward(ctx, plan, x, norm_w, *lin)
+
+def swiglu_epilogue_forward(plan: BlockPlan, store: TensorStore, g_out, u_out) -> torch.Tensor:
+    """Keep what the backward needs of the gate/up outputs; return ``D = SiLU(G) * U``."""
+    pol, metas = plan.policy, plan.linears
+    for name, meta, out in zip(_GATE_UP, metas[:2], (g_out, u_out)):
+        _keep_linear_extras(store, name, meta, out)
+        _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
+    sil, hidden = silu_mul_forward(g_out.y, u_out.y)
+    if pol.store_elementwise:
+        _keep(plan, store, "silu", sil)
+        if metas[2].has_lora:
+            _keep(plan, store, "hidden", hidden)
+    return hidden
+
+
+def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
+    """Generator: first yields ``D`` rebuilt (or ``None`` when down_proj has no LoRA, which then
+    needs no input), then receives ``dD`` and yields ``(dG, dU)``."""
+    pol, metas = plan.policy, plan.linears
+    off = _MLP_LIN_OFFSET
+
+    def rebuilt(i: int, name: str):
+        val = load.get(name)
+        if pol.reconstruct:
+            val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+        return val
+
+    g, u = rebuilt(0, "gate"), rebuilt(1, "up")
+    if pol.store_elementwise:
+        sil = load.get("silu")
+        hidden = load.get("hidden") if metas[2].has_lora else None
+    else:
+        sil, hidden = silu_mul_forward(g, u)
+        if not metas[2].has_lora:
+            hidden = None
+    dh = yield hidden
+    del hidden
+    yield silu_mul_backward(dh, g, u, sil)
+
 
 
 class MLPBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: MLPPlan, x, norm_w, *lin):
-        _check_params(plan, lin)
+        _check_params(plan, lin, norm_w)
         ctx.plan = plan
         ctx.autocast = _autocast_state(x.device.type)
-        pol = plan.policy
         store = TensorStore()
         _save_params(store, (None, None, norm_w) + tuple(lin), 0)
 
@@ -332,17 +380,8 @@ class MLPBlockFn(torch.autograd.Function):
         if metas[0].has_lora or metas[1].has_lora:
             _keep(plan, store, "x_n2", xn)
         del xn
-        for name, meta, out in zip(_GATE_UP, metas[:2], (g_out, u_out)):
-            _keep_linear_extras(store, name, meta, out)
-            _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
-
-        sil, hidden = silu_mul_forward(g_out.y, u_out.y)
+        hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
-        if pol.store_elementwise:
-            _keep(plan, store, "silu", sil)
-            if metas[2].has_lora:
-                _keep(plan, store, "hidden", hidden)
-        del sil
         d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2))
         del hidden
         _keep_linear_extras(store, "down", metas[2], d_out)
@@ -365,28 +404,14 @@ class MLPBlockFn(torch.autograd.Function):
         pol = plan.policy
         load = TensorLoad(ctx, pol.backend)
         need = ctx.needs_input_grad
-        metas = plan.linears
         off = _MLP_LIN_OFFSET
         lin_grads = [None] * (PARAMS_PER_LINEAR * 3)
 
-        def rebuilt(i: int, name: str):
-            val = load.get(name)
-            if pol.reconstruct:
-                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
-            return val
-
-        g, u = rebuilt(0, "gate"), rebuilt(1, "up")
-        if pol.store_elementwise:
-            sil = load.get("silu")
-            hidden = load.get("hidden") if metas[2].has_lora else None
-        else:
-            sil, hidden = silu_mul_forward(g, u)
-            if not metas[2].has_lora:
-                hidden = None
-        dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, hidden, off)
-        del hidden
-        dg, du = silu_mul_backward(dh, g, u, sil)
-        del dh, g, u, sil
+        epilogue = swiglu_epilogue_backward(plan, load)
+        dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, next(epilogue), off)
+        dg, du = epilogue.send(dh)
+        epilogue.close()
+        del dh
 
         x_n2 = load.get("x_n2")
         dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)

@@ -145,3 +145,31 @@ def test_baseline_autocast_bf16_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, g = step_grads(model, batch)
     assert worst_rel_err(g, g_ref) <= 1.6e-2
+
+
+def test_baseline_sdpa_without_mask_and_gqa_kernel():
+    # no padding and no sliding window: transformers passes no mask (is_causal) and lets sdpa
+    # handle GQA natively (enable_gqa); the recompute must take the same kernel path.
+    model = lora_model(tiny_model("llama", "sdpa"), train_norms=True)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    _compare(model, {"input_ids": ids, "labels": ids}, 1e-5)
+
+
+def test_baseline_peft_modules_to_save_norms():
+    # norms trained through PEFT's modules_to_save wrapper (a trainable copy per adapter)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(
+        tiny_model("llama", "eager"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                   modules_to_save=["input_layernorm", "post_attention_layernorm"]),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            if "modules_to_save" in name:
+                p.mul_(1.5)  # differs from the frozen original: the right copy must be used
+    _, grads = _compare(model, _padded_batch(), 1e-5)
+    assert any("modules_to_save" in n and "layernorm" in n for n in grads)

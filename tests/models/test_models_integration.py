@@ -230,6 +230,15 @@ def test_other_clear_errors(monkeypatch):
         resolve_linear(fake, "q_proj", "layers.0.self_attn.q_proj")
 
 
+def test_empty_parameter_is_refused_clearly():
+    # what a ZeRO-3 partitioned parameter looks like outside its module's forward
+    model = lora_model(tiny_model("llama", "sdpa"))
+    apply_hyclora(model, BASELINE)
+    _layers(model)[1].mlp.up_proj.lora_A["default"].weight.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1 got an empty parameter .*ZeRO-3"):
+        step_grads(model, _batch())
+
+
 def test_prefilled_kv_cache_is_refused():
     from transformers import DynamicCache
 
