@@ -92,21 +92,19 @@ def _region_tracker(layers: Iterable[torch.nn.Module]):
             handle.remove()
 
 
-def measure_saved_tensors(
+@contextlib.contextmanager
+def count_saved_tensors(
     model: torch.nn.Module,
-    run_forward: Callable[[], torch.Tensor],
     layers: Optional[List[torch.nn.Module]] = None,
     keep_details: bool = False,
 ):
-    """Run ``run_forward()`` (which must return the loss) and count what autograd saved.
+    """Context manager: every tensor autograd saves inside it is counted in the yielded report.
 
-    Returns ``(loss, SavedTensorReport)``. The graph is alive when this returns: call
-    ``loss.backward()`` afterwards if gradients are wanted.
+    Storages are counted once; parameters (and tensors sharing their storage) are skipped.
+    Usable around any training step (e.g. from a Trainer callback).
     """
     layers = find_decoder_layers(model) if layers is None else layers
-    param_storages = set()
-    for p in model.parameters():
-        param_storages.add(_storage_key(p)[0])
+    param_storages = {_storage_key(p)[0] for p in model.parameters()}
     seen = set()
     report = SavedTensorReport()
 
@@ -124,9 +122,24 @@ def measure_saved_tensors(
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = run_forward()
+            yield report
     for index in range(len(layers)):
         report.per_region.setdefault(index, 0)
+
+
+def measure_saved_tensors(
+    model: torch.nn.Module,
+    run_forward: Callable[[], torch.Tensor],
+    layers: Optional[List[torch.nn.Module]] = None,
+    keep_details: bool = False,
+):
+    """Run ``run_forward()`` (which must return the loss) and count what autograd saved.
+
+    Returns ``(loss, SavedTensorReport)``. The graph is alive when this returns: call
+    ``loss.backward()`` afterwards if gradients are wanted.
+    """
+    with count_saved_tensors(model, layers, keep_details) as report:
+        loss = run_forward()
     return loss, report
 
 
@@ -253,6 +266,7 @@ def format_bytes(n: float) -> str:
 __all__ = [
     "SavedTensorReport",
     "measure_saved_tensors",
+    "count_saved_tensors",
     "allocator_delta",
     "find_decoder_layers",
     "LayerShape",
