@@ -215,8 +215,9 @@ class AttentionBlockFn(torch.autograd.Function):
         del xn
         for name, meta, out in zip(_QKV, metas[:3], outs):
             _keep_linear_extras(store, name, meta, out)
-            # Q/K are kept before RoPE (RoPE is re-applied in the backward): the rotation mixes
-            # channel pairs, and per-channel ranges are tighter on the un-rotated values.
+            # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
+            # with a position-dependent angle, so per-channel statistics fit the un-rotated
+            # values better (the paper's intra_inter choice; used here for every layer type).
             _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
 
         q = outs[0].y.view(b, s, H, D).transpose(1, 2)
@@ -240,7 +241,8 @@ class AttentionBlockFn(torch.autograd.Function):
 
         store.plain("cos", cos, describe=False)
         store.plain("sin", sin, describe=False)
-        store.plain("mask", mask, describe=False)
+        if plan.impl != "eager" or pol.probs_mode == "recompute":
+            store.plain("mask", mask, describe=False)  # only a recompute of the attention needs it
         store.save(ctx)
         if plan.record is not None:
             plan.record["attention"] = store.manifest
