@@ -21,7 +21,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(rank: int, world: int, port: int) -> Dict[str, str]:
+def worker_env(rank: int, world: int, port: int, distributed: bool = True) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -29,8 +29,8 @@ def worker_env(rank: int, world: int, port: int) -> Dict[str, str]:
         DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
     )
-    if world == 1:
-        # A 1-process reference run is not distributed at all.
+    if not distributed:
+        # A 1-process reference run without DeepSpeed is not distributed at all.
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             env.pop(key, None)
     return env
@@ -45,13 +45,14 @@ class Launch:
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps({"scenarios": scenarios, "out_dir": str(tmp), "model_dir": model_dir}))
         port = free_port()
+        distributed = world > 1 or any(sc.get("ds") for sc in scenarios)
         self.procs, self.logs = [], []
         for rank in range(world):
             log = open(tmp / f"rank{rank}.log", "w+")
             self.logs.append(log)
             self.procs.append(subprocess.Popen(
                 [sys.executable, str(WORKER), "--spec", str(spec_path)],
-                env=worker_env(rank, world, port), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+                env=worker_env(rank, world, port, distributed), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
             ))
 
     def wait(self) -> Dict[str, dict]:

@@ -152,7 +152,8 @@ def test_checkpointed_gradients_equal_uncheckpointed(ds_comm, variant, backend, 
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_json_block_drives_deepspeed_checkpointing(ds_comm):

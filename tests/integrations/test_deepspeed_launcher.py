@@ -101,7 +101,8 @@ def _check(dist_out, ref_out, ranks, tmp):
     assert a.keys() == b.keys() and a
     for key in b:
         assert a[key].numel() > 0, f"{key}: empty ZeRO-3 shard saved"
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=W_ATOL, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=W_ATOL,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_deepspeed_launcher_2_ranks_zero3_matches_one_process(tmp_path):

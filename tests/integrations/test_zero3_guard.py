@@ -96,7 +96,8 @@ def test_toy_fused_mlp_matches_peft_exactly():
     grads_fused = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
     assert grads_ref.keys() == grads_fused.keys()
     for name in grads_ref:
-        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     assert all(g.abs().sum() > 0 for g in grads_fused.values())
 
 

@@ -4,7 +4,7 @@ accelerate; DeepSpeed activation checkpointing under ZeRO-3 changes nothing; ZeR
 continues the loss curve (calibrated statistics included); the adapter saved under ZeRO-3 is a
 plain PEFT adapter.
 
-All runs are fp32 on a tiny random Llama with LoRA on every linear. The 1-process reference
+All runs are fp32 (one is bf16) on a tiny random Llama with LoRA on every linear. The 1-process reference
 accumulates over the same micro-batches the ranks see (see _dist_worker), so any difference is
 summation order: parity is asserted to fp32 rounding.
 
@@ -56,7 +56,9 @@ LOOP_PARITY = {
     "hy_base_z2": "ref_base", "hy_base_z3": "ref_base",
     "hy_ii_z1": "ref_ii", "hy_ii_z2": "ref_ii", "hy_ii_z3": "ref_ii",
     "hy_base_z3_ckpt": "ref_base", "acc_hy_ii_z3": "ref_ii",
+    "hy_ii_z3_bf16": "ref_ii_bf16",
 }
+BF16 = {"bf16": {"enabled": True}}
 
 
 
@@ -72,7 +74,8 @@ def _assert_adapter_equal(got_dir, want_dir):
     assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
     for name in want:
         assert got[name].numel() > 0, f"{name} saved as an empty ZeRO-3 shard"
-        torch.testing.assert_close(got[name], want[name], rtol=W_RTOL, atol=W_ATOL, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=W_RTOL, atol=W_ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _assert_losses_equal(got, want):
@@ -96,6 +99,8 @@ def test_loop_and_accelerate_zero_parity(model_dir, tmp_path):
         dict(name="ref", ga=2, **common),
         dict(name="ref_base", ga=2, hyclora=BASELINE, **common),
         dict(name="ref_ii", ga=2, hyclora=INTRA_INTER, **common),
+        # bf16 needs DeepSpeed's bf16 engine on both sides: one process, ZeRO-2, same micro-batches.
+        dict(name="ref_ii_bf16", ga=2, ds="zero2", ds_overrides=BF16, hyclora=INTRA_INTER, **common),
     ], tmp_path / "ref", model_dir)
     dist_launch = Launch(2, [
         dict(name="z2", ds="zero2", **common),
@@ -105,6 +110,8 @@ def test_loop_and_accelerate_zero_parity(model_dir, tmp_path):
         dict(name="hy_ii_z1", ds="zero1", hyclora=INTRA_INTER, **common),
         dict(name="hy_ii_z2", ds="zero2", hyclora=INTRA_INTER, **common),
         dict(name="hy_ii_z3", ds="zero3", ds_overrides=Z3, hyclora=INTRA_INTER, **LEAF, **common),
+        dict(name="hy_ii_z3_bf16", ds="zero3", ds_overrides=dict(Z3, **BF16), hyclora=INTRA_INTER, **LEAF,
+             **common),
         # DeepSpeed activation checkpointing from the JSON block (cpu_checkpointing, which on a
         # CPU-only run needs partitioning), every 2nd layer, under ZeRO-3.
         dict(name="hy_base_z3_ckpt", ds="zero3_actckpt_cpu", ds_overrides=Z3, hyclora=BASELINE,
