@@ -196,6 +196,13 @@ def parse_finetune_args(task: str, argv: Sequence[str] = (), **overrides: Any) -
         raise ValueError(f"unknown argument(s) {unknown} for parse_finetune_args")
     if overrides:
         parser.set_defaults(**overrides)
+    argv = list(argv)
+    if overrides.get("deepspeed") or any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        # Several CPU processes: accelerate runs DeepSpeed there only with an explicit gloo
+        # process group (a no-op on GPUs).
+        from hyclora.integrations.accelerate import trainer_cpu_deepspeed_kwargs
+
+        parser.set_defaults(**trainer_cpu_deepspeed_kwargs())
     model, data, lora, hy, training = parser.parse_args_into_dataclasses(
         args=list(argv), look_for_args_file=False
     )
