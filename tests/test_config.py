@@ -33,6 +33,7 @@ def test_defaults_match_the_reference():
         ("use_hyclora", "yes"),
         ("on_nonfinite", "warn"),
         ("kernel_backend", "cuda"),
+        ("attention_probs", "flash"),
     ],
 )
 def test_invalid_values_name_the_field_and_value(field, value):
