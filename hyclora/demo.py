@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import HyCLoRAConfig
-from .memory import LayerShape, format_bytes, measure_saved_tensors, theoretical_bytes_per_token
+from .memory import LayerShape, format_bytes, measure_saved_tensors, theoretical_layer_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,7 +66,8 @@ def compression_report(batch=4, seq=256, attn="sdpa"):
         revert_hyclora(model)
         cos = torch.stack([torch.nn.functional.cosine_similarity(exact[n].flatten(), g.flatten(), dim=0)
                            for n, g in grads.items() if "lora_" in n])
-        theory = theoretical_bytes_per_token(shape, layer_type, bits, dtype_bytes=4) * tokens
+        theory = theoretical_layer_bytes(shape, batch, seq, layer_type, min(bits, 8), attention=attn,
+                                         dtype_bytes=4)
         rows.append((f"hyclora {layer_type}", bits if layer_type != "baseline" else "-",
                      report.mean_layer_bytes, theory, cos.mean().item(), cos.min().item(), loss))
 

@@ -211,6 +211,74 @@ def _packed_bytes(width: int, bits: int) -> float:
     return math.ceil(width * bits / 8)
 
 
+def _kept_tensors(shape: LayerShape, layer_type: str, attention: str, probs: str):
+    """(name, width, kind) of every per-token tensor a decoder layer keeps; kind is ``norm``
+    (quantised with outlier channels), ``quant`` or ``plain`` (kept as is when compressing too)."""
+    d, f = shape.hidden, shape.intermediate
+    a = shape.num_heads * shape.head_dim
+    c = shape.num_kv_heads * shape.head_dim
+    kept = [("x_in", d, "norm"), ("x_n1", d, "quant"), ("q", a, "quant"), ("k", c, "quant"),
+            ("v", c, "quant")]
+    keeps_map = attention == "eager" and probs != "recompute"
+    if keeps_map:
+        kept.append(("o", a, "quant"))
+    kept += [("x_mid", d, "norm"), ("x_n2", d, "quant"), ("gate", f, "quant"), ("up", f, "quant")]
+    if layer_type == "intra":
+        kept += [("silu", f, "quant"), ("hidden", f, "quant")]
+    return kept, keeps_map
+
+
+def theoretical_layer_bytes(
+    shape: LayerShape,
+    batch: int,
+    seq: int,
+    layer_type: str,
+    q_bit: int = 4,
+    *,
+    attention: str = "sdpa",
+    probs: str = "auto",
+    dtype_bytes: int = 2,
+    lora_dtype_bytes: Optional[int] = None,
+    layernorm_outlier_ratio: float = 0.005,
+    softmax_outlier_ratio: float = 0.05,
+) -> float:
+    """Bytes one patched decoder layer keeps for the backward in one training step.
+
+    The count follows the tensors hyclora's blocks save (see ``hyclora.ops.blocks``): per token
+    the quantised activations (``ceil(width * q_bit / 8)`` bytes each), the exact outlier
+    columns of both norm inputs, two fp32 rstd values and the ``X A`` of every LoRA linear;
+    per step the fp32 range parameters (8 bytes per quantised channel) and outlier indices;
+    the eager map when it is stored. Tensors shared by all layers (RoPE cos/sin, the mask)
+    are not included. ``probs="auto"`` means dense for baseline and recompute otherwise.
+    """
+    tokens = batch * seq
+    compress = layer_type != "baseline"
+    if probs == "auto":
+        probs = "recompute" if compress else "dense"
+    lora_w = dtype_bytes if lora_dtype_bytes is None else lora_dtype_bytes
+    kept, keeps_map = _kept_tensors(shape, layer_type, attention, probs)
+    k = math.floor(shape.hidden * layernorm_outlier_ratio)
+    total = 0.0
+    for _name, width, kind in kept:
+        if not compress:
+            total += tokens * width * dtype_bytes
+            continue
+        total += batch * seq * _packed_bytes(width, q_bit) + 8 * width
+        if kind == "norm" and k:
+            total += tokens * k * dtype_bytes + 8 * k
+    total += tokens * 2 * 4  # rstd of both norms (fp32)
+    if shape.lora_rank:
+        total += tokens * len(shape.lora_targets) * shape.lora_rank * lora_w
+    if keeps_map:
+        heads = shape.num_heads
+        if probs == "dense":
+            total += batch * heads * seq * seq * dtype_bytes
+        else:  # sparse: values + int16 columns per kept entry, plus per-row counts
+            kept_entries = math.floor(batch * heads * seq * seq * softmax_outlier_ratio)
+            total += kept_entries * (dtype_bytes + 2) + batch * heads * seq * 2
+    return total
+
+
 def theoretical_bytes_per_token(
     shape: LayerShape,
     layer_type: str,
@@ -221,37 +289,19 @@ def theoretical_bytes_per_token(
     attention: str = "sdpa",
     include_small: bool = True,
 ) -> float:
-    """Bytes one decoder layer buffers per token (sequence-length-independent part).
-
-    Large tensors (the paper's count): per layer_type, which (b, s, width) tensors are kept and
-    at how many bits. ``include_small`` adds what the paper leaves out but we keep exactly:
-    the LoRA ``X A`` tensors (r per LoRA linear, input dtype), two fp32 rstd values, the exact
-    outlier columns of both norm inputs. Per-channel scales are per-layer constants, not per
-    token, and are omitted. The eager softmax map grows with s^2 and is also left out.
-    """
-    d, df = shape.hidden, shape.intermediate
-    dq = shape.num_heads * shape.head_dim
-    dkv = shape.num_kv_heads * shape.head_dim
-    w = dtype_bytes
-    if layer_type in ("peft", "baseline"):
-        # X_in, X_n1, Q, K, V, O, X_mid, X_n2, G, U, SiLU(G), D at the input dtype.
-        big = (2 * d + dq + 2 * dkv + dq + 2 * d + 4 * df) * w
-    elif layer_type == "intra":
-        big = sum(
-            _packed_bytes(width, q_bit) for width in (d, d, dq, dkv, dkv, dq, d, d, df, df, df, df)
-        )
-    elif layer_type.startswith("intra_inter"):
-        big = sum(_packed_bytes(width, q_bit) for width in (d, d, dq, dkv, dkv, dq, d, d, df, df))
-    else:
-        raise ValueError(f"unknown layer_type {layer_type!r}")
+    """Per-token part of :func:`theoretical_layer_bytes` (large sequences: per-step constants
+    and the attention map excluded). ``include_small=False`` gives the paper's count: only the
+    quantised (b, s, width) tensors."""
+    compress = layer_type != "baseline"
+    kept, _ = _kept_tensors(shape, layer_type, attention, "recompute" if compress else "dense")
+    big = sum((_packed_bytes(w, q_bit) if compress else w * dtype_bytes) for _n, w, _k in kept)
+    if attention == "eager" and not compress:
+        big += shape.num_heads * shape.head_dim * dtype_bytes  # o, kept beside the dense map
     if not include_small:
         return float(big)
-    small = 0.0
-    if shape.lora_rank:
-        small += len(shape.lora_targets) * shape.lora_rank * w
-    small += 2 * 4  # rstd of both norms, fp32
-    if layer_type not in ("peft", "baseline"):
-        small += 2 * math.floor(d * layernorm_outlier_ratio) * w
+    small = 2 * 4 + len(shape.lora_targets) * shape.lora_rank * dtype_bytes
+    if compress:
+        small += 2 * math.floor(shape.hidden * layernorm_outlier_ratio) * dtype_bytes
     return float(big + small)
 
 
@@ -271,5 +321,6 @@ __all__ = [
     "find_decoder_layers",
     "LayerShape",
     "theoretical_bytes_per_token",
+    "theoretical_layer_bytes",
     "format_bytes",
 ]
