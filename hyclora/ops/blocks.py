@@ -51,6 +51,7 @@ from .attention import (
     sdpa_attention_forward,
     sdpa_attention_recompute,
 )
+from . import fused_swiglu
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import apply_rope, rope_backward
@@ -377,12 +378,19 @@ class MLPBlockFn(torch.autograd.Function):
         store.plain("rstd2", rstd)
 
         metas = plan.linears
-        g_out = lora_linear_forward(metas[0], xn, *_linear_params(lin, 0))
-        u_out = lora_linear_forward(metas[1], xn, *_linear_params(lin, 1))
+        # full_fuse: base outputs and XA only; one kernel adds the LoRA terms, quantises and
+        # computes SiLU(G) * U, so the full G and U never reach memory
+        linear_fwd = fused_swiglu.lora_base_forward if plan.policy.fused else lora_linear_forward
+        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0))
+        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1))
         if metas[0].has_lora or metas[1].has_lora:
             _keep(plan, store, "x_n2", xn)
         del xn
-        hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
+        if plan.policy.fused:
+            hidden = fused_swiglu.fused_gate_up_forward(
+                plan, store, g_out, u_out, _linear_params(lin, 0)[3], _linear_params(lin, 1)[3])
+        else:
+            hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
         d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2))
         del hidden
@@ -409,11 +417,17 @@ class MLPBlockFn(torch.autograd.Function):
         off = _MLP_LIN_OFFSET
         lin_grads = [None] * (PARAMS_PER_LINEAR * 3)
 
-        epilogue = swiglu_epilogue_backward(plan, load)
-        dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, next(epilogue), off)
-        dg, du = epilogue.send(dh)
-        epilogue.close()
-        del dh
+        if pol.fused:  # dD first (needs no activation), then one kernel: dG, dU and D~
+            params = [tuple(load.get(f"p{off + PARAMS_PER_LINEAR * i + j}") for j in range(PARAMS_PER_LINEAR))
+                      for i in range(3)]
+            need_down = need[off + 2 * PARAMS_PER_LINEAR : off + 3 * PARAMS_PER_LINEAR]
+            lin_grads[8:12], dg, du = fused_swiglu.fused_mlp_epilogue_backward(plan, load, dy, params, need_down)
+        else:
+            epilogue = swiglu_epilogue_backward(plan, load)
+            dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, next(epilogue), off)
+            dg, du = epilogue.send(dh)
+            epilogue.close()
+            del dh
 
         x_n2 = load.get("x_n2")
         dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)

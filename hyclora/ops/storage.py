@@ -77,6 +77,12 @@ class StoragePolicy:
         return self.layer_type.startswith("intra_inter")
 
     @property
+    def fused(self) -> bool:
+        """Run the SwiGLU epilogue through the fused kernels of ``hyclora.ops.fused_swiglu``
+        (``intra_inter_full_fuse``: same numerics as ``intra_inter``, fewer passes)."""
+        return self.layer_type == "intra_inter_full_fuse"
+
+    @property
     def store_elementwise(self) -> bool:
         """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
         return self.layer_type == "intra"
@@ -157,6 +163,14 @@ class TensorLoad:
 
     def has(self, name: str) -> bool:
         return name in self._index
+
+    def get_quantized(self, name: str):
+        """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), for fused
+        kernels that read the codes themselves."""
+        kind, start, n, meta = self._index[name]
+        if kind != "quant":
+            raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
+        return _quant().QuantizedTensor.restore(self._saved[start : start + n], meta)
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         if name not in self._index:

@@ -1,0 +1,733 @@
+"""Fused SwiGLU epilogue of ``intra_inter_full_fuse``: one kernel forward, one kernel backward.
+
+``intra_inter`` keeps, for gate and up, the quantised base output ``Q(X W)`` and the exact
+``XA``; it rebuilds ``G = deq + s (XA) B^T`` (same for ``U``) in the backward and recomputes
+``SiLU(G)`` and ``D = SiLU(G) * U`` from them. Done op by op that is ~10 passes over
+``(b*s, d_ff)`` tensors per direction. Here it is one pass each way:
+
+* forward (:func:`swiglu_lora_forward`): reads ``Y_W`` of gate and up (the base GEMM outputs,
+  computed by torch), the ``(b*s, r)`` LoRA-A outputs and the LoRA-B weights; writes the packed
+  codes of both ``Y_W`` (identical to :func:`hyclora.quant.quantize` with the same ``lo`` /
+  ``1/step``, so :func:`hyclora.quant.dequantize` reads them) and ``D`` (the down_proj input).
+  ``G`` and ``U`` never reach memory.
+* backward (:func:`swiglu_lora_backward`): reads both codes, the LoRA operands and ``dD``;
+  writes ``dG``, ``dU`` and the rebuilt ``D~`` (the down_proj LoRA-A gradient needs it).
+
+The LoRA term is an in-kernel ``tl.dot`` of an ``(BLOCK_M, r)`` tile of ``XA`` by a
+``(r, BLOCK_N)`` tile of ``B^T`` with fp32 accumulation. Every load and store is masked, so any
+``b*s``, ``d_ff`` and rank work (the HyC-LoRA reference needed ``s`` and ``d_ff`` multiples of
+32 and a power-of-two rank >= 16, and its 2-bit variant asked ``tl.dot`` for an N of 8, below
+Triton's minimum: method notes §5, §8.9). Here the rank is zero-padded to the next power of
+two >= 16 by masked loads, and the tile width is always >= 16 columns whatever the bit width
+(packing happens after the dot, on the full tile).
+
+Numerics: everything between the loads and the stores is fp32 (the op-by-op path rounds ``G``,
+``U``, ``SiLU(G)`` and ``D`` to the activation dtype after every op; with fp32 activations the
+two agree to rounding, which the model tests assert). The dot operands are first rounded to the
+dtype torch would use for ``F.linear(xa, B)`` (the autocast dtype under autocast, else the
+promoted dtype of ``XA`` and ``B``), so the LoRA term carries the same operand rounding as the
+op-by-op path; fp32 operands use an IEEE fp32 dot (no TF32), as torch does by default.
+
+The torch reference (:func:`swiglu_lora_forward_torch`, :func:`swiglu_lora_backward_torch`) has
+the same semantics; it is the CPU path and the test oracle. Under ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors (tests); the interpreter's bf16 ``tl.dot`` and its truncating
+fp32 -> bf16 cast are wrong, so there the dot runs on fp32 copies of the operands (exact: they
+were rounded already) and bf16 stores round to nearest even by hand.
+
+The block-level glue at the end (:func:`fused_gate_up_forward`, :func:`fused_mlp_epilogue_backward`)
+is what :class:`hyclora.ops.blocks.MLPBlockFn` calls for ``intra_inter_full_fuse``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyclora.quant.core import (
+    QuantizedTensor,
+    affine_params,
+    check_bits,
+    column_minmax,
+    packed_width,
+    quantize_pack_torch,
+    resolve_backend,
+    unpack_codes,
+)
+
+from .lora import LinearMeta, LinearOut, capture_rng_state, dense_weight, draw_dropout_mask, lora_linear_backward
+
+try:  # Triton is optional: without it only the torch reference (CPU / backend='torch') exists
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Linux images ship triton
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def dot_dtype_for(xa: Tensor, lora_b: Tensor) -> torch.dtype:
+    """The dtype torch's ``F.linear(xa, lora_b)`` computes in here: the autocast dtype when
+    autocast is on for this device type, else the promoted dtype of the two operands."""
+    dev = xa.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError):  # pragma: no cover - device type without autocast
+        pass
+    return torch.promote_types(xa.dtype, lora_b.dtype)
+
+
+def _check_2d(name: str, t: Tensor, rows: int, cols: Optional[int] = None):
+    if t.dim() != 2 or t.shape[0] != rows or (cols is not None and t.shape[1] != cols):
+        want = f"({rows}, {cols if cols is not None else 'r'})"
+        raise ValueError(f"hyclora fused SwiGLU: {name} has shape {tuple(t.shape)}, expected {want}.")
+
+
+def _check_lora(which: str, xa: Optional[Tensor], b: Optional[Tensor], m: int, n: int):
+    if (xa is None) != (b is None):
+        raise ValueError(f"hyclora fused SwiGLU: pass both xa_{which} and b_{which}, or neither (no LoRA).")
+    if xa is None:
+        return
+    _check_2d(f"xa_{which}", xa, m)
+    if b.dim() != 2 or b.shape != (n, xa.shape[1]):
+        raise ValueError(
+            f"hyclora fused SwiGLU: b_{which} has shape {tuple(b.shape)}; expected PEFT's lora_B "
+            f"layout (out_features, r) = ({n}, {xa.shape[1]})."
+        )
+
+
+def _lora_term_torch(xa: Optional[Tensor], b: Optional[Tensor], dot_dtype: torch.dtype) -> Optional[Tensor]:
+    """fp32 ``xa @ b^T`` of operands rounded to ``dot_dtype`` (what the kernel's dot computes)."""
+    if xa is None:
+        return None
+    return xa.to(dot_dtype).float() @ b.to(dot_dtype).float().t()
+
+
+def _rebuild(base: Tensor, lora: Optional[Tensor], scale: float) -> Tensor:
+    return base if lora is None else base + lora * scale
+
+
+def _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u) -> Optional[torch.dtype]:
+    """One dot dtype for both LoRA terms: given, else the promoted dtype of the operands."""
+    if dot_dtype is not None:
+        return dot_dtype
+    present = [t.dtype for t in (xa_g, b_g, xa_u, b_u) if t is not None]
+    if not present:
+        return None
+    out = present[0]
+    for dt in present[1:]:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch reference (the oracle of the tests, and the CPU path)
+# ---------------------------------------------------------------------------------------------
+
+
+def swiglu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_u,
+                              lo_g, inv_g, lo_u, inv_u, bits, *, dot_dtype=None):
+    """Reference of :func:`swiglu_lora_forward` (same arguments, same results)."""
+    codes_g = quantize_pack_torch(yw_g, lo_g, inv_g, bits)
+    codes_u = quantize_pack_torch(yw_u, lo_u, inv_u, bits)
+    dot = _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u)
+    g = _rebuild(yw_g.float(), _lora_term_torch(xa_g, b_g, dot), scale_g)
+    u = _rebuild(yw_u.float(), _lora_term_torch(xa_u, b_u, dot), scale_u)
+    d = (g * torch.sigmoid(g)) * u
+    return codes_g, codes_u, d.to(yw_g.dtype)
+
+
+def swiglu_lora_backward_torch(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_g, xa_u, b_g, b_u,
+                               scale_g, scale_u, dd, bits, *, dtype, need_d=True, dot_dtype=None):
+    """Reference of :func:`swiglu_lora_backward` (same arguments, same results)."""
+    n = dd.shape[1]
+    g = unpack_codes(codes_g, bits, n).float() * step_g + lo_g
+    u = unpack_codes(codes_u, bits, n).float() * step_u + lo_u
+    dot = _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u)
+    g = _rebuild(g, _lora_term_torch(xa_g, b_g, dot), scale_g)
+    u = _rebuild(u, _lora_term_torch(xa_u, b_u, dot), scale_u)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    ddf = dd.float()
+    out_dtype = torch.promote_types(dd.dtype, dtype)
+    du = (ddf * silu).to(out_dtype)
+    dg = (ddf * u * (sig * (1.0 + g * (1.0 - sig)))).to(out_dtype)
+    d_hat = (silu * u).to(dtype) if need_d else None
+    return dg, du, d_hat
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _lora_tile(xa_ptr, bt, rows, rmask, R, stride_xm,
+                   BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :R] @ bt (bt: (BLOCK_R, BLOCK_N), zero-padded)."""
+        ks = tl.arange(0, BLOCK_R)
+        a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                    mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+        if DOT_FP32:
+            # fp32 operands (exact upcast of already rounded values), IEEE products: what torch
+            # computes for an fp32 matmul, and the only correct dot in the interpreter
+            return tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, bt, out_dtype=tl.float32)
+
+    @triton.jit
+    def _load_bt(b_ptr, cols, cmask, R, stride_bn, BLOCK_R: tl.constexpr):
+        # B is PEFT's (out_features, r) lora_B weight; B^T tile (BLOCK_R, BLOCK_N), rank padded
+        ks = tl.arange(0, BLOCK_R)
+        return tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                       mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+
+    @triton.jit
+    def _quant_codes(y, lo, inv, mask, BITS: tl.constexpr):
+        # exactly quantize_codes_torch: floor((y - lo) * inv + 0.5) clamped (FMA off at launch)
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        c = tl.floor((y - lo) * inv + 0.5)
+        c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+        return tl.where(mask, c, 0.0).to(tl.int32)  # padding columns of the last byte: code 0
+
+    @triton.jit
+    def _pack(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+        # adjacent columns share a byte, least significant first (hyclora.quant.core layout)
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_N // E
+        if E == 1:
+            packed = c
+        elif E == 2:
+            a, b = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2)))
+            packed = a | (b << 4)
+        else:
+            even, odd = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2, 2)))
+            e0, e2 = tl.split(even)
+            e1, e3 = tl.split(odd)
+            packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
+        return packed.to(tl.uint8)
+
+    @triton.jit
+    def _unpack(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+        E: tl.constexpr = 8 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        p = p.to(tl.int32)
+        if E == 1:
+            c = p
+        elif E == 2:
+            c = tl.reshape(tl.join(p & QMAX, p >> 4), (BLOCK_M, BLOCK_N))
+        else:
+            e0 = p & QMAX
+            e1 = (p >> 2) & QMAX
+            e2 = (p >> 4) & QMAX
+            e3 = (p >> 6) & QMAX
+            c = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_N))
+        return c.to(tl.float32)
+
+    @triton.jit
+    def _cast_out(y, out_ptr, EMULATE_BF16_RNE: tl.constexpr):
+        if EMULATE_BF16_RNE:
+            # the interpreter truncates fp32 -> bf16; round to nearest even like torch / cvt.rn
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return y.to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _swiglu_fwd_kernel(
+        yg_ptr, yu_ptr, xag_ptr, xau_ptr, bg_ptr, bu_ptr,
+        log_ptr, invg_ptr, lou_ptr, invu_ptr,
+        cg_ptr, cu_ptr, d_ptr,
+        M, N, NB, R, stride_ym, stride_xm, stride_bn, stride_dm,
+        scale_g, scale_u,
+        BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
+        EMULATE_BF16_RNE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_N // E
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = bcols < NB
+        # per-program constants, reused for all ROW_ITERS * BLOCK_M rows: quantisation
+        # parameters of this column block and the B^T tiles
+        lo_g = tl.load(log_ptr + cols, mask=cmask, other=0.0)[None, :]
+        inv_g = tl.load(invg_ptr + cols, mask=cmask, other=0.0)[None, :]
+        lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
+        inv_u = tl.load(invu_ptr + cols, mask=cmask, other=0.0)[None, :]
+        if HAS_G:
+            bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+        if HAS_U:
+            bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+        for it in tl.static_range(ROW_ITERS):
+            rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * stride_ym + cols[None, :]
+            yg = tl.load(yg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            yu = tl.load(yu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # codes of the base outputs (what the backward rebuilds G and U from)
+            pg = _pack(_quant_codes(yg, lo_g, inv_g, mask, BITS), BLOCK_M, BLOCK_N, BITS)
+            pu = _pack(_quant_codes(yu, lo_u, inv_u, mask, BITS), BLOCK_M, BLOCK_N, BITS)
+            boffs = rows[:, None] * NB + bcols[None, :]
+            omask = rmask[:, None] & bmask[None, :]
+            tl.store(cg_ptr + boffs, pg, mask=omask)
+            tl.store(cu_ptr + boffs, pu, mask=omask)
+            # G and U with their LoRA terms, then D = SiLU(G) * U
+            g = yg
+            if HAS_G:
+                g = yg + _lora_tile(xag_ptr, bt_g, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_g
+            u = yu
+            if HAS_U:
+                u = yu + _lora_tile(xau_ptr, bt_u, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_u
+            d = (g * tl.sigmoid(g)) * u
+            tl.store(d_ptr + rows[:, None] * stride_dm + cols[None, :],
+                     _cast_out(d, d_ptr, EMULATE_BF16_RNE), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        cg_ptr, cu_ptr, log_ptr, stepg_ptr, lou_ptr, stepu_ptr,
+        xag_ptr, xau_ptr, bg_ptr, bu_ptr, dd_ptr,
+        dg_ptr, du_ptr, dh_ptr,
+        M, N, NB, R, stride_ddm, stride_xm, stride_bn, stride_om,
+        scale_g, scale_u,
+        BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
+        NEED_D: tl.constexpr, EMULATE_BF16_RNE_GRAD: tl.constexpr, EMULATE_BF16_RNE_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_N // E
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = bcols < NB
+        lo_g = tl.load(log_ptr + cols, mask=cmask, other=0.0)[None, :]
+        st_g = tl.load(stepg_ptr + cols, mask=cmask, other=0.0)[None, :]
+        lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
+        st_u = tl.load(stepu_ptr + cols, mask=cmask, other=0.0)[None, :]
+        if HAS_G:
+            bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+        if HAS_U:
+            bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+        for it in tl.static_range(ROW_ITERS):
+            rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            boffs = rows[:, None] * NB + bcols[None, :]
+            bm2 = rmask[:, None] & bmask[None, :]
+            g = _unpack(tl.load(cg_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_g + lo_g
+            u = _unpack(tl.load(cu_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_u + lo_u
+            if HAS_G:
+                g = g + _lora_tile(xag_ptr, bt_g, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_g
+            if HAS_U:
+                u = u + _lora_tile(xau_ptr, bt_u, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_u
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            ddv = tl.load(dd_ptr + rows[:, None] * stride_ddm + cols[None, :], mask=mask, other=0.0)
+            ddv = ddv.to(tl.float32)
+            du = ddv * silu
+            dg = ddv * u * (sig * (1.0 + g * (1.0 - sig)))
+            ooffs = rows[:, None] * stride_om + cols[None, :]
+            tl.store(dg_ptr + ooffs, _cast_out(dg, dg_ptr, EMULATE_BF16_RNE_GRAD), mask=mask)
+            tl.store(du_ptr + ooffs, _cast_out(du, du_ptr, EMULATE_BF16_RNE_GRAD), mask=mask)
+            if NEED_D:
+                tl.store(dh_ptr + ooffs, _cast_out(silu * u, dh_ptr, EMULATE_BF16_RNE_D), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs K >= 16 (and a power of two); the rank is zero-padded by masked loads
+    return max(16, _next_pow2(r))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS). Every dot dimension >= 16 whatever the bit width
+# (BLOCK_N counts columns, packing comes after the dot). Larger ROW_ITERS reuse the B^T tiles
+# and the per-channel parameters over more rows. Chosen for sm_90 by reasoning, not yet measured
+# (benchmarks/bench_fused.py --sweep times them); the autotuner picks per (N, R, BITS, ...).
+FWD_CONFIGS = [(64, 64, 4, 1), (64, 128, 8, 1), (128, 64, 8, 1), (32, 128, 4, 1),
+               (64, 64, 4, 4), (32, 64, 4, 2), (128, 128, 8, 1), (16, 128, 4, 4)]
+BWD_CONFIGS = FWD_CONFIGS
+_FIXED = (64, 64, 4, 2)  # HYCLORA_QUANT_AUTOTUNE=0
+
+
+def _interpret_blocks(m: int, n: int):
+    # the interpreter pays per program, not per element: few, large tiles
+    return max(16, min(_next_pow2(m), 64)), max(16, min(_next_pow2(n), 128)), 4, 1
+
+
+def _launch_opts(num_warps: int) -> dict:
+    if _INTERPRET:
+        return {}
+    # no FMA contraction: (y - lo) * inv + 0.5 must round twice, like the torch reference
+    return dict(num_warps=num_warps, enable_fp_fusion=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(which: str):
+    table = FWD_CONFIGS if which == "fwd" else BWD_CONFIGS
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROW_ITERS": ri}, num_warps=w)
+               for bm, bn, w, ri in table]
+    kernel = _swiglu_fwd_kernel if which == "fwd" else _swiglu_bwd_kernel
+    key = ["N", "R", "BITS", "HAS_G", "HAS_U", "DOT_FP32"]
+    # the backward writes dG/dU/D~ in full, the forward codes and D: no output is read back,
+    # so autotune's repeated runs are harmless
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def _launch(which: str, m: int, n: int, args: tuple, consts: dict, config) -> None:
+    kernel = _swiglu_fwd_kernel if which == "fwd" else _swiglu_bwd_kernel
+    if config is None and not _INTERPRET and _AUTOTUNE:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
+        _tuned(which)[grid](*args, **consts, enable_fp_fusion=False)
+        return
+    if config is not None:
+        bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))
+    elif _INTERPRET:
+        bm, bn, warps, ri = _interpret_blocks(m, n)
+    else:
+        bm, bn, warps, ri = _FIXED
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"fused SwiGLU tile {bm}x{bn}: both must be powers of two >= 16 (tl.dot minimum).")
+    grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
+    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri, **_launch_opts(warps))
+
+
+def _check_triton_device(*tensors):
+    if triton is None:
+        raise RuntimeError("hyclora fused SwiGLU: backend='triton' needs the `triton` package; use backend='torch'.")
+    for t in tensors:
+        if t is not None and t.device.type != "cuda" and not _INTERPRET:
+            raise RuntimeError(
+                "hyclora fused SwiGLU: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+                "before Python starts); use backend='torch' for CPU tensors."
+            )
+
+
+def _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype):
+    """Round the LoRA operands to the dot dtype in torch (round to nearest even; tiny tensors),
+    so the kernel only ever upcasts them exactly. Returns (xa_g, xa_u, b_g, b_u, R, DOT_FP32)."""
+    present = [(xa, b) for xa, b in ((xa_g, b_g), (xa_u, b_u)) if xa is not None]
+    if not present:
+        return xa_g, xa_u, b_g, b_u, 1, True
+    dot_dtype = _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u)
+    if dot_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hyclora fused SwiGLU: dot dtype {dot_dtype} is not supported (fp32/bf16/fp16).")
+    ranks = {xa.shape[1] for xa, _ in present}
+    if len(ranks) != 1:
+        # one BLOCK_R per launch; different gate/up ranks would need two (not a PEFT default)
+        raise ValueError(f"hyclora fused SwiGLU: gate and up LoRA ranks differ ({sorted(ranks)}); "
+                         "use the same rank for gate_proj and up_proj, or layer_type='intra_inter'.")
+
+    def prep(t):
+        return None if t is None else t.to(dot_dtype).contiguous()
+
+    dot_fp32 = dot_dtype == torch.float32 or _INTERPRET
+    return prep(xa_g), prep(xa_u), prep(b_g), prep(b_u), ranks.pop(), dot_fp32
+
+
+def swiglu_lora_forward_triton(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_u,
+                               lo_g, inv_g, lo_u, inv_u, bits, *, dot_dtype=None, config=None):
+    _check_triton_device(yw_g, yw_u, xa_g, xa_u)
+    m, n = yw_g.shape
+    yw_g, yw_u = yw_g.contiguous(), yw_u.contiguous()
+    xa_g, xa_u, b_g, b_u, r, dot_fp32 = _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype)
+    nb = packed_width(n, bits)
+    codes_g = torch.empty((m, nb), dtype=torch.uint8, device=yw_g.device)
+    codes_u = torch.empty_like(codes_g)
+    d = torch.empty((m, n), dtype=yw_g.dtype, device=yw_g.device)
+    lo_g, inv_g, lo_u, inv_u = (t.float().contiguous() for t in (lo_g, inv_g, lo_u, inv_u))
+    dummy = yw_g  # never read when HAS_* is False
+    args = (yw_g, yw_u, xa_g if xa_g is not None else dummy, xa_u if xa_u is not None else dummy,
+            b_g if b_g is not None else dummy, b_u if b_u is not None else dummy,
+            lo_g, inv_g, lo_u, inv_u, codes_g, codes_u, d,
+            m, n, nb, r, yw_g.stride(0), r, r, d.stride(0), float(scale_g), float(scale_u))
+    consts = dict(BITS=bits, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
+                  EMULATE_BF16_RNE=_INTERPRET and d.dtype == torch.bfloat16, BLOCK_R=_block_r(r))
+    _launch("fwd", m, n, args, consts, config)
+    return codes_g, codes_u, d
+
+
+def swiglu_lora_backward_triton(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_g, xa_u, b_g, b_u,
+                                scale_g, scale_u, dd, bits, *, dtype, need_d=True, dot_dtype=None,
+                                config=None):
+    _check_triton_device(codes_g, codes_u, dd, xa_g, xa_u)
+    m, n = dd.shape
+    nb = packed_width(n, bits)
+    dd = dd.contiguous()
+    codes_g, codes_u = codes_g.contiguous(), codes_u.contiguous()
+    xa_g, xa_u, b_g, b_u, r, dot_fp32 = _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype)
+    out_dtype = torch.promote_types(dd.dtype, dtype)
+    dg = torch.empty((m, n), dtype=out_dtype, device=dd.device)
+    du = torch.empty_like(dg)
+    d_hat = torch.empty((m, n), dtype=dtype, device=dd.device) if need_d else None
+    lo_g, step_g, lo_u, step_u = (t.float().contiguous() for t in (lo_g, step_g, lo_u, step_u))
+    dummy = dd
+    args = (codes_g, codes_u, lo_g, step_g, lo_u, step_u,
+            xa_g if xa_g is not None else dummy, xa_u if xa_u is not None else dummy,
+            b_g if b_g is not None else dummy, b_u if b_u is not None else dummy, dd,
+            dg, du, d_hat if d_hat is not None else dg,
+            m, n, nb, r, dd.stride(0), r, r, dg.stride(0), float(scale_g), float(scale_u))
+    consts = dict(BITS=bits, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
+                  NEED_D=need_d, EMULATE_BF16_RNE_GRAD=_INTERPRET and out_dtype == torch.bfloat16,
+                  EMULATE_BF16_RNE_D=_INTERPRET and dtype == torch.bfloat16, BLOCK_R=_block_r(r))
+    _launch("bwd", m, n, args, consts, config)
+    return dg, du, d_hat
+
+
+# ---------------------------------------------------------------------------------------------
+# public operator entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_params(name: str, t: Tensor, n: int):
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(
+            f"hyclora fused SwiGLU: {name} has shape {tuple(t.shape)}; expected per-channel ({n},) "
+            "fp32 parameters (hyclora.quant.core.affine_params / ChannelStats.frozen_params)."
+        )
+
+
+def swiglu_lora_forward(yw_g: Tensor, yw_u: Tensor, xa_g: Optional[Tensor], xa_u: Optional[Tensor],
+                        b_g: Optional[Tensor], b_u: Optional[Tensor], scale_g: float, scale_u: float,
+                        lo_g: Tensor, inv_g: Tensor, lo_u: Tensor, inv_u: Tensor, bits: int, *,
+                        dot_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                        config=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Quantise the gate/up base outputs and compute ``D = SiLU(G) * U`` in one pass.
+
+    Args:
+        yw_g, yw_u: ``(M, N)`` base outputs ``X W^T (+ bias)`` of gate_proj / up_proj.
+        xa_g, xa_u: ``(M, r)`` LoRA-A outputs ``drop(X) A^T``, or ``None`` without LoRA.
+        b_g, b_u: PEFT ``lora_B`` weights ``(N, r)``, or ``None``.
+        scale_g, scale_u: LoRA scalings.
+        lo_*, inv_*: ``(N,)`` fp32 per-channel quantisation parameters (``lo``, ``1/step``).
+        bits: 2, 4 or 8.
+        dot_dtype: operand dtype of the LoRA dot (default: promoted dtype of ``xa`` and ``b``).
+        backend: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``.
+        config: ``(BLOCK_M, BLOCK_N, num_warps[, ROW_ITERS])`` overriding the autotuner.
+
+    Returns ``(codes_g, codes_u, D)``: packed uint8 codes ``(M, ceil(N*bits/8))`` identical to
+    :func:`hyclora.quant.quantize` with these parameters, and ``D`` in ``yw_g.dtype``.
+    """
+    check_bits(bits)
+    if yw_g.dim() != 2 or yw_g.shape != yw_u.shape or yw_g.dtype != yw_u.dtype:
+        raise ValueError(
+            f"hyclora fused SwiGLU: yw_g {tuple(yw_g.shape)} {yw_g.dtype} and yw_u {tuple(yw_u.shape)} "
+            f"{yw_u.dtype} must be 2-D (tokens, d_ff) of one shape and dtype; reshape(-1, d_ff) first."
+        )
+    m, n = yw_g.shape
+    _check_lora("g", xa_g, b_g, m, n)
+    _check_lora("u", xa_u, b_u, m, n)
+    for name, t in (("lo_g", lo_g), ("inv_g", inv_g), ("lo_u", lo_u), ("inv_u", inv_u)):
+        _check_params(name, t, n)
+    if resolve_backend(backend, yw_g.device) == "triton":
+        return swiglu_lora_forward_triton(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_u,
+                                          lo_g, inv_g, lo_u, inv_u, bits, dot_dtype=dot_dtype, config=config)
+    return swiglu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_u,
+                                     lo_g, inv_g, lo_u, inv_u, bits, dot_dtype=dot_dtype)
+
+
+def swiglu_lora_backward(codes_g: Tensor, codes_u: Tensor, lo_g: Tensor, step_g: Tensor, lo_u: Tensor,
+                         step_u: Tensor, xa_g: Optional[Tensor], xa_u: Optional[Tensor],
+                         b_g: Optional[Tensor], b_u: Optional[Tensor], scale_g: float, scale_u: float,
+                         dd: Tensor, bits: int, *, dtype: torch.dtype, need_d: bool = True,
+                         dot_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                         config=None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Rebuild ``G``, ``U`` from their codes and LoRA terms; return ``(dG, dU, D~)``.
+
+    ``dd``: ``(M, N)`` gradient of ``D``; ``dtype``: dtype of the forward activations (that of
+    ``D~``; ``dG``/``dU`` get ``promote(dd.dtype, dtype)``). ``need_d=False`` skips ``D~``
+    (down_proj without LoRA). Other arguments as in :func:`swiglu_lora_forward`, with ``step_*``
+    (not ``1/step``) for dequantisation.
+    """
+    check_bits(bits)
+    if dd.dim() != 2:
+        raise ValueError(f"hyclora fused SwiGLU: dd has shape {tuple(dd.shape)}; expected 2-D (tokens, d_ff).")
+    m, n = dd.shape
+    nb = packed_width(n, bits)
+    for name, c in (("codes_g", codes_g), ("codes_u", codes_u)):
+        if c.dtype != torch.uint8 or c.shape != (m, nb):
+            raise ValueError(f"hyclora fused SwiGLU: {name} is {c.dtype} {tuple(c.shape)}; expected "
+                             f"uint8 ({m}, {nb}) for {n} columns at {bits} bits.")
+    _check_lora("g", xa_g, b_g, m, n)
+    _check_lora("u", xa_u, b_u, m, n)
+    for name, t in (("lo_g", lo_g), ("step_g", step_g), ("lo_u", lo_u), ("step_u", step_u)):
+        _check_params(name, t, n)
+    if resolve_backend(backend, dd.device) == "triton":
+        return swiglu_lora_backward_triton(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_g, xa_u,
+                                           b_g, b_u, scale_g, scale_u, dd, bits, dtype=dtype,
+                                           need_d=need_d, dot_dtype=dot_dtype, config=config)
+    return swiglu_lora_backward_torch(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_g, xa_u, b_g, b_u,
+                                      scale_g, scale_u, dd, bits, dtype=dtype, need_d=need_d,
+                                      dot_dtype=dot_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# block glue (called by hyclora.ops.blocks.MLPBlockFn for intra_inter_full_fuse)
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_base_forward(meta: LinearMeta, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      lora_a: Optional[Tensor], lora_b: Optional[Tensor] = None) -> LinearOut:
+    """:func:`hyclora.ops.lora.lora_linear_forward` without the final ``y_w + s (XA) B^T``
+    (``y`` is ``None``; ``lora_b`` is accepted for the same signature and not used): the fused
+    kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
+    dropout draw (same generator consumption) as the original."""
+    y_w = F.linear(x, dense_weight(meta, weight), bias)
+    if not meta.has_lora:
+        return LinearOut(None, y_w, None, None)
+    xl = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
+    rng_state = None
+    if meta.dropout_p > 0:
+        rng_state = capture_rng_state(xl.device)
+        xl = xl * draw_dropout_mask(xl, meta.dropout_p)
+    return LinearOut(None, y_w, F.linear(xl, lora_a), rng_state)
+
+
+def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: bool):
+    """``(lo, step, inv_step)`` that ``policy.keep`` (i.e. :func:`hyclora.quant.quantize`) would
+    use for ``x2d``: frozen stats -> cached parameters; calibrating -> this tensor's range, merged
+    into the stats when ``update``; a checkpoint replay of a calibrating forward or no stats ->
+    this tensor's own range. Gate/up never have outlier channels (only norm inputs do)."""
+    bits = policy.bits
+    if stats is not None and stats.num_outliers > 0:
+        raise RuntimeError(
+            "hyclora internal error: the fused SwiGLU kernel quantises tensors without outlier "
+            "channels, but the gate/up statistics have some."
+        )
+    with torch.no_grad():
+        if stats is not None and not replay:
+            stats._check_compatible(x2d)
+            if stats.frozen:
+                lo, step, inv, _ = stats.frozen_params(bits)
+                return lo, step, inv
+            lo, hi = stats.range_for(x2d, update=update, backend=policy.backend)
+        else:
+            lo, hi = column_minmax(x2d, policy.backend)
+        return affine_params(lo, hi, bits)
+
+
+_GATE_UP = ("gate", "up")
+
+
+def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gate: Optional[Tensor],
+                          b_up: Optional[Tensor]) -> Tensor:
+    """Keep ``Q(Y_W)`` of gate/up (codes from the fused kernel) and their ``XA`` in ``store``;
+    return ``D = SiLU(G) * U`` of shape ``y_w.shape``. ``g_out``/``u_out`` come from
+    :func:`lora_base_forward`."""
+    pol = plan.policy
+    meta_g, meta_u = plan.linears[0], plan.linears[1]
+    shape = g_out.y_w.shape
+    n = shape[-1]
+    yw_g = g_out.y_w.reshape(-1, n)
+    yw_u = u_out.y_w.reshape(-1, n)
+    params = []
+    for name, y2d in zip(_GATE_UP, (yw_g, yw_u)):
+        params.append(quant_params_like_policy(pol, y2d.detach(), plan.stats.get(name), plan.update,
+                                               name in plan.replay))
+    (lo_g, step_g, inv_g), (lo_u, step_u, inv_u) = params
+    xa_g = g_out.xa.reshape(-1, g_out.xa.shape[-1]) if meta_g.has_lora else None
+    xa_u = u_out.xa.reshape(-1, u_out.xa.shape[-1]) if meta_u.has_lora else None
+    bg = b_gate if meta_g.has_lora else None
+    bu = b_up if meta_u.has_lora else None
+    ref = xa_g if xa_g is not None else xa_u
+    dot = dot_dtype_for(ref, bg if bg is not None else bu) if ref is not None else None
+    with torch.no_grad():
+        codes_g, codes_u, d = swiglu_lora_forward(
+            yw_g.detach(), yw_u.detach(), xa_g, xa_u, bg, bu, meta_g.scaling, meta_u.scaling,
+            lo_g, inv_g, lo_u, inv_u, pol.bits, dot_dtype=dot, backend=pol.backend)
+    # same names and order as the op-by-op path (blocks.swiglu_epilogue_forward)
+    for name, meta, out, codes, lo, step in ((("gate", meta_g, g_out, codes_g, lo_g, step_g)),
+                                             (("up", meta_u, u_out, codes_u, lo_u, step_u))):
+        if meta.has_lora:
+            store.plain(f"xa_{name}", out.xa)
+            if out.rng_state is not None:
+                store.plain(f"rng_{name}", out.rng_state)
+        qt = QuantizedTensor(codes, lo, step, bits=pol.bits, shape=shape, dtype=out.y_w.dtype)
+        store.packed(name, "quant", qt)
+    return d.view(shape)
+
+
+def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequence[Optional[Tensor]]],
+                                need_down: Sequence[bool]):
+    """down_proj backward + the fused SwiGLU backward.
+
+    ``params``: ``(W, bias, A, B)`` of gate, up, down; ``need_down``: ``needs_input_grad`` of
+    down's ``(W, bias, A, B)``. Order (the op-by-op path rebuilds ``D~`` first): ``dD`` needs no
+    activation, so it is computed first; then one kernel writes ``dG``, ``dU`` and ``D~``; then
+    down's LoRA-A gradient reads ``D~``. Returns ``((None, dbias, dA, dB) of down, dG, dU)``.
+    """
+    pol = plan.policy
+    meta_g, meta_u, meta_d = plan.linears
+    (_, _, _, b_g), (_, _, _, b_u), (w_d, bias_d, a_d, b_d) = params
+    q_g, q_u = load.get_quantized("gate"), load.get_quantized("up")
+    for q in (q_g, q_u):
+        if q.num_outliers or q.group_size is not None:
+            raise RuntimeError("hyclora internal error: fused SwiGLU expects per-channel codes "
+                               "without outlier columns for gate/up.")
+    xa_d, rng_d = load.get("xa_down"), load.get("rng_down")
+    need_da = bool(need_down[2]) and meta_d.has_lora
+    dd, dbias, _, db = lora_linear_backward(
+        meta_d, dy, None, xa_d, w_d, bias_d, a_d, b_d, rng_state=rng_d, need_dx=True,
+        need_da=False, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]))
+
+    shape = q_g.shape
+    n = shape[-1]
+    xa_g = load.get("xa_gate") if meta_g.has_lora else None
+    xa_u = load.get("xa_up") if meta_u.has_lora else None
+    xa_g = None if xa_g is None else xa_g.reshape(-1, xa_g.shape[-1])
+    xa_u = None if xa_u is None else xa_u.reshape(-1, xa_u.shape[-1])
+    bg = b_g if meta_g.has_lora else None
+    bu = b_u if meta_u.has_lora else None
+    ref = xa_g if xa_g is not None else xa_u
+    dot = dot_dtype_for(ref, bg if bg is not None else bu) if ref is not None else None
+    with torch.no_grad():
+        dg, du, d_hat = swiglu_lora_backward(
+            q_g.codes, q_u.codes, q_g.lo, q_g.step, q_u.lo, q_u.step, xa_g, xa_u, bg, bu,
+            meta_g.scaling, meta_u.scaling, dd.reshape(-1, n), pol.bits, dtype=q_g.dtype,
+            need_d=need_da, dot_dtype=dot, backend=pol.backend)
+    del dd
+    da = None
+    if need_da:
+        _, _, da, _ = lora_linear_backward(
+            meta_d, dy, d_hat.view(shape), xa_d, w_d, None, a_d, b_d, rng_state=rng_d,
+            need_dx=False, need_da=True, need_db=False)
+    return (None, dbias, da, db), dg.view(shape), du.view(shape)
+
+
+__all__ = [
+    "swiglu_lora_forward",
+    "swiglu_lora_backward",
+    "swiglu_lora_forward_torch",
+    "swiglu_lora_backward_torch",
+    "swiglu_lora_forward_triton",
+    "swiglu_lora_backward_triton",
+    "dot_dtype_for",
+    "lora_base_forward",
+    "quant_params_like_policy",
+    "fused_gate_up_forward",
+    "fused_mlp_epilogue_backward",
+]
