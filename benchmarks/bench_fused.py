@@ -1,0 +1,304 @@
+"""The fused SwiGLU epilogue of intra_inter_full_fuse: kernel time and bandwidth, and full steps.
+
+    python benchmarks/bench_fused.py                  # GPU: kernels + full steps (Llama-2-7B shape)
+    python benchmarks/bench_fused.py --no-steps       # GPU: kernels only (+ --sweep: every tile config)
+    python benchmarks/bench_fused.py --profile        # GPU: also a torch.profiler table of one step
+    python benchmarks/bench_fused.py --smoke          # CPU: tiny shapes, checks the script works
+    TRITON_INTERPRET=1 python benchmarks/bench_fused.py --smoke   # CPU, through the Triton interpreter
+
+1. Kernels, at Llama-2-7B's FFN width (d_ff 11008), LoRA r=16, bf16, for 4x512 and 1x4096
+   tokens and q_bit 2/4/8, each the median of many repetitions timed alone after an L2 flush
+   (bench_quant.Timer):
+   * ``copy``: a device-to-device copy of one (tokens, d_ff) bf16 tensor; its bandwidth is the
+     reference the kernels' bandwidths are compared with;
+   * ``fused fwd``: codes of Y_W gate/up + D in one kernel (frozen quantisation parameters, as
+     on every step after calibration). Bytes: read Y_W gate+up, XA gate+up, B gate+up and the
+     parameters; write two code tensors and D;
+   * ``op-by-op fwd``: what intra_inter runs for the same result (G = Y_W + s XA B^T twice,
+     two quantise kernels, SiLU(G) * U), timed the same way;
+   * ``fused bwd``: dG, dU and D~ from both codes, XA, B and dD in one kernel;
+   * ``op-by-op bwd``: dequantise twice, rebuild G and U, SiLU, D~, the SiLU-product backward.
+   Each fused result is also checked against the torch reference (codes identical, D/dG/dU
+   relative error printed).
+2. Full steps (forward + backward, no optimizer) of a Llama-2-7B-shaped model with random bf16
+   weights and PEFT LoRA r=16 on all seven linears, through bench_memory_throughput.run_variant:
+   PEFT LoRA, PEFT LoRA + gradient checkpointing, intra_inter and intra_inter_full_fuse at the
+   given bits; tokens/s (median of --steps after --warmup steps, which cover calibration), peak
+   memory above the weights, buffered activations per layer.
+3. ``--profile``: torch.profiler of one full_fuse step (4x512, 2 bits): the kernels by total
+   CUDA time, the profile to put in BENCHMARKS.md for the next fusion target.
+
+Prints markdown tables and writes CSV (and the profile) under $OUT or ./out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_quant import Timer  # noqa: E402
+
+from hyclora.ops.fused_swiglu import (  # noqa: E402
+    BWD_CONFIGS,
+    FWD_CONFIGS,
+    swiglu_lora_backward,
+    swiglu_lora_backward_torch,
+    swiglu_lora_forward,
+    swiglu_lora_forward_torch,
+)
+from hyclora.ops.swiglu import silu_mul_backward, silu_mul_forward  # noqa: E402
+from hyclora.quant.core import (  # noqa: E402
+    affine_params,
+    column_minmax,
+    packed_width,
+    quantize_pack_torch,
+    unpack_dequantize_torch,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _operands(m, n, r, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+    yw_g = (rnd(m, n) * (rnd(n).abs() + 0.2) + rnd(n)).to(dtype)
+    yw_u = (rnd(m, n) * (rnd(n).abs() + 0.2) + rnd(n)).to(dtype)
+    xa_g, xa_u = rnd(m, r).to(dtype), rnd(m, r).to(dtype)
+    b_g, b_u = (rnd(n, r) * 0.05).to(dtype), (rnd(n, r) * 0.05).to(dtype)
+    dd = rnd(m, n).to(dtype)
+    return yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd
+
+
+def kernel_rows(args, device, backend, timer):
+    if backend == "triton":
+        from hyclora.quant import triton_kernels
+
+        pack, unpack = triton_kernels.quantize_pack, triton_kernels.unpack_dequantize
+    else:
+        pack, unpack = quantize_pack_torch, unpack_dequantize_torch
+
+    shapes = [(64, 172)] if args.smoke else [(4 * 512, 11008), (4096, 11008)]
+    r, s = args.rank, 1.0
+    dtype = torch.bfloat16
+    rows = []
+    for m, n in shapes:
+        yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _operands(m, n, r, dtype, device)
+        es = yw_g.element_size()
+        dst = torch.empty_like(yw_g)
+        t_copy = timer(lambda: dst.copy_(yw_g))
+        bw_copy = 2 * m * n * es / t_copy
+        rows.append(dict(tokens=m, d_ff=n, bits="-", op="copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
+                         pct_copy=100.0, err="-"))
+        for bits in args.bits:
+            lo_g, st_g, inv_g = affine_params(*column_minmax(yw_g), bits)
+            lo_u, st_u, inv_u = affine_params(*column_minmax(yw_u), bits)
+            nb = packed_width(n, bits)
+            lora_bytes = 2 * (m * r + n * r) * es + 4 * 4 * n
+
+            def fused_fwd():
+                return swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, s, s, lo_g, inv_g, lo_u, inv_u,
+                                           bits, backend=backend)
+
+            def unfused_fwd():
+                g = (yw_g + F.linear(xa_g, b_g) * s).to(dtype)
+                u = (yw_u + F.linear(xa_u, b_u) * s).to(dtype)
+                pack(yw_g, lo_g, inv_g, bits)
+                pack(yw_u, lo_u, inv_u, bits)
+                return silu_mul_forward(g, u)[1]
+
+            cg, cu, d = fused_fwd()
+            cg_r, cu_r, d_r = swiglu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, s, s, lo_g, inv_g,
+                                                        lo_u, inv_u, bits)
+            ok = torch.equal(cg, cg_r) and torch.equal(cu, cu_r)
+            t = timer(fused_fwd)
+            nbytes = 2 * m * n * es + lora_bytes + 2 * m * nb + m * n * es
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="fused fwd", ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                             pct_copy=100 * nbytes / t / bw_copy,
+                             err=f"codes {'==' if ok else '!='} ref, D rel {_rel(d, d_r):.1e}"))
+            t = timer(unfused_fwd)
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="op-by-op fwd", ms=t * 1e3, gb_s=float("nan"),
+                             pct_copy=float("nan"), err="-"))
+
+            def fused_bwd():
+                return swiglu_lora_backward(cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, s, s, dd, bits,
+                                            dtype=dtype, backend=backend)
+
+            def unfused_bwd():
+                g = unpack(cg, lo_g, st_g, bits, n, dtype)
+                u = unpack(cu, lo_u, st_u, bits, n, dtype)
+                g = (g + F.linear(xa_g, b_g) * s).to(dtype)
+                u = (u + F.linear(xa_u, b_u) * s).to(dtype)
+                sil, d_hat = silu_mul_forward(g, u)
+                return silu_mul_backward(dd, g, u, sil), d_hat
+
+            out = fused_bwd()
+            ref = swiglu_lora_backward_torch(cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, s, s, dd, bits,
+                                             dtype=dtype)
+            errs = ", ".join(f"{k} rel {_rel(a, b):.1e}" for k, a, b in zip(("dG", "dU", "D~"), out, ref))
+            t = timer(fused_bwd)
+            nbytes = 2 * m * nb + lora_bytes + m * n * es + 3 * m * n * es
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="fused bwd", ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                             pct_copy=100 * nbytes / t / bw_copy, err=errs))
+            t = timer(unfused_bwd)
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="op-by-op bwd", ms=t * 1e3, gb_s=float("nan"),
+                             pct_copy=float("nan"), err="-"))
+            for r_ in rows[-4:]:
+                print(f"{m:6d} x {n:6d} {bits}-bit {r_['op']:13s} {r_['ms']:8.3f} ms  {r_['gb_s']:7.1f} GB/s  "
+                      f"{r_['pct_copy']:5.1f}% of copy  {r_['err']}", flush=True)
+            if args.sweep and backend == "triton":
+                for which, table in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):
+                    for cfg in table:
+                        fn = ((lambda c=cfg: swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, s, s, lo_g, inv_g,
+                                                                  lo_u, inv_u, bits, backend=backend, config=c))
+                              if which == "fwd" else
+                              (lambda c=cfg: swiglu_lora_backward(cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g,
+                                                                   b_u, s, s, dd, bits, dtype=dtype, backend=backend,
+                                                                   config=c)))
+                        try:
+                            t = timer(fn)
+                            print(f"  sweep {which} {bits}-bit {m}x{n} config {cfg}: {t * 1e3:.3f} ms", flush=True)
+                        except Exception as exc:  # a config may not fit (registers, shared memory)
+                            print(f"  sweep {which} {bits}-bit {m}x{n} config {cfg}: failed ({type(exc).__name__})")
+    return rows
+
+
+def step_rows(args, device):
+    from bench_memory_throughput import build_model, run_variant
+
+    from hyclora import HyCLoRAConfig
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    shapes = ["2x64"] if args.smoke else args.shapes.split(",")
+    variants = [("PEFT LoRA", None, False), ("PEFT LoRA + GC", None, True)]
+    for bits in args.bits:
+        for lt in ("intra_inter", "intra_inter_full_fuse"):
+            variants.append((f"{lt} {bits}-bit", HyCLoRAConfig(layer_type=lt, q_bit=bits), False))
+    rows = []
+    for shape in shapes:
+        bs, seq = (int(v) for v in shape.split("x"))
+        model, cfg = build_model(args, device.type, dtype, args.attn)
+        ids = torch.randint(0, cfg.vocab_size, (bs, seq), device=device)
+        for variant in variants:
+            r = run_variant(model, variant, ids, device.type, args.steps, args.warmup)
+            r.update(shape=shape, attn=args.attn)
+            rows.append(r)
+            print(f"{shape:8s} {r['variant']:30s} {r['tok_s']:9.0f} tok/s  peak {r['peak_gib']:7.2f} GiB  "
+                  f"buffered/layer {r['buffered_layer_mib']:8.2f} MiB", flush=True)
+        if args.profile and device.type == "cuda" and shape == shapes[0]:
+            profile(model, ids, args)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def profile(model, ids, args):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from hyclora import HyCLoRAConfig, apply_hyclora, revert_hyclora
+
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=2))
+    try:
+        for _ in range(args.warmup):
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+    finally:
+        revert_hyclora(model)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    path = Path(args.out) / "profile_full_fuse.txt"
+    path.write_text(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes and model, runs on CPU")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 GPU, 2 smoke)")
+    ap.add_argument("--sweep", action="store_true", help="time every tile configuration of both kernels")
+    ap.add_argument("--no-steps", action="store_true", help="kernels only")
+    ap.add_argument("--shapes", default="4x512,1x4096", help="full-step shapes, comma-separated BSxSEQ")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=6, help=">= iteration_threshold + 1 (calibration)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one full_fuse step")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="CSV folder ($OUT or ./out)")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not INTERPRET
+    if not cuda and not args.smoke:
+        print("bench_fused: no CUDA device; run on the GPU machine, or pass --smoke for a CPU check.")
+        return 2
+    if args.smoke:
+        args.steps, args.warmup = 1, 1
+        args.bits = args.bits[:1] if args.bits == [2, 4, 8] else args.bits
+    device = torch.device("cuda" if cuda else "cpu")
+    backend = "triton" if (cuda or INTERPRET) else "torch"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    reps = args.reps or (2 if args.smoke else 50)
+    timer = Timer(device, reps=reps, warmup=1 if args.smoke else 5)
+    gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"bench_fused: {gpu}, torch {torch.__version__}, backend={backend}, r={args.rank}, "
+          f"{datetime.date.today().isoformat()}, median of {reps} reps")
+
+    krows = kernel_rows(args, device, backend, timer)
+    print("\n| tokens x d_ff | bits | op | ms | GB/s | % of copy bandwidth | check |")
+    print("|---|---|---|---|---|---|---|")
+    for r in krows:
+        print(f"| {r['tokens']} x {r['d_ff']} | {r['bits']} | {r['op']} | {r['ms']:.3f} | {r['gb_s']:.0f} | "
+              f"{r['pct_copy']:.0f} | {r['err']} |")
+    path = Path(args.out) / "bench_fused_kernels.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(krows[0].keys()))
+        writer.writeheader()
+        writer.writerows(krows)
+    print(f"wrote {path}")
+
+    if not args.no_steps:
+        srows = step_rows(args, device)
+        print("\n| bs x seq | variant | tok/s | x PEFT LoRA | x PEFT LoRA + GC | peak GiB above weights | buffered MiB/layer |")
+        print("|---|---|---|---|---|---|---|")
+        for r in srows:
+            same = [b for b in srows if b["shape"] == r["shape"]]
+            peft = next(b for b in same if b["variant"] == "PEFT LoRA")["tok_s"]
+            gc_ = next(b for b in same if b["variant"] == "PEFT LoRA + GC")["tok_s"]
+            print(f"| {r['shape']} | {r['variant']} | {r['tok_s']:.0f} | {r['tok_s'] / peft if peft else float('nan'):.2f} | "
+                  f"{r['tok_s'] / gc_ if gc_ else float('nan'):.2f} | {r['peak_gib']:.2f} | {r['buffered_layer_mib']:.2f} |")
+        path = Path(args.out) / "bench_fused_steps.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(srows[0].keys()))
+            writer.writeheader()
+            writer.writerows(srows)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
