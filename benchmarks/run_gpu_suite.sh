@@ -5,11 +5,9 @@
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT
 cd "$(dirname "$0")/.."
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; date -u; git rev-parse --short HEAD 2>/dev/null; } | tee "$OUT/env.txt"
-python benchmarks/bench_quant.py --no-sweep 2>&1 | tee "$OUT/bench_quant.log" | tail -40
-LAYER_TYPES=${LAYER_TYPES:-baseline,intra,intra_inter,intra_inter_full_fuse}
+{ nvidia-smi --query-gpu=name,memory.total --format=csv; date -u; } | tee "$OUT/env.txt"
+python benchmarks/bench_quant.py --no-sweep 2>&1 | tee "$OUT/bench_quant.log" | grep -E "^\| \(|codes ==" | tail -30
+python benchmarks/bench_fused.py --shapes 4x512 --bits 2 --profile 2>&1 | grep -v Warning | tee "$OUT/bench_fused.log" | tail -40
 python benchmarks/bench_memory_throughput.py --shapes 4x512,1x4096 --eager_shapes 4x512 \
-  --layer_types "$LAYER_TYPES" --bits ${BITS:-2,4,8} 2>&1 | grep -v Warning | tee "$OUT/bench_mem.log" | tail -45
-if [ -f benchmarks/bench_fused.py ]; then
-  python benchmarks/bench_fused.py 2>&1 | tee "$OUT/bench_fused.log" | tail -40
-fi
+  --layer_types "${LAYER_TYPES:-baseline,intra,intra_inter,intra_inter_full_fuse}" --bits "${BITS:-2,4}" \
+  2>&1 | grep -v Warning | tee "$OUT/bench_mem.log" | tail -45
