@@ -28,13 +28,84 @@ def _quant():
     return quant
 
 
+# Storage layout of the compressed layer types, chosen by LoRA-gradient cosine on SmolLM2-135M
+# (benchmarks/bench_fidelity.py; numbers in BENCHMARKS.md): each of the three below measurably
+# raised the cosine, and together far more than their bytes would suggest.
+#
+# * Outlier ROWS: a few tokens (attention sinks, BOS) carry activations orders of magnitude
+#   above the others; a per-channel range covering them leaves the other tokens a handful of
+#   levels. The ``ceil(rows / ROW_OUTLIER_EVERY)`` rows of largest |x| are kept exactly and
+#   swapped for an ordinary row before the range is taken (+1.6% bytes at 4 bits in bf16).
+#   gate/up are exempt: the fused SwiGLU kernels (intra_inter_full_fuse) read their codes
+#   directly and must see the same numerics as intra_inter.
+# * Per-row groups of GROUP_SIZE for V, O and D (hyclora/quant/core.py docstring: more
+#   accurate than per-channel ranges for these tensors; +1 bit per element on them).
+# * K at twice the bits: the attention map recomputed in the backward is most sensitive to K,
+#   and K is narrow under GQA (192 of ~6900 stored elements per token on SmolLM2).
+ROW_OUTLIER_EVERY = 256
+ROW_OUTLIER_EXEMPT = frozenset({"gate", "up"})
+GROUPED_TENSORS = frozenset({"v", "o", "hidden"})
+GROUP_SIZE = 64
+DOUBLE_BIT_TENSORS = frozenset({"k"})
+
+
+class OutlierRows:
+    """A quantised tensor plus a few rows kept exactly (``split`` picks them).
+
+    ``tensors()``: the ``QuantizedTensor``'s entries, then the row indices (k,) int64 and the
+    exact rows (k, N) in the input dtype."""
+
+    __slots__ = ("quant", "idx", "vals", "cleaned")
+
+    def __init__(self, quant, idx: torch.Tensor, vals: torch.Tensor, cleaned=None):
+        self.quant, self.idx, self.vals, self.cleaned = quant, idx, vals, cleaned
+
+    @staticmethod
+    def split(x: torch.Tensor) -> Optional["OutlierRows"]:
+        """Pick the rows of largest max |x|; ``cleaned`` is ``x`` with them replaced by the row
+        of smallest max |x| (inside every channel's range, so they stop stretching it).
+        None when there are too few rows for it to pay off."""
+        x2d = x.detach().reshape(-1, x.shape[-1])
+        n = x2d.shape[0]
+        k = -(-n // ROW_OUTLIER_EVERY)
+        if n < 2 * k + 1 or n < 16:
+            return None
+        with torch.no_grad():
+            score = x2d.abs().amax(1)
+            idx = score.topk(k).indices
+            cleaned = x2d.index_copy(0, idx, x2d[score.argmin()].expand(k, -1).contiguous())
+        return OutlierRows(None, idx, x2d.index_select(0, idx), cleaned.reshape(x.shape))
+
+    def tensors(self):
+        return tuple(self.quant.tensors()) + (self.idx, self.vals)
+
+    def meta(self):
+        return self.quant.meta()
+
+    @property
+    def nbytes(self) -> int:
+        return self.quant.nbytes + _nbytes(self.idx) + _nbytes(self.vals)
+
+    @staticmethod
+    def restore(tensors, meta) -> "OutlierRows":
+        qt = _quant().QuantizedTensor.restore(tensors[:-2], meta)
+        return OutlierRows(qt, tensors[-2], tensors[-1])
+
+    def dequantize(self, backend: str = "auto") -> torch.Tensor:
+        out = _quant().dequantize(self.quant, backend=backend)
+        flat = out.reshape(-1, out.shape[-1]).index_copy(0, self.idx, self.vals.to(out.dtype))
+        return flat.reshape(out.shape)
+
+
 @dataclass(frozen=True)
 class StoragePolicy:
     """Decides the storage of every buffered tensor of a block.
 
     * ``baseline``: everything as is (exact gradients).
     * ``intra``: every buffered activation quantised at ``bits`` (per channel; the norm inputs
-      with exact outlier channels, via their ``ChannelStats``), the eager softmax map sparse;
+      with exact outlier channels, via their ``ChannelStats``; plus exact outlier rows, per-row
+      groups for V/O/D and 2x bits for K: see ``GROUPED_TENSORS`` above), the eager softmax map
+      recomputed (``probs_mode``);
       SiLU(G) and the Hadamard product D are stored quantised.
     * ``intra_inter`` (and ``intra_inter_full_fuse``, same numerics): as ``intra``, but the
       outputs of q/k/v and gate/up are kept as ``Q(X W)`` only and rebuilt as
@@ -99,12 +170,30 @@ class StoragePolicy:
             store.plain(name, x)
             return
         q = _quant()
-        if replay and stats is not None:
+        bits = self.bits_for(name)
+        rows = None
+        if name not in ROW_OUTLIER_EXEMPT:
+            rows = OutlierRows.split(x)
+            if rows is not None:
+                x = rows.cleaned
+        if name in GROUPED_TENSORS:
+            # per-row groups: ranges come from the tensor itself, the channel stats are unused
+            qt = q.quantize(x, bits, group_size=GROUP_SIZE, backend=self.backend)
+        elif replay and stats is not None:
             idx = stats.outlier_idx.clone() if stats.num_outliers > 0 else None
-            qt = q.quantize(x, self.bits, outlier_idx=idx, backend=self.backend)
+            qt = q.quantize(x, bits, outlier_idx=idx, backend=self.backend)
         else:
-            qt = q.quantize(x, self.bits, stats=stats, update=update, backend=self.backend)
-        store.packed(name, "quant", qt)
+            qt = q.quantize(x, bits, stats=stats, update=update, backend=self.backend)
+        if rows is None:
+            store.packed(name, "quant", qt)
+        else:
+            rows.quant = qt
+            store.packed(name, "quant_rows", rows)
+
+    def bits_for(self, name: str) -> int:
+        """Code width of ``name``: ``bits``, doubled (at most 8) for the tensors of
+        ``DOUBLE_BIT_TENSORS``."""
+        return min(8, 2 * self.bits) if name in DOUBLE_BIT_TENSORS else self.bits
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
         if self.probs_mode == "dense":
@@ -182,6 +271,8 @@ class TensorLoad:
         q = _quant()
         if kind == "quant":
             return q.dequantize(q.QuantizedTensor.restore(tensors, meta), backend=self._backend)
+        if kind == "quant_rows":
+            return OutlierRows.restore(tensors, meta).dequantize(self._backend)
         if kind == "sparse":
             return q.densify_probs(q.SparseProbs.restore(tensors, meta))
         raise RuntimeError(f"hyclora internal error: unknown storage kind {kind!r}")
