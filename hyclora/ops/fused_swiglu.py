@@ -69,6 +69,9 @@ except ImportError:  # pragma: no cover - Linux images ship triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
+# tests only: under the interpreter, run the tensor-core (non-fp32) dot branch on fp32 operands,
+# which the interpreter computes correctly, so the GPU branch's loads and masks are exercised
+_TEST_TENSOR_CORE_PATH = False
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
@@ -173,17 +176,31 @@ def swiglu_lora_backward_torch(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_
 if triton is not None:
 
     @triton.jit
-    def _lora_tile(xa_ptr, bt, rows, rmask, R, stride_xm,
-                   BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr):
-        """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :R] @ bt (bt: (BLOCK_R, BLOCK_N), zero-padded)."""
-        ks = tl.arange(0, BLOCK_R)
-        a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+    def _lora_tile(xa_ptr, b_ptr, bt, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :R] @ B[cols, :R]^T (rank zero-padded)."""
         if DOT_FP32:
-            # fp32 operands (exact upcast of already rounded values), IEEE products: what torch
-            # computes for an fp32 matmul, and the only correct dot in the interpreter
-            return tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, bt, out_dtype=tl.float32)
+            # fp32 operands (exact upcasts of already rounded values), IEEE products: what torch
+            # computes for an fp32 matmul, and the only correct dot in the interpreter. The
+            # CUDA-core dot keeps its whole K extent in registers (ptxas: 255 registers and a
+            # 5 KB stack at K = 128), so it runs over K chunks of 16, loading B^T per chunk.
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, BLOCK_R, 16):  # a real loop: unrolled, ptxas hoists every load
+                ks = k0 + tl.arange(0, 16)
+                a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                            mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+                b = tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                            mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            return acc
+        else:
+            # tensor cores on bf16/fp16 operands, fp32 accumulation; B^T (bt) was loaded once per
+            # program and is reused for all its row sub-tiles
+            ks = tl.arange(0, BLOCK_R)
+            a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                        mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+            return tl.dot(a, bt, out_dtype=tl.float32)
 
     @triton.jit
     def _load_bt(b_ptr, cols, cmask, R, stride_bn, BLOCK_R: tl.constexpr):
@@ -269,9 +286,15 @@ if triton is not None:
         lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
         inv_u = tl.load(invu_ptr + cols, mask=cmask, other=0.0)[None, :]
         if HAS_G:
-            bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+            if DOT_FP32:
+                bt_g = 0.0  # loaded per K chunk inside _lora_tile
+            else:
+                bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         if HAS_U:
-            bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+            if DOT_FP32:
+                bt_u = 0.0  # loaded per K chunk inside _lora_tile
+            else:
+                bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         for it in tl.static_range(ROW_ITERS):
             rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             rmask = rows < M
@@ -289,10 +312,12 @@ if triton is not None:
             # G and U with their LoRA terms, then D = SiLU(G) * U
             g = yg
             if HAS_G:
-                g = yg + _lora_tile(xag_ptr, bt_g, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_g
+                g = yg + _lora_tile(xag_ptr, bg_ptr, bt_g, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_g
             u = yu
             if HAS_U:
-                u = yu + _lora_tile(xau_ptr, bt_u, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_u
+                u = yu + _lora_tile(xau_ptr, bu_ptr, bt_u, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_u
             d = (g * tl.sigmoid(g)) * u
             tl.store(d_ptr + rows[:, None] * stride_dm + cols[None, :],
                      _cast_out(d, d_ptr, EMULATE_BF16_RNE), mask=mask)
@@ -321,9 +346,15 @@ if triton is not None:
         lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
         st_u = tl.load(stepu_ptr + cols, mask=cmask, other=0.0)[None, :]
         if HAS_G:
-            bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+            if DOT_FP32:
+                bt_g = 0.0  # loaded per K chunk inside _lora_tile
+            else:
+                bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         if HAS_U:
-            bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+            if DOT_FP32:
+                bt_u = 0.0  # loaded per K chunk inside _lora_tile
+            else:
+                bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         for it in tl.static_range(ROW_ITERS):
             rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             rmask = rows < M
@@ -333,9 +364,11 @@ if triton is not None:
             g = _unpack(tl.load(cg_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_g + lo_g
             u = _unpack(tl.load(cu_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_u + lo_u
             if HAS_G:
-                g = g + _lora_tile(xag_ptr, bt_g, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_g
+                g = g + _lora_tile(xag_ptr, bg_ptr, bt_g, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_g
             if HAS_U:
-                u = u + _lora_tile(xau_ptr, bt_u, rows, rmask, R, stride_xm, BLOCK_R, DOT_FP32) * scale_u
+                u = u + _lora_tile(xau_ptr, bu_ptr, bt_u, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_u
             sig = tl.sigmoid(g)
             silu = g * sig
             ddv = tl.load(dd_ptr + rows[:, None] * stride_ddm + cols[None, :], mask=mask, other=0.0)
@@ -364,13 +397,17 @@ def _block_r(r: int) -> int:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS). Every dot dimension >= 16 whatever the bit width
-# (BLOCK_N counts columns, packing comes after the dot). Larger ROW_ITERS reuse the B^T tiles
-# and the per-channel parameters over more rows. Chosen for sm_90 by reasoning, not yet measured
-# (benchmarks/bench_fused.py --sweep times them); the autotuner picks per (N, R, BITS, ...).
-FWD_CONFIGS = [(64, 64, 4, 1), (64, 128, 8, 1), (128, 64, 8, 1), (32, 128, 4, 1),
-               (64, 64, 4, 4), (32, 64, 4, 2), (128, 128, 8, 1), (16, 128, 4, 4)]
+# (BLOCK_N counts columns, packing comes after the dot). ROW_ITERS > 1 reuses the B^T tiles and
+# the per-channel parameters over more rows. Chosen from ptxas's sm_90 resource usage (Triton
+# 3.6 compiled ahead of time for GPUTarget("cuda", 90), bf16, r=16, 2/4 bits; no GPU run yet):
+# at 8-16 elements per thread the kernels need 80-165 registers and never spill, while 64x64 /
+# 4 warps took 255 registers with spills and 128x128 / 8 warps spilled up to 2 KB per thread
+# (memory-bound kernels want occupancy). The autotuner picks per (N, R, BITS, ...) on the GPU;
+# benchmarks/bench_fused.py --sweep times every entry.
+FWD_CONFIGS = [(32, 64, 8, 2), (32, 64, 8, 4), (16, 128, 8, 4), (16, 64, 4, 4),
+               (64, 64, 8, 1), (64, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 4)]
 BWD_CONFIGS = FWD_CONFIGS
-_FIXED = (64, 64, 4, 2)  # HYCLORA_QUANT_AUTOTUNE=0
+_FIXED = (32, 64, 8, 2)  # HYCLORA_QUANT_AUTOTUNE=0: 80-91 registers at r=16
 
 
 def _interpret_blocks(m: int, n: int):
@@ -445,7 +482,13 @@ def _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype):
     def prep(t):
         return None if t is None else t.to(dot_dtype).contiguous()
 
+    # the interpreter's bf16/fp16 dot is wrong: there the operands are upcast (exactly) instead,
+    # except when a test asks for the tensor-core branch on fp32 data (_TEST_TENSOR_CORE_PATH)
     dot_fp32 = dot_dtype == torch.float32 or _INTERPRET
+    if _INTERPRET and _TEST_TENSOR_CORE_PATH:
+        if dot_dtype != torch.float32:
+            raise ValueError("_TEST_TENSOR_CORE_PATH runs the tensor-core branch on fp32 operands only")
+        dot_fp32 = False
     return prep(xa_g), prep(xa_u), prep(b_g), prep(b_u), ranks.pop(), dot_fp32
 
 
