@@ -8,7 +8,9 @@
 Same design as the Llama blocks (:mod:`hyclora.ops.blocks`, whose helpers these reuse): the
 forward computes every output from exact activations; what is kept for the backward is decided
 by a :class:`~hyclora.ops.storage.StoragePolicy`, one code path for all four layer types;
-everything goes through one ``ctx.save_for_backward``.
+everything goes through one ``ctx.save_for_backward``. ``intra_inter_full_fuse`` stores exactly
+what ``intra_inter`` stores; its GELU epilogue (quantise ``X W + bias``, add the LoRA term,
+GELU; and back: rebuild, ``GELU'``, ``F~``) runs as one Triton kernel each way (end of file).
 
 Saved tensors (``*`` only when that linear carries LoRA; ``Q`` quantised at ``q_bit``,
 ``Q+o`` quantised with exact outlier channels, ``fp`` as is):
@@ -78,9 +80,18 @@ from .blocks import (
     _linear_params,
     _save_params,
 )
-from .lora import capture_rng_state, draw_dropout_mask, lora_linear_forward, lora_reconstruct, redraw_dropout_mask
+from . import fused_swiglu
+from .lora import (
+    capture_rng_state,
+    draw_dropout_mask,
+    lora_linear_backward,
+    lora_linear_forward,
+    lora_reconstruct,
+    redraw_dropout_mask,
+)
 from .storage import TensorLoad, TensorStore
 from hyclora.quant import check_finite
+from hyclora.quant.core import QuantizedTensor, check_bits, packed_width, quantize_pack_torch, resolve_backend, unpack_codes
 
 # -- LayerNorm -------------------------------------------------------------------------------
 
@@ -463,17 +474,7 @@ def _fused(plan: BlockPlan) -> bool:
     return plan.policy.layer_type == "intra_inter_full_fuse"
 
 
-# TEMPORARY (not committed as the fused path): same numerics as intra_inter, op by op.
-def _fused_gelu_epilogue_forward(plan, store, u_out, lora_b):
-    return gelu_epilogue_forward(plan, store, u_out)
-
-
-def _fused_ffn_epilogue_backward(ctx, plan, load, dd):
-    epilogue = gelu_epilogue_backward(plan, load)
-    d_act, grads = _linear_grads(ctx, plan, load, 1, "down", dd, next(epilogue), _ENC_FFN_LIN_OFFSET)
-    du = epilogue.send(d_act)
-    epilogue.close()
-    return grads, du
+# the fused GELU epilogue of intra_inter_full_fuse is at the end of this file
 
 
 class EncoderFFNBlockFn(torch.autograd.Function):
@@ -488,7 +489,10 @@ class EncoderFFNBlockFn(torch.autograd.Function):
         store = TensorStore()
         _save_params(store, (None, None, ln_w, ln_b) + tuple(lin), 0)
 
-        u_out = lora_linear_forward(metas[0], x, *_linear_params(lin, 0))
+        # full_fuse: base output and XA only; the fused kernel adds the LoRA term, quantises and
+        # applies GELU in one pass, so the full U never reaches memory
+        up_forward = fused_swiglu.lora_base_forward if _fused(plan) else lora_linear_forward
+        u_out = up_forward(metas[0], x, *_linear_params(lin, 0))
         if metas[0].has_lora:
             _keep(plan, store, "x_n2", x)
         if _fused(plan):
@@ -555,6 +559,339 @@ class EncoderFFNBlockFn(torch.autograd.Function):
         return (None, dx if need[1] else None, dln_w, dln_b, *lin_grads)
 
 
+# -- fused GELU epilogue (intra_inter_full_fuse) ------------------------------------------------
+#
+# Same numerics as the intra_inter GELU epilogue, one pass each way over the (tokens, d_ff)
+# tensors, built from the fused SwiGLU kernels' pieces (hyclora.ops.fused_swiglu: the in-kernel
+# LoRA dot, the code packing shared with hyclora.quant, the launch/tile policy):
+#
+# * forward: reads the up projection's base output ``X W + bias``, its ``XA`` and ``lora_B``;
+#   writes the packed codes of ``X W + bias`` (what ``hyclora.quant.quantize`` would write with
+#   the same parameters) and ``F = GELU(X W + bias + s XA B^T)``, the down-projection input.
+# * backward: reads the codes, ``XA``, ``lora_B`` and ``dF``; writes ``dU = dF * GELU'(U~)`` and
+#   ``F~ = GELU(U~)`` (the down projection's LoRA-A gradient needs it).
+#
+# Everything between loads and stores is fp32 (the op-by-op path rounds U~ to the activation
+# dtype first; with fp32 activations the two agree to rounding). Exact erf GELU or the tanh
+# approximation, as the model's hidden_act says.
+
+_ACT_CODE = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1}
+
+
+def _gelu_fp32(u: torch.Tensor, act: str) -> torch.Tensor:
+    return F.gelu(u, approximate="none" if _ACT_CODE[act] == 0 else "tanh")
+
+
+def _gelu_deriv_fp32(u: torch.Tensor, act: str) -> torch.Tensor:
+    return gelu_backward(torch.ones_like(u), u, act)
+
+
+def gelu_lora_forward_torch(yw, xa, b, scale, lo, inv, bits, act="gelu", *, dot_dtype=None):
+    """Reference of :func:`gelu_lora_forward` (same arguments, same results)."""
+    codes = quantize_pack_torch(yw, lo, inv, bits)
+    dot = dot_dtype or (torch.promote_types(xa.dtype, b.dtype) if xa is not None else None)
+    u = fused_swiglu._rebuild(yw.float(), fused_swiglu._lora_term_torch(xa, b, dot), scale)
+    return codes, _gelu_fp32(u, act).to(yw.dtype)
+
+
+def gelu_lora_backward_torch(codes, lo, step, xa, b, scale, df, bits, act="gelu", *, dtype, need_f=True,
+                             dot_dtype=None):
+    """Reference of :func:`gelu_lora_backward` (same arguments, same results)."""
+    n = df.shape[1]
+    u = unpack_codes(codes, bits, n).float() * step + lo
+    dot = dot_dtype or (torch.promote_types(xa.dtype, b.dtype) if xa is not None else None)
+    u = fused_swiglu._rebuild(u, fused_swiglu._lora_term_torch(xa, b, dot), scale)
+    out_dtype = torch.promote_types(df.dtype, dtype)
+    du = (df.float() * _gelu_deriv_fp32(u, act)).to(out_dtype)
+    f_hat = _gelu_fp32(u, act).to(dtype) if need_f else None
+    return du, f_hat
+
+
+if fused_swiglu.triton is not None:
+    import triton
+    import triton.language as tl
+
+    # the code layout (quantise, pack, unpack) and the interpreter's bf16 rounding fix are shared
+    # with the fused SwiGLU kernels: one codec for every fused kernel and hyclora.quant
+    from .fused_swiglu import _cast_out, _pack, _quant_codes, _unpack
+
+    @triton.jit
+    def _load_lora_bt(b_ptr, cols, cmask, R, stride_bn, BLOCK_R: tl.constexpr):
+        # PEFT's lora_B is (out_features, r): the B^T tile (BLOCK_R, BLOCK_N), rank zero-padded
+        ks = tl.arange(0, BLOCK_R)
+        return tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                       mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+
+    @triton.jit
+    def _gelu_lora_tile(xa_ptr, b_ptr, bt, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :R] @ B[cols, :R]^T."""
+        if DOT_FP32:
+            # IEEE fp32 products of already rounded operands (torch's fp32 matmul; the only
+            # correct dot in the interpreter), over K chunks of 16 to bound register use
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, BLOCK_R, 16):
+                ks = k0 + tl.arange(0, 16)
+                a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                            mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+                b = tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                            mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            return acc
+        else:
+            # bf16/fp16 operands on tensor cores, fp32 accumulation; bt loaded once per program
+            ks = tl.arange(0, BLOCK_R)
+            a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                        mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+            return tl.dot(a, bt, out_dtype=tl.float32)
+
+    @triton.jit
+    def _gelu_and_deriv(u, ACT: tl.constexpr):
+        """(GELU(u), GELU'(u)) in fp32; ACT 0: exact erf form, 1: tanh approximation."""
+        if ACT == 0:
+            cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+            return u * cdf, cdf + u * pdf
+        else:
+            c = 0.7978845608028654
+            inner = c * (u + 0.044715 * u * u * u)
+            e = tl.exp(-2.0 * tl.abs(inner))  # tanh without overflow: sign * (1 - e) / (1 + e)
+            t = tl.where(inner < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
+            return 0.5 * u * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * c * (1.0 + 0.134145 * u * u)
+
+    @triton.jit
+    def _gelu_fwd_kernel(
+        y_ptr, xa_ptr, b_ptr, lo_ptr, inv_ptr, c_ptr, f_ptr,
+        M, N, NB, R, stride_ym, stride_xm, stride_bn, stride_fm, scale,
+        BITS: tl.constexpr, HAS_LORA: tl.constexpr, ACT: tl.constexpr, DOT_FP32: tl.constexpr,
+        EMULATE_BF16_RNE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_N // E
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = bcols < NB
+        lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
+        inv = tl.load(inv_ptr + cols, mask=cmask, other=0.0)[None, :]
+        bt = _load_lora_bt(b_ptr, cols, cmask & HAS_LORA, R, stride_bn, BLOCK_R)
+        for it in tl.static_range(ROW_ITERS):
+            rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            packed = _pack(_quant_codes(y, lo, inv, mask, BITS), BLOCK_M, BLOCK_N, BITS)
+            tl.store(c_ptr + rows[:, None] * NB + bcols[None, :], packed, mask=rmask[:, None] & bmask[None, :])
+            u = y
+            if HAS_LORA:
+                u = y + _gelu_lora_tile(xa_ptr, b_ptr, bt, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                                        BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale
+            f, _ = _gelu_and_deriv(u, ACT)
+            tl.store(f_ptr + rows[:, None] * stride_fm + cols[None, :], _cast_out(f, f_ptr, EMULATE_BF16_RNE),
+                     mask=mask)
+
+    @triton.jit
+    def _gelu_bwd_kernel(
+        c_ptr, lo_ptr, step_ptr, xa_ptr, b_ptr, df_ptr, du_ptr, fh_ptr,
+        M, N, NB, R, stride_dfm, stride_xm, stride_bn, stride_om, scale,
+        BITS: tl.constexpr, HAS_LORA: tl.constexpr, ACT: tl.constexpr, DOT_FP32: tl.constexpr,
+        NEED_F: tl.constexpr, EMULATE_BF16_RNE_GRAD: tl.constexpr, EMULATE_BF16_RNE_F: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_N // E
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = bcols < NB
+        lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
+        st = tl.load(step_ptr + cols, mask=cmask, other=0.0)[None, :]
+        bt = _load_lora_bt(b_ptr, cols, cmask & HAS_LORA, R, stride_bn, BLOCK_R)
+        for it in tl.static_range(ROW_ITERS):
+            rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            codes = tl.load(c_ptr + rows[:, None] * NB + bcols[None, :], mask=rmask[:, None] & bmask[None, :], other=0)
+            u = _unpack(codes, BLOCK_M, BLOCK_N, BITS) * st + lo
+            if HAS_LORA:
+                u = u + _gelu_lora_tile(xa_ptr, b_ptr, bt, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                                        BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale
+            f, deriv = _gelu_and_deriv(u, ACT)
+            dfv = tl.load(df_ptr + rows[:, None] * stride_dfm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            ooffs = rows[:, None] * stride_om + cols[None, :]
+            tl.store(du_ptr + ooffs, _cast_out(dfv * deriv, du_ptr, EMULATE_BF16_RNE_GRAD), mask=mask)
+            if NEED_F:
+                tl.store(fh_ptr + ooffs, _cast_out(f, fh_ptr, EMULATE_BF16_RNE_F), mask=mask)
+
+
+def _gelu_launch(kernel, m: int, n: int, args: tuple, consts: dict, config) -> None:
+    """Fixed tiles (the fused SwiGLU autotune table is tuned for its own kernels): one
+    ``(BLOCK_M, BLOCK_N, num_warps, ROW_ITERS)`` per launch, interpreter-friendly on the CPU."""
+    if config is not None:
+        bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))
+    elif fused_swiglu._INTERPRET:
+        bm, bn, warps, ri = fused_swiglu._interpret_blocks(m, n)
+    else:
+        bm, bn, warps, ri = fused_swiglu._FIXED
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"fused GELU tile {bm}x{bn}: both must be powers of two >= 16 (tl.dot minimum).")
+    grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
+    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri, **fused_swiglu._launch_opts(warps))
+
+
+def _lora_operands(xa, b, dot_dtype):
+    if xa is None:
+        return None, None, 1, True
+    dot_dtype = dot_dtype or torch.promote_types(xa.dtype, b.dtype)
+    if dot_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hyclora fused GELU: dot dtype {dot_dtype} is not supported (fp32/bf16/fp16).")
+    return (xa.to(dot_dtype).contiguous(), b.to(dot_dtype).contiguous(), xa.shape[1],
+            dot_dtype == torch.float32 or fused_swiglu._INTERPRET)
+
+
+def _check_gelu_args(yw_or_df, xa, b, lo, other, what):
+    if yw_or_df.dim() != 2:
+        raise ValueError(f"hyclora fused GELU: {what} has shape {tuple(yw_or_df.shape)}; reshape(-1, d_ff) first.")
+    m, n = yw_or_df.shape
+    if (xa is None) != (b is None):
+        raise ValueError("hyclora fused GELU: pass both xa and lora_B, or neither (no LoRA).")
+    if xa is not None and (xa.dim() != 2 or xa.shape[0] != m or b.shape != (n, xa.shape[1])):
+        raise ValueError(f"hyclora fused GELU: xa {tuple(xa.shape)} / lora_B {tuple(b.shape)} do not fit "
+                         f"({m}, r) / ({n}, r).")
+    for t in (lo, other):
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"hyclora fused GELU: per-channel parameters of shape {tuple(t.shape)}; expected ({n},).")
+
+
+def gelu_lora_forward(yw: torch.Tensor, xa: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: float,
+                      lo: torch.Tensor, inv: torch.Tensor, bits: int, act: str = "gelu", *,
+                      dot_dtype: Optional[torch.dtype] = None, backend: str = "auto", config=None):
+    """Quantise the up projection's base output and compute ``F = GELU(yw + s xa B^T)`` in one pass.
+
+    ``yw``: ``(M, N)``; ``xa``: ``(M, r)`` or ``None``; ``b``: PEFT ``lora_B`` ``(N, r)``;
+    ``lo`` / ``inv``: ``(N,)`` fp32 (``lo``, ``1/step``). Returns ``(codes, F)``: packed uint8
+    codes identical to :func:`hyclora.quant.quantize` with these parameters, ``F`` in ``yw.dtype``.
+    """
+    check_bits(bits)
+    check_activation(act)
+    _check_gelu_args(yw, xa, b, lo, inv, "yw")
+    if resolve_backend(backend, yw.device) != "triton":
+        return gelu_lora_forward_torch(yw, xa, b, scale, lo, inv, bits, act, dot_dtype=dot_dtype)
+    fused_swiglu._check_triton_device(yw, xa)
+    m, n = yw.shape
+    yw = yw.contiguous()
+    xa, b, r, dot_fp32 = _lora_operands(xa, b, dot_dtype)
+    nb = packed_width(n, bits)
+    codes = torch.empty((m, nb), dtype=torch.uint8, device=yw.device)
+    f = torch.empty((m, n), dtype=yw.dtype, device=yw.device)
+    args = (yw, xa if xa is not None else yw, b if b is not None else yw, lo.float().contiguous(),
+            inv.float().contiguous(), codes, f, m, n, nb, r, yw.stride(0), r, r, f.stride(0), float(scale))
+    consts = dict(BITS=bits, HAS_LORA=xa is not None, ACT=_ACT_CODE[act], DOT_FP32=dot_fp32,
+                  EMULATE_BF16_RNE=fused_swiglu._INTERPRET and f.dtype == torch.bfloat16,
+                  BLOCK_R=fused_swiglu._block_r(r))
+    _gelu_launch(_gelu_fwd_kernel, m, n, args, consts, config)
+    return codes, f
+
+
+def gelu_lora_backward(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, xa: Optional[torch.Tensor],
+                       b: Optional[torch.Tensor], scale: float, df: torch.Tensor, bits: int, act: str = "gelu", *,
+                       dtype: torch.dtype, need_f: bool = True, dot_dtype: Optional[torch.dtype] = None,
+                       backend: str = "auto", config=None):
+    """Rebuild ``U~`` from its codes and LoRA term; return ``(dU, F~)`` (``F~`` ``None`` unless
+    ``need_f``). ``dtype``: the forward activations' dtype (that of ``F~``; ``dU`` gets
+    ``promote(df.dtype, dtype)``)."""
+    check_bits(bits)
+    check_activation(act)
+    _check_gelu_args(df, xa, b, lo, step, "df")
+    m, n = df.shape
+    nb = packed_width(n, bits)
+    if codes.dtype != torch.uint8 or codes.shape != (m, nb):
+        raise ValueError(f"hyclora fused GELU: codes are {codes.dtype} {tuple(codes.shape)}; expected uint8 ({m}, {nb}).")
+    if resolve_backend(backend, df.device) != "triton":
+        return gelu_lora_backward_torch(codes, lo, step, xa, b, scale, df, bits, act, dtype=dtype,
+                                        need_f=need_f, dot_dtype=dot_dtype)
+    fused_swiglu._check_triton_device(codes, df, xa)
+    df, codes = df.contiguous(), codes.contiguous()
+    xa, b, r, dot_fp32 = _lora_operands(xa, b, dot_dtype)
+    out_dtype = torch.promote_types(df.dtype, dtype)
+    du = torch.empty((m, n), dtype=out_dtype, device=df.device)
+    f_hat = torch.empty((m, n), dtype=dtype, device=df.device) if need_f else None
+    args = (codes, lo.float().contiguous(), step.float().contiguous(), xa if xa is not None else df,
+            b if b is not None else df, df, du, f_hat if f_hat is not None else du,
+            m, n, nb, r, df.stride(0), r, r, du.stride(0), float(scale))
+    consts = dict(BITS=bits, HAS_LORA=xa is not None, ACT=_ACT_CODE[act], DOT_FP32=dot_fp32, NEED_F=need_f,
+                  EMULATE_BF16_RNE_GRAD=fused_swiglu._INTERPRET and out_dtype == torch.bfloat16,
+                  EMULATE_BF16_RNE_F=fused_swiglu._INTERPRET and dtype == torch.bfloat16,
+                  BLOCK_R=fused_swiglu._block_r(r))
+    _gelu_launch(_gelu_bwd_kernel, m, n, args, consts, config)
+    return du, f_hat
+
+
+def _fused_gelu_epilogue_forward(plan: EncoderFFNPlan, store: TensorStore, u_out, lora_b) -> torch.Tensor:
+    """Keep ``Q(X W + bias)`` of the up projection (codes from the fused kernel) and its ``XA``;
+    return ``F = GELU(U)``. ``u_out`` comes from ``fused_swiglu.lora_base_forward``."""
+    pol, meta = plan.policy, plan.linears[0]
+    shape = u_out.y_w.shape
+    n = shape[-1]
+    y2d = u_out.y_w.detach().reshape(-1, n)
+    lo, step, inv = fused_swiglu.quant_params_like_policy(pol, y2d, plan.stats.get("up"), plan.update,
+                                                          "up" in plan.replay)
+    xa = u_out.xa.reshape(-1, u_out.xa.shape[-1]) if meta.has_lora else None
+    b = lora_b if meta.has_lora else None
+    dot = fused_swiglu.dot_dtype_for(xa, b) if xa is not None else None
+    with torch.no_grad():
+        codes, f = gelu_lora_forward(y2d, xa, b, meta.scaling, lo, inv, pol.bits, plan.activation,
+                                     dot_dtype=dot, backend=pol.backend)
+    # same names and order as the op-by-op path (gelu_epilogue_forward)
+    _keep_linear_extras(store, "up", meta, u_out)
+    store.packed("up", "quant", QuantizedTensor(codes, lo, step, bits=pol.bits, shape=shape,
+                                                              dtype=u_out.y_w.dtype))
+    return f.view(shape)
+
+
+def _fused_ffn_epilogue_backward(ctx, plan: EncoderFFNPlan, load: TensorLoad, dd: torch.Tensor):
+    """down-projection backward + the fused GELU backward. ``dF`` needs no activation, so it
+    comes first; one kernel then writes ``dU`` and ``F~``; the down projection's LoRA-A gradient
+    reads ``F~``. Returns ``((None, dbias, dA, dB) of down, dU)``."""
+    pol = plan.policy
+    meta_u, meta_d = plan.linears
+    off = _ENC_FFN_LIN_OFFSET
+    need = ctx.needs_input_grad
+    b_u = load.get(f"p{off + 3}")
+    w_d, bias_d, a_d, b_d = (load.get(f"p{off + PARAMS_PER_LINEAR + j}") for j in range(PARAMS_PER_LINEAR))
+    need_d = need[off + PARAMS_PER_LINEAR: off + 2 * PARAMS_PER_LINEAR]
+    q = load.get_quantized("up")
+    if q.num_outliers or q.group_size is not None:
+        raise RuntimeError("hyclora internal error: fused GELU expects per-channel codes without outliers.")
+    xa_d, rng_d = load.get("xa_down"), load.get("rng_down")
+    need_da = bool(need_d[2]) and meta_d.has_lora
+    d_act, dbias, _, db = lora_linear_backward(
+        meta_d, dd, None, xa_d, w_d, bias_d, a_d, b_d, rng_state=rng_d, need_dx=True,
+        need_da=False, need_db=bool(need_d[3]), need_dbias=bool(need_d[1]))
+    shape = q.shape
+    n = shape[-1]
+    xa_u = load.get("xa_up") if meta_u.has_lora else None
+    xa_u = None if xa_u is None else xa_u.reshape(-1, xa_u.shape[-1])
+    b = b_u if meta_u.has_lora else None
+    dot = fused_swiglu.dot_dtype_for(xa_u, b) if xa_u is not None else None
+    with torch.no_grad():
+        du, f_hat = gelu_lora_backward(q.codes, q.lo, q.step, xa_u, b, meta_u.scaling, d_act.reshape(-1, n), pol.bits,
+                                       plan.activation, dtype=q.dtype, need_f=need_da, dot_dtype=dot,
+                                       backend=pol.backend)
+    del d_act
+    da = None
+    if need_da:
+        _, _, da, _ = lora_linear_backward(meta_d, dd, f_hat.view(shape), xa_d, w_d, None, a_d, b_d,
+                                           rng_state=rng_d, need_dx=False, need_da=True, need_db=False)
+    return (None, dbias, da, db), du.view(shape)
+
+
 # -- functional entry points -----------------------------------------------------------------
 
 
@@ -592,4 +929,8 @@ __all__ = [
     "encoder_ffn_block",
     "gelu_epilogue_forward",
     "gelu_epilogue_backward",
+    "gelu_lora_forward",
+    "gelu_lora_backward",
+    "gelu_lora_forward_torch",
+    "gelu_lora_backward_torch",
 ]

@@ -244,20 +244,21 @@ def test_baseline_gradient_checkpointing_with_dropout():
 
 # Mean / min cosine of the LoRA gradients against the exact ones, measured on this tiny
 # sharpened model (4 x 24 tokens, dropout off, default attention_probs: the map is recomputed
-# in the backward), 3 builds (seeds 0-2):
+# in the backward; storage policy of hyclora.ops.storage: outlier rows, per-row groups for
+# V/O/hidden, K at twice the bits), 3 builds (seeds 0-2):
 #   intra 8 bit        mean 1.0000            min 0.9999-1.0
-#   intra 4 bit        mean 0.9944-0.9971     min 0.977-0.989
-#   intra_inter 4 bit  mean 0.9959-0.9977     min 0.978-0.992   (full_fuse: identical)
-#   intra 2 bit        mean 0.906-0.938       min 0.54-0.75
-#   intra_inter 2 bit  mean 0.921-0.947       min 0.71-0.80
+#   intra 4 bit        mean 0.992-0.997       min 0.92-0.986
+#   intra_inter 4 bit  mean 0.996-0.9975      min 0.987-0.991   (full_fuse: same to rounding)
+#   intra 2 bit        mean 0.898-0.918       min 0.37-0.60
+#   intra_inter 2 bit  mean 0.910-0.952       min 0.50-0.80
 # The asserted bounds sit just under the worst build; the test runs seed 0.
 _COMPRESSED = {
     ("intra", 8): (0.999, 0.999),
-    ("intra", 4): (0.99, 0.97),
-    ("intra_inter", 4): (0.993, 0.97),
-    ("intra_inter_full_fuse", 4): (0.993, 0.97),
-    ("intra", 2): (0.90, 0.5),
-    ("intra_inter", 2): (0.915, 0.68),
+    ("intra", 4): (0.99, 0.91),
+    ("intra_inter", 4): (0.995, 0.98),
+    ("intra_inter_full_fuse", 4): (0.995, 0.98),
+    ("intra", 2): (0.89, 0.36),
+    ("intra_inter", 2): (0.905, 0.49),
 }
 
 
@@ -282,7 +283,7 @@ def test_compressed_gradient_cosine(layer_type, bits):
 
 def test_inter_reconstruction_beats_intra_at_2_bits():
     # rebuilding Q/K/V and U from Q(X W) + exact XA B (and recomputing GELU) is more accurate
-    # than quantising the full outputs and GELU(U) (every measured build: +0.009..+0.015 mean)
+    # than quantising the full outputs and GELU(U) (every measured build: +0.011..+0.034 mean)
     intra = statistics.mean(_compressed_cosines("intra", 2).values())
     inter = statistics.mean(_compressed_cosines("intra_inter", 2).values())
     assert inter > intra + 0.005
@@ -333,7 +334,11 @@ def test_calibration_state_is_persistent():
     for _ in range(3):
         grads_of(model, batch)
     assert int(layer.hyclora_state.forward_count) == 3
-    assert all(s.frozen for s in layer.hyclora_state.stats.values())
+    stats = layer.hyclora_state.stats
+    # every statistic the storage policy calibrates (tensors with per-row groups use none)
+    # froze after iteration_threshold forwards; the LayerNorm inputs and U always calibrate
+    assert all(s.frozen for s in stats.values() if int(s.count) > 0)
+    assert all(stats[n].frozen and int(stats[n].count) == 2 for n in ("z1", "z2", "up", "x_n1"))
     big = lora_encoder(tiny_encoder("roberta", "eager", hidden_size=256, num_attention_heads=4))
     apply_hyclora(big, HyCLoRAConfig(layer_type="intra", layernorm_outlier_ratio=0.01))
     stats = big.base_model.model.roberta.encoder.layer[0].hyclora_state.stats
