@@ -211,6 +211,25 @@ def _packed_bytes(width: int, bits: int) -> float:
     return math.ceil(width * bits / 8)
 
 
+def _compressed_bytes(name: str, width: int, rows: int, q_bit: int, dtype_bytes: int) -> float:
+    """Bytes of one tensor under the compressed storage layout of ``hyclora.ops.storage``:
+    packed codes, fp32 range parameters (per channel, or per row-group for the grouped
+    tensors), K at twice the bits, and the exact outlier rows."""
+    from .ops import storage
+
+    bits = min(8, 2 * q_bit) if name in storage.DOUBLE_BIT_TENSORS else q_bit
+    total = rows * _packed_bytes(width, bits)
+    if name in storage.GROUPED_TENSORS:
+        total += rows * math.ceil(width / storage.GROUP_SIZE) * 8
+    else:
+        total += 8 * width
+    if name not in storage.ROW_OUTLIER_EXEMPT:
+        k_rows = -(-rows // storage.ROW_OUTLIER_EVERY)
+        if rows >= 16 and rows >= 2 * k_rows + 1:
+            total += k_rows * 8 + k_rows * width * dtype_bytes
+    return total
+
+
 def _kept_tensors(shape: LayerShape, layer_type: str, attention: str, probs: str):
     """(name, width, kind) of every per-token tensor a decoder layer keeps; kind is ``norm``
     (quantised with outlier channels), ``quant`` or ``plain`` (kept as is when compressing too)."""
@@ -259,11 +278,11 @@ def theoretical_layer_bytes(
     kept, keeps_map = _kept_tensors(shape, layer_type, attention, probs)
     k = math.floor(shape.hidden * layernorm_outlier_ratio)
     total = 0.0
-    for _name, width, kind in kept:
+    for name, width, kind in kept:
         if not compress:
             total += tokens * width * dtype_bytes
             continue
-        total += batch * seq * _packed_bytes(width, q_bit) + 8 * width
+        total += _compressed_bytes(name, width, tokens, q_bit, dtype_bytes)
         if kind == "norm" and k:
             total += tokens * k * dtype_bytes + 8 * k
     total += tokens * 2 * 4  # rstd of both norms (fp32)
@@ -294,7 +313,12 @@ def theoretical_bytes_per_token(
     quantised (b, s, width) tensors."""
     compress = layer_type != "baseline"
     kept, _ = _kept_tensors(shape, layer_type, attention, "recompute" if compress else "dense")
-    big = sum((_packed_bytes(w, q_bit) if compress else w * dtype_bytes) for _n, w, _k in kept)
+    from .ops import storage
+
+    def bits(name):
+        return min(8, 2 * q_bit) if name in storage.DOUBLE_BIT_TENSORS else q_bit
+
+    big = sum((_packed_bytes(w, bits(n)) if compress else w * dtype_bytes) for n, w, _k in kept)
     if attention == "eager" and not compress:
         big += shape.num_heads * shape.head_dim * dtype_bytes  # o, kept beside the dense map
     if not include_small:
