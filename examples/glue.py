@@ -45,7 +45,7 @@ from hyclora.config import HyCLoRAConfig  # noqa: E402
 from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, glue_texts, load_glue_records  # noqa: E402
 from hyclora.training.args import LoraArguments  # noqa: E402
 from hyclora.training.callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state  # noqa: E402
-from hyclora.training.model import maybe_apply_hyclora  # noqa: E402
+from hyclora.training.model import maybe_apply_hyclora, zero3_enabled  # noqa: E402
 
 logger = logging.getLogger("hyclora.examples.glue")
 
@@ -281,6 +281,12 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
         model = load_model(args, tokenizer, task.num_labels)
     model = add_lora(model, args.lora)
     model = maybe_apply_hyclora(model, args.hyclora)
+    if zero3_enabled():
+        # ZeRO-3 partitions every weight; the patched encoder layers read their children's
+        # weights without calling them, so they must be ZeRO-3 leaf modules
+        from hyclora.integrations.deepspeed import prepare_zero3
+
+        prepare_zero3(model)
     status = (f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
               if args.hyclora.use_hyclora else "plain LoRA (hyclora off)")
     if t.include_num_input_tokens_seen in ("no", False, None):
@@ -296,7 +302,12 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
     if train is not None:
         out = trainer.train()
         metrics["train_loss"] = out.training_loss
-        trainer.save_model()
+        if zero3_enabled():  # Trainer.save_model can write an empty adapter from ZeRO-3 shards
+            from hyclora.integrations.deepspeed import save_lora_adapter
+
+            save_lora_adapter(trainer.model, t.output_dir, is_main_process=trainer.is_world_process_zero())
+        else:
+            trainer.save_model()
         if trainer.is_world_process_zero():
             save_hyclora_state(trainer.model, t.output_dir)
         metrics.update(memory.summary)

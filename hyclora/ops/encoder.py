@@ -840,8 +840,11 @@ def _fused_gelu_epilogue_forward(plan: EncoderFFNPlan, store: TensorStore, u_out
     shape = u_out.y_w.shape
     n = shape[-1]
     y2d = u_out.y_w.detach().reshape(-1, n)
-    lo, step, inv = fused_swiglu.quant_params_like_policy(pol, y2d, plan.stats.get("up"), plan.update,
-                                                          "up" in plan.replay)
+    params = fused_swiglu.quant_params_like_policy(pol, y2d, plan.stats.get("up"), plan.update, "up" in plan.replay)
+    lo, step, inv = params[:3]
+    if len(params) > 3 and params[3] is not None:  # (lo, step, inv[, outlier_idx])
+        raise RuntimeError("hyclora internal error: the fused GELU kernel quantises U without outlier "
+                           "channels, but its statistics have some.")
     xa = u_out.xa.reshape(-1, u_out.xa.shape[-1]) if meta.has_lora else None
     b = lora_b if meta.has_lora else None
     dot = fused_swiglu.dot_dtype_for(xa, b) if xa is not None else None

@@ -226,14 +226,18 @@ def test_baseline_subset_of_targets(targets):
     assert ("x_n2" in ffn) == ("dense" in targets)
 
 
-def test_baseline_gradient_checkpointing_with_dropout():
-    # HF gradient checkpointing (non-reentrant) recomputes the layer with the same generator
-    # state, so the recomputed masks are the forward's: gradients still equal plain HF
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_baseline_gradient_checkpointing_with_dropout(reentrant):
+    # HF gradient checkpointing recomputes the layer with the same generator state, so the
+    # recomputed masks are the forward's: gradients still equal plain HF. Reentrant: the first
+    # pass runs without grad (the original forward), the compressed forward is the recompute.
     model = lora_encoder(tiny_encoder("roberta", "eager", 0.1), dropout=0.1)
     ref = copy.deepcopy(model)
     batch = encoder_batch()
     _, g_ref = grads_of(ref, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if reentrant:
+        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     apply_hyclora(model, BASELINE)
     _, g = grads_of(model, batch)
     assert worst_rel_err(g, g_ref) <= 1e-5
