@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, load_glue_records, read_glue_tsv
 from hyclora.eval.metrics import load_metric
