@@ -165,7 +165,7 @@ def test_unsupported_model_type():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported model types: llama, mistral"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported model types: bert, llama, mistral, roberta"):
         apply_hyclora(model, BASELINE)
 
 
