@@ -20,6 +20,11 @@
    * ``op-by-op bwd``: dequantise twice, rebuild G and U, SiLU, D~, the SiLU-product backward.
    Each fused result is also checked against the torch reference (codes identical, D/dG/dU
    relative error printed).
+   The fused RMSNorm (``norm:`` rows, hidden 4096, frozen statistics with 0.5% exact channels
+   and exact outlier rows): the norm + compressed input in one kernel against rmsnorm_forward +
+   StoragePolicy.keep, and the backward from the codes against dequantise + rmsnorm_backward +
+   the residual add. Bytes: x read, y / codes / exact columns written (forward); codes, dy,
+   residual read, dx written (backward).
 2. Full steps (forward + backward, no optimizer) of a Llama-2-7B-shaped model with random bf16
    weights and PEFT LoRA r=16 on all seven linears, through bench_memory_throughput.run_variant:
    PEFT LoRA, PEFT LoRA + gradient checkpointing, intra_inter and intra_inter_full_fuse at the
@@ -181,6 +186,93 @@ def kernel_rows(args, device, backend, timer):
     return rows
 
 
+def norm_rows(args, device, backend, timer):
+    """Fused RMSNorm (+ compressed input) against what intra_inter runs for the same result, with
+    frozen statistics (the steady state): hidden 4096, 0.5% exact channels, exact outlier rows."""
+    from hyclora.ops.blocks import MLPPlan
+    from hyclora.ops.fused_rmsnorm import fused_norm_backward, fused_norm_forward
+    from hyclora.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    from hyclora.ops.storage import StoragePolicy, TensorLoad, TensorStore
+    from hyclora.quant import ChannelStats
+
+    class Ctx:
+        pass
+
+    def load_of(store):
+        ctx = Ctx()
+        ctx.saved_tensors, ctx.hyclora_index = tuple(store._tensors), store._index
+        return TensorLoad(ctx, backend)
+
+    shapes = [(64, 96)] if args.smoke else [(4 * 512, 4096), (4096, 4096)]
+    dtype = torch.bfloat16
+    rows = []
+    for m, d in shapes:
+        g = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(1, m, d, generator=g, device=device).to(dtype)
+        w = (torch.rand(d, generator=g, device=device) + 0.5).to(dtype)
+        dy_n, dy = torch.randn_like(x), torch.randn_like(x)
+        es = x.element_size()
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x))
+        bw_copy = 2 * x.numel() * es / t_copy
+        rows.append(dict(tokens=m, d_ff=d, bits="-", op="norm: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
+                         pct_copy=100.0, err="-"))
+        for bits in args.bits:
+            k = max(1, d // 200)
+            stats = {}
+            for lt in ("intra_inter", "intra_inter_full_fuse"):
+                st = ChannelStats(d, num_outliers=k, iteration_threshold=1).to(device)
+                StoragePolicy("intra_inter", bits, backend=backend).keep(TensorStore(), "x_mid", x, st, update=True)
+                stats[lt] = st
+            plans = {lt: MLPPlan(layer_name="l", eps=1e-5, linears=(),
+                                 policy=StoragePolicy(lt, bits, backend=backend), stats={"x_mid": stats[lt]})
+                     for lt in stats}
+
+            def fused_fwd():
+                store = TensorStore()
+                fused_norm_forward(plans["intra_inter_full_fuse"], store, "x_mid", "rstd2", x, w)
+                return store
+
+            def unfused_fwd():
+                store = TensorStore()
+                _, rstd = rmsnorm_forward(x, w, 1e-5)
+                plans["intra_inter"].policy.keep(store, "x_mid", x, stats["intra_inter"], update=False)
+                store.plain("rstd2", rstd)
+                return store
+
+            store_f, store_u = fused_fwd(), unfused_fwd()
+            x_f, x_u = load_of(store_f).get("x_mid"), load_of(store_u).get("x_mid")
+            same = torch.equal(x_f, x_u)
+            nbytes = 2 * x.numel() * es + x.numel() * bits // 8 + m * (k * es + es + 4)
+            t = timer(fused_fwd)
+            rows.append(dict(tokens=m, d_ff=d, bits=bits, op="norm: fused fwd", ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                             pct_copy=100 * nbytes / t / bw_copy,
+                             err=f"x~ {'==' if same else '!='} intra_inter's"))
+            t = timer(unfused_fwd)
+            rows.append(dict(tokens=m, d_ff=d, bits=bits, op="norm: op-by-op fwd", ms=t * 1e3, gb_s=float("nan"),
+                             pct_copy=float("nan"), err="-"))
+            lf, lu = load_of(store_f), load_of(store_u)
+
+            def fused_bwd():
+                return fused_norm_backward(plans["intra_inter_full_fuse"], lf, "x_mid", "rstd2", w, dy_n, dy)
+
+            def unfused_bwd():
+                return rmsnorm_backward(dy_n, lu.get("x_mid"), lu.get("rstd2"), w)[0] + dy
+
+            err = _rel(fused_bwd(), unfused_bwd())
+            nbytes = x.numel() * bits // 8 + 3 * x.numel() * es + m * (k * es + 4)
+            t = timer(fused_bwd)
+            rows.append(dict(tokens=m, d_ff=d, bits=bits, op="norm: fused bwd", ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                             pct_copy=100 * nbytes / t / bw_copy, err=f"dx rel {err:.1e}"))
+            t = timer(unfused_bwd)
+            rows.append(dict(tokens=m, d_ff=d, bits=bits, op="norm: op-by-op bwd", ms=t * 1e3, gb_s=float("nan"),
+                             pct_copy=float("nan"), err="-"))
+            for r_ in rows[-4:]:
+                print(f"{m:6d} x {d:6d} {bits}-bit {r_['op']:20s} {r_['ms']:8.3f} ms  {r_['gb_s']:7.1f} GB/s  "
+                      f"{r_['pct_copy']:5.1f}% of copy  {r_['err']}", flush=True)
+    return rows
+
+
 def step_rows(args, device):
     from bench_memory_throughput import build_model, run_variant
 
@@ -268,7 +360,7 @@ def main(argv=None) -> int:
     print(f"bench_fused: {gpu}, torch {torch.__version__}, backend={backend}, r={args.rank}, "
           f"{datetime.date.today().isoformat()}, median of {reps} reps")
 
-    krows = kernel_rows(args, device, backend, timer)
+    krows = kernel_rows(args, device, backend, timer) + norm_rows(args, device, backend, timer)
     print("\n| tokens x d_ff | bits | op | ms | GB/s | % of copy bandwidth | check |")
     print("|---|---|---|---|---|---|---|")
     for r in krows:

@@ -51,7 +51,7 @@ from .attention import (
     sdpa_attention_forward,
     sdpa_attention_recompute,
 )
-from . import fused_swiglu
+from . import fused_rmsnorm, fused_swiglu
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import apply_rope, rope_backward
@@ -205,9 +205,12 @@ class AttentionBlockFn(torch.autograd.Function):
         store = TensorStore()
         _save_params(store, (None, None, norm_w) + (None, None, None) + tuple(lin), 0)
 
-        xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-        _keep(plan, store, "x_in", x)
-        store.plain("rstd1", rstd)
+        if pol.fused:  # one pass: RMSNorm + Q+o(x_in)
+            xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_in", "rstd1", x, norm_w)
+        else:
+            xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
+            _keep(plan, store, "x_in", x)
+            store.plain("rstd1", rstd)
 
         metas = plan.linears
         outs = [lora_linear_forward(metas[i], xn, *_linear_params(lin, i)) for i in range(3)]
@@ -307,7 +310,9 @@ class AttentionBlockFn(torch.autograd.Function):
         del x_n1, dq, dk, dv
 
         dx = dnorm = None
-        if need[1] or need[2]:
+        if pol.fused and need[1] and not need[2]:  # one pass from the codes (+ residual)
+            dx = fused_rmsnorm.fused_norm_backward(plan, load, "x_in", "rstd1", load.get("p2"), dxn, dy)
+        elif need[1] or need[2]:
             x_hat = load.get("x_in")
             dx, dnorm = rmsnorm_backward(
                 dxn, x_hat, load.get("rstd1"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
@@ -373,9 +378,12 @@ class MLPBlockFn(torch.autograd.Function):
         store = TensorStore()
         _save_params(store, (None, None, norm_w) + tuple(lin), 0)
 
-        xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-        _keep(plan, store, "x_mid", x)
-        store.plain("rstd2", rstd)
+        if plan.policy.fused:  # one pass: RMSNorm + Q+o(x_mid)
+            xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_mid", "rstd2", x, norm_w)
+        else:
+            xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
+            _keep(plan, store, "x_mid", x)
+            store.plain("rstd2", rstd)
 
         metas = plan.linears
         # full_fuse: base outputs and XA only; one kernel adds the LoRA terms, quantises and
@@ -436,7 +444,9 @@ class MLPBlockFn(torch.autograd.Function):
         del x_n2, dxg, dxu, dg, du
 
         dx = dnorm = None
-        if need[1] or need[2]:
+        if pol.fused and need[1] and not need[2]:  # one pass from the codes (+ residual)
+            dx = fused_rmsnorm.fused_norm_backward(plan, load, "x_mid", "rstd2", load.get("p2"), dxn, dy)
+        elif need[1] or need[2]:
             dx, dnorm = rmsnorm_backward(
                 dxn, load.get("x_mid"), load.get("rstd2"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
             )

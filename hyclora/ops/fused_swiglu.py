@@ -651,26 +651,29 @@ def lora_base_forward(meta: LinearMeta, x: Tensor, weight: Tensor, bias: Optiona
 
 
 def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: bool):
-    """``(lo, step, inv_step)`` that ``policy.keep`` (i.e. :func:`hyclora.quant.quantize`) would
-    use for ``x2d``: frozen stats -> cached parameters; calibrating -> this tensor's range, merged
-    into the stats when ``update``; a checkpoint replay of a calibrating forward or no stats ->
-    this tensor's own range. Gate/up never have outlier channels (only norm inputs do)."""
+    """``(lo, step, inv_step, outlier_idx)`` that ``policy.keep`` (i.e.
+    :func:`hyclora.quant.quantize`) would use for ``x2d``, in the same order of statistics
+    updates: frozen stats -> the cached parameters; calibrating -> outlier channels chosen (and
+    scored) first, then this tensor's range, both merged into the stats when ``update``; a
+    checkpoint replay of a calibrating forward -> the stored outlier set and this tensor's own
+    range; no stats -> own range, no outliers. Outlier columns get lo = step = inv_step = 0."""
     bits = policy.bits
-    if stats is not None and stats.num_outliers > 0:
-        raise RuntimeError(
-            "hyclora internal error: the fused SwiGLU kernel quantises tensors without outlier "
-            "channels, but the gate/up statistics have some."
-        )
     with torch.no_grad():
-        if stats is not None and not replay:
+        if stats is not None:
             stats._check_compatible(x2d)
-            if stats.frozen:
-                lo, step, inv, _ = stats.frozen_params(bits)
-                return lo, step, inv
+            if stats.frozen and not replay:
+                return stats.frozen_params(bits)
+        idx = None
+        if stats is not None and stats.num_outliers > 0:
+            idx = stats.outlier_idx.clone() if replay else stats.select_outliers(x2d, update=update)
+        if stats is not None and not replay:
             lo, hi = stats.range_for(x2d, update=update, backend=policy.backend)
         else:
             lo, hi = column_minmax(x2d, policy.backend)
-        return affine_params(lo, hi, bits)
+        lo, step, inv = affine_params(lo, hi, bits)
+        if idx is not None:
+            lo, step, inv = (t.index_fill(0, idx, 0.0) for t in (lo, step, inv))
+        return lo, step, inv, idx
 
 
 _GATE_UP = ("gate", "up")
@@ -682,6 +685,12 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     return ``D = SiLU(G) * U`` of shape ``y_w.shape``. ``g_out``/``u_out`` come from
     :func:`lora_base_forward`."""
     pol = plan.policy
+    from .storage import GROUPED_TENSORS, ROW_OUTLIER_EXEMPT
+
+    for name in _GATE_UP:  # the kernel writes plain per-channel codes at q_bit, as keep() must
+        if name not in ROW_OUTLIER_EXEMPT or name in GROUPED_TENSORS or pol.bits_for(name) != pol.bits:
+            raise RuntimeError(f"hyclora internal error: the fused SwiGLU kernel keeps {name!r} per channel "
+                               "at q_bit without exact rows, but the storage policy keeps it otherwise.")
     meta_g, meta_u = plan.linears[0], plan.linears[1]
     shape = g_out.y_w.shape
     n = shape[-1]
@@ -689,8 +698,14 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     yw_u = u_out.y_w.reshape(-1, n)
     params = []
     for name, y2d in zip(_GATE_UP, (yw_g, yw_u)):
-        params.append(quant_params_like_policy(pol, y2d.detach(), plan.stats.get(name), plan.update,
-                                               name in plan.replay))
+        lo, step, inv, idx = quant_params_like_policy(pol, y2d.detach(), plan.stats.get(name), plan.update,
+                                                      name in plan.replay)
+        if idx is not None:
+            raise RuntimeError(
+                "hyclora internal error: the fused SwiGLU kernel quantises gate/up without outlier "
+                "channels, but their statistics have some."
+            )
+        params.append((lo, step, inv))
     (lo_g, step_g, inv_g), (lo_u, step_u, inv_u) = params
     xa_g = g_out.xa.reshape(-1, g_out.xa.shape[-1]) if meta_g.has_lora else None
     xa_u = u_out.xa.reshape(-1, u_out.xa.shape[-1]) if meta_u.has_lora else None
@@ -728,7 +743,7 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
     (_, _, _, b_g), (_, _, _, b_u), (w_d, bias_d, a_d, b_d) = params
     q_g, q_u = load.get_quantized("gate"), load.get_quantized("up")
     for q in (q_g, q_u):
-        if q.num_outliers or q.group_size is not None:
+        if not isinstance(q, QuantizedTensor) or q.num_outliers or q.group_size is not None:
             raise RuntimeError("hyclora internal error: fused SwiGLU expects per-channel codes "
                                "without outlier columns for gate/up.")
     xa_d, rng_d = load.get("xa_down"), load.get("rng_down")

@@ -254,12 +254,15 @@ class TensorLoad:
         return name in self._index
 
     def get_quantized(self, name: str):
-        """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), for fused
-        kernels that read the codes themselves."""
+        """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), or its
+        :class:`OutlierRows` when kept with exact rows, for fused kernels that read the codes."""
         kind, start, n, meta = self._index[name]
-        if kind != "quant":
-            raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
-        return _quant().QuantizedTensor.restore(self._saved[start : start + n], meta)
+        tensors = self._saved[start : start + n]
+        if kind == "quant":
+            return _quant().QuantizedTensor.restore(tensors, meta)
+        if kind == "quant_rows":
+            return OutlierRows.restore(tensors, meta)
+        raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         if name not in self._index:

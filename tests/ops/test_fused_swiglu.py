@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -266,7 +267,8 @@ def test_quant_params_give_the_codes_policy_keep_gives(state):
     replay = state == "replay"
     store = TensorStore()
     pol.keep(store, "gate", x, s_keep, update=True, replay=replay)
-    lo, step, inv = quant_params_like_policy(pol, x, s_fused, update=True, replay=replay)
+    lo, step, inv, idx = quant_params_like_policy(pol, x, s_fused, update=True, replay=replay)
+    assert idx is None
     kept = store._tensors  # codes, lo, step, idx, vals of the one kept tensor
     fused_codes = swiglu_lora_forward_torch(x, x, None, None, None, None, 1.0, 1.0, lo, inv, lo, inv, 2)[0]
     assert torch.equal(fused_codes, kept[0]) and torch.equal(lo, kept[1]) and torch.equal(step, kept[2])
@@ -437,63 +439,43 @@ def test_fused_forward_glue_stores_decodable_codes():
 # -- the kernels compile for the H200 (sm_90) without a GPU -----------------------------------
 
 _AOT_SCRIPT = r"""
-import json, os, subprocess, sys
+import importlib, json, os, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hyclora.ops import fused_swiglu as fs
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-POINTERS = {
-    "fwd": dict(yg_ptr="Y", yu_ptr="Y", xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", log_ptr="fp32",
-                invg_ptr="fp32", lou_ptr="fp32", invu_ptr="fp32", cg_ptr="u8", cu_ptr="u8", d_ptr="Y"),
-    "bwd": dict(cg_ptr="u8", cu_ptr="u8", log_ptr="fp32", stepg_ptr="fp32", lou_ptr="fp32", stepu_ptr="fp32",
-                xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", dd_ptr="Y", dg_ptr="Y", du_ptr="Y", dh_ptr="Y"),
-}
 out = []
-for which, bits, dt, r, cfg in json.loads(sys.argv[1]):
-    kern = fs._swiglu_fwd_kernel if which == "fwd" else fs._swiglu_bwd_kernel
-    ptrs = POINTERS[which]
+for case in json.loads(sys.argv[1]):
+    kern = getattr(importlib.import_module(case["module"]), case["kernel"])
     sig = {}
     for p in kern.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
-        elif p.name in ptrs:
-            sig[p.name] = "*" + {"Y": dt, "X": dt}.get(ptrs[p.name], ptrs[p.name])
+        elif p.name in case["ptrs"]:
+            sig[p.name] = "*" + case["ptrs"][p.name]
         else:
-            sig[p.name] = "fp32" if p.name.startswith("scale") else "i32"
-    bm, bn, warps, ri = cfg
-    consts = dict(BITS=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_R=fs._block_r(r), ROW_ITERS=ri)
-    consts.update(dict(EMULATE_BF16_RNE=False) if which == "fwd" else
-                  dict(NEED_D=True, EMULATE_BF16_RNE_GRAD=False, EMULATE_BF16_RNE_D=False))
-    ck = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
-                        options=dict(num_warps=warps, enable_fp_fusion=False))
+            sig[p.name] = "fp32" if p.name in case["floats"] else "i32"
+    ck = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=case["consts"]),
+                        target=GPUTarget("cuda", 90, 64),
+                        options=dict(num_warps=case["warps"], enable_fp_fusion=False))
     with open("k.cubin", "wb") as fh:
         fh.write(ck.asm["cubin"])
     res = subprocess.run([cuobjdump, "-res-usage", "k.cubin"], capture_output=True, text=True).stdout
     line = next(l for l in res.splitlines() if "REG:" in l)
     usage = dict(kv.split(":") for kv in line.split() if ":" in kv)
-    out.append([which, bits, dt, r, int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])])
+    out.append([case["tag"], int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])])
 print("RESULT" + json.dumps(out))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """Both kernels compile ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) at
-    every bit width, in bf16/fp16/fp32, ranks 12, 16 and 128, and the default tile never spills.
-    Measured registers per thread: bf16 r=16 78-92, bf16 r=128 ~200, fp32 r=128 ~200 (with the
-    fp32 dot fully unrolled over K it had a 5 KB stack; 128x128 tiles spilled 2 KB)."""
+def compile_for_sm90(cases, tmp_path):
+    """Compile Triton kernels ahead of time for sm_90 in a subprocess without TRITON_INTERPRET
+    (the interpreter replaces @triton.jit); returns ``[tag, registers, stack, local]`` per case,
+    read from the cubin with Triton's bundled cuobjdump. Skips when ptxas is unavailable."""
     import json
     import subprocess
-    import sys
 
-    import hyclora.ops.fused_swiglu as fs
-
-    fixed = list(fs._FIXED)
-    cases = [[w, bits, "bf16", 16, fixed] for w in ("fwd", "bwd") for bits in (2, 4, 8)]
-    cases += [[w, 2, dt, r, fixed] for w in ("fwd", "bwd") for dt, r in (("fp16", 12), ("fp32", 128), ("bf16", 128))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], cwd=tmp_path, env=env,
@@ -502,9 +484,41 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         pytest.skip("Triton's ptxas is not available here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULT", 1)[1])
-    print("sm_90 resource usage [kernel, bits, dtype, r, registers, stack, local]:", results)
+    print("sm_90 resource usage [case, registers, stack, local]:", results)
     assert len(results) == len(cases)
-    for which, bits, dt, r, regs, stack, local in results:
+    return results
+
+
+def _swiglu_case(which, bits, dt, r, cfg):
+    ptrs = (dict(yg_ptr="Y", yu_ptr="Y", xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", log_ptr="fp32",
+                 invg_ptr="fp32", lou_ptr="fp32", invu_ptr="fp32", cg_ptr="u8", cu_ptr="u8", d_ptr="Y")
+            if which == "fwd" else
+            dict(cg_ptr="u8", cu_ptr="u8", log_ptr="fp32", stepg_ptr="fp32", lou_ptr="fp32", stepu_ptr="fp32",
+                 xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", dd_ptr="Y", dg_ptr="Y", du_ptr="Y", dh_ptr="Y"))
+    ptrs = {k: {"Y": dt, "X": dt}.get(v, v) for k, v in ptrs.items()}
+    bm, bn, warps, ri = cfg
+    r_block = max(16, 1 << (r - 1).bit_length())
+    consts = dict(BITS=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_R=r_block, ROW_ITERS=ri)
+    consts.update(dict(EMULATE_BF16_RNE=False) if which == "fwd" else
+                  dict(NEED_D=True, EMULATE_BF16_RNE_GRAD=False, EMULATE_BF16_RNE_D=False))
+    return dict(module="hyclora.ops.fused_swiglu", kernel=f"_swiglu_{which}_kernel", ptrs=ptrs,
+                floats=["scale_g", "scale_u"], consts=consts, warps=warps, tag=[which, bits, dt, r])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Both kernels compile ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) at
+    every bit width, in bf16/fp16/fp32, ranks 12, 16 and 128, and the default tile never spills.
+    Measured registers per thread: bf16 r=16 78-92, bf16 r=128 ~200, fp32 r=128 ~200 (with the
+    fp32 dot fully unrolled over K it had a 5 KB stack; 128x128 tiles spilled 2 KB)."""
+    import hyclora.ops.fused_swiglu as fs
+
+    fixed = list(fs._FIXED)
+    cases = [_swiglu_case(w, bits, "bf16", 16, fixed) for w in ("fwd", "bwd") for bits in (2, 4)]
+    cases += [_swiglu_case(w, 2, "fp32", 128, fixed) for w in ("fwd", "bwd")]
+    cases += [_swiglu_case("fwd", 8, "bf16", 128, fixed), _swiglu_case("bwd", 8, "fp16", 12, fixed)]
+    for (which, bits, dt, r), regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (which, bits, dt, r, regs, stack)  # no spills
         if dt == "bf16" and r == 16:  # the benchmark case: room for 2+ blocks of 8 warps per SM
             assert regs <= 128, (which, bits, regs)

@@ -1,0 +1,414 @@
+"""Fused RMSNorm of ``intra_inter_full_fuse``: the norm that also writes its compressed input.
+
+Op by op, a block's norm reads its input ``x`` about six times (fp32 copy, square, mean,
+scale, cast, weight multiply) and the quantiser reads it once more to keep ``Q+o(x)``
+(per-channel codes with exact outlier channels). Here:
+
+* forward (:func:`rmsnorm_quant_forward`): ONE read of ``x`` (one program holds whole rows);
+  writes ``y = w * (x * rstd)`` (the q/k/v or gate/up input), ``rstd`` (fp32), the packed codes
+  of ``x`` (identical to :func:`hyclora.quant.quantize` with the same parameters: outlier
+  columns carry ``lo = step = 1/step = 0`` and encode as 0) and the exact outlier columns;
+* backward (:func:`rmsnorm_quant_backward`): reads the codes, the outlier columns, ``rstd``,
+  the norm weight, the gradient of ``y`` and the residual gradient; writes
+  ``dx = RMSNormBackward(dy_n, x~) + dy_res`` -- without ever materialising ``x~``.
+
+The codes depend on ``x`` and the parameters only, so they are bit-identical to the op-by-op
+path. ``y`` and ``rstd`` follow transformers' op order (fp32 statistics, ``x * rstd`` rounded to
+the input dtype, then the weight multiply rounded to the promoted dtype), but the kernel's row
+reduction sums in another order than torch, so on the GPU ``rstd`` (and through it ``y``) can
+differ from the unfused path by fp32 rounding; downstream quantisation can then flip a code at
+a boundary. On CPU tensors the torch reference runs, which IS the op-by-op code (bit-identical).
+The backward's gradient has the correct RMSNorm form, without the LayerNorm mean term of the
+HyC-LoRA reference (its bug 8.1). The weight gradient is not fused: with a trainable norm the
+blocks take the op-by-op backward.
+
+Quantisation parameters (and, while calibrating, the outlier channels) are computed before the
+kernel exactly as ``StoragePolicy.keep`` computes them (:func:`hyclora.ops.fused_swiglu.
+quant_params_like_policy`): frozen statistics cost nothing, calibration one extra read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hyclora.quant.core import (
+    QuantizedTensor,
+    check_bits,
+    packed_width,
+    quantize_pack_torch,
+    resolve_backend,
+    unpack_dequantize_torch,
+)
+
+from . import fused_swiglu as _fs
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .storage import GROUPED_TENSORS, ROW_OUTLIER_EVERY, ROW_OUTLIER_EXEMPT, OutlierRows
+
+triton = _fs.triton
+if triton is not None:
+    import triton.language as tl
+
+_INTERPRET = _fs._INTERPRET
+
+
+# ---------------------------------------------------------------------------------------------
+# torch reference (the op-by-op code itself: the CPU path and the oracle)
+# ---------------------------------------------------------------------------------------------
+
+
+def rmsnorm_quant_forward_torch(x2d: Tensor, weight: Tensor, eps: float, lo: Tensor, inv: Tensor,
+                                outlier_idx: Optional[Tensor], bits: int, row_score: bool = False):
+    """Reference of :func:`rmsnorm_quant_forward`: ``(y, rstd (M,), codes, outlier_vals,
+    row_score)``; ``row_score`` = max |x| per row in x's dtype (None unless asked)."""
+    y, rstd = rmsnorm_forward(x2d, weight, eps)
+    codes = quantize_pack_torch(x2d, lo, inv, bits)
+    vals = None if outlier_idx is None else x2d.index_select(1, outlier_idx)
+    score = x2d.abs().amax(1) if row_score else None
+    return y, rstd.view(-1), codes, vals, score
+
+
+def _split_rows(saved) -> Tuple[QuantizedTensor, Optional[Tensor], Optional[Tensor]]:
+    """(QuantizedTensor, exact row indices, exact rows) of a QuantizedTensor or OutlierRows."""
+    if isinstance(saved, QuantizedTensor):
+        return saved, None, None
+    return saved.quant, saved.idx, saved.vals
+
+
+def rmsnorm_quant_backward_torch(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
+                                 dy_res: Optional[Tensor]):
+    """Reference of :func:`rmsnorm_quant_backward`: dequantise, then the op-by-op backward."""
+    q, ridx, rvals = _split_rows(saved)
+    n = q.width
+    x_hat = unpack_dequantize_torch(q.codes, q.lo, q.step, q.bits, n, q.dtype)
+    if q.outlier_idx is not None:
+        x_hat.index_copy_(1, q.outlier_idx, q.outlier_vals)
+    if ridx is not None:
+        x_hat.index_copy_(0, ridx, rvals.to(x_hat.dtype))
+    dx, _ = rmsnorm_backward(dy_n, x_hat, rstd.view(-1, 1), weight, need_dx=True, need_dweight=False)
+    return dx if dy_res is None else dx + dy_res
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+    _quant_codes, _pack, _unpack, _cast_out = _fs._quant_codes, _fs._pack, _fs._unpack, _fs._cast_out
+
+    @triton.jit
+    def _round_to(v, like_ptr, EMULATE_BF16_RNE: tl.constexpr):
+        # v rounded to like_ptr's element type and back to fp32: the intermediate roundings that
+        # torch makes when an op's result has a 16-bit dtype
+        return _cast_out(v, like_ptr, EMULATE_BF16_RNE).to(tl.float32)
+
+    @triton.jit
+    def _rms_fwd_kernel(
+        x_ptr, w_ptr, lo_ptr, inv_ptr, idx_ptr,
+        y_ptr, rstd_ptr, codes_ptr, vals_ptr, score_ptr,
+        M, D, NB, K, stride_xm, stride_ym, eps,
+        BITS: tl.constexpr, HAS_OUT: tl.constexpr, ROW_SCORE: tl.constexpr,
+        RNE_X: tl.constexpr, RNE_Y: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_D // E
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        xr = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x = xr.to(tl.float32)
+        # rstd = 1 / sqrt(mean(x^2) + eps) with IEEE sqrt and division (no approximations)
+        var = tl.sum(x * x, axis=1) / D
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        if ROW_SCORE:
+            # max |x| of each row (exact in x's dtype): the host picks the exact outlier rows
+            score = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+            tl.store(score_ptr + rows, score.to(score_ptr.dtype.element_ty), mask=rmask)
+        h = _round_to(x * rstd[:, None], x_ptr, RNE_X)  # (x * rstd).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], _cast_out(w[None, :] * h, y_ptr, RNE_Y),
+                 mask=mask)
+        lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
+        inv = tl.load(inv_ptr + cols, mask=cmask, other=0.0)[None, :]
+        packed = _pack(_quant_codes(x, lo, inv, mask, BITS), BLOCK_M, BLOCK_D, BITS)
+        bcols = tl.arange(0, BLOCK_B)
+        tl.store(codes_ptr + rows[:, None] * NB + bcols[None, :], packed,
+                 mask=rmask[:, None] & (bcols < NB)[None, :])
+        if HAS_OUT:
+            # the exact outlier columns: a gather from the rows just read (L1/L2 hits)
+            ks = tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            idx = tl.load(idx_ptr + ks, mask=kmask, other=0)
+            omask = rmask[:, None] & kmask[None, :]
+            v = tl.load(x_ptr + rows[:, None] * stride_xm + idx[None, :], mask=omask, other=0.0)
+            tl.store(vals_ptr + rows[:, None] * K + ks[None, :], v, mask=omask)
+
+    @triton.jit
+    def _rms_bwd_kernel(
+        codes_ptr, lo_ptr, step_ptr, slot_ptr, vals_ptr, rslot_ptr, rvals_ptr,
+        rstd_ptr, w_ptr, dyn_ptr, dres_ptr, xdt_ptr, g_ptr, dx_ptr,
+        M, D, NB, K, stride_dyn, stride_dres, stride_dx,
+        BITS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_RES: tl.constexpr,
+        RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        E: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_D // E
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        bcols = tl.arange(0, BLOCK_B)
+        p = tl.load(codes_ptr + rows[:, None] * NB + bcols[None, :],
+                    mask=rmask[:, None] & (bcols < NB)[None, :], other=0)
+        lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
+        step = tl.load(step_ptr + cols, mask=cmask, other=0.0)[None, :]
+        # x~ as dequantize() returns it: rounded to the activation dtype (xdt_ptr's element type)
+        xh = _round_to(_unpack(p, BLOCK_M, BLOCK_D, BITS) * step + lo, xdt_ptr, RNE_X)
+        if HAS_OUT:
+            # exact outlier columns: slot[c] = position of column c among them, -1 elsewhere
+            slot = tl.load(slot_ptr + cols, mask=cmask, other=-1)
+            is_out = (slot >= 0)[None, :] & mask
+            ov = tl.load(vals_ptr + rows[:, None] * K + slot[None, :], mask=is_out, other=0.0)
+            xh = tl.where(is_out, ov.to(tl.float32), xh)
+        if HAS_ROWS:
+            # exact outlier rows (they override everything): rslot[row] = its position, or -1
+            rslot = tl.load(rslot_ptr + rows, mask=rmask, other=-1)
+            is_row = (rslot >= 0)[:, None] & mask
+            rv = tl.load(rvals_ptr + rslot.to(tl.int64)[:, None] * D + cols[None, :], mask=is_row, other=0.0)
+            xh = tl.where(is_row, rv.to(tl.float32), xh)
+        xh = tl.where(mask, xh, 0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xn = xh * rstd[:, None]
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        dyn = tl.load(dyn_ptr + rows[:, None] * stride_dyn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = _round_to(dyn * w[None, :], g_ptr, RNE_G)  # (dy * weight) in the promoted dtype
+        g = tl.where(mask, g, 0.0)
+        mean_gx = tl.sum(g * xn, axis=1) / D
+        dx = rstd[:, None] * (g - xn * mean_gx[:, None])
+        if HAS_RES:
+            dx = _round_to(dx, xdt_ptr, RNE_X)  # .to(x.dtype), then + the residual gradient
+            dres = tl.load(dres_ptr + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0)
+            dx = dx + dres.to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], _cast_out(dx, dx_ptr, RNE_OUT), mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _gpu_blocks(d: int):
+    """(BLOCK_M, BLOCK_D, num_warps) on the GPU: whole rows per program, 16 values per thread.
+    sm_90 ptxas (ahead of time, bf16): 64-148 registers, no spills up to d = 4096; d = 5120
+    (padded to 8192, 16 warps, at most 128 registers per thread) spills 32 bytes."""
+    block_d = max(16, _next_pow2(d))
+    warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)
+    return max(1, (warps * 32 * 16) // block_d), block_d, warps
+
+
+def _blocks(m: int, d: int):
+    if _INTERPRET:  # the interpreter pays per program: many rows per program
+        block_d = max(16, _next_pow2(d))
+        return max(1, min(_next_pow2(m), 4096 // block_d, 64)), block_d, 4
+    return _gpu_blocks(d)
+
+
+def _opts(warps: int) -> dict:
+    return {} if _INTERPRET else dict(num_warps=warps, enable_fp_fusion=False)
+
+
+def _rne(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score=False):
+    _fs._check_triton_device(x2d)
+    x2d = x2d.contiguous()
+    m, d = x2d.shape
+    nb = packed_width(d, bits)
+    out_dtype = torch.promote_types(weight.dtype, x2d.dtype)
+    y = torch.empty((m, d), dtype=out_dtype, device=x2d.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    codes = torch.empty((m, nb), dtype=torch.uint8, device=x2d.device)
+    k = 0 if outlier_idx is None else outlier_idx.numel()
+    vals = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device) if k else None
+    score = torch.empty((m,), dtype=x2d.dtype, device=x2d.device) if row_score else None
+    block_m, block_d, warps = _blocks(m, d)
+    _rms_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x2d, weight.contiguous(), lo.float().contiguous(), inv.float().contiguous(),
+        outlier_idx if k else lo, y, rstd, codes, vals if k else y, score if row_score else y,
+        m, d, nb, k, x2d.stride(0), y.stride(0), float(eps),
+        BITS=bits, HAS_OUT=k > 0, ROW_SCORE=row_score, RNE_X=_rne(x2d.dtype), RNE_Y=_rne(out_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(1, _next_pow2(k)), **_opts(warps))
+    return y, rstd, codes, vals, score
+
+
+def _slot_map(idx: Tensor, d: int) -> Tensor:
+    """(d,) int32: position of each column among the outlier columns, -1 for the others."""
+    slot = torch.full((d,), -1, dtype=torch.int32, device=idx.device)
+    slot.index_copy_(0, idx, torch.arange(idx.numel(), dtype=torch.int32, device=idx.device))
+    return slot
+
+
+def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
+    q, ridx, rvals = _split_rows(saved)
+    _fs._check_triton_device(q.codes, dy_n)
+    m, d = q.rows, q.width
+    dy_n = dy_n.reshape(m, d)
+    if dy_n.stride(-1) != 1:
+        dy_n = dy_n.contiguous()
+    if dy_res is not None:
+        dy_res = dy_res.reshape(m, d)
+        if dy_res.stride(-1) != 1:
+            dy_res = dy_res.contiguous()
+    g_dtype = torch.promote_types(dy_n.dtype, weight.dtype)
+    x_dtype = q.dtype
+    out_dtype = x_dtype if dy_res is None else torch.promote_types(x_dtype, dy_res.dtype)
+    dx = torch.empty((m, d), dtype=out_dtype, device=dy_n.device)
+    k = q.num_outliers
+    # zero-size tensors that only carry a dtype for the kernel's roundings
+    x_like = torch.empty(0, dtype=x_dtype, device=dy_n.device)
+    g_like = torch.empty(0, dtype=g_dtype, device=dy_n.device)
+    block_m, block_d, warps = _blocks(m, d)
+    _rms_bwd_kernel[(triton.cdiv(m, block_m),)](
+        q.codes.contiguous(), q.lo.contiguous(), q.step.contiguous(),
+        _slot_map(q.outlier_idx, d) if k else q.lo, q.outlier_vals.contiguous() if k else q.lo,
+        _slot_map(ridx, m) if ridx is not None else q.lo, rvals.contiguous() if ridx is not None else q.lo,
+        rstd.reshape(m).contiguous(), weight.contiguous(), dy_n, dy_res if dy_res is not None else dy_n,
+        x_like, g_like, dx,
+        m, d, packed_width(d, q.bits), k, dy_n.stride(0),
+        dy_res.stride(0) if dy_res is not None else 0, dx.stride(0),
+        BITS=q.bits, HAS_OUT=k > 0, HAS_ROWS=ridx is not None, HAS_RES=dy_res is not None,
+        RNE_X=_rne(x_dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(out_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, **_opts(warps))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# public operator entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def rmsnorm_quant_forward(x2d: Tensor, weight: Tensor, eps: float, lo: Tensor, inv: Tensor,
+                          outlier_idx: Optional[Tensor], bits: int, *, row_score: bool = False,
+                          backend: str = "auto"):
+    """RMSNorm of ``x2d`` (M, D) that also compresses its input in the same pass.
+
+    ``lo``/``inv``: (D,) fp32 per-channel parameters (0 on outlier columns); ``outlier_idx``:
+    (k,) long columns kept exactly, or None. Returns ``(y, rstd (M,) fp32, codes, outlier_vals,
+    row_score)`` with ``y`` in ``promote(weight.dtype, x.dtype)``, ``codes`` identical to
+    :func:`hyclora.quant.quantize`'s with these parameters, ``outlier_vals`` (M, k) or None, and
+    with ``row_score=True`` the max |x| of each row (M,) in x's dtype (to pick exact rows).
+    """
+    check_bits(bits)
+    if x2d.dim() != 2 or weight.shape != (x2d.shape[1],):
+        raise ValueError(f"hyclora fused RMSNorm: x {tuple(x2d.shape)} must be 2-D (tokens, hidden) and the "
+                         f"weight ({x2d.shape[-1]},), got {tuple(weight.shape)}; reshape(-1, hidden) first.")
+    d = x2d.shape[1]
+    for name, t in (("lo", lo), ("inv", inv)):
+        if t.shape != (d,):
+            raise ValueError(f"hyclora fused RMSNorm: {name} has shape {tuple(t.shape)}; expected ({d},).")
+    if resolve_backend(backend, x2d.device) == "triton":
+        return rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score)
+    return rmsnorm_quant_forward_torch(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score)
+
+
+def rmsnorm_quant_backward(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
+                           dy_res: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+    """``dx = RMSNormBackward(dy_n, x~, rstd, weight) + dy_res`` with ``x~`` read from ``saved``
+    (the forward's :class:`QuantizedTensor`, per channel, outlier columns exact, or an
+    ``OutlierRows`` holding one plus exact rows). Shape of ``dy_n``."""
+    q, _, _ = _split_rows(saved)
+    if q.group_size is not None:
+        raise ValueError("hyclora fused RMSNorm: per-group codes are not supported (per channel only).")
+    if dy_n.numel() != q.rows * q.width or dy_n.shape[-1] != q.width:
+        raise ValueError(f"hyclora fused RMSNorm: dy_n {tuple(dy_n.shape)} does not match the saved input "
+                         f"{tuple(q.shape)}.")
+    shape = dy_n.shape
+    if resolve_backend(backend, dy_n.device) == "triton":
+        dx = rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res)
+    else:
+        dx = rmsnorm_quant_backward_torch(saved, rstd, weight, dy_n.reshape(-1, q.width),
+                                          None if dy_res is None else dy_res.reshape(-1, q.width))
+    return dx.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# block glue (called by hyclora.ops.blocks for intra_inter_full_fuse)
+# ---------------------------------------------------------------------------------------------
+
+
+def _outlier_row_count(rows: int) -> int:
+    """How many exact rows ``OutlierRows.split`` keeps for a tensor of ``rows`` rows (0: none).
+    Mirrors its rule; the block tests compare the two paths, so a change there shows."""
+    k = -(-rows // ROW_OUTLIER_EVERY)
+    return 0 if (rows < 2 * k + 1 or rows < 16) else k
+
+
+def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+    """The block's ``rmsnorm_forward`` + ``policy.keep(name, x)`` + ``plain(rstd_name, rstd)``;
+    returns ``(y, rstd)`` shaped like the op-by-op ones.
+
+    What is kept equals ``keep``'s after dequantisation: per-channel codes with exact outlier
+    channels, and (unless the tensor is exempt) the exact outlier rows. While ranges are taken
+    from this tensor (calibration, checkpoint replay, no statistics) the rows are split off
+    first in torch, as ``keep`` does, so they cannot stretch the ranges; with frozen statistics
+    the kernel also writes each row's max |x| and only the top-k and a (k, D) gather remain.
+    Codes of the exact rows may differ from ``keep``'s (those rows are overwritten on
+    dequantisation)."""
+    pol = plan.policy
+    if name in GROUPED_TENSORS or pol.bits_for(name) != pol.bits:
+        raise RuntimeError(f"hyclora internal error: the fused RMSNorm keeps {name!r} per channel at "
+                           f"q_bit, but the storage policy keeps it otherwise.")
+    d = x.shape[-1]
+    x2d = x.detach().reshape(-1, d)
+    stats, replay = plan.stats.get(name), name in plan.replay
+    k_rows = 0 if name in ROW_OUTLIER_EXEMPT else _outlier_row_count(x2d.shape[0])
+    rows = None
+    x_params = x2d
+    if k_rows and (stats is None or replay or not stats.frozen):
+        rows = OutlierRows.split(x)
+        x_params = rows.cleaned.reshape(-1, d)
+    lo, step, inv, idx = _fs.quant_params_like_policy(pol, x_params, stats, plan.update, replay)
+    with torch.no_grad():
+        y, rstd, codes, vals, score = rmsnorm_quant_forward(
+            x2d, weight.detach(), plan.eps, lo, inv, idx, pol.bits, row_score=bool(k_rows) and rows is None,
+            backend=pol.backend)
+        qt = QuantizedTensor(codes, lo, step, bits=pol.bits, shape=x.shape, dtype=x.dtype,
+                             outlier_idx=idx, outlier_vals=vals)
+        if k_rows:
+            if rows is None:
+                ridx = score.topk(k_rows).indices
+                rows = OutlierRows(None, ridx, x2d.index_select(0, ridx))
+            rows.quant, rows.cleaned = qt, None
+            store.packed(name, "quant_rows", rows)
+        else:
+            store.packed(name, "quant", qt)
+    rstd = rstd.view(*x.shape[:-1], 1)
+    store.plain(rstd_name, rstd)
+    return y.view(x.shape), rstd
+
+
+def fused_norm_backward(plan, load, name: str, rstd_name: str, weight: Tensor, dy_n: Tensor,
+                        dy_res: Tensor) -> Tensor:
+    """``dx`` of the block input: the norm backward from the saved codes + the residual."""
+    return rmsnorm_quant_backward(load.get_quantized(name), load.get(rstd_name), weight, dy_n, dy_res,
+                                  backend=plan.policy.backend)
+
+
+__all__ = [
+    "rmsnorm_quant_forward",
+    "rmsnorm_quant_backward",
+    "rmsnorm_quant_forward_torch",
+    "rmsnorm_quant_backward_torch",
+    "fused_norm_forward",
+    "fused_norm_backward",
+]
