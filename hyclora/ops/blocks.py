@@ -51,7 +51,7 @@ from .attention import (
     sdpa_attention_forward,
     sdpa_attention_recompute,
 )
-from . import fused_rmsnorm, fused_swiglu
+from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import apply_rope, rope_backward
@@ -276,8 +276,13 @@ class AttentionBlockFn(torch.autograd.Function):
                 val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
             return val.view(b, s, heads, D).transpose(1, 2)
 
-        q = apply_rope(rebuilt(0, "q", H), cos, sin)
-        k = apply_rope(rebuilt(1, "k", HKV), cos, sin)
+        if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
+            q = fused_rope.fused_rebuild_rope(plan, load, "q", metas[0], load.get(f"p{off + 3}"), H, cos, sin)
+            k = fused_rope.fused_rebuild_rope(plan, load, "k", metas[1], load.get(f"p{off + PARAMS_PER_LINEAR + 3}"),
+                                              HKV, cos, sin)
+        else:
+            q = apply_rope(rebuilt(0, "q", H), cos, sin)
+            k = apply_rope(rebuilt(1, "k", HKV), cos, sin)
         v = rebuilt(2, "v", HKV)
 
         if plan.impl == "eager":
