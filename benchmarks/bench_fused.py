@@ -25,6 +25,9 @@
    StoragePolicy.keep, and the backward from the codes against dequantise + rmsnorm_backward +
    the residual add. Bytes: x read, y / codes / exact columns written (forward); codes, dy,
    residual read, dx written (backward).
+   The fused Q rebuild (``rope:`` rows, 32 heads x 128, exact outlier rows): dequantise + LoRA +
+   RoPE into the head-major layout against dequantize + lora_reconstruct + apply_rope. Bytes:
+   codes and cos/sin read, the rotated Q written.
 2. Full steps (forward + backward, no optimizer) of a Llama-2-7B-shaped model with random bf16
    weights and PEFT LoRA r=16 on all seven linears, through bench_memory_throughput.run_variant:
    PEFT LoRA, PEFT LoRA + gradient checkpointing, intra_inter and intra_inter_full_fuse at the
@@ -273,6 +276,68 @@ def norm_rows(args, device, backend, timer):
     return rows
 
 
+def rope_rows(args, device, backend, timer):
+    """Q rebuild of the attention backward: the fused kernel (dequantise + exact rows + LoRA +
+    RoPE, head-major) against intra_inter's dequantize + lora_reconstruct + view + apply_rope."""
+    from hyclora.ops.fused_rope import rebuild_rope
+    from hyclora.ops.lora import LinearMeta, lora_reconstruct
+    from hyclora.ops.rope import apply_rope
+    from hyclora.ops.storage import StoragePolicy, TensorLoad, TensorStore
+    from hyclora.quant import ChannelStats
+
+    class Ctx:
+        pass
+
+    shapes = [(2, 32, 2, 8)] if args.smoke else [(4, 512, 32, 128), (1, 4096, 32, 128)]
+    dtype = torch.bfloat16
+    rows = []
+    for b, s, heads, hd in shapes:
+        g = torch.Generator(device=device).manual_seed(2)
+        x = torch.randn(b, s, heads * hd, generator=g, device=device).to(dtype)
+        xa = torch.randn(b, s, args.rank, generator=g, device=device).to(dtype)
+        lora_b = (torch.randn(heads * hd, args.rank, generator=g, device=device) * 0.05).to(dtype)
+        pos = torch.arange(s, device=device).float()[None, :, None] * torch.rand(hd // 2, device=device)
+        emb = torch.cat([pos, pos], -1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        es = x.element_size()
+        m, n = b * s, heads * hd
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x))
+        bw_copy = 2 * x.numel() * es / t_copy
+        rows.append(dict(tokens=m, d_ff=n, bits="-", op="rope: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
+                         pct_copy=100.0, err="-"))
+        for bits in args.bits:
+            store = TensorStore()
+            StoragePolicy("intra_inter", bits, backend=backend).keep(store, "q", x, ChannelStats(n).to(device),
+                                                                     update=True)
+            ctx = Ctx()
+            ctx.saved_tensors, ctx.hyclora_index = tuple(store._tensors), store._index
+            load = TensorLoad(ctx, backend)
+            saved = load.get_quantized("q")
+            meta = LinearMeta("q_proj", True, 1.0)
+
+            def fused():
+                return rebuild_rope(saved, xa, lora_b, 1.0, cos, sin, heads, hd, backend=backend)
+
+            def unfused():
+                val = lora_reconstruct(meta, load.get("q"), xa, lora_b)
+                return apply_rope(val.view(b, s, heads, hd).transpose(1, 2), cos, sin)
+
+            err = _rel(fused(), unfused())
+            nbytes = m * n * bits // 8 + 2 * m * hd * es + m * n * es
+            t = timer(fused)
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="rope: fused rebuild", ms=t * 1e3,
+                             gb_s=nbytes / t / 1e9, pct_copy=100 * nbytes / t / bw_copy,
+                             err=f"rel {err:.1e} vs op-by-op (bf16 roundings)"))
+            t = timer(unfused)
+            rows.append(dict(tokens=m, d_ff=n, bits=bits, op="rope: op-by-op", ms=t * 1e3, gb_s=float("nan"),
+                             pct_copy=float("nan"), err="-"))
+            for r_ in rows[-2:]:
+                print(f"{m:6d} x {n:6d} {bits}-bit {r_['op']:20s} {r_['ms']:8.3f} ms  {r_['gb_s']:7.1f} GB/s  "
+                      f"{r_['pct_copy']:5.1f}% of copy  {r_['err']}", flush=True)
+    return rows
+
+
 def step_rows(args, device):
     from bench_memory_throughput import build_model, run_variant
 
@@ -360,7 +425,8 @@ def main(argv=None) -> int:
     print(f"bench_fused: {gpu}, torch {torch.__version__}, backend={backend}, r={args.rank}, "
           f"{datetime.date.today().isoformat()}, median of {reps} reps")
 
-    krows = kernel_rows(args, device, backend, timer) + norm_rows(args, device, backend, timer)
+    krows = (kernel_rows(args, device, backend, timer) + norm_rows(args, device, backend, timer)
+             + rope_rows(args, device, backend, timer))
     print("\n| tokens x d_ff | bits | op | ms | GB/s | % of copy bandwidth | check |")
     print("|---|---|---|---|---|---|---|")
     for r in krows:

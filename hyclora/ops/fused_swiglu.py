@@ -268,11 +268,13 @@ if triton is not None:
         M, N, NB, R, stride_ym, stride_xm, stride_bn, stride_dm,
         scale_g, scale_u,
         BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
-        EMULATE_BF16_RNE: tl.constexpr,
+        USE_FMA: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
     ):
         E: tl.constexpr = 8 // BITS
         BLOCK_B: tl.constexpr = BLOCK_N // E
+        # CUDA-core fp32 dot: forced for fp32 operands (and the interpreter), else a tuning choice
+        FMA_PATH: tl.constexpr = DOT_FP32 or USE_FMA
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,12 +288,12 @@ if triton is not None:
         lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
         inv_u = tl.load(invu_ptr + cols, mask=cmask, other=0.0)[None, :]
         if HAS_G:
-            if DOT_FP32:
+            if FMA_PATH:
                 bt_g = 0.0  # loaded per K chunk inside _lora_tile
             else:
                 bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         if HAS_U:
-            if DOT_FP32:
+            if FMA_PATH:
                 bt_u = 0.0  # loaded per K chunk inside _lora_tile
             else:
                 bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
@@ -313,11 +315,11 @@ if triton is not None:
             g = yg
             if HAS_G:
                 g = yg + _lora_tile(xag_ptr, bg_ptr, bt_g, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
-                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_g
+                               BLOCK_M, BLOCK_N, BLOCK_R, FMA_PATH) * scale_g
             u = yu
             if HAS_U:
                 u = yu + _lora_tile(xau_ptr, bu_ptr, bt_u, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
-                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_u
+                               BLOCK_M, BLOCK_N, BLOCK_R, FMA_PATH) * scale_u
             d = (g * tl.sigmoid(g)) * u
             tl.store(d_ptr + rows[:, None] * stride_dm + cols[None, :],
                      _cast_out(d, d_ptr, EMULATE_BF16_RNE), mask=mask)
@@ -330,11 +332,13 @@ if triton is not None:
         M, N, NB, R, stride_ddm, stride_xm, stride_bn, stride_om,
         scale_g, scale_u,
         BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
-        NEED_D: tl.constexpr, EMULATE_BF16_RNE_GRAD: tl.constexpr, EMULATE_BF16_RNE_D: tl.constexpr,
+        USE_FMA: tl.constexpr, NEED_D: tl.constexpr, EMULATE_BF16_RNE_GRAD: tl.constexpr, EMULATE_BF16_RNE_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
     ):
         E: tl.constexpr = 8 // BITS
         BLOCK_B: tl.constexpr = BLOCK_N // E
+        # CUDA-core fp32 dot: forced for fp32 operands (and the interpreter), else a tuning choice
+        FMA_PATH: tl.constexpr = DOT_FP32 or USE_FMA
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -346,12 +350,12 @@ if triton is not None:
         lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
         st_u = tl.load(stepu_ptr + cols, mask=cmask, other=0.0)[None, :]
         if HAS_G:
-            if DOT_FP32:
+            if FMA_PATH:
                 bt_g = 0.0  # loaded per K chunk inside _lora_tile
             else:
                 bt_g = _load_bt(bg_ptr, cols, cmask, R, stride_bn, BLOCK_R)
         if HAS_U:
-            if DOT_FP32:
+            if FMA_PATH:
                 bt_u = 0.0  # loaded per K chunk inside _lora_tile
             else:
                 bt_u = _load_bt(bu_ptr, cols, cmask, R, stride_bn, BLOCK_R)
@@ -365,10 +369,10 @@ if triton is not None:
             u = _unpack(tl.load(cu_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_u + lo_u
             if HAS_G:
                 g = g + _lora_tile(xag_ptr, bg_ptr, bt_g, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
-                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_g
+                               BLOCK_M, BLOCK_N, BLOCK_R, FMA_PATH) * scale_g
             if HAS_U:
                 u = u + _lora_tile(xau_ptr, bu_ptr, bt_u, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
-                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32) * scale_u
+                               BLOCK_M, BLOCK_N, BLOCK_R, FMA_PATH) * scale_u
             sig = tl.sigmoid(g)
             silu = g * sig
             ddv = tl.load(dd_ptr + rows[:, None] * stride_ddm + cols[None, :], mask=mask, other=0.0)
@@ -396,18 +400,23 @@ def _block_r(r: int) -> int:
     return max(16, _next_pow2(r))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS). Every dot dimension >= 16 whatever the bit width
-# (BLOCK_N counts columns, packing comes after the dot). ROW_ITERS > 1 reuses the B^T tiles and
-# the per-channel parameters over more rows. Chosen from ptxas's sm_90 resource usage (Triton
-# 3.6 compiled ahead of time for GPUTarget("cuda", 90), bf16, r=16, 2/4 bits; no GPU run yet):
-# at 8-16 elements per thread the kernels need 80-165 registers and never spill, while 64x64 /
-# 4 warps took 255 registers with spills and 128x128 / 8 warps spilled up to 2 KB per thread
-# (memory-bound kernels want occupancy). The autotuner picks per (N, R, BITS, ...) on the GPU;
-# benchmarks/bench_fused.py --sweep times every entry.
-FWD_CONFIGS = [(32, 64, 8, 2), (32, 64, 8, 4), (16, 128, 8, 4), (16, 64, 4, 4),
-               (64, 64, 8, 1), (64, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS, USE_FMA). Every dot dimension >= 16 whatever the bit
+# width (BLOCK_N counts columns, packing comes after the dot). ROW_ITERS > 1 reuses the B^T tiles
+# and the per-channel parameters over more rows. Chosen from ptxas's sm_90 resource usage (Triton
+# 3.6 compiled ahead of time for GPUTarget("cuda", 90), bf16, r=16, 2/4 bits): at 8-16 elements
+# per thread the tensor-core kernels need 80-165 registers and never spill, while 64x64 / 4 warps
+# took 255 registers with spills and 128x128 / 8 warps spilled up to 2 KB per thread.
+# First H200 run (BENCHMARKS.md, run 2): 17-26% of copy bandwidth. The TTGIR shows why: the dot
+# result lives in the MMA layout and the loads/stores in a blocked one, so every sub-tile makes
+# 5-6 shared-memory layout round trips (~35 barriers per program in the backward). USE_FMA=True
+# entries do the rank-r product on CUDA cores instead (exact fp32 products of the rounded
+# operands, K in chunks of 16): no MMA layout, fewer barriers (19-27), but 160-200 registers;
+# the autotuner (per N, R, BITS, ...) measures which wins; bench_fused.py --sweep times all.
+FWD_CONFIGS = [(32, 64, 8, 2, False), (32, 64, 8, 4, False), (16, 128, 8, 4, False), (16, 64, 4, 4, False),
+               (64, 64, 8, 1, False), (64, 64, 8, 2, False), (32, 128, 8, 2, False), (32, 32, 4, 4, False),
+               (32, 64, 8, 2, True), (64, 64, 8, 1, True)]
 BWD_CONFIGS = FWD_CONFIGS
-_FIXED = (32, 64, 8, 2)  # HYCLORA_QUANT_AUTOTUNE=0: 80-91 registers at r=16
+_FIXED = (32, 64, 8, 2, False)  # HYCLORA_QUANT_AUTOTUNE=0: 80-91 registers at r=16
 
 
 def _interpret_blocks(m: int, n: int):
@@ -425,8 +434,8 @@ def _launch_opts(num_warps: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def _tuned(which: str):
     table = FWD_CONFIGS if which == "fwd" else BWD_CONFIGS
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROW_ITERS": ri}, num_warps=w)
-               for bm, bn, w, ri in table]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROW_ITERS": ri, "USE_FMA": fma}, num_warps=w)
+               for bm, bn, w, ri, fma in table]
     kernel = _swiglu_fwd_kernel if which == "fwd" else _swiglu_bwd_kernel
     key = ["N", "R", "BITS", "HAS_G", "HAS_U", "DOT_FP32"]
     # the backward writes dG/dU/D~ in full, the forward codes and D: no output is read back,
@@ -442,15 +451,15 @@ def _launch(which: str, m: int, n: int, args: tuple, consts: dict, config) -> No
         _tuned(which)[grid](*args, **consts, enable_fp_fusion=False)
         return
     if config is not None:
-        bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))
+        bm, bn, warps, ri, fma = (tuple(config) + (1, False)[len(config) - 3:])[:5]
     elif _INTERPRET:
-        bm, bn, warps, ri = _interpret_blocks(m, n)
+        bm, bn, warps, ri, fma = _interpret_blocks(m, n) + (False,)
     else:
-        bm, bn, warps, ri = _FIXED
+        bm, bn, warps, ri, fma = _FIXED
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"fused SwiGLU tile {bm}x{bn}: both must be powers of two >= 16 (tl.dot minimum).")
     grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
-    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri, **_launch_opts(warps))
+    kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri, USE_FMA=bool(fma), **_launch_opts(warps))
 
 
 def _check_triton_device(*tensors):
@@ -570,7 +579,7 @@ def swiglu_lora_forward(yw_g: Tensor, yw_u: Tensor, xa_g: Optional[Tensor], xa_u
         bits: 2, 4 or 8.
         dot_dtype: operand dtype of the LoRA dot (default: promoted dtype of ``xa`` and ``b``).
         backend: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``.
-        config: ``(BLOCK_M, BLOCK_N, num_warps[, ROW_ITERS])`` overriding the autotuner.
+        config: ``(BLOCK_M, BLOCK_N, num_warps[, ROW_ITERS[, USE_FMA]])`` overriding the autotuner.
 
     Returns ``(codes_g, codes_u, D)``: packed uint8 codes ``(M, ceil(N*bits/8))`` identical to
     :func:`hyclora.quant.quantize` with these parameters, and ``D`` in ``yw_g.dtype``.

@@ -106,7 +106,7 @@ def test_kernels_match_reference(bits, dtype, r):
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [(16, 16, 4, 1), (16, 32, 4, 2), (32, 64, 4, 3)])
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (16, 32, 4, 2), (32, 64, 4, 3, True)])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kernels_many_partial_tiles(config, bits):
     # several programs per dimension, partial last tiles, ROW_ITERS sub-tiles past the end
@@ -496,10 +496,10 @@ def _swiglu_case(which, bits, dt, r, cfg):
             dict(cg_ptr="u8", cu_ptr="u8", log_ptr="fp32", stepg_ptr="fp32", lou_ptr="fp32", stepu_ptr="fp32",
                  xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", dd_ptr="Y", dg_ptr="Y", du_ptr="Y", dh_ptr="Y"))
     ptrs = {k: {"Y": dt, "X": dt}.get(v, v) for k, v in ptrs.items()}
-    bm, bn, warps, ri = cfg
+    bm, bn, warps, ri = cfg[:4]
     r_block = max(16, 1 << (r - 1).bit_length())
-    consts = dict(BITS=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_R=r_block, ROW_ITERS=ri)
+    consts = dict(BITS=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", USE_FMA=False, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_R=r_block, ROW_ITERS=ri)
     consts.update(dict(EMULATE_BF16_RNE=False) if which == "fwd" else
                   dict(NEED_D=True, EMULATE_BF16_RNE_GRAD=False, EMULATE_BF16_RNE_D=False))
     return dict(module="hyclora.ops.fused_swiglu", kernel=f"_swiglu_{which}_kernel", ptrs=ptrs,
@@ -510,15 +510,23 @@ def _swiglu_case(which, bits, dt, r, cfg):
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """Both kernels compile ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) at
     every bit width, in bf16/fp16/fp32, ranks 12, 16 and 128, and the default tile never spills.
-    Measured registers per thread: bf16 r=16 78-92, bf16 r=128 ~200, fp32 r=128 ~200 (with the
-    fp32 dot fully unrolled over K it had a 5 KB stack; 128x128 tiles spilled 2 KB)."""
+    Measured registers per thread: bf16 r=16 78-92, bf16 r=128 ~200, fp32 r=128 ~200, the
+    CUDA-core (USE_FMA) variants at r=16 113-197 (with the fp32 dot fully unrolled over K it had
+    a 5 KB stack; 128x128 tiles spilled 2 KB)."""
     import hyclora.ops.fused_swiglu as fs
 
     fixed = list(fs._FIXED)
     cases = [_swiglu_case(w, bits, "bf16", 16, fixed) for w in ("fwd", "bwd") for bits in (2, 4)]
+    fma = [_swiglu_case(w, 2, "bf16", 16, list(c)) for c in fs.FWD_CONFIGS if c[4] for w in ("fwd", "bwd")]
+    for c in fma:  # the CUDA-core variants the autotuner may pick
+        c["consts"]["USE_FMA"] = True
+        c["tag"] = c["tag"][:3] + ["fma"]
+    cases += fma
     cases += [_swiglu_case(w, 2, "fp32", 128, fixed) for w in ("fwd", "bwd")]
     cases += [_swiglu_case("fwd", 8, "bf16", 128, fixed), _swiglu_case("bwd", 8, "fp16", 12, fixed)]
     for (which, bits, dt, r), regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (which, bits, dt, r, regs, stack)  # no spills
         if dt == "bf16" and r == 16:  # the benchmark case: room for 2+ blocks of 8 warps per SM
             assert regs <= 128, (which, bits, regs)
+        if r == "fma":
+            assert regs <= 200, (which, bits, regs)
