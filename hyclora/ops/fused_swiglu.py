@@ -416,7 +416,9 @@ FWD_CONFIGS = [(32, 64, 8, 2, False), (32, 64, 8, 4, False), (16, 128, 8, 4, Fal
                (64, 64, 8, 1, False), (64, 64, 8, 2, False), (32, 128, 8, 2, False), (32, 32, 4, 4, False),
                (32, 64, 8, 2, True), (64, 64, 8, 1, True)]
 BWD_CONFIGS = FWD_CONFIGS
-_FIXED = (32, 64, 8, 2, False)  # HYCLORA_QUANT_AUTOTUNE=0: 80-91 registers at r=16
+# HYCLORA_QUANT_AUTOTUNE=0: (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS), tensor cores; 80-91
+# registers at r=16. Kept a 4-tuple: hyclora.ops.encoder's fused GELU launches with it too.
+_FIXED = (32, 64, 8, 2)
 
 
 def _interpret_blocks(m: int, n: int):
@@ -455,7 +457,7 @@ def _launch(which: str, m: int, n: int, args: tuple, consts: dict, config) -> No
     elif _INTERPRET:
         bm, bn, warps, ri, fma = _interpret_blocks(m, n) + (False,)
     else:
-        bm, bn, warps, ri, fma = _FIXED
+        bm, bn, warps, ri, fma = _FIXED + (False,)
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"fused SwiGLU tile {bm}x{bn}: both must be powers of two >= 16 (tl.dot minimum).")
     grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
