@@ -54,9 +54,10 @@ def _rte_batch(n: int = 4):
     return enc
 
 
-def _model(dropout: float = 0.0):
+def _model(dropout: float = 0.0, seed: int = 0):
     from hyclora.models.roberta import roberta_from_bert_checkpoint
 
+    torch.manual_seed(seed)  # the new classification head is drawn from the global generator
     model = roberta_from_bert_checkpoint(_minilm_dir(), num_labels=2, hidden_dropout_prob=dropout,
                                          attention_probs_dropout_prob=dropout)
     return lora_encoder(model, r=16, alpha=16, b_std=0.02, dropout=dropout)
@@ -85,17 +86,19 @@ def test_baseline_equals_hf_with_dropout_on_the_pretrained_model():
     assert worst_rel_err(g, g_ref) <= 1e-5
 
 
-# mean / min LoRA-gradient cosine, measured on three RTE batches of 4 pairs (64-128 tokens):
-#   intra_inter 8 bit               1.0000 / 0.9998
-#   intra_inter 4 bit               0.988-0.990 / 0.969-0.972
-#   intra_inter 2 bit               0.685-0.725 / 0.36-0.40
-#   intra 2 bit, no outlier chans   0.686-0.746 / 0.29-0.44
-#   intra_inter 4 bit, sparse map   0.72-0.85 / 0.20-0.58  (the paper's 5% map: far worse than
-#                                   recomputing the map, which is the default)
+# mean / min LoRA-gradient cosine, measured on three RTE batches of 4 pairs (64-128 tokens) x
+# three classification-head initialisations:
+#   intra_inter 8 bit               0.9999-1.0 / 0.9998-0.9999
+#   intra_inter 4 bit               0.985-0.991 / 0.932-0.974
+#   intra_inter 2 bit               0.683-0.763 / 0.34-0.50
+#   intra 2 bit, no outlier chans   0.686-0.746 / 0.29-0.44   (one head init)
+#   intra_inter 4 bit, sparse map   0.72-0.85 / 0.20-0.58     (the paper's 5% map: far worse than
+#                                   recomputing the map, which is the default; one head init)
+# The bounds sit under the worst case; the test runs the first batch and head seed 0.
 _PRETRAINED = {
     ("intra_inter", 8, "auto"): (0.9995, 0.999),
-    ("intra_inter", 4, "auto"): (0.985, 0.965),
-    ("intra_inter", 2, "auto"): (0.68, 0.35),
+    ("intra_inter", 4, "auto"): (0.984, 0.925),
+    ("intra_inter", 2, "auto"): (0.675, 0.33),
 }
 
 
