@@ -31,9 +31,7 @@ import torch
 from torch import nn
 
 from hyclora.ops.chunked_ce import chunked_cross_entropy
-from hyclora.ops.s2attn import DEFAULT_GROUP_RATIO, IndexMask, resolve_group_size, s2_attention
-
-S2ATTN_NAME = "hyclora_s2attn"
+from hyclora.ops.s2attn import S2ATTN_NAME, DEFAULT_GROUP_RATIO, IndexMask, resolve_group_size, s2_attention
 _PREV_ATTR = "_hyclora_attn_before_s2attn"
 
 

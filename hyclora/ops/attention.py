@@ -1,4 +1,4 @@
-"""Attention core (after RoPE, before o_proj) for the two supported implementations.
+"""Attention core (after RoPE, before o_proj) for the supported implementations.
 
 * ``eager``: materialises the probability map like transformers' eager attention (softmax in
   fp32, cast to the compute dtype). The map is the tensor the backward keeps (dense for
@@ -11,8 +11,19 @@
   logsumexp with perturbed Q/K is not normalised and blows up at low bits (see
   fidelity-findings.md), so the logsumexp is never stored.
 
+* ``hyclora_s2attn`` (:data:`~hyclora.ops.s2attn.S2ATTN_NAME`): LongLoRA's shifted sparse attention
+  (:func:`hyclora.ops.s2attn.s2_attention`), the name ``hyclora.integrations.longseq.enable_s2attn``
+  gives the model. It is handled like ``sdpa`` (nothing of the map is kept; the backward recomputes
+  S²-Attn from the rebuilt Q/K/V), so the compressed block trains with the same sparse pattern as
+  plain PEFT + S²-Attn. The compressed block only runs in training forwards with grad, so it is
+  always S² here; eval forwards go through the model's own attention function (full attention).
+
+The blocks call :func:`attention_forward` / :func:`attention_recompute`, which dispatch on the
+implementation name, and the model adapters pass the mask a layer received through
+:func:`block_attention_mask` first.
+
 Masks: ``None`` (causal), a boolean mask (True = attend) or an additive float mask, of shape
-``(b or 1, 1 or heads, q, kv)``.
+``(b or 1, 1 or heads, q, kv)``; for S²-Attn also a ``(b, s)`` key-padding mask (True = token).
 """
 
 from __future__ import annotations
@@ -22,7 +33,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+from .s2attn import S2ATTN_NAME, IndexMask, _simplify_mask, s2_attention
+
+S2_IMPLEMENTATIONS = (S2ATTN_NAME,)
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa") + S2_IMPLEMENTATIONS
 
 
 def check_implementation(impl: str, where: str = "") -> None:
@@ -32,6 +46,44 @@ def check_implementation(impl: str, where: str = "") -> None:
             f"supported; use one of {', '.join(SUPPORTED_IMPLEMENTATIONS)} (e.g. "
             "from_pretrained(..., attn_implementation='sdpa') or model.set_attn_implementation('sdpa'))."
         )
+
+
+def is_s2(impl: str) -> bool:
+    """Whether ``impl`` names LongLoRA's shifted sparse attention."""
+    return impl in S2_IMPLEMENTATIONS
+
+
+def block_attention_mask(impl: str, mask, where: str = ""):
+    """Check the mask a decoder layer received and return the form the attention block keeps.
+
+    ``eager``/``sdpa``: ``None`` or the 4-D mask transformers builds, returned as is.
+
+    S²-Attn: its mask function (``hyclora.integrations.longseq.s2attn_mask``) hands the layers
+    ``None`` or a lazy :class:`~hyclora.ops.s2attn.IndexMask`. The block saves its mask with
+    ``save_for_backward`` (for the recompute), which takes tensors only, so the lazy mask becomes:
+
+    * the ``(b, s)`` key-padding mask when it is "causal and not padding" (padded batches; small),
+      or ``None`` when that padding is all on the right (S²-Attn then needs no mask, see
+      ``_simplify_mask``);
+    * otherwise (packed documents from ``position_ids``, sliding windows, ...) the dense
+      ``(b, 1, s, s)`` bool mask, built once per forward and shared by every layer, as the
+      ``sdpa`` implementation would hold it.
+    """
+    tag = f" ({where})" if where else ""
+    if is_s2(impl) and isinstance(mask, IndexMask):
+        if mask.key_padding is not None:
+            return _simplify_mask(mask)
+        return mask.dense()
+    if is_s2(impl) and torch.is_tensor(mask) and mask.dim() == 2:
+        return mask
+    if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4):
+        raise ValueError(
+            f"hyclora{tag}: got an attention mask of type {type(mask).__name__} "
+            f"{tuple(mask.shape) if torch.is_tensor(mask) else ''}; expected None or the 4-D mask "
+            "transformers builds for eager/sdpa attention"
+            + (" (or the lazy mask of hyclora_s2attn)." if is_s2(impl) else ".")
+        )
+    return mask
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -158,8 +210,78 @@ def sdpa_attention_recompute(
     return o, leaves
 
 
+def attention_forward(
+    impl: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask,
+    scaling: float,
+    is_causal: bool = True,
+    group_ratio: Optional[float] = None,
+    group_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The attention output ``(b, s, h*d)`` (the o_proj input) for implementation ``impl``.
+
+    ``q``: ``(b, h, s, d)``, ``k``/``v``: ``(b, hkv, s, d)`` after RoPE. ``group_ratio`` /
+    ``group_size``: S²-Attn's group (``None``: LongLoRA's quarter of the sequence); ignored by the
+    other implementations. ``eager`` returns the output only (the block that keeps the map calls
+    :func:`eager_attention_forward` itself).
+    """
+    if impl == "sdpa":
+        return sdpa_attention_forward(q, k, v, mask, scaling, is_causal)
+    if is_s2(impl):
+        if not is_causal:
+            raise ValueError(
+                "hyclora: S²-Attn is causal attention; a non-causal attention layer cannot use "
+                f"attn_implementation={impl!r} (use sdpa for it)."
+            )
+        b, h, s, d = q.shape
+        if k.shape[2] != s:
+            raise ValueError(
+                f"hyclora: S²-Attn got {s} queries for {k.shape[2]} keys; it runs on whole sequences "
+                "in training only (no KV cache). Call model.eval() for generation."
+            )
+        o = s2_attention(
+            q, k, v, group_ratio=group_ratio, group_size=group_size, attention_mask=mask, scaling=scaling,
+        )
+        return o.transpose(1, 2).reshape(b, s, h * o.shape[-1])
+    if impl == "eager":
+        return eager_attention_forward(q, k, v, mask, scaling, is_causal)[0]
+    check_implementation(impl)
+    raise AssertionError(f"hyclora internal error: no attention forward for {impl!r}")
+
+
+def attention_recompute(
+    impl: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask,
+    scaling: float,
+    is_causal: bool = True,
+    group_ratio: Optional[float] = None,
+    group_size: Optional[int] = None,
+):
+    """:func:`attention_forward` recomputed under autograd (for the backward).
+
+    Returns ``(o, leaves)`` like :func:`sdpa_attention_recompute`: differentiate with
+    ``torch.autograd.grad(o, leaves, do)``. The forward is re-run exactly (same group size, shift and
+    mask), so the gradient is that of the attention the forward computed.
+    """
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+        o = attention_forward(impl, *leaves, mask, scaling, is_causal, group_ratio, group_size)
+    return o, leaves
+
+
 __all__ = [
     "SUPPORTED_IMPLEMENTATIONS",
+    "S2_IMPLEMENTATIONS",
+    "attention_forward",
+    "attention_recompute",
+    "block_attention_mask",
+    "is_s2",
     "check_implementation",
     "repeat_kv",
     "additive_mask",

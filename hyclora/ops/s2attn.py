@@ -41,6 +41,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_GROUP_RATIO = 0.25
+# The attn_implementation name under which S²-Attn is registered in transformers (by
+# hyclora.integrations.longseq) and recognised by hyclora's compressed attention block. Defined in
+# this lower layer so that both sides share one spelling without ops importing integrations.
+S2ATTN_NAME = "hyclora_s2attn"
 
 MaskLike = Union[None, torch.Tensor, "IndexMask"]
 
@@ -95,8 +99,13 @@ class IndexMask:
         return allowed.expand(self.batch_size, n, size, size).unsqueeze(1)
 
     def dense(self) -> Optional[torch.Tensor]:
-        """The full ``(batch, 1, length, length)`` bool mask (for full attention at eval)."""
-        return self.blocks(0, 1, self.length)[:, :, 0]
+        """The full ``(batch, 1, length, length)`` bool mask (for full attention at eval).
+
+        Cached: one mask object serves every layer of a forward, so it is built once.
+        """
+        if getattr(self, "_dense", None) is None:
+            self._dense = self.blocks(0, 1, self.length)[:, :, 0]
+        return self._dense
 
 
 def resolve_group_size(seq_len: int, group_ratio: Optional[float] = None, group_size: Optional[int] = None) -> int:
@@ -389,6 +398,7 @@ def s2_attention_reference_mask(seq_len: int, num_heads: int, group_size: int, d
 
 __all__ = [
     "DEFAULT_GROUP_RATIO",
+    "S2ATTN_NAME",
     "IndexMask",
     "resolve_group_size",
     "s2_attention",
