@@ -13,9 +13,10 @@ What it does, in order:
    ``--seq_len`` (factor ``ceil(seq_len / original context)``, LongLoRA) unless ``--rope_scaling false``.
 2. LongLoRA's "LoRA+": LoRA (r 8, alpha 16, q/k/v/o) plus trainable embeddings and norms
    (``--trainable_modules``, PEFT ``modules_to_save``: saved inside the adapter).
-3. S²-Attn for training (``--s2attn``, group ``--group_ratio`` of the sequence); evaluation uses
-   full attention automatically. hyclora activation compression with ``--use_hyclora`` and the
-   other HyCLoRAConfig flags.
+3. S²-Attn for training (``--s2attn``, on by default, group ``--group_ratio`` of the sequence);
+   evaluation uses full attention automatically. hyclora activation compression with
+   ``--use_hyclora`` and the other HyCLoRAConfig flags; the compressed attention block runs
+   S²-Attn as well (and recomputes it in the backward from the compressed Q/K/V).
 4. Data: documents (local text/JSONL files or folders, or a hub dataset name when online) joined
    with EOS and packed into rows of ``--seq_len`` tokens; tokenised once and cached as ``.npy``.
 5. Loss: the LM head's cross-entropy in chunks of tokens, so ``seq_len x vocab`` logits never
@@ -75,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable_modules", type=_csv, default="embed_tokens,norm",
                    help="module-name suffixes trained in full (PEFT modules_to_save); '' for none")
     g = p.add_argument_group("attention / memory")
-    g.add_argument("--s2attn", type=_str2bool, default=None,
-                   help="shifted sparse attention in training (default: on, unless --use_hyclora and "
-                        "hyclora's compressed layer cannot run it, then off with a note)")
+    g.add_argument("--s2attn", type=_str2bool, default=True,
+                   help="shifted sparse attention in training, with or without --use_hyclora (hyclora's "
+                        "compressed attention block runs it too)")
     g.add_argument("--group_ratio", type=float, default=0.25, help="S²-Attn group size as a fraction of seq_len")
     g.add_argument("--gradient_checkpointing", type=_str2bool, default=False)
     g.add_argument("--loss_chunk_tokens", type=int, default=None, help="tokens per LM-head loss chunk (default: auto)")
@@ -178,31 +179,6 @@ def build_model(args, accelerator, tokenizer):
     return model, factor
 
 
-def resolve_s2attn(args, hcfg, log) -> None:
-    """Decide ``args.s2attn`` when not given; refuse S²-Attn + hyclora while the compressed
-    layer cannot run it (it would otherwise fail inside the first forward)."""
-    supported = True
-    if hcfg.use_hyclora:
-        from hyclora.integrations.longseq import S2ATTN_NAME
-
-        try:
-            from hyclora.ops.attention import SUPPORTED_IMPLEMENTATIONS
-        except ImportError:
-            SUPPORTED_IMPLEMENTATIONS = ()
-        supported = S2ATTN_NAME in SUPPORTED_IMPLEMENTATIONS
-    if args.s2attn is None:
-        args.s2attn = supported
-        if not supported:
-            log("note: S²-Attn is off: hyclora's compressed decoder layer does not run it yet, so training "
-                "uses full causal attention (as in the HyC-LoRA paper's long-sequence run). "
-                "--use_hyclora false --s2attn true gives LongLoRA's S²-Attn with plain PEFT.")
-    elif args.s2attn and not supported:
-        raise SystemExit(
-            "error: --s2attn true with --use_hyclora: hyclora's compressed decoder layer does not run "
-            "S²-Attn yet. Use --s2attn false (full attention) or --use_hyclora false."
-        )
-
-
 def apply_memory_features(args, model, hcfg):
     from hyclora.integrations.longseq import enable_s2attn
 
@@ -289,7 +265,6 @@ def main(argv=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = accelerator.print
 
-    resolve_s2attn(args, hcfg, log)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
