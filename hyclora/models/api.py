@@ -77,8 +77,13 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         )
     for name, layer in layers:  # check everything before touching anything
         adapter.check_layer(layer, name)
-    for name, layer in layers:
+    from hyclora.quant.checks import FiniteGuard
+
+    guard = FiniteGuard()  # one per model: all layers' NaN/Inf flags, read once per step
+    for order, (name, layer) in enumerate(layers):
         adapter.patch(layer, name, config)
+        layer._hyclora_patch.guard = guard
+        layer._hyclora_patch.order = order
     return model
 
 

@@ -45,10 +45,39 @@ class _Patch:
     instance_forward: Any  # what was in layer.__dict__["forward"] before (None if nothing)
     signature: inspect.Signature
     var_kw: str
+    # shared by all layers of one model (set by apply_hyclora): the deferred NaN/Inf check
+    guard: Any = None  # hyclora.quant.checks.FiniteGuard
+    order: int = 0  # this layer's position among the model's patched layers
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def run_checked(patch: _Patch, check: bool, in_backward: bool, run: Callable[[], torch.Tensor]):
+    """Run a layer's blocks with its NaN/Inf checks deferred to one host read per step.
+
+    The blocks' ``check_finite`` calls record device-side flags into the model's
+    ``FiniteGuard`` (no sync). The output of the first layer whose output needs a gradient is
+    armed: its gradient is the last one the backward computes among the patched layers, and
+    the hook reads every flag of the step at that moment (one sync), raising before any
+    optimizer step. A reentrant checkpoint recomputes the layers last to first inside the
+    backward; there only the first layer (order 0) arms, so it is still one read per step.
+    """
+    guard = patch.guard
+    if not check or guard is None:  # no guard: check_finite falls back to an immediate check
+        return run()
+    if patch.order == 0 and not in_backward:
+        # a new step: flags a previous forward left unread (it was never backpropagated) are
+        # read now (a sync only in that case), and the guard is armed afresh
+        if guard.num_pending:
+            guard.raise_pending()
+        guard.armed = False
+    with guard.scope(patch.order):
+        y = run()
+    if not guard.armed and (not in_backward or patch.order == 0):
+        guard.arm(y)
+    return y
 
 
 class LlamaFamilyAdapter:
@@ -212,18 +241,24 @@ class LlamaFamilyAdapter:
             config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
             probs=getattr(config, "attention_probs", "auto"),
         )
+        # a checkpoint recompute that is not counted replays a forward that was checked already
+        check = config.on_nonfinite == "raise" and counted
         common = dict(
             layer_name=name, policy=policy, stats=stats, update=bool(counted and config.compresses),
-            check_finite=config.on_nonfinite == "raise", record=state.last_saved, replay=replay,
+            check_finite=check, record=state.last_saved, replay=replay,
         )
         cos, sin = pos
         aplan = AttentionPlan(
             eps=eps1, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             scaling=scaling, impl=impl, is_causal=is_causal, **common,
         )
-        hidden = attention_block(aplan, hidden, w1, cos, sin, mask, a_params)
         mplan = MLPPlan(eps=eps2, linears=m_metas, **common)
-        return mlp_block(mplan, hidden, w2, m_params)
+
+        def run():
+            h = attention_block(aplan, hidden, w1, cos, sin, mask, a_params)
+            return mlp_block(mplan, h, w2, m_params)
+
+        return run_checked(patch, check, in_backward, run)
 
 
 def _patched_forward(layer: nn.Module, *args, **kwargs):

@@ -29,7 +29,7 @@ from hyclora.ops.attention import check_implementation
 from hyclora.ops.encoder import EncoderAttentionPlan, EncoderFFNPlan, check_activation, encoder_attention_block, encoder_ffn_block
 from hyclora.ops.storage import StoragePolicy
 
-from .base import LlamaFamilyAdapter, _in_backward, _patched_forward, _Patch
+from .base import LlamaFamilyAdapter, _in_backward, _patched_forward, _Patch, run_checked
 from .peft_utils import resolve_linear
 from .registry import register_model
 from .state import HyCLoRALayerState
@@ -211,9 +211,11 @@ class EncoderAdapter(LlamaFamilyAdapter):
             config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
             probs=getattr(config, "attention_probs", "auto"),
         )
+        # a checkpoint recompute that is not counted replays a forward that was checked already
+        check = config.on_nonfinite == "raise" and counted
         common = dict(
             layer_name=name, policy=policy, stats=stats, update=bool(counted and config.compresses),
-            check_finite=config.on_nonfinite == "raise", record=state.last_saved, replay=replay,
+            check_finite=check, record=state.last_saved, replay=replay,
         )
         aplan = EncoderAttentionPlan(
             eps=eps1, linears=a_metas, num_heads=heads, head_dim=head_dim, scaling=scaling, impl=impl,
@@ -221,12 +223,16 @@ class EncoderAdapter(LlamaFamilyAdapter):
             hidden_dropout=_dropout_p(layer.attention.output.dropout, f"{name}.attention.output.dropout"),
             **common,
         )
-        hidden = encoder_attention_block(aplan, hidden, w1, b1, mask, a_params)
         fplan = EncoderFFNPlan(
             eps=eps2, linears=f_metas, activation=getattr(cfg, "hidden_act", "gelu"),
             hidden_dropout=_dropout_p(layer.output.dropout, f"{name}.output.dropout"), **common,
         )
-        return encoder_ffn_block(fplan, hidden, w2, b2, f_params)
+
+        def run():
+            h = encoder_attention_block(aplan, hidden, w1, b1, mask, a_params)
+            return encoder_ffn_block(fplan, h, w2, b2, f_params)
+
+        return run_checked(patch, check, in_backward, run)
 
 
 # -- BERT checkpoints in RoBERTa classes -----------------------------------------------------

@@ -104,3 +104,80 @@ def test_check_finite_names_the_place_and_the_fix():
     with pytest.raises(FloatingPointError, match=r"layers\.3\.mlp input: 1 NaN and 1 Inf") as err:
         check_finite(x, "layers.3.mlp input")
     assert "on_nonfinite='ignore'" in str(err.value) and "learning rate" in str(err.value)
+
+
+# -- deferred checks (FiniteGuard): no host read until raise_pending ---------------------------
+
+
+def _no_host_reads(monkeypatch):
+    """Make every Tensor -> Python conversion fail, so a hidden host sync cannot pass."""
+    def boom(*_a, **_k):
+        raise AssertionError("host read of a tensor inside a deferred check")
+
+    for attr in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, attr, boom)
+
+
+def test_deferred_check_reads_nothing_until_raise_pending(monkeypatch):
+    from hyclora.quant.checks import FiniteGuard, active_guard
+
+    guard = FiniteGuard()
+    bad = torch.randn(3, 5)
+    bad[2, 1] = float("inf")
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        with guard.scope(order=2):
+            assert active_guard() is guard
+            check_finite(torch.randn(4, 4), "layers.2 input")
+            check_finite(bad, "layers.2 output")  # no raise yet
+        with guard.scope(order=1):  # recorded later, but an earlier layer (reentrant recompute)
+            check_finite(bad.double(), "layers.1 output")
+            check_finite(torch.arange(3), "ints are skipped")
+    assert active_guard() is None
+    assert guard.num_pending == 3
+    with pytest.raises(FloatingPointError, match=r"in layers\.1 output \(shape \(3, 5\), torch\.float64\); "
+                                                 r"2 of the 3 places") as err:
+        guard.raise_pending()
+    assert "on_nonfinite='ignore'" in str(err.value) and "learning rate" in str(err.value)
+    assert guard.num_pending == 0
+    guard.raise_pending()  # flags were consumed: nothing left to raise
+    # all finite: silent
+    with guard.scope():
+        check_finite(torch.randn(2, 2), "fine")
+    guard.raise_pending()
+    # outside any scope: immediate again
+    with pytest.raises(FloatingPointError, match="1 NaN and 0 Inf"):
+        check_finite(torch.tensor([float("nan"), 1.0]), "immediate")
+
+
+def test_deferred_check_raises_in_the_backward_through_the_armed_output():
+    from hyclora.quant.checks import FiniteGuard
+
+    guard = FiniteGuard()
+    w = torch.randn(4, requires_grad=True)
+    x = torch.ones(4)
+    x[0] = float("nan")
+    with guard.scope(order=0):
+        check_finite(x, "layers.0 output")
+    y = x * w
+    assert not guard.arm(x)  # needs grad: nothing to hook
+    assert guard.arm(y) and guard.armed
+    with pytest.raises(FloatingPointError, match=r"layers\.0 output"):
+        y.sum().backward()
+    assert w.grad is None and not guard.armed  # raised before w's gradient was written
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        with guard.scope():
+            check_finite([1.0], "a list")
+
+
+def test_pending_flags_are_bounded(monkeypatch):
+    from hyclora.quant import checks
+
+    monkeypatch.setattr(checks, "MAX_PENDING", 3)
+    guard = checks.FiniteGuard()
+    with guard.scope():
+        check_finite(torch.ones(2), "a")
+        check_finite(torch.ones(2), "b")
+        assert guard.num_pending == 2
+        check_finite(torch.ones(2), "c")  # read and cleared at the cap
+        assert guard.num_pending == 0
