@@ -3,7 +3,8 @@
 One parser serves every example: model, data, LoRA, hyclora (``HyCLoRAConfig`` itself, so the
 flags are the reference's ``--use_hyclora --layer_type --q_bit ...``) and HF
 ``TrainingArguments`` (which bring ``--deepspeed``, ``--local_rank``, ``--bf16``,
-``--gradient_accumulation_steps``, ``--resume_from_checkpoint`` ...). Each task's defaults follow
+``--gradient_accumulation_steps``, ``--resume_from_checkpoint`` ...) and the activation-checkpointing
+switches (``--activation_checkpointing``, ``--checkpoint_every_k``). Each task's defaults follow
 the paper's Table 8 and the reference scripts; anything on the command line wins.
 """
 
@@ -121,6 +122,41 @@ class LoraArguments:
         return names
 
 
+CHECKPOINTING_MODES = ("auto", "none", "hf", "deepspeed")
+
+
+@dataclass
+class CheckpointingArguments:
+    activation_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "auto | none | hf | deepspeed. hf: torch.utils.checkpoint (non-reentrant unless "
+                          "--gradient_checkpointing_kwargs says use_reentrant) on every "
+                          "--checkpoint_every_k-th decoder layer, what HF's gradient checkpointing installs; "
+                          "deepspeed: deepspeed.checkpointing, configured from the activation_checkpointing "
+                          "block of the --deepspeed JSON (partition_activations, cpu_checkpointing, ...), "
+                          "which HF Trainer alone ignores. auto (default): deepspeed when the --deepspeed "
+                          "JSON has an activation_checkpointing block (e.g. ds_configs/zero2_actckpt.json), "
+                          "else hf when --gradient_checkpointing or --checkpoint_every_k > 1, else none. "
+                          "Checkpointed hyclora layers still compress what their recompute saves."},
+    )
+    checkpoint_every_k: int = field(
+        default=1,
+        metadata={"help": "hybrid policy: checkpoint decoder layers 0, k, 2k, ... and let the others keep "
+                          "their (hyclora-compressed) activations; 1 = every layer"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(
+                f"--activation_checkpointing {self.activation_checkpointing!r}: expected one of {CHECKPOINTING_MODES}"
+            )
+        if isinstance(self.checkpoint_every_k, bool) or self.checkpoint_every_k < 1:
+            raise ValueError(f"--checkpoint_every_k {self.checkpoint_every_k}: expected an integer >= 1 (1 = every layer)")
+        if self.activation_checkpointing == "none" and self.checkpoint_every_k != 1:
+            raise ValueError("--checkpoint_every_k only applies with checkpointing on: drop it or pass "
+                             "--activation_checkpointing hf (or deepspeed)")
+
+
 # Paper Table 8 (lr / max len / batch / grad-acc / epochs) and the reference scripts' optimiser
 # settings (hyclora-method.md section 7).
 _COMMON: Dict[str, Any] = dict(
@@ -157,10 +193,12 @@ class FinetuneArgs:
     lora: LoraArguments
     hyclora: HyCLoRAConfig
     training: Any  # transformers.TrainingArguments
+    checkpointing: CheckpointingArguments = field(default_factory=CheckpointingArguments)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "task": self.task,
+            "checkpointing": dataclasses.asdict(self.checkpointing),
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "lora": dataclasses.asdict(self.lora),
@@ -175,7 +213,7 @@ def build_parser(task: str):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, LoraArguments, HyCLoRAConfig, TrainingArguments),
+        (ModelArguments, DataArguments, LoraArguments, HyCLoRAConfig, TrainingArguments, CheckpointingArguments),
         description=f"hyclora {task} fine-tuning (defaults: paper Table 8)",
     )
     parser.set_defaults(**TASK_DEFAULTS[task])
@@ -203,10 +241,10 @@ def parse_finetune_args(task: str, argv: Sequence[str] = (), **overrides: Any) -
         from hyclora.integrations.accelerate import trainer_cpu_deepspeed_kwargs
 
         parser.set_defaults(**trainer_cpu_deepspeed_kwargs())
-    model, data, lora, hy, training = parser.parse_args_into_dataclasses(
+    model, data, lora, hy, training, checkpointing = parser.parse_args_into_dataclasses(
         args=list(argv), look_for_args_file=False
     )
-    return FinetuneArgs(task, model, data, lora, hy, training)
+    return FinetuneArgs(task, model, data, lora, hy, training, checkpointing)
 
 
 __all__ = [
@@ -216,6 +254,8 @@ __all__ = [
     "ModelArguments",
     "DataArguments",
     "LoraArguments",
+    "CheckpointingArguments",
+    "CHECKPOINTING_MODES",
     "FinetuneArgs",
     "build_parser",
     "parse_finetune_args",

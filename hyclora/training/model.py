@@ -10,7 +10,7 @@ import torch
 
 from hyclora.config import HyCLoRAConfig
 
-from .args import LoraArguments, ModelArguments
+from .args import CheckpointingArguments, LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,66 @@ def zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
+def resolve_checkpointing_mode(checkpointing: CheckpointingArguments, training_args) -> str:
+    """``none``, ``hf`` or ``deepspeed``: what ``--activation_checkpointing`` (``auto`` resolved
+    against ``--deepspeed`` and ``--gradient_checkpointing``) asks for; contradictions raise."""
+    mode = checkpointing.activation_checkpointing
+    ds_config = getattr(training_args, "deepspeed", None)
+    block = None
+    if ds_config:
+        from hyclora.integrations.deepspeed import load_config
+
+        block = load_config(ds_config).get("activation_checkpointing")
+    gradient_checkpointing = bool(getattr(training_args, "gradient_checkpointing", False))
+    if mode == "auto":
+        if isinstance(block, dict):
+            mode = "deepspeed"
+        elif gradient_checkpointing or checkpointing.checkpoint_every_k > 1:
+            mode = "hf"
+        else:
+            mode = "none"
+    if mode == "none" and gradient_checkpointing:
+        raise ValueError("--activation_checkpointing none contradicts --gradient_checkpointing true: drop one of them")
+    if mode == "deepspeed" and not ds_config:
+        raise ValueError(
+            "--activation_checkpointing deepspeed is configured from the --deepspeed JSON's activation_checkpointing "
+            "block: pass --deepspeed ds_configs/zero2_actckpt.json (or another config), or use --activation_checkpointing hf"
+        )
+    return mode
+
+
+def setup_activation_checkpointing(model, checkpointing: CheckpointingArguments, training_args):
+    """Install the checkpointing that ``checkpointing`` asks for on ``model`` (after LoRA and
+    hyclora); returns the summary of ``enable_activation_checkpointing`` or None when off.
+
+    Both backends go through ``hyclora.integrations.checkpointing`` (so ``--checkpoint_every_k``
+    works for either), and ``training_args.gradient_checkpointing`` is then cleared: Trainer
+    would otherwise call ``gradient_checkpointing_enable`` in ``train()`` and overwrite the
+    layers' checkpoint function with HF's own, checkpointing every layer through torch.
+    """
+    mode = resolve_checkpointing_mode(checkpointing, training_args)
+    if mode == "none":
+        return None
+    from hyclora.integrations.checkpointing import enable_activation_checkpointing
+
+    kwargs = dict(getattr(training_args, "gradient_checkpointing_kwargs", None) or {})
+    unknown = sorted(set(kwargs) - {"use_reentrant"})
+    if unknown:
+        raise ValueError(f"--gradient_checkpointing_kwargs {unknown}: only use_reentrant is supported here")
+    if mode == "deepspeed":
+        summary = enable_activation_checkpointing(
+            model, every_k=checkpointing.checkpoint_every_k, backend="deepspeed",
+            ds_config=training_args.deepspeed, use_reentrant=kwargs.get("use_reentrant"),
+        )
+    else:
+        summary = enable_activation_checkpointing(
+            model, every_k=checkpointing.checkpoint_every_k, backend="torch", use_reentrant=kwargs.get("use_reentrant"),
+        )
+    training_args.gradient_checkpointing = False
+    logger.info("activation checkpointing: %s", summary)
+    return summary
+
+
 def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
     """Base model (given or loaded) -> LoRA -> hyclora. Returns (model, hyclora status text)."""
     if model is None:
@@ -229,10 +289,16 @@ def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
         from hyclora.integrations.deepspeed import prepare_zero3
 
         prepare_zero3(model)
+    checkpointing = getattr(args, "checkpointing", None) or CheckpointingArguments()
+    summary = setup_activation_checkpointing(model, checkpointing, args.training)
+    # run_finetune reports it (metrics["activation_checkpointing"]); prepare_model's return stays a pair
+    model.hyclora_activation_checkpointing = summary
     status = (
         f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
         if args.hyclora.use_hyclora else "plain LoRA (hyclora off)"
     )
+    if summary is not None:
+        status += f", {summary['backend']} checkpointing of layers {summary['layers']}"
     return model, status
 
 
@@ -246,5 +312,7 @@ __all__ = [
     "add_lora",
     "maybe_apply_hyclora",
     "prepare_model",
+    "resolve_checkpointing_mode",
+    "setup_activation_checkpointing",
     "zero3_enabled",
 ]

@@ -200,7 +200,8 @@ def run_finetune(
     if trainer.is_world_process_zero():
         save_hyclora_state(trainer.model, t.output_dir)
 
-    metrics: Dict[str, Any] = {"task": args.task, "hyclora": hyclora_status}
+    metrics: Dict[str, Any] = {"task": args.task, "hyclora": hyclora_status,
+                               "activation_checkpointing": getattr(model, "hyclora_activation_checkpointing", None)}
     metrics["train_loss"] = train_output.training_loss
     metrics["loss_history"] = [
         (row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row
