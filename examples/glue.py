@@ -43,9 +43,9 @@ import torch  # noqa: E402
 import hyclora.models.roberta  # noqa: E402,F401  (registers the BERT/RoBERTa encoder layers)
 from hyclora.config import HyCLoRAConfig  # noqa: E402
 from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, glue_texts, load_glue_records  # noqa: E402
-from hyclora.training.args import LoraArguments  # noqa: E402
+from hyclora.training.args import CheckpointingArguments, LoraArguments  # noqa: E402
 from hyclora.training.callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state  # noqa: E402
-from hyclora.training.model import maybe_apply_hyclora, zero3_enabled  # noqa: E402
+from hyclora.training.model import maybe_apply_hyclora, setup_activation_checkpointing, zero3_enabled  # noqa: E402
 
 logger = logging.getLogger("hyclora.examples.glue")
 
@@ -105,16 +105,18 @@ class GlueRunArgs:
     lora: LoraArguments
     hyclora: HyCLoRAConfig
     training: Any  # transformers.TrainingArguments
+    checkpointing: CheckpointingArguments = field(default_factory=CheckpointingArguments)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"glue": dataclasses.asdict(self.glue), "lora": dataclasses.asdict(self.lora),
-                "hyclora": self.hyclora.to_dict(), "training": self.training.to_dict()}
+                "hyclora": self.hyclora.to_dict(), "training": self.training.to_dict(),
+                "checkpointing": dataclasses.asdict(self.checkpointing)}
 
 
 def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((GlueArguments, LoraArguments, HyCLoRAConfig, TrainingArguments),
+    parser = HfArgumentParser((GlueArguments, LoraArguments, HyCLoRAConfig, TrainingArguments, CheckpointingArguments),
                               description="hyclora GLUE fine-tuning (defaults: the paper's RoBERTa recipe)")
     parser.set_defaults(**GLUE_DEFAULTS)
     return parser
@@ -129,8 +131,8 @@ def parse_glue_args(argv: Sequence[str] = (), **overrides: Any) -> GlueRunArgs:
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for parse_glue_args")
     parser.set_defaults(**overrides)
-    glue, lora, hy, training = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
-    return GlueRunArgs(glue, lora, hy, training)
+    glue, lora, hy, training, checkpointing = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
+    return GlueRunArgs(glue, lora, hy, training, checkpointing)
 
 
 # -- model and tokenizer ----------------------------------------------------------------------
@@ -287,6 +289,9 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
         from hyclora.integrations.deepspeed import prepare_zero3
 
         prepare_zero3(model)
+    # the encoder layers (RobertaLayer / BertLayer) are GradientCheckpointingLayers: the same
+    # --activation_checkpointing / --checkpoint_every_k switches as the decoder examples
+    checkpointing = setup_activation_checkpointing(model, args.checkpointing, t)
     status = (f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
               if args.hyclora.use_hyclora else "plain LoRA (hyclora off)")
     if t.include_num_input_tokens_seen in ("no", False, None):
@@ -298,7 +303,9 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
         processing_class=tokenizer, compute_metrics=make_compute_metrics(task.name),
         callbacks=[memory, HyCLoRAStateCallback(), *extra_callbacks],
     )
-    metrics: Dict[str, Any] = {"task": task.name, "hyclora": status}
+    if checkpointing is not None:
+        status += f", {checkpointing['backend']} checkpointing of layers {checkpointing['layers']}"
+    metrics: Dict[str, Any] = {"task": task.name, "hyclora": status, "activation_checkpointing": checkpointing}
     if train is not None:
         out = trainer.train()
         metrics["train_loss"] = out.training_loss

@@ -137,7 +137,8 @@ class CheckpointingArguments:
                           "which HF Trainer alone ignores. auto (default): deepspeed when the --deepspeed "
                           "JSON has an activation_checkpointing block (e.g. ds_configs/zero2_actckpt.json), "
                           "else hf when --gradient_checkpointing or --checkpoint_every_k > 1, else none. "
-                          "Checkpointed hyclora layers still compress what their recompute saves."},
+                          "Checkpointed hyclora layers still compress what their recompute saves.",
+                  "choices": CHECKPOINTING_MODES},
     )
     checkpoint_every_k: int = field(
         default=1,

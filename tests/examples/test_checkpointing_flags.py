@@ -83,7 +83,7 @@ def test_auto_resolves_from_deepspeed_json_and_gradient_checkpointing(mode, ever
     assert resolve_checkpointing_mode(ckpt, _training(deepspeed, gc)) == expected
 
 
-def test_bad_flags_name_the_fix():
+def test_bad_flags_name_the_fix(capsys):
     with pytest.raises(ValueError, match="expected one of"):
         CheckpointingArguments(activation_checkpointing="full")
     with pytest.raises(ValueError, match="integer >= 1"):
@@ -94,9 +94,10 @@ def test_bad_flags_name_the_fix():
         resolve_checkpointing_mode(CheckpointingArguments(activation_checkpointing="none"), _training(gradient_checkpointing=True))
     with pytest.raises(ValueError, match="pass --deepspeed"):
         resolve_checkpointing_mode(CheckpointingArguments(activation_checkpointing="deepspeed"), _training())
-    # the same errors come out of the command-line parser
-    with pytest.raises(ValueError, match="expected one of"):
+    # on the command line argparse lists the choices
+    with pytest.raises(SystemExit):
         parse_finetune_args("gsm8k", ["--activation_checkpointing", "full"])
+    assert "invalid choice: 'full'" in capsys.readouterr().err
 
 
 # -- hf (torch.utils.checkpoint) mode through Trainer --------------------------------------------------
@@ -214,3 +215,33 @@ def test_gsm8k_example_with_deepspeed_checkpointing_config_matches_plain_run(tmp
     ds_losses = [loss for _, loss in saved["loss_history"]]
     assert len(ds_losses) == 3
     assert ds_losses == pytest.approx(_losses(plain), abs=1e-5)
+
+
+# -- the GLUE example (encoder layers) -------------------------------------------------------------
+GLUE_DIR = REPO / ".." / "shared" / "data" / "glue"
+
+
+@needs_hyclora
+@pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "train.tsv").is_file(), reason=f"GLUE TSV files not found under {GLUE_DIR}")
+def test_glue_example_checkpointing_same_losses(tmp_path):
+    """RoBERTa's layers are checkpointable too; torch.utils.checkpoint replays the dropout RNG,
+    so hyclora baseline (dropout on) gives the same 3 losses with and without checkpointing."""
+    import importlib.util
+
+    name = "hyclora_example_glue"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "glue.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    example = sys.modules[name]
+    values = dict(task="mrpc", data=str(GLUE_DIR), model_name_or_path="tiny-random-roberta", max_steps=3,
+                  per_device_train_batch_size=4, per_device_eval_batch_size=16, max_train_samples=32,
+                  max_eval_samples=16, logging_steps=1, max_length=64, lora_r=4, lora_alpha=8,
+                  use_hyclora=True, layer_type="baseline", disable_tqdm=True)
+    plain = example.run_glue(example.parse_glue_args([], output_dir=str(tmp_path / "a"), **values))
+    ckpt = example.run_glue(example.parse_glue_args(["--activation_checkpointing", "hf"],
+                                                    output_dir=str(tmp_path / "b"), **values))
+    assert plain["activation_checkpointing"] is None
+    assert ckpt["activation_checkpointing"]["layers"] == [0, 1] and "torch checkpointing" in ckpt["hyclora"]
+    assert [x for _, x in ckpt["loss_history"]] == pytest.approx([x for _, x in plain["loss_history"]], abs=1e-6)
+    assert len(plain["loss_history"]) == 3
