@@ -1,0 +1,423 @@
+"""Long-context LoRA fine-tuning on one GPU: tokens/s, peak memory and the longest context that fits.
+
+Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
+weights, batch 1, LongLoRA's recipe: LoRA r=16 (alpha 16) on the seven linears plus trainable input
+embeddings and norms (PEFT ``modules_to_save``). LoRA, embeddings and norms stay in bf16 (no fp32
+masters, no optimizer: one step is forward + backward, as in bench_memory_throughput.py). The loss is
+the LM head's cross-entropy in chunks (hyclora.ops.chunked_ce through CausalLMChunkedLoss) for every
+method, so no method pays for ``seq x vocab`` logits.
+
+Methods (``--methods``):
+
+* ``peft_gc``: PEFT LoRA + HF gradient checkpointing (non-reentrant), full causal attention (sdpa).
+* ``peft_s2_gc``: the same with S²-Attn: LongLoRA itself, for reference.
+* ``hyclora_s2``: hyclora ``intra_inter`` at ``--bits`` (2) + S²-Attn, no checkpointing.
+* ``hyclora_s2_gc``: hyclora + S²-Attn + gradient checkpointing.
+* ``liger_gc``: Liger kernels (RoPE, SwiGLU, RMSNorm) + gradient checkpointing, only when
+  ``liger_kernel`` imports (else a row says why it was skipped). Liger patches transformers'
+  Llama functions process-wide, so it always runs last.
+
+For each method: every context of ``--contexts`` (8k, 16k, 32k), then (``--search``) the longest
+context that fits: doubling from the largest fitting context, then bisection in steps of
+``--search_step`` (4k) between the last fit and the first OOM, up to ``--max_context``. A point
+runs ``--warmup`` + ``--steps`` steps; peak memory is ``max_memory_allocated`` over the timed
+steps minus what is allocated before them (weights, LoRA, trainable copies), after
+``empty_cache`` and ``reset_peak_memory_stats``. OOM is caught and reported as OOM. hyclora runs
+with ``iteration_threshold=1``: its statistics are calibrated in the single warm-up step (one step
+of 8k+ tokens is plenty), so the timed steps run frozen, as in steady training. A search probe
+runs one step (warm-up included): "fits" means one training step completes.
+
+The whole run stops starting new points after ``--time_budget`` seconds (points not run are listed
+as skipped), so it fits one device call:
+
+    python benchmarks/bench_longseq.py --time_budget 400             # GPU
+    python benchmarks/bench_longseq.py --smoke                       # CPU, tiny model, checks the script
+
+Writes ``longseq.md`` (tables) and ``longseq.csv`` / ``longseq_search.csv`` under $OUT (or ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+# Fewer OOMs from fragmentation when contexts of very different lengths share one process.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hyclora import HyCLoRAConfig  # noqa: E402
+
+METHODS = ("peft_gc", "peft_s2_gc", "hyclora_s2", "hyclora_s2_gc", "liger_gc")
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# -- search (pure: unit-tested with a fake probe) -------------------------------------------------
+def search_longest(
+    fits: Callable[[int], Optional[bool]],
+    start: int,
+    step: int,
+    max_context: int,
+    known_fit: int = 0,
+    known_oom: Optional[int] = None,
+) -> Tuple[int, Optional[int], List[Tuple[int, str]], bool]:
+    """Longest multiple of ``step`` for which ``fits(ctx)`` is True.
+
+    Doubles from ``start`` until a probe fails (or ``max_context``), then bisects in multiples of
+    ``step`` between the last fit and the first failure. ``fits`` returns None when the time
+    budget is spent: the search stops there. ``known_fit`` / ``known_oom`` are results already
+    measured (e.g. at the fixed contexts). Returns ``(longest_fit, first_oom, probes, complete)``:
+    ``longest_fit`` 0 if nothing fitted, ``first_oom`` None if ``max_context`` fitted,
+    ``complete`` False when the budget ended the search before it converged.
+    """
+    if step < 1 or start < step or max_context < step:
+        raise ValueError(f"search needs 1 <= step <= start and step <= max_context; got {step}, {start}, {max_context}")
+    probes: List[Tuple[int, str]] = []
+    lo, hi = known_fit, known_oom
+
+    def probe(ctx: int) -> Optional[bool]:
+        ok = fits(ctx)
+        probes.append((ctx, "budget" if ok is None else "fit" if ok else "oom"))
+        return ok
+
+    cap = (max_context // step) * step
+    ctx = min((max(start, lo * 2 if lo else start) // step) * step, cap)
+    while hi is None and lo < cap:
+        ok = probe(ctx)
+        if ok is None:
+            return lo, hi, probes, False
+        if ok:
+            lo = ctx
+            ctx = min(ctx * 2, cap)
+        else:
+            hi = ctx
+    while hi is not None and hi - lo > step:
+        mid = lo + ((hi - lo) // (2 * step)) * step
+        mid = max(mid, lo + step)
+        ok = probe(mid)
+        if ok is None:
+            return lo, hi, probes, False
+        if ok:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi, probes, True
+
+
+# -- model and methods ------------------------------------------------------------------------------
+def build_model(args, device, dtype):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hyclora.integrations.longseq import longlora_lora_config
+
+    if args.smoke:
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    cfg.use_cache = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    lcfg = longlora_lora_config(r=args.lora_r, lora_alpha=args.lora_r, target_modules=SEVEN, model=model)
+    model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
+    gen = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as after some training, so every gradient path does work
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) * 0.01)
+    model.train()
+    return model, cfg
+
+
+class Method:
+    """Switch a method's features on a shared model, and off again."""
+
+    def __init__(self, name: str, args):
+        self.name, self.args = name, args
+        self.hyclora = name.startswith("hyclora")
+        self.s2 = "_s2" in name
+        self.gc = name.endswith("_gc")
+        self.liger = name.startswith("liger")
+
+    def available(self) -> Optional[str]:
+        """None if it can run here, else the reason it cannot."""
+        if self.liger:
+            try:
+                import liger_kernel.transformers  # noqa: F401
+            except Exception as exc:  # ImportError, or a CUDA/Triton check failing at import
+                return f"liger_kernel does not import ({type(exc).__name__}: {exc})"
+        return None
+
+    def on(self, model):
+        from hyclora import apply_hyclora
+        from hyclora.integrations.longseq import enable_s2attn
+
+        inner = model.get_base_model()
+        if self.liger:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=inner)
+        if self.gc:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hyclora:
+            apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=self.args.bits, iteration_threshold=1))
+        if self.s2:
+            enable_s2attn(model, group_ratio=self.args.group_ratio)
+
+    def off(self, model):
+        from hyclora import revert_hyclora
+        from hyclora.integrations.longseq import disable_s2attn, s2attn_enabled
+
+        inner = model.get_base_model()
+        if self.s2 and s2attn_enabled(model):
+            disable_s2attn(model)
+        if self.hyclora:
+            revert_hyclora(model)
+        if self.gc:
+            inner.gradient_checkpointing_disable()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clear(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    # Triton / cuBLAS report allocation failures as RuntimeError with this text.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int) -> Dict:
+    """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
+    row: Dict = {"method": method.name, "context": ctx, "status": "ok", "tokens_per_s": float("nan"),
+                 "step_s": float("nan"), "peak_gib_above_static": float("nan"), "static_gib": float("nan")}
+    ids = None
+    try:
+        method.on(model)
+        ids = torch.randint(0, vocab, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx))
+
+        def step():
+            loss = loss_fn(ids)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
+
+        loss = None
+        for _ in range(warmup):
+            loss = step()
+        _sync(device)
+        _clear(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            static = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"non-finite loss {float(loss)}")
+        if times:
+            row["step_s"] = statistics.median(times)
+            row["tokens_per_s"] = ctx / row["step_s"]
+        if device == "cuda" and times:
+            row["peak_gib_above_static"] = (torch.cuda.max_memory_allocated() - static) / 2**30
+            row["static_gib"] = static / 2**30
+    except Exception as exc:  # one failing point must not lose the others
+        if _is_oom(exc):
+            row["status"] = "OOM"
+        else:
+            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            print(f"{method.name} @ {ctx}: {row['status']}", flush=True)
+    finally:
+        ids = None  # noqa: F841 (drop the reference before freeing memory)
+        model.zero_grad(set_to_none=True)
+        method.off(model)
+        _clear(device)
+    return row
+
+
+# -- main -------------------------------------------------------------------------------------------
+def _ints(text: str) -> List[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, tiny contexts")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--contexts", type=_ints, default=[8192, 16384, 32768])
+    p.add_argument("--search", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--search_step", type=int, default=4096)
+    p.add_argument("--max_context", type=int, default=262144)
+    p.add_argument("--bits", type=int, default=2, choices=[2, 4, 8])
+    p.add_argument("--group_ratio", type=float, default=0.25)
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--time_budget", type=float, default=400.0, help="seconds after which no new point starts")
+    return p
+
+
+def main(argv=None) -> Dict[str, list]:
+    args = build_parser().parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods.sort(key=lambda m: m.startswith("liger"))  # Liger patches process-wide: last
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.smoke:
+        args.contexts, args.search_step, args.max_context = [64], 64, 128
+    out_dir = Path(os.environ.get("OUT", "out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    from hyclora.integrations.longseq import CausalLMChunkedLoss
+
+    model, cfg = build_model(args, device, dtype)
+    loss_fn = CausalLMChunkedLoss(model)
+    if device == "cuda":
+        _clear(device)
+        print(f"model built in {time.perf_counter() - t_start:.0f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated "
+              f"on {torch.cuda.get_device_name()}", flush=True)
+
+    def left() -> float:
+        return args.time_budget - (time.perf_counter() - t_start)
+
+    rows: List[Dict] = []
+    searches: List[Dict] = []
+    notes: List[str] = []
+    for name in methods:
+        method = Method(name, args)
+        why = method.available()
+        if why:
+            notes.append(f"{name}: skipped, {why}")
+            print(notes[-1], flush=True)
+            continue
+        last: Optional[Tuple[int, float]] = None  # (ctx, seconds) of the last point run, for estimates
+
+        def affordable(ctx: int, n_steps: int) -> bool:
+            if left() <= 0:
+                return False
+            if last is None:
+                return True
+            # Rough cost of the point from the last one: time grows a bit faster than linearly.
+            est = last[1] * (ctx / last[0]) ** 1.5 * n_steps / max(1, args.warmup + args.steps)
+            return est <= left()
+
+        for ctx in args.contexts:
+            if not affordable(ctx, args.warmup + args.steps):
+                rows.append({"method": name, "context": ctx, "status": "skipped (time budget)"})
+                continue
+            t0 = time.perf_counter()
+            row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size)
+            last = (ctx, time.perf_counter() - t0)
+            rows.append(row)
+            print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "
+                  f"peak {row['peak_gib_above_static']:7.2f} GiB above static", flush=True)
+        if not args.search:
+            continue
+        ran = [r for r in rows if r["method"] == name and r["status"] in ("ok", "OOM")]
+        known_fit = max([r["context"] for r in ran if r["status"] == "ok"], default=0)
+        ooms = [r["context"] for r in ran if r["status"] == "OOM"]
+        known_oom = min(ooms) if ooms else None
+        if known_oom is not None and known_oom <= known_fit:
+            known_oom = None  # an OOM below a fit (fragmentation): search from the fit upwards
+
+        def fits(ctx: int) -> Optional[bool]:
+            nonlocal last
+            if not affordable(ctx, 1):
+                return None
+            t0 = time.perf_counter()
+            r = run_point(model, loss_fn, method, ctx, device, 1, 0, cfg.vocab_size)
+            last = (ctx, (time.perf_counter() - t0) * max(1, args.warmup + args.steps))
+            print(f"{name:14s} search {ctx:7d}: {r['status']}", flush=True)
+            if r["status"] not in ("ok", "OOM"):
+                raise RuntimeError(r["status"])
+            return r["status"] == "ok"
+
+        start = max(args.search_step, known_fit * 2 if known_fit else min(args.contexts))
+        try:
+            longest, first_oom, probes, complete = search_longest(
+                fits, start, args.search_step, args.max_context, known_fit, known_oom)
+            status = "complete" if complete else "stopped by time budget"
+        except RuntimeError as exc:
+            longest, first_oom, probes, status = known_fit, known_oom, [], f"error: {exc}"
+        searches.append({"method": name, "longest_fit": longest, "first_oom": first_oom, "status": status,
+                         "probes": " ".join(f"{c}:{s}" for c, s in probes)})
+        print(f"{name}: longest context that fits {longest} (first OOM {first_oom}; {status})", flush=True)
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    write_outputs(out_dir, rows, searches, notes, args, gpu, time.perf_counter() - t_start)
+    return {"rows": rows, "searches": searches, "notes": notes}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def write_outputs(out_dir: Path, rows, searches, notes, args, gpu: str, seconds: float) -> None:
+    fields = ["method", "context", "status", "tokens_per_s", "step_s", "peak_gib_above_static", "static_gib"]
+    with open(out_dir / "longseq.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_dir / "longseq_search.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "longest_fit", "first_oom", "status", "probes"])
+        writer.writeheader()
+        writer.writerows(searches)
+    lines = [
+        f"# Long-context LoRA step ({'tiny smoke model' if args.smoke else 'Llama-2-7B shape, random bf16'}, "
+        f"bs 1, LoRA r={args.lora_r} on 7 linears + embeddings/norms; {gpu}; {seconds:.0f} s)",
+        "",
+        f"hyclora: intra_inter {args.bits}-bit; S²-Attn group ratio {args.group_ratio}; chunked CE for every method; "
+        f"{args.warmup} warm-up + {args.steps} timed step(s) per point. Peak = max allocated during the timed "
+        "steps minus what was allocated before them (weights, LoRA, trainable copies).",
+        "",
+        "| method | context | status | tokens/s | step s | peak GiB above static |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['context']} | {r['status']} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
+                     f"{_fmt(r.get('step_s'), '.2f')} | {_fmt(r.get('peak_gib_above_static'), '.2f')} |")
+    if searches:
+        lines += ["", f"Longest context that fits (one step; doubling, then bisection in steps of {args.search_step}, "
+                  f"up to {args.max_context}):", "", "| method | longest fit | first OOM | search | probes |",
+                  "|---|---|---|---|---|"]
+        for s in searches:
+            lines.append(f"| {s['method']} | {s['longest_fit']} | {s['first_oom'] if s['first_oom'] else '-'} | "
+                         f"{s['status']} | {s['probes']} |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    text = "\n".join(lines) + "\n"
+    (out_dir / "longseq.md").write_text(text)
+    print("\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

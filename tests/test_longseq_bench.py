@@ -1,0 +1,84 @@
+"""benchmarks/bench_longseq.py: the longest-context search on a fake probe, and a CPU smoke run of
+the whole script on a tiny model (every method that can run on CPU, markdown + CSV written)."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_longseq", REPO / "benchmarks" / "bench_longseq.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_longseq", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("limit", [4096, 20480, 36864, 100000, 300000])
+def test_search_finds_the_longest_multiple_of_the_step(limit):
+    bench = _bench()
+    seen = []
+
+    def fits(ctx):
+        seen.append(ctx)
+        return ctx <= limit
+
+    longest, first_oom, probes, complete = bench.search_longest(fits, 8192, 4096, 262144)
+    want = min(limit // 4096 * 4096, 262144)
+    assert complete and longest == want
+    assert first_oom == (None if limit >= 262144 else want + 4096)
+    assert [c for c, _ in probes] == seen and len(seen) == len(set(seen))  # no context probed twice
+    assert len(seen) <= 2 * 7  # doubling then bisection: logarithmic
+
+
+def test_search_uses_known_points_and_stops_on_budget():
+    bench = _bench()
+    calls = []
+
+    def fits(ctx):
+        calls.append(ctx)
+        return ctx <= 45056
+
+    # 32k fitted and 64k failed already: only the bisection runs, inside (32k, 64k).
+    longest, first_oom, probes, complete = bench.search_longest(fits, 65536, 4096, 262144, known_fit=32768, known_oom=65536)
+    assert complete and (longest, first_oom) == (45056, 49152)
+    assert all(32768 < c < 65536 for c in calls)
+
+    budget = iter([True, None])  # the second probe finds the time budget spent
+    longest, first_oom, probes, complete = bench.search_longest(lambda c: next(budget), 8192, 4096, 262144)
+    assert not complete and longest == 8192 and first_oom is None
+    assert probes == [(8192, "fit"), (16384, "budget")]
+    with pytest.raises(ValueError, match="step"):
+        bench.search_longest(lambda c: True, 1024, 4096, 262144)
+
+
+def test_smoke_run_writes_tables(tmp_path, monkeypatch):
+    bench = _bench()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: on a shared 2-core runner more threads are 50x slower
+    try:
+        result = bench.main(["--smoke", "--time_budget", "600", "--methods", "liger_gc,peft_gc,hyclora_s2,hyclora_s2_gc"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = result["rows"]
+    ran = {r["method"] for r in rows}
+    assert {"peft_gc", "hyclora_s2", "hyclora_s2_gc"} <= ran
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0
+    # CPU: nothing runs out of memory, so every search reaches the cap.
+    assert all(s["longest_fit"] == 128 and s["status"] == "complete" for s in result["searches"])
+    if "liger_gc" not in ran:
+        assert any(n.startswith("liger_gc: skipped") for n in result["notes"])
+    md = (tmp_path / "longseq.md").read_text()
+    assert "| hyclora_s2 | 64 | ok |" in md and "| hyclora_s2_gc | 128 | - | complete | 128:fit |" in md
+    with open(tmp_path / "longseq.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
