@@ -9,11 +9,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/glue_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+if [ -z "${GLUE_SKIP_PIP:-}" ]; then  # GLUE_SKIP_PIP=1: a CPU smoke test in the project venv
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
 [ -d .data/minilm ] && [ -d .data/glue ] || { echo "no .data/minilm or .data/glue: run benchmarks/stage_glue_gpu.sh and carry .data" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export HYCLORA_COMMIT=${HYCLORA_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
+# the commit: git's when the copy has .git, else the one stage_glue_gpu.sh recorded
+export HYCLORA_COMMIT=${HYCLORA_COMMIT:-$(git describe --always --dirty 2>/dev/null || cat .data/COMMIT 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/glue_parity.log"
 timeout --kill-after=15 530 python3 benchmarks/bench_glue_parity.py \
   --model .data/minilm --data .data/glue --tasks rte,mrpc,cola,sst2 --configs lora,ii4,ii2,q2 \

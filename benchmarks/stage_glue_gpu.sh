@@ -64,6 +64,8 @@ for pair in RTE:rte MRPC:mrpc CoLA:cola SST-2:sst2; do
   head -n $((max_rows + 1)) "$shared/data/glue/$folder/train.tsv" > ".data/glue/$folder/train.tsv"
 done
 echo "max_train_rows=$max_rows" > .data/glue/STAGED
+# the tree's commit at staging time ("staged-" marks it), for runs on a copy without .git
+echo "staged-$(git describe --always --dirty)" > .data/COMMIT
 
 du -sh .data/minilm .data/glue .whl
 tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
