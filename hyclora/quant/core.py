@@ -220,9 +220,12 @@ def affine_params(lo: Tensor, hi: Tensor, bits: int) -> Tuple[Tensor, Tensor, Te
     # step below the smallest normal fp32 would make 1/step overflow to inf (0 * inf = NaN):
     # treat it as a constant channel (error <= qmax * step < 3e-36).
     ok = step >= _FP32_TINY
-    step = torch.where(ok, step, torch.zeros_like(step))
-    inv_step = torch.where(ok, 1.0 / torch.where(ok, step, torch.ones_like(step)),
-                           torch.zeros_like(step))
+    # Six kernels (this runs per call for per-group ranges, so its launch count matters on a
+    # host-bound step): scalar operands of where need no zeros_like/ones_like tensors, and the
+    # inf that reciprocal gives where step == 0 is masked out. reciprocal is what ``1.0 / t``
+    # computes (``Tensor.__rtruediv__`` is reciprocal * 1), so inv_step is bit-identical.
+    step = torch.where(ok, step, 0.0)
+    inv_step = torch.where(ok, torch.reciprocal(step), 0.0)
     return lo, step, inv_step
 
 
@@ -294,6 +297,13 @@ def _group_range(x2d: Tensor, group_size: int, outlier_idx: Optional[Tensor]):
     rows, n = x2d.shape
     ng = -(-n // group_size)
     pad = ng * group_size - n
+    if outlier_idx is None or outlier_idx.numel() == 0:
+        # Common case (V/O/D groups): min and max in one reduction on the input dtype (exact:
+        # the extremes of bf16/fp16 values are those values; cast after), no fp32 copy of x and
+        # no empty-group fix-up (without outlier columns every group holds a real value).
+        xg = x2d if not pad else torch.nn.functional.pad(x2d, (0, pad), mode="replicate")
+        lo, hi = torch.aminmax(xg.reshape(rows, ng, group_size), dim=-1)
+        return lo.float(), hi.float()
     xf = x2d.float()
     x_min = xf
     x_max = xf
