@@ -219,3 +219,31 @@ def test_forcing_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         quantize(torch.randn(2, 4), 4, backend="triton")
+
+
+def test_affine_params_and_group_range_equal_the_plain_formulas():
+    # The fast forms (scalar where, reciprocal, one aminmax on the input dtype) must give the
+    # same bits as the plain definitions, or stored codes would change.
+    from hyclora.quant.core import _FP32_TINY, _group_range, affine_params
+
+    lo = torch.tensor([0.0, 0.0, 1.0, 0.0, -3.0, 0.0, float("inf")])
+    hi = torch.tensor([0.0, 1e-40, 1.0, 3e-36, 5.0, float("nan"), float("-inf")])
+    for bits in (2, 4, 8):
+        step = (hi - lo) / ((1 << bits) - 1)
+        ok = step >= _FP32_TINY
+        want_step = torch.where(ok, step, torch.zeros_like(step))
+        want_inv = torch.where(ok, 1.0 / torch.where(ok, step, torch.ones_like(step)), torch.zeros_like(step))
+        _, got_step, got_inv = affine_params(lo, hi, bits)
+        assert torch.equal(got_step, want_step) and torch.equal(got_inv, want_inv)
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, g in ((64, 64), (100, 64), (7, 5), (130, 16)):
+            x = (torch.randn(9, n) * 50).to(dtype)
+            x[2] = 0
+            pad = (-n) % g
+            xf = x.float()
+            want_lo = torch.nn.functional.pad(xf, (0, pad), value=float("inf")).view(9, -1, g).amin(-1)
+            want_hi = torch.nn.functional.pad(xf, (0, pad), value=float("-inf")).view(9, -1, g).amax(-1)
+            got_lo, got_hi = _group_range(x, g, None)
+            assert got_lo.dtype == torch.float32
+            assert torch.equal(got_lo, want_lo) and torch.equal(got_hi, want_hi)
