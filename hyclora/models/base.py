@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from hyclora.ops.attention import check_implementation
+from hyclora.ops.attention import block_attention_mask, check_implementation
 from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
 from hyclora.ops.storage import StoragePolicy
 
@@ -209,15 +209,10 @@ class LlamaFamilyAdapter:
                     f"hyclora: {name} got a KV cache that already holds tokens; training with a "
                     "pre-filled cache (prefix tuning) is not supported. Pass use_cache=False."
                 )
-        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4):
-            raise ValueError(
-                f"hyclora: {name} got an attention mask of type {type(mask).__name__} "
-                f"{tuple(mask.shape) if torch.is_tensor(mask) else ''}; expected None or the 4-D "
-                "mask transformers builds for eager/sdpa attention."
-            )
         cfg = layer.self_attn.config
         impl = getattr(cfg, "_attn_implementation", None) or "eager"
         check_implementation(impl, name)
+        mask = block_attention_mask(impl, mask, name)  # S²-Attn's lazy mask -> a tensor the block saves
         self.check_config(cfg)
 
         config = patch.config
@@ -250,7 +245,9 @@ class LlamaFamilyAdapter:
         cos, sin = pos
         aplan = AttentionPlan(
             eps=eps1, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-            scaling=scaling, impl=impl, is_causal=is_causal, **common,
+            scaling=scaling, impl=impl, is_causal=is_causal,
+            s2_group_ratio=getattr(cfg, "s2attn_group_ratio", None),
+            s2_group_size=getattr(cfg, "s2attn_group_size", None), **common,
         )
         mplan = MLPPlan(eps=eps2, linears=m_metas, **common)
 

@@ -45,11 +45,11 @@ from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .attention import (
+    attention_forward,
+    attention_recompute,
     check_implementation,
     eager_attention_backward,
     eager_attention_forward,
-    sdpa_attention_forward,
-    sdpa_attention_recompute,
 )
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
@@ -100,6 +100,10 @@ class AttentionPlan(BlockPlan):
     scaling: float = 1.0
     impl: str = "sdpa"
     is_causal: bool = True
+    # S²-Attn's group (impl "hyclora_s2attn"): fraction of the sequence (None: LongLoRA's 1/4) or
+    # a fixed size in tokens; read from the model config that enable_s2attn sets.
+    s2_group_ratio: Optional[float] = None
+    s2_group_size: Optional[int] = None
 
 
 @dataclass
@@ -237,7 +241,8 @@ class AttentionBlockFn(torch.autograd.Function):
                     _keep(plan, store, "o", o)
             del probs
         else:
-            o = sdpa_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
+            o = attention_forward(plan.impl, q, k, v, mask, plan.scaling, plan.is_causal,
+                                  plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
         out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3))
         _keep_linear_extras(store, "o", metas[3], out_o)
@@ -297,7 +302,8 @@ class AttentionBlockFn(torch.autograd.Function):
             dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
             del probs
         else:
-            o_re, leaves = sdpa_attention_recompute(q, k, v, mask, plan.scaling, plan.is_causal)
+            o_re, leaves = attention_recompute(plan.impl, q, k, v, mask, plan.scaling, plan.is_causal,
+                                               plan.s2_group_ratio, plan.s2_group_size)
             do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)
             dq, dk, dv = torch.autograd.grad(o_re, leaves, do)
             del o_re, leaves
