@@ -236,12 +236,12 @@ def _kept_tensors(shape: LayerShape, layer_type: str, attention: str, probs: str
     d, f = shape.hidden, shape.intermediate
     a = shape.num_heads * shape.head_dim
     c = shape.num_kv_heads * shape.head_dim
-    kept = [("x_in", d, "norm"), ("x_n1", d, "quant"), ("q", a, "quant"), ("k", c, "quant"),
-            ("v", c, "quant")]
+    # the normalised inputs of q/k/v and gate/up are rebuilt from x_in / x_mid, never kept
+    kept = [("x_in", d, "norm"), ("q", a, "quant"), ("k", c, "quant"), ("v", c, "quant")]
     keeps_map = attention == "eager" and probs != "recompute"
     if keeps_map:
         kept.append(("o", a, "quant"))
-    kept += [("x_mid", d, "norm"), ("x_n2", d, "quant"), ("gate", f, "quant"), ("up", f, "quant")]
+    kept += [("x_mid", d, "norm"), ("gate", f, "quant"), ("up", f, "quant")]
     if layer_type == "intra":
         kept += [("silu", f, "quant"), ("hidden", f, "quant")]
     return kept, keeps_map

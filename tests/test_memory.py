@@ -57,11 +57,13 @@ def test_compression_ratios_per_token_llama7b_shape():
     shape = LayerShape(hidden=4096, intermediate=11008, num_heads=32, num_kv_heads=32, head_dim=128, lora_rank=16)
     base = theoretical_bytes_per_token(shape, "baseline", dtype_bytes=2, include_small=False)
     two = theoretical_bytes_per_token(shape, "intra_inter", 2, include_small=False)
-    # 7d + 2f values per token (sdpa keeps no o): 8x fewer bytes at 2 bits than at bf16.
-    assert base == (7 * 4096 + 2 * 11008) * 2
-    # K is kept at twice the bits (hyclora.ops.storage.DOUBLE_BIT_TENSORS).
-    assert two == (7 * 4096 + 2 * 11008) * 2 / 8 + 4096 * 2 / 8
-    assert base / two == pytest.approx(7.40, abs=0.01)
+    # 5d + 2f values per token: x_in, q, k, v, x_mid, gate, up (sdpa keeps no o; the normalised
+    # q/k/v and gate/up inputs are rebuilt from x_in / x_mid, never kept).
+    assert base == (5 * 4096 + 2 * 11008) * 2
+    # The non-linear operators' inputs (x_in, x_mid, q, k, gate) at twice the bits
+    # (hyclora.ops.storage.DOUBLE_BIT_TENSORS); v and up at q_bit.
+    assert two == (4 * 4096 + 11008) * 4 / 8 + (4096 + 11008) * 2 / 8
+    assert base / two == pytest.approx(4.86, abs=0.01)
 
 
 def test_counter_ignores_parameters_and_counts_storages_once():

@@ -42,6 +42,9 @@ FFN_LINEARS = (("intermediate", "intermediate.dense"), ("output", "output.dense"
 # up projection; hidden: the down-projection input), so name-based storage rules apply alike.
 ENCODER_ATTENTION_TENSORS = ("x_n1", "q", "k", "v", "o", "z1")
 ENCODER_FFN_TENSORS = ("x_n2", "up", "z2")
+# K at twice the bits, as measured for the encoder (the decoder's wider set of non-linear inputs,
+# hyclora.ops.storage.DOUBLE_BIT_TENSORS, was measured on Llama-family models only)
+ENCODER_DOUBLE_BIT_TENSORS = frozenset({"k"})
 ENCODER_ELEMENTWISE_TENSORS = ("hidden",)  # GELU output, only stored (quantised) by ``intra``
 ENCODER_NORM_INPUTS = ("z1", "z2")
 
@@ -210,6 +213,7 @@ class EncoderAdapter(LlamaFamilyAdapter):
         policy = StoragePolicy(
             config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
             probs=getattr(config, "attention_probs", "auto"),
+            double_bits=ENCODER_DOUBLE_BIT_TENSORS,
         )
         # a checkpoint recompute that is not counted replays a forward that was checked already
         check = config.on_nonfinite == "raise" and counted

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 # names of the tensors whose quantisation statistics a layer keeps, and the width key each uses
-ATTENTION_TENSORS = ("x_in", "x_n1", "q", "k", "v", "o")
-MLP_TENSORS = ("x_mid", "x_n2", "gate", "up")
+# (the normalised inputs x_n1 / x_n2 are not kept: the blocks rebuild them from x_in / x_mid)
+ATTENTION_TENSORS = ("x_in", "q", "k", "v", "o")
+MLP_TENSORS = ("x_mid", "gate", "up")
 ELEMENTWISE_TENSORS = ("silu", "hidden")  # only stored (quantised) by ``intra``
 NORM_INPUTS = ("x_in", "x_mid")  # get exact outlier channels
 

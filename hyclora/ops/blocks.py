@@ -181,6 +181,39 @@ def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy,
     return dx, (None, dbias, da, db)
 
 
+def _normalised(x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm output rebuilt from the kept norm input and its exact ``rstd``, op by op as
+    :func:`rmsnorm_forward` computes it (bit-identical when ``x_hat`` is the exact input).
+
+    The normalised tensor (input of q/k/v, of gate/up) is never kept: it is the norm input
+    scaled per row (exact ``rstd``) and per channel (the weight), so renormalising the kept norm
+    input costs one elementwise pass and no bytes, and carries the norm input's quantisation
+    error, which its outlier channels and rows keep smaller than a separate copy's (measured on
+    SmolLM2-135M: BENCHMARKS.md)."""
+    return weight * (x_hat.to(torch.float32) * rstd).to(x_hat.dtype)
+
+
+def _norm_input(load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
+    """``(x_hat, x_n)``: the kept norm input (None when nothing needs it yet) and the normalised
+    input rebuilt from it (None when no linear behind the norm has LoRA)."""
+    if not need_normalised:
+        return None, None
+    x_hat = load.get(name)
+    return x_hat, _normalised(x_hat, load.get(rstd_name), load.get("p2"))
+
+
+def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name: str, x_hat, dxn, dy):
+    """RMSNorm backward plus the residual: ``(dx, dnorm_weight)``."""
+    if not (need[1] or need[2]):
+        return None, None
+    if x_hat is None and plan.policy.fused and not need[2]:  # one pass from the codes (+ residual)
+        return fused_rmsnorm.fused_norm_backward(plan, load, name, rstd_name, load.get("p2"), dxn, dy), None
+    if x_hat is None:
+        x_hat = load.get(name)
+    dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.get("p2"), need_dx=need[1], need_dweight=need[2])
+    return (None if dx is None else dx + dy), dnorm
+
+
 def _save_params(store: TensorStore, params: Sequence, offset: int):
     for j, p in enumerate(params):
         store.param(f"p{offset + j}", p)
@@ -218,9 +251,7 @@ class AttentionBlockFn(torch.autograd.Function):
 
         metas = plan.linears
         outs = [lora_linear_forward(metas[i], xn, *_linear_params(lin, i)) for i in range(3)]
-        if any(m.has_lora for m in metas[:3]):
-            _keep(plan, store, "x_n1", xn)
-        del xn
+        del xn  # not kept: the backward renormalises the kept x_in (see _normalised)
         for name, meta, out in zip(_QKV, metas[:3], outs):
             _keep_linear_extras(store, name, meta, out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
@@ -313,23 +344,13 @@ class AttentionBlockFn(torch.autograd.Function):
         dk = rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, HKV * D)
         dv = dv.transpose(1, 2).reshape(b, s, HKV * D)
 
-        x_n1 = load.get("x_n1")
+        x_hat, x_n1 = _norm_input(load, "x_in", "rstd1", any(m.has_lora for m in metas[:3]))
         dxn = None
         for i, (name, dproj) in enumerate(zip(_QKV, (dq, dk, dv))):
             dxi, lin_grads[4 * i : 4 * i + 4] = _linear_grads(ctx, plan, load, i, name, dproj, x_n1, off)
             dxn = dxi if dxn is None else dxn + dxi
         del x_n1, dq, dk, dv
-
-        dx = dnorm = None
-        if pol.fused and need[1] and not need[2]:  # one pass from the codes (+ residual)
-            dx = fused_rmsnorm.fused_norm_backward(plan, load, "x_in", "rstd1", load.get("p2"), dxn, dy)
-        elif need[1] or need[2]:
-            x_hat = load.get("x_in")
-            dx, dnorm = rmsnorm_backward(
-                dxn, x_hat, load.get("rstd1"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
-            )
-            if dx is not None:
-                dx = dx + dy
+        dx, dnorm = _norm_backward(plan, load, need, "x_in", "rstd1", x_hat, dxn, dy)
         return (None, dx, dnorm, None, None, None, *lin_grads)
 
 
@@ -402,9 +423,7 @@ class MLPBlockFn(torch.autograd.Function):
         linear_fwd = fused_swiglu.lora_base_forward if plan.policy.fused else lora_linear_forward
         g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0))
         u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1))
-        if metas[0].has_lora or metas[1].has_lora:
-            _keep(plan, store, "x_n2", xn)
-        del xn
+        del xn  # not kept: the backward renormalises the kept x_mid (see _normalised)
         if plan.policy.fused:
             hidden = fused_swiglu.fused_gate_up_forward(
                 plan, store, g_out, u_out, _linear_params(lin, 0)[3], _linear_params(lin, 1)[3])
@@ -448,21 +467,13 @@ class MLPBlockFn(torch.autograd.Function):
             epilogue.close()
             del dh
 
-        x_n2 = load.get("x_n2")
+        metas = plan.linears
+        x_hat, x_n2 = _norm_input(load, "x_mid", "rstd2", metas[0].has_lora or metas[1].has_lora)
         dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
         dxu, lin_grads[4:8] = _linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
         dxn = dxg + dxu
         del x_n2, dxg, dxu, dg, du
-
-        dx = dnorm = None
-        if pol.fused and need[1] and not need[2]:  # one pass from the codes (+ residual)
-            dx = fused_rmsnorm.fused_norm_backward(plan, load, "x_mid", "rstd2", load.get("p2"), dxn, dy)
-        elif need[1] or need[2]:
-            dx, dnorm = rmsnorm_backward(
-                dxn, load.get("x_mid"), load.get("rstd2"), load.get("p2"), need_dx=need[1], need_dweight=need[2]
-            )
-            if dx is not None:
-                dx = dx + dy
+        dx, dnorm = _norm_backward(plan, load, need, "x_mid", "rstd2", x_hat, dxn, dy)
         return (None, dx, dnorm, *lin_grads)
 
 

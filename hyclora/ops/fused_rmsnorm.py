@@ -365,9 +365,10 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
     Codes of the exact rows may differ from ``keep``'s (those rows are overwritten on
     dequantisation)."""
     pol = plan.policy
-    if name in GROUPED_TENSORS or pol.bits_for(name) != pol.bits:
-        raise RuntimeError(f"hyclora internal error: the fused RMSNorm keeps {name!r} per channel at "
-                           f"q_bit, but the storage policy keeps it otherwise.")
+    if name in GROUPED_TENSORS:
+        raise RuntimeError(f"hyclora internal error: the fused RMSNorm keeps {name!r} per channel, "
+                           f"but the storage policy keeps it in row groups.")
+    bits = pol.bits_for(name)
     d = x.shape[-1]
     x2d = x.detach().reshape(-1, d)
     stats, replay = plan.stats.get(name), name in plan.replay
@@ -377,12 +378,12 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
     if k_rows and (stats is None or replay or not stats.frozen):
         rows = OutlierRows.split(x)
         x_params = rows.cleaned.reshape(-1, d)
-    lo, step, inv, idx = _fs.quant_params_like_policy(pol, x_params, stats, plan.update, replay)
+    lo, step, inv, idx = _fs.quant_params_like_policy(pol, x_params, stats, plan.update, replay, name=name)
     with torch.no_grad():
         y, rstd, codes, vals, score = rmsnorm_quant_forward(
-            x2d, weight.detach(), plan.eps, lo, inv, idx, pol.bits, row_score=bool(k_rows) and rows is None,
+            x2d, weight.detach(), plan.eps, lo, inv, idx, bits, row_score=bool(k_rows) and rows is None,
             backend=pol.backend)
-        qt = QuantizedTensor(codes, lo, step, bits=pol.bits, shape=x.shape, dtype=x.dtype,
+        qt = QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
                              outlier_idx=idx, outlier_vals=vals)
         if k_rows:
             if rows is None:

@@ -133,6 +133,16 @@ def _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u) -> Optional[torch.dtype]:
     return out
 
 
+def _bit_pair(bits) -> Tuple[int, int]:
+    """``(bits_gate, bits_up)`` from one width or a pair, each checked (2, 4 or 8)."""
+    if isinstance(bits, (tuple, list)):
+        if len(bits) != 2:
+            raise ValueError(f"hyclora fused SwiGLU: bits={bits!r}; expected one width or a (gate, up) pair.")
+        return check_bits(bits[0]), check_bits(bits[1])
+    b = check_bits(bits)
+    return b, b
+
+
 # ---------------------------------------------------------------------------------------------
 # torch reference (the oracle of the tests, and the CPU path)
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +151,9 @@ def _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u) -> Optional[torch.dtype]:
 def swiglu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_u,
                               lo_g, inv_g, lo_u, inv_u, bits, *, dot_dtype=None):
     """Reference of :func:`swiglu_lora_forward` (same arguments, same results)."""
-    codes_g = quantize_pack_torch(yw_g, lo_g, inv_g, bits)
-    codes_u = quantize_pack_torch(yw_u, lo_u, inv_u, bits)
+    bits_g, bits_u = _bit_pair(bits)
+    codes_g = quantize_pack_torch(yw_g, lo_g, inv_g, bits_g)
+    codes_u = quantize_pack_torch(yw_u, lo_u, inv_u, bits_u)
     dot = _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u)
     g = _rebuild(yw_g.float(), _lora_term_torch(xa_g, b_g, dot), scale_g)
     u = _rebuild(yw_u.float(), _lora_term_torch(xa_u, b_u, dot), scale_u)
@@ -154,8 +165,9 @@ def swiglu_lora_backward_torch(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa_
                                scale_g, scale_u, dd, bits, *, dtype, need_d=True, dot_dtype=None):
     """Reference of :func:`swiglu_lora_backward` (same arguments, same results)."""
     n = dd.shape[1]
-    g = unpack_codes(codes_g, bits, n).float() * step_g + lo_g
-    u = unpack_codes(codes_u, bits, n).float() * step_u + lo_u
+    bits_g, bits_u = _bit_pair(bits)
+    g = unpack_codes(codes_g, bits_g, n).float() * step_g + lo_g
+    u = unpack_codes(codes_u, bits_u, n).float() * step_u + lo_u
     dot = _default_dot(dot_dtype, xa_g, b_g, xa_u, b_u)
     g = _rebuild(g, _lora_term_torch(xa_g, b_g, dot), scale_g)
     u = _rebuild(u, _lora_term_torch(xa_u, b_u, dot), scale_u)
@@ -265,22 +277,25 @@ if triton is not None:
         yg_ptr, yu_ptr, xag_ptr, xau_ptr, bg_ptr, bu_ptr,
         log_ptr, invg_ptr, lou_ptr, invu_ptr,
         cg_ptr, cu_ptr, d_ptr,
-        M, N, NB, R, stride_ym, stride_xm, stride_bn, stride_dm,
+        M, N, NB_G, NB_U, R, stride_ym, stride_xm, stride_bn, stride_dm,
         scale_g, scale_u,
-        BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
+        BITS_G: tl.constexpr, BITS_U: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
         USE_FMA: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
     ):
-        E: tl.constexpr = 8 // BITS
-        BLOCK_B: tl.constexpr = BLOCK_N // E
+        # gate and up may differ in bits (gate, a SiLU input, is kept at twice q_bit)
+        BLOCK_BG: tl.constexpr = BLOCK_N // (8 // BITS_G)
+        BLOCK_BU: tl.constexpr = BLOCK_N // (8 // BITS_U)
         # CUDA-core fp32 dot: forced for fp32 operands (and the interpreter), else a tuning choice
         FMA_PATH: tl.constexpr = DOT_FP32 or USE_FMA
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = bcols < NB
+        bcols_g = pid_n * BLOCK_BG + tl.arange(0, BLOCK_BG)
+        bcols_u = pid_n * BLOCK_BU + tl.arange(0, BLOCK_BU)
+        bmask_g = bcols_g < NB_G
+        bmask_u = bcols_u < NB_U
         # per-program constants, reused for all ROW_ITERS * BLOCK_M rows: quantisation
         # parameters of this column block and the B^T tiles
         lo_g = tl.load(log_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -305,12 +320,10 @@ if triton is not None:
             yg = tl.load(yg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             yu = tl.load(yu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             # codes of the base outputs (what the backward rebuilds G and U from)
-            pg = _pack(_quant_codes(yg, lo_g, inv_g, mask, BITS), BLOCK_M, BLOCK_N, BITS)
-            pu = _pack(_quant_codes(yu, lo_u, inv_u, mask, BITS), BLOCK_M, BLOCK_N, BITS)
-            boffs = rows[:, None] * NB + bcols[None, :]
-            omask = rmask[:, None] & bmask[None, :]
-            tl.store(cg_ptr + boffs, pg, mask=omask)
-            tl.store(cu_ptr + boffs, pu, mask=omask)
+            pg = _pack(_quant_codes(yg, lo_g, inv_g, mask, BITS_G), BLOCK_M, BLOCK_N, BITS_G)
+            pu = _pack(_quant_codes(yu, lo_u, inv_u, mask, BITS_U), BLOCK_M, BLOCK_N, BITS_U)
+            tl.store(cg_ptr + rows[:, None] * NB_G + bcols_g[None, :], pg, mask=rmask[:, None] & bmask_g[None, :])
+            tl.store(cu_ptr + rows[:, None] * NB_U + bcols_u[None, :], pu, mask=rmask[:, None] & bmask_u[None, :])
             # G and U with their LoRA terms, then D = SiLU(G) * U
             g = yg
             if HAS_G:
@@ -329,22 +342,25 @@ if triton is not None:
         cg_ptr, cu_ptr, log_ptr, stepg_ptr, lou_ptr, stepu_ptr,
         xag_ptr, xau_ptr, bg_ptr, bu_ptr, dd_ptr,
         dg_ptr, du_ptr, dh_ptr,
-        M, N, NB, R, stride_ddm, stride_xm, stride_bn, stride_om,
+        M, N, NB_G, NB_U, R, stride_ddm, stride_xm, stride_bn, stride_om,
         scale_g, scale_u,
-        BITS: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
+        BITS_G: tl.constexpr, BITS_U: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, DOT_FP32: tl.constexpr,
         USE_FMA: tl.constexpr, NEED_D: tl.constexpr, EMULATE_BF16_RNE_GRAD: tl.constexpr, EMULATE_BF16_RNE_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_ITERS: tl.constexpr,
     ):
-        E: tl.constexpr = 8 // BITS
-        BLOCK_B: tl.constexpr = BLOCK_N // E
+        # gate and up may differ in bits (gate, a SiLU input, is kept at twice q_bit)
+        BLOCK_BG: tl.constexpr = BLOCK_N // (8 // BITS_G)
+        BLOCK_BU: tl.constexpr = BLOCK_N // (8 // BITS_U)
         # CUDA-core fp32 dot: forced for fp32 operands (and the interpreter), else a tuning choice
         FMA_PATH: tl.constexpr = DOT_FP32 or USE_FMA
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = bcols < NB
+        bcols_g = pid_n * BLOCK_BG + tl.arange(0, BLOCK_BG)
+        bcols_u = pid_n * BLOCK_BU + tl.arange(0, BLOCK_BU)
+        bmask_g = bcols_g < NB_G
+        bmask_u = bcols_u < NB_U
         lo_g = tl.load(log_ptr + cols, mask=cmask, other=0.0)[None, :]
         st_g = tl.load(stepg_ptr + cols, mask=cmask, other=0.0)[None, :]
         lo_u = tl.load(lou_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -363,10 +379,12 @@ if triton is not None:
             rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             rmask = rows < M
             mask = rmask[:, None] & cmask[None, :]
-            boffs = rows[:, None] * NB + bcols[None, :]
-            bm2 = rmask[:, None] & bmask[None, :]
-            g = _unpack(tl.load(cg_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_g + lo_g
-            u = _unpack(tl.load(cu_ptr + boffs, mask=bm2, other=0), BLOCK_M, BLOCK_N, BITS) * st_u + lo_u
+            pg = tl.load(cg_ptr + rows[:, None] * NB_G + bcols_g[None, :], mask=rmask[:, None] & bmask_g[None, :],
+                         other=0)
+            pu = tl.load(cu_ptr + rows[:, None] * NB_U + bcols_u[None, :], mask=rmask[:, None] & bmask_u[None, :],
+                         other=0)
+            g = _unpack(pg, BLOCK_M, BLOCK_N, BITS_G) * st_g + lo_g
+            u = _unpack(pu, BLOCK_M, BLOCK_N, BITS_U) * st_u + lo_u
             if HAS_G:
                 g = g + _lora_tile(xag_ptr, bg_ptr, bt_g, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
                                BLOCK_M, BLOCK_N, BLOCK_R, FMA_PATH) * scale_g
@@ -439,7 +457,7 @@ def _tuned(which: str):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROW_ITERS": ri, "USE_FMA": fma}, num_warps=w)
                for bm, bn, w, ri, fma in table]
     kernel = _swiglu_fwd_kernel if which == "fwd" else _swiglu_bwd_kernel
-    key = ["N", "R", "BITS", "HAS_G", "HAS_U", "DOT_FP32"]
+    key = ["N", "R", "BITS_G", "BITS_U", "HAS_G", "HAS_U", "DOT_FP32"]
     # the backward writes dG/dU/D~ in full, the forward codes and D: no output is read back,
     # so autotune's repeated runs are harmless
     return triton.autotune(configs=configs, key=key)(kernel)
@@ -509,17 +527,18 @@ def swiglu_lora_forward_triton(yw_g, yw_u, xa_g, xa_u, b_g, b_u, scale_g, scale_
     m, n = yw_g.shape
     yw_g, yw_u = yw_g.contiguous(), yw_u.contiguous()
     xa_g, xa_u, b_g, b_u, r, dot_fp32 = _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype)
-    nb = packed_width(n, bits)
-    codes_g = torch.empty((m, nb), dtype=torch.uint8, device=yw_g.device)
-    codes_u = torch.empty_like(codes_g)
+    bits_g, bits_u = _bit_pair(bits)
+    nb_g, nb_u = packed_width(n, bits_g), packed_width(n, bits_u)
+    codes_g = torch.empty((m, nb_g), dtype=torch.uint8, device=yw_g.device)
+    codes_u = torch.empty((m, nb_u), dtype=torch.uint8, device=yw_g.device)
     d = torch.empty((m, n), dtype=yw_g.dtype, device=yw_g.device)
     lo_g, inv_g, lo_u, inv_u = (t.float().contiguous() for t in (lo_g, inv_g, lo_u, inv_u))
     dummy = yw_g  # never read when HAS_* is False
     args = (yw_g, yw_u, xa_g if xa_g is not None else dummy, xa_u if xa_u is not None else dummy,
             b_g if b_g is not None else dummy, b_u if b_u is not None else dummy,
             lo_g, inv_g, lo_u, inv_u, codes_g, codes_u, d,
-            m, n, nb, r, yw_g.stride(0), r, r, d.stride(0), float(scale_g), float(scale_u))
-    consts = dict(BITS=bits, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
+            m, n, nb_g, nb_u, r, yw_g.stride(0), r, r, d.stride(0), float(scale_g), float(scale_u))
+    consts = dict(BITS_G=bits_g, BITS_U=bits_u, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
                   EMULATE_BF16_RNE=_INTERPRET and d.dtype == torch.bfloat16, BLOCK_R=_block_r(r))
     _launch("fwd", m, n, args, consts, config)
     return codes_g, codes_u, d
@@ -530,7 +549,8 @@ def swiglu_lora_backward_triton(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa
                                 config=None):
     _check_triton_device(codes_g, codes_u, dd, xa_g, xa_u)
     m, n = dd.shape
-    nb = packed_width(n, bits)
+    bits_g, bits_u = _bit_pair(bits)
+    nb_g, nb_u = packed_width(n, bits_g), packed_width(n, bits_u)
     dd = dd.contiguous()
     codes_g, codes_u = codes_g.contiguous(), codes_u.contiguous()
     xa_g, xa_u, b_g, b_u, r, dot_fp32 = _dot_operands(xa_g, xa_u, b_g, b_u, dot_dtype)
@@ -544,8 +564,8 @@ def swiglu_lora_backward_triton(codes_g, codes_u, lo_g, step_g, lo_u, step_u, xa
             xa_g if xa_g is not None else dummy, xa_u if xa_u is not None else dummy,
             b_g if b_g is not None else dummy, b_u if b_u is not None else dummy, dd,
             dg, du, d_hat if d_hat is not None else dg,
-            m, n, nb, r, dd.stride(0), r, r, dg.stride(0), float(scale_g), float(scale_u))
-    consts = dict(BITS=bits, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
+            m, n, nb_g, nb_u, r, dd.stride(0), r, r, dg.stride(0), float(scale_g), float(scale_u))
+    consts = dict(BITS_G=bits_g, BITS_U=bits_u, HAS_G=xa_g is not None, HAS_U=xa_u is not None, DOT_FP32=dot_fp32,
                   NEED_D=need_d, EMULATE_BF16_RNE_GRAD=_INTERPRET and out_dtype == torch.bfloat16,
                   EMULATE_BF16_RNE_D=_INTERPRET and dtype == torch.bfloat16, BLOCK_R=_block_r(r))
     _launch("bwd", m, n, args, consts, config)
@@ -578,15 +598,16 @@ def swiglu_lora_forward(yw_g: Tensor, yw_u: Tensor, xa_g: Optional[Tensor], xa_u
         b_g, b_u: PEFT ``lora_B`` weights ``(N, r)``, or ``None``.
         scale_g, scale_u: LoRA scalings.
         lo_*, inv_*: ``(N,)`` fp32 per-channel quantisation parameters (``lo``, ``1/step``).
-        bits: 2, 4 or 8.
+        bits: 2, 4 or 8, or a ``(bits_gate, bits_up)`` pair.
         dot_dtype: operand dtype of the LoRA dot (default: promoted dtype of ``xa`` and ``b``).
         backend: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``.
         config: ``(BLOCK_M, BLOCK_N, num_warps[, ROW_ITERS[, USE_FMA]])`` overriding the autotuner.
 
-    Returns ``(codes_g, codes_u, D)``: packed uint8 codes ``(M, ceil(N*bits/8))`` identical to
+    Returns ``(codes_g, codes_u, D)``: packed uint8 codes ``(M, ceil(N*bits/8))`` (each at its
+    own width) identical to
     :func:`hyclora.quant.quantize` with these parameters, and ``D`` in ``yw_g.dtype``.
     """
-    check_bits(bits)
+    _bit_pair(bits)
     if yw_g.dim() != 2 or yw_g.shape != yw_u.shape or yw_g.dtype != yw_u.dtype:
         raise ValueError(
             f"hyclora fused SwiGLU: yw_g {tuple(yw_g.shape)} {yw_g.dtype} and yw_u {tuple(yw_u.shape)} "
@@ -617,15 +638,15 @@ def swiglu_lora_backward(codes_g: Tensor, codes_u: Tensor, lo_g: Tensor, step_g:
     (down_proj without LoRA). Other arguments as in :func:`swiglu_lora_forward`, with ``step_*``
     (not ``1/step``) for dequantisation.
     """
-    check_bits(bits)
+    pair = _bit_pair(bits)
     if dd.dim() != 2:
         raise ValueError(f"hyclora fused SwiGLU: dd has shape {tuple(dd.shape)}; expected 2-D (tokens, d_ff).")
     m, n = dd.shape
-    nb = packed_width(n, bits)
-    for name, c in (("codes_g", codes_g), ("codes_u", codes_u)):
+    for name, c, b in (("codes_g", codes_g, pair[0]), ("codes_u", codes_u, pair[1])):
+        nb = packed_width(n, b)
         if c.dtype != torch.uint8 or c.shape != (m, nb):
             raise ValueError(f"hyclora fused SwiGLU: {name} is {c.dtype} {tuple(c.shape)}; expected "
-                             f"uint8 ({m}, {nb}) for {n} columns at {bits} bits.")
+                             f"uint8 ({m}, {nb}) for {n} columns at {b} bits.")
     _check_lora("g", xa_g, b_g, m, n)
     _check_lora("u", xa_u, b_u, m, n)
     for name, t in (("lo_g", lo_g), ("step_g", step_g), ("lo_u", lo_u), ("step_u", step_u)):
@@ -661,14 +682,15 @@ def lora_base_forward(meta: LinearMeta, x: Tensor, weight: Tensor, bias: Optiona
     return LinearOut(None, y_w, F.linear(xl, lora_a), rng_state)
 
 
-def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: bool):
+def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: bool, name: Optional[str] = None):
     """``(lo, step, inv_step, outlier_idx)`` that ``policy.keep`` (i.e.
     :func:`hyclora.quant.quantize`) would use for ``x2d``, in the same order of statistics
     updates: frozen stats -> the cached parameters; calibrating -> outlier channels chosen (and
     scored) first, then this tensor's range, both merged into the stats when ``update``; a
     checkpoint replay of a calibrating forward -> the stored outlier set and this tensor's own
     range; no stats -> own range, no outliers. Outlier columns get lo = step = inv_step = 0."""
-    bits = policy.bits
+    bits = policy.bits if name is None else policy.bits_for(name)
+    backend = policy.backend
     with torch.no_grad():
         if stats is not None:
             stats._check_compatible(x2d)
@@ -678,9 +700,9 @@ def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: b
         if stats is not None and stats.num_outliers > 0:
             idx = stats.outlier_idx.clone() if replay else stats.select_outliers(x2d, update=update)
         if stats is not None and not replay:
-            lo, hi = stats.range_for(x2d, update=update, backend=policy.backend)
+            lo, hi = stats.range_for(x2d, update=update, backend=backend)
         else:
-            lo, hi = column_minmax(x2d, policy.backend)
+            lo, hi = column_minmax(x2d, backend)
         lo, step, inv = affine_params(lo, hi, bits)
         if idx is not None:
             lo, step, inv = (t.index_fill(0, idx, 0.0) for t in (lo, step, inv))
@@ -698,10 +720,11 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     pol = plan.policy
     from .storage import GROUPED_TENSORS, ROW_OUTLIER_EXEMPT
 
-    for name in _GATE_UP:  # the kernel writes plain per-channel codes at q_bit, as keep() must
-        if name not in ROW_OUTLIER_EXEMPT or name in GROUPED_TENSORS or pol.bits_for(name) != pol.bits:
+    for name in _GATE_UP:  # the kernel writes plain per-channel codes, as keep() must
+        if name not in ROW_OUTLIER_EXEMPT or name in GROUPED_TENSORS:
             raise RuntimeError(f"hyclora internal error: the fused SwiGLU kernel keeps {name!r} per channel "
-                               "at q_bit without exact rows, but the storage policy keeps it otherwise.")
+                               "without exact rows, but the storage policy keeps it otherwise.")
+    bits = tuple(pol.bits_for(name) for name in _GATE_UP)
     meta_g, meta_u = plan.linears[0], plan.linears[1]
     shape = g_out.y_w.shape
     n = shape[-1]
@@ -710,7 +733,7 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     params = []
     for name, y2d in zip(_GATE_UP, (yw_g, yw_u)):
         lo, step, inv, idx = quant_params_like_policy(pol, y2d.detach(), plan.stats.get(name), plan.update,
-                                                      name in plan.replay)
+                                                      name in plan.replay, name=name)
         if idx is not None:
             raise RuntimeError(
                 "hyclora internal error: the fused SwiGLU kernel quantises gate/up without outlier "
@@ -727,15 +750,15 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     with torch.no_grad():
         codes_g, codes_u, d = swiglu_lora_forward(
             yw_g.detach(), yw_u.detach(), xa_g, xa_u, bg, bu, meta_g.scaling, meta_u.scaling,
-            lo_g, inv_g, lo_u, inv_u, pol.bits, dot_dtype=dot, backend=pol.backend)
+            lo_g, inv_g, lo_u, inv_u, bits, dot_dtype=dot, backend=pol.backend)
     # same names and order as the op-by-op path (blocks.swiglu_epilogue_forward)
-    for name, meta, out, codes, lo, step in ((("gate", meta_g, g_out, codes_g, lo_g, step_g)),
-                                             (("up", meta_u, u_out, codes_u, lo_u, step_u))):
+    for name, meta, out, codes, lo, step, b in ((("gate", meta_g, g_out, codes_g, lo_g, step_g, bits[0])),
+                                                (("up", meta_u, u_out, codes_u, lo_u, step_u, bits[1]))):
         if meta.has_lora:
             store.plain(f"xa_{name}", out.xa)
             if out.rng_state is not None:
                 store.plain(f"rng_{name}", out.rng_state)
-        qt = QuantizedTensor(codes, lo, step, bits=pol.bits, shape=shape, dtype=out.y_w.dtype)
+        qt = QuantizedTensor(codes, lo, step, bits=b, shape=shape, dtype=out.y_w.dtype)
         store.packed(name, "quant", qt)
     return d.view(shape)
 
@@ -776,7 +799,7 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
     with torch.no_grad():
         dg, du, d_hat = swiglu_lora_backward(
             q_g.codes, q_u.codes, q_g.lo, q_g.step, q_u.lo, q_u.step, xa_g, xa_u, bg, bu,
-            meta_g.scaling, meta_u.scaling, dd.reshape(-1, n), pol.bits, dtype=q_g.dtype,
+            meta_g.scaling, meta_u.scaling, dd.reshape(-1, n), (q_g.bits, q_u.bits), dtype=q_g.dtype,
             need_d=need_da, dot_dtype=dot, backend=pol.backend)
     del dd
     da = None

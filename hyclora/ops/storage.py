@@ -40,13 +40,20 @@ def _quant():
 #   directly and must see the same numerics as intra_inter.
 # * Per-row groups of GROUP_SIZE for V, O and D (hyclora/quant/core.py docstring: more
 #   accurate than per-channel ranges for these tensors; +1 bit per element on them).
-# * K at twice the bits: the attention map recomputed in the backward is most sensitive to K,
-#   and K is narrow under GQA (192 of ~6900 stored elements per token on SmolLM2).
+# * The inputs of the NON-LINEAR operators at twice the bits (at most 8): the RMSNorm inputs
+#   x_in / x_mid, Q and K (softmax) and G (SiLU). An error in what a non-linear backward reads
+#   is propagated to every earlier layer, while the inputs of linear maps (V: the attention
+#   output is linear in V; U: D = SiLU(G) * U is linear in U; the linears' own inputs) only
+#   perturb their own layer's weight gradients (the paper's Fig. 2d makes the same split on
+#   GSM8K accuracy). Measured on SmolLM2-135M, intra_inter, sdpa (LoRA-gradient cosine mean /
+#   min): 4 bits 0.9789 / 0.8627 with only K doubled -> 0.9951 / 0.9561 with this set; 2 bits
+#   0.448 -> 0.859. Together with renormalising x_in / x_mid instead of keeping the q/k/v and
+#   gate/up inputs, the bytes per token grow by about a quarter (BENCHMARKS.md).
 ROW_OUTLIER_EVERY = 256
 ROW_OUTLIER_EXEMPT = frozenset({"gate", "up"})
 GROUPED_TENSORS = frozenset({"v", "o", "hidden"})
 GROUP_SIZE = 64
-DOUBLE_BIT_TENSORS = frozenset({"k"})
+DOUBLE_BIT_TENSORS = frozenset({"x_in", "x_mid", "q", "k", "gate"})
 
 
 class OutlierRows:
@@ -73,7 +80,10 @@ class OutlierRows:
         with torch.no_grad():
             score = x2d.abs().amax(1)
             idx = score.topk(k).indices
-            cleaned = x2d.index_copy(0, idx, x2d[score.argmin()].expand(k, -1).contiguous())
+            # index_select with a 1-element index tensor: x2d[score.argmin()] would read the 0-d
+            # index on the host (one device sync per kept tensor)
+            fill = x2d.index_select(0, score.argmin().view(1)).expand(k, -1)
+            cleaned = x2d.index_copy(0, idx, fill)
         return OutlierRows(None, idx, x2d.index_select(0, idx), cleaned.reshape(x.shape))
 
     def tensors(self):
@@ -104,7 +114,8 @@ class StoragePolicy:
     * ``baseline``: everything as is (exact gradients).
     * ``intra``: every buffered activation quantised at ``bits`` (per channel; the norm inputs
       with exact outlier channels, via their ``ChannelStats``; plus exact outlier rows, per-row
-      groups for V/O/D and 2x bits for K: see ``GROUPED_TENSORS`` above), the eager softmax map
+      groups for V/O/D and 2x bits for the non-linear operators' inputs: see
+      ``DOUBLE_BIT_TENSORS`` above), the eager softmax map
       recomputed (``probs_mode``);
       SiLU(G) and the Hadamard product D are stored quantised.
     * ``intra_inter`` (and ``intra_inter_full_fuse``, same numerics): as ``intra``, but the
@@ -117,6 +128,7 @@ class StoragePolicy:
     softmax_ratio: float = 0.05
     backend: str = "auto"
     probs: str = "auto"
+    double_bits: frozenset = DOUBLE_BIT_TENSORS  # names kept at 2 x bits (the decoder's set)
 
     def __post_init__(self):
         if self.layer_type not in LAYER_TYPES:
@@ -192,8 +204,8 @@ class StoragePolicy:
 
     def bits_for(self, name: str) -> int:
         """Code width of ``name``: ``bits``, doubled (at most 8) for the tensors of
-        ``DOUBLE_BIT_TENSORS``."""
-        return min(8, 2 * self.bits) if name in DOUBLE_BIT_TENSORS else self.bits
+        ``double_bits`` (``DOUBLE_BIT_TENSORS`` for the decoder blocks)."""
+        return min(8, 2 * self.bits) if name in self.double_bits else self.bits
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
         if self.probs_mode == "dense":

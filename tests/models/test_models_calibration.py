@@ -99,7 +99,8 @@ def test_intra_saves_elementwise_tensors_and_intra_inter_does_not():
         attn = {e["name"]: e for e in saved["attention"]}
         assert ("silu" in mlp and "hidden" in mlp) == expect
         assert attn["probs"]["kind"] == "sparse"
-        for name in ("x_in", "x_n1", "q", "k", "v", "o", "x_mid", "x_n2", "gate", "up"):
+        assert "x_n1" not in attn and "x_n2" not in mlp  # rebuilt from x_in / x_mid
+        for name in ("x_in", "q", "k", "v", "o", "x_mid", "gate", "up"):
             entry = attn.get(name) or mlp.get(name)
             assert entry["kind"] in ("quant", "quant_rows"), name  # quant_rows: + exact outlier rows
             assert entry["parts"][0][1] == torch.uint8  # packed codes

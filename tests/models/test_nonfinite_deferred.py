@@ -105,11 +105,8 @@ class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("layer_type", [
     "baseline",
-    # OutlierRows.split indexes with a 0-d argmin tensor (x2d[score.argmin()]): one sync per
-    # kept tensor. The fix is a one-line change in hyclora/ops/storage.py (index_select with
-    # argmin().view(1)); remove these marks once it is in.
-    pytest.param("intra_inter", marks=pytest.mark.xfail(strict=True, reason="storage.py argmin sync")),
-    pytest.param("intra_inter_full_fuse", marks=pytest.mark.xfail(strict=True, reason="storage.py argmin sync")),
+    "intra_inter",
+    "intra_inter_full_fuse",
 ])
 def test_no_host_reads_in_a_steady_state_step(layer_type):
     model = lora_model(tiny_model("llama", "sdpa"))

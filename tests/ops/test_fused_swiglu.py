@@ -106,6 +106,29 @@ def test_kernels_match_reference(bits, dtype, r):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 8)])
+def test_kernels_gate_and_up_at_different_widths(bits):
+    # the blocks keep G (a SiLU input) at twice q_bit and U at q_bit (storage.DOUBLE_BIT_TENSORS)
+    m, n, r = 37, 45, 12
+    bg, bu = bits
+    yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _case(m, n, r, torch.float32, seed=bg * 10 + bu)
+    lo_g, st_g, inv_g = _own_params(yw_g, bg)
+    lo_u, st_u, inv_u = _own_params(yw_u, bu)
+    args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 2.0, 0.5, lo_g, inv_g, lo_u, inv_u, bits)
+    cg, cu, d = swiglu_lora_forward(*args, backend="triton", config=(16, 32, 4, 2))
+    cg_r, cu_r, d_r = swiglu_lora_forward(*args, backend="torch")
+    assert torch.equal(cg, quantize(yw_g, bg, backend="torch").codes)
+    assert torch.equal(cu, quantize(yw_u, bu, backend="torch").codes)
+    assert torch.equal(cg, cg_r) and torch.equal(cu, cu_r) and _close(d, d_r, torch.float32)
+    bargs = (cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, 2.0, 0.5, dd, bits)
+    out = swiglu_lora_backward(*bargs, dtype=torch.float32, backend="triton", config=(16, 32, 4, 2))
+    for got, want in zip(out, swiglu_lora_backward(*bargs, dtype=torch.float32, backend="torch")):
+        assert _close(got, want, torch.float32)
+    with pytest.raises(ValueError, match="expected uint8"):
+        swiglu_lora_backward(cu, cg, *bargs[2:], dtype=torch.float32, backend="torch")
+
+
+@needs_triton
 @pytest.mark.parametrize("config", [(16, 16, 4, 1), (16, 32, 4, 2), (32, 64, 4, 3, True)])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kernels_many_partial_tiles(config, bits):
@@ -267,10 +290,12 @@ def test_quant_params_give_the_codes_policy_keep_gives(state):
     replay = state == "replay"
     store = TensorStore()
     pol.keep(store, "gate", x, s_keep, update=True, replay=replay)
-    lo, step, inv, idx = quant_params_like_policy(pol, x, s_fused, update=True, replay=replay)
+    lo, step, inv, idx = quant_params_like_policy(pol, x, s_fused, update=True, replay=replay, name="gate")
     assert idx is None
     kept = store._tensors  # codes, lo, step, idx, vals of the one kept tensor
-    fused_codes = swiglu_lora_forward_torch(x, x, None, None, None, None, 1.0, 1.0, lo, inv, lo, inv, 2)[0]
+    bits = pol.bits_for("gate")  # G, a SiLU input, at twice q_bit
+    assert bits == 4
+    fused_codes = swiglu_lora_forward_torch(x, x, None, None, None, None, 1.0, 1.0, lo, inv, lo, inv, bits)[0]
     assert torch.equal(fused_codes, kept[0]) and torch.equal(lo, kept[1]) and torch.equal(step, kept[2])
     if s_keep is not None:  # the statistics advanced the same way
         assert s_keep._count_host == s_fused._count_host
@@ -312,7 +337,6 @@ def _mlp_grads(layer_type, x, norm_w, params, metas, bits, stats, backend, updat
 
 def _stats(d, f, threshold):
     return {"x_mid": ChannelStats(d, num_outliers=1, iteration_threshold=threshold),
-            "x_n2": ChannelStats(d, iteration_threshold=threshold),
             "gate": ChannelStats(f, iteration_threshold=threshold),
             "up": ChannelStats(f, iteration_threshold=threshold)}
 
@@ -430,7 +454,8 @@ def test_fused_forward_glue_stores_decodable_codes():
     ctx.hyclora_index = store._index
     load = TensorLoad(ctx, "torch")
     for name, out in (("gate", g_out), ("up", u_out)):
-        assert torch.equal(load.get(name), dequantize(quantize(out.y_w, 4, backend="torch")))
+        bits = plan.policy.bits_for(name)  # gate 8, up 4
+        assert torch.equal(load.get(name), dequantize(quantize(out.y_w, bits, backend="torch")))
     g_full = lora_linear_forward(metas[0], xn, *params[0:4]).y
     u_full = lora_linear_forward(metas[1], xn, *params[4:8]).y
     assert _rel(d_out, F.silu(g_full) * u_full) < 1e-6
@@ -498,7 +523,7 @@ def _swiglu_case(which, bits, dt, r, cfg):
     ptrs = {k: {"Y": dt, "X": dt}.get(v, v) for k, v in ptrs.items()}
     bm, bn, warps, ri = cfg[:4]
     r_block = max(16, 1 << (r - 1).bit_length())
-    consts = dict(BITS=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", USE_FMA=False, BLOCK_M=bm,
+    consts = dict(BITS_G=bits, BITS_U=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", USE_FMA=False, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_R=r_block, ROW_ITERS=ri)
     consts.update(dict(EMULATE_BF16_RNE=False) if which == "fwd" else
                   dict(NEED_D=True, EMULATE_BF16_RNE_GRAD=False, EMULATE_BF16_RNE_D=False))
