@@ -134,6 +134,11 @@ def build_model(args, device: str, quantize: bool):
     rotary_cls = type(model.model.rotary_emb)
     with torch.device(device):  # inv_freq buffers are computed in __init__
         model.model.rotary_emb = rotary_cls(config=cfg)
+    if quantize:
+        # what from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True)) sets; PEFT
+        # reads it to wrap Linear4bit bases in its QLoRA layer (peft.tuners.lora.bnb.Linear4bit),
+        # the layer QLoRA users get, instead of the generic lora.Linear
+        model.is_loaded_in_4bit = True
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"build_model left tensors on the meta device: {left[:5]}")
@@ -309,13 +314,24 @@ def render(args, device, quant, rows, build_s, skipped) -> str:
         f"steps (hyclora: max({args.warmup}, iteration_threshold + 1 = {args.iteration_threshold + 1}) steps, "
         f"calibration included); tok/s = median of {args.steps} steps. Model built once in {build_s:.0f} s.",
         "",
-        "| variant | attention | status | static GiB | peak GiB | warm-up peak GiB | tok/s | warm-up steps | loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "x less memory / tok/s ratio: against the first PEFT row with the same attention.",
+        "",
+        "| variant | attention | status | static GiB | peak GiB | warm-up peak GiB | tok/s | x less memory "
+        "| tok/s ratio | warm-up steps | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref = {}
+    for r in rows:  # the first baseline of each attention is the reference
+        if r["variant"].startswith("PEFT") and "ckpt" not in r["variant"] and r["status"] == "ok":
+            ref.setdefault(r["attention"], r)
+    nan = float("nan")
     for r in rows:
+        b = ref.get(r["attention"])
+        less = b["peak_gib"] / r["peak_gib"] if b and r["status"] == "ok" and r["peak_gib"] > 0 else nan
+        speed = r["tok_s"] / b["tok_s"] if b and r["status"] == "ok" else nan
         lines.append(f"| {r['variant']} | {r['attention']} | {r['status']} | {_fmt(r['static_gib'])} | "
                      f"{_fmt(r['peak_gib'])} | {_fmt(r['warmup_peak_gib'])} | {_fmt(r['tok_s'], 0)} | "
-                     f"{r['warmup_steps']} | {_fmt(r['loss'], 3)} |")
+                     f"{_fmt(less)} | {_fmt(speed)} | {r['warmup_steps']} | {_fmt(r['loss'], 3)} |")
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += [""] + [f"- {r['variant']} ({r['attention']}): {r['error']}" for r in errors]

@@ -113,6 +113,12 @@ def test_build_model_nf4_cpu(bench):
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert torch.all(model.model.norm.weight == 1)
+    model = bench.add_lora(model, args.rank)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    # PEFT's QLoRA layer, as after from_pretrained(load_in_4bit=True), not the generic lora.Linear
+    assert type(q).__module__ == "peft.tuners.lora.bnb" and isinstance(q.base_layer, bnb.nn.Linear4bit)
     ids = torch.randint(0, args.vocab, (1, 16))
     loss = model(input_ids=ids, labels=ids).loss
     assert abs(loss.item() - math.log(args.vocab)) < 0.5  # random init: near uniform prediction
+    loss.backward()
+    assert q.lora_A["default"].weight.grad is not None and q.base_layer.weight.grad is None
