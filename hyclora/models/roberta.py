@@ -25,7 +25,7 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
-from hyclora.ops.attention import check_implementation
+from hyclora.ops.attention import check_implementation, is_s2
 from hyclora.ops.encoder import EncoderAttentionPlan, EncoderFFNPlan, check_activation, encoder_attention_block, encoder_ffn_block
 from hyclora.ops.storage import StoragePolicy
 
@@ -94,7 +94,13 @@ class EncoderAdapter(LlamaFamilyAdapter):
                 "supported; hyclora patches the bidirectional encoder (sequence classification, "
                 "masked LM, ...). Set HyCLoRAConfig(use_hyclora=False) for this model."
             )
-        check_implementation(getattr(config, "_attn_implementation", None) or "eager", self.model_type)
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        check_implementation(impl, self.model_type)
+        if is_s2(impl):
+            raise ValueError(
+                f"hyclora: {self.model_type}: S²-Attn ({impl!r}) is a causal long-context pattern for "
+                "decoders; use attn_implementation='sdpa' or 'eager' for encoders."
+            )
 
     def check_layer(self, layer: nn.Module, name: str) -> None:
         for path in ("attention.self", "attention.output.LayerNorm", "attention.output.dropout",

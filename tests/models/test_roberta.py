@@ -415,6 +415,9 @@ def test_unsupported_configurations_raise_clearly():
     model.base_model.model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2.*sdpa"):
         apply_hyclora(model, HyCLoRAConfig())
+    model.base_model.model.config._attn_implementation = "hyclora_s2attn"
+    with pytest.raises(ValueError, match="S²-Attn.*encoders"):
+        apply_hyclora(model, HyCLoRAConfig())
 
 
 def test_trainable_base_weight_is_refused():
