@@ -51,14 +51,16 @@ def _cosines(impl, runs, probs="auto", seed=0):
 ALL_RUNS = [(t, b) for t in ("intra", "intra_inter") for b in (8, 4, 2)]
 
 # measured (mean, min) on the two batches (seed 0 / seed 1), with the storage layout of
-# hyclora/ops/storage.py (exact outlier rows, groups for V/O/D, 2x bits for K):
-#   intra       8: (1.0, 0.9998)/(1.0, 0.9997)  4: (0.9971, 0.978)/(0.9962, 0.972)  2: (0.922, 0.516)/(0.910, 0.581)
-#   intra_inter 8: (1.0, 0.9997)/(1.0, 0.9998)  4: (0.9971, 0.971)/(0.9962, 0.972)  2: (0.915, 0.338)/(0.915, 0.635)
-# (plain per-channel storage measured 4 bits ~(0.991, 0.92), 2 bits ~(0.86, -0.03..0.28))
+# hyclora/ops/storage.py (exact outlier rows, groups for V/O/D, the non-linear operators' inputs
+# at 2x bits, normalised inputs rebuilt from the norm inputs):
+#   intra       8: (1.0, 0.9998)/(1.0, 0.9997)  4: (0.9988, 0.9942)/(0.9986, 0.9903)  2: (0.9547, 0.7996)/(0.9449, 0.7164)
+#   intra_inter 8: (1.0, 0.9997)/(1.0, 0.9998)  4: (0.9991, 0.9951)/(0.9989, 0.9916)  2: (0.9669, 0.8206)/(0.9636, 0.7597)
+# (previous layout, K only at 2x bits: 4 bits (0.9971, 0.971), 2 bits (0.915, 0.338); plain
+# per-channel storage: 4 bits ~(0.991, 0.92), 2 bits ~(0.86, -0.03..0.28))
 # asserted (mean >=, min >=):
 SDPA_THRESHOLDS = {
-    ("intra", 8): (0.9999, 0.9995), ("intra", 4): (0.996, 0.97), ("intra", 2): (0.905, 0.50),
-    ("intra_inter", 8): (0.9999, 0.9995), ("intra_inter", 4): (0.996, 0.97), ("intra_inter", 2): (0.91, 0.33),
+    ("intra", 8): (0.9999, 0.9995), ("intra", 4): (0.998, 0.988), ("intra", 2): (0.94, 0.70),
+    ("intra_inter", 8): (0.9999, 0.9995), ("intra_inter", 4): (0.9985, 0.99), ("intra_inter", 2): (0.96, 0.75),
 }
 
 
@@ -76,10 +78,9 @@ def test_fidelity_sdpa_recompute():
             assert measured[(t, 8)][0] > measured[(t, 4)][0] > measured[(t, 2)][0]
     # The inter-operator tier must not cost accuracy on average (it stores neither SiLU(G) nor
     # the Hadamard product, and rebuilds the LoRA part of q/k/v/gate/up exactly): averaged over
-    # bit widths and batches, measured 0.97053 (intra_inter) against 0.97081 (intra; its stored
-    # D uses per-row groups, while intra_inter rebuilds D from per-channel G/U).
+    # bit widths and batches, measured 0.9881 (intra_inter) against 0.9827 (intra).
     avg = lambda t: sum(m[(t, b)][0] for m in runs for b in (8, 4, 2)) / (3 * len(runs))  # noqa: E731
-    assert avg("intra_inter") >= avg("intra") - 0.001
+    assert avg("intra_inter") >= avg("intra") + 0.003
 
 
 def test_fidelity_eager_probability_storage():
@@ -88,11 +89,13 @@ def test_fidelity_eager_probability_storage():
     # the error, even at 8 bits. Recomputing the map from the rebuilt Q/K (what the sdpa path
     # does) is as accurate as sdpa, and an exact dense map shows the quantisation-only error.
     # measured (mean, min): sparse 8 bits (0.8784, -0.209), 4 bits (0.8786, -0.222);
-    # recompute 4 bits intra_inter (0.9971, 0.968), intra (0.9971, 0.974); dense 4 bits (0.9983, 0.991)
+    # recompute 4 bits intra_inter (0.9991, 0.9944), intra (0.9989, 0.9943); dense 4 bits (0.9991, 0.9946)
     sparse = _cosines("eager", [("intra_inter", 8), ("intra_inter", 4)], "sparse")
     recompute = _cosines("eager", [("intra_inter", 4), ("intra", 4)], "recompute")
     dense = _cosines("eager", [("intra_inter", 4)], "dense")
     _check(sparse, {("intra_inter", 8): (0.87, -0.25), ("intra_inter", 4): (0.87, -0.25)})
-    _check(recompute, {("intra_inter", 4): (0.997, 0.965), ("intra", 4): (0.997, 0.97)})
-    _check(dense, {("intra_inter", 4): (0.998, 0.99)})
-    assert dense[("intra_inter", 4)][0] > recompute[("intra_inter", 4)][0] > sparse[("intra_inter", 4)][0]
+    _check(recompute, {("intra_inter", 4): (0.9985, 0.99), ("intra", 4): (0.9985, 0.99)})
+    _check(dense, {("intra_inter", 4): (0.9985, 0.99)})
+    # recomputing the map is as accurate as keeping it dense (to 1e-3), far above the sparse map
+    assert abs(dense[("intra_inter", 4)][0] - recompute[("intra_inter", 4)][0]) < 1e-3
+    assert recompute[("intra_inter", 4)][0] > sparse[("intra_inter", 4)][0] + 0.1
