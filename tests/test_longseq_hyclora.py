@@ -140,11 +140,12 @@ def test_baseline_with_gradient_checkpointing(reentrant):
 
 
 # Measured on this model/batch (torch 2.13 CPU, fp32): worst relative error over all trainable
-# gradients intra_inter 8-bit 0.0094, 4-bit 0.160; intra_inter_full_fuse 8-bit 0.0094 (its CPU
+# gradients intra_inter 8-bit 0.0094, 4-bit 0.084 (0.160 before the non-linear operators'
+# inputs went to 2x bits); intra_inter_full_fuse 8-bit 0.0094 (its CPU
 # path is the kernels' torch reference); intra 8-bit 0.0122. The loss is exact (the forward
 # computes from exact activations). Bounds set just above.
 @pytest.mark.parametrize("layer_type,bits,grad_bound", [
-    ("intra_inter", 8, 0.011), ("intra_inter", 4, 0.18), ("intra_inter_full_fuse", 8, 0.011), ("intra", 8, 0.014),
+    ("intra_inter", 8, 0.011), ("intra_inter", 4, 0.095), ("intra_inter_full_fuse", 8, 0.011), ("intra", 8, 0.014),
 ])
 def test_compressed_error_is_bounded(layer_type, bits, grad_bound):
     model, ref = _s2_pair()
