@@ -68,9 +68,11 @@ class OutlierRows:
         self.quant, self.idx, self.vals, self.cleaned = quant, idx, vals, cleaned
 
     @staticmethod
-    def split(x: torch.Tensor) -> Optional["OutlierRows"]:
+    def split(x: torch.Tensor, clean: bool = True) -> Optional["OutlierRows"]:
         """Pick the rows of largest max |x|; ``cleaned`` is ``x`` with them replaced by the row
-        of smallest max |x| (inside every channel's range, so they stop stretching it).
+        of smallest max |x| (inside every channel's range, so they stop stretching it), or None
+        with ``clean=False`` (frozen ranges: the rows cannot stretch them, their codes are
+        clamped and never read since dequantisation overwrites them).
         None when there are too few rows for it to pay off."""
         x2d = x.detach().reshape(-1, x.shape[-1])
         n = x2d.shape[0]
@@ -80,6 +82,8 @@ class OutlierRows:
         with torch.no_grad():
             score = x2d.abs().amax(1)
             idx = score.topk(k).indices
+            if not clean:
+                return OutlierRows(None, idx, x2d.index_select(0, idx), None)
             # index_select with a 1-element index tensor: x2d[score.argmin()] would read the 0-d
             # index on the host (one device sync per kept tensor)
             fill = x2d.index_select(0, score.argmin().view(1)).expand(k, -1)
@@ -185,8 +189,11 @@ class StoragePolicy:
         bits = self.bits_for(name)
         rows = None
         if name not in ROW_OUTLIER_EXEMPT:
-            rows = OutlierRows.split(x)
-            if rows is not None:
+            # ranges taken from this tensor (groups, no or calibrating statistics, a replay)
+            # need the rows out of the way; frozen per-channel ranges do not (fewer launches)
+            own_range = name in GROUPED_TENSORS or stats is None or replay or not stats.frozen
+            rows = OutlierRows.split(x, clean=own_range)
+            if rows is not None and rows.cleaned is not None:
                 x = rows.cleaned
         if name in GROUPED_TENSORS:
             # per-row groups: ranges come from the tensor itself, the channel stats are unused
