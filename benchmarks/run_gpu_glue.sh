@@ -18,18 +18,38 @@ export HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_P
 # the commit: git's when the copy has .git, else the one stage_glue_gpu.sh recorded
 export HYCLORA_COMMIT=${HYCLORA_COMMIT:-$(git describe --always --dirty 2>/dev/null || cat .data/COMMIT 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/glue_parity.log"
-timeout --kill-after=15 530 python3 benchmarks/bench_glue_parity.py \
-  --model .data/minilm --data .data/glue --tasks rte,mrpc,cola,sst2 --configs lora,ii4,ii2,q2 \
-  --seeds 42,43,44 --max_train_samples 2000 --epochs 1 --batch_size 16 --lr 5e-4 --max_length 128 \
-  --precision fp32 --device cuda --threads 4 --time_budget "${GLUE_BUDGET_S:-450}" \
-  --work_dir /tmp/glue_work --out "$OUT/glue_parity.csv" --table "$OUT/glue_parity.md" "$@" \
-  2>&1 | grep --line-buffered -v -e "Warning" -e "warnings.warn" | tee -a "$OUT/glue_parity.log"
-status=${PIPESTATUS[0]}
+CONFIGS=${GLUE_CONFIGS:-lora,ii4,ii2,q2}
+# GLUE_PARALLEL=1: one process per config, side by side on the GPU (MiniLM uses a sliver of an
+# H200; the runs are bound by Python and the data loader), each writing its own CSV, merged below.
+run_bench() {  # $1 = configs, $2 = csv
+  timeout --kill-after=15 530 python3 benchmarks/bench_glue_parity.py \
+    --model .data/minilm --data .data/glue --tasks rte,mrpc,cola,sst2 --configs "$1" \
+    --seeds 42,43,44 --max_train_samples 2000 --epochs 1 --batch_size 16 --lr 5e-4 --max_length 128 \
+    --precision fp32 --device cuda --threads 4 --time_budget "${GLUE_BUDGET_S:-450}" \
+    --work_dir "/tmp/glue_work_$1" --out "$2" "${EXTRA[@]}" \
+    2>&1 | grep --line-buffered -v -e "Warning" -e "warnings.warn" | tee -a "$OUT/glue_parity.log"
+  return "${PIPESTATUS[0]}"
+}
+EXTRA=("$@")
+if [ -n "${GLUE_PARALLEL:-}" ]; then
+  pids=()
+  for c in ${CONFIGS//,/ }; do run_bench "$c" "$OUT/glue_parity_$c.csv" & pids+=($!); done
+  status=0
+  for p in "${pids[@]}"; do wait "$p" || status=$?; done
+  # merge: one header, then every config's rows
+  first=1
+  for c in ${CONFIGS//,/ }; do
+    f="$OUT/glue_parity_$c.csv"; [ -f "$f" ] || continue
+    if [ $first -eq 1 ]; then cat "$f"; first=0; else tail -n +2 "$f"; fi
+  done > "$OUT/glue_parity.csv"
+  [ $first -eq 1 ] && rm -f "$OUT/glue_parity.csv"
+else
+  run_bench "$CONFIGS" "$OUT/glue_parity.csv"; status=$?
+fi
 # the table of whatever finished (also after a timeout, when the bench could not write it)
 if [ -f "$OUT/glue_parity.csv" ]; then
   python3 benchmarks/bench_glue_parity.py --report --out "$OUT/glue_parity.csv" > "$OUT/glue_parity.md.tmp" \
-    && { [ "$status" -eq 0 ] && [ -s "$OUT/glue_parity.md" ] || mv "$OUT/glue_parity.md.tmp" "$OUT/glue_parity.md"; }
-  rm -f "$OUT/glue_parity.md.tmp"
+    && mv "$OUT/glue_parity.md.tmp" "$OUT/glue_parity.md"
   cat "$OUT/glue_parity.md"
 fi
 echo "bench exit status $status (124: stopped by timeout, partial results kept)"
