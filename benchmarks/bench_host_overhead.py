@@ -1,0 +1,188 @@
+"""Host (Python) time of a hyclora training step, against PEFT LoRA in the same process (issue 4).
+
+On a GPU a full-size hyclora step is host-bound: the Python bodies of the block autograd
+Functions (``hyclora/ops/blocks.py``) and the model adapter run longer than the kernels they
+launch. This benchmark measures that Python on the CPU with a tiny Llama (hidden 64, seq 32 by
+default), where every kernel is a few microseconds, so the wall time of a step is almost all
+host time: the Python of the blocks, PEFT's / transformers' modules and the dispatcher.
+
+For every variant (PEFT LoRA r=8 on all seven linears; hyclora ``intra_inter`` and
+``intra_inter_full_fuse`` at 2 and 4 bits; others with --layer-types / --bits) one model of
+--layers decoder layers and one of 2 x --layers are built (same seed). After --warmup steps
+(> iteration_threshold = 5: the calibration statistics are frozen, as in a long run) the
+variants are timed in interleaved rounds (less drift between them); the table gives
+
+* ms/step: median wall ms of one forward + backward (no optimizer) of the --layers model;
+* ms/layer: (median step of the 2L model - median step of the L model) / L, i.e. the cost of one
+  decoder layer with the embedding, the head and the loss taken out;
+* the same relative to PEFT LoRA.
+
+    python benchmarks/bench_host_overhead.py                         # ~1 min on 2 CPU cores
+    python benchmarks/bench_host_overhead.py --cprofile intra_inter_full_fuse:2   # + top functions
+    python benchmarks/bench_host_overhead.py --digest                # + a hash of the gradients
+
+``--cprofile VARIANT`` runs --profile-steps steps of that variant (L model) under cProfile and
+prints the top functions by tottime and by cumtime. ``--digest`` prints a SHA-1 of every
+gradient of one step per variant (to check that a host-side change left gradients bit-identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import hashlib
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hyclora import HyCLoRAConfig, apply_hyclora  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(args, layers: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+                      vocab_size=args.vocab, max_position_embeddings=max(256, args.seq))
+    cfg._attn_implementation = args.attn
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
+                                             target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # as after some training, so every gradient path is exercised
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    return model
+
+
+def variant_list(args):
+    out = [("peft", None)]
+    for lt in args.layer_types:
+        for bits in args.bits:
+            out.append((f"{lt}:{bits}", HyCLoRAConfig(layer_type=lt, q_bit=bits, iteration_threshold=5)))
+    return out
+
+
+def step(model, ids):
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def grad_digest(model, ids) -> str:
+    model.zero_grad(set_to_none=True)
+    step(model, ids)
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            h.update(name.encode())
+            h.update(p.grad.detach().float().contiguous().numpy().tobytes())
+    model.zero_grad(set_to_none=True)
+    return h.hexdigest()[:16]
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2, help="L; a 2L model gives the per-layer time")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv_heads", type=int, default=0, help="0: = heads")
+    ap.add_argument("--vocab", type=int, default=128)
+    ap.add_argument("--bs", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--layer-types", nargs="+", default=["intra_inter", "intra_inter_full_fuse"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--warmup", type=int, default=8, help="> iteration_threshold (5): frozen statistics")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: less noise)")
+    ap.add_argument("--cprofile", default=None, metavar="VARIANT",
+                    help="e.g. intra_inter_full_fuse:2 or peft: profile that variant's steps")
+    ap.add_argument("--profile-steps", type=int, default=50)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--digest", action="store_true", help="print a hash of each variant's gradients")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    variants = variant_list(args)
+    depths = (args.layers, 2 * args.layers)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.bs, args.seq), generator=gen)
+
+    models = {}
+    for name, hcfg in variants:
+        for depth in depths:
+            model = build_model(args, depth)
+            if hcfg is not None:
+                apply_hyclora(model, hcfg)
+            for _ in range(args.warmup):
+                step(model, ids)
+                model.zero_grad(set_to_none=True)
+            models[name, depth] = model
+
+    times = {key: [] for key in models}
+    for _ in range(args.rounds):
+        for key, model in models.items():
+            gc.collect()
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step(model, ids)
+                times[key].append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    L = args.layers
+    print(f"# bench_host_overhead: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"Llama hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads, {args.attn}, {args.dtype}, "
+          f"bs {args.bs} x {args.seq}, LoRA r={args.rank} on 7 linears; median of "
+          f"{args.rounds} x {args.steps} steps after {args.warmup} warm-up steps\n")
+    print(f"| variant | ms/step ({L} layers) | ms/step ({2 * L} layers) | ms/layer | layer vs PEFT |")
+    print("|---|---|---|---|---|")
+    per_layer = {name: (med[name, 2 * L] - med[name, L]) / L for name, _ in variants}
+    for name, _ in variants:
+        rel = per_layer[name] / per_layer["peft"]
+        print(f"| {name} | {med[name, L]:.2f} | {med[name, 2 * L]:.2f} | {per_layer[name]:.3f} | {rel:.2f}x |")
+
+    if args.digest:
+        print()
+        for name, _ in variants:
+            print(f"grad digest {name}: {grad_digest(models[name, L], ids)}")
+
+    if args.cprofile:
+        model = models.get((args.cprofile, L))
+        if model is None:
+            raise SystemExit(f"--cprofile {args.cprofile!r}: not one of {[n for n, _ in variants]}")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.profile_steps):
+            step(model, ids)
+            model.zero_grad(set_to_none=True)
+        prof.disable()
+        for key in ("tottime", "cumtime"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(args.top)
+            print(f"\n## cProfile {args.cprofile}, {args.profile_steps} steps, {L} layers, by {key}\n")
+            print(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
