@@ -39,6 +39,7 @@ attention forward from the (rebuilt) q/k/v, which also yields the o_proj input.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
@@ -227,6 +228,36 @@ _GATE_UP = ("gate", "up")
 _MLP_LIN_OFFSET = 3  # forward(ctx, plan, x, norm_w, *lin)
 
 
+_EMPTY_ROWS = [None, False]  # ((weak ref, version) of the last mask checked, whether it had fully masked rows)
+
+
+def _has_fully_masked_rows(mask) -> bool:
+    """Whether some query row of ``mask`` attends to no key (left padding under a causal mask).
+
+    One host read per distinct mask: a forward hands every decoder layer the same mask tensor,
+    so the layers after the first reuse the answer."""
+    if mask is None:
+        return False
+    last = _EMPTY_ROWS[0]
+    if last is None or last[0]() is not mask or last[1] != mask._version:
+        keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        _EMPTY_ROWS[0], _EMPTY_ROWS[1] = (weakref.ref(mask), mask._version), bool((~keep.any(-1)).any())
+    return _EMPTY_ROWS[1]
+
+
+def _core_impl(plan, mask) -> str:
+    """The attention kernel a block runs. An ``eager`` layer that keeps no map (``probs_mode ==
+    "recompute"``, the default when compressing) runs the fused sdpa kernel in the forward and in
+    the backward's recompute: the eager softmax map would only be a transient of b*h*s*s elements
+    (fp32 in the softmax) that nothing keeps, and the two compute the same attention (gradients
+    equal to rounding, tests/models/test_eager_as_sdpa.py). Except when a query row is fully
+    masked (left padding): eager makes such a row uniform through rounding and sdpa's backward
+    does not follow that, so those batches keep the eager formulation, like the unpatched model."""
+    if plan.impl == "eager" and plan.policy.probs_mode == "recompute" and not _has_fully_masked_rows(mask):
+        return "sdpa"
+    return plan.impl
+
+
 class AttentionBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
@@ -264,7 +295,8 @@ class AttentionBlockFn(torch.autograd.Function):
         v = outs[2].y.view(b, s, HKV, D).transpose(1, 2)
         del outs
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if plan.impl == "eager":
+        ctx.core_impl = _core_impl(plan, mask)
+        if ctx.core_impl == "eager":
             o, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
             if pol.probs_mode != "recompute":
                 pol.keep_probs(store, "probs", probs)
@@ -272,7 +304,7 @@ class AttentionBlockFn(torch.autograd.Function):
                     _keep(plan, store, "o", o)
             del probs
         else:
-            o = attention_forward(plan.impl, q, k, v, mask, plan.scaling, plan.is_causal,
+            o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
         out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3))
@@ -321,7 +353,7 @@ class AttentionBlockFn(torch.autograd.Function):
             k = apply_rope(rebuilt(1, "k", HKV), cos, sin)
         v = rebuilt(2, "v", HKV)
 
-        if plan.impl == "eager":
+        if ctx.core_impl == "eager":
             if load.has("probs"):
                 probs = load.get("probs")
                 o_hat = load.get("o") if metas[3].has_lora else None
@@ -333,7 +365,7 @@ class AttentionBlockFn(torch.autograd.Function):
             dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
             del probs
         else:
-            o_re, leaves = attention_recompute(plan.impl, q, k, v, mask, plan.scaling, plan.is_causal,
+            o_re, leaves = attention_recompute(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                                plan.s2_group_ratio, plan.s2_group_size)
             do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)
             dq, dk, dv = torch.autograd.grad(o_re, leaves, do)
