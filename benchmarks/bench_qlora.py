@@ -162,16 +162,20 @@ def add_lora(model, rank: int):
 def variants(args, quant: bool = True):
     """(label, attention, hyclora config or None, gradient checkpointing), most wanted first."""
     peft_name = "PEFT QLoRA" if quant else "PEFT LoRA"
+    cce = " + chunked CE"
     out = []
     for attn in args.attn:
-        out.append((peft_name, attn, None, False))
+        out.append((peft_name, attn, None, False, False))
+        if args.chunked_ce:
+            out.append((peft_name + cce, attn, None, False, True))
         if attn == "sdpa" and not args.no_gc:
-            out.append((f"{peft_name} + grad ckpt", attn, None, True))
+            out.append((f"{peft_name} + grad ckpt", attn, None, True, False))
         for layer_type, bits in args.hyclora:
             hcfg = HyCLoRAConfig(layer_type=layer_type, q_bit=bits, iteration_threshold=args.iteration_threshold)
-            out.append((f"hyclora {layer_type} {bits}-bit", attn, hcfg, False))
+            for chunked in ((False, True) if args.chunked_ce == "both" else (bool(args.chunked_ce),)):
+                out.append((f"hyclora {layer_type} {bits}-bit" + (cce if chunked else ""), attn, hcfg, False, chunked))
     for attn in args.attn:  # the baseline again: drift, and that toggling left the model clean
-        out.append((f"{peft_name} (again)", attn, None, False))
+        out.append((f"{peft_name} (again)", attn, None, False, False))
     return out
 
 
@@ -180,8 +184,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _step(model, ids):
-    model(input_ids=ids, labels=ids).loss.backward()
+def _loss(model, ids, chunked: bool):
+    """The standard LM loss, or the same loss through hyclora's chunked cross-entropy (the LM
+    head's logits never exist for the whole batch at once: 4 x 1024 x 32000 fp32 is 0.5 GiB,
+    plus its gradient)."""
+    if chunked:
+        from hyclora.integrations.longseq import CausalLMChunkedLoss
+
+        return CausalLMChunkedLoss(model)(ids)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _step(model, ids, chunked: bool = False):
+    _loss(model, ids, chunked).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -198,7 +213,7 @@ def _set_attention(model, attn: str):
 def run_variant(model, variant, ids, args, device: str):
     from hyclora import apply_hyclora, revert_hyclora
 
-    label, attn, hcfg, ckpt = variant
+    label, attn, hcfg, ckpt, chunked = variant
     base = model.get_base_model()
     res = {"variant": label, "attention": attn, "status": "ok", "static_gib": float("nan"),
            "peak_gib": float("nan"), "warmup_peak_gib": float("nan"), "tok_s": float("nan"),
@@ -217,7 +232,7 @@ def run_variant(model, variant, ids, args, device: str):
             torch.cuda.reset_peak_memory_stats()
             res["static_gib"] = torch.cuda.memory_allocated() / GIB
         for _ in range(warmup):
-            _step(model, ids)
+            _step(model, ids, chunked)
         sync(device)
         if device == "cuda":
             res["warmup_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -227,13 +242,13 @@ def run_variant(model, variant, ids, args, device: str):
             sync(device)
             t0 = time.perf_counter()
             if i == args.steps - 1:  # keep one loss: a NaN would make the memory number meaningless
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = _loss(model, ids, chunked)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
                 res["loss"] = float(loss.detach())
                 del loss
             else:
-                _step(model, ids)
+                _step(model, ids, chunked)
             sync(device)
             times.append(time.perf_counter() - t0)
         if device == "cuda":
@@ -377,6 +392,10 @@ def parse_args(argv=None):
     p.add_argument("--hyclora", nargs="*", type=_hyclora_variant,
                    default=[("intra_inter_full_fuse", 2), ("intra_inter_full_fuse", 4), ("intra_inter", 2)],
                    help="LAYER_TYPE:BITS ... (default: intra_inter_full_fuse:2 intra_inter_full_fuse:4 intra_inter:2)")
+    p.add_argument("--chunked_ce", nargs="?", const="hyclora", default=None, choices=["hyclora", "both"],
+                   help="hyclora rows compute the LM loss with hyclora's chunked cross-entropy (and one "
+                        "'PEFT + chunked CE' row per attention, for reference); 'both': each hyclora row "
+                        "with and without it")
     p.add_argument("--no_gc", action="store_true", help="skip the PEFT + gradient checkpointing (sdpa) variant")
     p.add_argument("--iteration_threshold", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (hyclora: at least iteration_threshold + 1)")
