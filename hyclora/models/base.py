@@ -226,6 +226,8 @@ class LlamaFamilyAdapter:
             with torch.no_grad():
                 state.forward_count.add_(1)
             # what a non-reentrant recompute of this forward must quantise as calibrated here
+            for s in stats.values():  # frozen statistics expire after config.recalibrate_every
+                s.note_counted_forward()
             state.calibrating = frozenset(n for n, s in stats.items() if not s.frozen)
         elif in_backward:
             replay = state.calibrating

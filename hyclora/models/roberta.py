@@ -210,6 +210,8 @@ class EncoderAdapter(LlamaFamilyAdapter):
         if counted:
             with torch.no_grad():
                 state.forward_count.add_(1)
+            for s in stats.values():  # frozen statistics expire after config.recalibrate_every
+                s.note_counted_forward()
             state.calibrating = frozenset(n for n, s in stats.items() if not s.frozen)
         elif in_backward:
             replay = state.calibrating

@@ -13,6 +13,13 @@ removed and kept only the LAST batch's outlier set (method notes §8.7, §8.8). 
 * ``count`` advances only with ``update=True`` (a gradient-checkpointing recompute passes
   ``update=False`` and is not counted twice).
 
+Range drift: frozen ranges clamp whatever later falls outside them, and fine-tuning moves the
+activations (on make demo's random tiny Llama at lr 3e-3, statistics frozen after 5 steps cost
+0.55 of eval loss over 400 steps; BENCHMARKS.md). With ``recalibrate_every = N`` the statistics
+expire after N counted forwards with frozen values and calibrate again from scratch for the next
+``iteration_threshold`` forwards (the layer calls :meth:`note_counted_forward` once per counted
+forward). ``0`` freezes for good, as the paper does.
+
 ``iteration_threshold == 0`` never freezes: ranges come from each micro-batch and the outlier set
 is recomputed from each micro-batch alone (``outlier_score`` then holds the latest batch's score,
 not a sum that would grow without bound).
@@ -36,7 +43,8 @@ class ChannelStats(torch.nn.Module):
     ``outlier_idx`` (k,) long, ``count`` () long.
     """
 
-    def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5):
+    def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5,
+                 recalibrate_every: int = 0):
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"ChannelStats width={width!r} is invalid: use the tensor's last dimension (>= 1).")
@@ -51,7 +59,15 @@ class ChannelStats(torch.nn.Module):
                 f"ChannelStats iteration_threshold={iteration_threshold!r} is invalid: use an int "
                 f">= 0 (0 = recompute every step, never freeze)."
             )
+        if (isinstance(recalibrate_every, bool) or not isinstance(recalibrate_every, int)
+                or recalibrate_every < 0):
+            raise ValueError(
+                f"ChannelStats recalibrate_every={recalibrate_every!r} is invalid: use an int >= 0 "
+                f"(0 = keep the frozen statistics for good)."
+            )
         self.width = width
+        self.recalibrate_every = recalibrate_every
+        self._frozen_forwards = 0  # counted forwards since the statistics froze (host only)
         self.num_outliers = num_outliers
         self.iteration_threshold = iteration_threshold
         self.register_buffer("lo", torch.full((width,), float("inf")))
@@ -69,6 +85,16 @@ class ChannelStats(torch.nn.Module):
     def frozen(self) -> bool:
         return self.iteration_threshold > 0 and self._count_host >= self.iteration_threshold
 
+    def note_counted_forward(self) -> None:
+        """Called by the owning layer once per counted training forward, before it quantises:
+        after ``recalibrate_every`` forwards with frozen statistics, they expire (:meth:`reset`)
+        and this forward starts a new calibration window."""
+        if not self.frozen:
+            return
+        self._frozen_forwards += 1
+        if self.recalibrate_every and self._frozen_forwards > self.recalibrate_every:
+            self.reset()
+
     def reset(self) -> None:
         """Forget everything and calibrate again."""
         with torch.no_grad():
@@ -78,6 +104,7 @@ class ChannelStats(torch.nn.Module):
             self.outlier_idx.copy_(torch.arange(self.num_outliers, device=self.outlier_idx.device))
             self.count.zero_()
         self._count_host = 0
+        self._frozen_forwards = 0
         self._param_cache = {}
 
     _FP32_BUFFERS = ("lo", "hi", "outlier_score")
@@ -103,7 +130,8 @@ class ChannelStats(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, num_outliers={self.num_outliers}, "
-                f"iteration_threshold={self.iteration_threshold}, count={self._count_host}")
+                f"iteration_threshold={self.iteration_threshold}, recalibrate_every={self.recalibrate_every}, "
+                f"count={self._count_host}")
 
     def _check_compatible(self, x: Tensor) -> None:
         if x.shape[-1] != self.width:

@@ -128,3 +128,16 @@ def test_compressed_path_odd_shapes_and_half_precision(dtype, seq):
     cos = min(float(torch.nn.functional.cosine_similarity(g[n].flatten().float(), g_ref[n].flatten().float(), 0)) for n in lora)
     # 8-bit storage in half precision: measured worst cosine >= 0.997 (bf16) / 0.9999 (fp16)
     assert cos >= 0.99
+
+
+def test_statistics_recalibrate_every_n_forwards():
+    model = lora_model(tiny_model("llama", "sdpa"))
+    apply_hyclora(model, HyCLoRAConfig(**dict(CONFIG, recalibrate_every=2)))
+    counts = []
+    for step in range(8):
+        step_grads(model, _batch(step))
+        counts.append(_stat_counts(model))
+    # 3 calibrating forwards, 2 frozen, then a new window of 3 (counting from 1 again), 2 frozen
+    assert counts == [[1], [2], [3], [3], [3], [1], [2], [3]]
+    with pytest.raises(ValueError, match="recalibrate_every"):
+        HyCLoRAConfig(recalibrate_every=-3).validate()

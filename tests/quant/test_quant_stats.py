@@ -207,3 +207,35 @@ def test_explicit_empty_outlier_set_overrides_the_stats():
     x = torch.randn(4, 8)
     q = quantize(x, 4, stats=s, outlier_idx=torch.empty(0, dtype=torch.long))
     assert q.outlier_idx is None and q.num_outliers == 0 and torch.all(s.outlier_score == 0)
+
+
+def test_frozen_statistics_expire_after_recalibrate_every():
+    st = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3)
+    x = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, -1.0, 0.5, 9.0]])
+    for _ in range(2):  # calibration window
+        st.note_counted_forward()
+        st.range_for(x)
+        st.select_outliers(x)
+    assert st.frozen
+    for _ in range(3):  # 3 forwards with the frozen statistics
+        st.note_counted_forward()
+        assert st.frozen
+    shifted = x * 4 + 1  # the activations moved; a new window measures them afresh
+    st.note_counted_forward()
+    assert not st.frozen and int(st.count) == 0
+    lo, hi = st.range_for(shifted)
+    assert torch.equal(lo, shifted.min(0).values) and torch.equal(hi, shifted.max(0).values)
+    st.note_counted_forward()
+    st.range_for(shifted)
+    assert st.frozen and torch.equal(st.hi, shifted.max(0).values)  # the stale range is gone
+
+
+def test_recalibrate_every_zero_keeps_frozen_statistics():
+    st = ChannelStats(3, iteration_threshold=1)
+    st.note_counted_forward()
+    st.range_for(torch.ones(2, 3))
+    for _ in range(100):
+        st.note_counted_forward()
+    assert st.frozen and int(st.count) == 1
+    with pytest.raises(ValueError, match="recalibrate_every"):
+        ChannelStats(3, recalibrate_every=-1)
