@@ -9,10 +9,13 @@ host time: the Python of the blocks, PEFT's / transformers' modules and the disp
 For every variant (PEFT LoRA r=8 on all seven linears; hyclora ``intra_inter`` and
 ``intra_inter_full_fuse`` at 2 and 4 bits; others with --layer-types / --bits) one model of
 --layers decoder layers and one of 2 x --layers are built (same seed). After --warmup steps
-(> iteration_threshold = 5: the calibration statistics are frozen, as in a long run) the
+(> iteration_threshold = 5; recalibrate_every = 0: the calibration statistics are frozen, as in
+the steady state of a long run) the
 variants are timed in interleaved rounds (less drift between them); the table gives
 
-* ms/step: median wall ms of one forward + backward (no optimizer) of the --layers model;
+* ms/step: median ms of one forward + backward (no optimizer) of the --layers model, by default
+  CPU time of this process (``time.process_time``: with one torch thread it is the host time of
+  the step and hardly moves when other processes share the cores; ``--clock wall`` for wall time);
 * ms/layer: (median step of the 2L model - median step of the L model) / L, i.e. the cost of one
   decoder layer with the embedding, the head and the loss taken out;
 * the same relative to PEFT LoRA.
@@ -71,7 +74,8 @@ def variant_list(args):
     out = [("peft", None)]
     for lt in args.layer_types:
         for bits in args.bits:
-            out.append((f"{lt}:{bits}", HyCLoRAConfig(layer_type=lt, q_bit=bits, iteration_threshold=5)))
+            out.append((f"{lt}:{bits}", HyCLoRAConfig(layer_type=lt, q_bit=bits, iteration_threshold=5,
+                                                                  recalibrate_every=0)))
     return out
 
 
@@ -110,6 +114,8 @@ def parse(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: less noise)")
+    ap.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                    help="cpu: time.process_time (robust to other load); wall: time.perf_counter")
     ap.add_argument("--cprofile", default=None, metavar="VARIANT",
                     help="e.g. intra_inter_full_fuse:2 or peft: profile that variant's steps")
     ap.add_argument("--profile-steps", type=int, default=50)
@@ -137,14 +143,15 @@ def main(argv=None) -> int:
                 model.zero_grad(set_to_none=True)
             models[name, depth] = model
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {key: [] for key in models}
     for _ in range(args.rounds):
         for key, model in models.items():
             gc.collect()
             for _ in range(args.steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 step(model, ids)
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(clock() - t0)
                 model.zero_grad(set_to_none=True)
 
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
     print(f"# bench_host_overhead: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"Llama hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads, {args.attn}, {args.dtype}, "
-          f"bs {args.bs} x {args.seq}, LoRA r={args.rank} on 7 linears; median of "
+          f"bs {args.bs} x {args.seq}, LoRA r={args.rank} on 7 linears; median {args.clock} time of "
           f"{args.rounds} x {args.steps} steps after {args.warmup} warm-up steps\n")
     print(f"| variant | ms/step ({L} layers) | ms/step ({2 * L} layers) | ms/layer | layer vs PEFT |")
     print("|---|---|---|---|---|")

@@ -48,10 +48,34 @@ class _Patch:
     # shared by all layers of one model (set by apply_hyclora): the deferred NaN/Inf check
     guard: Any = None  # hyclora.quant.checks.FiniteGuard
     order: int = 0  # this layer's position among the model's patched layers
+    # host-time caches of compressed_forward (see there); rebuilt whenever their key changes
+    resolved: Any = None  # (key, (attn metas, attn params, mlp metas, mlp params))
+    setup: Any = None  # (key, (geometry, s2 group, StoragePolicy))
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _linear_key(module: nn.Module):
+    """What :func:`resolve_linear`'s result depends on that can change after ``apply_hyclora``:
+    the module itself, its active adapter(s), disabled/merged state, training mode (dropout), the
+    scaling of the active adapter and the identity of every parameter it returns. Public PEFT
+    attributes only; ``None`` (do not cache) for anything else, which then resolves each call."""
+    ad = getattr(module, "active_adapters", None)
+    if ad is None or not hasattr(module, "lora_A"):
+        if isinstance(module, nn.Linear):
+            return (id(module), id(module.weight), id(module.bias))
+        return None
+    first = ad[0] if len(ad) else None
+    lora_a, lora_b, drop = module.lora_A, module.lora_B, module.lora_dropout
+    base = module.base_layer
+    a = lora_a[first] if first in lora_a else None
+    b = lora_b[first] if first in lora_b else None
+    d = drop[first] if first in drop else None
+    return (id(module), tuple(ad), module.disable_adapters, module.merged, module.scaling.get(first),
+            None if d is None else (id(d), d.training), id(base), id(base.weight), id(base.bias),
+            None if a is None else (id(a), id(a.weight)), None if b is None else (id(b), id(b.weight)))
 
 
 def run_checked(patch: _Patch, check: bool, in_backward: bool, run: Callable[[], torch.Tensor]):
@@ -183,11 +207,60 @@ class LlamaFamilyAdapter:
         if "hyclora_state" in layer._modules:
             del layer._modules["hyclora_state"]
 
+    def resolve_cached(self, layer: nn.Module, patch: _Patch):
+        """:meth:`resolve`, re-read only when a linear's adapter state or parameters change
+        (``_linear_key``; reading PEFT's modules took ~0.2 ms of host time per layer call).
+        The norms are read every call (cheap)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        try:
+            key = tuple(_linear_key(getattr(attn, p)) for p in ATTN_PROJ) + tuple(
+                _linear_key(getattr(mlp, p)) for p in MLP_PROJ)
+        except Exception:  # anything unexpected: resolve() raises the clear error, or works
+            key = None
+        if key is not None and None in key:
+            key = None
+        cached = patch.resolved
+        if key is None or cached is None or cached[0] != key:
+            norm1, norm2, attn_part, mlp_part = self.resolve(layer, patch.name)
+            patch.resolved = None if key is None else (key, (attn_part, mlp_part))
+            return norm1, norm2, attn_part, mlp_part
+        name = patch.name
+        norm1 = resolve_norm(layer.input_layernorm, f"{name}.input_layernorm")
+        norm2 = resolve_norm(layer.post_attention_layernorm, f"{name}.post_attention_layernorm")
+        return (norm1, norm2) + cached[1]
+
+    def _setup(self, layer: nn.Module, patch: _Patch, cfg, impl: str):
+        """Geometry, S²-Attn group and storage policy, checked and built once per (config object,
+        attention implementation, S²-Attn group); ``check_config`` runs whenever they are rebuilt."""
+        s2 = (getattr(cfg, "s2attn_group_ratio", None), getattr(cfg, "s2attn_group_size", None))
+        key = (id(cfg), id(layer.self_attn), impl, s2)
+        cached = patch.setup
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self.check_config(cfg)
+        config = patch.config
+        policy = StoragePolicy(
+            config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
+            probs=getattr(config, "attention_probs", "auto"),
+        )
+        value = (self._geometry(layer), s2, policy)
+        patch.setup = (key, value)
+        return value
+
     # -- the compressed forward --------------------------------------------------------------
     def compressed_forward(self, layer: nn.Module, patch: _Patch, args, kwargs):
-        bound = patch.signature.bind(*args, **kwargs)
-        arguments: Dict[str, Any] = dict(bound.arguments)
-        arguments.update(arguments.pop(patch.var_kw, {}) or {})
+        if len(args) <= 1 and patch.var_kw not in kwargs:
+            # transformers passes the hidden states positionally and the rest by keyword: the
+            # arguments are the keywords as they are (Signature.bind took ~5 us per call)
+            arguments: Dict[str, Any] = dict(kwargs)
+            if args:
+                if "hidden_states" in arguments:
+                    raise TypeError("hyclora: hidden_states given both positionally and by keyword")
+                arguments["hidden_states"] = args[0]
+        else:
+            bound = patch.signature.bind(*args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.update(arguments.pop(patch.var_kw, {}) or {})
         hidden = arguments.get("hidden_states", args[0] if args else None)
         mask = arguments.get("attention_mask")
         pos = arguments.get("position_embeddings")
@@ -199,8 +272,12 @@ class LlamaFamilyAdapter:
             )
         if arguments.get("output_attentions"):
             raise ValueError("hyclora: output_attentions=True is not available in the compressed training path.")
-        layer_idx = getattr(layer.self_attn, "layer_idx", 0)
+        layer_idx = None
         for value in arguments.values():
+            if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, tuple)):
+                continue
+            if layer_idx is None:
+                layer_idx = getattr(layer.self_attn, "layer_idx", 0)
             # Any KV cache (5.17 passes it as past_key_values, newer versions as cache): the
             # training path does not fill it, and cannot attend to tokens already in it.
             get_len = getattr(value, "get_seq_length", None)
@@ -213,7 +290,7 @@ class LlamaFamilyAdapter:
         impl = getattr(cfg, "_attn_implementation", None) or "eager"
         check_implementation(impl, name)
         mask = block_attention_mask(impl, mask, name)  # S²-Attn's lazy mask -> a tensor the block saves
-        self.check_config(cfg)
+        geometry, (s2_ratio, s2_size), policy = self._setup(layer, patch, cfg, impl)
 
         config = patch.config
         state: HyCLoRALayerState = layer.hyclora_state
@@ -223,8 +300,7 @@ class LlamaFamilyAdapter:
         stats = state.stats_dict()
         replay = frozenset()
         if counted:
-            with torch.no_grad():
-                state.forward_count.add_(1)
+            state.forward_count.add_(1)  # a buffer (no grad): no autograd record, no no_grad needed
             # what a non-reentrant recompute of this forward must quantise as calibrated here
             for s in stats.values():  # frozen statistics expire after config.recalibrate_every
                 s.note_counted_forward()
@@ -232,12 +308,8 @@ class LlamaFamilyAdapter:
         elif in_backward:
             replay = state.calibrating
 
-        (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve(layer, name)
-        heads, kv_heads, head_dim, scaling, is_causal = self._geometry(layer)
-        policy = StoragePolicy(
-            config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
-            probs=getattr(config, "attention_probs", "auto"),
-        )
+        (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve_cached(layer, patch)
+        heads, kv_heads, head_dim, scaling, is_causal = geometry
         # a checkpoint recompute that is not counted replays a forward that was checked already
         check = config.on_nonfinite == "raise" and counted
         common = dict(
@@ -248,8 +320,7 @@ class LlamaFamilyAdapter:
         aplan = AttentionPlan(
             eps=eps1, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             scaling=scaling, impl=impl, is_causal=is_causal,
-            s2_group_ratio=getattr(cfg, "s2attn_group_ratio", None),
-            s2_group_size=getattr(cfg, "s2attn_group_size", None), **common,
+            s2_group_ratio=s2_ratio, s2_group_size=s2_size, **common,
         )
         mplan = MLPPlan(eps=eps2, linears=m_metas, **common)
 

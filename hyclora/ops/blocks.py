@@ -158,22 +158,27 @@ def _keep(plan: BlockPlan, store: TensorStore, name: str, x: torch.Tensor):
     plan.policy.keep(store, name, x, plan.stats.get(name), plan.update, replay=name in plan.replay)
 
 
+_XA = {n: f"xa_{n}" for n in ("q", "k", "v", "o", "gate", "up", "down")}  # saved-tensor names, made once
+_RNG = {n: f"rng_{n}" for n in _XA}
+
+
 def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
     if meta.has_lora:
-        store.plain(f"xa_{name}", out.xa)
+        store.plain(_XA.get(name) or f"xa_{name}", out.xa)
         if out.rng_state is not None:
-            store.plain(f"rng_{name}", out.rng_state)
+            store.plain(_RNG.get(name) or f"rng_{name}", out.rng_state)
 
 
 def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
     """Run one linear's backward; returns ``(dx, (None, dbias, dA, dB))``."""
     meta = plan.linears[i]
-    weight, bias, lora_a, lora_b = (load.get(f"p{lin_offset + PARAMS_PER_LINEAR * i + j}") for j in range(4))
     base = lin_offset + PARAMS_PER_LINEAR * i
+    param = load.param
+    weight, bias, lora_a, lora_b = param(base), param(base + 1), param(base + 2), param(base + 3)
     need = ctx.needs_input_grad
     dx, dbias, da, db = lora_linear_backward(
-        meta, dy, x_hat, load.get(f"xa_{name}"), weight, bias, lora_a, lora_b,
-        rng_state=load.get(f"rng_{name}"),
+        meta, dy, x_hat, load.get(_XA.get(name) or f"xa_{name}"), weight, bias, lora_a, lora_b,
+        rng_state=load.get(_RNG.get(name) or f"rng_{name}"),
         need_dx=True,
         need_da=bool(need[base + 2]),
         need_db=bool(need[base + 3]),
@@ -200,7 +205,7 @@ def _norm_input(load: TensorLoad, name: str, rstd_name: str, need_normalised: bo
     if not need_normalised:
         return None, None
     x_hat = load.get(name)
-    return x_hat, _normalised(x_hat, load.get(rstd_name), load.get("p2"))
+    return x_hat, _normalised(x_hat, load.get(rstd_name), load.param(2))
 
 
 def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name: str, x_hat, dxn, dy):
@@ -208,16 +213,15 @@ def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name
     if not (need[1] or need[2]):
         return None, None
     if x_hat is None and plan.policy.fused and not need[2]:  # one pass from the codes (+ residual)
-        return fused_rmsnorm.fused_norm_backward(plan, load, name, rstd_name, load.get("p2"), dxn, dy), None
+        return fused_rmsnorm.fused_norm_backward(plan, load, name, rstd_name, load.param(2), dxn, dy), None
     if x_hat is None:
         x_hat = load.get(name)
-    dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.get("p2"), need_dx=need[1], need_dweight=need[2])
+    dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.param(2), need_dx=need[1], need_dweight=need[2])
     return (None if dx is None else dx + dy), dnorm
 
 
 def _save_params(store: TensorStore, params: Sequence, offset: int):
-    for j, p in enumerate(params):
-        store.param(f"p{offset + j}", p)
+    store.params(params, offset)
 
 
 # -- attention block ------------------------------------------------------------------------
@@ -341,12 +345,12 @@ class AttentionBlockFn(torch.autograd.Function):
         def rebuilt(i: int, name: str, heads: int):
             val = load.get(name)
             if pol.reconstruct:
-                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+                val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3))
             return val.view(b, s, heads, D).transpose(1, 2)
 
         if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
-            q = fused_rope.fused_rebuild_rope(plan, load, "q", metas[0], load.get(f"p{off + 3}"), H, cos, sin)
-            k = fused_rope.fused_rebuild_rope(plan, load, "k", metas[1], load.get(f"p{off + PARAMS_PER_LINEAR + 3}"),
+            q = fused_rope.fused_rebuild_rope(plan, load, "q", metas[0], load.param(off + 3), H, cos, sin)
+            k = fused_rope.fused_rebuild_rope(plan, load, "k", metas[1], load.param(off + PARAMS_PER_LINEAR + 3),
                                               HKV, cos, sin)
         else:
             q = apply_rope(rebuilt(0, "q", H), cos, sin)
@@ -416,7 +420,7 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
     def rebuilt(i: int, name: str):
         val = load.get(name)
         if pol.reconstruct:
-            val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+            val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3))
         return val
 
     g, u = rebuilt(0, "gate"), rebuilt(1, "up")
@@ -488,7 +492,7 @@ class MLPBlockFn(torch.autograd.Function):
         lin_grads = [None] * (PARAMS_PER_LINEAR * 3)
 
         if pol.fused:  # dD first (needs no activation), then one kernel: dG, dU and D~
-            params = [tuple(load.get(f"p{off + PARAMS_PER_LINEAR * i + j}") for j in range(PARAMS_PER_LINEAR))
+            params = [tuple(load.param(off + PARAMS_PER_LINEAR * i + j) for j in range(PARAMS_PER_LINEAR))
                       for i in range(3)]
             need_down = need[off + 2 * PARAMS_PER_LINEAR : off + 3 * PARAMS_PER_LINEAR]
             lin_grads[8:12], dg, du = fused_swiglu.fused_mlp_epilogue_backward(plan, load, dy, params, need_down)

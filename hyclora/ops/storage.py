@@ -12,6 +12,8 @@ metadata (shapes, bit widths, an index of names) sits on ``ctx``.
 
 from __future__ import annotations
 
+import math
+from collections import UserList
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -22,10 +24,16 @@ LAYER_TYPES = ("baseline",) + COMPRESSING_TYPES
 PROBS_MODES = ("auto", "dense", "sparse", "recompute")
 
 
-def _quant():
-    from hyclora import quant
+_QUANT = None
 
-    return quant
+
+def _quant():
+    global _QUANT
+    if _QUANT is None:  # imported on first use (hyclora.quant imports nothing from ops)
+        from hyclora import quant
+
+        _QUANT = quant
+    return _QUANT
 
 
 # Storage layout of the compressed layer types, chosen by LoRA-gradient cosine on SmolLM2-135M
@@ -141,6 +149,17 @@ class StoragePolicy:
             )
         if self.probs not in PROBS_MODES:
             raise ValueError(f"hyclora: probs={self.probs!r} is invalid; expected one of {', '.join(PROBS_MODES)}")
+        # the flags below are read several times per block call: derive them once (host time)
+        compress = self.layer_type != "baseline"
+        flags = {
+            "_compress": compress,
+            "_reconstruct": self.layer_type.startswith("intra_inter"),
+            "_fused": self.layer_type == "intra_inter_full_fuse",
+            "_probs_mode": self.probs if self.probs != "auto" else ("recompute" if compress else "dense"),
+            "_double": min(8, 2 * self.bits),
+        }
+        for key, value in flags.items():
+            object.__setattr__(self, key, value)
 
     @property
     def probs_mode(self) -> str:
@@ -150,24 +169,22 @@ class StoragePolicy:
         when compressing: measured on SmolLM2-135M (BENCHMARKS.md), the paper's 5% sparse map
         alone drops the worst LoRA-gradient cosine to 0.03 even at 8 bits, while recomputing
         costs one QK^T and softmax per layer in the backward and keeps no map at all."""
-        if self.probs != "auto":
-            return self.probs
-        return "recompute" if self.compress else "dense"
+        return self._probs_mode
 
     @property
     def compress(self) -> bool:
-        return self.layer_type != "baseline"
+        return self._compress
 
     @property
     def reconstruct(self) -> bool:
         """Keep only the base part of q/k/v/gate/up outputs and rebuild the LoRA part."""
-        return self.layer_type.startswith("intra_inter")
+        return self._reconstruct
 
     @property
     def fused(self) -> bool:
         """Run the SwiGLU epilogue through the fused kernels of ``hyclora.ops.fused_swiglu``
         (``intra_inter_full_fuse``: same numerics as ``intra_inter``, fewer passes)."""
-        return self.layer_type == "intra_inter_full_fuse"
+        return self._fused
 
     @property
     def store_elementwise(self) -> bool:
@@ -182,10 +199,10 @@ class StoragePolicy:
         statistics were still calibrating; quantise it the same way (its own range, the outlier
         channels that forward chose) even if that forward has frozen the statistics since.
         """
-        if not self.compress:
+        if not self._compress:
             store.plain(name, x)
             return
-        q = _quant()
+        q = _QUANT or _quant()
         bits = self.bits_for(name)
         rows = None
         if name not in ROW_OUTLIER_EXEMPT:
@@ -212,7 +229,7 @@ class StoragePolicy:
     def bits_for(self, name: str) -> int:
         """Code width of ``name``: ``bits``, doubled (at most 8) for the tensors of
         ``double_bits`` (``DOUBLE_BIT_TENSORS`` for the decoder blocks)."""
-        return min(8, 2 * self.bits) if name in self.double_bits else self.bits
+        return self._double if name in self.double_bits else self.bits
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
         if self.probs_mode == "dense":
@@ -226,35 +243,92 @@ def _nbytes(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+class Manifest(UserList):
+    """What a block kept (one dict per kept name: ``name``, ``kind``, ``parts`` = ``(shape,
+    dtype)`` of each stored tensor, ``nbytes``), built only when read.
+
+    The block records the shapes and dtypes of what it saves (no tensor references, so nothing
+    is kept alive); the dicts are made on first access, not on every training forward."""
+
+    def __init__(self, initlist=None):  # as UserList (slicing, copy, + make new ones this way)
+        self._raw, self._data = (), (list(initlist) if initlist is not None else [])
+
+    @classmethod
+    def lazy(cls, entries) -> "Manifest":
+        """From ``[(name, kind, ((torch.Size, dtype), ...)), ...]``; dicts are made when read."""
+        m = cls.__new__(cls)
+        m._raw, m._data = entries, None
+        return m
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = [
+                {"name": name, "kind": kind, "parts": [(tuple(shape), dtype) for shape, dtype in parts],
+                 "nbytes": sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts)}
+                for name, kind, parts in self._raw
+            ]
+            self._raw = ()
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data, self._raw = value, ()
+
+
+_PARAM_NAMES = tuple(f"p{i}" for i in range(64))  # "p<i>": the i-th Function input the backward reads
+
+
 class TensorStore:
     """Collects what a block keeps, then saves it with one ``ctx.save_for_backward``."""
+
+    __slots__ = ("_tensors", "_index", "_described")
 
     def __init__(self):
         self._tensors: List[Optional[torch.Tensor]] = []
         self._index: Dict[str, Tuple[str, int, int, object]] = {}
-        self.manifest: List[dict] = []
+        self._described: list = []
+
+    @property
+    def manifest(self) -> Manifest:
+        """Names, shapes, dtypes and bytes of what was kept (see :class:`Manifest`)."""
+        return Manifest.lazy(self._described)
 
     def _add(self, name: str, kind: str, tensors, meta, describe: bool):
-        if name in self._index:
+        index = self._index
+        if name in index:
             raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
         start = len(self._tensors)
         self._tensors.extend(tensors)
-        self._index[name] = (kind, start, len(tensors), meta)
+        index[name] = (kind, start, len(tensors), meta)
         if describe:
-            parts = [(tuple(t.shape), t.dtype) for t in tensors if t is not None]
-            self.manifest.append(
-                {"name": name, "kind": kind, "parts": parts, "nbytes": sum(_nbytes(t) for t in tensors)}
-            )
+            self._described.append((name, kind, tuple((t.shape, t.dtype) for t in tensors if t is not None)))
 
     def plain(self, name: str, t: Optional[torch.Tensor], describe: bool = True):
-        self._add(name, "plain", [t], None, describe and t is not None)
+        if name in self._index:
+            raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
+        self._index[name] = ("plain", len(self._tensors), 1, None)
+        self._tensors.append(t)
+        if describe and t is not None:
+            self._described.append((name, "plain", ((t.shape, t.dtype),)))
 
     def param(self, name: str, t: Optional[torch.Tensor]):
         """A parameter or other input the backward reads (not an activation; not described)."""
         self._add(name, "plain", [t], None, False)
 
+    def params(self, tensors, offset: int = 0):
+        """``tensors[j]`` under the name ``p<offset + j>`` (what :meth:`param` does one by one);
+        :meth:`TensorLoad.param` reads them back by number."""
+        index, start = self._index, len(self._tensors)
+        for j in range(len(tensors)):
+            name = _PARAM_NAMES[offset + j]
+            if name in index:
+                raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
+            index[name] = ("plain", start + j, 1, None)
+        self._tensors.extend(tensors)
+
     def packed(self, name: str, kind: str, obj):
-        self._add(name, kind, list(obj.tensors()), obj.meta(), True)
+        self._add(name, kind, obj.tensors(), obj.meta(), True)
 
     def save(self, ctx):
         ctx.save_for_backward(*self._tensors)
@@ -264,6 +338,8 @@ class TensorStore:
 class TensorLoad:
     """Backward-side view of a :class:`TensorStore`: ``get(name)`` restores one tensor."""
 
+    __slots__ = ("_saved", "_index", "_backend")
+
     def __init__(self, ctx, backend: str = "auto"):
         self._saved = ctx.saved_tensors
         self._index = ctx.hyclora_index
@@ -271,6 +347,10 @@ class TensorLoad:
 
     def has(self, name: str) -> bool:
         return name in self._index
+
+    def param(self, i: int) -> Optional[torch.Tensor]:
+        """The tensor stored as ``p<i>`` (:meth:`TensorStore.params`)."""
+        return self._saved[self._index[_PARAM_NAMES[i]][1]]
 
     def get_quantized(self, name: str):
         """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), or its
@@ -284,13 +364,14 @@ class TensorLoad:
         raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
 
     def get(self, name: str) -> Optional[torch.Tensor]:
-        if name not in self._index:
+        entry = self._index.get(name)
+        if entry is None:
             return None
-        kind, start, n, meta = self._index[name]
-        tensors = self._saved[start : start + n]
+        kind, start, n, meta = entry
         if kind == "plain":
-            return tensors[0]
-        q = _quant()
+            return self._saved[start]
+        tensors = self._saved[start : start + n]
+        q = _QUANT or _quant()
         if kind == "quant":
             return q.dequantize(q.QuantizedTensor.restore(tensors, meta), backend=self._backend)
         if kind == "quant_rows":
@@ -300,4 +381,4 @@ class TensorLoad:
         raise RuntimeError(f"hyclora internal error: unknown storage kind {kind!r}")
 
 
-__all__ = ["StoragePolicy", "TensorStore", "TensorLoad", "LAYER_TYPES", "COMPRESSING_TYPES"]
+__all__ = ["StoragePolicy", "TensorStore", "TensorLoad", "Manifest", "LAYER_TYPES", "COMPRESSING_TYPES"]
