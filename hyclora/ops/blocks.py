@@ -136,14 +136,19 @@ def _linear_params(lin: Sequence, i: int):
 
 
 def _check_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor):
-    if norm_w.numel() == 0 or any(p is not None and p.numel() == 0 for p in lin):
+    empty = norm_w.numel() == 0
+    for p in lin:  # a plain loop: this runs twice per layer and step (host time)
+        if p is not None and p.numel() == 0:
+            empty = True
+    if empty:
         # ZeRO-3 partitions parameters to empty tensors outside their own module's forward.
         raise RuntimeError(
             f"hyclora: {plan.layer_name} got an empty parameter (a ZeRO-3 partitioned parameter that "
             "was not gathered?). Register the decoder layer as a ZeRO-3 leaf module."
         )
     for i, meta in enumerate(plan.linears):
-        weight, _, lora_a, lora_b = _linear_params(lin, i)
+        base = PARAMS_PER_LINEAR * i
+        weight, lora_a, lora_b = lin[base], lin[base + 2], lin[base + 3]
         if weight.requires_grad:
             raise ValueError(
                 f"hyclora: {plan.layer_name}.{meta.name} has a trainable base weight; hyclora "

@@ -87,7 +87,7 @@ class OutlierRows:
         k = -(-n // ROW_OUTLIER_EVERY)
         if n < 2 * k + 1 or n < 16:
             return None
-        with torch.no_grad():
+        with (_QUANT or _quant()).core.no_grad():
             score = x2d.abs().amax(1)
             idx = score.topk(k).indices
             if not clean:
@@ -302,7 +302,7 @@ class TensorStore:
         self._tensors.extend(tensors)
         index[name] = (kind, start, len(tensors), meta)
         if describe:
-            self._described.append((name, kind, tuple((t.shape, t.dtype) for t in tensors if t is not None)))
+            self._described.append((name, kind, [(t.shape, t.dtype) for t in tensors if t is not None]))
 
     def plain(self, name: str, t: Optional[torch.Tensor], describe: bool = True):
         if name in self._index:

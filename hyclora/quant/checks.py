@@ -23,6 +23,8 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .core import no_grad
+
 _FIX = (
     "The forward already diverged here; lower the learning rate, enable gradient clipping, or "
     "train in bf16 instead of fp16 (overflow). To skip this check, set "
@@ -80,7 +82,7 @@ class FiniteGuard:
         _check_tensor(x, where)
         if not x.is_floating_point() or x.numel() == 0:
             return
-        with torch.no_grad():
+        with no_grad():
             flag = torch.isfinite(x.detach()).all()
         self._pending.append(_Pending(order, self._seq, flag, where, tuple(x.shape), x.dtype))
         self._seq += 1

@@ -47,12 +47,23 @@ group (fp32 lo and step) = +1 bit/element at G = 64.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+_GRAD_ALREADY_OFF = contextlib.nullcontext()
+
+
+def no_grad():
+    """``torch.no_grad()`` where grad mode is on; a shared no-op context where it is already off
+    (inside an autograd Function's forward/backward, where these functions mostly run: entering
+    ``torch.no_grad`` costs several Python calls of host time each time)."""
+    return torch.no_grad() if torch.is_grad_enabled() else _GRAD_ALREADY_OFF
+
 
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -104,8 +115,21 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_RESOLVED_BACKENDS = {}  # (backend, device type) -> answer, for the answers that cannot change
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> Triton for CUDA tensors, torch otherwise; 'triton' on CPU needs the interpreter."""
+    known = _RESOLVED_BACKENDS.get((backend, device.type))
+    if known is not None:  # runs once per quantise/dequantise call: skip the checks (host time)
+        return known
+    resolved = _resolve_backend(backend, device)
+    if backend == "auto" or device.type == "cuda" or resolved == "torch":
+        _RESOLVED_BACKENDS[(backend, device.type)] = resolved  # not the env-dependent 'triton' on CPU
+    return resolved
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: use one of {BACKENDS}.")
     if backend == "auto":
@@ -416,7 +440,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
         if stats.frozen and not explicit_outliers:
             # steady state after calibration: cached parameters, one kernel + one gather
             lo, step, inv_step, outlier_idx = stats.frozen_params(bits)
-            with torch.no_grad():
+            with no_grad():
                 outlier_vals = None if outlier_idx is None else x2d.index_select(1, outlier_idx)
                 codes = _pack(x2d, lo, inv_step, bits, None, backend)
             return QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
@@ -425,13 +449,13 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
             outlier_idx = stats.select_outliers(x2d, update=update)
         lo, hi = stats.range_for(x2d, update=update, backend=backend)
     elif group_size is None:
-        with torch.no_grad():
+        with no_grad():
             lo, hi = column_minmax(x2d, backend)
     else:
-        with torch.no_grad():
+        with no_grad():
             lo, hi = _group_range(x2d, group_size, outlier_idx)
 
-    with torch.no_grad():
+    with no_grad():
         lo, step, inv_step = affine_params(lo, hi, bits)
         outlier_vals = None
         if outlier_idx is not None:
@@ -453,7 +477,7 @@ def dequantize(q: QuantizedTensor, *, backend: str = "auto") -> Tensor:
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}.")
     backend = resolve_backend(backend, q.codes.device)
     n = q.width
-    with torch.no_grad():
+    with no_grad():
         if backend == "triton":
             from . import triton_kernels
 
