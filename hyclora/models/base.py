@@ -230,19 +230,19 @@ class LlamaFamilyAdapter:
         return (norm1, norm2) + cached[1]
 
     def _setup(self, layer: nn.Module, patch: _Patch, cfg, impl: str):
-        """Geometry, S²-Attn group and storage policy, checked and built once per (config object,
-        attention implementation, S²-Attn group); ``check_config`` runs whenever they are rebuilt."""
+        """Geometry, S²-Attn group and storage policy, checked and built once per (model config
+        object, attention implementation, S²-Attn group, hyclora knobs); ``check_config`` runs
+        whenever they are rebuilt."""
         s2 = (getattr(cfg, "s2attn_group_ratio", None), getattr(cfg, "s2attn_group_size", None))
-        key = (id(cfg), id(layer.self_attn), impl, s2)
+        config = patch.config
+        knobs = (config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
+                 getattr(config, "attention_probs", "auto"))  # a HyCLoRAConfig changed in place counts
+        key = (id(cfg), id(layer.self_attn), impl, s2, knobs)
         cached = patch.setup
         if cached is not None and cached[0] == key:
             return cached[1]
         self.check_config(cfg)
-        config = patch.config
-        policy = StoragePolicy(
-            config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
-            probs=getattr(config, "attention_probs", "auto"),
-        )
+        policy = StoragePolicy(*knobs[:4], probs=knobs[4])
         value = (self._geometry(layer), s2, policy)
         patch.setup = (key, value)
         return value
