@@ -11,8 +11,11 @@ Methods (``--methods``):
 
 * ``peft_gc``: PEFT LoRA + HF gradient checkpointing (non-reentrant), full causal attention (sdpa).
 * ``peft_s2_gc``: the same with S²-Attn: LongLoRA itself, for reference.
-* ``hyclora_s2``: hyclora ``intra_inter`` at ``--bits`` (2) + S²-Attn, no checkpointing.
-* ``hyclora_s2_gc``: hyclora + S²-Attn + gradient checkpointing.
+* ``hyclora_s2``: hyclora ``--layer_type`` (``intra_inter``) at ``--bits`` (2) + S²-Attn, no checkpointing.
+* ``hyclora_s2_gc``: hyclora + S²-Attn + gradient checkpointing. ``--gc_boundary_bits 8`` (or 4) keeps
+  the checkpointed layer inputs quantised (per-channel ranges + 1% exact outlier channels), like
+  hyclora keeps ``x_in``, instead of exactly: at 7B/32k the exact bf16 boundaries alone are
+  32 x 32k x 4096 x 2 B = 8 GiB (hyclora.integrations.checkpointing.compressed_checkpoint).
 * ``liger_gc``: Liger kernels (RoPE, SwiGLU, RMSNorm) + gradient checkpointing, only when
   ``liger_kernel`` imports (else a row says why it was skipped). Liger patches transformers'
   Llama functions process-wide, so it always runs last.
@@ -39,6 +42,7 @@ Writes ``longseq.md`` (tables) and ``longseq.csv`` / ``longseq_search.csv`` unde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import os
@@ -120,7 +124,12 @@ def build_model(args, device, dtype):
 
     from hyclora.integrations.longseq import longlora_lora_config
 
-    if args.smoke:
+    if args.smoke and args.cpu_shape:
+        hidden, ffn, layers, vocab = args.cpu_shape
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=max(2, hidden // 32), num_key_value_heads=max(2, hidden // 32),
+                          vocab_size=vocab, max_position_embeddings=4096)
+    elif args.smoke:
         cfg = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096)
     else:
@@ -172,8 +181,16 @@ class Method:
                                         fused_linear_cross_entropy=False, model=inner)
         if self.gc:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        bits = getattr(self.args, "gc_boundary_bits", 0)
+        if self.gc and self.hyclora and bits:
+            from hyclora.integrations.checkpointing import enable_activation_checkpointing
+
+            # hyclora's GC keeps the layer inputs like hyclora keeps x_in: quantised (+ exact outlier channels)
+            enable_activation_checkpointing(model, backend="torch", boundary_bits=bits)
         if self.hyclora:
-            apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=self.args.bits, iteration_threshold=1))
+            apply_hyclora(model, HyCLoRAConfig(layer_type=getattr(self.args, "layer_type", "intra_inter"),
+                                               q_bit=self.args.bits, iteration_threshold=1,
+                                               kernel_backend=getattr(self.args, "kernel_backend", "auto")))
         if self.s2:
             enable_s2attn(model, group_ratio=self.args.group_ratio)
 
@@ -208,7 +225,8 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int) -> Dict:
+def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int,
+              live_peak: bool = False) -> Dict:
     """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
     row: Dict = {"method": method.name, "context": ctx, "status": "ok", "tokens_per_s": float("nan"),
                  "step_s": float("nan"), "peak_gib_above_static": float("nan"), "static_gib": float("nan")}
@@ -221,7 +239,9 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
             loss = loss_fn(ids)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            return loss
+            # detached: the previous step's graph (and any leaf .grad it reaches) must not stay
+            # alive through the next step's peak
+            return loss.detach()
 
         loss = None
         for _ in range(warmup):
@@ -232,12 +252,20 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
             torch.cuda.reset_peak_memory_stats()
             static = torch.cuda.memory_allocated()
         times = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+        tracker = None
+        if live_peak and device != "cuda" and steps:
+            from hyclora.memory import track_live_tensors
+
+            tracker = track_live_tensors(snapshot=False)  # CPU: peak of live tensor bytes (hyclora.memory)
+        with tracker if tracker is not None else contextlib.nullcontext() as live:
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                loss = step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        if live is not None:
+            row["peak_gib_above_static"] = live.report.peak_bytes / 2**30
         if loss is not None and not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"non-finite loss {float(loss)}")
         if times:
@@ -274,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search_step", type=int, default=4096)
     p.add_argument("--max_context", type=int, default=262144)
     p.add_argument("--bits", type=int, default=2, choices=[2, 4, 8])
+    p.add_argument("--layer_type", default="intra_inter", choices=["intra", "intra_inter", "intra_inter_full_fuse"],
+                   help="hyclora layer_type of the hyclora methods")
+    p.add_argument("--kernel_backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="hyclora kernel_backend (triton on CPU needs TRITON_INTERPRET=1)")
+    p.add_argument("--gc_boundary_bits", type=int, default=0, choices=[0, 2, 4, 8],
+                   help="hyclora *_gc methods: keep the checkpointed layer inputs at this many bits "
+                        "(+1%% exact outlier channels) instead of exactly; 0 = exact (plain HF checkpointing)")
+    p.add_argument("--live_peak", action="store_true",
+                   help="CPU: report the peak of live tensor bytes of the timed steps (hyclora.memory."
+                        "track_live_tensors) as 'peak above static'")
+    p.add_argument("--cpu_shape", type=lambda t: tuple(_ints(t)), default=None,
+                   help="with --smoke: hidden,ffn,layers,vocab of a scale model (e.g. 256,688,4,2048), run at "
+                        "--contexts without search")
+    p.add_argument("--cpu_bf16", action="store_true", help="CPU runs in bf16 (as the GPU does) instead of fp32")
+    p.add_argument("--ce_chunk", type=int, default=0, help="tokens per chunk of the chunked CE (0: auto)")
     p.add_argument("--group_ratio", type=float, default=0.25)
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=1)
@@ -290,8 +333,10 @@ def main(argv=None) -> Dict[str, list]:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     methods.sort(key=lambda m: m.startswith("liger"))  # Liger patches process-wide: last
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if args.smoke:
+    dtype = torch.float32 if device == "cpu" and not args.cpu_bf16 else torch.bfloat16
+    if args.smoke and args.cpu_shape:
+        args.search = False  # a scale model for --live_peak: run the given --contexts only
+    elif args.smoke:
         args.contexts, args.search_step, args.max_context = [64], 64, 128
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +345,7 @@ def main(argv=None) -> Dict[str, list]:
     from hyclora.integrations.longseq import CausalLMChunkedLoss
 
     model, cfg = build_model(args, device, dtype)
-    loss_fn = CausalLMChunkedLoss(model)
+    loss_fn = CausalLMChunkedLoss(model, chunk_size=args.ce_chunk or None)
     if device == "cuda":
         _clear(device)
         print(f"model built in {time.perf_counter() - t_start:.0f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated "
@@ -335,11 +380,12 @@ def main(argv=None) -> Dict[str, list]:
                 rows.append({"method": name, "context": ctx, "status": "skipped (time budget)"})
                 continue
             t0 = time.perf_counter()
-            row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size)
+            row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size,
+                            live_peak=args.live_peak)
             last = (ctx, time.perf_counter() - t0)
             rows.append(row)
             print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "
-                  f"peak {row['peak_gib_above_static']:7.2f} GiB above static", flush=True)
+                  f"peak {row['peak_gib_above_static']:8.4f} GiB above static", flush=True)
         if not args.search:
             continue
         ran = [r for r in rows if r["method"] == name and r["status"] in ("ok", "OOM")]
@@ -395,16 +441,18 @@ def write_outputs(out_dir: Path, rows, searches, notes, args, gpu: str, seconds:
         f"# Long-context LoRA step ({'tiny smoke model' if args.smoke else 'Llama-2-7B shape, random bf16'}, "
         f"bs 1, LoRA r={args.lora_r} on 7 linears + embeddings/norms; {gpu}; {seconds:.0f} s)",
         "",
-        f"hyclora: intra_inter {args.bits}-bit; S²-Attn group ratio {args.group_ratio}; chunked CE for every method; "
+        f"hyclora: {args.layer_type} {args.bits}-bit (kernel backend {args.kernel_backend}), GC boundaries "
+        f"{str(args.gc_boundary_bits) + '-bit' if args.gc_boundary_bits else 'exact'}; S²-Attn group ratio {args.group_ratio}; chunked CE for every method; "
         f"{args.warmup} warm-up + {args.steps} timed step(s) per point. Peak = max allocated during the timed "
-        "steps minus what was allocated before them (weights, LoRA, trainable copies).",
+        "steps minus what was allocated before them (weights, LoRA, trainable copies)"
+        + ("; CPU: peak of live tensor bytes (hyclora.memory.track_live_tensors)." if args.live_peak else "."),
         "",
         "| method | context | status | tokens/s | step s | peak GiB above static |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['context']} | {r['status']} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
-                     f"{_fmt(r.get('step_s'), '.2f')} | {_fmt(r.get('peak_gib_above_static'), '.2f')} |")
+                     f"{_fmt(r.get('step_s'), '.2f')} | {_fmt(r.get('peak_gib_above_static'), '.4f')} |")
     if searches:
         lines += ["", f"Longest context that fits (one step; doubling, then bisection in steps of {args.search_step}, "
                   f"up to {args.max_context}):", "", "| method | longest fit | first OOM | search | probes |",

@@ -10,6 +10,13 @@ Two independent measurements, neither relying on hyclora's own bookkeeping:
 * On CUDA, ``allocator_delta`` reads ``torch.cuda.memory_allocated`` before and after each
   decoder layer's forward; what a layer leaves allocated, minus its output, is what it buffers.
 
+* ``measure_live_peak`` / ``track_live_tensors`` (any device, CPU included): a
+  ``TorchDispatchMode`` that sees every tensor an aten op allocates during a forward+backward
+  and follows each new storage until it is freed, giving the peak of *live* tensor bytes (what
+  ``max_memory_allocated`` measures on CUDA, minus allocator rounding and workspaces) and a
+  snapshot of the largest tensors alive at that peak, with the op, the phase (forward /
+  backward) and the decoder layer that created them.
+
 ``theoretical_bytes_per_token`` gives the analytic count of the bytes a decoder layer keeps
 per token for each layer_type and q_bit (the HyC-LoRA paper's Table 9 counting rule, extended
 with the small tensors the paper leaves out).
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -175,6 +183,199 @@ def allocator_delta(
         for handle in handles:
             handle.remove()
     return loss, deltas
+
+
+# -- live tensor bytes (peak memory on any device) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    """One storage alive at the peak: bytes, the shape/dtype of the tensor that created it, the
+    aten op, and where it was created (``phase``: ``fwd``/``bwd``; ``region``: decoder layer
+    index or ``"other"``; ``tag``: the tracker's user tag at that moment)."""
+
+    nbytes: int
+    shape: tuple
+    dtype: torch.dtype
+    op: str
+    phase: str
+    region: object
+    tag: Optional[str] = None
+
+
+@dataclass
+class LivePeakReport:
+    """What :func:`track_live_tensors` saw. Bytes count only storages created inside the tracker
+    (weights, parameters and anything allocated before it are the "static" part)."""
+
+    peak_bytes: int = 0
+    peak_op: str = ""
+    peak_phase: str = ""
+    peak_region: object = None
+    peak_tag: Optional[str] = None
+    end_bytes: int = 0
+    ops: int = 0
+    at_peak: List[LiveTensor] = field(default_factory=list)
+    # storages created inside the tracker and still alive when it closed (leaks, gradients)
+    at_end: List[LiveTensor] = field(default_factory=list)
+    # max live bytes while ops of each (phase, region) ran
+    per_phase_peak: Dict[tuple, int] = field(default_factory=dict)
+    # max live bytes while ops ran under each tracker tag (None: untagged)
+    per_tag_peak: Dict[Optional[str], int] = field(default_factory=dict)
+
+    def top(self, n: int = 10) -> List[LiveTensor]:
+        return sorted(self.at_peak, key=lambda t: -t.nbytes)[:n]
+
+    def grouped(self, key: Callable[[LiveTensor], object] = lambda t: (t.phase, t.region)) -> Dict[object, int]:
+        """Bytes alive at the peak, summed per ``key`` (default: creating phase and layer)."""
+        out: Dict[object, int] = {}
+        for t in self.at_peak:
+            k = key(t)
+            out[k] = out.get(k, 0) + t.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def summary(self, n: int = 12) -> str:
+        lines = [f"peak {format_bytes(self.peak_bytes)} at {self.peak_op} ({self.peak_phase}, region "
+                 f"{self.peak_region}{', ' + self.peak_tag if self.peak_tag else ''}); "
+                 f"{len(self.at_peak)} storages alive; {format_bytes(self.end_bytes)} alive at the end"]
+        lines.append("alive at the peak by (phase, region) of creation:")
+        for k, v in list(self.grouped().items())[:n]:
+            lines.append(f"  {str(k):24s} {format_bytes(v)}")
+        lines.append("largest tensors alive at the peak:")
+        for t in self.top(n):
+            lines.append(f"  {format_bytes(t.nbytes):>10s} {str(tuple(t.shape)):22s} {str(t.dtype):15s} "
+                         f"{t.op:40s} {t.phase} {t.region}{' ' + t.tag if t.tag else ''}")
+        return "\n".join(lines)
+
+
+def _live_dispatch_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class _LiveTensorMode(TorchDispatchMode):
+        def __init__(self, report: LivePeakReport, region: List[object], snapshot: bool):
+            super().__init__()
+            self.report = report
+            self.region = region
+            self.snapshot = snapshot
+            self.tag: Optional[str] = None
+            self.live: Dict[int, LiveTensor] = {}
+            self.current = 0
+            self._finalizers = []
+
+        def _free(self, key: int) -> None:
+            info = self.live.pop(key, None)
+            if info is not None:
+                self.current -= info.nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            report = self.report
+            report.ops += 1
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if not outs:
+                return out
+            inputs = set()
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor):
+                    try:
+                        inputs.add(id(t.untyped_storage()))
+                    except (RuntimeError, NotImplementedError):
+                        pass
+            phase = "bwd" if torch._C._current_graph_task_id() != -1 else "fwd"
+            region = self.region[-1]
+            grew = False
+            for t in outs:
+                if t.device.type == "meta":
+                    continue
+                try:
+                    storage = t.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                key = id(storage)
+                # views and in-place/out= results share an input's storage: not an allocation
+                if key in inputs or key in self.live:
+                    continue
+                nbytes = storage.nbytes()
+                if nbytes == 0:
+                    continue
+                self.live[key] = LiveTensor(nbytes, tuple(t.shape), t.dtype, str(func.overloadpacket.__name__),
+                                            phase, region, self.tag)
+                self.current += nbytes
+                self._finalizers.append(weakref.finalize(storage, self._free, key))
+                grew = True
+            slot = (phase, region)
+            if self.current > report.per_phase_peak.get(slot, -1):
+                report.per_phase_peak[slot] = self.current
+            if self.current > report.per_tag_peak.get(self.tag, -1):
+                report.per_tag_peak[self.tag] = self.current
+            if grew and self.current > report.peak_bytes:
+                report.peak_bytes = self.current
+                report.peak_op = str(func.overloadpacket.__name__)
+                report.peak_phase, report.peak_region, report.peak_tag = phase, region, self.tag
+                if self.snapshot:
+                    report.at_peak = list(self.live.values())
+            if len(self._finalizers) > 4096:
+                self._finalizers = [f for f in self._finalizers if f.alive]
+            return out
+
+        def close(self) -> None:
+            self.report.end_bytes = self.current
+            self.report.at_end = list(self.live.values())
+            for f in self._finalizers:
+                f.detach()
+            self._finalizers = []
+
+    return _LiveTensorMode
+
+
+@contextlib.contextmanager
+def track_live_tensors(
+    model: Optional[torch.nn.Module] = None,
+    layers: Optional[List[torch.nn.Module]] = None,
+    snapshot: bool = True,
+):
+    """Context manager yielding a tracker whose ``.report`` (:class:`LivePeakReport`) holds the
+    peak of live tensor bytes allocated by aten ops inside the context, forward and backward.
+
+    Every op output whose storage is new (not an input's: views, in-place and ``out=`` results
+    are not allocations) is added once per storage, and subtracted when the storage is freed
+    (``weakref.finalize`` on the storage). Storages created before the context are not counted.
+    ``model`` (or ``layers``) attributes each allocation to the decoder layer running it
+    (checkpoint recomputes included); ``tracker.tag = "..."`` labels what follows. With
+    ``snapshot`` the storages alive at the peak are kept in ``report.at_peak``. Runs on any
+    device; ops in other threads (e.g. CUDA autograd worker threads) are seen because torch
+    propagates the dispatch mode to the autograd engine.
+    """
+    report = LivePeakReport()
+    mode_cls = _live_dispatch_mode_class()
+    if layers is None and model is not None:
+        layers = find_decoder_layers(model)
+    tracker_ctx = _region_tracker(layers) if layers else contextlib.nullcontext([OTHER])
+    with tracker_ctx as current:
+        mode = mode_cls(report, current, snapshot)
+        try:
+            with mode:
+                yield mode
+        finally:
+            mode.close()
+
+
+def measure_live_peak(
+    run: Callable[[], object],
+    model: Optional[torch.nn.Module] = None,
+    layers: Optional[List[torch.nn.Module]] = None,
+    snapshot: bool = True,
+):
+    """Run ``run()`` (e.g. a forward + ``loss.backward()``) under :func:`track_live_tensors`.
+
+    Returns ``(result, LivePeakReport)``. The CPU counterpart of ``max_memory_allocated`` minus
+    what was allocated before.
+    """
+    with track_live_tensors(model, layers, snapshot) as tracker:
+        result = run()
+    return result, tracker.report
 
 
 # -- theory ---------------------------------------------------------------------------------
@@ -342,6 +543,10 @@ __all__ = [
     "measure_saved_tensors",
     "count_saved_tensors",
     "allocator_delta",
+    "LiveTensor",
+    "LivePeakReport",
+    "track_live_tensors",
+    "measure_live_peak",
     "find_decoder_layers",
     "LayerShape",
     "theoretical_bytes_per_token",

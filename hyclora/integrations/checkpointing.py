@@ -19,12 +19,23 @@ The hook point is transformers' ``GradientCheckpointingLayer.__call__``, which r
 ``self._gradient_checkpointing_func`` when ``self.gradient_checkpointing`` is set and the model is
 training. Do not also pass ``gradient_checkpointing=True`` to ``TrainingArguments``: the Trainer
 would call ``gradient_checkpointing_enable`` and overwrite this choice.
+
+Compressed boundaries (``boundary_bits``, torch backend, non-reentrant): with every layer
+checkpointed, the layer inputs are what stays alive through the whole step (for Llama-2-7B at
+32k tokens, 32 x 32k x 4096 x 2 B = 8 GiB in bf16), more than everything else together. The
+boundary is the same tensor hyclora already stores quantised as the layer's ``x_in``, so
+:func:`compressed_checkpoint` keeps it the same way: per-channel ranges at ``boundary_bits``
+with the largest channels (``boundary_outlier_ratio``) kept exactly, and recomputes the layer in
+the backward from the dequantised input. The forward and the loss are unchanged (the first pass
+sees the exact input); the backward of each checkpointed layer sees an approximate input, like
+every other activation hyclora compresses. The residual path's gradient (the identity) is exact.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional
+import math
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -39,6 +50,75 @@ from .deepspeed import (
 )
 
 BACKENDS = ("torch", "deepspeed")
+BOUNDARY_BITS = (2, 4, 8)
+
+
+class BoundaryCodec:
+    """Lossy storage of a checkpoint boundary (a decoder layer's input ``(..., d)``).
+
+    Per-channel min/max ranges of this tensor at ``bits`` (zero point, packed codes) and the
+    ``ceil(outlier_ratio * d)`` channels of largest magnitude kept exactly: the residual stream
+    of a trained Llama has a few massive channels that would otherwise set every range (the
+    layout hyclora uses for its ``x_in``; see ``hyclora.quant.core`` on granularity).
+    """
+
+    def __init__(self, bits: int = 8, outlier_ratio: float = 0.01, backend: str = "auto") -> None:
+        if isinstance(bits, bool) or bits not in BOUNDARY_BITS:
+            raise ValueError(f"boundary_bits={bits!r} is invalid: expected one of {BOUNDARY_BITS}.")
+        if isinstance(outlier_ratio, bool) or not isinstance(outlier_ratio, (int, float)) or not 0.0 <= outlier_ratio < 1.0:
+            raise ValueError(f"boundary_outlier_ratio={outlier_ratio!r} is invalid: expected a number in [0, 1).")
+        self.bits, self.outlier_ratio, self.backend = int(bits), float(outlier_ratio), backend
+
+    def compress(self, x: torch.Tensor):
+        from hyclora.quant import quantize
+
+        with torch.no_grad():
+            x2d = x.detach().reshape(-1, x.shape[-1])
+            k = min(x2d.shape[1] - 1, math.ceil(self.outlier_ratio * x2d.shape[1]))
+            idx = None
+            if k > 0:
+                lo, hi = torch.aminmax(x2d, dim=0)  # no (s, d) temporary
+                mag = torch.maximum(hi.float(), lo.float().neg())
+                idx = torch.topk(mag, k).indices.sort().values
+            return quantize(x.detach(), self.bits, outlier_idx=idx, backend=self.backend)
+
+    def restore(self, q) -> torch.Tensor:
+        from hyclora.quant import dequantize
+
+        return dequantize(q, backend=self.backend)
+
+
+def compressed_checkpoint(function: Callable, *args, codec: Optional[BoundaryCodec] = None, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)`` that keeps the
+    first positional argument (the layer input) compressed by ``codec`` instead of exactly.
+
+    The forward runs on the exact input; the recompute in the backward runs on its
+    reconstruction (same shape/dtype/requires_grad, so the recomputed saved tensors match the
+    forward's metadata). Gradients reach the real input through the forward's graph, as with
+    plain non-reentrant checkpointing. Without grad, or when the first argument is not a
+    floating tensor, this is plain non-reentrant checkpointing.
+    """
+    import torch.utils.checkpoint
+
+    codec = codec or BoundaryCodec()
+    kwargs.pop("use_reentrant", None)
+    if not args or not torch.is_tensor(args[0]) or not args[0].is_floating_point() or not torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+    packed = codec.compress(args[0])
+    needs_grad = args[0].requires_grad
+    holder = [args[0]]  # dropped after the first call: the closure must not keep the exact input
+    rest = args[1:]
+    del args
+
+    def run(*inner_args, **inner_kwargs):
+        if holder[0] is not None:
+            x = holder[0]
+            holder[0] = None
+        else:  # the recompute inside the backward
+            x = codec.restore(packed).requires_grad_(needs_grad)
+        return function(x, *inner_args, **inner_kwargs)
+
+    return torch.utils.checkpoint.checkpoint(run, *rest, use_reentrant=False, **kwargs)
 
 
 def checkpointed_indices(num_layers: int, every_k: int) -> List[int]:
@@ -71,6 +151,8 @@ def enable_activation_checkpointing(
     backend: str = "torch",
     ds_config: Optional[ConfigLike] = None,
     use_reentrant: Optional[bool] = None,
+    boundary_bits: Optional[int] = None,
+    boundary_outlier_ratio: float = 0.01,
     **ds_overrides: Any,
 ) -> Dict[str, Any]:
     """Checkpoint every ``every_k``-th decoder layer of ``model`` (a transformers model, a PEFT
@@ -87,8 +169,13 @@ def enable_activation_checkpointing(
     embeddings under LoRA do not produce, so input gradients are switched on
     (``enable_input_require_grads``) for the reentrant variants.
 
-    Returns a summary: backend, reentrant, every_k, checkpointed layer indices, and (DeepSpeed) the
-    applied ``activation_checkpointing`` settings.
+    ``boundary_bits`` (2, 4 or 8; torch backend, non-reentrant only): keep each checkpointed
+    layer's input compressed (:class:`BoundaryCodec`, ``boundary_outlier_ratio`` of the channels
+    exact) instead of exactly, see :func:`compressed_checkpoint`. The forward is unchanged; the
+    backward recomputes each layer from its reconstructed input.
+
+    Returns a summary: backend, reentrant, every_k, checkpointed layer indices, boundary_bits, and
+    (DeepSpeed) the applied ``activation_checkpointing`` settings.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
@@ -104,7 +191,16 @@ def enable_activation_checkpointing(
             "(transformers GradientCheckpointingLayer): activation checkpointing cannot be enabled."
         )
     chosen = checkpointed_indices(len(layers), every_k)
-    summary: Dict[str, Any] = {"backend": backend, "every_k": every_k, "layers": chosen}
+    summary: Dict[str, Any] = {"backend": backend, "every_k": every_k, "layers": chosen,
+                               "boundary_bits": boundary_bits}
+    codec = None
+    if boundary_bits is not None:
+        if backend != "torch" or use_reentrant:
+            raise ValueError(
+                "boundary_bits (compressed checkpoint boundaries) needs backend='torch' with "
+                "non-reentrant checkpointing (use_reentrant False or None)."
+            )
+        codec = BoundaryCodec(boundary_bits, boundary_outlier_ratio)
 
     if backend == "deepspeed":
         import deepspeed
@@ -126,7 +222,10 @@ def enable_activation_checkpointing(
         import torch.utils.checkpoint
 
         reentrant = False if use_reentrant is None else bool(use_reentrant)
-        func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=reentrant)
+        if codec is not None:
+            func = functools.partial(compressed_checkpoint, codec=codec)
+        else:
+            func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=reentrant)
     summary["reentrant"] = reentrant
 
     chosen_set = set(chosen)
@@ -157,6 +256,9 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
 
 __all__ = [
     "BACKENDS",
+    "BOUNDARY_BITS",
+    "BoundaryCodec",
+    "compressed_checkpoint",
     "checkpointed_indices",
     "disable_activation_checkpointing",
     "enable_activation_checkpointing",
