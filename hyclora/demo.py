@@ -146,7 +146,7 @@ def demo_finetune(steps: int = 400, out_dir: str = "runs/demo"):
     print(f"\nFine-tuning a small random Llama ({DEMO_MODEL['num_hidden_layers']} layers, hidden "
           f"{DEMO_MODEL['hidden_size']}) with LoRA r=16 on generated arithmetic")
     print(f"word problems, {steps} steps of 8 sequences, same seed and data. Exact match is strict/flexible")
-    print("(lm-eval rules) on 48 held-out problems; a random 2-layer base learns little arithmetic, so the")
+    print("(lm-eval rules) on 48 held-out problems; a random 4-layer base learns little arithmetic, so the")
     print("point is the parity of the two rows, not the accuracy.\n")
     header = (f"{'run':28s} {'buffered/step':>14s} {'tok/s':>8s} {'final train loss':>17s} "
               f"{'eval loss':>10s} {'EM strict':>10s} {'EM flexible':>12s}")
