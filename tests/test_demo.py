@@ -19,7 +19,9 @@ def test_demo_finetune_runs_both_rows_and_hyclora_buffers_less(tmp_path, capsys)
         assert report is not None and report.total > 0  # the step's buffered bytes were measured
         assert math.isfinite(metrics["eval_loss"]) and metrics["tokens_per_s"] > 0
         assert 0.0 <= metrics["gsm8k_exact_match_strict"] <= 1.0
-    lora_bytes, hy_bytes = results[0][2].total, results[1][2].total
-    assert hy_bytes < lora_bytes / 3, (hy_bytes, lora_bytes)  # 4-bit intra_inter: measured ~7x less per layer
+    # the decoder layers' buffers (the step's total also holds the embedding output and the LM
+    # head's logits, which hyclora leaves alone and whose size follows the batch's padded length)
+    lora_bytes, hy_bytes = (sum(r[2].layer_bytes()) for r in results)
+    assert hy_bytes < lora_bytes / 5, (hy_bytes, lora_bytes)  # 4-bit intra_inter: measured 7.9x less
     out = capsys.readouterr().out
     assert "buffered/step" in out and "hyclora intra_inter 4-bit" in out
