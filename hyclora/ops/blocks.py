@@ -418,7 +418,12 @@ def swiglu_epilogue_forward(plan: BlockPlan, store: TensorStore, g_out, u_out) -
 
 def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
     """Generator: first yields ``D`` rebuilt (or ``None`` when down_proj has no LoRA, which then
-    needs no input), then receives ``dD`` and yields ``(dG, dU)``."""
+    needs no input), then receives ``dD`` and yields ``(dG, dU)``.
+
+    Memory: the caller computes ``dD`` before starting this generator (it needs no activation),
+    so at most ``dD``, ``G``, ``U`` and ``D`` exist as ``(tokens, d_ff)`` tensors at once; SiLU(G)
+    is not kept beside them (the backward recomputes it chunk by chunk), and with a compressing
+    policy ``dU`` / ``dG`` are written into ``dD`` / ``G`` (fresh tensors owned here)."""
     pol, metas = plan.policy, plan.linears
     off = _MLP_LIN_OFFSET
 
@@ -433,13 +438,14 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
         sil = load.get("silu")
         hidden = load.get("hidden") if metas[2].has_lora else None
     else:
-        sil, hidden = silu_mul_forward(g, u)
-        if not metas[2].has_lora:
-            hidden = None
+        sil = None  # recomputed inside silu_mul_backward (bit-identical: same op on the same G)
+        hidden = silu_mul_forward(g, u)[1] if metas[2].has_lora else None
     dh = yield hidden
     del hidden
-    yield silu_mul_backward(dh, g, u, sil)
-
+    # dD (a fresh gradient) and, when rebuilt from compressed codes, G are owned here: the
+    # backward writes dU and dG into them. A baseline G is the saved tensor itself and must
+    # stay intact (retain_graph).
+    yield silu_mul_backward(dh, g, u, sil, inplace=pol.compress)
 
 
 class MLPBlockFn(torch.autograd.Function):
@@ -502,8 +508,23 @@ class MLPBlockFn(torch.autograd.Function):
             need_down = need[off + 2 * PARAMS_PER_LINEAR : off + 3 * PARAMS_PER_LINEAR]
             lin_grads[8:12], dg, du = fused_swiglu.fused_mlp_epilogue_backward(plan, load, dy, params, need_down)
         else:
+            # dD first (it needs no activation, so nothing of size (tokens, d_ff) is alive while its
+            # matmuls run), then G/U/D are rebuilt and down's LoRA-A gradient reads D.
+            base = off + 2 * PARAMS_PER_LINEAR
+            w_d, bias_d, a_d, b_d = (load.get(f"p{base + j}") for j in range(PARAMS_PER_LINEAR))
+            meta_d, xa_d, rng_d = plan.linears[2], load.get("xa_down"), load.get("rng_down")
+            dh, dbias, _, db = lora_linear_backward(
+                meta_d, dy, None, xa_d, w_d, bias_d, a_d, b_d, rng_state=rng_d, need_dx=True,
+                need_da=False, need_db=bool(need[base + 3]), need_dbias=bool(need[base + 1]))
             epilogue = swiglu_epilogue_backward(plan, load)
-            dh, lin_grads[8:12] = _linear_grads(ctx, plan, load, 2, "down", dy, next(epilogue), off)
+            hidden = next(epilogue)
+            da = None
+            if need[base + 2] and meta_d.has_lora:
+                _, _, da, _ = lora_linear_backward(
+                    meta_d, dy, hidden, xa_d, w_d, None, a_d, b_d, rng_state=rng_d,
+                    need_dx=False, need_da=True, need_db=False)
+            del hidden
+            lin_grads[8:12] = (None, dbias, da, db)
             dg, du = epilogue.send(dh)
             epilogue.close()
             del dh
