@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "compressed attention block runs it too)")
     g.add_argument("--group_ratio", type=float, default=0.25, help="S²-Attn group size as a fraction of seq_len")
     g.add_argument("--gradient_checkpointing", type=_str2bool, default=False)
+    g.add_argument("--checkpoint_boundary_bits", type=int, default=0, choices=[0, 2, 4, 8],
+                   help="with --gradient_checkpointing: keep the checkpointed layer inputs quantised at this "
+                        "width (1%% of channels exact); 8 is near lossless and let a 7B LoRA train 384k tokens "
+                        "on one H200 (BENCHMARKS.md); 0: exact")
     g.add_argument("--loss_chunk_tokens", type=int, default=None, help="tokens per LM-head loss chunk (default: auto)")
     HyCLoRAConfig.add_arguments(p)
     g = p.add_argument_group("data")
@@ -185,6 +189,12 @@ def apply_memory_features(args, model, hcfg):
     if args.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.checkpoint_boundary_bits:
+            from hyclora.integrations.checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model, backend="torch", boundary_bits=args.checkpoint_boundary_bits)
+    elif args.checkpoint_boundary_bits:
+        raise SystemExit("error: --checkpoint_boundary_bits needs --gradient_checkpointing true")
     if hcfg.use_hyclora:
         try:
             from hyclora.models import apply_hyclora
@@ -409,7 +419,8 @@ def main(argv=None) -> dict:
         "tokens_per_second": tokens_seen / elapsed if elapsed > 0 else None,
         "steady_tokens_per_second": steady,  # after the first step (warm-up excluded)
         "seq_len": args.seq_len, "rope_factor": rope_factor, "s2attn": args.s2attn,
-        "gradient_checkpointing": args.gradient_checkpointing, "hyclora": hcfg.to_dict() if hcfg.use_hyclora else None,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_boundary_bits": args.checkpoint_boundary_bits, "hyclora": hcfg.to_dict() if hcfg.use_hyclora else None,
         "num_processes": accelerator.num_processes, "trainable_parameters": n_train,
     }
     if args.eval_files:

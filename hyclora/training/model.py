@@ -257,6 +257,12 @@ def setup_activation_checkpointing(model, checkpointing: CheckpointingArguments,
     unknown = sorted(set(kwargs) - {"use_reentrant"})
     if unknown:
         raise ValueError(f"--gradient_checkpointing_kwargs {unknown}: only use_reentrant is supported here")
+    bits = checkpointing.checkpoint_boundary_bits or None
+    if bits and (mode == "deepspeed" or kwargs.get("use_reentrant")):
+        raise ValueError(
+            "--checkpoint_boundary_bits needs torch's non-reentrant checkpointing: use "
+            "--activation_checkpointing hf without use_reentrant (deepspeed.checkpointing keeps exact inputs)"
+        )
     if mode == "deepspeed":
         summary = enable_activation_checkpointing(
             model, every_k=checkpointing.checkpoint_every_k, backend="deepspeed",
@@ -265,6 +271,7 @@ def setup_activation_checkpointing(model, checkpointing: CheckpointingArguments,
     else:
         summary = enable_activation_checkpointing(
             model, every_k=checkpointing.checkpoint_every_k, backend="torch", use_reentrant=kwargs.get("use_reentrant"),
+            boundary_bits=bits,
         )
     training_args.gradient_checkpointing = False
     logger.info("activation checkpointing: %s", summary)

@@ -245,3 +245,21 @@ def test_glue_example_checkpointing_same_losses(tmp_path):
     assert ckpt["activation_checkpointing"]["layers"] == [0, 1] and "torch checkpointing" in ckpt["hyclora"]
     assert [x for _, x in ckpt["loss_history"]] == pytest.approx([x for _, x in plain["loss_history"]], abs=1e-6)
     assert len(plain["loss_history"]) == 3
+
+
+def test_checkpoint_boundary_bits_flag():
+    from hyclora.training.args import CheckpointingArguments
+    from hyclora.training.model import setup_activation_checkpointing
+
+    assert CheckpointingArguments(checkpoint_boundary_bits=8).checkpoint_boundary_bits == 8
+    with pytest.raises(ValueError, match="checkpoint_boundary_bits"):
+        CheckpointingArguments(checkpoint_boundary_bits=3)
+
+    class Args:  # deepspeed.checkpointing keeps exact inputs: a clear error, not a silent no-op
+        gradient_checkpointing = True
+        gradient_checkpointing_kwargs = {"use_reentrant": True}
+        deepspeed = None
+
+    with pytest.raises(ValueError, match="non-reentrant"):
+        setup_activation_checkpointing(None, CheckpointingArguments(activation_checkpointing="hf",
+                                                                    checkpoint_boundary_bits=8), Args())
