@@ -138,6 +138,12 @@ def test_hf_mode_same_losses_and_fewer_saved_bytes(tmp_path):
     print("saved bytes: none", none, "every layer", every, "every 2nd", half)
     # measured (2 x 64 tokens, 2 layers): each checkpointed layer keeps only its input
     assert every < half < none
+    # --checkpoint_boundary_bits 8: the kept layer inputs are quantised (1 byte + exact outliers
+    # instead of 4 bytes in fp32)
+    packed, summary8 = _saved_bytes(tmp_path, "p_hf8", "--activation_checkpointing", "hf",
+                                    "--checkpoint_boundary_bits", "8")
+    assert summary8["boundary_bits"] == 8 and summary8["layers"] == [0, 1]
+    assert packed < every
     assert none - every > 0.5 * none
 
 
