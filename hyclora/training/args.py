@@ -155,6 +155,16 @@ class CheckpointingArguments:
                           "boundaries (7B, 32k tokens: 8 -> 4 GiB); 4 costs accuracy. 0: exact."},
     )
 
+    chunked_lm_loss: bool = field(
+        default=False,
+        metadata={"help": "train with the LM loss computed in chunks through the LM head "
+                          "(hyclora.integrations.longseq.CausalLMChunkedLoss): the (tokens, vocab) logits, their "
+                          "fp32 upcast and their gradient never exist at once (Llama-2-7B at 4 x 1024 tokens: "
+                          "about 1 GiB). Same loss and gradients as the model's own loss; evaluation keeps the "
+                          "model's loss. Single process only (it calls the decoder and the LM head itself, which "
+                          "DDP/DeepSpeed wrappers would not see): use launch/longseq.py for distributed runs."},
+    )
+
     def __post_init__(self) -> None:
         if self.checkpoint_boundary_bits not in (0, 2, 4, 8) or isinstance(self.checkpoint_boundary_bits, bool):
             raise ValueError(f"--checkpoint_boundary_bits {self.checkpoint_boundary_bits!r}: expected 0 (exact), 2, 4 or 8")

@@ -139,6 +139,32 @@ def _should_evaluate_here(trainer) -> bool:
     return trainer.is_world_process_zero()
 
 
+def _chunked_loss_trainer():
+    """A Trainer whose TRAINING loss goes through hyclora's chunked cross-entropy (no full
+    logits); evaluation and prediction keep the model's own loss and logits."""
+    from transformers import Trainer
+
+    from hyclora.integrations.longseq import CausalLMChunkedLoss
+
+    class ChunkedLMLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not model.training or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            wrapper = getattr(self, "_chunked_loss", None)
+            if wrapper is None or wrapper.model is not model:
+                wrapper = self._chunked_loss = CausalLMChunkedLoss(model)
+            kwargs = dict(labels=inputs["labels"], attention_mask=inputs.get("attention_mask"),
+                          position_ids=inputs.get("position_ids"))
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                # what the model's own loss does with num_items_in_batch (gradient accumulation):
+                # the sum over this micro-batch's targets divided by the whole batch's count
+                return wrapper(inputs["input_ids"], reduction="sum", **kwargs) / num_items_in_batch
+            return wrapper(inputs["input_ids"], **kwargs)
+
+    return ChunkedLMLossTrainer
+
+
 def run_finetune(
     args: Union[FinetuneArgs, Sequence[str]],
     *,
@@ -176,7 +202,16 @@ def run_finetune(
     resume = _resolve_resume(t)
     memory = MemoryThroughputCallback()
     callbacks = [memory, HyCLoRAStateCallback(resume), *extra_callbacks]
-    trainer = Trainer(
+    trainer_class = Trainer
+    if args.checkpointing.chunked_lm_loss:
+        if t.world_size > 1 or t.deepspeed:
+            raise ValueError(
+                "--chunked_lm_loss runs in a single process in the Trainer examples (it calls the decoder and "
+                "the LM head itself, bypassing DDP/DeepSpeed's forward): drop it, or use launch/longseq.py, "
+                "whose accelerate loop prepares the chunked loss wrapper for distributed runs"
+            )
+        trainer_class = _chunked_loss_trainer()
+    trainer = trainer_class(
         model=model,
         args=t,
         train_dataset=data.train,
