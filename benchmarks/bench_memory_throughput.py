@@ -145,6 +145,8 @@ def main():
     parser.add_argument("--bits", default="2,4,8")
     parser.add_argument("--layer_types", default="baseline,intra,intra_inter")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds over the variants; tok/s = median over rounds (min/max in the CSV)")
     parser.add_argument("--warmup", type=int, default=6, help=">= iteration_threshold + 1")
     args = parser.parse_args()
 
@@ -165,26 +167,38 @@ def main():
         bs, seq = (int(v) for v in shape.split("x"))
         model, cfg = build_model(args, device, dtype, attn)
         ids = torch.randint(0, cfg.vocab_size, (bs, seq), device=device)
-        for variant in variants(bits, layer_types):
-            r = run_variant(model, variant, ids, device, args.steps, args.warmup)
-            r.update(attn=attn, shape=shape, gpu=gpu)
+        # --rounds > 1: the variants run in interleaved rounds (A B C A B C ...), so that drift of
+        # the host or the GPU over the run hits every variant alike; tok/s = median over rounds
+        per_variant = {}
+        for rnd in range(args.rounds):
+            for variant in variants(bits, layer_types):
+                r = run_variant(model, variant, ids, device, args.steps, args.warmup)
+                per_variant.setdefault(r["variant"], []).append(r)
+                print(f"{attn:5s} {shape:8s} {r['variant']:28s} peak {r['peak_gib']:7.2f} GiB  "
+                      f"{r['tok_s']:8.0f} tok/s  buffered/layer {r['buffered_layer_mib']:8.2f} MiB"
+                      + (f"  (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+        for name, results in per_variant.items():
+            r = dict(results[0])
+            speeds = [x["tok_s"] for x in results]
+            r.update(tok_s=statistics.median(speeds), tok_s_min=min(speeds), tok_s_max=max(speeds),
+                     peak_gib=max(x["peak_gib"] for x in results), rounds=len(results),
+                     attn=attn, shape=shape, gpu=gpu)
             rows.append(r)
-            print(f"{attn:5s} {shape:8s} {r['variant']:28s} peak {r['peak_gib']:7.2f} GiB  "
-                  f"{r['tok_s']:8.0f} tok/s  buffered/layer {r['buffered_layer_mib']:8.2f} MiB",
-                  flush=True)
         del model
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    print("\n| attn | bs x seq | variant | peak GiB above weights | x less than PEFT | tok/s | x PEFT speed | buffered MiB/layer |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| attn | bs x seq | variant | peak GiB above weights | x less than PEFT | tok/s | tok/s min-max over rounds "
+          "| x PEFT speed | buffered MiB/layer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if b["attn"] == r["attn"] and b["shape"] == r["shape"] and b["variant"] == "PEFT LoRA")
         less = base["peak_gib"] / r["peak_gib"] if r["peak_gib"] and r["peak_gib"] == r["peak_gib"] else float("nan")
         speed = r["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
         print(f"| {r['attn']} | {r['shape']} | {r['variant']} | {r['peak_gib']:.2f} | {less:.2f} | "
-              f"{r['tok_s']:.0f} | {speed:.2f} | {r['buffered_layer_mib']:.2f} |")
+              f"{r['tok_s']:.0f} | {r['tok_s_min']:.0f}-{r['tok_s_max']:.0f} | {speed:.2f} | "
+              f"{r['buffered_layer_mib']:.2f} |")
     path = out_dir / "memory_throughput.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))

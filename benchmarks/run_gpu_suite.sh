@@ -18,5 +18,5 @@ timeout 90 python3 benchmarks/bench_fused.py --shapes 4x512 --bits 2 4 --profile
   | tee "$OUT/bench_fused.log" | tail -40
 # 3. memory and tokens/s against PEFT LoRA and gradient checkpointing (same process)
 timeout 280 python3 benchmarks/bench_memory_throughput.py --shapes 4x512,1x4096 --eager_shapes 4x512 \
-  --layer_types "${LAYER_TYPES:-intra_inter,intra_inter_full_fuse}" --bits "${BITS:-2,4}" \
+  --layer_types "${LAYER_TYPES:-intra_inter,intra_inter_full_fuse}" --bits "${BITS:-2,4}" --rounds "${ROUNDS:-1}" \
   2>&1 | grep -v Warning | tee "$OUT/bench_mem.log" | tail -45
