@@ -54,7 +54,7 @@ from .attention import (
 )
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
 from .rope import apply_rope, rope_backward
 from .storage import StoragePolicy, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
@@ -201,7 +201,7 @@ def _normalised(x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -
     input costs one elementwise pass and no bytes, and carries the norm input's quantisation
     error, which its outlier channels and rows keep smaller than a separate copy's (measured on
     SmolLM2-135M: BENCHMARKS.md)."""
-    return weight * (x_hat.to(torch.float32) * rstd).to(x_hat.dtype)
+    return rmsnorm_from_rstd(x_hat, rstd, weight)
 
 
 def _norm_input(load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
