@@ -53,7 +53,8 @@ from .attention import (
     eager_attention_forward,
 )
 from . import fused_rmsnorm, fused_rope, fused_swiglu
-from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
+from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_first, lora_linear_forward,
+                   lora_reconstruct)
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
 from .rope import apply_rope, rope_backward
 from .storage import StoragePolicy, TensorLoad, TensorStore
@@ -169,9 +170,9 @@ _RNG = {n: f"rng_{n}" for n in _XA}
 
 def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
     if meta.has_lora:
-        store.plain(_XA.get(name) or f"xa_{name}", out.xa)
+        store.plain(_XA[name], out.xa)
         if out.rng_state is not None:
-            store.plain(_RNG.get(name) or f"rng_{name}", out.rng_state)
+            store.plain(_RNG[name], out.rng_state)
 
 
 def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
@@ -182,8 +183,8 @@ def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy,
     weight, bias, lora_a, lora_b = param(base), param(base + 1), param(base + 2), param(base + 3)
     need = ctx.needs_input_grad
     dx, dbias, da, db = lora_linear_backward(
-        meta, dy, x_hat, load.get(_XA.get(name) or f"xa_{name}"), weight, bias, lora_a, lora_b,
-        rng_state=load.get(_RNG.get(name) or f"rng_{name}"),
+        meta, dy, x_hat, load.get(_XA[name]), weight, bias, lora_a, lora_b,
+        rng_state=load.get(_RNG[name]),
         need_dx=True,
         need_da=bool(need[base + 2]),
         need_db=bool(need[base + 3]),
@@ -223,10 +224,6 @@ def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name
         x_hat = load.get(name)
     dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.param(2), need_dx=need[1], need_dweight=need[2])
     return (None if dx is None else dx + dy), dnorm
-
-
-def _save_params(store: TensorStore, params: Sequence, offset: int):
-    store.params(params, offset)
 
 
 # -- attention block ------------------------------------------------------------------------
@@ -280,7 +277,7 @@ class AttentionBlockFn(torch.autograd.Function):
         if plan.check_finite:
             check_finite(x, f"{plan.layer_name} (input of the decoder layer)")
         store = TensorStore()
-        _save_params(store, (None, None, norm_w) + (None, None, None) + tuple(lin), 0)
+        store.params((None, None, norm_w) + (None, None, None) + tuple(lin))
 
         if pol.fused:  # one pass: RMSNorm + Q+o(x_in)
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_in", "rstd1", x, norm_w)
@@ -455,7 +452,7 @@ class MLPBlockFn(torch.autograd.Function):
         ctx.plan = plan
         ctx.autocast = _autocast_state(x.device.type)
         store = TensorStore()
-        _save_params(store, (None, None, norm_w) + tuple(lin), 0)
+        store.params((None, None, norm_w) + tuple(lin))
 
         if plan.policy.fused:  # one pass: RMSNorm + Q+o(x_mid)
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_mid", "rstd2", x, norm_w)
@@ -511,20 +508,12 @@ class MLPBlockFn(torch.autograd.Function):
             # dD first (it needs no activation, so nothing of size (tokens, d_ff) is alive while its
             # matmuls run), then G/U/D are rebuilt and down's LoRA-A gradient reads D.
             base = off + 2 * PARAMS_PER_LINEAR
-            w_d, bias_d, a_d, b_d = (load.get(f"p{base + j}") for j in range(PARAMS_PER_LINEAR))
-            meta_d, xa_d, rng_d = plan.linears[2], load.get("xa_down"), load.get("rng_down")
-            dh, dbias, _, db = lora_linear_backward(
-                meta_d, dy, None, xa_d, w_d, bias_d, a_d, b_d, rng_state=rng_d, need_dx=True,
-                need_da=False, need_db=bool(need[base + 3]), need_dbias=bool(need[base + 1]))
+            dh, dbias, db, grad_a = lora_linear_backward_input_first(
+                plan.linears[2], dy, load.get("xa_down"), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
+                rng_state=load.get("rng_down"), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
+                need_dbias=bool(need[base + 1]))
             epilogue = swiglu_epilogue_backward(plan, load)
-            hidden = next(epilogue)
-            da = None
-            if need[base + 2] and meta_d.has_lora:
-                _, _, da, _ = lora_linear_backward(
-                    meta_d, dy, hidden, xa_d, w_d, None, a_d, b_d, rng_state=rng_d,
-                    need_dx=False, need_da=True, need_db=False)
-            del hidden
-            lin_grads[8:12] = (None, dbias, da, db)
+            lin_grads[8:12] = (None, dbias, grad_a(next(epilogue)), db)
             dg, du = epilogue.send(dh)
             epilogue.close()
             del dh

@@ -78,7 +78,6 @@ from .blocks import (
     _keep_linear_extras,
     _linear_grads,
     _linear_params,
-    _save_params,
 )
 from . import fused_swiglu
 from .lora import (
@@ -324,7 +323,7 @@ class EncoderAttentionBlockFn(torch.autograd.Function):
         if plan.check_finite:
             check_finite(x, f"{plan.layer_name} (input of the encoder layer)")
         store = TensorStore()
-        _save_params(store, (None, None, ln_w, ln_b, None) + tuple(lin), 0)
+        store.params((None, None, ln_w, ln_b, None) + tuple(lin))
 
         outs = [lora_linear_forward(metas[i], x, *_linear_params(lin, i)) for i in range(3)]
         if any(m.has_lora for m in metas[:3]):
@@ -383,13 +382,13 @@ class EncoderAttentionBlockFn(torch.autograd.Function):
         lin_grads = [None] * (PARAMS_PER_LINEAR * 4)
         mode = plan.attention_mode
 
-        ln_w = load.get("p2")
+        ln_w = load.param(2)
         dz1, dln_w, dln_b = layernorm_backward(
             dy, load.get("z1"), load.get("mean1"), load.get("rstd1"), ln_w,
             need_dz=True, need_dweight=bool(need[2]), need_dbias=bool(need[3]),
         )
         if dln_b is not None:
-            dln_b = dln_b.to(load.get("p3").dtype)
+            dln_b = dln_b.to(load.param(3).dtype)
         dh = dz1
         hid_mask = dropout_mask_again(load.get("rng_hidden"), dz1, plan.hidden_dropout)
         if hid_mask is not None:
@@ -399,7 +398,7 @@ class EncoderAttentionBlockFn(torch.autograd.Function):
         def rebuilt(i: int, name: str):
             val = load.get(name)
             if pol.reconstruct:
-                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.get(f"p{off + PARAMS_PER_LINEAR * i + 3}"))
+                val = lora_reconstruct(metas[i], val, load.get(f"xa_{name}"), load.param(off + PARAMS_PER_LINEAR * i + 3))
             return val.view(b, s, H, D).transpose(1, 2)
 
         q, k, v = (rebuilt(i, name) for i, name in enumerate(_QKV))
@@ -461,7 +460,7 @@ def gelu_epilogue_backward(plan: EncoderFFNPlan, load: TensorLoad):
     pol, metas = plan.policy, plan.linears
     u = load.get("up")
     if pol.reconstruct:
-        u = lora_reconstruct(metas[0], u, load.get("xa_up"), load.get(f"p{_ENC_FFN_LIN_OFFSET + 3}"))
+        u = lora_reconstruct(metas[0], u, load.get("xa_up"), load.param(_ENC_FFN_LIN_OFFSET + 3))
     act = None
     if metas[1].has_lora:
         act = load.get("hidden") if pol.store_elementwise else gelu_forward(u, plan.activation)
@@ -487,7 +486,7 @@ class EncoderFFNBlockFn(torch.autograd.Function):
         ctx.autocast = _autocast_state(x.device.type)
         metas = plan.linears
         store = TensorStore()
-        _save_params(store, (None, None, ln_w, ln_b) + tuple(lin), 0)
+        store.params((None, None, ln_w, ln_b) + tuple(lin))
 
         # full_fuse: base output and XA only; the fused kernel adds the LoRA term, quantises and
         # applies GELU in one pass, so the full U never reaches memory
@@ -533,11 +532,11 @@ class EncoderFFNBlockFn(torch.autograd.Function):
         lin_grads = [None] * (PARAMS_PER_LINEAR * 2)
 
         dz2, dln_w, dln_b = layernorm_backward(
-            dy, load.get("z2"), load.get("mean2"), load.get("rstd2"), load.get("p2"),
+            dy, load.get("z2"), load.get("mean2"), load.get("rstd2"), load.param(2),
             need_dz=True, need_dweight=bool(need[2]), need_dbias=bool(need[3]),
         )
         if dln_b is not None:
-            dln_b = dln_b.to(load.get("p3").dtype)
+            dln_b = dln_b.to(load.param(3).dtype)
         dd = dz2
         hid_mask = dropout_mask_again(load.get("rng_hidden"), dz2, plan.hidden_dropout)
         if hid_mask is not None:
@@ -866,8 +865,8 @@ def _fused_ffn_epilogue_backward(ctx, plan: EncoderFFNPlan, load: TensorLoad, dd
     meta_u, meta_d = plan.linears
     off = _ENC_FFN_LIN_OFFSET
     need = ctx.needs_input_grad
-    b_u = load.get(f"p{off + 3}")
-    w_d, bias_d, a_d, b_d = (load.get(f"p{off + PARAMS_PER_LINEAR + j}") for j in range(PARAMS_PER_LINEAR))
+    b_u = load.param(off + 3)
+    w_d, bias_d, a_d, b_d = (load.param(off + PARAMS_PER_LINEAR + j) for j in range(PARAMS_PER_LINEAR))
     need_d = need[off + PARAMS_PER_LINEAR: off + 2 * PARAMS_PER_LINEAR]
     q = load.get_quantized("up")
     if q.num_outliers or q.group_size is not None:

@@ -59,7 +59,8 @@ from hyclora.quant.core import (
     unpack_codes,
 )
 
-from .lora import LinearMeta, LinearOut, capture_rng_state, dense_weight, draw_dropout_mask, lora_linear_backward
+from .lora import (LinearMeta, LinearOut, capture_rng_state, dense_weight, draw_dropout_mask,
+                   lora_linear_backward_input_first)
 
 try:  # Triton is optional: without it only the torch reference (CPU / backend='torch') exists
     import triton
@@ -780,11 +781,10 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
         if not isinstance(q, QuantizedTensor) or q.num_outliers or q.group_size is not None:
             raise RuntimeError("hyclora internal error: fused SwiGLU expects per-channel codes "
                                "without outlier columns for gate/up.")
-    xa_d, rng_d = load.get("xa_down"), load.get("rng_down")
     need_da = bool(need_down[2]) and meta_d.has_lora
-    dd, dbias, _, db = lora_linear_backward(
-        meta_d, dy, None, xa_d, w_d, bias_d, a_d, b_d, rng_state=rng_d, need_dx=True,
-        need_da=False, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]))
+    dd, dbias, db, grad_a = lora_linear_backward_input_first(
+        meta_d, dy, load.get("xa_down"), w_d, bias_d, a_d, b_d, rng_state=load.get("rng_down"),
+        need_da=need_da, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]))
 
     shape = q_g.shape
     n = shape[-1]
@@ -802,11 +802,7 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
             meta_g.scaling, meta_u.scaling, dd.reshape(-1, n), (q_g.bits, q_u.bits), dtype=q_g.dtype,
             need_d=need_da, dot_dtype=dot, backend=pol.backend)
     del dd
-    da = None
-    if need_da:
-        _, _, da, _ = lora_linear_backward(
-            meta_d, dy, d_hat.view(shape), xa_d, w_d, None, a_d, b_d, rng_state=rng_d,
-            need_dx=False, need_da=True, need_db=False)
+    da = grad_a(None if d_hat is None else d_hat.view(shape))
     return (None, dbias, da, db), dg.view(shape), du.view(shape)
 
 

@@ -198,11 +198,42 @@ def lora_linear_backward(
     return dx, dbias, da, db
 
 
+def lora_linear_backward_input_first(
+    meta: LinearMeta,
+    dy: torch.Tensor,
+    xa: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    rng_state: Optional[torch.Tensor] = None,
+    need_da: bool = True,
+    need_db: bool = True,
+    need_dbias: bool = False,
+):
+    """:func:`lora_linear_backward` in two steps, for a linear whose input the backward rebuilds
+    (down_proj's ``D``): ``dx``, ``dbias`` and ``dB`` need no input and come first, so the input
+    does not exist yet while their matmuls run; ``dA`` comes from the returned ``grad_a(x_hat)``
+    once it does (``None`` when not needed). Returns ``(dx, dbias, dB, grad_a)``."""
+    dx, dbias, _, db = lora_linear_backward(
+        meta, dy, None, xa, weight, bias, lora_a, lora_b, rng_state=rng_state, need_dx=True,
+        need_da=False, need_db=need_db, need_dbias=need_dbias)
+
+    def grad_a(x_hat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not (need_da and meta.has_lora):
+            return None
+        return lora_linear_backward(meta, dy, x_hat, xa, weight, None, lora_a, lora_b, rng_state=rng_state,
+                                    need_dx=False, need_da=True, need_db=False)[2]
+
+    return dx, dbias, db, grad_a
+
+
 __all__ = [
     "LinearMeta",
     "LinearOut",
     "lora_linear_forward",
     "lora_linear_backward",
+    "lora_linear_backward_input_first",
     "lora_reconstruct",
     "dense_weight",
     "capture_rng_state",

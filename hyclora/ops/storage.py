@@ -312,13 +312,10 @@ class TensorStore:
         if describe and t is not None:
             self._described.append((name, "plain", ((t.shape, t.dtype),)))
 
-    def param(self, name: str, t: Optional[torch.Tensor]):
-        """A parameter or other input the backward reads (not an activation; not described)."""
-        self._add(name, "plain", [t], None, False)
-
     def params(self, tensors, offset: int = 0):
-        """``tensors[j]`` under the name ``p<offset + j>`` (what :meth:`param` does one by one);
-        :meth:`TensorLoad.param` reads them back by number."""
+        """Parameters and other inputs the backward reads (not activations; not described):
+        ``tensors[j]`` under the name ``p<offset + j>``; :meth:`TensorLoad.param` reads them back
+        by number."""
         index, start = self._index, len(self._tensors)
         for j in range(len(tensors)):
             name = _PARAM_NAMES[offset + j]
