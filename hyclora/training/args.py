@@ -151,7 +151,7 @@ class CheckpointingArguments:
         metadata={"help": "0 | 2 | 4 | 8. With hf checkpointing: keep each checkpointed layer's input "
                           "quantised at this width (1 percent of the channels exact) instead of exactly; the "
                           "backward recomputes the layer from the reconstruction. 8 is near lossless "
-                          "(SmolLM2-135M LoRA-gradient cosine unchanged at 4 decimals) and halves the "
+                          "(SmolLM2-135M: mean LoRA-gradient cosine of hyclora 4-bit 0.9951 either way) and about halves the "
                           "boundaries (7B, 32k tokens: 8 -> 4 GiB); 4 costs accuracy. 0: exact."},
     )
 
