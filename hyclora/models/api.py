@@ -82,8 +82,6 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     guard = FiniteGuard()  # one per model: all layers' NaN/Inf flags, read once per step
     for order, (name, layer) in enumerate(layers):
         adapter.patch(layer, name, config)
-        for stats in layer.hyclora_state.stats.values():
-            stats.recalibrate_every = config.recalibrate_every
         layer._hyclora_patch.guard = guard
         layer._hyclora_patch.order = order
     return model

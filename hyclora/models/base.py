@@ -180,7 +180,7 @@ class LlamaFamilyAdapter:
         norm_weight = resolve_norm(layer.input_layernorm, name)[0]
         layer.hyclora_state = HyCLoRALayerState(
             widths, names, config.layernorm_outlier_ratio, config.iteration_threshold,
-            device=norm_weight.device,
+            device=norm_weight.device, recalibrate_every=config.recalibrate_every,
         )
         sig = inspect.signature(type(layer).forward)
         params = list(sig.parameters.values())[1:]  # drop self
@@ -300,11 +300,7 @@ class LlamaFamilyAdapter:
         stats = state.stats_dict()
         replay = frozenset()
         if counted:
-            state.forward_count.add_(1)  # a buffer (no grad): no autograd record, no no_grad needed
-            # what a non-reentrant recompute of this forward must quantise as calibrated here
-            for s in stats.values():  # frozen statistics expire after config.recalibrate_every
-                s.note_counted_forward()
-            state.calibrating = frozenset(n for n, s in stats.items() if not s.frozen)
+            state.count_forward()
         elif in_backward:
             replay = state.calibrating
 

@@ -160,7 +160,8 @@ class EncoderAdapter(LlamaFamilyAdapter):
                 outliers = (int(math.floor(widths[key] * config.layernorm_outlier_ratio))
                             if key in ENCODER_NORM_INPUTS else 0)
                 state.stats[key] = ChannelStats(widths[key], num_outliers=outliers,
-                                                iteration_threshold=config.iteration_threshold)
+                                                iteration_threshold=config.iteration_threshold,
+                                                recalibrate_every=config.recalibrate_every)
             state.stats.to(ln_w.device)
         layer.hyclora_state = state
         sig = inspect.signature(type(layer).forward)
@@ -208,11 +209,7 @@ class EncoderAdapter(LlamaFamilyAdapter):
         stats = state.stats_dict()
         replay = frozenset()
         if counted:
-            with torch.no_grad():
-                state.forward_count.add_(1)
-            for s in stats.values():  # frozen statistics expire after config.recalibrate_every
-                s.note_counted_forward()
-            state.calibrating = frozenset(n for n, s in stats.items() if not s.frozen)
+            state.count_forward()
         elif in_backward:
             replay = state.calibrating
 

@@ -38,7 +38,7 @@ class HyCLoRALayerState(nn.Module):
     """
 
     def __init__(self, widths: Dict[str, int], names: Iterable[str], layernorm_outlier_ratio: float,
-                 iteration_threshold: int, device=None):
+                 iteration_threshold: int, device=None, recalibrate_every: int = 0):
         super().__init__()
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=device))
         self.stats = nn.ModuleDict()
@@ -50,7 +50,8 @@ class HyCLoRALayerState(nn.Module):
                 width = widths[name]
                 outliers = int(math.floor(width * layernorm_outlier_ratio)) if name in NORM_INPUTS else 0
                 self.stats[name] = ChannelStats(
-                    width, num_outliers=outliers, iteration_threshold=iteration_threshold
+                    width, num_outliers=outliers, iteration_threshold=iteration_threshold,
+                    recalibrate_every=recalibrate_every,
                 )
             if device is not None:
                 self.stats.to(device)
@@ -58,6 +59,16 @@ class HyCLoRALayerState(nn.Module):
         self.owed = False
         self.calibrating: frozenset = frozenset()
         self.last_saved: Dict[str, list] = {}
+
+    def count_forward(self) -> None:
+        """One counted training forward of this layer (a checkpoint recompute is not counted):
+        advance ``forward_count``, let frozen statistics expire (``recalibrate_every``), and
+        remember which statistics were still calibrating, which a non-reentrant recompute of this
+        forward must treat the same way."""
+        self.forward_count.add_(1)  # a buffer without grad: no autograd record
+        for s in self.stats.values():
+            s.note_counted_forward()
+        self.calibrating = frozenset(n for n, s in self.stats.items() if not s.frozen)
 
     def stats_dict(self) -> Dict[str, nn.Module]:
         return dict(self.stats.items())
