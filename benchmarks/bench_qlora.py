@@ -184,19 +184,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _loss(model, ids, chunked: bool):
-    """The standard LM loss, or the same loss through hyclora's chunked cross-entropy (the LM
-    head's logits never exist for the whole batch at once: 4 x 1024 x 32000 fp32 is 0.5 GiB,
-    plus its gradient)."""
-    if chunked:
-        from hyclora.integrations.longseq import CausalLMChunkedLoss
-
-        return CausalLMChunkedLoss(model)(ids)
+def _loss(model, ids, chunked_loss=None):
+    """The standard LM loss, or the same loss through ``chunked_loss`` (hyclora's
+    ``CausalLMChunkedLoss`` around ``model``: the LM head's logits never exist for the whole batch
+    at once; 4 x 1024 x 32000 fp32 is 0.5 GiB, plus its gradient)."""
+    if chunked_loss is not None:
+        return chunked_loss(ids)
     return model(input_ids=ids, labels=ids).loss
 
 
-def _step(model, ids, chunked: bool = False):
-    _loss(model, ids, chunked).backward()
+def _step(model, ids, chunked_loss=None):
+    _loss(model, ids, chunked_loss).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -213,7 +211,10 @@ def _set_attention(model, attn: str):
 def run_variant(model, variant, ids, args, device: str):
     from hyclora import apply_hyclora, revert_hyclora
 
+    from hyclora.integrations.longseq import CausalLMChunkedLoss
+
     label, attn, hcfg, ckpt, chunked = variant
+    chunked_loss = CausalLMChunkedLoss(model) if chunked else None  # built once, outside the timed steps
     base = model.get_base_model()
     res = {"variant": label, "attention": attn, "status": "ok", "static_gib": float("nan"),
            "peak_gib": float("nan"), "warmup_peak_gib": float("nan"), "tok_s": float("nan"),
@@ -232,7 +233,7 @@ def run_variant(model, variant, ids, args, device: str):
             torch.cuda.reset_peak_memory_stats()
             res["static_gib"] = torch.cuda.memory_allocated() / GIB
         for _ in range(warmup):
-            _step(model, ids, chunked)
+            _step(model, ids, chunked_loss)
         sync(device)
         if device == "cuda":
             res["warmup_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -242,13 +243,13 @@ def run_variant(model, variant, ids, args, device: str):
             sync(device)
             t0 = time.perf_counter()
             if i == args.steps - 1:  # keep one loss: a NaN would make the memory number meaningless
-                loss = _loss(model, ids, chunked)
+                loss = _loss(model, ids, chunked_loss)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
                 res["loss"] = float(loss.detach())
                 del loss
             else:
-                _step(model, ids, chunked)
+                _step(model, ids, chunked_loss)
             sync(device)
             times.append(time.perf_counter() - t0)
         if device == "cuda":
