@@ -47,27 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyclora import HyCLoRAConfig, apply_hyclora  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from hyclora.demo import build_lora_llama  # noqa: E402
 
 
 def build_model(args, layers: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-                      vocab_size=args.vocab, max_position_embeddings=max(256, args.seq))
-    cfg._attn_implementation = args.attn
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
-                                             target_modules=TARGETS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # as after some training, so every gradient path is exercised
-            torch.nn.init.normal_(p, std=0.02)
-    model.train()
-    return model
+    return build_lora_llama(args.hidden, layers, args.heads, args.kv_heads or args.heads, args.ffn, args.vocab,
+                            args.attn, rank=args.rank, dtype=getattr(torch, args.dtype),
+                            max_positions=max(256, args.seq))[0]
 
 
 def variant_list(args):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory_throughput import sync  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
+from hyclora.demo import build_lora_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -48,24 +49,9 @@ LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "c
 
 def build_model(args, layers: int, device: str, dtype):
     """Llama of the requested widths (bench_memory_throughput.build_model has fixed shapes)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     heads = args.heads or max(1, args.hidden // 128)
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
-                      max_position_embeddings=max(4096, args.seq))
-    cfg._attn_implementation = args.attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
-                                             target_modules=TARGETS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # as after some training, so every gradient path is exercised
-            torch.nn.init.normal_(p, std=0.01)
-    model.train()
-    return model
+    return build_lora_llama(args.hidden, layers, heads, heads, args.ffn, args.vocab, args.attn, rank=args.rank,
+                            b_std=0.01, dtype=dtype, device=device, max_positions=max(4096, args.seq))[0]
 
 
 def variants(args):

@@ -23,22 +23,33 @@ from .memory import LayerShape, format_bytes, measure_saved_tensors, theoretical
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_tiny_llama(hidden=256, layers=4, heads=8, kv_heads=4, ffn=688, vocab=1024, attn="sdpa", seed=0):
+def build_lora_llama(hidden=256, layers=4, heads=8, kv_heads=4, ffn=688, vocab=1024, attn="sdpa", seed=0,
+                     rank=16, b_std=0.02, dtype=torch.float32, device="cpu", max_positions=2048):
+    """A random Llama built from a config (no downloads) with PEFT LoRA r=``rank`` (alpha = r) on
+    all seven linears, lora_B drawn from N(0, b_std) as after some training (so lora_A gets
+    gradients too), in train mode. Returns ``(model, config)``; shared by the demo and the
+    host/profile benchmarks."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                      max_position_embeddings=2048)
+                      max_position_embeddings=max_positions)
     cfg._attn_implementation = attn
-    model = LlamaForCausalLM(cfg)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS))
     for name, p in model.named_parameters():
-        if "lora_B" in name:  # as after some training, so lora_A gets gradients too
-            torch.nn.init.normal_(p, std=0.02)
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=b_std)
     model.train()
     return model, cfg
+
+
+def build_tiny_llama(hidden=256, layers=4, heads=8, kv_heads=4, ffn=688, vocab=1024, attn="sdpa", seed=0):
+    """The demo's model: :func:`build_lora_llama` with its defaults."""
+    return build_lora_llama(hidden, layers, heads, kv_heads, ffn, vocab, attn, seed)
 
 
 def compression_report(batch=4, seq=256, attn="sdpa"):
