@@ -106,24 +106,13 @@ class HyCLoRAConfig:
                 raise ValueError(
                     f"HyCLoRAConfig.{name}={value!r} is invalid: expected a number in [0, 1]."
                 )
-        if (
-            isinstance(self.iteration_threshold, bool)
-            or not isinstance(self.iteration_threshold, int)
-            or self.iteration_threshold < 0
-        ):
-            raise ValueError(
-                f"HyCLoRAConfig.iteration_threshold={self.iteration_threshold!r} is invalid: "
-                "expected an integer >= 0 (0 recomputes statistics on every step)."
-            )
-        if (
-            isinstance(self.recalibrate_every, bool)
-            or not isinstance(self.recalibrate_every, int)
-            or self.recalibrate_every < 0
-        ):
-            raise ValueError(
-                f"HyCLoRAConfig.recalibrate_every={self.recalibrate_every!r} is invalid: "
-                "expected an integer >= 0 (0 keeps frozen statistics for good)."
-            )
+        for name, zero_means in (("iteration_threshold", "recomputes statistics on every step"),
+                                 ("recalibrate_every", "keeps frozen statistics for good")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"HyCLoRAConfig.{name}={value!r} is invalid: expected an integer >= 0 (0 {zero_means})."
+                )
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"HyCLoRAConfig.on_nonfinite={self.on_nonfinite!r} is invalid: expected one of "
