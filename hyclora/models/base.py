@@ -318,7 +318,7 @@ class LlamaFamilyAdapter:
             scaling=scaling, impl=impl, is_causal=is_causal,
             s2_group_ratio=s2_ratio, s2_group_size=s2_size, **common,
         )
-        mplan = MLPPlan(eps=eps2, linears=m_metas, **common)
+        mplan = MLPPlan(eps=eps2, linears=m_metas, d_ff=getattr(cfg, "intermediate_size", 0) or 0, **common)
 
         def run():
             h = attention_block(aplan, hidden, w1, cos, sin, mask, a_params)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -57,9 +57,10 @@ from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_
                    lora_reconstruct)
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
 from .rope import apply_rope, rope_backward
-from .storage import StoragePolicy, TensorLoad, TensorStore
+from .storage import Manifest, StoragePolicy, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
 from hyclora.quant import check_finite  # raises FloatingPointError naming the place
+from hyclora.quant import uncounted_updates
 
 PARAMS_PER_LINEAR = 4  # weight, bias, lora_A, lora_B
 
@@ -110,7 +111,17 @@ class AttentionPlan(BlockPlan):
 
 @dataclass
 class MLPPlan(BlockPlan):
-    pass
+    """``d_ff``: the gate/up width; with it, :func:`mlp_block` runs long inputs in row chunks
+    (0: unknown, never chunked)."""
+
+    d_ff: int = 0
+
+
+# (tokens x d_ff) elements one MLP call may hold: the MLP is position-wise, so a long sequence
+# runs it in row chunks and its three to four (tokens, d_ff) forward/backward temporaries never
+# exist for the whole sequence (at 7B and 384k tokens they were ~32 GiB of the peak). 2**26 is
+# 128 MiB per bf16 tensor, ~6k tokens at d_ff 11008; shorter inputs run in one call as before.
+MLP_CHUNK_ELEMENTS = 1 << 26
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -542,7 +553,33 @@ def mlp_block(plan: MLPPlan, x, norm_w, params: Sequence):
     """``params``: ``(W, bias, A, B)`` for gate, up, down (12 entries)."""
     if len(params) != PARAMS_PER_LINEAR * 3 or len(plan.linears) != 3:
         raise ValueError("hyclora: mlp_block needs 3 linears (gate, up, down)")
-    return MLPBlockFn.apply(plan, x, norm_w, *params)
+    width = x.shape[-1]
+    rows = x.numel() // width if x.dim() and width else 0
+    chunk_rows = max(1, MLP_CHUNK_ELEMENTS // plan.d_ff) if plan.d_ff > 0 else rows
+    if rows <= chunk_rows:
+        return MLPBlockFn.apply(plan, x, norm_w, *params)
+    return _mlp_in_row_chunks(plan, x, norm_w, params, chunk_rows)
+
+
+def _mlp_in_row_chunks(plan: MLPPlan, x, norm_w, params: Sequence, chunk_rows: int):
+    """The MLP block applied to ``chunk_rows`` rows (tokens) at a time; each chunk is its own
+    autograd node, so its backward temporaries are freed before the next chunk's backward runs.
+    Calibration sees every row once: all chunks but the last update the statistics without
+    counting a forward (``uncounted_updates``), so the frozen range and outlier set equal the
+    one-call block's; what each chunk quantises with while calibrating is its own rows' range."""
+    pieces = x.reshape(-1, x.shape[-1]).split(chunk_rows)
+    last = len(pieces) - 1
+    outs, manifests = [], []
+    for i, piece in enumerate(pieces):
+        record = {} if plan.record is not None else None
+        chunk_plan = replace(plan, record=record)
+        with uncounted_updates(plan.stats.values()) if i < last and plan.update else contextlib.nullcontext():
+            outs.append(MLPBlockFn.apply(chunk_plan, piece, norm_w, *params))
+        if record is not None:
+            manifests.append(record["mlp"])
+    if plan.record is not None:
+        plan.record["mlp"] = Manifest.joined(manifests)
+    return torch.cat(outs).view(x.shape)
 
 
 __all__ = [

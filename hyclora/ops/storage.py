@@ -260,6 +260,14 @@ class Manifest(UserList):
         m._raw, m._data = entries, None
         return m
 
+    @classmethod
+    def joined(cls, manifests) -> "Manifest":
+        """One manifest of several blocks' (the row chunks of one block), still lazy if they are."""
+        manifests = list(manifests)
+        if all(m._data is None for m in manifests):
+            return cls.lazy([entry for m in manifests for entry in m._raw])
+        return cls([entry for m in manifests for entry in m])
+
     @property
     def data(self):
         if self._data is None:

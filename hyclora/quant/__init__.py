@@ -18,7 +18,7 @@ from .core import (
     quantize,
 )
 from .sparse import SparseProbs, densify_probs, sparsify_probs
-from .stats import ChannelStats
+from .stats import ChannelStats, uncounted_updates
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -31,4 +31,5 @@ __all__ = [
     "packed_width",
     "quantize",
     "sparsify_probs",
+    "uncounted_updates",
 ]

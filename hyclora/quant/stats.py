@@ -30,7 +30,8 @@ of ``count`` (kept in step by :meth:`range_for`, :meth:`reset` and ``load_state_
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterable, Iterator, Tuple
 
 import torch
 from torch import Tensor
@@ -76,6 +77,7 @@ class ChannelStats(torch.nn.Module):
         self.register_buffer("outlier_idx", torch.arange(num_outliers, dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._count_host = 0
+        self._counting = True  # False inside uncounted_updates(): merge, do not count
         # frozen quantisation parameters per bit width (see frozen_params); never modified in
         # place, only dropped, so autograd graphs may keep references to them
         self._param_cache = {}
@@ -164,8 +166,9 @@ class ChannelStats(torch.nn.Module):
             if update:
                 torch.minimum(self.lo, lo, out=self.lo)
                 torch.maximum(self.hi, hi, out=self.hi)
-                self.count += 1
-                self._count_host += 1
+                if self._counting:
+                    self.count += 1
+                    self._count_host += 1
         return lo, hi
 
     def frozen_params(self, bits: int):
@@ -220,3 +223,22 @@ class ChannelStats(torch.nn.Module):
             if update:
                 self.outlier_idx.copy_(idx)
         return idx
+
+
+@contextlib.contextmanager
+def uncounted_updates(stats: Iterable[ChannelStats]) -> Iterator[None]:
+    """Calibration updates inside merge into the running range and outlier scores as usual but
+    do not count as a calibration forward.
+
+    A block that quantises one tensor in several row chunks (the MLP of a long sequence) runs
+    every chunk but the last inside this, so the statistics end up exactly as if the whole
+    tensor had been seen at once: one count, the min/max and the sum of squares over all rows,
+    and every chunk of the forward sees the same frozen/calibrating state."""
+    stats = list(stats)
+    for s in stats:
+        s._counting = False
+    try:
+        yield
+    finally:
+        for s in stats:
+            s._counting = True
