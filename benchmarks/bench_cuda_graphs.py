@@ -1,0 +1,234 @@
+"""tokens/s and peak memory of hyclora with CUDA graphs of its decoder layers, against the same
+step eager and PEFT LoRA, in one process (hyclora.cuda_graphs, experimental).
+
+Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
+weights, PEFT LoRA r=16 on all seven linears, sdpa (the model builder of
+bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variants:
+
+* ``PEFT LoRA``;
+* ``hyclora full_fuse 2-bit eager``: ``intra_inter_full_fuse``, q_bit 2, defaults otherwise;
+* ``... graphed``: the same after ``graph_decoder_layers(model, sample_shape=(bs, seq))``; the
+  statistics calibrate eagerly (``iteration_threshold`` steps), the next step captures.
+
+One step = forward + backward (no optimizer), ``zero_grad(set_to_none=True)`` after it. tok/s is
+the median over ``--steps`` timed steps after the warm-up; "peak above weights" is the peak
+allocated during the timed steps minus what was allocated before the variant's first step
+(weights + LoRA), so the graphs' memory pool counts; "resident" is what stays allocated between
+steps (the pool: static inputs/outputs/gradient buffers and the saved compressed activations).
+"capture peak" is the peak of the step that captured. The gradient check runs one graphed and
+one eager step (``graphs.enabled = False``) on the same batch with the same frozen statistics
+and reports the largest relative L2 difference over the LoRA gradients and the loss difference.
+
+    python benchmarks/bench_cuda_graphs.py                 # H200: both shapes, ~3-5 minutes
+    python benchmarks/bench_cuda_graphs.py --smoke         # CPU, tiny model, eager only
+
+Prints a markdown table and writes cuda_graphs.csv under --out (default $OUT or ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory_throughput import build_model, sync  # noqa: E402
+
+from hyclora import HyCLoRAConfig, apply_hyclora, revert_hyclora  # noqa: E402
+
+NAN = float("nan")
+
+
+def _alloc(device):
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
+def _reset(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach()
+
+
+def _lora_grads(model):
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def measure(model, ids, device, steps, warmup, before_timing=None):
+    """Warm-up steps, then ``steps`` timed ones: tok/s (median), peak above the memory allocated
+    before the first step, memory resident between steps; ``before_timing()`` runs after warm-up."""
+    _reset(device)
+    static = _alloc(device)
+    for _ in range(warmup):
+        _step(model, ids)
+        model.zero_grad(set_to_none=True)
+    if before_timing is not None:
+        before_timing()
+    sync(device)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        _step(model, ids)
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    peak = (torch.cuda.max_memory_allocated() - static) / 2**30 if device == "cuda" else NAN
+    resident = (_alloc(device) - static) / 2**30 if device == "cuda" else NAN
+    return dict(tok_s=ids.numel() / statistics.median(times), step_ms=1e3 * statistics.median(times),
+                peak_gib=peak, resident_gib=resident)
+
+
+def run_shape(args, device, dtype, bs, seq):
+    model, cfg = build_model(args, device, dtype, args.attn)
+    ids = torch.randint(0, cfg.vocab_size, (bs, seq), device=device)
+    hcfg = HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=2)
+    calib = hcfg.iteration_threshold + 1
+    rows = []
+
+    def row(name, **values):
+        r = dict(shape=f"{bs}x{seq}", variant=name, tok_s=NAN, step_ms=NAN, peak_gib=NAN, resident_gib=NAN,
+                 capture_peak_gib=NAN, grad_max_rel_diff=NAN, loss_abs_diff=NAN, replays=NAN, note="")
+        r.update(values)
+        rows.append(r)
+        print(f"{r['shape']:8s} {name:34s} {r['tok_s']:9.0f} tok/s  peak {r['peak_gib']:7.2f} GiB  "
+              f"resident {r['resident_gib']:6.2f} GiB  grad diff {r['grad_max_rel_diff']:.2e}  {r['note']}", flush=True)
+
+    try:
+        row("PEFT LoRA", **measure(model, ids, device, args.steps, args.warmup))
+    except Exception as exc:  # one broken variant must not lose the others
+        row("PEFT LoRA", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+
+    apply_hyclora(model, hcfg)
+    try:
+        row("hyclora full_fuse 2-bit eager", **measure(model, ids, device, args.steps, calib + args.warmup))
+    except Exception as exc:
+        row("hyclora full_fuse 2-bit eager", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+    revert_hyclora(model)
+    model.zero_grad(set_to_none=True)
+
+    name = "hyclora full_fuse 2-bit graphed"
+    if device != "cuda":
+        row(name, note="skipped: CUDA graphs need a CUDA device")
+        return rows
+    from hyclora.cuda_graphs import graph_decoder_layers
+
+    apply_hyclora(model, hcfg)  # fresh statistics: calibrate, then capture
+    graphs = None
+    try:
+        _reset(device)
+        static = _alloc(device)
+        graphs = graph_decoder_layers(model, sample_shape=(bs, seq), num_warmup_iters=args.graph_warmup)
+        for _ in range(calib - 1):  # calibration (eager)
+            _step(model, ids)
+            model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        _step(model, ids)  # captures, then replays
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        capture_peak = (torch.cuda.max_memory_allocated() - static) / 2**30
+        if not graphs.captured:
+            raise RuntimeError(f"no capture after calibration: {dict(graphs.counts)}")
+        replays = {}
+        result = measure(model, ids, device, args.steps, args.warmup,
+                         before_timing=lambda: replays.setdefault("before", graphs.counts["replay"]))
+        replays = graphs.counts["replay"] - replays["before"]
+        # peak/resident relative to the weights (measure() took its baseline after the capture)
+        after = _alloc(device)
+        result["resident_gib"] = (after - static) / 2**30
+        result["peak_gib"] = (torch.cuda.max_memory_allocated() - static) / 2**30
+        # gradient check: same batch, same frozen statistics, graphed then eager
+        g_loss = _step(model, ids)
+        g_grads = _lora_grads(model)
+        model.zero_grad(set_to_none=True)
+        graphs.enabled = False
+        e_loss = _step(model, ids)
+        e_grads = _lora_grads(model)
+        model.zero_grad(set_to_none=True)
+        graphs.enabled = True
+        diff = max(float((g_grads[n] - e_grads[n]).norm() / e_grads[n].norm().clamp_min(1e-30)) for n in e_grads)
+        expected = args.steps * cfg.num_hidden_layers
+        note = "" if replays == expected else f"only {replays}/{expected} layer calls replayed: {dict(graphs.counts)}"
+        row(name, **result, capture_peak_gib=capture_peak, grad_max_rel_diff=diff,
+            loss_abs_diff=abs(float(g_loss) - float(e_loss)), replays=replays, note=note)
+    except Exception as exc:
+        row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+    finally:
+        if graphs is not None:
+            print(f"  graph dispatch counts: {dict(graphs.counts)}", flush=True)
+            graphs.remove()
+        revert_hyclora(model)
+        del model
+        _reset(device)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, eager variants only")
+    parser.add_argument("--shapes", default="4x512,1x4096", help="comma-separated BSxSEQ")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after calibration)")
+    parser.add_argument("--graph_warmup", type=int, default=3, help="make_graphed_callables warm-up iterations")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = parser.parse_args()
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.smoke:
+        args.shapes, args.steps, args.warmup = "2x64", 1, 0
+    if device != "cuda":
+        print("CUDA not available (or --smoke): the graphed variant is skipped, eager variants only.", flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+    rows = []
+    for shape in args.shapes.split(","):
+        bs, seq = (int(v) for v in shape.split("x"))
+        rows += run_shape(args, device, dtype, bs, seq)
+
+    print(f"\n{gpu}, Llama-2-7B shape{' (smoke: tiny)' if args.smoke else ''}, LoRA r=16 x 7 linears, {args.attn}, "
+          f"median of {args.steps} steps")
+    print("| bs x seq | variant | tok/s | x PEFT | x eager hyclora | step ms | peak GiB above weights "
+          "| resident GiB | capture-step peak GiB | LoRA grad max rel diff vs eager | loss diff | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = [x for x in rows if x["shape"] == r["shape"]]
+        peft = next((x["tok_s"] for x in same if x["variant"] == "PEFT LoRA"), NAN)
+        eager = next((x["tok_s"] for x in same if x["variant"].endswith("eager")), NAN)
+        print(f"| {r['shape']} | {r['variant']} | {r['tok_s']:.0f} | {r['tok_s'] / peft:.2f} | "
+              f"{r['tok_s'] / eager:.2f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['resident_gib']:.2f} | "
+              f"{r['capture_peak_gib']:.2f} | {r['grad_max_rel_diff']:.2e} | {r['loss_abs_diff']:.2e} | {r['note']} |")
+        r["gpu"] = gpu
+    path = out_dir / "cuda_graphs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,634 @@
+"""CUDA graphs of hyclora's compressed decoder layers (experimental, opt-in, CUDA only).
+
+A hyclora training step with frozen statistics is host-bound: the Python bodies of the block
+autograd Functions and ~1000 kernel launches per step cost more than the GPU work. Once every
+layer's statistics are frozen, that work is the same every step, so it can be captured once as
+CUDA graphs (one forward and one backward graph per decoder layer, through
+:func:`torch.cuda.make_graphed_callables`) and replayed::
+
+    from hyclora import HyCLoRAConfig, apply_hyclora
+    from hyclora.cuda_graphs import graph_decoder_layers
+
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=2))
+    graphs = graph_decoder_layers(model)          # installs a dispatcher; captures lazily
+    for batch in loader:                          # train as usual (own loop or HF Trainer)
+        model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+    print(graphs.counts)                          # replays / captures / why calls ran eager
+    graphs.remove()                               # before revert_hyclora(model)
+
+What happens per decoder-layer call:
+
+* **eager** (hyclora's own compressed forward, or the unpatched forward in eval / ``no_grad``)
+  whenever the call is not graphable; ``graphs.counts`` counts each reason. Not graphable: eval
+  mode or grad disabled, a gradient-checkpointing recompute (inside a backward), an
+  ``attention_mask`` tensor (padding; the sdpa causal path passes ``None``), a KV cache that
+  holds tokens, ``output_attentions``, extra positional arguments, another batch shape / dtype /
+  ``requires_grad`` of the input than the captured one (``sample_shape`` pins the one shape to
+  capture), an attention implementation other than ``sdpa`` / ``eager``, autocast state other
+  than at capture, statistics that are still calibrating or that expire at this forward
+  (``recalibrate_every``), a previous graphed forward of the same layer whose backward has not
+  run yet (e.g. two forwards, then one backward of their sum: the graph's saved activations are
+  static buffers, a second replay would overwrite them), and anything the graph read that
+  changed since capture (parameter storage, statistics buffers, the frozen quantisation
+  parameters, PEFT adapter state, the ``HyCLoRAConfig`` knobs).
+* **capture**: at the first decoder layer's training forward where every layer's statistics are
+  frozen and none expires now, all layers are captured together (one memory pool, captured in
+  the order they run), after ``num_warmup_iters`` eager warm-up iterations of each layer (these
+  run Triton's autotuning before capture). The warm-ups and the capture do not count as
+  training forwards (the layer state's counter is not advanced) and use copies of the current
+  batch. A capture happens inside the model's forward and costs about ``num_warmup_iters + 1``
+  eager steps.
+* **replay**: the host bookkeeping of a counted forward still runs once per call
+  (``HyCLoRALayerState.count_forward``: counter, expiry of frozen statistics), then the
+  forward graph replays; the backward graph replays in the backward.
+
+Recalibration (``recalibrate_every = N``): when the statistics expire, the layers run eager
+while they calibrate (``iteration_threshold`` forwards); once frozen again, the new frozen
+quantisation parameters are new tensors (``ChannelStats`` never changes them in place), so the
+graphs are stale: they are freed and captured again at the next eligible step (``recapture=
+False``: freed and never captured again). The same happens after ``model.to(...)``,
+``load_state_dict`` of the statistics, or a change of the adapters.
+
+NaN/Inf checks (``on_nonfinite="raise"``): the flags the blocks compute are captured into the
+forward graph; each replay hands the layer's flags (recomputed by the replay) to the model's
+deferred ``FiniteGuard``, which reads them once per step in the backward as in eager mode, with
+the same error naming the earliest layer.
+
+Refused with a clear error at :func:`graph_decoder_layers`: no CUDA device or layers not on it,
+a model without hyclora-patched decoder layers, LoRA dropout > 0 (hyclora redraws the dropout
+mask in the backward from a generator state read on the host, which a graph cannot capture),
+DeepSpeed ZeRO-3 parameters (gathered per call). Every ``layer_type`` can be graphed
+(``baseline`` layers keep their input for the backward, so they get one static input each).
+Gradient checkpointing and active saved-tensor hooks (``hyclora.memory`` measurements) run
+eager. Autocast with its weight cache enabled is refused at capture (``make_graphed_callables``
+needs ``torch.autocast(..., cache_enabled=False)``).
+
+Gradients: the backward graph returns the LoRA gradients in static buffers; PyTorch would let a
+parameter's ``.grad`` alias such a buffer (pytorch/pytorch#181723), so the next replay would
+overwrite an accumulated gradient (gradient accumulation, ``zero_grad(set_to_none=False)``). A
+hook on each trainable parameter of the graphed layers returns a copy when ``.grad`` is still
+``None``, so ``.grad`` never aliases a graph buffer.
+
+Memory: the graphs of all layers share one pool, and the layers share their static inputs
+(hidden states of compressing layer types, cos, sin), but ``make_graphed_callables`` keeps per
+layer a static output, an incoming-gradient buffer and the input gradient alive between steps,
+about ``3 x layers x batch x seq x hidden`` elements beyond what an eager step keeps at its
+peak (measure it: benchmarks/bench_cuda_graphs.py).
+
+Outputs: the tensor a graphed layer returns is the graph's static output: the next step's
+replay of that layer overwrites it. Clone what you keep across steps (``output_hidden_states``
+of one step are fine within that step). ``copy.deepcopy`` of a graphed model is not supported
+(the copy's layers would dispatch to the original's graphs): ``remove()`` first.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from hyclora.quant.checks import FiniteGuard
+
+__all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
+
+GRAPHABLE_ATTENTION = ("sdpa", "eager")  # eager with a None mask runs sdpa in hyclora's blocks
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (torch.utils.checkpoint, hyclora.memory's
+    measurement): a graphed layer saves nothing they could see or recompute."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+def _linear_key_fn():
+    try:  # hyclora.models.base's cache key of a linear's PEFT adapter state (private helper)
+        from hyclora.models.base import _linear_key
+
+        return _linear_key
+    except ImportError:  # pragma: no cover - renamed upstream: parameter storage is still checked
+        return lambda module: id(module)
+
+
+def _patched_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if "_hyclora_patch" in m.__dict__]
+
+
+def _autocast_key():
+    if torch.is_autocast_enabled("cuda"):
+        return ("cuda", torch.get_autocast_dtype("cuda"), torch.is_autocast_cache_enabled())
+    return None
+
+
+def stats_ready(state) -> bool:
+    """Whether a layer's next counted forward runs with frozen statistics: every statistic the
+    layer uses is frozen now and none expires at this forward (``ChannelStats.note_counted_forward``
+    resets a statistic whose ``_frozen_forwards + 1`` exceeds ``recalibrate_every``), and at least
+    one is frozen. A statistic that was never calibrated (``count == 0`` and not frozen) is one
+    this layer's path does not use (e.g. ``v`` / ``o`` of ``intra_inter_full_fuse`` with sdpa); a
+    used one is never at 0 between two calls, since the forward that resets it also calibrates
+    it. Layer types that keep no statistics (``baseline``) are always ready. Host state only."""
+    if not len(state.stats):
+        return True
+    any_frozen = False
+    for s in state.stats.values():
+        if s.frozen:
+            every = getattr(s, "recalibrate_every", 0)
+            if every and getattr(s, "_frozen_forwards", 0) + 1 > every:
+                return False
+            any_frozen = True
+        elif getattr(s, "_count_host", 1) > 0:
+            return False  # calibrating
+    return any_frozen
+
+
+class _CaptureGuard(FiniteGuard):
+    """Stands in for the model's guard while a layer runs inside the graphed callable: keeps the
+    device-side flags of the latest call (the capture is the latest call of
+    ``make_graphed_callables``; its flags are graph tensors that every replay recomputes), never
+    reads them and never arms a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.entries: List[Tuple[int, torch.Tensor, str, tuple, torch.dtype]] = []
+
+    def record(self, x, where, order=0):
+        if not x.is_floating_point() or x.numel() == 0:
+            return
+        with torch.no_grad():
+            flag = torch.isfinite(x.detach()).all()
+        self.entries.append((order, flag, where, tuple(x.shape), x.dtype))
+
+    @property
+    def num_pending(self) -> int:
+        return 0
+
+    def raise_pending(self) -> None:
+        return None
+
+    def arm(self, y) -> bool:
+        return False
+
+
+def _push_flags(guard: FiniteGuard, entries) -> None:
+    """Queue a replay's flags into the model's deferred guard (no host sync)."""
+    add = getattr(guard, "add_flag", None)
+    if add is not None:  # a public FiniteGuard.add_flag, should hyclora.quant.checks grow one
+        for order, flag, where, shape, dtype in entries:
+            add(flag, where, order=order, shape=shape, dtype=dtype)
+        return
+    from hyclora.quant.checks import MAX_PENDING, _Pending
+
+    for order, flag, where, shape, dtype in entries:
+        guard._pending.append(_Pending(order, guard._seq, flag, where, shape, dtype))
+        guard._seq += 1
+    if len(guard._pending) >= MAX_PENDING:
+        guard.raise_pending()
+
+
+class _LayerCallable(nn.Module):
+    """What is graphed for one decoder layer: ``(hidden, cos, sin) -> output``, hyclora's
+    compressed forward with no mask and no cache. Its parameters are the layer's, so
+    ``make_graphed_callables`` returns their gradients. The layer state's ``count_forward`` is a
+    no-op inside (warm-ups and capture are not training forwards; the dispatcher counts each
+    replay) and NaN/Inf checks record into a :class:`_CaptureGuard`."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.capture_guard = _CaptureGuard()
+
+    def forward(self, hidden, cos, sin):
+        layer = self.layer
+        patch = layer._hyclora_patch
+        state = layer.hyclora_state
+        guard, state_count = patch.guard, state.__dict__.get("count_forward")
+        self.capture_guard.entries = []
+        patch.guard = self.capture_guard  # also without a model guard: no host read in a capture
+        state.count_forward = _no_count
+        try:
+            return patch.adapter.compressed_forward(
+                layer, patch, (hidden,), {"position_embeddings": (cos, sin), "attention_mask": None})
+        finally:
+            patch.guard = guard
+            if state_count is None:
+                del state.count_forward
+            else:  # pragma: no cover - someone else shadowed it
+                state.count_forward = state_count
+
+
+def _no_count():
+    return None
+
+
+class _Captured:
+    """One capture of all layers: the graphed callables and what each one read."""
+
+    def __init__(self, key, callables, graphed, checks, linear_keys, config_knobs, hooks, input_requires_grad):
+        self.key = key
+        self.input_requires_grad = input_requires_grad  # per layer, as in the sample args
+        self.callables = callables  # _LayerCallable per layer (their capture_guard.entries)
+        self.graphed = graphed      # per layer: the graphed forward
+        self.checks = checks        # per layer: (tensor storage pointers, stats caches)
+        self.linear_keys = linear_keys
+        self.config_knobs = config_knobs
+        self.hooks = hooks
+        self.static_rope = None  # (cos, sin) sample tensors shared by every layer's graph
+        self.rope_source = None  # the (cos, sin) the first layer's last replay copied from
+        self.pending = [None] * len(graphed)  # per layer: weakref to the last replay's autograd node
+
+
+def _config_knobs(config):
+    return (config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,
+            getattr(config, "attention_probs", "auto"), config.on_nonfinite, config.compresses)
+
+
+def _layer_tensors(layer: nn.Module):
+    """The tensors a graph of ``layer`` reads in place (parameters and buffers: weights, LoRA,
+    norms, statistics), their modules' norm weights' identity, and its statistics."""
+    tensors = tuple(layer.parameters()) + tuple(layer.buffers())
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    return tensors, norms, tuple(layer.hyclora_state.stats.values())
+
+
+def _layer_storage(tensors, norms, stats):
+    """What must not move for a graph of the layer to stay valid: the storage of every parameter
+    and buffer, the norm weight objects (the linears' are in the adapter key), and the
+    frozen-parameter caches of the statistics (``ChannelStats._param_cache`` is replaced, never
+    changed in place, when the statistics change; ``.to()`` and ``load_state_dict`` replace it)."""
+    return (tuple(t.data_ptr() for t in tensors), tuple(id(w) for w in norms),
+            tuple(s.__dict__.get("_param_cache") for s in stats))
+
+
+def _same_storage(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and len(a[2]) == len(b[2]) and all(x is y for x, y in zip(a[2], b[2]))
+
+
+class DecoderLayerGraphs:
+    """Dispatcher over a model's hyclora-patched decoder layers: eager, capture or replay per
+    call (see the module docstring). Made by :func:`graph_decoder_layers`.
+
+    Attributes:
+        counts: ``collections.Counter`` of ``"replay"``, ``"capture"`` and ``"eager: <reason>"``.
+        enabled: set ``False`` to run every call eager (graphs kept); ``True`` again to replay.
+    """
+
+    def __init__(self, model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
+                 num_warmup_iters: int = 3, recapture: bool = True,
+                 _grapher: Optional[Callable] = None):
+        if sample_shape is not None:
+            if (not isinstance(sample_shape, (tuple, list)) or len(sample_shape) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sample_shape)):
+                raise ValueError(f"hyclora.cuda_graphs: sample_shape={sample_shape!r} is invalid: use "
+                                 "(batch_size, seq_len) with positive ints, or None (the first batch's).")
+            sample_shape = tuple(sample_shape)
+        if isinstance(num_warmup_iters, bool) or not isinstance(num_warmup_iters, int) or num_warmup_iters < 1:
+            raise ValueError(f"hyclora.cuda_graphs: num_warmup_iters={num_warmup_iters!r} is invalid: use an "
+                             "int >= 1 (the warm-ups run Triton's autotuning before capture).")
+        layers = _patched_layers(model)
+        if not layers:
+            raise ValueError("hyclora.cuda_graphs: the model has no hyclora-patched decoder layers; call "
+                             "apply_hyclora(model, HyCLoRAConfig(...)) first.")
+        for name, layer in layers:
+            if "_hyclora_graphs" in layer.__dict__:
+                raise ValueError(f"hyclora.cuda_graphs: {name} is already graphed; call .remove() on the "
+                                 "existing DecoderLayerGraphs first.")
+            if not hasattr(layer, "self_attn") or not hasattr(layer, "hyclora_state"):
+                raise ValueError(f"hyclora.cuda_graphs: {name} ({type(layer).__name__}) is not a Llama-style "
+                                 "decoder layer; only Llama/Mistral layers can be graphed.")
+            for sub_name, m in layer.named_modules():
+                if isinstance(m, nn.Dropout) and m.p > 0:
+                    raise ValueError(
+                        f"hyclora.cuda_graphs: {name}.{sub_name} is a dropout with p={m.p}; LoRA dropout > 0 "
+                        "cannot be graphed (hyclora redraws the mask in the backward from a generator state "
+                        "read on the host). Use lora_dropout=0 or train without graphs.")
+            for p in layer.parameters():
+                if hasattr(p, "ds_id"):
+                    raise ValueError(f"hyclora.cuda_graphs: {name} has DeepSpeed ZeRO-3 parameters (gathered per "
+                                     "call); CUDA graphs need resident weights. Use ZeRO-0/1/2 or no graphs.")
+            if _grapher is None:
+                dev = layer.hyclora_state.forward_count.device
+                if not torch.cuda.is_available() or dev.type != "cuda":
+                    raise RuntimeError(
+                        f"hyclora.cuda_graphs: CUDA graphs need the model on a CUDA device ({name} is on "
+                        f"{dev}{'' if torch.cuda.is_available() else '; no CUDA device is available'}). "
+                        "Move the model with model.to('cuda') first, or train without graphs.")
+        self.model = model
+        self.names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        self.sample_shape = sample_shape
+        self.num_warmup_iters = num_warmup_iters
+        self.recapture = recapture
+        self.enabled = True
+        self.counts: collections.Counter = collections.Counter()
+        self._grapher = _grapher or torch.cuda.make_graphed_callables
+        self._captured: Optional[_Captured] = None
+        self._given_up = False  # recapture=False after the first invalidation
+        self._linear_key = _linear_key_fn()
+        self._eager: List[Callable] = []
+        self._removed = False
+        for i, layer in enumerate(self.layers):
+            eager = layer.forward  # hyclora's bound _patched_forward (or what wraps it)
+            self._eager.append(eager)
+            layer.__dict__["_hyclora_graphs"] = (self, eager)
+            layer.forward = _make_forward(self, i)
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def captured(self) -> bool:
+        """Whether graphs are captured now."""
+        return self._captured is not None
+
+    def release(self) -> None:
+        """Free the captured graphs (the next eligible step captures again)."""
+        cap, self._captured = self._captured, None
+        if cap is not None:
+            for h in cap.hooks:
+                h.remove()
+            del cap
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+    def remove(self) -> None:
+        """Free the graphs and give the layers back their hyclora forwards. Call it before
+        ``revert_hyclora(model)``."""
+        if self._removed:
+            return
+        self.release()
+        for layer, eager in zip(self.layers, self._eager):
+            entry = layer.__dict__.get("_hyclora_graphs")
+            if entry is not None and entry[0] is self:
+                del layer.__dict__["_hyclora_graphs"]
+                if "_hyclora_patch" in layer.__dict__:
+                    layer.forward = eager
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _eager_call(self, i: int, reason: str, args, kwargs):
+        self.counts["eager: " + reason] += 1
+        return self._eager[i](*args, **kwargs)
+
+    def why_eager(self, i: int, layer: nn.Module, args, kwargs) -> Tuple[Optional[str], Any]:
+        """``(reason, inputs)``: why call ``i`` runs eager (``None`` when it may be graphed) and,
+        otherwise, ``(hidden, cos, sin)``. Plain Python: no device work."""
+        if not self.enabled:
+            return "disabled", None
+        if not (layer.training and torch.is_grad_enabled()):
+            return "not a training forward with grad", None
+        if _in_backward() or layer.hyclora_state.owed:
+            return "checkpoint recompute", None
+        if getattr(layer, "gradient_checkpointing", False) or _saved_tensor_hooks_active():
+            return "gradient checkpointing or saved-tensor hooks", None
+        if "_hyclora_patch" not in layer.__dict__:
+            return "layer no longer patched", None
+        if len(args) > 1:
+            return "extra positional arguments", None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return "no (batch, seq, hidden) hidden_states", None
+        pos = kwargs.get("position_embeddings")
+        if not (isinstance(pos, (tuple, list)) and len(pos) == 2 and all(isinstance(t, torch.Tensor) for t in pos)):
+            return "no position_embeddings", None
+        cos, sin = pos
+        if cos.requires_grad or sin.requires_grad:
+            return "position_embeddings require grad", None
+        if kwargs.get("attention_mask") is not None:
+            return "attention_mask", None
+        if kwargs.get("output_attentions"):
+            return "output_attentions", None
+        for key, value in kwargs.items():
+            if key in ("hidden_states", "position_embeddings", "attention_mask") or value is None:
+                continue
+            get_len = getattr(value, "get_seq_length", None)
+            if callable(get_len) and not torch.is_tensor(value):
+                if get_len(getattr(layer.self_attn, "layer_idx", 0) or 0) > 0:
+                    return "KV cache with tokens", None
+        impl = getattr(layer.self_attn.config, "_attn_implementation", None) or "eager"
+        if impl not in GRAPHABLE_ATTENTION:
+            return f"attention implementation {impl!r}", None
+        if self.sample_shape is not None and tuple(hidden.shape[:2]) != self.sample_shape:
+            return "batch shape", None
+        if not stats_ready(layer.hyclora_state):
+            return "statistics calibrating", None
+        return None, (hidden, cos, sin)
+
+    def _key(self, hidden, cos, sin):
+        return (tuple(hidden.shape), hidden.dtype, hidden.device,
+                tuple(cos.shape), cos.dtype, tuple(sin.shape), sin.dtype, _autocast_key())
+
+    def _stale(self, cap: _Captured, i: int) -> Optional[str]:
+        layer = self.layers[i]
+        norms = cap.tensors[i][1]
+        if (norms[0] is not layer.input_layernorm.weight or norms[1] is not layer.post_attention_layernorm.weight
+                or not _same_storage(_layer_storage(*cap.tensors[i]), cap.checks[i])):
+            return "stale graph (statistics or storage changed)"
+        patch = layer._hyclora_patch
+        if _config_knobs(patch.config) != cap.config_knobs[i]:
+            return "stale graph (HyCLoRAConfig changed)"
+        if self._lin_keys(layer) != cap.linear_keys[i]:
+            return "stale graph (adapter state changed)"
+        return None
+
+    def _lin_keys(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        return tuple(self._linear_key(getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
+            self._linear_key(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+
+    def _invalid(self, cap: _Captured) -> Optional[str]:
+        """Why the captured graphs can no longer be replayed (checked at the first layer's
+        call): a layer's statistics calibrate or expire now, or something they read changed."""
+        for layer in self.layers:
+            if not stats_ready(layer.hyclora_state):
+                return "statistics expire (recalibration)"
+        for i in range(len(self.layers)):
+            why = self._stale(cap, i)
+            if why is not None:
+                return why
+        return None
+
+    def forward(self, i: int, args, kwargs):
+        layer = self.layers[i]
+        cap = self._captured
+        if (i == 0 and cap is not None and self.enabled and layer.training and torch.is_grad_enabled()
+                and not _in_backward()):
+            why = self._invalid(cap)
+            if why is not None:  # free the graphs before the eager steps allocate anything
+                self.release()
+                cap = None
+                self.counts["release: " + why] += 1
+                if not self.recapture:
+                    self._given_up = True
+        reason, inputs = self.why_eager(i, layer, args, kwargs)
+        if reason is not None:
+            return self._eager_call(i, reason, args, kwargs)
+        hidden, cos, sin = inputs
+        key = self._key(hidden, cos, sin)
+        if cap is None:
+            if i != 0:
+                return self._eager_call(i, "not captured (captures start at the first layer)", args, kwargs)
+            if self._given_up:
+                return self._eager_call(i, "graphs released (recapture=False)", args, kwargs)
+            if not all(stats_ready(m.hyclora_state) for m in self.layers):
+                return self._eager_call(i, "statistics calibrating", args, kwargs)
+            cap = self._capture(key, hidden, cos, sin)
+        elif cap.key != key:
+            return self._eager_call(i, "input shape/dtype or autocast differs from the capture", args, kwargs)
+        if hidden.requires_grad != cap.input_requires_grad[i]:
+            return self._eager_call(i, "input requires_grad differs from the capture", args, kwargs)
+        node = cap.pending[i]
+        if node is not None and node() is not None:
+            return self._eager_call(i, "previous graphed forward awaits its backward", args, kwargs)
+        return self._replay(cap, i, layer, hidden, cos, sin)
+
+    def _replay(self, cap: _Captured, i: int, layer, hidden, cos, sin):
+        patch = layer._hyclora_patch
+        state = layer.hyclora_state
+        state.owed = False
+        state.count_forward()  # the counted forward's host bookkeeping (no expiry: stats_ready)
+        guard = patch.guard
+        check = patch.config.on_nonfinite == "raise"
+        if check and guard is not None and patch.order == 0:  # what run_checked does at a new step
+            if guard.num_pending:
+                guard.raise_pending()
+            guard.armed = False
+        if i == 0:
+            cap.rope_source = (cos, sin)  # copied into the static cos/sin by this replay
+        elif cap.rope_source is not None and cos is cap.rope_source[0] and sin is cap.rope_source[1]:
+            cos, sin = cap.static_rope  # the same tables as layer 0's: no copy (same storage)
+        y = cap.graphed[i](hidden, cos, sin)
+        if check:
+            entries = cap.callables[i].capture_guard.entries
+            if guard is None:  # no deferred guard on this model: an immediate check (one sync)
+                once = FiniteGuard()
+                _push_flags(once, entries)
+                once.raise_pending()
+            else:
+                _push_flags(guard, entries)
+                if not guard.armed:
+                    guard.arm(y)
+        node = y.grad_fn
+        if node is not None:  # the Graphed Function's node (a Python object: weak-referenceable)
+            cap.pending[i] = weakref.ref(node)
+            node.register_hook(_make_done(cap, i))
+        self.counts["replay"] += 1
+        return y
+
+    # -- capture --------------------------------------------------------------------------------
+    def _capture(self, key, hidden, cos, sin) -> _Captured:
+        ac = _autocast_key()
+        if ac is not None and ac[2]:
+            raise RuntimeError(
+                "hyclora.cuda_graphs: capture under torch.autocast with its cache enabled is not supported "
+                "(make_graphed_callables); use torch.autocast('cuda', dtype=..., cache_enabled=False), or "
+                "bf16 weights without autocast.")
+        for name, layer in zip(self.names, self.layers):  # dropout may have been switched on since
+            for sub, m in layer.named_modules():
+                if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
+                    raise ValueError(f"hyclora.cuda_graphs: {name}.{sub} is a dropout with p={m.p}; LoRA dropout > 0 "
+                                     "cannot be graphed. Use lora_dropout=0 or remove the graphs.")
+        callables = tuple(_LayerCallable(layer) for layer in self.layers)
+        compresses = all(m._hyclora_patch.config.compresses for m in self.layers)
+        with torch.no_grad():
+            cos_s, sin_s = cos.detach().clone(), sin.detach().clone()
+            shared = hidden.detach().clone().requires_grad_(True)
+            samples = []
+            upstream_grad = hidden.requires_grad
+            for i, layer in enumerate(self.layers):
+                rg = upstream_grad
+                if i == 0:
+                    x = hidden.detach().clone().requires_grad_(rg)
+                elif compresses and rg:
+                    # compressing layer types never keep their input for the backward (only its
+                    # quantised copy), so all layers can share one static input buffer
+                    x = shared
+                else:
+                    x = hidden.detach().clone().requires_grad_(rg)
+                samples.append((x, cos_s, sin_s))
+                upstream_grad = upstream_grad or any(p.requires_grad for p in layer.parameters())
+        # the input of layer i > 0 requires grad iff something before it does; each call checks its
+        # input against its sample (make_graphed_callables needs them to match)
+        try:
+            # allow_unused_input: a trainable parameter the compressed path does not use gets no
+            # gradient, as in the eager step
+            graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
+                                    allow_unused_input=True)
+        except Exception as exc:
+            raise RuntimeError(f"hyclora.cuda_graphs: capturing the decoder layers failed ({type(exc).__name__}: "
+                               f"{exc}). Train without graphs (graphs.remove()) and report this.") from exc
+        graphed = [g if not isinstance(g, nn.Module) else g.forward for g in graphed]
+        tensors = [_layer_tensors(layer) for layer in self.layers]
+        checks = [_layer_storage(*t) for t in tensors]
+        linear_keys = [self._lin_keys(layer) for layer in self.layers]
+        knobs = [_config_knobs(layer._hyclora_patch.config) for layer in self.layers]
+        hooks = []
+        for layer in self.layers:
+            for p in layer.parameters():
+                if p.requires_grad:
+                    hooks.append(p.register_hook(_make_grad_copy(p)))
+        self._captured = _Captured(key, callables, graphed, checks, linear_keys, knobs, hooks,
+                                   [s[0].requires_grad for s in samples])
+        self._captured.static_rope = (cos_s, sin_s)
+        self._captured.tensors = tensors
+        self.counts["capture"] += 1
+        return self._captured
+
+
+def _make_grad_copy(p: torch.Tensor):
+    ref = weakref.ref(p)
+
+    def hook(grad):
+        param = ref()
+        if param is not None and param.grad is None:
+            return grad.clone()  # .grad must not alias a graph's static buffer (pytorch#181723)
+        return None
+
+    return hook
+
+
+def _make_done(cap: _Captured, i: int):
+    def hook(grad_inputs, grad_outputs):
+        cap.pending[i] = None
+        return None
+
+    return hook
+
+
+def _make_forward(graphs: DecoderLayerGraphs, i: int):
+    def forward(*args, **kwargs):
+        return graphs.forward(i, args, kwargs)
+
+    return forward
+
+
+def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
+                         num_warmup_iters: int = 3, recapture: bool = True) -> DecoderLayerGraphs:
+    """Replay CUDA graphs of ``model``'s hyclora-patched decoder layers once their statistics
+    are frozen (see the module docstring for when a call runs eager, captures or replays).
+
+    Args:
+        model: a model :func:`hyclora.apply_hyclora` patched, on a CUDA device.
+        sample_shape: ``(batch_size, seq_len)`` to capture; other shapes run eager. ``None``: the
+            first eligible batch's shape.
+        num_warmup_iters: eager warm-up iterations per layer before each capture (Triton
+            autotuning happens in the first ones).
+        recapture: capture again after the graphs went stale (recalibration, moved storage,
+            changed adapters); ``False``: free them and stay eager.
+
+    Returns the :class:`DecoderLayerGraphs` (``.counts``, ``.enabled``, ``.remove()``).
+    """
+    return DecoderLayerGraphs(model, sample_shape=sample_shape, num_warmup_iters=num_warmup_iters,
+                              recapture=recapture)

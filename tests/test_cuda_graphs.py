@@ -1,0 +1,386 @@
+"""hyclora.cuda_graphs: refusals, the eager/capture/replay decisions, and equality with the eager
+hyclora step.
+
+CPU tests run the dispatcher against an emulation of ``torch.cuda.make_graphed_callables``
+(same call surface and the same static-buffer semantics: one static input per sample arg, copied
+into unless it is the same storage; one saved forward per callable, replaced by the next
+forward; static output and gradient buffers returned detached), so that everything except the
+CUDA capture itself is exercised: counting, recalibration and re-capture, shared static inputs,
+the gradient-accumulation copy, the deferred NaN/Inf check. GPU tests capture for real.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hyclora import HyCLoRAConfig, apply_hyclora
+from hyclora.cuda_graphs import DecoderLayerGraphs, graph_decoder_layers, stats_ready
+from hyclora.demo import build_lora_llama
+from hyclora.quant import ChannelStats
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: one thread is ~7x faster than two contending ones on the 2-core CI machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- an emulation of make_graphed_callables (CPU) ------------------------------------------------
+
+
+def emulated_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None):
+    calls = []
+    for c, args in zip(callables, sample_args):
+        params = tuple(c.parameters())
+        surface = tuple(args) + params
+        for _ in range(num_warmup_iters):  # like the real one: forward + grad on the samples
+            y = c(*args)
+            torch.autograd.grad(y, [t for t in surface if t.requires_grad], torch.ones_like(y),
+                                allow_unused=allow_unused_input)
+        calls.append(_emulated(c, tuple(args), params))
+    emulated_grapher.captures += 1
+    return tuple(calls)
+
+
+emulated_grapher.captures = 0
+
+
+def _emulated(c, static_args, params):
+    n = len(static_args)
+    surface = static_args + params
+    held = {}
+
+    class Emulated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for s, x in zip(static_args, inputs[:n]):
+                if s.data_ptr() != x.data_ptr():
+                    s.data.copy_(x)  # a graph replay checks no version counters either
+            with torch.enable_grad():
+                y = c(*static_args)
+            held["y"] = y  # the graph's saved activations: one set per callable
+            if "out" not in held:
+                held["out"] = torch.empty_like(y)
+            held["out"].copy_(y.detach())
+            return held["out"].detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            need = [t for t in surface if t.requires_grad]
+            grads = torch.autograd.grad(held["y"], need, g)
+            if "grads" not in held:
+                held["grads"] = [torch.empty_like(t) for t in grads]
+            for buf, t in zip(held["grads"], grads):
+                buf.copy_(t)
+            it = iter(held["grads"])
+            return tuple(next(it).detach() if t.requires_grad else None for t in surface)
+
+    def run(*user_args):
+        return Emulated.apply(*(tuple(user_args) + params))
+
+    return run
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _model(layer_type="intra_inter_full_fuse", q_bit=2, threshold=2, every=3, device="cpu", dtype=torch.float32,
+           **cfg):
+    model, _ = build_lora_llama(hidden=64, layers=3, heads=4, kv_heads=2, ffn=96, vocab=128, device=device,
+                                dtype=dtype)
+    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=q_bit, iteration_threshold=threshold,
+                                       recalibrate_every=every, **cfg))
+    return model
+
+
+def _batch(seed, b=2, s=12, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (b, s), generator=gen).to(device)
+
+
+def _lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _graphs(model, **kw):
+    grapher = kw.pop("grapher", emulated_grapher)
+    return DecoderLayerGraphs(model, _grapher=grapher, **kw)
+
+
+def _layers(model):
+    return model.base_model.model.model.layers
+
+
+def _compare(a, b, tol):
+    assert a.keys() == b.keys() and a
+    for n in a:
+        err = float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30))
+        assert err <= tol, (n, err)
+
+
+# -- refusals (CPU) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU refusal")
+def test_refuses_without_cuda():
+    with pytest.raises(RuntimeError, match="CUDA graphs need the model on a CUDA device"):
+        graph_decoder_layers(_model())
+
+
+def test_bad_arguments_and_models():
+    model = _model()
+    with pytest.raises(ValueError, match="sample_shape"):
+        _graphs(model, sample_shape=(4,))
+    with pytest.raises(ValueError, match="num_warmup_iters"):
+        _graphs(model, num_warmup_iters=0)
+    plain, _ = build_lora_llama(hidden=32, layers=1, heads=2, kv_heads=2, ffn=48, vocab=64)
+    with pytest.raises(ValueError, match="apply_hyclora"):
+        _graphs(plain)
+    g = _graphs(model)
+    with pytest.raises(ValueError, match="already graphed"):
+        _graphs(model)
+    g.remove()
+    _graphs(model).remove()  # after remove() it can be graphed again
+
+
+def test_refuses_lora_dropout():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64)
+    cfg._attn_implementation = "sdpa"
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4))
+    with pytest.raises(ValueError, match="dropout with p=0.1"):
+        _graphs(model)
+
+
+def test_stats_ready_predicts_expiry():
+    s = ChannelStats(8, iteration_threshold=2, recalibrate_every=3)
+    state = torch.nn.Module()
+    state.stats = torch.nn.ModuleDict({"x": s})
+    x = torch.randn(5, 8)
+    history = []
+    for _ in range(12):
+        ready = stats_ready(state)
+        s.note_counted_forward()  # what count_forward does first ...
+        history.append((ready, s.frozen))
+        if not s.frozen:
+            s.range_for(x)  # ... then the blocks calibrate
+    # ready exactly when the forward about to be counted runs with frozen stats
+    assert [r for r, _ in history] == [f for _, f in history]
+    assert history[:6] == [(False, False), (False, False), (True, True), (True, True), (True, True), (False, False)]
+    # a statistic the layer never calibrates (unused by its path) does not block the others
+    state.stats["unused"] = ChannelStats(8, iteration_threshold=2)
+    assert stats_ready(state) == s.frozen
+    fresh = torch.nn.Module()
+    fresh.stats = torch.nn.ModuleDict({"a": ChannelStats(8), "b": ChannelStats(8)})
+    assert not stats_ready(fresh)  # nothing calibrated yet (before the first forward)
+
+
+# -- dispatch against the emulation (CPU) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "ignore"])
+def test_equal_to_eager_over_recalibration(on_nonfinite):
+    eager = _model(on_nonfinite=on_nonfinite)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed)
+    for step in range(10):  # calibrate 2, frozen 3 (capture + replays), expire, calibrate 2, ...
+        ids = _batch(step)
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+        _compare(_lora_grads(graphed), _lora_grads(eager), 0.0)
+    for a, b in zip(_layers(eager), _layers(graphed)):
+        assert int(a.hyclora_state.forward_count) == int(b.hyclora_state.forward_count) == 10
+    c = graphs.counts
+    assert c["capture"] == 2 and c["release: statistics expire (recalibration)"] == 1
+    assert c["replay"] == 3 * 6  # steps 2-4 and 7-9 (captures at 2 and 7), 3 layers
+    assert c["eager: statistics calibrating"] == 3 * 4  # steps 0-1 and 5-6
+    graphs.remove()
+    assert "_hyclora_graphs" not in _layers(graphed)[0].__dict__
+
+
+def test_gradient_accumulation_and_two_forwards_before_backward():
+    eager = _model(every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed)
+    for model in (eager, graphed):
+        for step in range(3):  # calibrate (2) and capture at the third
+            model.zero_grad(set_to_none=True)
+            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        for step in (3, 4):  # accumulated over two micro-batches
+            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)  # without the copy hook: 2x the second
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        total = sum(model(input_ids=_batch(s), labels=_batch(s)).loss for s in (5, 6))
+        total.backward()
+    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["eager: previous graphed forward awaits its backward"] == 3
+    # a forward whose graph is dropped without a backward does not block the next replay
+    replays = graphs.counts["replay"]
+    graphed(input_ids=_batch(7), labels=_batch(7))
+    graphed(input_ids=_batch(8), labels=_batch(8)).loss.backward()
+    assert graphs.counts["replay"] == replays + 6
+
+
+@pytest.mark.parametrize("layer_type", ["baseline", "intra", "intra_inter"])
+def test_other_layer_types(layer_type):
+    # compressing layers > 0 share one static input buffer (their backward must not read it);
+    # baseline keeps its input, so each layer gets its own
+    eager = _model(layer_type=layer_type, q_bit=4, every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed)
+    for step in range(5):
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["replay"] == 3 * (5 if layer_type == "baseline" else 3)
+
+
+def test_eager_reasons():
+    model = _model(every=0)
+    graphs = _graphs(model, sample_shape=(2, 12))
+    for step in range(3):
+        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+    assert graphs.captured and graphs.counts["replay"] == 3
+    model(input_ids=_batch(0, s=9), labels=_batch(0, s=9)).loss.backward()
+    assert graphs.counts["eager: batch shape"] == 3
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: a mask tensor reaches the layers
+    model(input_ids=_batch(1), attention_mask=mask, labels=_batch(1)).loss.backward()
+    assert graphs.counts["eager: attention_mask"] == 3
+    with torch.no_grad():
+        model(input_ids=_batch(1))
+    model.eval()
+    model(input_ids=_batch(1))
+    model.train()
+    assert graphs.counts["eager: not a training forward with grad"] == 6
+    graphs.enabled = False
+    model(input_ids=_batch(1), labels=_batch(1)).loss.backward()
+    assert graphs.counts["eager: disabled"] == 3
+    graphs.enabled = True
+    with torch.no_grad():  # storage moved: the graphs are stale and captured again
+        for layer in _layers(model):
+            layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.clone()
+    model(input_ids=_batch(2), labels=_batch(2)).loss.backward()
+    assert graphs.counts["release: stale graph (statistics or storage changed)"] == 1
+    assert graphs.counts["capture"] == 2
+
+
+def test_checkpoint_recompute_runs_eager():
+    eager = _model(every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed)
+    for model in (eager, graphed):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for step in range(4):
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["replay"] == 0 and graphs.counts["capture"] == 0
+    assert graphs.counts["eager: gradient checkpointing or saved-tensor hooks"] == 3 * 4
+
+
+def test_saved_tensor_measurement_runs_eager():
+    from hyclora.memory import measure_saved_tensors
+
+    model = _model(every=0)
+    graphs = _graphs(model)
+    for step in range(4):
+        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+    assert graphs.counts["replay"] == 6
+    loss, report = measure_saved_tensors(model, lambda: model(input_ids=_batch(5), labels=_batch(5)).loss)
+    loss.backward()
+    assert graphs.counts["replay"] == 6 and report.mean_layer_bytes > 0
+
+
+def test_nonfinite_check_survives_replay():
+    model = _model(every=0)
+    graphs = _graphs(model)
+    for step in range(3):
+        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+    assert graphs.counts["replay"] == 3
+    with torch.no_grad():
+        _layers(model)[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
+    loss = model(input_ids=_batch(3), labels=_batch(3)).loss
+    assert graphs.counts["replay"] == 6
+    with pytest.raises(FloatingPointError, match=r"layers\.1 \(output of the decoder layer\)"):
+        loss.backward()
+
+
+def test_bench_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cuda_graphs.py"), "--smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "graphed variant is skipped" in out.stdout and "| 2x64 | hyclora full_fuse 2-bit eager |" in out.stdout
+    assert (tmp_path / "cuda_graphs.csv").read_text().count("\n") == 4
+
+
+# -- real CUDA graphs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
+def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit):
+    eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda")
+    graphed = copy.deepcopy(eager)
+    graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
+    for step in range(10):
+        ids = _batch(step, device="cuda")
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss))
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), step
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-4)
+    assert graphs.counts["capture"] == 2 and graphs.counts["replay"] == 18
+    graphs.remove()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_graphs_accumulation_and_nonfinite():
+    eager = _model(device="cuda", every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
+    for model in (eager, graphed):
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=_batch(step, device="cuda"), labels=_batch(step, device="cuda")).loss.backward()
+        model.zero_grad(set_to_none=True)
+        for step in (3, 4):
+            model(input_ids=_batch(step, device="cuda"), labels=_batch(step, device="cuda")).loss.backward()
+    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-4)
+    assert graphs.counts["replay"] == 9
+    with torch.no_grad():
+        _layers(graphed)[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
+    loss = graphed(input_ids=_batch(5, device="cuda"), labels=_batch(5, device="cuda")).loss
+    with pytest.raises(FloatingPointError, match=r"layers\.1 \(output of the decoder layer\)"):
+        loss.backward()
