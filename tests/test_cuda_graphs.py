@@ -256,6 +256,22 @@ def test_other_layer_types(layer_type):
     assert graphs.counts["replay"] == 3 * (5 if layer_type == "baseline" else 3)
 
 
+def test_input_grads_and_no_recapture():
+    # enable_input_require_grads: the first layer's input requires grad too (sample args follow)
+    eager = _model(threshold=1, every=2)
+    graphed = copy.deepcopy(eager)
+    for model in (eager, graphed):
+        model.enable_input_require_grads()
+    graphs = _graphs(graphed, recapture=False)
+    for step in range(6):  # calibrate 1, frozen 2 (capture), expire -> released for good
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 3 * 2
+    assert graphs._captured is None and graphs.counts["eager: graphs released (recapture=False)"] == 2
+
+
 def test_eager_reasons():
     model = _model(every=0)
     graphs = _graphs(model, sample_shape=(2, 12))
@@ -345,6 +361,7 @@ def test_bench_smoke(tmp_path):
 # -- real CUDA graphs ----------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
 def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit):
@@ -365,6 +382,7 @@ def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit):
     graphs.remove()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_graphs_accumulation_and_nonfinite():
     eager = _model(device="cuda", every=0)
