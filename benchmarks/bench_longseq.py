@@ -49,6 +49,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -225,46 +226,12 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def peak_breakdown(snapshot: Dict, top: int = 25) -> str:
-    """What was alive at the peak of a ``torch.cuda.memory._snapshot()`` trace (allocations made
-    while recording only), summed per allocating line: the innermost frame in hyclora, else in
-    transformers/peft, else the innermost Python frame."""
-    live: Dict[int, Tuple[int, str]] = {}
-    total = peak = 0
-    at_peak: Dict[int, Tuple[int, str]] = {}
-    for trace in snapshot.get("device_traces", []):
-        for ev in trace:
-            action, addr, size = ev.get("action"), ev.get("addr"), ev.get("size", 0)
-            if action == "alloc":
-                frames = ev.get("frames") or []
-
-                def pick(*keys):
-                    return next((f for f in frames if any(k in f.get("filename", "") for k in keys)), None)
-
-                f = pick("/hyclora/") or pick("/transformers/", "/peft/", "/liger_kernel/") or (frames[0] if frames else None)
-                where = f"{Path(f['filename']).name}:{f['line']} {f['name']}" if f else "?"
-                live[addr] = (size, where)
-                total += size
-                if total > peak:
-                    peak, at_peak = total, dict(live)
-            elif action in ("free_requested", "free") and addr in live:
-                total -= live.pop(addr)[0]
-    by_where: Dict[str, List[int]] = {}
-    for size, where in at_peak.values():
-        by_where.setdefault(where, []).append(size)
-    lines = [f"peak of allocations made while recording: {peak / 2**30:.3f} GiB in {len(at_peak)} blocks"]
-    for where, sizes in sorted(by_where.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        lines.append(f"{sum(sizes) / 2**30:9.3f} GiB  {len(sizes):5d} x  {where}")
-    return "\n".join(lines)
-
-
 def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int,
-              live_peak: bool = False, snapshot_to: Optional[Path] = None) -> Dict:
+              live_peak: bool = False, report_to: Optional[Path] = None) -> Dict:
     """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
     row: Dict = {"method": method.name, "context": ctx, "status": "ok", "tokens_per_s": float("nan"),
                  "step_s": float("nan"), "peak_gib_above_static": float("nan"), "static_gib": float("nan")}
     ids = None
-    recording = False
     try:
         method.on(model)
         ids = torch.randint(0, vocab, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx))
@@ -287,13 +254,12 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
             static = torch.cuda.memory_allocated()
         times = []
         tracker = None
-        if live_peak and device != "cuda" and steps:
+        if live_peak and steps:
             from hyclora.memory import track_live_tensors
 
-            tracker = track_live_tensors(snapshot=False)  # CPU: peak of live tensor bytes (hyclora.memory)
-        recording = snapshot_to is not None and device == "cuda" and steps > 0
-        if recording:
-            torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+            # peak of live tensor bytes (hyclora.memory), per decoder layer and phase; on CUDA this
+            # slows the step (a Python dispatch mode) and adds no number: the breakdown is the point
+            tracker = track_live_tensors(model, snapshot=report_to is not None)
         with tracker if tracker is not None else contextlib.nullcontext() as live:
             for _ in range(steps):
                 _sync(device)
@@ -301,12 +267,13 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
                 loss = step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-        if recording:
-            text = peak_breakdown(torch.cuda.memory._snapshot())
-            snapshot_to.write_text(text + "\n")
-            print(text, flush=True)
         if live is not None:
-            row["peak_gib_above_static"] = live.report.peak_bytes / 2**30
+            if report_to is not None:
+                text = live.report.summary(20)
+                report_to.write_text(text + "\n")
+                print(text, flush=True)
+            if device != "cuda":
+                row["peak_gib_above_static"] = live.report.peak_bytes / 2**30
         if loss is not None and not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"non-finite loss {float(loss)}")
         if times:
@@ -321,9 +288,8 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
         else:
             row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
             print(f"{method.name} @ {ctx}: {row['status']}", flush=True)
+            traceback.print_exc()
     finally:
-        if recording:
-            torch.cuda.memory._record_memory_history(enabled=None)
         ids = None  # noqa: F841 (drop the reference before freeing memory)
         model.zero_grad(set_to_none=True)
         method.off(model)
@@ -355,13 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp_chunk_elements", type=int, default=-1,
                    help="hyclora: tokens x d_ff elements per MLP row chunk (hyclora.ops.blocks."
                         "MLP_CHUNK_ELEMENTS); -1 = the library's default, 0 = one call (no chunks)")
-    p.add_argument("--memory_snapshot", action="store_true",
-                   help="CUDA: record the allocator's history during the timed steps and write, per point, "
-                        "what was alive at the peak grouped by the hyclora/transformers line that "
-                        "allocated it (peak-<method>-<context>.txt under $OUT)")
     p.add_argument("--live_peak", action="store_true",
-                   help="CPU: report the peak of live tensor bytes of the timed steps (hyclora.memory."
-                        "track_live_tensors) as 'peak above static'")
+                   help="track live tensors in the timed steps (hyclora.memory.track_live_tensors) and write "
+                        "what is alive at their peak, by layer and phase, to live-peak-<method>-<context>.txt "
+                        "under $OUT; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--cpu_shape", type=lambda t: tuple(_ints(t)), default=None,
                    help="with --smoke: hidden,ffn,layers,vocab of a scale model (e.g. 256,688,4,2048), run at "
                         "--contexts without search")
@@ -436,7 +399,7 @@ def main(argv=None) -> Dict[str, list]:
             t0 = time.perf_counter()
             row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size,
                             live_peak=args.live_peak,
-                            snapshot_to=out_dir / f"peak-{name}-{ctx}.txt" if args.memory_snapshot else None)
+                            report_to=out_dir / f"live-peak-{name}-{ctx}.txt" if args.live_peak else None)
             last = (ctx, time.perf_counter() - t0)
             rows.append(row)
             print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "

@@ -83,27 +83,3 @@ def test_smoke_run_writes_tables(tmp_path, monkeypatch):
     with open(tmp_path / "longseq.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
 
-
-def test_peak_breakdown_reports_what_was_alive_at_the_peak():
-    bench = _bench()
-
-    def frame(path, line, name):
-        return {"filename": path, "line": line, "name": name}
-
-    hy = [frame("/x/site-packages/torch/nn/functional.py", 1, "linear"), frame("/r/hyclora/ops/blocks.py", 42, "fwd")]
-    hf = [frame("/x/site-packages/transformers/models/llama/modeling_llama.py", 7, "forward")]
-    gib = 2**30
-    trace = [
-        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": hy},
-        {"action": "alloc", "addr": 2, "size": 1 * gib, "frames": hf},
-        {"action": "free_requested", "addr": 1, "size": 2 * gib, "frames": hy},
-        {"action": "free_requested", "addr": 99, "size": 5 * gib, "frames": []},  # allocated before recording
-        {"action": "alloc", "addr": 3, "size": 3 * gib, "frames": hy},  # peak: 1 + 3 GiB
-        {"action": "alloc", "addr": 4, "size": gib // 2, "frames": []},
-        {"action": "free_requested", "addr": 3, "size": 3 * gib, "frames": hy},
-    ]
-    text = bench.peak_breakdown({"device_traces": [trace]})
-    lines = text.splitlines()
-    assert "4.500 GiB" in lines[0] and "3 blocks" in lines[0]
-    assert "3.000 GiB" in lines[1] and "blocks.py:42 fwd" in lines[1]
-    assert "1.000 GiB" in lines[2] and "modeling_llama.py:7 forward" in lines[2]
