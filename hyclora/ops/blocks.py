@@ -51,7 +51,9 @@ from .attention import (
     check_implementation,
     eager_attention_backward,
     eager_attention_forward,
+    is_s2,
 )
+from .s2attn import resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_first, lora_linear_forward,
                    lora_reconstruct)
@@ -381,6 +383,14 @@ class AttentionBlockFn(torch.autograd.Function):
             do = do.view(b, s, H, D).transpose(1, 2)
             dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
             del probs
+        elif is_s2(ctx.core_impl) and plan.is_causal and s2_flash_eligible(q, k, v, mask):
+            # S²-Attn by flash calls on views: no block copies, gradients written over q/k/v
+            group = resolve_group_size(s, plan.s2_group_ratio, plan.s2_group_size)
+            o_re, per_block = s2_flash_forward(q, k, v, group, plan.scaling)
+            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
+            own = (True, True, not load.holds(v))  # q, k: fresh from RoPE; v: a saved tensor in baseline
+            dq, dk, dv = s2_flash_backward(q, k, v, o_re, do.view(b, s, H, D), per_block, group, plan.scaling, own)
+            del o_re, per_block
         else:
             o_re, leaves = attention_recompute(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                                plan.s2_group_ratio, plan.s2_group_size)

@@ -35,7 +35,7 @@ This module imports torch only (lower layer: no transformers/peft/deepspeed).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -404,3 +404,123 @@ __all__ = [
     "s2_attention",
     "s2_attention_reference_mask",
 ]
+
+
+# -- S²-Attn forward + backward by flash-attention calls on views (no copies) -------------------
+#
+# ``s2_attention`` under autograd copies q/k/v into group-major blocks and, in the backward,
+# builds every gradient from full-size ``slice_backward`` zeros added together: at 7B/64k tokens
+# about a dozen (tokens, hidden) tensors were alive in the attention backward, the peak of a
+# checkpointed hyclora step. The functions below run the same attention as a list of causal
+# blocks, each a strided VIEW of the (b, h, s, d) tensors handed to the flash kernels directly,
+# and write every block's gradient into the memory of the q/k/v it came from (the blocks are
+# disjoint in (batch, head, token)), so the backward holds q/k/v (turning into dq/dk/dv), o, dO
+# and one block's temporaries. Used by the decoder block's backward when eligible
+# (:func:`s2_flash_eligible`); the generic path stays for masks, GQA, dropout and other dtypes.
+
+# heads per flash call: a block's temporaries (dq/dk/dv and the kernel's fp32 dq accumulator)
+# are this fraction of the full tensors
+_FLASH_HEAD_FRACTION = 8
+
+
+def s2_flash_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float = 0.0) -> bool:
+    """The view-based path applies: no mask, no dropout, as many key/value heads as query heads,
+    last dimension contiguous, and a flash kernel for the device and dtype (CUDA: fp16/bf16 with
+    head_dim <= 256; CPU: any float)."""
+    if mask is not None or dropout_p or q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        return False
+    if q.shape[1] < 2 or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    return q.device.type == "cpu" and q.is_floating_point()
+
+
+def _s2_blocks(h: int, s: int, g: int) -> List[Tuple[int, int, int, int, int]]:
+    """``(h0, h1, start, n, size)``: causal attention inside ``n`` consecutive blocks of ``size``
+    tokens from ``start`` for heads ``[h0, h1)``; together exactly :func:`s2_attention`'s groups
+    (plain heads: groups of ``g`` from 0; shifted heads: ``[0, g - g/2)`` then groups of ``g``),
+    a short last group as a block of its own (causal: padding it would change nothing)."""
+    split, shift = h // 2, g // 2
+    first = min(g - shift, s)
+    spans = [(0, split, 0, s, g), (split, h, 0, first, first)] + ([(split, h, first, s, g)] if first < s else [])
+    per_call = max(1, h // _FLASH_HEAD_FRACTION)
+    blocks = []
+    for h0, h1, start, end, size in spans:
+        size = min(size, end - start)
+        n_full, rest = divmod(end - start, size)
+        for c0 in range(h0, h1, per_call):
+            c1 = min(h1, c0 + per_call)
+            if n_full:
+                blocks.append((c0, c1, start, n_full, size))
+            if rest:
+                blocks.append((c0, c1, start + n_full * size, 1, rest))
+    return blocks
+
+
+def _block_view(t: torch.Tensor, bi: int, h0: int, h1: int, start: int, n: int, size: int) -> torch.Tensor:
+    """(n, h1 - h0, size, d) view of ``t[bi, h0:h1, start:start + n*size]`` (``t``: (b, h, s, d))."""
+    return t[bi, h0:h1, start:start + n * size].unflatten(1, (n, size)).transpose(0, 1)
+
+
+def _flash_forward(q, k, v, scale):
+    if q.is_cuda:
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False, scale=scale)
+        return out, (lse, cq, ck, mq, mk, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, (lse,)
+
+
+def _flash_backward(do, q, k, v, out, saved, scale):
+    if q.is_cuda:
+        lse, cq, ck, mq, mk, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse, cq, ck, mq, mk, 0.0, True, seed, offset, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, saved[0], 0.0, True, scale=scale)
+
+
+def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
+                     scaling: Optional[float] = None):
+    """S²-Attn output without autograd: ``(o, saved)`` with ``o`` a ``(b, s, h, d)`` contiguous
+    tensor (``o.view(b, s, h*d)`` is the o_proj input) and ``saved`` what
+    :func:`s2_flash_backward` needs per block (log-sum-exp, fp32, ``b*h*s`` values in all)."""
+    b, h, s, d = q.shape
+    o = q.new_empty(b, s, h, d)
+    o_heads = o.transpose(1, 2)  # (b, h, s, d) view
+    saved = []
+    with torch.no_grad():
+        for bi in range(b):
+            for blk in _s2_blocks(h, s, group):
+                views = [_block_view(t, bi, *blk) for t in (q, k, v)]
+                out, keep = _flash_forward(*views, scaling)
+                _block_view(o_heads, bi, *blk).copy_(out)
+                saved.append(keep)
+    return o, saved
+
+
+def s2_flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+                      saved, group: int, scaling: Optional[float] = None,
+                      overwrite: Tuple[bool, bool, bool] = (False, False, False)):
+    """Gradients ``(dq, dk, dv)`` (``(b, h, s, d)``) of :func:`s2_flash_forward`'s output.
+
+    ``o`` and ``do``: ``(b, s, h, d)``-shaped (any strides, last dim contiguous). ``overwrite``
+    (per q, k, v): the tensor is the caller's own and not needed afterwards, so each block's
+    gradient is written over the block's values and the tensor itself is returned as its
+    gradient (no new full-size tensor).
+    """
+    b, h, s, d = q.shape
+    o_heads, do_heads = o.transpose(1, 2), do.transpose(1, 2)
+    grads = tuple(t if own else torch.empty_like(t) for t, own in zip((q, k, v), overwrite))
+    it = iter(saved)
+    with torch.no_grad():
+        for bi in range(b):
+            for blk in _s2_blocks(h, s, group):
+                qv, kv, vv = (_block_view(t, bi, *blk) for t in (q, k, v))
+                block_grads = _flash_backward(_block_view(do_heads, bi, *blk), qv, kv, vv,
+                                              _block_view(o_heads, bi, *blk), next(it), scaling)
+                for dst, g in zip(grads, block_grads):
+                    _block_view(dst, bi, *blk).copy_(g)
+                del block_grads
+    return grads

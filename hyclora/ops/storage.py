@@ -368,6 +368,11 @@ class TensorLoad:
             return OutlierRows.restore(tensors, meta)
         raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
 
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` shares memory with a saved tensor (then it must not be written to)."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(s is not None and s.untyped_storage().data_ptr() == ptr for s in self._saved)
+
     def get(self, name: str) -> Optional[torch.Tensor]:
         entry = self._index.get(name)
         if entry is None:
