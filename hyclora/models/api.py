@@ -80,10 +80,13 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     from hyclora.quant.checks import FiniteGuard
 
     guard = FiniteGuard()  # one per model: all layers' NaN/Inf flags, read once per step
+    norms = adapter.find_final_norms(model, layers)
     for order, (name, layer) in enumerate(layers):
         adapter.patch(layer, name, config)
         layer._hyclora_patch.guard = guard
         layer._hyclora_patch.order = order
+    for name, norm in norms:
+        adapter.patch_final_norm(norm, name)
     return model
 
 
@@ -91,6 +94,8 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_hyclora`: original forwards back, ``hyclora_state`` removed."""
     for _, layer in _patched_layers(model):
         LlamaFamilyAdapter.unpatch(layer)
+    for module in model.modules():
+        LlamaFamilyAdapter.unpatch_final_norm(module)
     return model
 
 

@@ -17,12 +17,24 @@ import torch
 def rmsnorm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``."""
-    xf = x.to(torch.float32)
-    variance = xf.pow(2).mean(-1, keepdim=True)
-    rstd = torch.rsqrt(variance + eps)
-    y = weight * (xf * rstd).to(x.dtype)
-    return y, rstd
+    """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``. Long inputs run
+    in row chunks (see ``_CHUNK_ELEMENTS``; row-wise, so the values do not depend on it)."""
+    d = x.shape[-1]
+    if x.numel() <= _CHUNK_ELEMENTS or d == 0:
+        xf = x.to(torch.float32)
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        rstd = torch.rsqrt(variance + eps)
+        y = weight * (xf * rstd).to(x.dtype)
+        return y, rstd
+    x2 = x.reshape(-1, d)
+    rstd = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    for rows in _row_chunks(x2.shape[0], d):
+        xf = x2[rows].to(torch.float32)
+        rstd[rows] = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y[rows] = weight * (xf * rstd[rows]).to(x.dtype)
+        del xf
+    return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 
 # Rows per chunk of the backward's (and the renormalisation's) fp32 work: its temporaries (the
@@ -84,4 +96,29 @@ def rmsnorm_backward(
     return (None if dx is None else dx.view(x.shape)), (None if dweight is None else dweight.to(weight.dtype))
 
 
-__all__ = ["rmsnorm_forward", "rmsnorm_backward", "rmsnorm_from_rstd"]
+class RMSNormFn(torch.autograd.Function):
+    """A whole RMSNorm under autograd that keeps the input as it is (not the fp32 upcast
+    transformers' RMSNorm saves) plus the fp32 ``rstd``, and runs forward and backward in row
+    chunks: for the final norm of a checkpointed long-context step, whose fp32 upcast and five fp32
+    backward temporaries (6 GiB at 7B/64k) were the step's peak."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(
+                f"hyclora RMSNorm: weight of shape {tuple(weight.shape)} for inputs of width {x.shape[-1]}; "
+                "under DeepSpeed ZeRO-3 the norm must run inside its module's forward (parameters "
+                "gathered), e.g. through model(...), not on a detached weight.")
+        y, rstd = rmsnorm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = rmsnorm_backward(dy, x, rstd, weight, need_dx=need_dx, need_dweight=need_dw)
+        return dx, dw, None
+
+
+__all__ = ["rmsnorm_forward", "rmsnorm_backward", "rmsnorm_from_rstd", "RMSNormFn"]
