@@ -179,18 +179,8 @@ class _CaptureGuard(FiniteGuard):
 
 def _push_flags(guard: FiniteGuard, entries) -> None:
     """Queue a replay's flags into the model's deferred guard (no host sync)."""
-    add = getattr(guard, "add_flag", None)
-    if add is not None:  # a public FiniteGuard.add_flag, should hyclora.quant.checks grow one
-        for order, flag, where, shape, dtype in entries:
-            add(flag, where, order=order, shape=shape, dtype=dtype)
-        return
-    from hyclora.quant.checks import MAX_PENDING, _Pending
-
     for order, flag, where, shape, dtype in entries:
-        guard._pending.append(_Pending(order, guard._seq, flag, where, shape, dtype))
-        guard._seq += 1
-    if len(guard._pending) >= MAX_PENDING:
-        guard.raise_pending()
+        guard.add_flag(flag, where, order=order, shape=shape, dtype=dtype)
 
 
 class _LayerCallable(nn.Module):

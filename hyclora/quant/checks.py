@@ -84,7 +84,12 @@ class FiniteGuard:
             return
         with no_grad():
             flag = torch.isfinite(x.detach()).all()
-        self._pending.append(_Pending(order, self._seq, flag, where, tuple(x.shape), x.dtype))
+        self.add_flag(flag, where, order=order, shape=tuple(x.shape), dtype=x.dtype)
+
+    def add_flag(self, flag: Tensor, where: str, *, order: int = 0, shape: tuple = (), dtype=None) -> None:
+        """Queue a device-side flag computed elsewhere (0-d bool, True = all finite), e.g. the one
+        a CUDA graph replay recomputes in place (``hyclora.cuda_graphs``); no host sync."""
+        self._pending.append(_Pending(order, self._seq, flag, where, tuple(shape), dtype))
         self._seq += 1
         if len(self._pending) >= MAX_PENDING:
             self.raise_pending()
