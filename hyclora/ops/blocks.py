@@ -277,6 +277,15 @@ def _core_impl(plan, mask) -> str:
     return plan.impl
 
 
+def _s2_flash(core_impl: str, plan: AttentionPlan, q, k, v, mask) -> bool:
+    """S²-Attn through ``s2attn.s2_flash_forward/backward`` (strided views, no copies)?"""
+    return is_s2(core_impl) and plan.is_causal and s2_flash_eligible(q, k, v, mask)
+
+
+def _s2_group(plan: AttentionPlan, seq_len: int) -> int:
+    return resolve_group_size(seq_len, plan.s2_group_ratio, plan.s2_group_size)
+
+
 class AttentionBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
@@ -322,6 +331,8 @@ class AttentionBlockFn(torch.autograd.Function):
                 if metas[3].has_lora:
                     _keep(plan, store, "o", o)
             del probs
+        elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):  # S²-Attn on views, no block copies
+            o = s2_flash_forward(q, k, v, _s2_group(plan, s), plan.scaling)[0].view(b, s, H * D)
         else:
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
@@ -383,9 +394,9 @@ class AttentionBlockFn(torch.autograd.Function):
             do = do.view(b, s, H, D).transpose(1, 2)
             dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
             del probs
-        elif is_s2(ctx.core_impl) and plan.is_causal and s2_flash_eligible(q, k, v, mask):
+        elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):
             # S²-Attn by flash calls on views: no block copies, gradients written over q/k/v
-            group = resolve_group_size(s, plan.s2_group_ratio, plan.s2_group_size)
+            group = _s2_group(plan, s)
             o_re, per_block = s2_flash_forward(q, k, v, group, plan.scaling)
             do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
             own = (True, True, not load.holds(v))  # q, k: fresh from RoPE; v: a saved tensor in baseline
@@ -405,10 +416,14 @@ class AttentionBlockFn(torch.autograd.Function):
 
         x_hat, x_n1 = _norm_input(load, "x_in", "rstd1", any(m.has_lora for m in metas[:3]))
         dxn = None
-        for i, (name, dproj) in enumerate(zip(_QKV, (dq, dk, dv))):
-            dxi, lin_grads[4 * i : 4 * i + 4] = _linear_grads(ctx, plan, load, i, name, dproj, x_n1, off)
-            dxn = dxi if dxn is None else dxn + dxi
-        del x_n1, dq, dk, dv
+        dprojs = [dq, dk, dv]
+        del dq, dk, dv  # each freed once its linear's backward has run (long sequences: (s, d) each)
+        for i, name in enumerate(_QKV):
+            dxi, lin_grads[4 * i : 4 * i + 4] = _linear_grads(ctx, plan, load, i, name, dprojs[i], x_n1, off)
+            dprojs[i] = None
+            dxn = dxi if dxn is None else dxn.add_(dxi)  # dxi/dxn: fresh tensors of this backward
+            del dxi
+        del x_n1
         dx, dnorm = _norm_backward(plan, load, need, "x_in", "rstd1", x_hat, dxn, dy)
         return (None, dx, dnorm, None, None, None, *lin_grads)
 
@@ -543,7 +558,7 @@ class MLPBlockFn(torch.autograd.Function):
         x_hat, x_n2 = _norm_input(load, "x_mid", "rstd2", metas[0].has_lora or metas[1].has_lora)
         dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
         dxu, lin_grads[4:8] = _linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
-        dxn = dxg + dxu
+        dxn = dxg.add_(dxu)  # dxg: a fresh tensor of this backward
         del x_n2, dxg, dxu, dg, du
         dx, dnorm = _norm_backward(plan, load, need, "x_mid", "rstd2", x_hat, dxn, dy)
         return (None, dx, dnorm, *lin_grads)

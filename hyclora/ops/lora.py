@@ -191,10 +191,14 @@ def lora_linear_backward(
                 xl = xl * mask
             da = _cast(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
         if need_dx:
-            dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
-            if mask is not None:
-                dxl = dxl * mask
-            dx = dx.add_(_cast(dxl, dx.dtype))  # dx is this function's own fresh tensor
+            if mask is None and dxa.dtype == dx.dtype:
+                # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
+                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), lora_a.to(dx.dtype))
+            else:
+                dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
+                if mask is not None:
+                    dxl = dxl * mask
+                dx = dx.add_(_cast(dxl, dx.dtype))
     return dx, dbias, da, db
 
 

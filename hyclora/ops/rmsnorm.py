@@ -20,7 +20,8 @@ def rmsnorm_forward(
     """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``. Long inputs run
     in row chunks (see ``_CHUNK_ELEMENTS``; row-wise, so the values do not depend on it)."""
     d = x.shape[-1]
-    if x.numel() <= _CHUNK_ELEMENTS or d == 0:
+    recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.numel() <= _CHUNK_ELEMENTS or d == 0 or recording:  # under autograd: one differentiable piece
         xf = x.to(torch.float32)
         variance = xf.pow(2).mean(-1, keepdim=True)
         rstd = torch.rsqrt(variance + eps)
@@ -31,9 +32,10 @@ def rmsnorm_forward(
     y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     for rows in _row_chunks(x2.shape[0], d):
         xf = x2[rows].to(torch.float32)
-        rstd[rows] = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y[rows] = weight * (xf * rstd[rows]).to(x.dtype)
-        del xf
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        rstd[rows] = r
+        y[rows] = weight * (xf * r).to(x.dtype)
+        del xf, r
     return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 

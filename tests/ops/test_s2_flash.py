@@ -93,9 +93,14 @@ def test_block_takes_the_flash_path_with_equal_gradients(layer_type, checkpointi
         calls.append(args[-1])
         return real(*args, **kwargs)
 
+    forwards = []
+    real_fwd = blocks.s2_flash_forward
     monkeypatch.setattr(blocks, "s2_flash_backward", spy)
+    monkeypatch.setattr(blocks, "s2_flash_forward", lambda *a, **k: forwards.append(1) or real_fwd(*a, **k))
     loss, grads = step_grads(model, _batch())
     assert len(calls) == 2  # both layers
+    # forward, (checkpoint recompute,) backward's recompute: every attention call takes the view path
+    assert len(forwards) == 2 * (3 if checkpointing else 2)
     # q and k are the backward's own; v is a saved tensor in baseline (kept exactly), else rebuilt
     assert all(own == (True, True, layer_type != "baseline") for own in calls)
     monkeypatch.setattr(blocks, "s2_flash_eligible", lambda *a, **k: False)
