@@ -28,7 +28,6 @@ Prints a markdown table and writes cuda_graphs.csv under --out (default $OUT or 
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import statistics
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_csv  # noqa: E402
 
 from bench_memory_throughput import build_model, sync  # noqa: E402
 
@@ -232,12 +232,7 @@ def main():
               f"{r['tok_s'] / eager:.2f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['resident_gib']:.2f} | "
               f"{r['capture_peak_gib']:.2f} | {r['grad_max_rel_diff']:.2e} | {r['loss_abs_diff']:.2e} | {r['note']} |")
         r["gpu"] = gpu
-    path = out_dir / "cuda_graphs.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(out_dir / "cuda_graphs.csv", rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and hyclora variant: cosine similarity of every LoRA parameter's gradient with t
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -26,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_csv  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 from hyclora import HyCLoRAConfig  # noqa: E402
@@ -120,12 +121,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['attn']} | {r['layer_type']} | {r['bits']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} |")
-    path = out_dir / f"fidelity_{args.model}.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(out_dir / f"fidelity_{args.model}.csv", rows)
 
 
 if __name__ == "__main__":

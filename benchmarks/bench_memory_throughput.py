@@ -16,7 +16,6 @@ Prints a markdown table and writes CSV (and a PNG when matplotlib is there) unde
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import statistics
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_csv  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
 from hyclora.memory import measure_saved_tensors  # noqa: E402
@@ -199,12 +200,7 @@ def main():
         print(f"| {r['attn']} | {r['shape']} | {r['variant']} | {r['peak_gib']:.2f} | {less:.2f} | "
               f"{r['tok_s']:.0f} | {r['tok_s_min']:.0f}-{r['tok_s_max']:.0f} | {speed:.2f} | "
               f"{r['buffered_layer_mib']:.2f} |")
-    path = out_dir / "memory_throughput.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(out_dir / "memory_throughput.csv", rows)
 
 
 if __name__ == "__main__":

@@ -309,19 +309,22 @@ class AttentionBlockFn(torch.autograd.Function):
             store.plain("rstd1", rstd)
 
         metas = plan.linears
-        outs = [lora_linear_forward(metas[i], xn, *_linear_params(lin, i)) for i in range(3)]
-        del xn  # not kept: the backward renormalises the kept x_in (see _normalised)
-        for name, meta, out in zip(_QKV, metas[:3], outs):
-            _keep_linear_extras(store, name, meta, out)
+        ys = []
+        for i, name in enumerate(_QKV):
+            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i))
+            _keep_linear_extras(store, name, metas[i], out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
             # values better (the paper's intra_inter choice; used here for every layer type).
             _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
+            ys.append(out.y)
+            del out  # its base part y_w is freed before the next projection runs (long inputs)
+        del xn  # not kept: the backward renormalises the kept x_in (see _normalised)
 
-        q = outs[0].y.view(b, s, H, D).transpose(1, 2)
-        k = outs[1].y.view(b, s, HKV, D).transpose(1, 2)
-        v = outs[2].y.view(b, s, HKV, D).transpose(1, 2)
-        del outs
+        q = ys[0].view(b, s, H, D).transpose(1, 2)
+        k = ys[1].view(b, s, HKV, D).transpose(1, 2)
+        v = ys[2].view(b, s, HKV, D).transpose(1, 2)
+        del ys
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ctx.core_impl = _core_impl(plan, mask)
         if ctx.core_impl == "eager":
@@ -338,8 +341,12 @@ class AttentionBlockFn(torch.autograd.Function):
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
         out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3))
+        del o
         _keep_linear_extras(store, "o", metas[3], out_o)
-        y = x + out_o.y
+        o_y = out_o.y
+        del out_o  # frees the base part before the residual add (long inputs)
+        y = x + o_y
+        del o_y
 
         store.plain("cos", cos, describe=False)
         store.plain("sin", sin, describe=False)
