@@ -418,9 +418,11 @@ __all__ = [
 # and one block's temporaries. Used by the decoder block's backward when eligible
 # (:func:`s2_flash_eligible`); the generic path stays for masks, GQA, dropout and other dtypes.
 
-# heads per flash call: a block's temporaries (dq/dk/dv and the kernel's fp32 dq accumulator)
-# are this fraction of the full tensors
-_FLASH_HEAD_FRACTION = 8
+# Elements of q per flash call at most: heads are split over several calls only when a span of the
+# sequence is long (at 7B: all 16 heads of a half up to 32k tokens, one head at 512k), so one call's
+# temporaries (dq/dk/dv and the kernel's fp32 dq accumulator) stay near 2**26 elements each while
+# short sequences keep one launch per span.
+_FLASH_CALL_ELEMENTS = 1 << 26
 
 
 def s2_flash_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float = 0.0) -> bool:
@@ -436,7 +438,7 @@ def s2_flash_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, d
     return q.device.type == "cpu" and q.is_floating_point()
 
 
-def _s2_blocks(h: int, s: int, g: int) -> List[Tuple[int, int, int, int, int]]:
+def _s2_blocks(h: int, s: int, g: int, d: int = 1) -> List[Tuple[int, int, int, int, int]]:
     """``(h0, h1, start, n, size)``: causal attention inside ``n`` consecutive blocks of ``size``
     tokens from ``start`` for heads ``[h0, h1)``; together exactly :func:`s2_attention`'s groups
     (plain heads: groups of ``g`` from 0; shifted heads: ``[0, g - g/2)`` then groups of ``g``),
@@ -444,11 +446,11 @@ def _s2_blocks(h: int, s: int, g: int) -> List[Tuple[int, int, int, int, int]]:
     split, shift = h // 2, g // 2
     first = min(g - shift, s)
     spans = [(0, split, 0, s, g), (split, h, 0, first, first)] + ([(split, h, first, s, g)] if first < s else [])
-    per_call = max(1, h // _FLASH_HEAD_FRACTION)
     blocks = []
     for h0, h1, start, end, size in spans:
         size = min(size, end - start)
         n_full, rest = divmod(end - start, size)
+        per_call = max(1, _FLASH_CALL_ELEMENTS // ((end - start) * d))
         for c0 in range(h0, h1, per_call):
             c1 = min(h1, c0 + per_call)
             if n_full:
@@ -492,7 +494,7 @@ def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: i
     saved = []
     with torch.no_grad():
         for bi in range(b):
-            for blk in _s2_blocks(h, s, group):
+            for blk in _s2_blocks(h, s, group, d):
                 views = [_block_view(t, bi, *blk) for t in (q, k, v)]
                 out, keep = _flash_forward(*views, scaling)
                 _block_view(o_heads, bi, *blk).copy_(out)
@@ -516,7 +518,7 @@ def s2_flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
     it = iter(saved)
     with torch.no_grad():
         for bi in range(b):
-            for blk in _s2_blocks(h, s, group):
+            for blk in _s2_blocks(h, s, group, d):
                 qv, kv, vv = (_block_view(t, bi, *blk) for t in (q, k, v))
                 block_grads = _flash_backward(_block_view(do_heads, bi, *blk), qv, kv, vv,
                                               _block_view(o_heads, bi, *blk), next(it), scaling)
