@@ -226,6 +226,22 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def point_seconds(row: Dict, wall: float, steps_per_point: int) -> float:
+    """What a point costs, for estimating the next: its timed step times the steps of a point, not
+    its wall time, when it has one (the first point's warm-up includes Triton compilation and
+    autotuning, minutes, which made a run-5 call skip every later point as over budget)."""
+    step_s = row.get("step_s", float("nan"))
+    return step_s * steps_per_point if step_s == step_s else wall
+
+
+def estimated_seconds(last: Optional[Tuple[int, float]], ctx: int, n_steps: int, steps_per_point: int) -> float:
+    """Rough cost of ``n_steps`` steps at ``ctx`` from the last point ``(context, seconds)``: time
+    grows a bit faster than linearly in the context. 0 without a last point."""
+    if last is None:
+        return 0.0
+    return last[1] * (ctx / last[0]) ** 1.5 * n_steps / max(1, steps_per_point)
+
+
 def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int,
               live_peak: bool = False, report_to: Optional[Path] = None) -> Dict:
     """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
@@ -384,13 +400,7 @@ def main(argv=None) -> Dict[str, list]:
         last: Optional[Tuple[int, float]] = None  # (ctx, seconds) of the last point run, for estimates
 
         def affordable(ctx: int, n_steps: int) -> bool:
-            if left() <= 0:
-                return False
-            if last is None:
-                return True
-            # Rough cost of the point from the last one: time grows a bit faster than linearly.
-            est = last[1] * (ctx / last[0]) ** 1.5 * n_steps / max(1, args.warmup + args.steps)
-            return est <= left()
+            return left() > 0 and estimated_seconds(last, ctx, n_steps, args.warmup + args.steps) <= left()
 
         for ctx in args.contexts:
             if not affordable(ctx, args.warmup + args.steps):
@@ -400,12 +410,7 @@ def main(argv=None) -> Dict[str, list]:
             row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size,
                             live_peak=args.live_peak,
                             report_to=out_dir / f"live-peak-{name}-{ctx}.txt" if args.live_peak else None)
-            wall = time.perf_counter() - t0
-            step_s = row.get("step_s", float("nan"))
-            # estimate later points from the timed step, not from this point's wall time: the
-            # first point's warm-up includes Triton compilation and autotuning (minutes), which
-            # made run 5 skip every later point of a call as "over budget"
-            last = (ctx, step_s * (args.warmup + args.steps) if step_s == step_s else wall)
+            last = (ctx, point_seconds(row, time.perf_counter() - t0, args.warmup + args.steps))
             rows.append(row)
             print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "
                   f"peak {row['peak_gib_above_static']:8.4f} GiB above static", flush=True)

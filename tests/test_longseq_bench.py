@@ -83,3 +83,14 @@ def test_smoke_run_writes_tables(tmp_path, monkeypatch):
     with open(tmp_path / "longseq.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
 
+
+
+def test_point_cost_comes_from_the_timed_step():
+    bench = _bench()
+    # a first point of 1 warm-up + 1 timed step that took 200 s of wall time (compilation) but 1.3 s per step
+    cost = bench.point_seconds({"step_s": 1.3}, 200.0, 2)
+    assert cost == pytest.approx(2.6)
+    assert bench.estimated_seconds((8192, cost), 16384, 2, 2) == pytest.approx(2.6 * 2 ** 1.5)
+    # an OOM point has no timed step: its wall time is all there is
+    assert bench.point_seconds({"step_s": float("nan")}, 42.0, 2) == 42.0
+    assert bench.estimated_seconds(None, 65536, 2, 2) == 0.0
