@@ -355,7 +355,7 @@ def test_bench_smoke(tmp_path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "graphed variant is skipped" in out.stdout and "| 2x64 | hyclora full_fuse 2-bit eager |" in out.stdout
-    assert (tmp_path / "cuda_graphs.csv").read_text().count("\n") == 4
+    assert (tmp_path / "cuda_graphs.csv").read_text().count("\n") == 5  # header + PEFT, PEFT + GC, eager, graphed
 
 
 # -- real CUDA graphs ----------------------------------------------------------------------------------
