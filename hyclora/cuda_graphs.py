@@ -85,11 +85,13 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from hyclora.models.api import _patched_layers
+from hyclora.models.base import _in_backward, adapter_state_key
 from hyclora.quant.checks import FiniteGuard
 
 __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
@@ -97,28 +99,11 @@ __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHAB
 GRAPHABLE_ATTENTION = ("sdpa", "eager")  # eager with a None mask runs sdpa in hyclora's blocks
 
 
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are active (torch.utils.checkpoint, hyclora.memory's
     measurement): a graphed layer saves nothing they could see or recompute."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(False) is not None
-
-
-def _linear_key_fn():
-    try:  # hyclora.models.base's cache key of a linear's PEFT adapter state (private helper)
-        from hyclora.models.base import _linear_key
-
-        return _linear_key
-    except ImportError:  # pragma: no cover - renamed upstream: parameter storage is still checked
-        return lambda module: id(module)
-
-
-def _patched_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if "_hyclora_patch" in m.__dict__]
 
 
 def _autocast_key():
@@ -135,18 +120,12 @@ def stats_ready(state) -> bool:
     this layer's path does not use (e.g. ``v`` / ``o`` of ``intra_inter_full_fuse`` with sdpa); a
     used one is never at 0 between two calls, since the forward that resets it also calibrates
     it. Layer types that keep no statistics (``baseline``) are always ready. Host state only."""
-    if not len(state.stats):
+    stats = list(state.stats.values())
+    if not stats:
         return True
-    any_frozen = False
-    for s in state.stats.values():
-        if s.frozen:
-            every = getattr(s, "recalibrate_every", 0)
-            if every and getattr(s, "_frozen_forwards", 0) + 1 > every:
-                return False
-            any_frozen = True
-        elif getattr(s, "_count_host", 1) > 0:
-            return False  # calibrating
-    return any_frozen
+    if any(s.calibrating or s.expires_at_next_forward() for s in stats):
+        return False
+    return any(s.frozen for s in stats)
 
 
 class _CaptureGuard(FiniteGuard):
@@ -159,12 +138,8 @@ class _CaptureGuard(FiniteGuard):
         super().__init__()
         self.entries: List[Tuple[int, torch.Tensor, str, tuple, torch.dtype]] = []
 
-    def record(self, x, where, order=0):
-        if not x.is_floating_point() or x.numel() == 0:
-            return
-        with torch.no_grad():
-            flag = torch.isfinite(x.detach()).all()
-        self.entries.append((order, flag, where, tuple(x.shape), x.dtype))
+    def add_flag(self, flag, where, *, order=0, shape=(), dtype=None) -> None:
+        self.entries.append((order, flag, where, tuple(shape), dtype))  # kept, never read here
 
     @property
     def num_pending(self) -> int:
@@ -187,7 +162,7 @@ class _LayerCallable(nn.Module):
     """What is graphed for one decoder layer: ``(hidden, cos, sin) -> output``, hyclora's
     compressed forward with no mask and no cache. Its parameters are the layer's, so
     ``make_graphed_callables`` returns their gradients. The layer state's ``count_forward`` is a
-    no-op inside (warm-ups and capture are not training forwards; the dispatcher counts each
+    paused inside (warm-ups and capture are not training forwards; the dispatcher counts each
     replay) and NaN/Inf checks record into a :class:`_CaptureGuard`."""
 
     def __init__(self, layer: nn.Module):
@@ -199,38 +174,33 @@ class _LayerCallable(nn.Module):
         layer = self.layer
         patch = layer._hyclora_patch
         state = layer.hyclora_state
-        guard, state_count = patch.guard, state.__dict__.get("count_forward")
+        guard = patch.guard
         self.capture_guard.entries = []
         patch.guard = self.capture_guard  # also without a model guard: no host read in a capture
-        state.count_forward = _no_count
+        state.counting = False
         try:
             return patch.adapter.compressed_forward(
                 layer, patch, (hidden,), {"position_embeddings": (cos, sin), "attention_mask": None})
         finally:
             patch.guard = guard
-            if state_count is None:
-                del state.count_forward
-            else:  # pragma: no cover - someone else shadowed it
-                state.count_forward = state_count
-
-
-def _no_count():
-    return None
+            state.counting = True
 
 
 class _Captured:
     """One capture of all layers: the graphed callables and what each one read."""
 
-    def __init__(self, key, callables, graphed, checks, linear_keys, config_knobs, hooks, input_requires_grad):
+    def __init__(self, key, callables, graphed, tensors, checks, linear_keys, config_knobs, hooks,
+                 input_requires_grad, static_rope):
         self.key = key
         self.input_requires_grad = input_requires_grad  # per layer, as in the sample args
         self.callables = callables  # _LayerCallable per layer (their capture_guard.entries)
         self.graphed = graphed      # per layer: the graphed forward
+        self.tensors = tensors      # per layer: what the graph reads (_layer_tensors)
         self.checks = checks        # per layer: (tensor storage pointers, stats caches)
         self.linear_keys = linear_keys
         self.config_knobs = config_knobs
         self.hooks = hooks
-        self.static_rope = None  # (cos, sin) sample tensors shared by every layer's graph
+        self.static_rope = static_rope  # (cos, sin) sample tensors shared by every layer's graph
         self.rope_source = None  # the (cos, sin) the first layer's last replay copied from
         self.pending = [None] * len(graphed)  # per layer: weakref to the last replay's autograd node
 
@@ -293,12 +263,7 @@ class DecoderLayerGraphs:
             if not hasattr(layer, "self_attn") or not hasattr(layer, "hyclora_state"):
                 raise ValueError(f"hyclora.cuda_graphs: {name} ({type(layer).__name__}) is not a Llama-style "
                                  "decoder layer; only Llama/Mistral layers can be graphed.")
-            for sub_name, m in layer.named_modules():
-                if isinstance(m, nn.Dropout) and m.p > 0:
-                    raise ValueError(
-                        f"hyclora.cuda_graphs: {name}.{sub_name} is a dropout with p={m.p}; LoRA dropout > 0 "
-                        "cannot be graphed (hyclora redraws the mask in the backward from a generator state "
-                        "read on the host). Use lora_dropout=0 or train without graphs.")
+            _refuse_dropout(name, layer, training_only=False)
             for p in layer.parameters():
                 if hasattr(p, "ds_id"):
                     raise ValueError(f"hyclora.cuda_graphs: {name} has DeepSpeed ZeRO-3 parameters (gathered per "
@@ -321,7 +286,6 @@ class DecoderLayerGraphs:
         self._grapher = _grapher or torch.cuda.make_graphed_callables
         self._captured: Optional[_Captured] = None
         self._given_up = False  # recapture=False after the first invalidation
-        self._linear_key = _linear_key_fn()
         self._eager: List[Callable] = []
         self._removed = False
         for i, layer in enumerate(self.layers):
@@ -429,14 +393,9 @@ class DecoderLayerGraphs:
         patch = layer._hyclora_patch
         if _config_knobs(patch.config) != cap.config_knobs[i]:
             return "stale graph (HyCLoRAConfig changed)"
-        if self._lin_keys(layer) != cap.linear_keys[i]:
+        if adapter_state_key(layer) != cap.linear_keys[i]:
             return "stale graph (adapter state changed)"
         return None
-
-    def _lin_keys(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        return tuple(self._linear_key(getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
-            self._linear_key(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj"))
 
     def _invalid(self, cap: _Captured) -> Optional[str]:
         """Why the captured graphs can no longer be replayed (checked at the first layer's
@@ -526,10 +485,7 @@ class DecoderLayerGraphs:
                 "(make_graphed_callables); use torch.autocast('cuda', dtype=..., cache_enabled=False), or "
                 "bf16 weights without autocast.")
         for name, layer in zip(self.names, self.layers):  # dropout may have been switched on since
-            for sub, m in layer.named_modules():
-                if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
-                    raise ValueError(f"hyclora.cuda_graphs: {name}.{sub} is a dropout with p={m.p}; LoRA dropout > 0 "
-                                     "cannot be graphed. Use lora_dropout=0 or remove the graphs.")
+            _refuse_dropout(name, layer, training_only=True)
         callables = tuple(_LayerCallable(layer) for layer in self.layers)
         compresses = all(m._hyclora_patch.config.compresses for m in self.layers)
         with torch.no_grad():
@@ -562,19 +518,26 @@ class DecoderLayerGraphs:
         graphed = [g if not isinstance(g, nn.Module) else g.forward for g in graphed]
         tensors = [_layer_tensors(layer) for layer in self.layers]
         checks = [_layer_storage(*t) for t in tensors]
-        linear_keys = [self._lin_keys(layer) for layer in self.layers]
+        linear_keys = [adapter_state_key(layer) for layer in self.layers]
         knobs = [_config_knobs(layer._hyclora_patch.config) for layer in self.layers]
         hooks = []
         for layer in self.layers:
             for p in layer.parameters():
                 if p.requires_grad:
                     hooks.append(p.register_hook(_make_grad_copy(p)))
-        self._captured = _Captured(key, callables, graphed, checks, linear_keys, knobs, hooks,
-                                   [s[0].requires_grad for s in samples])
-        self._captured.static_rope = (cos_s, sin_s)
-        self._captured.tensors = tensors
+        self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs, hooks,
+                                   [s[0].requires_grad for s in samples], (cos_s, sin_s))
         self.counts["capture"] += 1
         return self._captured
+
+
+def _refuse_dropout(name: str, layer: nn.Module, training_only: bool) -> None:
+    for sub, m in layer.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0 and (m.training or not training_only):
+            raise ValueError(
+                f"hyclora.cuda_graphs: {name}.{sub} is a dropout with p={m.p}; LoRA dropout > 0 cannot be "
+                "graphed (hyclora redraws the mask in the backward from a generator state read on the "
+                "host). Use lora_dropout=0 or train without graphs (graphs.remove()).")
 
 
 def _make_grad_copy(p: torch.Tensor):

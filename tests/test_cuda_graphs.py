@@ -24,13 +24,7 @@ from hyclora.quant import ChannelStats
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one thread is ~7x faster than two contending ones on the 2-core CI machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- an emulation of make_graphed_callables (CPU) ------------------------------------------------

@@ -31,13 +31,7 @@ from hyclora.models import apply_hyclora, buffered_tensors  # noqa: E402
 S = 30  # LongLoRA's group is 1/4 of the sequence: G = ceil(7.5) = 8 does not divide 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: on a shared 2-core CI runner more threads made this module 5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def longlora_model(seed=0):

@@ -58,6 +58,14 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def adapter_state_key(layer: nn.Module):
+    """:func:`_linear_key` of the seven linears of a Llama-style decoder layer (``None`` inside
+    for a linear that cannot be keyed): what the layer's resolved linears depend on."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (tuple(_linear_key(getattr(attn, p)) for p in ATTN_PROJ)
+            + tuple(_linear_key(getattr(mlp, p)) for p in MLP_PROJ))
+
+
 def _linear_key(module: nn.Module):
     """What :func:`resolve_linear`'s result depends on that can change after ``apply_hyclora``:
     the module itself, its active adapter(s), disabled/merged state, training mode (dropout), the
@@ -188,12 +196,10 @@ class LlamaFamilyAdapter:
         var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
         patch = _Patch(
             adapter=self, config=config, name=name, original_forward=layer.forward,
-            instance_forward=layer.__dict__.get("forward"),
-            signature=sig.replace(parameters=params), var_kw=var_kw,
+            instance_forward=None, signature=sig.replace(parameters=params), var_kw=var_kw,
         )
         layer._hyclora_patch = patch
-        # A bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copy.
-        layer.forward = types.MethodType(_patched_forward, layer)
+        patch.instance_forward = _install_forward(layer, _patched_forward)
 
     # -- the final norm ---------------------------------------------------------------------
     @staticmethod
@@ -220,28 +226,21 @@ class LlamaFamilyAdapter:
         (keeps the bf16 input, not transformers' fp32 upcast; chunked fp32 work): the same output,
         gradients equal to rounding, and at 7B/64k with checkpointing 6 GiB less at the step's
         peak, which was this norm's backward. Eval and no-grad forwards run the original."""
-        norm._hyclora_final_norm = (name, norm.forward, norm.__dict__.get("forward"))
-        norm.forward = types.MethodType(_final_norm_forward, norm)
+        original = norm.forward
+        norm._hyclora_final_norm = (name, original, _install_forward(norm, _final_norm_forward))
 
     @staticmethod
     def unpatch_final_norm(norm: nn.Module) -> None:
         saved = norm.__dict__.pop("_hyclora_final_norm", None)
-        if saved is None:
-            return
-        if saved[2] is not None:
-            norm.forward = saved[2]
-        else:
-            norm.__dict__.pop("forward", None)
+        if saved is not None:
+            _restore_forward(norm, saved[2])
 
     @staticmethod
     def unpatch(layer: nn.Module) -> None:
         patch: _Patch = layer.__dict__.get("_hyclora_patch")
         if patch is None:
             return
-        if patch.instance_forward is not None:
-            layer.forward = patch.instance_forward
-        else:
-            layer.__dict__.pop("forward", None)
+        _restore_forward(layer, patch.instance_forward)
         del layer._hyclora_patch
         if "hyclora_state" in layer._modules:
             del layer._modules["hyclora_state"]
@@ -250,10 +249,8 @@ class LlamaFamilyAdapter:
         """:meth:`resolve`, re-read only when a linear's adapter state or parameters change
         (``_linear_key``; reading PEFT's modules took ~0.2 ms of host time per layer call).
         The norms are read every call (cheap)."""
-        attn, mlp = layer.self_attn, layer.mlp
         try:
-            key = tuple(_linear_key(getattr(attn, p)) for p in ATTN_PROJ) + tuple(
-                _linear_key(getattr(mlp, p)) for p in MLP_PROJ)
+            key = adapter_state_key(layer)
         except Exception:  # anything unexpected: resolve() raises the clear error, or works
             key = None
         if key is not None and None in key:
@@ -364,6 +361,22 @@ class LlamaFamilyAdapter:
             return mlp_block(mplan, h, w2, m_params)
 
         return run_checked(patch, check, in_backward, run)
+
+
+def _install_forward(module: nn.Module, fn) -> Any:
+    """Make ``fn(module, ...)`` the module's forward; returns the instance-level forward it
+    shadows (``None`` when the class's). A bound method, not a closure, so that
+    ``copy.deepcopy(model)`` rebinds it to the copy."""
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(fn, module)
+    return previous
+
+
+def _restore_forward(module: nn.Module, previous) -> None:
+    if previous is not None:
+        module.forward = previous
+    else:
+        module.__dict__.pop("forward", None)
 
 
 def _final_norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):

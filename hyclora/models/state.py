@@ -59,12 +59,15 @@ class HyCLoRALayerState(nn.Module):
         self.owed = False
         self.calibrating: frozenset = frozenset()
         self.last_saved: Dict[str, list] = {}
+        self.counting = True  # False: forwards that are not training steps (CUDA-graph warm-ups)
 
     def count_forward(self) -> None:
         """One counted training forward of this layer (a checkpoint recompute is not counted):
         advance ``forward_count``, let frozen statistics expire (``recalibrate_every``), and
         remember which statistics were still calibrating, which a non-reentrant recompute of this
-        forward must treat the same way."""
+        forward must treat the same way. Nothing while ``counting`` is off."""
+        if not self.counting:
+            return
         self.forward_count.add_(1)  # a buffer without grad: no autograd record
         for s in self.stats.values():
             s.note_counted_forward()

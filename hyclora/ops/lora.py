@@ -193,7 +193,7 @@ def lora_linear_backward(
         if need_dx:
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
-                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), lora_a.to(dx.dtype))
+                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), _cast(lora_a, dx.dtype))
             else:
                 dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
                 if mask is not None:

@@ -14,28 +14,27 @@ from typing import Optional, Tuple
 import torch
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    xf = x.to(torch.float32)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
 def rmsnorm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``. Long inputs run
-    in row chunks (see ``_CHUNK_ELEMENTS``; row-wise, so the values do not depend on it)."""
+    """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``. Long inputs
+    outside autograd run in row chunks (see ``_CHUNK_ELEMENTS``; row-wise, so the values do not
+    depend on it)."""
     d = x.shape[-1]
     recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.numel() <= _CHUNK_ELEMENTS or d == 0 or recording:  # under autograd: one differentiable piece
-        xf = x.to(torch.float32)
-        variance = xf.pow(2).mean(-1, keepdim=True)
-        rstd = torch.rsqrt(variance + eps)
-        y = weight * (xf * rstd).to(x.dtype)
-        return y, rstd
+        return _rms(x, weight, eps)
     x2 = x.reshape(-1, d)
     rstd = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
     y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     for rows in _row_chunks(x2.shape[0], d):
-        xf = x2[rows].to(torch.float32)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        rstd[rows] = r
-        y[rows] = weight * (xf * r).to(x.dtype)
-        del xf, r
+        y[rows], rstd[rows] = _rms(x2[rows], weight, eps)
     return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 

@@ -87,14 +87,24 @@ class ChannelStats(torch.nn.Module):
     def frozen(self) -> bool:
         return self.iteration_threshold > 0 and self._count_host >= self.iteration_threshold
 
+    @property
+    def calibrating(self) -> bool:
+        """Statistics are being gathered (at least one calibration forward, not yet frozen)."""
+        return not self.frozen and self._count_host > 0
+
+    def expires_at_next_forward(self) -> bool:
+        """Whether the next :meth:`note_counted_forward` resets these frozen statistics."""
+        return self.frozen and bool(self.recalibrate_every) and self._frozen_forwards + 1 > self.recalibrate_every
+
     def note_counted_forward(self) -> None:
         """Called by the owning layer once per counted training forward, before it quantises:
         after ``recalibrate_every`` forwards with frozen statistics, they expire (:meth:`reset`)
         and this forward starts a new calibration window."""
         if not self.frozen:
             return
+        expires = self.expires_at_next_forward()
         self._frozen_forwards += 1
-        if self.recalibrate_every and self._frozen_forwards > self.recalibrate_every:
+        if expires:
             self.reset()
 
     def reset(self) -> None:
