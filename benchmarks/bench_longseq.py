@@ -243,7 +243,8 @@ def estimated_seconds(last: Optional[Tuple[int, float]], ctx: int, n_steps: int,
 
 
 def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int,
-              live_peak: bool = False, report_to: Optional[Path] = None) -> Dict:
+              live_peak: bool = False, report_to: Optional[Path] = None,
+              profile_to: Optional[Path] = None) -> Dict:
     """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
     row: Dict = {"method": method.name, "context": ctx, "status": "ok", "tokens_per_s": float("nan"),
                  "step_s": float("nan"), "peak_gib_above_static": float("nan"), "static_gib": float("nan")}
@@ -283,6 +284,8 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
                 loss = step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
+        if profile_to is not None and steps:
+            profile_to.write_text(profile_table(step, device) + "\n")
         if live is not None:
             if report_to is not None:
                 text = live.report.summary(20)
@@ -313,6 +316,18 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
     return row
 
 
+def profile_table(step: Callable[[], torch.Tensor], device: str, rows: int = 40) -> str:
+    """One more (untimed) step under torch.profiler: ops by self device time (CPU: self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
 # -- main -------------------------------------------------------------------------------------------
 def _ints(text: str) -> List[int]:
     return [int(t) for t in text.split(",") if t.strip()]
@@ -341,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="track live tensors in the timed steps (hyclora.memory.track_live_tensors) and write "
                         "what is alive at their peak, by layer and phase, to live-peak-<method>-<context>.txt "
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, one more step under torch.profiler: profile-<method>-<ctx>.txt")
     p.add_argument("--cpu_shape", type=lambda t: tuple(_ints(t)), default=None,
                    help="with --smoke: hidden,ffn,layers,vocab of a scale model (e.g. 256,688,4,2048), run at "
                         "--contexts without search")
@@ -409,7 +426,8 @@ def main(argv=None) -> Dict[str, list]:
             t0 = time.perf_counter()
             row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size,
                             live_peak=args.live_peak,
-                            report_to=out_dir / f"live-peak-{name}-{ctx}.txt" if args.live_peak else None)
+                            report_to=out_dir / f"live-peak-{name}-{ctx}.txt" if args.live_peak else None,
+                            profile_to=out_dir / f"profile-{name}-{ctx}.txt" if args.profile else None)
             last = (ctx, point_seconds(row, time.perf_counter() - t0, args.warmup + args.steps))
             rows.append(row)
             print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "

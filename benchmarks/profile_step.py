@@ -44,6 +44,7 @@ from hyclora.demo import build_lora_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TOP = 30  # ops listed per table
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
@@ -87,8 +88,8 @@ def _profile_step(model, ids, device: str):
         return sum(by_name[n].count for n in names if n in by_name)
 
     dtoh = sum(e.count for e in events if "Memcpy DtoH" in e.key or "memcpy DtoH" in e.key.lower())
-    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
-    top_dev = (sorted(events, key=lambda e: getattr(e, dev_attr, 0) or 0, reverse=True)[:20]
+    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP]
+    top_dev = (sorted(events, key=lambda e: getattr(e, dev_attr, 0) or 0, reverse=True)[:TOP]
                if device == "cuda" else [])
     aten_calls = sum(e.count for e in events if e.key.startswith("aten::"))
     return {
@@ -197,10 +198,10 @@ def render(args, device: str, rows, counts) -> str:
     lines.append("Host time includes time spent blocked in syncs; a step is host-bound when host ms "
                  "exceeds device ms.")
     for name, r in rows:
-        lines += ["", f"## {name}: top 20 by self CPU", "", "| op | calls | self CPU ms |", "|---|---|---|"]
+        lines += ["", f"## {name}: top {TOP} by self CPU", "", "| op | calls | self CPU ms |", "|---|---|---|"]
         lines += [f"| `{k}` | {c} | {t:.2f} |" for k, c, t in r["top_cpu"]]
         if r["top_dev"]:
-            lines += ["", f"## {name}: top 20 by self CUDA", "", "| op | calls | self CUDA ms |", "|---|---|---|"]
+            lines += ["", f"## {name}: top {TOP} by self CUDA", "", "| op | calls | self CUDA ms |", "|---|---|---|"]
             lines += [f"| `{k[:90]}` | {c} | {t:.2f} |" for k, c, t in r["top_dev"]]
     if counts:
         lines += ["", f"## ops per decoder layer (forward + backward; {args.count_layers + 1} minus "
