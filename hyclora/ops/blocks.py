@@ -206,25 +206,28 @@ def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy,
     return dx, (None, dbias, da, db)
 
 
-def _normalised(x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _normalised(plan: BlockPlan, x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The RMSNorm output rebuilt from the kept norm input and its exact ``rstd``, op by op as
-    :func:`rmsnorm_forward` computes it (bit-identical when ``x_hat`` is the exact input).
+    :func:`rmsnorm_forward` computes it (bit-identical when ``x_hat`` is the exact input; one
+    Triton pass under ``intra_inter_full_fuse``, same roundings).
 
     The normalised tensor (input of q/k/v, of gate/up) is never kept: it is the norm input
     scaled per row (exact ``rstd``) and per channel (the weight), so renormalising the kept norm
     input costs one elementwise pass and no bytes, and carries the norm input's quantisation
     error, which its outlier channels and rows keep smaller than a separate copy's (measured on
     SmolLM2-135M: BENCHMARKS.md)."""
+    if plan.policy.fused:
+        return fused_rmsnorm.rmsnorm_from_rstd_fused(x_hat, rstd, weight, backend=plan.policy.backend)
     return rmsnorm_from_rstd(x_hat, rstd, weight)
 
 
-def _norm_input(load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
+def _norm_input(plan: BlockPlan, load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
     """``(x_hat, x_n)``: the kept norm input (None when nothing needs it yet) and the normalised
     input rebuilt from it (None when no linear behind the norm has LoRA)."""
     if not need_normalised:
         return None, None
     x_hat = load.get(name)
-    return x_hat, _normalised(x_hat, load.get(rstd_name), load.param(2))
+    return x_hat, _normalised(plan, x_hat, load.get(rstd_name), load.param(2))
 
 
 def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name: str, x_hat, dxn, dy):
@@ -235,6 +238,10 @@ def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name
         return fused_rmsnorm.fused_norm_backward(plan, load, name, rstd_name, load.param(2), dxn, dy), None
     if x_hat is None:
         x_hat = load.get(name)
+    if plan.policy.fused:  # one pass over the rebuilt input: dx + residual, weight-gradient partials
+        return fused_rmsnorm.rmsnorm_backward_dense(dxn, x_hat, load.get(rstd_name), load.param(2), dy,
+                                                    need_dx=need[1], need_dweight=need[2],
+                                                    backend=plan.policy.backend)
     dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.param(2), need_dx=need[1], need_dweight=need[2])
     return (None if dx is None else dx + dy), dnorm
 
@@ -311,7 +318,7 @@ class AttentionBlockFn(torch.autograd.Function):
         metas = plan.linears
         ys = []
         for i, name in enumerate(_QKV):
-            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i))
+            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.fused)
             _keep_linear_extras(store, name, metas[i], out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
@@ -325,7 +332,8 @@ class AttentionBlockFn(torch.autograd.Function):
         k = ys[1].view(b, s, HKV, D).transpose(1, 2)
         v = ys[2].view(b, s, HKV, D).transpose(1, 2)
         del ys
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = pol.backend if pol.fused else "torch"  # full_fuse: one Triton pass (same bits)
+        q, k = apply_rope(q, cos, sin, backend=rope), apply_rope(k, cos, sin, backend=rope)
         ctx.core_impl = _core_impl(plan, mask)
         if ctx.core_impl == "eager":
             o, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
@@ -340,7 +348,7 @@ class AttentionBlockFn(torch.autograd.Function):
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
-        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3))
+        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.fused)
         del o
         _keep_linear_extras(store, "o", metas[3], out_o)
         o_y = out_o.y
@@ -378,7 +386,8 @@ class AttentionBlockFn(torch.autograd.Function):
         def rebuilt(i: int, name: str, heads: int):
             val = load.get(name)
             if pol.reconstruct:
-                val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3))
+                val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
+                                       fused=pol.fused)
             return val.view(b, s, heads, D).transpose(1, 2)
 
         if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
@@ -417,11 +426,12 @@ class AttentionBlockFn(torch.autograd.Function):
             del o_re, leaves
         del q, k, v, do
 
-        dq = rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, H * D)
-        dk = rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, HKV * D)
+        rope = pol.backend if pol.fused else "torch"
+        dq = rope_backward(dq, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, H * D)
+        dk = rope_backward(dk, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, HKV * D)
         dv = dv.transpose(1, 2).reshape(b, s, HKV * D)
 
-        x_hat, x_n1 = _norm_input(load, "x_in", "rstd1", any(m.has_lora for m in metas[:3]))
+        x_hat, x_n1 = _norm_input(plan, load, "x_in", "rstd1", any(m.has_lora for m in metas[:3]))
         dxn = None
         dprojs = [dq, dk, dv]
         del dq, dk, dv  # each freed once its linear's backward has run (long sequences: (s, d) each)
@@ -470,7 +480,8 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
     def rebuilt(i: int, name: str):
         val = load.get(name)
         if pol.reconstruct:
-            val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3))
+            val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
+                                   fused=pol.fused)
         return val
 
     g, u = rebuilt(0, "gate"), rebuilt(1, "up")
@@ -517,7 +528,7 @@ class MLPBlockFn(torch.autograd.Function):
         else:
             hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
-        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2))
+        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.fused)
         del hidden
         _keep_linear_extras(store, "down", metas[2], d_out)
         y = x + d_out.y
@@ -562,7 +573,7 @@ class MLPBlockFn(torch.autograd.Function):
             del dh
 
         metas = plan.linears
-        x_hat, x_n2 = _norm_input(load, "x_mid", "rstd2", metas[0].has_lora or metas[1].has_lora)
+        x_hat, x_n2 = _norm_input(plan, load, "x_mid", "rstd2", metas[0].has_lora or metas[1].has_lora)
         dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
         dxu, lin_grads[4:8] = _linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
         dxn = dxg.add_(dxu)  # dxg: a fresh tensor of this backward

@@ -44,7 +44,7 @@ from hyclora.quant.core import (
 )
 
 from . import fused_swiglu as _fs
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
 from .storage import GROUPED_TENSORS, ROW_OUTLIER_EVERY, ROW_OUTLIER_EXEMPT, OutlierRows
 
 triton = _fs.triton
@@ -186,9 +186,16 @@ if triton is not None:
             xh = tl.where(is_row, rv.to(tl.float32), xh)
         xh = tl.where(mask, xh, 0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xn = xh * rstd[:, None]
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dyn = tl.load(dyn_ptr + rows[:, None] * stride_dyn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        _store_dx(xh * rstd[:, None], rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, xdt_ptr, g_ptr, dx_ptr,
+                  D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT)
+
+    @triton.jit
+    def _store_dx(xn, rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, xdt_ptr, g_ptr, dx_ptr,
+                  D, stride_dres, stride_dx,
+                  HAS_RES: tl.constexpr, RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr):
+        # dx = rstd * (g - xn * mean(g * xn)), g = dy * w, in rmsnorm_backward's op order (+ residual)
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         g = _round_to(dyn * w[None, :], g_ptr, RNE_G)  # (dy * weight) in the promoted dtype
         g = tl.where(mask, g, 0.0)
         mean_gx = tl.sum(g * xn, axis=1) / D
@@ -198,6 +205,54 @@ if triton is not None:
             dres = tl.load(dres_ptr + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0)
             dx = dx + dres.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], _cast_out(dx, dx_ptr, RNE_OUT), mask=mask)
+
+    @triton.jit
+    def _rms_bwd_dense_kernel(
+        x_ptr, rstd_ptr, w_ptr, dyn_ptr, dres_ptr, g_ptr, dx_ptr, dwp_ptr,
+        M, D, stride_x, stride_dyn, stride_dres, stride_dx,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, HAS_RES: tl.constexpr,
+        RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ITERS: tl.constexpr,
+    ):
+        # rmsnorm_backward for a dense (reconstructed) input: one read of x and dy per row; the
+        # weight gradient as one fp32 partial sum per program (summed over programs on the host
+        # side), so no (tokens, hidden) fp32 temporary exists
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for it in range(ROW_ITERS):
+            rows = ((tl.program_id(0) * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+            xn = x * rstd[:, None]
+            dyn = tl.load(dyn_ptr + rows[:, None] * stride_dyn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if NEED_DX:
+                _store_dx(xn, rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, x_ptr, g_ptr, dx_ptr,
+                          D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT)
+            if NEED_DW:
+                # dy * (x * rstd).to(x.dtype), summed in fp32
+                dw += tl.sum(tl.where(mask, dyn * _round_to(xn, x_ptr, RNE_X), 0.0), axis=0)
+        if NEED_DW:
+            tl.store(dwp_ptr + tl.program_id(0) * D + cols, dw, mask=cmask)
+
+    @triton.jit
+    def _rms_from_rstd_kernel(x_ptr, rstd_ptr, w_ptr, out_ptr, M, D, stride_x, stride_out,
+                              RNE_X: tl.constexpr, RNE_OUT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # weight * (x * rstd).to(x.dtype): rmsnorm_from_rstd's roundings, one pass
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        h = _round_to(x * rstd[:, None], x_ptr, RNE_X)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], _cast_out(w[None, :] * h, out_ptr, RNE_OUT),
+                 mask=mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -291,6 +346,51 @@ def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
     return dx
 
 
+def _rows_2d(t: Tensor, d: int) -> Tensor:
+    t = t.reshape(-1, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rmsnorm_backward_dense_triton(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor,
+                                  dy_res: Optional[Tensor], need_dx: bool, need_dweight: bool):
+    _fs._check_triton_device(x, dy_n)
+    d = x.shape[-1]
+    x2, dy2 = _rows_2d(x, d), _rows_2d(dy_n, d)
+    m = x2.shape[0]
+    res2 = None if dy_res is None else _rows_2d(dy_res, d)
+    g_dtype = torch.promote_types(dy_n.dtype, weight.dtype)
+    out_dtype = x.dtype if res2 is None else torch.promote_types(x.dtype, res2.dtype)
+    dx = torch.empty((m, d), dtype=out_dtype, device=x.device) if need_dx else None
+    block_m, block_d, warps = _blocks(m, d)
+    # a few hundred programs: enough to fill the GPU, few partial sums to add up
+    row_iters = 1 if _INTERPRET else max(1, min(64, triton.cdiv(m, block_m * 528)))
+    grid = triton.cdiv(m, block_m * row_iters)
+    partial = torch.empty((grid, d), dtype=torch.float32, device=x.device) if need_dweight else None
+    g_like = torch.empty(0, dtype=g_dtype, device=x.device)
+    _rms_bwd_dense_kernel[(grid,)](
+        x2, rstd.reshape(m).contiguous(), weight.contiguous(), dy2, res2 if res2 is not None else dy2, g_like,
+        dx if dx is not None else dy2, partial if partial is not None else rstd,
+        m, d, x2.stride(0), dy2.stride(0), res2.stride(0) if res2 is not None else 0, d,
+        NEED_DX=need_dx, NEED_DW=need_dweight, HAS_RES=res2 is not None,
+        RNE_X=_rne(x.dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(out_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, ROW_ITERS=row_iters, **_opts(warps))
+    dw = None if partial is None else partial.sum(0).to(weight.dtype)
+    return (None if dx is None else dx.view(dy_n.shape)), dw
+
+
+def rmsnorm_from_rstd_triton(x: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    _fs._check_triton_device(x)
+    d = x.shape[-1]
+    x2 = _rows_2d(x, d)
+    m = x2.shape[0]
+    out = torch.empty((m, d), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    block_m, block_d, warps = _blocks(m, d)
+    _rms_from_rstd_kernel[(triton.cdiv(m, block_m),)](
+        x2, rstd.reshape(m).contiguous(), weight.contiguous(), out, m, d, x2.stride(0), d,
+        RNE_X=_rne(x.dtype), RNE_OUT=_rne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, **_opts(warps))
+    return out.view(x.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # public operator entry points
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +438,34 @@ def rmsnorm_quant_backward(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
         dx = rmsnorm_quant_backward_torch(saved, rstd, weight, dy_n.reshape(-1, q.width),
                                           None if dy_res is None else dy_res.reshape(-1, q.width))
     return dx.view(shape)
+
+
+def rmsnorm_backward_dense(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor, dy_res: Optional[Tensor] = None,
+                           *, need_dx: bool = True, need_dweight: bool = False, backend: str = "auto"):
+    """:func:`hyclora.ops.rmsnorm.rmsnorm_backward` of a dense input ``x`` (the dequantised norm
+    input, when the block rebuilds it anyway for the LoRA terms), plus ``dy_res`` added to ``dx``:
+    ``(dx, dweight)``. The Triton path reads ``x`` and ``dy_n`` once and keeps no fp32
+    (tokens, hidden) temporaries; ``dx`` follows the reference's roundings (equal up to the row
+    sum order), the weight gradient sums per-program fp32 partials (another order than torch)."""
+    d = x.shape[-1]
+    if weight.shape != (d,) or dy_n.shape != x.shape or rstd.numel() * d != x.numel():
+        raise ValueError(f"hyclora RMSNorm backward: x {tuple(x.shape)}, dy {tuple(dy_n.shape)}, rstd "
+                         f"{tuple(rstd.shape)} and weight {tuple(weight.shape)} do not match.")
+    if resolve_backend(backend, x.device) == "triton":
+        return rmsnorm_backward_dense_triton(dy_n, x, rstd, weight, dy_res, need_dx, need_dweight)
+    dx, dw = rmsnorm_backward(dy_n, x, rstd, weight, need_dx=need_dx, need_dweight=need_dweight)
+    return (dx if dx is None or dy_res is None else dx + dy_res), dw
+
+
+def rmsnorm_from_rstd_fused(x: Tensor, rstd: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
+    """:func:`hyclora.ops.rmsnorm.rmsnorm_from_rstd` in one pass on the Triton path (bit-identical:
+    elementwise, the same roundings)."""
+    if weight.shape != (x.shape[-1],) or rstd.numel() * x.shape[-1] != x.numel():
+        raise ValueError(f"hyclora RMSNorm: x {tuple(x.shape)}, rstd {tuple(rstd.shape)} and weight "
+                         f"{tuple(weight.shape)} do not match.")
+    if resolve_backend(backend, x.device) == "triton":
+        return rmsnorm_from_rstd_triton(x, rstd, weight)
+    return rmsnorm_from_rstd(x, rstd, weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +534,8 @@ def fused_norm_backward(plan, load, name: str, rstd_name: str, weight: Tensor, d
 
 
 __all__ = [
+    "rmsnorm_backward_dense",
+    "rmsnorm_from_rstd_fused",
     "rmsnorm_quant_forward",
     "rmsnorm_quant_backward",
     "rmsnorm_quant_forward_torch",

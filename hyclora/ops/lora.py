@@ -127,7 +127,11 @@ def lora_linear_forward(
     bias: Optional[torch.Tensor],
     lora_a: Optional[torch.Tensor],
     lora_b: Optional[torch.Tensor],
+    *,
+    fused: bool = False,
 ) -> LinearOut:
+    """``fused`` (``intra_inter_full_fuse``): the LoRA term is added inside the rank-r GEMM's
+    epilogue (:func:`_add_lora`), one rounding instead of three, no full-size temporary."""
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(y_w, y_w, None, None)
@@ -137,17 +141,28 @@ def lora_linear_forward(
         rng_state = capture_rng_state(xl.device)
         xl = xl * draw_dropout_mask(xl, meta.dropout_p)
     xa = F.linear(xl, lora_a)
-    y = _cast(y_w + _scaled(F.linear(xa, lora_b), meta.scaling), y_w.dtype)
-    return LinearOut(y, y_w, xa, rng_state)
+    return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
+
+
+def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused``:
+    then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 -- the (tokens, out) product,
+    its scaled copy and the sum's separate pass disappear (three full-size passes of a
+    long-context step per LoRA linear). Mixed dtypes (fp32 adapters on a bf16 base) stay op by op."""
+    n, r = y_w.shape[-1], xa.shape[-1]
+    if fused and xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
+        return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
+    return _cast(y_w + _scaled(F.linear(xa, lora_b), meta.scaling), y_w.dtype)
 
 
 def lora_reconstruct(
-    meta: LinearMeta, y_w: torch.Tensor, xa: Optional[torch.Tensor], lora_b: Optional[torch.Tensor]
+    meta: LinearMeta, y_w: torch.Tensor, xa: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
+    *, fused: bool = False,
 ) -> torch.Tensor:
     """Rebuild ``y = y_w + s * xa B^T`` from a (dequantised) base part and the exact ``xa``."""
     if not meta.has_lora:
         return y_w
-    return _cast(y_w + _scaled(F.linear(xa, lora_b), meta.scaling), y_w.dtype)
+    return _add_lora(meta, y_w, xa, lora_b, fused)
 
 
 def lora_linear_backward(

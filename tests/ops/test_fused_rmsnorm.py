@@ -269,3 +269,109 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     cases += [_rms_case("fwd", 4, 4096, "fp32", "fp32", 20, ["fwd", 4, 4096, "fp32"])]
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack <= (64 if tag[2] == 5120 else 0), (tag, regs, stack)
+
+
+# -- dense-input norm kernels (full_fuse with a trainable norm / LoRA behind the norm) ----------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("m,d", [(37, 45), (5, 130), (70, 256)])
+@pytest.mark.parametrize("res,need_dx,need_dw", [(True, True, True), (False, True, False), (True, False, True)])
+def test_dense_backward_kernel_matches_reference(dtype, wdtype, m, d, res, need_dx, need_dw):
+    from hyclora.ops.fused_rmsnorm import rmsnorm_backward_dense
+    from hyclora.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+
+    gen = torch.Generator().manual_seed(m + d)
+    x = _x(m, d, dtype, seed=d)
+    w = (torch.rand(d, generator=gen) + 0.5).to(wdtype).to(DEVICE)
+    dy = torch.randn(m, d, generator=gen).to(dtype).to(DEVICE)
+    dres = torch.randn(m, d, generator=gen).to(dtype).to(DEVICE) if res else None
+    _, rstd = rmsnorm_forward(x, w, 1e-6)
+    dx_ref, dw_ref = rmsnorm_backward(dy, x, rstd, w, need_dx=need_dx, need_dweight=need_dw)
+    dx, dw = rmsnorm_backward_dense(dy, x, rstd, w, dres, need_dx=need_dx, need_dweight=need_dw, backend="triton")
+    assert (dx is None) == (not need_dx) and (dw is None) == (not need_dw)
+    if need_dx:
+        want = dx_ref if dres is None else dx_ref + dres
+        assert dx.shape == want.shape and dx.dtype == want.dtype
+        if dtype == torch.float32:  # the row sum's order differs from torch's
+            assert torch.allclose(dx, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert _ulp_close(dx, want, dtype)
+    if need_dw:
+        assert dw.dtype == w.dtype and _rel(dw, dw_ref) < (1e-6 if wdtype == torch.float32 else 4e-3)
+    # the torch backend of the same entry point is the reference itself (+ the residual)
+    dx_t, dw_t = rmsnorm_backward_dense(dy, x, rstd, w, dres, need_dx=need_dx, need_dweight=need_dw, backend="torch")
+    if need_dx:
+        assert torch.equal(dx_t, dx_ref if dres is None else dx_ref + dres)
+    if need_dw:
+        assert torch.equal(dw_t, dw_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+def test_from_rstd_kernel_is_bit_identical(dtype, wdtype):
+    from hyclora.ops.fused_rmsnorm import rmsnorm_from_rstd_fused
+    from hyclora.ops.rmsnorm import rmsnorm_forward, rmsnorm_from_rstd
+
+    x = _x(2 * 19, 45, dtype, seed=3).view(2, 19, 45)
+    w = (torch.rand(45, generator=torch.Generator().manual_seed(2)) + 0.5).to(wdtype).to(DEVICE)
+    y, rstd = rmsnorm_forward(x, w, 1e-6)
+    out = rmsnorm_from_rstd_fused(x, rstd, w, backend="triton")
+    assert out.shape == x.shape and torch.equal(out, rmsnorm_from_rstd(x, rstd, w)) and torch.equal(out, y)
+
+
+def test_dense_entry_points_reject_mismatched_shapes():
+    from hyclora.ops.fused_rmsnorm import rmsnorm_backward_dense, rmsnorm_from_rstd_fused
+
+    x, rstd = torch.randn(4, 8), torch.ones(4, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        rmsnorm_backward_dense(torch.randn(4, 9), x, rstd, torch.ones(8), backend="torch")
+    with pytest.raises(ValueError, match="do not match"):
+        rmsnorm_from_rstd_fused(x, rstd, torch.ones(7), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_block_with_trainable_norm_weight_full_fuse_equals_op_by_op(backend):
+    # a trainable norm (LongLoRA's recipe) takes the dense-input backward under full_fuse
+    b, s, d, f, r, bits = 2, 19, 24, 45, 12, 4
+    gen = torch.Generator().manual_seed(5)
+    params, metas = _mlp_params(d, f, r, gen)
+    params = [None if p is None else p.detach().to(DEVICE).requires_grad_(p.requires_grad) for p in params]
+    norm_w = (torch.rand(d, generator=gen) + 0.5).to(DEVICE).requires_grad_(True)
+    stats = {lt: {k: v.to(DEVICE) for k, v in _stats(d, f, threshold=1).items()}
+             for lt in ("intra_inter", "intra_inter_full_fuse")}
+    for step in range(2):
+        x = (torch.randn(b, s, d, generator=gen) * 2).to(DEVICE)
+        y_ref, g_ref = _mlp_grads("intra_inter", x, norm_w, params, metas, bits, stats["intra_inter"], backend)
+        y_fus, g_fus = _mlp_grads("intra_inter_full_fuse", x, norm_w, params, metas, bits,
+                                  stats["intra_inter_full_fuse"], backend)
+        assert _rel(y_fus, y_ref) < 1e-6
+        assert len(g_fus) == len(g_ref)
+        for gf, gr in zip(g_fus, g_ref):
+            assert gr.norm() > 0 and _rel(gf, gr) < 2e-5, step
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_dense_kernels_compile_for_sm90_without_spills(tmp_path):
+    from test_fused_swiglu import compile_for_sm90
+
+    from hyclora.ops.fused_rmsnorm import _gpu_blocks
+
+    cases = []
+    for d in (4096, 5120, 45):
+        block_m, block_d, warps = _gpu_blocks(d)
+        cases.append(dict(module="hyclora.ops.fused_rmsnorm", kernel="_rms_bwd_dense_kernel",
+                          ptrs=dict(x_ptr="bf16", rstd_ptr="fp32", w_ptr="bf16", dyn_ptr="bf16", dres_ptr="bf16",
+                                    g_ptr="bf16", dx_ptr="bf16", dwp_ptr="fp32"),
+                          floats=[], consts=dict(NEED_DX=True, NEED_DW=True, HAS_RES=True, RNE_X=False, RNE_G=False,
+                                                 RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d, ROW_ITERS=4),
+                          warps=warps, tag=["bwd_dense", d]))
+        cases.append(dict(module="hyclora.ops.fused_rmsnorm", kernel="_rms_from_rstd_kernel",
+                          ptrs=dict(x_ptr="bf16", rstd_ptr="fp32", w_ptr="bf16", out_ptr="bf16"), floats=[],
+                          consts=dict(RNE_X=False, RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d),
+                          warps=warps, tag=["from_rstd", d]))
+    for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
+        assert local == 0 and stack <= (64 if tag[1] == 5120 else 0), (tag, regs, stack)
