@@ -88,7 +88,8 @@ class OutlierRows:
         if n < 2 * k + 1 or n < 16:
             return None
         with (_QUANT or _quant()).core.no_grad():
-            score = x2d.abs().amax(1)
+            lo, hi = torch.aminmax(x2d, dim=1)  # max |x| per row in one read, no |x| temporary
+            score = torch.maximum(hi, lo.neg())
             idx = score.topk(k).indices
             if not clean:
                 return OutlierRows(None, idx, x2d.index_select(0, idx), None)
