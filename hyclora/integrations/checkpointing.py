@@ -29,6 +29,9 @@ with the largest channels (``boundary_outlier_ratio``) kept exactly, and recompu
 the backward from the dequantised input. The forward and the loss are unchanged (the first pass
 sees the exact input); the backward of each checkpointed layer sees an approximate input, like
 every other activation hyclora compresses. The residual path's gradient (the identity) is exact.
+On inputs of at most ``PLAIN_FIRST_PASS_ELEMENTS`` (8k tokens at 7B), a hyclora layer's first
+pass is its original forward under ``no_grad`` (:class:`_PlainFirstPass`): the non-reentrant
+first pass would run hyclora's compressed forward only to drop what it keeps.
 """
 
 from __future__ import annotations
@@ -88,7 +91,71 @@ class BoundaryCodec:
         return dequantize(q, backend=self.backend)
 
 
-def compressed_checkpoint(function: Callable, *args, codec: Optional[BoundaryCodec] = None, **kwargs):
+# Hidden-state elements (tokens x hidden) up to which a hyclora layer's first checkpointed pass
+# runs the layer's original forward under no_grad (see _PlainFirstPass): at 7B that is 8k tokens,
+# where the original forward's (tokens, d_ff) temporaries are ~0.2 GiB each; beyond it the first
+# pass takes hyclora's own path, which frees and chunks its temporaries for long contexts.
+PLAIN_FIRST_PASS_ELEMENTS = 1 << 25
+
+
+class _PlainFirstPass(torch.autograd.Function):
+    """A checkpointed hyclora layer whose first pass is the layer's original forward under
+    ``no_grad`` and whose backward recomputes it on the restored boundary with grad (hyclora's
+    compressed path, counted for calibration through the layer's ``owed`` mark) and
+    differentiates that recompute with ``torch.autograd.grad``.
+
+    Why: under non-reentrant checkpointing the first pass runs hyclora's compressed forward only
+    for the checkpoint to drop everything it keeps; quantising, picking outliers and building the
+    stores is then wasted, and on a short sequence its host time (several ms of Python per block)
+    is what bounds the step. The original forward returns the same output (the loss is
+    unchanged); the gradients come from the recompute as before. The trainable parameters are
+    inputs of this Function, so their gradients reach autograd (and DDP/ZeRO hooks) the usual
+    way."""
+
+    @staticmethod
+    def forward(ctx, run, codec, x, *params):
+        ctx.run, ctx.codec, ctx.params, ctx.x_requires_grad = run, codec, params, x.requires_grad
+        ctx.packed = codec.compress(x)
+        with torch.no_grad():
+            out = run(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.params
+        x = ctx.codec.restore(ctx.packed).requires_grad_(ctx.x_requires_grad)
+        ctx.packed = None
+        with torch.enable_grad():
+            out = ctx.run(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        inputs = ([x] if ctx.x_requires_grad else []) + list(params)
+        got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True) \
+            if pairs else (None,) * len(inputs)
+        dx = got[0] if ctx.x_requires_grad else None
+        return (None, None, dx, *got[1 if ctx.x_requires_grad else 0:])
+
+
+def _plain_first_pass_ok(layer: Optional[nn.Module], function: Callable, x: torch.Tensor) -> bool:
+    """Whether :class:`_PlainFirstPass` gives this call the same gradients as plain checkpointing:
+    a hyclora-patched layer in training, a short enough input, no dropout (the two passes would
+    draw different masks: the non-reentrant checkpoint replays the RNG), no tensor outside the
+    first argument that needs a gradient (it would not get one), and no hooks that expect to see
+    the first pass's saved tensors."""
+    if layer is None or getattr(layer, "_hyclora_patch", None) is None or not layer.training:
+        return False
+    if x.numel() > PLAIN_FIRST_PASS_ELEMENTS:
+        return False
+    if float(getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0) or 0.0) > 0.0:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules()):
+        return False
+    bound = getattr(function, "keywords", {}) or {}
+    return not any(torch.is_tensor(v) and v.requires_grad for v in bound.values())
+
+
+def compressed_checkpoint(function: Callable, *args, codec: Optional[BoundaryCodec] = None,
+                          layer: Optional[nn.Module] = None, **kwargs):
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)`` that keeps the
     first positional argument (the layer input) compressed by ``codec`` instead of exactly.
 
@@ -96,7 +163,9 @@ def compressed_checkpoint(function: Callable, *args, codec: Optional[BoundaryCod
     reconstruction (same shape/dtype/requires_grad, so the recomputed saved tensors match the
     forward's metadata). Gradients reach the real input through the forward's graph, as with
     plain non-reentrant checkpointing. Without grad, or when the first argument is not a
-    floating tensor, this is plain non-reentrant checkpointing.
+    floating tensor, this is plain non-reentrant checkpointing. ``layer`` (the decoder layer
+    ``function`` runs; :func:`enable_activation_checkpointing` binds it): for a hyclora-patched
+    layer and a short input the first pass is the layer's original forward (:class:`_PlainFirstPass`).
     """
     import torch.utils.checkpoint
 
@@ -104,6 +173,9 @@ def compressed_checkpoint(function: Callable, *args, codec: Optional[BoundaryCod
     kwargs.pop("use_reentrant", None)
     if not args or not torch.is_tensor(args[0]) or not args[0].is_floating_point() or not torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+    if len(args) == 1 and _plain_first_pass_ok(layer, function, args[0]):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return _PlainFirstPass.apply(function, codec, args[0], *params)
     packed = codec.compress(args[0])
     needs_grad = args[0].requires_grad
     holder = [args[0]]  # dropped after the first call: the closure must not keep the exact input
@@ -230,7 +302,8 @@ def enable_activation_checkpointing(
 
     chosen_set = set(chosen)
     for index, layer in enumerate(layers):
-        layer._gradient_checkpointing_func = func
+        # compressed boundaries: the layer itself is passed on, for _PlainFirstPass
+        layer._gradient_checkpointing_func = functools.partial(func, layer=layer) if codec is not None else func
         layer.gradient_checkpointing = index in chosen_set
     if reentrant:
         hf = _hf_model(model)

@@ -51,7 +51,10 @@ def test_codec_round_trip_keeps_outlier_channels_exact():
 
 
 @pytest.mark.parametrize("hyclora", [False, True])
-def test_same_loss_close_gradients_lower_peak(hyclora):
+def test_same_loss_close_gradients_lower_peak(hyclora, monkeypatch):
+    import hyclora.integrations.checkpointing as ck
+
+    monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 0)  # the non-reentrant path (its peak is below)
     model = _model()
     if hyclora:
         apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4, iteration_threshold=1))
@@ -76,3 +79,107 @@ def test_boundary_bits_needs_torch_non_reentrant():
     model = _model()
     with pytest.raises(ValueError, match="non-reentrant"):
         enable_activation_checkpointing(model, backend="torch", use_reentrant=True, boundary_bits=4)
+
+
+def _count_plain_first_passes(monkeypatch):
+    import hyclora.integrations.checkpointing as ck
+
+    calls = []
+    original = ck._PlainFirstPass.apply
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ck._PlainFirstPass, "apply", spy)
+    return calls
+
+
+def _reference_grads(ids):
+    model = _model()  # same seed: same weights and LoRA init
+    return _step(model, ids)[1]
+
+
+@pytest.mark.parametrize("layer_type", ["intra_inter", "intra_inter_full_fuse"])
+def test_plain_first_pass_same_loss_same_fidelity(monkeypatch, layer_type):
+    """Short inputs: the checkpointed first pass is the layer's original forward (no_grad) and the
+    backward recomputes with hyclora; against the compressed first pass of non-reentrant
+    checkpointing: the same losses, the same gradients while calibrating, and the same fidelity
+    against exact gradients once frozen (the statistics come from the restored boundary instead
+    of the exact one)."""
+    import hyclora.integrations.checkpointing as ck
+
+    ids = torch.randint(0, 256, (1, 384), generator=torch.Generator().manual_seed(0))
+    ref = _reference_grads(ids)
+    runs = {}
+    for plain in (True, False):
+        monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 1 << 25 if plain else 0)
+        calls = _count_plain_first_passes(monkeypatch)
+        model = _model()
+        apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=4, iteration_threshold=2))
+        enable_activation_checkpointing(model, backend="torch", boundary_bits=8)
+        layer = next(m for m in model.modules() if hasattr(m, "hyclora_state"))
+        steps = []
+        for i in range(4):
+            steps.append(_step(model, ids))
+            assert int(layer.hyclora_state.forward_count) == i + 1  # one counted forward per step
+        assert len(calls) == (4 * 3 if plain else 0)  # 3 checkpointed layers per step
+        runs[plain] = steps
+    for (loss_p, g_p), (loss_n, g_n) in zip(runs[True], runs[False]):
+        assert torch.equal(loss_p, loss_n)
+    if layer_type == "intra_inter":  # op by op: the calibrating steps agree bit for bit
+        assert all(torch.equal(runs[True][0][1][n], runs[False][0][1][n]) for n in runs[False][0][1])
+    cos_p, cos_n = _cos(runs[True][-1][1], ref), _cos(runs[False][-1][1], ref)
+    assert cos_p > 0.99 and abs(cos_p - cos_n) < 1e-3
+
+
+def test_plain_first_pass_not_taken_with_dropout_or_long_inputs(monkeypatch):
+    import hyclora.integrations.checkpointing as ck
+
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(1))
+    model = _model()
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4, iteration_threshold=1))
+    enable_activation_checkpointing(model, backend="torch", boundary_bits=8)
+    calls = _count_plain_first_passes(monkeypatch)
+    monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 96 * 128 - 1)  # one element too few
+    _step(model, ids)
+    assert not calls
+    monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 96 * 128)
+    _step(model, ids)
+    assert len(calls) == 3
+    # dropout anywhere in the layer: the two passes would draw different masks
+    layer = next(m for m in model.modules() if hasattr(m, "hyclora_state"))
+    x = torch.zeros(1, 96, 128)
+    assert ck._plain_first_pass_ok(layer, lambda t: t, x)
+    layer.self_attn.attention_dropout = 0.1
+    assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
+    layer.self_attn.attention_dropout = 0.0
+    layer.extra_dropout = torch.nn.Dropout(0.1)
+    assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
+    del layer.extra_dropout
+    # a bound keyword tensor that needs a gradient would not get one
+    import functools
+
+    assert not ck._plain_first_pass_ok(layer, functools.partial(lambda t, e: t, e=torch.ones(2, requires_grad=True)), x)
+    model.eval()
+    assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
+
+
+def test_plain_first_pass_peak_close_to_compressed_pass(monkeypatch):
+    """The plain first pass keeps the incoming gradient and the recomputed output of one layer
+    alive while it differentiates the recompute (two (tokens, hidden) tensors more than the
+    non-reentrant checkpoint, which stops its recompute early)."""
+    import hyclora.integrations.checkpointing as ck
+
+    ids = torch.randint(0, 256, (1, 384), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for plain in (True, False):
+        monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 1 << 25 if plain else 0)
+        model = _model()
+        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4, iteration_threshold=1))
+        enable_activation_checkpointing(model, backend="torch", boundary_bits=8)
+        _step(model, ids)
+        _, rep = measure_live_peak(lambda: _step(model, ids), model=model, snapshot=False)
+        peaks[plain] = rep.peak_bytes
+    hidden_bytes = 384 * 128 * 4
+    assert peaks[True] <= peaks[False] + 2 * hidden_bytes
