@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +92,27 @@ def test_fallbacks_and_errors():
     # empty inputs
     xe = torch.empty(1, 2, 0, 16)
     assert rope.apply_rope(xe, cos[:, :0], sin[:, :0], backend="triton").shape == xe.shape
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The kernel compiles ahead of time for sm_90 (no GPU needed) at head_dim 128 and 64, bf16
+    and fp32, forward and backward, with the GPU tile of _blocks, and keeps everything in registers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_fused_swiglu import compile_for_sm90
+
+    from hyclora.ops import rope
+
+    cases = []
+    for half in (64, 32):
+        for dt in ("bf16", "fp32"):
+            for backward in (False, True):
+                block_m = max(1, (4 * 32 * 8) // max(16, 1 << (half - 1).bit_length()))
+                cases.append(dict(module="hyclora.ops.rope", kernel="_rope_kernel",
+                                  ptrs=dict(x_ptr=dt, cos_ptr=dt, sin_ptr=dt, out_ptr=dt), floats=[],
+                                  consts=dict(BACKWARD=backward, RNE=False, BLOCK_M=block_m,
+                                              BLOCK_H=max(16, 1 << (half - 1).bit_length())),
+                                  warps=4, tag=[half, dt, backward]))
+    assert rope._rope_kernel is not None
+    for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
+        assert local == 0 and stack == 0, (tag, regs, stack)
