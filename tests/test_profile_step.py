@@ -20,7 +20,7 @@ def test_profile_step_cpu_smoke(tmp_path, monkeypatch):
     assert rc == 0
     text = (tmp_path / "profile_step.md").read_text()
     assert "| PEFT LoRA | " in text and "| hyclora intra_inter_full_fuse 2-bit | " in text
-    assert "top 20 by self CPU" in text
+    assert "top 30 by self CPU" in text
     rows = [line for line in text.splitlines() if line.startswith("| hyclora intra_inter_full_fuse")]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert float(cells[1]) > 0 and int(cells[-1]) > 0  # tokens/s and aten calls were measured

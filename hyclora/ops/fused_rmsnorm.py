@@ -19,8 +19,11 @@ reduction sums in another order than torch, so on the GPU ``rstd`` (and through 
 differ from the unfused path by fp32 rounding; downstream quantisation can then flip a code at
 a boundary. On CPU tensors the torch reference runs, which IS the op-by-op code (bit-identical).
 The backward's gradient has the correct RMSNorm form, without the LayerNorm mean term of the
-HyC-LoRA reference (its bug 8.1). The weight gradient is not fused: with a trainable norm the
-blocks take the op-by-op backward.
+HyC-LoRA reference (its bug 8.1). With a trainable norm, or when the block rebuilds the norm
+input anyway (LoRA behind the norm), the backward reads that dense input instead
+(:func:`rmsnorm_backward_dense`: dx, the residual and per-program fp32 partial sums of the
+weight gradient in one pass), and the renormalisation for the LoRA terms is one pass too
+(:func:`rmsnorm_from_rstd_fused`).
 
 Quantisation parameters (and, while calibrating, the outlier channels) are computed before the
 kernel exactly as ``StoragePolicy.keep`` computes them (:func:`hyclora.ops.fused_swiglu.
