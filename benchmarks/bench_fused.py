@@ -28,6 +28,9 @@
    The fused Q rebuild (``rope:`` rows, 32 heads x 128, exact outlier rows): dequantise + LoRA +
    RoPE into the head-major layout against dequantize + lora_reconstruct + apply_rope. Bytes:
    codes and cos/sin read, the rotated Q written.
+   The dense-input kernels (``dense:`` rows, 32 heads x 128, 4x512 and 1x8192 tokens): the RMSNorm
+   backward with residual and weight gradient, the renormalisation from rstd, and RoPE forward and
+   backward, each against the torch ops it replaces (``torch:`` rows).
 2. Full steps (forward + backward, no optimizer) of a Llama-2-7B-shaped model with random bf16
    weights and PEFT LoRA r=16 on all seven linears, through bench_memory_throughput.run_variant:
    PEFT LoRA, PEFT LoRA + gradient checkpointing, intra_inter and intra_inter_full_fuse at the
@@ -338,6 +341,65 @@ def rope_rows(args, device, backend, timer):
     return rows
 
 
+def dense_rows(args, device, backend, timer):
+    """The one-pass kernels of the dense (rebuilt) norm input and RoPE, against the torch ops they
+    replace: RMSNorm backward with the residual and the weight gradient (a trainable norm), the
+    renormalisation from rstd, and RoPE forward/backward into the token-major layout. Bytes: the
+    tensors each kernel must read and write once (bf16), cos/sin and partial sums left out."""
+    from hyclora.ops.fused_rmsnorm import rmsnorm_backward_dense, rmsnorm_from_rstd_fused
+    from hyclora.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
+    from hyclora.ops.rope import apply_rope, rope_backward
+
+    shapes = [(1, 64, 2, 48)] if args.smoke else [(4, 512, 32, 128), (1, 8192, 32, 128)]
+    dtype = torch.bfloat16
+    rows = []
+    for b, s, heads, hd in shapes:
+        g = torch.Generator(device=device).manual_seed(3)
+        m, d = b * s, heads * hd
+        x = torch.randn(b, s, d, generator=g, device=device).to(dtype)
+        w = (torch.rand(d, generator=g, device=device) + 0.5).to(dtype)
+        dy_n, dres = torch.randn_like(x), torch.randn_like(x)
+        _, rstd = rmsnorm_forward(x, w, 1e-5)
+        pos = torch.arange(s, device=device).float()[None, :, None] * torch.rand(hd // 2, device=device)
+        cos, sin = torch.cat([pos, pos], -1).cos().to(dtype), torch.cat([pos, pos], -1).sin().to(dtype)
+        heads_view = x.view(b, s, heads, hd).transpose(1, 2)
+        es = x.element_size()
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x))
+        bw_copy = 2 * x.numel() * es / t_copy
+        rows.append(dict(tokens=m, d_ff=d, bits="-", op="dense: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
+                         pct_copy=100.0, err="-"))
+        cases = [
+            ("dense: norm bwd + residual + dw", 4,
+             lambda: rmsnorm_backward_dense(dy_n, x, rstd, w, dres, need_dx=True, need_dweight=True, backend=backend),
+             lambda: rmsnorm_backward(dy_n, x, rstd, w, need_dx=True, need_dweight=True)),
+            ("dense: renormalise from rstd", 2,
+             lambda: rmsnorm_from_rstd_fused(x, rstd, w, backend=backend),
+             lambda: rmsnorm_from_rstd(x, rstd, w)),
+            ("dense: rope fwd", 2, lambda: apply_rope(heads_view, cos, sin, backend=backend),
+             lambda: apply_rope(heads_view, cos, sin, backend="torch")),
+            ("dense: rope bwd", 2, lambda: rope_backward(heads_view, cos, sin, backend=backend),
+             lambda: rope_backward(heads_view, cos, sin, backend="torch")),
+        ]
+        for op, passes, fused, unfused in cases:
+            a, ref = fused(), unfused()
+            a, ref = (a[0], ref[0]) if isinstance(a, tuple) else (a, ref)
+            if op.startswith("dense: norm"):
+                ref = ref + dres
+            err = _rel(a, ref)
+            nbytes = passes * x.numel() * es
+            t = timer(fused)
+            rows.append(dict(tokens=m, d_ff=d, bits="-", op=op, ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                             pct_copy=100 * nbytes / t / bw_copy, err=f"rel {err:.1e} vs torch"))
+            t = timer(unfused)
+            rows.append(dict(tokens=m, d_ff=d, bits="-", op=op.replace("dense:", "torch:"), ms=t * 1e3,
+                             gb_s=float("nan"), pct_copy=float("nan"), err="-"))
+            for r_ in rows[-2:]:
+                print(f"{m:6d} x {d:6d} {r_['op']:34s} {r_['ms']:8.3f} ms  {r_['gb_s']:7.1f} GB/s  "
+                      f"{r_['pct_copy']:5.1f}% of copy  {r_['err']}", flush=True)
+    return rows
+
+
 def step_rows(args, device):
     from bench_memory_throughput import build_model, run_variant
 
@@ -426,7 +488,7 @@ def main(argv=None) -> int:
           f"{datetime.date.today().isoformat()}, median of {reps} reps")
 
     krows = (kernel_rows(args, device, backend, timer) + norm_rows(args, device, backend, timer)
-             + rope_rows(args, device, backend, timer))
+             + rope_rows(args, device, backend, timer) + dense_rows(args, device, backend, timer))
     print("\n| tokens x d_ff | bits | op | ms | GB/s | % of copy bandwidth | check |")
     print("|---|---|---|---|---|---|---|")
     for r in krows:
