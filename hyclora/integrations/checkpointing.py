@@ -140,11 +140,13 @@ def _plain_first_pass_ok(layer: Optional[nn.Module], function: Callable, x: torc
     """Whether :class:`_PlainFirstPass` gives this call the same gradients as plain checkpointing:
     a hyclora-patched layer in training, a short enough input, no dropout (the two passes would
     draw different masks: the non-reentrant checkpoint replays the RNG), no tensor outside the
-    first argument that needs a gradient (it would not get one), and no hooks that expect to see
-    the first pass's saved tensors."""
+    first argument that needs a gradient (it would not get one), and no ZeRO-3-partitioned
+    parameters (as Function inputs their gradients would not match their partitioned shapes)."""
     if layer is None or getattr(layer, "_hyclora_patch", None) is None or not layer.training:
         return False
     if x.numel() > PLAIN_FIRST_PASS_ELEMENTS:
+        return False
+    if any(hasattr(p, "ds_id") for p in layer.parameters()):
         return False
     if float(getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0) or 0.0) > 0.0:
         return False

@@ -161,6 +161,10 @@ def test_plain_first_pass_not_taken_with_dropout_or_long_inputs(monkeypatch):
     import functools
 
     assert not ck._plain_first_pass_ok(layer, functools.partial(lambda t, e: t, e=torch.ones(2, requires_grad=True)), x)
+    p = next(layer.parameters())
+    p.ds_id = 0  # a DeepSpeed ZeRO-3 parameter
+    assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
+    del p.ds_id
     model.eval()
     assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
 
