@@ -53,7 +53,9 @@ from .attention import (
     eager_attention_forward,
     is_s2,
 )
-from .s2attn import resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward
+from . import s2attn
+from .s2attn import (resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward, s2_sdpa_backward,
+                     s2_sdpa_output)
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_first, lora_linear_forward,
                    lora_reconstruct)
@@ -343,7 +345,8 @@ class AttentionBlockFn(torch.autograd.Function):
                     _keep(plan, store, "o", o)
             del probs
         elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):  # S²-Attn on views, no block copies
-            o = s2_flash_forward(q, k, v, _s2_group(plan, s), plan.scaling)[0].view(b, s, H * D)
+            s2_out = s2_sdpa_output if s2attn.S2_BLOCK_KERNELS == "sdpa" else (lambda *a: s2_flash_forward(*a)[0])
+            o = s2_out(q, k, v, _s2_group(plan, s), plan.scaling).view(b, s, H * D)
         else:
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
@@ -413,11 +416,26 @@ class AttentionBlockFn(torch.autograd.Function):
         elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):
             # S²-Attn by flash calls on views: no block copies, gradients written over q/k/v
             group = _s2_group(plan, s)
-            o_re, per_block = s2_flash_forward(q, k, v, group, plan.scaling)
-            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
             own = (True, True, not load.holds(v))  # q, k: fresh from RoPE; v: a saved tensor in baseline
-            dq, dk, dv = s2_flash_backward(q, k, v, o_re, do.view(b, s, H, D), per_block, group, plan.scaling, own)
-            del o_re, per_block
+            if s2attn.S2_BLOCK_KERNELS == "sdpa":
+                # dO first (it needs no attention output); each block's attention is then recomputed
+                # under autograd and differentiated, writing the o_proj input that o's LoRA-A
+                # gradient reads last: one attention forward per block, as the flash variant
+                base = off + 3 * PARAMS_PER_LINEAR
+                do, dbias_o, db_o, grad_a_o = lora_linear_backward_input_first(
+                    metas[3], dy, load.get(_XA["o"]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
+                    rng_state=load.get(_RNG["o"]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
+                    need_dbias=bool(need[base + 1]))
+                o_re = q.new_empty(b, s, H, D)
+                dq, dk, dv = s2_sdpa_backward(q, k, v, do.view(b, s, H, D), group, plan.scaling, own, out=o_re)
+                lin_grads[12:16] = (None, dbias_o, grad_a_o(o_re.view(b, s, H * D)), db_o)
+                del o_re, grad_a_o
+            else:
+                o_re, per_block = s2_flash_forward(q, k, v, group, plan.scaling)
+                do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
+                dq, dk, dv = s2_flash_backward(q, k, v, o_re, do.view(b, s, H, D), per_block, group, plan.scaling,
+                                               own)
+                del o_re, per_block
         else:
             o_re, leaves = attention_recompute(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                                plan.s2_group_ratio, plan.s2_group_size)

@@ -412,7 +412,8 @@ __all__ = [
 # builds every gradient from full-size ``slice_backward`` zeros added together: at 7B/64k tokens
 # about a dozen (tokens, hidden) tensors were alive in the attention backward, the peak of a
 # checkpointed hyclora step. The functions below run the same attention as a list of causal
-# blocks, each a strided VIEW of the (b, h, s, d) tensors handed to the flash kernels directly,
+# blocks, each a strided VIEW of the (b, h, s, d) tensors handed to the attention kernels directly
+# (``S2_BLOCK_KERNELS``: PyTorch's sdpa dispatch, or the aten flash ops),
 # and write every block's gradient into the memory of the q/k/v it came from (the blocks are
 # disjoint in (batch, head, token)), so the backward holds q/k/v (turning into dq/dk/dv), o, dO
 # and one block's temporaries. Used by the decoder block's backward when eligible
@@ -500,6 +501,59 @@ def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: i
                 _block_view(o_heads, bi, *blk).copy_(out)
                 saved.append(keep)
     return o, saved
+
+
+# The block kernels: "sdpa" calls F.scaled_dot_product_attention on each block's views, so PyTorch
+# picks the backend (on the H200 image that is cuDNN's fused attention, which its Liger + HF sdpa
+# runs used: ~2x the FA2 kernels' rate on these shapes, run 6 profiles), and the backward
+# differentiates each block's recompute; "flash" calls the aten FA2 ops directly and keeps each
+# block's log-sum-exp. Both see the same strided views and write the same layouts.
+S2_BLOCK_KERNELS = "sdpa"
+
+
+def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
+                   scaling: Optional[float] = None) -> torch.Tensor:
+    """S²-Attn output without autograd as a ``(b, s, h, d)`` contiguous tensor, one
+    ``F.scaled_dot_product_attention`` call per block of views."""
+    b, h, s, d = q.shape
+    o = q.new_empty(b, s, h, d)
+    o_heads = o.transpose(1, 2)
+    with torch.no_grad():
+        for bi in range(b):
+            for blk in _s2_blocks(h, s, group, d):
+                views = [_block_view(t, bi, *blk) for t in (q, k, v)]
+                _block_view(o_heads, bi, *blk).copy_(F.scaled_dot_product_attention(*views, is_causal=True,
+                                                                                     scale=scaling))
+    return o
+
+
+def s2_sdpa_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, group: int,
+                     scaling: Optional[float] = None, overwrite: Tuple[bool, bool, bool] = (False, False, False),
+                     out: Optional[torch.Tensor] = None):
+    """Gradients ``(dq, dk, dv)`` of S²-Attn's output for the output gradient ``do`` (``(b, s, h, d)``
+    shaped, any strides), recomputing each block's attention under autograd through
+    ``F.scaled_dot_product_attention`` and differentiating it. ``out`` (``(b, s, h, d)``, optional)
+    receives the recomputed output (the o_proj input the caller's LoRA gradient needs).
+    ``overwrite`` as in :func:`s2_flash_backward`: each block's gradient is written over the
+    block's own values once its recompute is done."""
+    b, h, s, d = q.shape
+    do_heads = do.transpose(1, 2)
+    out_heads = None if out is None else out.transpose(1, 2)
+    grads = tuple(t if own else torch.empty_like(t) for t, own in zip((q, k, v), overwrite))
+    for bi in range(b):
+        for blk in _s2_blocks(h, s, group, d):
+            leaves = [_block_view(t, bi, *blk).detach().requires_grad_(True) for t in (q, k, v)]
+            with torch.enable_grad():
+                block_out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scaling)
+            if out_heads is not None:
+                _block_view(out_heads, bi, *blk).copy_(block_out.detach())
+            block_grads = torch.autograd.grad(block_out, leaves, _block_view(do_heads, bi, *blk))
+            del block_out, leaves
+            with torch.no_grad():
+                for dst, g in zip(grads, block_grads):
+                    _block_view(dst, bi, *blk).copy_(g)
+            del block_grads
+    return grads
 
 
 def s2_flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,

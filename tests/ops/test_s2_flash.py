@@ -55,6 +55,27 @@ def test_flash_views_equal_the_autograd_reference(b, h, s, ratio, heads_per_call
     assert grads[1] is not kc and torch.equal(kc, k)  # k was not the caller's to overwrite
 
 
+@pytest.mark.parametrize("b,h,s,ratio", [(1, 8, 64, 0.25), (2, 4, 70, 0.25), (1, 6, 33, 0.25), (3, 4, 40, 0.5)])
+def test_sdpa_blocks_equal_the_autograd_reference(b, h, s, ratio):
+    from hyclora.ops.s2attn import s2_sdpa_backward, s2_sdpa_output
+
+    gen = torch.Generator().manual_seed(s + 1)
+    q, k, v = (torch.randn(b, h, s, 16, generator=gen) for _ in range(3))
+    do = torch.randn(b, h, s, 16, generator=gen)
+    ref_out, ref_grads = _reference(q, k, v, do, ratio)
+    group = resolve_group_size(s, ratio, None)
+    o = s2_sdpa_output(q, k, v, group)
+    assert o.shape == (b, s, h, 16) and o.is_contiguous()
+    torch.testing.assert_close(o.transpose(1, 2), ref_out, rtol=1e-5, atol=1e-5)
+    qc, kc, vc = (t.clone() for t in (q, k, v))
+    out = torch.full((b, s, h, 16), float("nan"))
+    grads = s2_sdpa_backward(qc, kc, vc, do.transpose(1, 2), group, overwrite=(True, False, True), out=out)
+    torch.testing.assert_close(out, o, rtol=1e-5, atol=1e-5)  # every block's output written
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert grads[0] is qc and grads[2] is vc and grads[1] is not kc and torch.equal(kc, k)
+
+
 def test_eligibility():
     q = torch.randn(1, 4, 16, 8)
     assert s2_flash_eligible(q, q.clone(), q.clone(), None)
@@ -85,27 +106,33 @@ def _batch():
     return {"input_ids": ids, "labels": ids}
 
 
+@pytest.mark.parametrize("kernels", ["sdpa", "flash"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("layer_type", ["baseline", "intra_inter", "intra_inter_full_fuse"])
-def test_block_takes_the_flash_path_with_equal_gradients(layer_type, checkpointing, monkeypatch):
+def test_block_takes_the_flash_path_with_equal_gradients(layer_type, checkpointing, kernels, monkeypatch):
+    import hyclora.ops.s2attn as s2attn
     from hy_models_util import step_grads, worst_rel_err
 
+    monkeypatch.setattr(s2attn, "S2_BLOCK_KERNELS", kernels)
     model = _llama_s2(layer_type, checkpointing)
     calls = []
-    real = blocks.s2_flash_backward
+    bwd_name, fwd_name = (("s2_sdpa_backward", "s2_sdpa_output") if kernels == "sdpa"
+                          else ("s2_flash_backward", "s2_flash_forward"))
+    real = getattr(blocks, bwd_name)
 
     def spy(*args, **kwargs):
-        calls.append(args[-1])
+        calls.append(args[-1])  # the overwrite flags (the last positional argument of both)
         return real(*args, **kwargs)
 
     forwards = []
-    real_fwd = blocks.s2_flash_forward
-    monkeypatch.setattr(blocks, "s2_flash_backward", spy)
-    monkeypatch.setattr(blocks, "s2_flash_forward", lambda *a, **k: forwards.append(1) or real_fwd(*a, **k))
+    real_fwd = getattr(blocks, fwd_name)
+    monkeypatch.setattr(blocks, bwd_name, spy)
+    monkeypatch.setattr(blocks, fwd_name, lambda *a, **k: forwards.append(1) or real_fwd(*a, **k))
     loss, grads = step_grads(model, _batch())
     assert len(calls) == 2  # both layers
-    # forward, (checkpoint recompute,) backward's recompute: every attention call takes the view path
-    assert len(forwards) == 2 * (3 if checkpointing else 2)
+    # forward, (checkpoint recompute,) and for "flash" the backward's recompute (the "sdpa" backward
+    # recomputes inside s2_sdpa_backward): every attention call takes the view path
+    assert len(forwards) == 2 * ((3 if checkpointing else 2) - (kernels == "sdpa"))
     # q and k are the backward's own; v is a saved tensor in baseline (kept exactly), else rebuilt
     assert all(own == (True, True, layer_type != "baseline") for own in calls)
     monkeypatch.setattr(blocks, "s2_flash_eligible", lambda *a, **k: False)
@@ -151,9 +178,36 @@ def test_flash_path_holds_fewer_temporaries(monkeypatch):
         o, saved = s2_flash_forward(qc, kc, vc, group)
         s2_flash_backward(qc, kc, vc, o, do.transpose(1, 2), saved, group, overwrite=(True, True, True))
 
+    def sdpa():  # the block variant the decoder block takes by default (s2attn.S2_BLOCK_KERNELS)
+        from hyclora.ops.s2attn import s2_sdpa_backward, s2_sdpa_output
+
+        qc, kc, vc = (t.clone() for t in (q, k, v))
+        o = s2_sdpa_output(qc, kc, vc, group)
+        s2_sdpa_backward(qc, kc, vc, do.transpose(1, 2), group, overwrite=(True, True, True), out=o)
+
     generic_peak = measure_live_peak(generic, snapshot=False)[1].peak_bytes / full
     flash_peak = measure_live_peak(flash, snapshot=False)[1].peak_bytes / full
+    sdpa_peak = measure_live_peak(sdpa, snapshot=False)[1].peak_bytes / full
     assert flash_peak < 5 and flash_peak < 0.6 * generic_peak, (flash_peak, generic_peak)
+    assert sdpa_peak < 5 and sdpa_peak < 0.6 * generic_peak, (sdpa_peak, generic_peak)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("s", [4096, 4100])
+def test_cuda_sdpa_views_equal_the_reference(s):
+    from hyclora.ops.s2attn import s2_sdpa_backward, s2_sdpa_output
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    ref_out, ref_grads = _reference(q, k, v, do, 0.25)
+    group = resolve_group_size(s, 0.25, None)
+    o = s2_sdpa_output(q, k, v, group)
+    torch.testing.assert_close(o.transpose(1, 2), ref_out, rtol=2e-2, atol=2e-2)
+    grads = s2_sdpa_backward(q.clone(), k.clone(), v.clone(), do.transpose(1, 2), group, overwrite=(True, True, True))
+    for got, ref in zip(grads, ref_grads):
+        err = float((got.float() - ref.float()).norm() / ref.float().norm())
+        assert err < 1e-2, err
 
 
 @pytest.mark.gpu
