@@ -334,7 +334,7 @@ class AttentionBlockFn(torch.autograd.Function):
         k = ys[1].view(b, s, HKV, D).transpose(1, 2)
         v = ys[2].view(b, s, HKV, D).transpose(1, 2)
         del ys
-        rope = pol.backend if pol.fused else "torch"  # full_fuse: one Triton pass (same bits)
+        rope = pol.elementwise_backend  # full_fuse: one Triton pass (same bits)
         q, k = apply_rope(q, cos, sin, backend=rope), apply_rope(k, cos, sin, backend=rope)
         ctx.core_impl = _core_impl(plan, mask)
         if ctx.core_impl == "eager":
@@ -444,7 +444,7 @@ class AttentionBlockFn(torch.autograd.Function):
             del o_re, leaves
         del q, k, v, do
 
-        rope = pol.backend if pol.fused else "torch"
+        rope = pol.elementwise_backend
         dq = rope_backward(dq, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, H * D)
         dk = rope_backward(dk, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, HKV * D)
         dv = dv.transpose(1, 2).reshape(b, s, HKV * D)

@@ -188,6 +188,12 @@ class StoragePolicy:
         return self._fused
 
     @property
+    def elementwise_backend(self) -> str:
+        """Backend of the one-pass elementwise kernels that replace torch ops bit for bit (RoPE):
+        the policy's backend under ``intra_inter_full_fuse``, the torch ops (the reference) else."""
+        return self.backend if self._fused else "torch"
+
+    @property
     def store_elementwise(self) -> bool:
         """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
         return self.layer_type == "intra"
