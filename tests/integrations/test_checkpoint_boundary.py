@@ -187,3 +187,43 @@ def test_plain_first_pass_peak_close_to_compressed_pass(monkeypatch):
         peaks[plain] = rep.peak_bytes
     hidden_bytes = 384 * 128 * 4
     assert peaks[True] <= peaks[False] + 2 * hidden_bytes
+
+
+def test_plain_first_pass_longlora_recipe_with_s2attn(monkeypatch):
+    """LongLoRA's recipe (LoRA + trainable embeddings and norms) with S²-Attn: the trainable norm
+    weights are inputs of the plain first pass's Function, so they get the same gradients as under
+    the non-reentrant path (up to rounding)."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hyclora.integrations.checkpointing as ck
+    from hyclora.integrations.longseq import enable_s2attn, longlora_lora_config
+
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for plain in (True, False):
+        monkeypatch.setattr(ck, "PLAIN_FIRST_PASS_ELEMENTS", 1 << 25 if plain else 0)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
+        model = get_peft_model(LlamaForCausalLM(cfg), longlora_lora_config(r=4, lora_alpha=8, model=None))
+        with torch.no_grad():  # as after some training, so the LoRA-A gradients are not zero
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+        enable_s2attn(model)
+        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=8, iteration_threshold=1))
+        enable_activation_checkpointing(model, backend="torch", boundary_bits=8)
+        calls = _count_plain_first_passes(monkeypatch)
+        model.train()
+        loss, g = _step(model, ids)
+        assert len(calls) == (2 if plain else 0)
+        assert any("norm" in n for n in g) and any("embed" in n for n in g) and any("lora_A" in n for n in g)
+        grads[plain] = (loss, g)
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert grads[True][1].keys() == grads[False][1].keys()
+    for n, ref in grads[False][1].items():
+        got = grads[True][1][n]
+        # statistics calibrated on the restored boundary (the recompute) instead of the exact one
+        # (the first pass), and another summation order: rounding-level differences (~3e-7)
+        assert float((got - ref).norm()) <= 1e-5 * float(ref.norm()) + 1e-12, n
