@@ -547,8 +547,8 @@ def s2_sdpa_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                 block_out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scaling)
             if out_heads is not None:
                 _block_view(out_heads, bi, *blk).copy_(block_out.detach())
-            # the output gradient in the output's own layout: some fused backward kernels (cuDNN's)
-            # expect dO strided like O; one block-sized copy
+            # the output gradient in the output's own layout, a precaution (not checked on a GPU yet)
+            # for fused backward kernels that may assume dO strided like O; one block-sized copy
             grad_out = torch.empty_like(block_out).copy_(_block_view(do_heads, bi, *blk))
             block_grads = torch.autograd.grad(block_out, leaves, grad_out)
             del block_out, leaves, grad_out
