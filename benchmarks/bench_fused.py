@@ -99,6 +99,14 @@ def _operands(m, n, r, dtype, device, seed=0):
     return yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd
 
 
+def _copy_row(timer, x, tokens: int, width: int, op: str):
+    """``(row, bytes/s)`` of a plain device copy of ``x``: the bandwidth the kernels are compared with."""
+    dst = torch.empty_like(x)
+    t = timer(lambda: dst.copy_(x))
+    bw = 2 * x.numel() * x.element_size() / t
+    return dict(tokens=tokens, d_ff=width, bits="-", op=op, ms=t * 1e3, gb_s=bw / 1e9, pct_copy=100.0, err="-"), bw
+
+
 def kernel_rows(args, device, backend, timer):
     if backend == "triton":
         from hyclora.quant import triton_kernels
@@ -114,11 +122,8 @@ def kernel_rows(args, device, backend, timer):
     for m, n in shapes:
         yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _operands(m, n, r, dtype, device)
         es = yw_g.element_size()
-        dst = torch.empty_like(yw_g)
-        t_copy = timer(lambda: dst.copy_(yw_g))
-        bw_copy = 2 * m * n * es / t_copy
-        rows.append(dict(tokens=m, d_ff=n, bits="-", op="copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
-                         pct_copy=100.0, err="-"))
+        row, bw_copy = _copy_row(timer, yw_g, m, n, "copy")
+        rows.append(row)
         for bits in args.bits:
             lo_g, st_g, inv_g = affine_params(*column_minmax(yw_g), bits)
             lo_u, st_u, inv_u = affine_params(*column_minmax(yw_u), bits)
@@ -218,11 +223,8 @@ def norm_rows(args, device, backend, timer):
         w = (torch.rand(d, generator=g, device=device) + 0.5).to(dtype)
         dy_n, dy = torch.randn_like(x), torch.randn_like(x)
         es = x.element_size()
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x))
-        bw_copy = 2 * x.numel() * es / t_copy
-        rows.append(dict(tokens=m, d_ff=d, bits="-", op="norm: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
-                         pct_copy=100.0, err="-"))
+        row, bw_copy = _copy_row(timer, x, m, d, "norm: copy")
+        rows.append(row)
         for bits in args.bits:
             k = max(1, d // 200)
             stats = {}
@@ -304,11 +306,8 @@ def rope_rows(args, device, backend, timer):
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         es = x.element_size()
         m, n = b * s, heads * hd
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x))
-        bw_copy = 2 * x.numel() * es / t_copy
-        rows.append(dict(tokens=m, d_ff=n, bits="-", op="rope: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
-                         pct_copy=100.0, err="-"))
+        row, bw_copy = _copy_row(timer, x, m, n, "rope: copy")
+        rows.append(row)
         for bits in args.bits:
             store = TensorStore()
             StoragePolicy("intra_inter", bits, backend=backend).keep(store, "q", x, ChannelStats(n).to(device),
@@ -364,11 +363,8 @@ def dense_rows(args, device, backend, timer):
         cos, sin = torch.cat([pos, pos], -1).cos().to(dtype), torch.cat([pos, pos], -1).sin().to(dtype)
         heads_view = x.view(b, s, heads, hd).transpose(1, 2)
         es = x.element_size()
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x))
-        bw_copy = 2 * x.numel() * es / t_copy
-        rows.append(dict(tokens=m, d_ff=d, bits="-", op="dense: copy", ms=t_copy * 1e3, gb_s=bw_copy / 1e9,
-                         pct_copy=100.0, err="-"))
+        row, bw_copy = _copy_row(timer, x, m, d, "dense: copy")
+        rows.append(row)
         cases = [
             ("dense: norm bwd + residual + dw", 4,
              lambda: rmsnorm_backward_dense(dy_n, x, rstd, w, dres, need_dx=True, need_dweight=True, backend=backend),

@@ -104,6 +104,18 @@ def _lora_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def _backward(model, seed):
+    model(input_ids=_batch(seed), labels=_batch(seed)).loss.backward()
+
+
+def _lockstep(eager, graphed, seed):
+    """One step of both models from fresh gradients; the LoRA gradients must agree."""
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        _backward(model, seed)
+    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+
+
 def _graphs(model, **kw):
     grapher = kw.pop("grapher", emulated_grapher)
     return DecoderLayerGraphs(model, _grapher=grapher, **kw)
@@ -216,11 +228,11 @@ def test_gradient_accumulation_and_two_forwards_before_backward():
     for model in (eager, graphed):
         for step in range(3):  # calibrate (2) and capture at the third
             model.zero_grad(set_to_none=True)
-            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+            _backward(model, step)
     for model in (eager, graphed):
         model.zero_grad(set_to_none=True)
         for step in (3, 4):  # accumulated over two micro-batches
-            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+            _backward(model, step)
     _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)  # without the copy hook: 2x the second
     for model in (eager, graphed):
         model.zero_grad(set_to_none=True)
@@ -243,10 +255,7 @@ def test_other_layer_types(layer_type):
     graphed = copy.deepcopy(eager)
     graphs = _graphs(graphed)
     for step in range(5):
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
-        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+        _lockstep(eager, graphed, step)
     assert graphs.counts["replay"] == 3 * (5 if layer_type == "baseline" else 3)
 
 
@@ -258,10 +267,7 @@ def test_input_grads_and_no_recapture():
         model.enable_input_require_grads()
     graphs = _graphs(graphed, recapture=False)
     for step in range(6):  # calibrate 1, frozen 2 (capture), expire -> released for good
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
-        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+        _lockstep(eager, graphed, step)
     assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 3 * 2
     assert graphs._captured is None and graphs.counts["eager: graphs released (recapture=False)"] == 2
 
@@ -270,7 +276,7 @@ def test_eager_reasons():
     model = _model(every=0)
     graphs = _graphs(model, sample_shape=(2, 12))
     for step in range(3):
-        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _backward(model, step)
     assert graphs.captured and graphs.counts["replay"] == 3
     model(input_ids=_batch(0, s=9), labels=_batch(0, s=9)).loss.backward()
     assert graphs.counts["eager: batch shape"] == 3
@@ -303,10 +309,7 @@ def test_checkpoint_recompute_runs_eager():
     for model in (eager, graphed):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for step in range(4):
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
-        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+        _lockstep(eager, graphed, step)
     assert graphs.counts["replay"] == 0 and graphs.counts["capture"] == 0
     assert graphs.counts["eager: gradient checkpointing or saved-tensor hooks"] == 3 * 4
 
@@ -317,7 +320,7 @@ def test_saved_tensor_measurement_runs_eager():
     model = _model(every=0)
     graphs = _graphs(model)
     for step in range(4):
-        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _backward(model, step)
     assert graphs.counts["replay"] == 6
     loss, report = measure_saved_tensors(model, lambda: model(input_ids=_batch(5), labels=_batch(5)).loss)
     loss.backward()
@@ -328,7 +331,7 @@ def test_nonfinite_check_survives_replay():
     model = _model(every=0)
     graphs = _graphs(model)
     for step in range(3):
-        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        _backward(model, step)
     assert graphs.counts["replay"] == 3
     with torch.no_grad():
         _layers(model)[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")

@@ -54,12 +54,11 @@ from .attention import (
     is_s2,
 )
 from . import s2attn
-from .s2attn import (resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward, s2_sdpa_backward,
-                     s2_sdpa_output)
+from .s2attn import resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward, s2_output, s2_sdpa_backward
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_first, lora_linear_forward,
                    lora_reconstruct)
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_from_rstd
+from .rmsnorm import rmsnorm_forward
 from .rope import apply_rope, rope_backward
 from .storage import Manifest, StoragePolicy, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
@@ -190,6 +189,17 @@ def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
             store.plain(_RNG[name], out.rng_state)
 
 
+def _linear_grads_input_first(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, lin_offset: int):
+    """:func:`_linear_grads` for a linear whose input the backward rebuilds afterwards (down_proj's
+    ``D``, o_proj's attention output): ``(dx, dbias, dB, grad_a)`` with ``grad_a(x_hat) -> dA``."""
+    base = lin_offset + PARAMS_PER_LINEAR * i
+    need = ctx.needs_input_grad
+    return lora_linear_backward_input_first(
+        plan.linears[i], dy, load.get(_XA[name]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
+        rng_state=load.get(_RNG[name]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
+        need_dbias=bool(need[base + 1]))
+
+
 def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
     """Run one linear's backward; returns ``(dx, (None, dbias, dA, dB))``."""
     meta = plan.linears[i]
@@ -218,9 +228,7 @@ def _normalised(plan: BlockPlan, x_hat: torch.Tensor, rstd: torch.Tensor, weight
     input costs one elementwise pass and no bytes, and carries the norm input's quantisation
     error, which its outlier channels and rows keep smaller than a separate copy's (measured on
     SmolLM2-135M: BENCHMARKS.md)."""
-    if plan.policy.fused:
-        return fused_rmsnorm.rmsnorm_from_rstd_fused(x_hat, rstd, weight, backend=plan.policy.backend)
-    return rmsnorm_from_rstd(x_hat, rstd, weight)
+    return fused_rmsnorm.rmsnorm_from_rstd_fused(x_hat, rstd, weight, backend=plan.policy.fused_backend)
 
 
 def _norm_input(plan: BlockPlan, load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
@@ -240,12 +248,10 @@ def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name
         return fused_rmsnorm.fused_norm_backward(plan, load, name, rstd_name, load.param(2), dxn, dy), None
     if x_hat is None:
         x_hat = load.get(name)
-    if plan.policy.fused:  # one pass over the rebuilt input: dx + residual, weight-gradient partials
-        return fused_rmsnorm.rmsnorm_backward_dense(dxn, x_hat, load.get(rstd_name), load.param(2), dy,
-                                                    need_dx=need[1], need_dweight=need[2],
-                                                    backend=plan.policy.backend)
-    dx, dnorm = rmsnorm_backward(dxn, x_hat, load.get(rstd_name), load.param(2), need_dx=need[1], need_dweight=need[2])
-    return (None if dx is None else dx + dy), dnorm
+    # full_fuse: one pass over the rebuilt input (dx + residual, weight-gradient partials)
+    return fused_rmsnorm.rmsnorm_backward_dense(dxn, x_hat, load.get(rstd_name), load.param(2), dy,
+                                                need_dx=need[1], need_dweight=need[2],
+                                                backend=plan.policy.fused_backend)
 
 
 # -- attention block ------------------------------------------------------------------------
@@ -334,7 +340,7 @@ class AttentionBlockFn(torch.autograd.Function):
         k = ys[1].view(b, s, HKV, D).transpose(1, 2)
         v = ys[2].view(b, s, HKV, D).transpose(1, 2)
         del ys
-        rope = pol.elementwise_backend  # full_fuse: one Triton pass (same bits)
+        rope = pol.fused_backend  # full_fuse: one Triton pass (same bits)
         q, k = apply_rope(q, cos, sin, backend=rope), apply_rope(k, cos, sin, backend=rope)
         ctx.core_impl = _core_impl(plan, mask)
         if ctx.core_impl == "eager":
@@ -345,8 +351,7 @@ class AttentionBlockFn(torch.autograd.Function):
                     _keep(plan, store, "o", o)
             del probs
         elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):  # S²-Attn on views, no block copies
-            s2_out = s2_sdpa_output if s2attn.S2_BLOCK_KERNELS == "sdpa" else (lambda *a: s2_flash_forward(*a)[0])
-            o = s2_out(q, k, v, _s2_group(plan, s), plan.scaling).view(b, s, H * D)
+            o = s2_output(q, k, v, _s2_group(plan, s), plan.scaling).view(b, s, H * D)
         else:
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
@@ -421,11 +426,7 @@ class AttentionBlockFn(torch.autograd.Function):
                 # dO first (it needs no attention output); each block's attention is then recomputed
                 # under autograd and differentiated, writing the o_proj input that o's LoRA-A
                 # gradient reads last: one attention forward per block, as the flash variant
-                base = off + 3 * PARAMS_PER_LINEAR
-                do, dbias_o, db_o, grad_a_o = lora_linear_backward_input_first(
-                    metas[3], dy, load.get(_XA["o"]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
-                    rng_state=load.get(_RNG["o"]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
-                    need_dbias=bool(need[base + 1]))
+                do, dbias_o, db_o, grad_a_o = _linear_grads_input_first(ctx, plan, load, 3, "o", dy, off)
                 o_re = q.new_empty(b, s, H, D)
                 dq, dk, dv = s2_sdpa_backward(q, k, v, do.view(b, s, H, D), group, plan.scaling, own, out=o_re)
                 lin_grads[12:16] = (None, dbias_o, grad_a_o(o_re.view(b, s, H * D)), db_o)
@@ -444,7 +445,7 @@ class AttentionBlockFn(torch.autograd.Function):
             del o_re, leaves
         del q, k, v, do
 
-        rope = pol.elementwise_backend
+        rope = pol.fused_backend
         dq = rope_backward(dq, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, H * D)
         dk = rope_backward(dk, cos, sin, backend=rope).transpose(1, 2).reshape(b, s, HKV * D)
         dv = dv.transpose(1, 2).reshape(b, s, HKV * D)
@@ -579,11 +580,7 @@ class MLPBlockFn(torch.autograd.Function):
         else:
             # dD first (it needs no activation, so nothing of size (tokens, d_ff) is alive while its
             # matmuls run), then G/U/D are rebuilt and down's LoRA-A gradient reads D.
-            base = off + 2 * PARAMS_PER_LINEAR
-            dh, dbias, db, grad_a = lora_linear_backward_input_first(
-                plan.linears[2], dy, load.get("xa_down"), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
-                rng_state=load.get("rng_down"), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
-                need_dbias=bool(need[base + 1]))
+            dh, dbias, db, grad_a = _linear_grads_input_first(ctx, plan, load, 2, "down", dy, off)
             epilogue = swiglu_epilogue_backward(plan, load)
             lin_grads[8:12] = (None, dbias, grad_a(next(epilogue)), db)
             dg, du = epilogue.send(dh)

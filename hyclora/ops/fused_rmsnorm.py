@@ -315,17 +315,19 @@ def _slot_map(idx: Tensor, d: int) -> Tensor:
     return slot
 
 
+def _rows_2d(t: Tensor, d: int) -> Tensor:
+    """``(rows, d)`` view of ``t`` with a unit last stride (a copy only when it has none)."""
+    t = t.reshape(-1, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
     q, ridx, rvals = _split_rows(saved)
     _fs._check_triton_device(q.codes, dy_n)
     m, d = q.rows, q.width
-    dy_n = dy_n.reshape(m, d)
-    if dy_n.stride(-1) != 1:
-        dy_n = dy_n.contiguous()
+    dy_n = _rows_2d(dy_n, d)
     if dy_res is not None:
-        dy_res = dy_res.reshape(m, d)
-        if dy_res.stride(-1) != 1:
-            dy_res = dy_res.contiguous()
+        dy_res = _rows_2d(dy_res, d)
     g_dtype = torch.promote_types(dy_n.dtype, weight.dtype)
     x_dtype = q.dtype
     out_dtype = x_dtype if dy_res is None else torch.promote_types(x_dtype, dy_res.dtype)
@@ -347,11 +349,6 @@ def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
         RNE_X=_rne(x_dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(out_dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, **_opts(warps))
     return dx
-
-
-def _rows_2d(t: Tensor, d: int) -> Tensor:
-    t = t.reshape(-1, d)
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def rmsnorm_backward_dense_triton(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor,

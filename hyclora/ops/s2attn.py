@@ -484,30 +484,51 @@ def _flash_backward(do, q, k, v, out, saved, scale):
         do, q, k, v, out, saved[0], 0.0, True, scale=scale)
 
 
+def _each_block(q: torch.Tensor, group: int):
+    """``(batch index, block)`` of every block of :func:`_s2_blocks` for ``q`` ``(b, h, s, d)``."""
+    b, h, s, d = q.shape
+    for bi in range(b):
+        for blk in _s2_blocks(h, s, group, d):
+            yield bi, blk
+
+
+def _write_block(dsts, block_tensors, bi: int, blk) -> None:
+    """Copy each block result into its block of the matching full-size tensor."""
+    with torch.no_grad():
+        for dst, t in zip(dsts, block_tensors):
+            _block_view(dst, bi, *blk).copy_(t)
+
+
+def _blockwise_output(q, k, v, group, attend):
+    """``(o, kept)``: ``o`` the ``(b, s, h, d)`` contiguous output written block by block from
+    ``attend(q_view, k_view, v_view) -> (out, keep)``, ``kept`` the blocks' ``keep`` in order."""
+    b, h, s, d = q.shape
+    o = q.new_empty(b, s, h, d)
+    o_heads = o.transpose(1, 2)  # (b, h, s, d) view
+    kept = []
+    with torch.no_grad():
+        for bi, blk in _each_block(q, group):
+            out, keep = attend(*(_block_view(t, bi, *blk) for t in (q, k, v)))
+            _block_view(o_heads, bi, *blk).copy_(out)
+            kept.append(keep)
+    return o, kept
+
+
 def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
                      scaling: Optional[float] = None):
     """S²-Attn output without autograd: ``(o, saved)`` with ``o`` a ``(b, s, h, d)`` contiguous
     tensor (``o.view(b, s, h*d)`` is the o_proj input) and ``saved`` what
     :func:`s2_flash_backward` needs per block (log-sum-exp, fp32, ``b*h*s`` values in all)."""
-    b, h, s, d = q.shape
-    o = q.new_empty(b, s, h, d)
-    o_heads = o.transpose(1, 2)  # (b, h, s, d) view
-    saved = []
-    with torch.no_grad():
-        for bi in range(b):
-            for blk in _s2_blocks(h, s, group, d):
-                views = [_block_view(t, bi, *blk) for t in (q, k, v)]
-                out, keep = _flash_forward(*views, scaling)
-                _block_view(o_heads, bi, *blk).copy_(out)
-                saved.append(keep)
-    return o, saved
+    return _blockwise_output(q, k, v, group, lambda qv, kv, vv: _flash_forward(qv, kv, vv, scaling))
 
 
 # The block kernels: "sdpa" calls F.scaled_dot_product_attention on each block's views, so PyTorch
-# picks the backend (on the H200 image that is cuDNN's fused attention, which its Liger + HF sdpa
-# runs used: ~2x the FA2 kernels' rate on these shapes, run 6 profiles), and the backward
-# differentiates each block's recompute; "flash" calls the aten FA2 ops directly and keeps each
-# block's log-sum-exp. Both see the same strided views and write the same layouts.
+# picks the backend, and the backward differentiates each block's recompute; "flash" calls the
+# aten FA2 ops directly and keeps each block's log-sum-exp. Both see the same strided views and
+# write the same layouts. Why "sdpa" is the default: in the run-6 profiles HF's sdpa calls (Liger's
+# runs, contiguous tensors) got cuDNN's fused attention at about twice the FA2 block calls' rate;
+# which kernel PyTorch picks for these strided block views is not checked on a GPU yet
+# (bench_longseq.py --s2_kernels compares the two).
 S2_BLOCK_KERNELS = "sdpa"
 
 
@@ -515,16 +536,17 @@ def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
                    scaling: Optional[float] = None) -> torch.Tensor:
     """S²-Attn output without autograd as a ``(b, s, h, d)`` contiguous tensor, one
     ``F.scaled_dot_product_attention`` call per block of views."""
-    b, h, s, d = q.shape
-    o = q.new_empty(b, s, h, d)
-    o_heads = o.transpose(1, 2)
-    with torch.no_grad():
-        for bi in range(b):
-            for blk in _s2_blocks(h, s, group, d):
-                views = [_block_view(t, bi, *blk) for t in (q, k, v)]
-                _block_view(o_heads, bi, *blk).copy_(F.scaled_dot_product_attention(*views, is_causal=True,
-                                                                                     scale=scaling))
-    return o
+    return _blockwise_output(
+        q, k, v, group, lambda qv, kv, vv: (F.scaled_dot_product_attention(qv, kv, vv, is_causal=True,
+                                                                           scale=scaling), None))[0]
+
+
+def s2_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
+              scaling: Optional[float] = None) -> torch.Tensor:
+    """The S²-Attn output by the block kernels :data:`S2_BLOCK_KERNELS` names."""
+    if S2_BLOCK_KERNELS == "sdpa":
+        return s2_sdpa_output(q, k, v, group, scaling)
+    return s2_flash_forward(q, k, v, group, scaling)[0]
 
 
 def s2_sdpa_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, group: int,
@@ -536,26 +558,22 @@ def s2_sdpa_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
     receives the recomputed output (the o_proj input the caller's LoRA gradient needs).
     ``overwrite`` as in :func:`s2_flash_backward`: each block's gradient is written over the
     block's own values once its recompute is done."""
-    b, h, s, d = q.shape
     do_heads = do.transpose(1, 2)
     out_heads = None if out is None else out.transpose(1, 2)
     grads = tuple(t if own else torch.empty_like(t) for t, own in zip((q, k, v), overwrite))
-    for bi in range(b):
-        for blk in _s2_blocks(h, s, group, d):
-            leaves = [_block_view(t, bi, *blk).detach().requires_grad_(True) for t in (q, k, v)]
-            with torch.enable_grad():
-                block_out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scaling)
-            if out_heads is not None:
-                _block_view(out_heads, bi, *blk).copy_(block_out.detach())
-            # the output gradient in the output's own layout, a precaution (not checked on a GPU yet)
-            # for fused backward kernels that may assume dO strided like O; one block-sized copy
-            grad_out = torch.empty_like(block_out).copy_(_block_view(do_heads, bi, *blk))
-            block_grads = torch.autograd.grad(block_out, leaves, grad_out)
-            del block_out, leaves, grad_out
-            with torch.no_grad():
-                for dst, g in zip(grads, block_grads):
-                    _block_view(dst, bi, *blk).copy_(g)
-            del block_grads
+    for bi, blk in _each_block(q, group):
+        leaves = [_block_view(t, bi, *blk).detach().requires_grad_(True) for t in (q, k, v)]
+        with torch.enable_grad():
+            block_out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scaling)
+        if out_heads is not None:
+            _block_view(out_heads, bi, *blk).copy_(block_out.detach())
+        # the output gradient in the output's own layout, a precaution (not checked on a GPU yet)
+        # for fused backward kernels that may assume dO strided like O; one block-sized copy
+        grad_out = torch.empty_like(block_out).copy_(_block_view(do_heads, bi, *blk))
+        block_grads = torch.autograd.grad(block_out, leaves, grad_out)
+        del block_out, leaves, grad_out
+        _write_block(grads, block_grads, bi, blk)
+        del block_grads
     return grads
 
 
@@ -569,17 +587,14 @@ def s2_flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
     gradient is written over the block's values and the tensor itself is returned as its
     gradient (no new full-size tensor).
     """
-    b, h, s, d = q.shape
     o_heads, do_heads = o.transpose(1, 2), do.transpose(1, 2)
     grads = tuple(t if own else torch.empty_like(t) for t, own in zip((q, k, v), overwrite))
     it = iter(saved)
     with torch.no_grad():
-        for bi in range(b):
-            for blk in _s2_blocks(h, s, group, d):
-                qv, kv, vv = (_block_view(t, bi, *blk) for t in (q, k, v))
-                block_grads = _flash_backward(_block_view(do_heads, bi, *blk), qv, kv, vv,
-                                              _block_view(o_heads, bi, *blk), next(it), scaling)
-                for dst, g in zip(grads, block_grads):
-                    _block_view(dst, bi, *blk).copy_(g)
-                del block_grads
+        for bi, blk in _each_block(q, group):
+            qv, kv, vv = (_block_view(t, bi, *blk) for t in (q, k, v))
+            block_grads = _flash_backward(_block_view(do_heads, bi, *blk), qv, kv, vv,
+                                          _block_view(o_heads, bi, *blk), next(it), scaling)
+            _write_block(grads, block_grads, bi, blk)
+            del block_grads
     return grads

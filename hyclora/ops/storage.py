@@ -188,9 +188,10 @@ class StoragePolicy:
         return self._fused
 
     @property
-    def elementwise_backend(self) -> str:
-        """Backend of the one-pass elementwise kernels that replace torch ops bit for bit (RoPE):
-        the policy's backend under ``intra_inter_full_fuse``, the torch ops (the reference) else."""
+    def fused_backend(self) -> str:
+        """Backend of the one-pass kernels that ``intra_inter_full_fuse`` runs where the other
+        layer types run op-by-op torch code (RoPE, the RMSNorm renormalisation and dense-input
+        backward): the policy's backend under full_fuse, ``"torch"`` (the reference ops) else."""
         return self.backend if self._fused else "torch"
 
     @property

@@ -47,6 +47,15 @@ class _Pending(NamedTuple):
     dtype: torch.dtype
 
 
+def _all_finite(x: Tensor) -> Tensor:
+    """0-d bool: every element of ``x`` is finite. One read: ``aminmax`` propagates NaN and keeps
+    +-inf, so both extremes are finite iff every element is (``isfinite(x).all()`` costs four
+    passes and a bool tensor of ``x``'s size on CUDA)."""
+    with no_grad():
+        lo, hi = torch.aminmax(x.detach())
+        return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 class FiniteGuard:
     """Collects the finite-ness flags of one training step; one host read checks them all.
 
@@ -78,16 +87,11 @@ class FiniteGuard:
             _local.active = prev
 
     def record(self, x: Tensor, where: str, order: int = 0) -> None:
-        """Queue a device-side "all of ``x`` finite" flag (no host sync). One read of ``x``:
-        ``aminmax`` propagates NaN and keeps +-inf, so both extremes are finite iff every element
-        is (``isfinite(x).all()`` costs four passes and a bool tensor of ``x``'s size on CUDA)."""
+        """Queue a device-side "all of ``x`` finite" flag (:func:`_all_finite`, no host sync)."""
         _check_tensor(x, where)
         if not x.is_floating_point() or x.numel() == 0:
             return
-        with no_grad():
-            lo, hi = torch.aminmax(x.detach())
-            flag = torch.isfinite(lo) & torch.isfinite(hi)
-        self.add_flag(flag, where, order=order, shape=tuple(x.shape), dtype=x.dtype)
+        self.add_flag(_all_finite(x), where, order=order, shape=tuple(x.shape), dtype=x.dtype)
 
     def add_flag(self, flag: Tensor, where: str, *, order: int = 0, shape: tuple = (), dtype=None) -> None:
         """Queue a device-side flag computed elsewhere (0-d bool, True = all finite), e.g. the one
@@ -173,7 +177,7 @@ def check_finite(x: Tensor, where: str) -> None:
     _check_tensor(x, where)
     if not x.is_floating_point() or x.numel() == 0:
         return
-    if bool(torch.isfinite(x).all()):
+    if bool(_all_finite(x)):
         return
     n_nan = int(torch.isnan(x).sum())
     n_inf = int(torch.isinf(x).sum())
