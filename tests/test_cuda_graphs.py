@@ -121,6 +121,15 @@ def _graphs(model, **kw):
     return DecoderLayerGraphs(model, _grapher=grapher, **kw)
 
 
+def _graphed_after(steps, **kw):
+    """A model (frozen statistics after 2 steps) with graphs, after ``steps`` training steps."""
+    model = _model(every=0)
+    graphs = _graphs(model, **kw)
+    for step in range(steps):
+        _backward(model, step)
+    return model, graphs
+
+
 def _layers(model):
     return model.base_model.model.model.layers
 
@@ -273,10 +282,7 @@ def test_input_grads_and_no_recapture():
 
 
 def test_eager_reasons():
-    model = _model(every=0)
-    graphs = _graphs(model, sample_shape=(2, 12))
-    for step in range(3):
-        _backward(model, step)
+    model, graphs = _graphed_after(3, sample_shape=(2, 12))
     assert graphs.captured and graphs.counts["replay"] == 3
     model(input_ids=_batch(0, s=9), labels=_batch(0, s=9)).loss.backward()
     assert graphs.counts["eager: batch shape"] == 3
@@ -317,10 +323,7 @@ def test_checkpoint_recompute_runs_eager():
 def test_saved_tensor_measurement_runs_eager():
     from hyclora.memory import measure_saved_tensors
 
-    model = _model(every=0)
-    graphs = _graphs(model)
-    for step in range(4):
-        _backward(model, step)
+    model, graphs = _graphed_after(4)
     assert graphs.counts["replay"] == 6
     loss, report = measure_saved_tensors(model, lambda: model(input_ids=_batch(5), labels=_batch(5)).loss)
     loss.backward()
@@ -328,10 +331,7 @@ def test_saved_tensor_measurement_runs_eager():
 
 
 def test_nonfinite_check_survives_replay():
-    model = _model(every=0)
-    graphs = _graphs(model)
-    for step in range(3):
-        _backward(model, step)
+    model, graphs = _graphed_after(3)
     assert graphs.counts["replay"] == 3
     with torch.no_grad():
         _layers(model)[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
