@@ -330,7 +330,7 @@ def _mlp_grads(layer_type, x, norm_w, params, metas, bits, stats, backend, updat
         torch.manual_seed(dropout_seed)
     y = mlp_block(plan, x, norm_w, params)
     gen = torch.Generator().manual_seed(99)
-    y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))
+    y.backward(torch.randn(y.shape, generator=gen).to(y))  # y's device and dtype (the GPU runs of test_fused_rmsnorm)
     grads = [x.grad] + ([norm_w.grad] if norm_w.requires_grad else []) + [p.grad for p in params if p is not None and p.requires_grad]
     return y.detach(), grads
 
