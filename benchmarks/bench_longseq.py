@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="track live tensors in the timed steps (hyclora.memory.track_live_tensors) and write "
                         "what is alive at their peak, by layer and phase, to live-peak-<method>-<context>.txt "
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
-    p.add_argument("--s2_kernels", default=None, choices=["sdpa", "flash"],
+    p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
                    help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, one more step under torch.profiler: profile-<method>-<ctx>.txt")

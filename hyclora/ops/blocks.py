@@ -422,7 +422,7 @@ class AttentionBlockFn(torch.autograd.Function):
             # S²-Attn by flash calls on views: no block copies, gradients written over q/k/v
             group = _s2_group(plan, s)
             own = (True, True, not load.holds(v))  # q, k: fresh from RoPE; v: a saved tensor in baseline
-            if s2attn.S2_BLOCK_KERNELS == "sdpa":
+            if s2attn.s2_block_kernels(group) == "sdpa":
                 # dO first (it needs no attention output); each block's attention is then recomputed
                 # under autograd and differentiated, writing the o_proj input that o's LoRA-A
                 # gradient reads last: one attention forward per block, as the flash variant

@@ -525,11 +525,23 @@ def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: i
 # The block kernels: "sdpa" calls F.scaled_dot_product_attention on each block's views, so PyTorch
 # picks the backend, and the backward differentiates each block's recompute; "flash" calls the
 # aten FA2 ops directly and keeps each block's log-sum-exp. Both see the same strided views and
-# write the same layouts. Why "sdpa" is the default: in the run-6 profiles HF's sdpa calls (Liger's
-# runs, contiguous tensors) got cuDNN's fused attention at about twice the FA2 block calls' rate;
-# which kernel PyTorch picks for these strided block views is not checked on a GPU yet
-# (bench_longseq.py --s2_kernels compares the two).
-S2_BLOCK_KERNELS = "sdpa"
+# write the same layouts. "auto" (the default) takes sdpa for blocks of at least
+# ``S2_SDPA_MIN_BLOCK`` tokens and flash below. Measured (BENCHMARKS.md run 7, H200, 7B shape,
+# hyclora + S²-Attn + GC, group 1/4, tokens/s sdpa vs flash): 8k (blocks of 2048) 8042 vs 9730,
+# 16k 10346 vs 9536, 32k 9494 vs 8293, 64k 8031 vs 6460. Why sdpa loses on short blocks is not
+# profiled (the 8k step is bound by host time, and sdpa's dispatch plus one autograd graph per
+# block adds host work per call).
+S2_BLOCK_KERNELS = "auto"
+S2_SDPA_MIN_BLOCK = 4096
+
+
+def s2_block_kernels(group: int) -> str:
+    """``"sdpa"`` or ``"flash"``: the block kernels for S²-Attn groups of ``group`` tokens."""
+    if S2_BLOCK_KERNELS == "auto":
+        return "sdpa" if group >= S2_SDPA_MIN_BLOCK else "flash"
+    if S2_BLOCK_KERNELS not in ("sdpa", "flash"):
+        raise ValueError(f"hyclora.ops.s2attn.S2_BLOCK_KERNELS={S2_BLOCK_KERNELS!r}: use 'auto', 'sdpa' or 'flash'")
+    return S2_BLOCK_KERNELS
 
 
 def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
@@ -543,8 +555,8 @@ def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
 
 def s2_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
               scaling: Optional[float] = None) -> torch.Tensor:
-    """The S²-Attn output by the block kernels :data:`S2_BLOCK_KERNELS` names."""
-    if S2_BLOCK_KERNELS == "sdpa":
+    """The S²-Attn output by the block kernels :func:`s2_block_kernels` picks."""
+    if s2_block_kernels(group) == "sdpa":
         return s2_sdpa_output(q, k, v, group, scaling)
     return s2_flash_forward(q, k, v, group, scaling)[0]
 

@@ -106,6 +106,36 @@ def _batch():
     return {"input_ids": ids, "labels": ids}
 
 
+@pytest.mark.parametrize("min_block, expected", [(8, "sdpa"), (9, "flash")])
+def test_auto_block_kernels_pick_by_block_length(min_block, expected, monkeypatch):
+    # the default picks sdpa for blocks of at least S2_SDPA_MIN_BLOCK tokens (the tiny model's
+    # group is 8 tokens), in the block's backward and in its no-grad forwards
+    import hyclora.ops.s2attn as s2attn
+    from hy_models_util import step_grads
+
+    assert s2attn.S2_BLOCK_KERNELS == "auto"
+    monkeypatch.setattr(s2attn, "S2_SDPA_MIN_BLOCK", min_block)
+    assert s2attn.s2_block_kernels(min_block) == "sdpa" and s2attn.s2_block_kernels(min_block - 1) == "flash"
+    used = []
+    for name in ("s2_sdpa_backward", "s2_flash_backward"):
+        real = getattr(blocks, name)
+        monkeypatch.setattr(blocks, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    for name in ("s2_sdpa_output", "s2_flash_forward"):
+        real = getattr(s2attn, name)
+        monkeypatch.setattr(s2attn, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    step_grads(_llama_s2("intra_inter_full_fuse", True), _batch())
+    want = ("s2_sdpa_backward", "s2_sdpa_output") if expected == "sdpa" else ("s2_flash_backward", "s2_flash_forward")
+    assert used and set(used) <= set(want) and want[0] in used
+
+
+def test_unknown_block_kernels_name_the_choices(monkeypatch):
+    import hyclora.ops.s2attn as s2attn
+
+    monkeypatch.setattr(s2attn, "S2_BLOCK_KERNELS", "cudnn")
+    with pytest.raises(ValueError, match="'auto', 'sdpa' or 'flash'"):
+        s2attn.s2_block_kernels(4096)
+
+
 @pytest.mark.parametrize("kernels", ["sdpa", "flash"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("layer_type", ["baseline", "intra_inter", "intra_inter_full_fuse"])
@@ -177,7 +207,7 @@ def test_flash_path_holds_fewer_temporaries(monkeypatch):
         o, saved = s2_flash_forward(qc, kc, vc, group)
         s2_flash_backward(qc, kc, vc, o, do.transpose(1, 2), saved, group, overwrite=(True, True, True))
 
-    def sdpa():  # the block variant the decoder block takes by default (s2attn.S2_BLOCK_KERNELS)
+    def sdpa():  # the block variant the decoder block takes for long blocks (s2attn.s2_block_kernels)
         from hyclora.ops.s2attn import s2_sdpa_backward, s2_sdpa_output
 
         qc, kc, vc = (t.clone() for t in (q, k, v))
