@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 
 def write_csv(path: Path, rows: List[Dict]) -> Path:
@@ -13,5 +13,28 @@ def write_csv(path: Path, rows: List[Dict]) -> Path:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
+    print(f"wrote {path}")
+    return path
+
+
+def python_profile(fn: Callable[[], object], path: Path, sync: Callable[[], None], rows: int = 60) -> Path:
+    """Run ``fn`` once under cProfile (host Python time: where a host-bound step spends it) and
+    write the functions by own time and by cumulative time to ``path``; ``sync`` waits for the
+    device so the call's queued work is inside the profile."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    fn()
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    for key in ("tottime", "cumtime"):
+        text.write(f"# by {key}\n")
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(rows)
+    path.write_text(text.getvalue())
     print(f"wrote {path}")
     return path

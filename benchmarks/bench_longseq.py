@@ -59,6 +59,9 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import python_profile  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
 
@@ -244,7 +247,7 @@ def estimated_seconds(last: Optional[Tuple[int, float]], ctx: int, n_steps: int,
 
 def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int, steps: int, vocab: int,
               live_peak: bool = False, report_to: Optional[Path] = None,
-              profile_to: Optional[Path] = None) -> Dict:
+              profile_to: Optional[Path] = None, cprofile_to: Optional[Path] = None) -> Dict:
     """One (method, context) point: ``status`` ok / OOM / error, tokens/s and peak GiB above static."""
     row: Dict = {"method": method.name, "context": ctx, "status": "ok", "tokens_per_s": float("nan"),
                  "step_s": float("nan"), "peak_gib_above_static": float("nan"), "static_gib": float("nan")}
@@ -286,6 +289,8 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
                 times.append(time.perf_counter() - t0)
         if profile_to is not None and steps:
             profile_to.write_text(profile_table(step, device) + "\n")
+        if cprofile_to is not None and steps:
+            python_profile(step, cprofile_to, lambda: _sync(device))
         if live is not None:
             if report_to is not None:
                 text = live.report.summary(20)
@@ -358,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
                    help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
+    p.add_argument("--cprofile", action="store_true",
+                   help="after the timed steps, one more step under cProfile (host Python time): cprofile-<method>-<ctx>.txt")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, one more step under torch.profiler: profile-<method>-<ctx>.txt")
     p.add_argument("--cpu_shape", type=lambda t: tuple(_ints(t)), default=None,
@@ -433,7 +440,8 @@ def main(argv=None) -> Dict[str, list]:
             row = run_point(model, loss_fn, method, ctx, device, args.warmup, args.steps, cfg.vocab_size,
                             live_peak=args.live_peak,
                             report_to=out_dir / f"live-peak-{name}-{ctx}.txt" if args.live_peak else None,
-                            profile_to=out_dir / f"profile-{name}-{ctx}.txt" if args.profile else None)
+                            profile_to=out_dir / f"profile-{name}-{ctx}.txt" if args.profile else None,
+                            cprofile_to=out_dir / f"cprofile-{name}-{ctx}.txt" if args.cprofile else None)
             last = (ctx, point_seconds(row, time.perf_counter() - t0, args.warmup + args.steps))
             rows.append(row)
             print(f"{name:14s} {ctx:7d}  {row['status']:4s}  {row['tokens_per_s']:9.0f} tok/s  "

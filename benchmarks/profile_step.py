@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import python_profile  # noqa: E402
 from bench_memory_throughput import sync  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
@@ -118,6 +119,11 @@ def measure(model, hcfg, ids, args, device: str):
             times.append(time.perf_counter() - t0)
         res = {"tok_s": ids.numel() / statistics.median(times)}
         res.update(_profile_step(model, ids, device))
+        if args.cprofile:
+            tag = "peft" if hcfg is None else f"{hcfg.layer_type}-{hcfg.q_bit}bit"
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            python_profile(lambda: _step(model, ids), out / f"cprofile-{tag}.txt", lambda: sync(device))
         return res
     finally:
         if hcfg is not None:
@@ -236,6 +242,8 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=6, help=">= iteration_threshold + 1 (calibration)")
     ap.add_argument("--count-ops", dest="count_ops", action="store_true",
                     help="also count ops/launches per decoder layer")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="one more step per variant under cProfile (host Python time): $OUT/cprofile-<variant>.txt")
     ap.add_argument("--count-layers", dest="count_layers", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT") or "out")
     args = ap.parse_args(argv)
