@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyclora.quant.tuned import launch_tuned
 from hyclora.quant.core import (
     QuantizedTensor,
     affine_params,
@@ -469,7 +470,7 @@ def _launch(which: str, m: int, n: int, args: tuple, consts: dict, config) -> No
     if config is None and not _INTERPRET and _AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _tuned(which)[grid](*args, **consts, enable_fp_fusion=False)
+        launch_tuned(_tuned(which), grid, args, dict(consts, enable_fp_fusion=False))
         return
     if config is not None:
         bm, bn, warps, ri, fma = (tuple(config) + (1, False)[len(config) - 3:])[:5]

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .core import packed_width
+from .tuned import launch_tuned
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -258,7 +259,7 @@ def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config)
     if config is None and not _INTERPRET and _AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _tuned(kernel_name)[grid](*args, **consts, enable_fp_fusion=False)
+        launch_tuned(_tuned(kernel_name), grid, args, dict(consts, enable_fp_fusion=False))
         return
     if config is not None:
         bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))

@@ -156,7 +156,15 @@ def test_plain_first_pass_not_taken_with_dropout_or_long_inputs(monkeypatch):
     layer.self_attn.attention_dropout = 0.0
     layer.extra_dropout = torch.nn.Dropout(0.1)
     assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
+    layer.extra_dropout.p = 0.0  # p is read per call; the module list is cached
+    assert ck._plain_first_pass_ok(layer, lambda t: t, x)
+    layer.extra_dropout = torch.nn.Dropout(0.2)  # a re-registration refreshes the cache
+    assert not ck._plain_first_pass_ok(layer, lambda t: t, x)
     del layer.extra_dropout
+    layer.extra_linear = torch.nn.Linear(2, 2)  # any registration: the cached walk is redone
+    assert ck._plain_first_pass_ok(layer, lambda t: t, x)
+    assert any(p is layer.extra_linear.weight for p in ck._layer_structure(layer)[0])
+    del layer.extra_linear
     # a bound keyword tensor that needs a gradient would not get one
     import functools
 
