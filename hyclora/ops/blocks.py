@@ -326,7 +326,7 @@ class AttentionBlockFn(torch.autograd.Function):
         metas = plan.linears
         ys = []
         for i, name in enumerate(_QKV):
-            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.fused)
+            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.lora_epilogue)
             _keep_linear_extras(store, name, metas[i], out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
@@ -356,7 +356,7 @@ class AttentionBlockFn(torch.autograd.Function):
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
-        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.fused)
+        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.lora_epilogue)
         del o
         _keep_linear_extras(store, "o", metas[3], out_o)
         o_y = out_o.y
@@ -395,7 +395,7 @@ class AttentionBlockFn(torch.autograd.Function):
             val = load.get(name)
             if pol.reconstruct:
                 val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                       fused=pol.fused)
+                                       fused=pol.lora_epilogue)
             return val.view(b, s, heads, D).transpose(1, 2)
 
         if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
@@ -500,7 +500,7 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
         val = load.get(name)
         if pol.reconstruct:
             val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                   fused=pol.fused)
+                                   fused=pol.lora_epilogue)
         return val
 
     g, u = rebuilt(0, "gate"), rebuilt(1, "up")
@@ -547,7 +547,7 @@ class MLPBlockFn(torch.autograd.Function):
         else:
             hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
-        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.fused)
+        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.lora_epilogue)
         del hidden
         _keep_linear_extras(store, "down", metas[2], d_out)
         y = x + d_out.y

@@ -128,10 +128,10 @@ def lora_linear_forward(
     lora_a: Optional[torch.Tensor],
     lora_b: Optional[torch.Tensor],
     *,
-    fused: bool = False,
+    fused: Optional[str] = None,
 ) -> LinearOut:
-    """``fused`` (``intra_inter_full_fuse``): the LoRA term is added inside the rank-r GEMM's
-    epilogue (:func:`_add_lora`), one rounding instead of three, no full-size temporary."""
+    """``fused`` (``intra_inter_full_fuse``: the kernel backend, else None): the LoRA term is
+    added in one pass (:func:`_add_lora`), one rounding instead of three, no full-size temporary."""
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(y_w, y_w, None, None)
@@ -144,20 +144,32 @@ def lora_linear_forward(
     return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
 
 
-def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused``:
-    then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 -- the (tokens, out) product,
-    its scaled copy and the sum's separate pass disappear (three full-size passes of a
-    long-context step per LoRA linear). Mixed dtypes (fp32 adapters on a bf16 base) stay op by op."""
+def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor,
+              fused: Optional[str]) -> torch.Tensor:
+    """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused`` (a
+    kernel backend): then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 when the three
+    share a dtype, and :func:`lora_epilogue` (one Triton pass, same operations as op by op) for
+    mixed dtypes (PEFT's fp32 adapters on a bf16 base): the (tokens, out) product, its scaled
+    copy and the sum's separate passes disappear."""
+    if fused is None:
+        return lora_term_added(y_w, xa, lora_b, meta.scaling)
     n, r = y_w.shape[-1], xa.shape[-1]
-    if fused and xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
+    if xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
         return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
-    return _cast(y_w + _scaled(F.linear(xa, lora_b), meta.scaling), y_w.dtype)
+    from .lora_epilogue import lora_epilogue  # imports the Triton kernels (which import this module)
+
+    return lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused)
+
+
+def lora_term_added(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``y_w + scaling * (xa @ lora_b^T)`` op by op, the sum in the promoted dtype, cast to
+    ``y_w``'s dtype: PEFT's expression (``* 1.0`` skipped: the identity)."""
+    return _cast(y_w + _scaled(F.linear(xa, lora_b), scaling), y_w.dtype)
 
 
 def lora_reconstruct(
     meta: LinearMeta, y_w: torch.Tensor, xa: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
-    *, fused: bool = False,
+    *, fused: Optional[str] = None,
 ) -> torch.Tensor:
     """Rebuild ``y = y_w + s * xa B^T`` from a (dequantised) base part and the exact ``xa``."""
     if not meta.has_lora:

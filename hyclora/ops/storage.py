@@ -195,6 +195,13 @@ class StoragePolicy:
         return self.backend if self._fused else "torch"
 
     @property
+    def lora_epilogue(self) -> Optional[str]:
+        """How a LoRA term is added to its base output: ``None`` op by op (PEFT's roundings), else
+        the backend of the one-rounding epilogue (``intra_inter_full_fuse``; see
+        ``hyclora.ops.lora._add_lora``)."""
+        return self.backend if self._fused else None
+
+    @property
     def store_elementwise(self) -> bool:
         """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
         return self.layer_type == "intra"
