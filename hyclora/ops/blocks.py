@@ -197,7 +197,7 @@ def _linear_grads_input_first(ctx, plan: BlockPlan, load: TensorLoad, i: int, na
     return lora_linear_backward_input_first(
         plan.linears[i], dy, load.get(_XA[name]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
         rng_state=load.get(_RNG[name]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
-        need_dbias=bool(need[base + 1]))
+        need_dbias=bool(need[base + 1]), fused=plan.policy.lora_epilogue)
 
 
 def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
@@ -214,6 +214,7 @@ def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy,
         need_da=bool(need[base + 2]),
         need_db=bool(need[base + 3]),
         need_dbias=bool(need[base + 1]),
+        fused=plan.policy.lora_epilogue,
     )
     return dx, (None, dbias, da, db)
 

@@ -785,7 +785,7 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
     need_da = bool(need_down[2]) and meta_d.has_lora
     dd, dbias, db, grad_a = lora_linear_backward_input_first(
         meta_d, dy, load.get("xa_down"), w_d, bias_d, a_d, b_d, rng_state=load.get("rng_down"),
-        need_da=need_da, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]))
+        need_da=need_da, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]), fused=pol.lora_epilogue)
 
     shape = q_g.shape
     n = shape[-1]

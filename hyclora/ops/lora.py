@@ -191,10 +191,14 @@ def lora_linear_backward(
     need_da: bool = True,
     need_db: bool = True,
     need_dbias: bool = False,
+    fused: Optional[str] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Return ``(dx, dbias, dA, dB)``; A/B gradients are reduced over all tokens explicitly.
 
-    ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it.
+    ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it. ``fused`` (a
+    kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy`` the LoRA
+    part of ``dx`` is added by :func:`hyclora.ops.lora_epilogue.lora_epilogue` (one rounding, no
+    fp32 (tokens, in) product and cast) instead of op by op.
     """
     dx = F.linear(dy, dense_weight(meta, weight).t()) if need_dx else None
     dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
@@ -221,6 +225,10 @@ def lora_linear_backward(
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
                 dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), _cast(lora_a, dx.dtype))
+            elif mask is None and fused is not None:
+                from .lora_epilogue import lora_epilogue
+
+                dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused)
             else:
                 dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
                 if mask is not None:
@@ -241,6 +249,7 @@ def lora_linear_backward_input_first(
     need_da: bool = True,
     need_db: bool = True,
     need_dbias: bool = False,
+    fused: Optional[str] = None,
 ):
     """:func:`lora_linear_backward` in two steps, for a linear whose input the backward rebuilds
     (down_proj's ``D``): ``dx``, ``dbias`` and ``dB`` need no input and come first, so the input
@@ -248,7 +257,7 @@ def lora_linear_backward_input_first(
     once it does (``None`` when not needed). Returns ``(dx, dbias, dB, grad_a)``."""
     dx, dbias, _, db = lora_linear_backward(
         meta, dy, None, xa, weight, bias, lora_a, lora_b, rng_state=rng_state, need_dx=True,
-        need_da=False, need_db=need_db, need_dbias=need_dbias)
+        need_da=False, need_db=need_db, need_dbias=need_dbias, fused=fused)
 
     def grad_a(x_hat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not (need_da and meta.has_lora):

@@ -67,13 +67,16 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * stride_om + rn[None, :], _cast_out(y, y_ptr, RNE), mask=mask)
 
 
-def _blocks(m: int, n: int, r: int):
-    block_r = max(16, min(_fs._next_pow2(r), 32))
-    if _INTERPRET:  # the interpreter pays per program (~5 ms): few, large ones
-        return max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(n), 256)), block_r
-    # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r;
-    # not tuned on a GPU yet
-    return 64, 128, block_r
+def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``."""
+    if interpret:  # the interpreter pays per program (~5 ms): few, large ones
+        return (max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(n), 256)),
+                max(16, min(_fs._next_pow2(r), 32)), 4)
+    # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
+    # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
+    # to r = 128 (255 registers; 4 warps or slices of 32 spill: tests/ops/test_lora_epilogue.py).
+    # Not timed on a GPU yet.
+    return 64, 128, 16, 8
 
 
 def _triton_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -105,14 +108,14 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
     if r == 0:
         out.copy_(yw2)
         return out.view(y_w.shape)
-    block_m, block_n, block_r = _blocks(m, n, r)
+    block_m, block_n, block_r, warps = _blocks(m, n, r)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _lora_epilogue_kernel[grid](
         yw2, xa2, lora_b, out, m, n, r, yw2.stride(0), xa2.stride(0), lora_b.stride(0), out.stride(0),
         float(scaling), SCALE_ONE=scaling == 1.0, RNE=_INTERPRET and out.dtype == torch.bfloat16,
         R_CHUNKS=triton.cdiv(r, block_r),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        **({} if _INTERPRET else dict(num_warps=4, enable_fp_fusion=False)))
+        **({} if _INTERPRET else dict(num_warps=warps, enable_fp_fusion=False)))
     return out.view(y_w.shape)
 
 
