@@ -40,7 +40,7 @@ if triton is not None:
     @triton.jit
     def _lora_epilogue_kernel(
         yw_ptr, xa_ptr, b_ptr, y_ptr,
-        M, N, R, stride_ym, stride_xm, stride_bn, stride_om, scale,
+        M, N, R, stride_ym, stride_xm, stride_xr, stride_bn, stride_br, stride_om, scale,
         SCALE_ONE: tl.constexpr, RNE: tl.constexpr, R_CHUNKS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -54,9 +54,9 @@ if triton is not None:
         for chunk in tl.static_range(R_CHUNKS):  # the rank in BLOCK_R slices (a few at most)
             rr = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_r = rr < R
-            xa = tl.load(xa_ptr + rm[:, None] * stride_xm + rr[None, :],
+            xa = tl.load(xa_ptr + rm[:, None] * stride_xm + rr[None, :] * stride_xr,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None],
+            bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             acc += tl.dot(xa, bt, input_precision="ieee")
         mask = mask_m[:, None] & mask_n[None, :]
@@ -96,11 +96,7 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
     _fs._check_triton_device(y_w, xa, lora_b)
     n, r = y_w.shape[-1], xa.shape[-1]
     yw2 = y_w.view(-1, n)
-    xa2 = xa.reshape(-1, r)
-    if xa2.stride(-1) != 1:
-        xa2 = xa2.contiguous()
-    if lora_b.stride(-1) != 1:
-        lora_b = lora_b.contiguous()
+    xa2 = xa.reshape(-1, r)  # any strides, as lora_b's (the backward passes A^T as a view)
     m = yw2.shape[0]
     out = torch.empty_like(yw2)
     if m == 0 or n == 0:
@@ -111,7 +107,7 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
     block_m, block_n, block_r, warps = _blocks(m, n, r)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _lora_epilogue_kernel[grid](
-        yw2, xa2, lora_b, out, m, n, r, yw2.stride(0), xa2.stride(0), lora_b.stride(0), out.stride(0),
+        yw2, xa2, lora_b, out, m, n, r, yw2.stride(0), *xa2.stride(), *lora_b.stride(), out.stride(0),
         float(scaling), SCALE_ONE=scaling == 1.0, RNE=_INTERPRET and out.dtype == torch.bfloat16,
         R_CHUNKS=triton.cdiv(r, block_r),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
