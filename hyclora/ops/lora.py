@@ -200,9 +200,16 @@ def lora_linear_backward(
     part of ``dx`` is added by :func:`hyclora.ops.lora_epilogue.lora_epilogue` (one rounding, no
     fp32 (tokens, in) product and cast) instead of op by op.
     """
+    return _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx,
+                                 need_da, need_db, need_dbias, fused)[:4]
+
+
+def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx, need_da,
+                          need_db, need_dbias, fused):
+    """:func:`lora_linear_backward` that also returns ``dxa = s dy B`` (``None`` without LoRA)."""
     dx = F.linear(dy, dense_weight(meta, weight).t()) if need_dx else None
     dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
-    da = db = None
+    da = db = dxa = None
     if meta.has_lora and (need_dx or need_da or need_db):
         r = lora_a.shape[0]
         dl = _scaled(_cast(dy, lora_b.dtype), meta.scaling)
@@ -210,17 +217,12 @@ def lora_linear_backward(
         if need_db:
             db = _cast(dl2.t().mm(_cast(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
         dxa = dl.matmul(_cast(lora_b, dl.dtype))  # (..., r)
+        del dl, dl2
         mask = None
         if meta.dropout_p > 0 and (need_da or need_dx):
-            shape = dy.shape[:-1] + (lora_a.shape[1],)
-            mask = redraw_dropout_mask(rng_state, shape, lora_a.dtype, dy.device, meta.dropout_p)
+            mask = _dropout_mask(meta, rng_state, dy, lora_a)
         if need_da:
-            if x_hat is None:
-                raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
-            xl = _cast(x_hat, lora_a.dtype)
-            if mask is not None:
-                xl = xl * mask
-            da = _cast(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
+            da = _lora_grad_a(meta, dxa, x_hat, lora_a, mask)
         if need_dx:
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
@@ -234,7 +236,24 @@ def lora_linear_backward(
                 if mask is not None:
                     dxl = dxl * mask
                 dx = dx.add_(_cast(dxl, dx.dtype))
-    return dx, dbias, da, db
+    return dx, dbias, da, db, dxa
+
+
+def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    shape = dy.shape[:-1] + (lora_a.shape[1],)
+    return redraw_dropout_mask(rng_state, shape, lora_a.dtype, dy.device, meta.dropout_p)
+
+
+def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dA = dxa^T (drop(x_hat))`` reduced over all tokens, in ``lora_a``'s dtype."""
+    if x_hat is None:
+        raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
+    xl = _cast(x_hat, lora_a.dtype)
+    if mask is not None:
+        xl = xl * mask
+    r = lora_a.shape[0]
+    return _cast(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
 
 
 def lora_linear_backward_input_first(
@@ -254,16 +273,17 @@ def lora_linear_backward_input_first(
     """:func:`lora_linear_backward` in two steps, for a linear whose input the backward rebuilds
     (down_proj's ``D``): ``dx``, ``dbias`` and ``dB`` need no input and come first, so the input
     does not exist yet while their matmuls run; ``dA`` comes from the returned ``grad_a(x_hat)``
-    once it does (``None`` when not needed). Returns ``(dx, dbias, dB, grad_a)``."""
-    dx, dbias, _, db = lora_linear_backward(
-        meta, dy, None, xa, weight, bias, lora_a, lora_b, rng_state=rng_state, need_dx=True,
-        need_da=False, need_db=need_db, need_dbias=need_dbias, fused=fused)
+    once it does (``None`` when not needed), from the first step's ``s dy B`` (a (tokens, r)
+    tensor kept in between; the dropout mask, a full-size tensor, is redrawn instead).
+    Returns ``(dx, dbias, dB, grad_a)``."""
+    dx, dbias, _, db, dxa = _lora_linear_backward(
+        meta, dy, None, xa, weight, bias, lora_a, lora_b, rng_state, True, False, need_db, need_dbias, fused)
 
     def grad_a(x_hat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not (need_da and meta.has_lora):
             return None
-        return lora_linear_backward(meta, dy, x_hat, xa, weight, None, lora_a, lora_b, rng_state=rng_state,
-                                    need_dx=False, need_da=True, need_db=False)[2]
+        mask = _dropout_mask(meta, rng_state, dy, lora_a) if meta.dropout_p > 0 else None
+        return _lora_grad_a(meta, dxa, x_hat, lora_a, mask)
 
     return dx, dbias, db, grad_a
 
