@@ -539,8 +539,8 @@ class MLPBlockFn(torch.autograd.Function):
         # full_fuse: base outputs and XA only; one kernel adds the LoRA terms, quantises and
         # computes SiLU(G) * U, so the full G and U never reach memory
         linear_fwd = fused_swiglu.lora_base_forward if plan.policy.fused else lora_linear_forward
-        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0))
-        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1))
+        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0), fused=plan.policy.lora_epilogue)
+        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1), fused=plan.policy.lora_epilogue)
         del xn  # not kept: the backward renormalises the kept x_mid (see _normalised)
         if plan.policy.fused:
             hidden = fused_swiglu.fused_gate_up_forward(

@@ -60,8 +60,8 @@ from hyclora.quant.core import (
     unpack_codes,
 )
 
-from .lora import (LinearMeta, LinearOut, capture_rng_state, dense_weight, draw_dropout_mask,
-                   lora_linear_backward_input_first)
+from .lora import (LinearMeta, LinearOut, dense_weight,
+                   lora_down_projection, lora_linear_backward_input_first)
 
 try:  # Triton is optional: without it only the torch reference (CPU / backend='torch') exists
     import triton
@@ -668,7 +668,8 @@ def swiglu_lora_backward(codes_g: Tensor, codes_u: Tensor, lo_g: Tensor, step_g:
 
 
 def lora_base_forward(meta: LinearMeta, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      lora_a: Optional[Tensor], lora_b: Optional[Tensor] = None) -> LinearOut:
+                      lora_a: Optional[Tensor], lora_b: Optional[Tensor] = None, *,
+                      fused: Optional[str] = None) -> LinearOut:
     """:func:`hyclora.ops.lora.lora_linear_forward` without the final ``y_w + s (XA) B^T``
     (``y`` is ``None``; ``lora_b`` is accepted for the same signature and not used): the fused
     kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
@@ -676,12 +677,8 @@ def lora_base_forward(meta: LinearMeta, x: Tensor, weight: Tensor, bias: Optiona
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(None, y_w, None, None)
-    xl = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
-    rng_state = None
-    if meta.dropout_p > 0:
-        rng_state = capture_rng_state(xl.device)
-        xl = xl * draw_dropout_mask(xl, meta.dropout_p)
-    return LinearOut(None, y_w, F.linear(xl, lora_a), rng_state)
+    xa, rng_state = lora_down_projection(meta, x, lora_a, fused)
+    return LinearOut(None, y_w, xa, rng_state)
 
 
 def quant_params_like_policy(policy, x2d: Tensor, stats, update: bool, replay: bool, name: Optional[str] = None):

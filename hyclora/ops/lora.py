@@ -135,13 +135,25 @@ def lora_linear_forward(
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(y_w, y_w, None, None)
+    xa, rng_state = lora_down_projection(meta, x, lora_a, fused)
+    return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
+
+
+def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor,
+                         fused: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(drop(x) A^T, generator state before the dropout mask or None)`` in ``A``'s dtype.
+    ``fused`` (a kernel backend) without dropout: a 16-bit ``x`` with fp32 ``A`` is read as it is
+    by :func:`hyclora.ops.lora_kernels.lora_down` instead of being cast to fp32 first."""
+    if fused is not None and meta.dropout_p == 0 and x.dtype != lora_a.dtype:
+        from .lora_kernels import lora_down
+
+        return lora_down(x, lora_a, backend=fused), None
     xl = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
     rng_state = None
     if meta.dropout_p > 0:
         rng_state = capture_rng_state(xl.device)
         xl = xl * draw_dropout_mask(xl, meta.dropout_p)
-    xa = F.linear(xl, lora_a)
-    return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
+    return F.linear(xl, lora_a), rng_state
 
 
 def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor,
@@ -156,7 +168,7 @@ def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: tor
     n, r = y_w.shape[-1], xa.shape[-1]
     if xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
         return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
-    from .lora_epilogue import lora_epilogue  # imports the Triton kernels (which import this module)
+    from .lora_kernels import lora_epilogue  # imports the Triton kernels (which import this module)
 
     return lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused)
 
@@ -197,7 +209,7 @@ def lora_linear_backward(
 
     ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it. ``fused`` (a
     kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy`` the LoRA
-    part of ``dx`` is added by :func:`hyclora.ops.lora_epilogue.lora_epilogue` (one rounding, no
+    part of ``dx`` is added by :func:`hyclora.ops.lora_kernels.lora_epilogue` (one rounding, no
     fp32 (tokens, in) product and cast) instead of op by op.
     """
     return _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx,
@@ -228,7 +240,7 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
                 dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), _cast(lora_a, dx.dtype))
             elif mask is None and fused is not None:
-                from .lora_epilogue import lora_epilogue
+                from .lora_kernels import lora_epilogue
 
                 dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused)
             else:

@@ -1,6 +1,7 @@
-"""hyclora.ops.lora_epilogue: ``y_w + s * (xa @ B^T)`` in one Triton pass against the op-by-op
-reference (PEFT's expression), on odd shapes, ranks 8-128, 16/32-bit outputs and fp32/bf16
-factors; the dispatch; full_fuse on a bf16 model with PEFT's default fp32 adapters."""
+"""hyclora.ops.lora_kernels: ``y_w + s * (xa @ B^T)`` and ``x @ A^T`` from a 16-bit ``x`` with
+fp32 ``A``, each in one Triton pass, against the op-by-op references (PEFT's expressions), on odd
+shapes, ranks 8-128, 16/32-bit tensors; the dispatch; full_fuse on a bf16 model with PEFT's
+default fp32 adapters; sm_90 compiles."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyclora.ops import lora_epilogue as ep
+from hyclora.ops import lora_kernels as ep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +22,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
 needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+class _Spy:
+    """A stand-in for a @triton.jit kernel that counts launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
 
 
 def _case(m, n, r, out_dtype, factor_dtype, seed=0):
@@ -102,9 +114,11 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
         if "lora_" in name:
             p.data = p.data.float()
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
-    calls = []
+    calls, downs = [], []
     real = ep._lora_epilogue_triton
     monkeypatch.setattr(ep, "_lora_epilogue_triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    real_down = ep._lora_down_kernel
+    monkeypatch.setattr(ep, "_lora_down_kernel", _Spy(real_down, downs))
     ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     res = {}
@@ -116,6 +130,7 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
             revert_hyclora(model)
     # forward: q, k, v, o, down; backward: v rebuilt, and the LoRA part of every linear's dx
     assert len(calls) == 6 + 7
+    assert len(downs) == 7  # x A^T of every linear in the forward, from the 16-bit input
     (loss_f, g_f), (loss_r, g_r) = res["intra_inter_full_fuse"], res["intra_inter"]
     assert abs(float(loss_f) - float(loss_r)) < 2e-2
     err = worst_rel_err(g_f, g_r)
@@ -151,20 +166,69 @@ def test_linear_backward_adds_the_lora_part_of_dx_in_one_rounding():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    """Ahead of time for sm_90 (no GPU needed) with the GPU tile of _blocks: bf16/fp16 outputs
-    with fp32 factors, ranks 8, 40 (three slices) and 128 (eight), scaled and not; no spills."""
+    """Ahead of time for sm_90 (no GPU needed) with the GPU tiles: the epilogue for bf16/fp16
+    outputs with fp32 factors, ranks 8, 40 (three slices) and 128 (eight), scaled and not; the
+    down-projection from bf16/fp16 at ranks 8 and 128; no spills."""
     from test_fused_swiglu import compile_for_sm90
 
-    from hyclora.ops.lora_epilogue import _blocks
+    from hyclora.ops.lora_kernels import _blocks
 
     cases = []
     for out in ("bf16", "fp16"):
         for r in (8, 40, 128):
             block_m, block_n, block_r, warps = _blocks(4096, 4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_epilogue", kernel="_lora_epilogue_kernel",
+            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_lora_epilogue_kernel",
                               ptrs=dict(yw_ptr=out, xa_ptr="fp32", b_ptr="fp32", y_ptr=out), floats=["scale"],
                               consts=dict(SCALE_ONE=r == 8, RNE=False, R_CHUNKS=-(-r // block_r), BLOCK_M=block_m,
                                           BLOCK_N=block_n, BLOCK_R=block_r),
                               warps=warps, tag=[out, r]))
+    from hyclora.ops.lora_kernels import _down_blocks
+
+    for x_dt in ("bf16", "fp16"):
+        for r in (8, 128):
+            block_m, block_k, block_r, warps = _down_blocks(4096, 4096, r, interpret=False)
+            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_lora_down_kernel",
+                              ptrs=dict(x_ptr=x_dt, a_ptr="fp32", out_ptr="fp32"), floats=[],
+                              consts=dict(K_ITERS=4096 // block_k, BLOCK_M=block_m, BLOCK_K=block_k,
+                                          BLOCK_R=block_r),
+                              warps=warps, tag=["down", x_dt, r]))
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (tag, regs, stack)
+
+
+@needs_triton
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, r", [(37, 45, 8), (5, 300, 16), (70, 130, 40), (19, 64, 128)])
+def test_down_projection_equals_the_cast_and_fp32_matmul(m, k, r, x_dtype):
+    gen = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=gen) * 2).to(x_dtype).to(DEVICE)
+    a = (torch.randn(r, k, generator=gen) * 0.1).to(DEVICE)
+    got = ep.lora_down(x, a, backend="triton")
+    ref = ep.lora_down_torch(x, a)
+    assert got.dtype == torch.float32 and got.shape == (m, r)
+    # the same fp32 products of exactly upcast inputs; only the order of the K-long sums differs:
+    # within a few fp32 roundings of the magnitude sum |x| |A|^T
+    scale = torch.nn.functional.linear(x.float().abs(), a.abs())
+    assert float(((got - ref).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 8
+
+
+def test_down_projection_dispatch():
+    x = torch.randn(3, 7, 16).to(torch.bfloat16)
+    a = torch.randn(4, 16)
+    assert torch.equal(ep.lora_down(x, a), torch.nn.functional.linear(x.float(), a))
+    assert ep.lora_down(x, a, backend="auto").shape == (3, 7, 4)  # CPU tensors: the torch ops
+    same = torch.randn(4, 16).to(torch.bfloat16)
+    assert torch.equal(ep.lora_down(x, same, backend="auto"), torch.nn.functional.linear(x, same))
+    with pytest.raises(ValueError, match="backend='gpu' is invalid"):
+        ep.lora_down(x, a, backend="gpu")
+
+
+@needs_triton
+def test_down_projection_keeps_leading_dims_and_strided_inputs():
+    gen = torch.Generator().manual_seed(9)
+    wide = torch.randn(2, 11, 96, generator=gen).to(torch.bfloat16).to(DEVICE)
+    x = wide[..., :48]  # rows strided by 96
+    a = torch.randn(48, 12, generator=gen).to(DEVICE).t()  # column-major A
+    got = ep.lora_down(x, a, backend="triton")
+    ref = ep.lora_down_torch(x, a)
+    assert got.shape == (2, 11, 12) and torch.allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,214 @@
+"""LoRA's rank-r products for PEFT's fp32 adapters on a 16-bit base, one pass each.
+
+PEFT keeps the adapters in fp32 on a bf16/fp16 base by default (``autocast_adapter_dtype``;
+every model in the benchmarks has them). cuBLAS takes one dtype for both GEMM operands, so op by
+op each LoRA linear casts its whole 16-bit input to fp32 before ``x A^T`` (6 bytes per input
+element written and read back), and its output is an fp32 ``(tokens, out)`` product, an fp32 sum
+with ``y_w`` and a cast back (about 20 bytes per output element where reading ``y_w`` and writing
+``y`` take 4); ``intra_inter_full_fuse``'s one-dtype ``addmm`` epilogue did not apply. The two
+kernels here read the 16-bit tensors as they are and form the rank-``r`` products in fp32 with
+IEEE products (no TF32):
+
+* :func:`lora_epilogue`: ``y = y_w + s * (xa @ B^T)`` (also the LoRA part of an input gradient,
+  ``dx + dxa @ A``), the product scaled, added to ``y_w`` in fp32, rounded once to ``y_w``'s dtype:
+  the op-by-op operations up to the summation order of the rank-``r`` dot;
+* :func:`lora_down`: ``xa = x @ A^T`` in fp32 from a 16-bit ``x`` (upcast in registers): the
+  op-by-op ``F.linear(x.to(fp32), A)`` up to the summation order.
+
+The torch references are the op-by-op expressions. The Triton paths take what is described per
+function, outside autograd recording; anything else goes the torch way. Not timed on a GPU yet
+(BENCHMARKS.md run 7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hyclora.quant.core import resolve_backend
+
+from . import fused_swiglu as _fs
+from .lora import lora_term_added as lora_epilogue_torch  # the reference: PEFT's op-by-op expression
+
+triton = _fs.triton
+if triton is not None:
+    import triton.language as tl
+
+    _cast_out = _fs._cast_out
+
+_INTERPRET = _fs._INTERPRET
+EPILOGUE_BACKENDS = ("torch", "triton", "auto")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lora_down_kernel(
+        x_ptr, a_ptr, out_ptr,
+        M, K, R, stride_xm, stride_ar, stride_om,
+        K_ITERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # out[m, r] = sum_k x[m, k] a[r, k]: one program per BLOCK_M rows and BLOCK_R ranks,
+        # looping over K (x rows and A rows contiguous)
+        pid_m = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_m = rm < M
+        mask_r = rr < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for it in range(K_ITERS):  # a loop (not unrolled); the count is a constexpr (one per width)
+            rk = it * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None],
+                         mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(x, at, input_precision="ieee")
+        tl.store(out_ptr + rm[:, None] * stride_om + rr[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
+
+    @triton.jit
+    def _lora_epilogue_kernel(
+        yw_ptr, xa_ptr, b_ptr, y_ptr,
+        M, N, R, stride_ym, stride_xm, stride_xr, stride_bn, stride_br, stride_om, scale,
+        SCALE_ONE: tl.constexpr, RNE: tl.constexpr, R_CHUNKS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for chunk in tl.static_range(R_CHUNKS):  # the rank in BLOCK_R slices (a few at most)
+            rr = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            xa = tl.load(xa_ptr + rm[:, None] * stride_xm + rr[None, :] * stride_xr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(xa, bt, input_precision="ieee")
+        mask = mask_m[:, None] & mask_n[None, :]
+        yw = tl.load(yw_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if not SCALE_ONE:
+            acc = acc * scale  # rounded before the add (no FMA contraction), as the torch ops
+        y = yw + acc
+        tl.store(y_ptr + rm[:, None] * stride_om + rn[None, :], _cast_out(y, y_ptr, RNE), mask=mask)
+
+
+def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``."""
+    if interpret:  # the interpreter pays per program (~5 ms): few, large ones
+        return (max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(n), 256)),
+                max(16, min(_fs._next_pow2(r), 32)), 4)
+    # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
+    # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
+    # to r = 128 (255 registers; 4 warps or slices of 32 spill: tests/ops/test_lora_kernels.py).
+    # Not timed on a GPU yet.
+    return 64, 128, 16, 8
+
+
+def _triton_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    if y_w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not (xa.is_floating_point() and lora_b.is_floating_point()) or torch.float64 in (xa.dtype, lora_b.dtype):
+        return False
+    if y_w.dim() < 1 or xa.shape[:-1] != y_w.shape[:-1] or lora_b.dim() != 2 or lora_b.shape != (y_w.shape[-1], xa.shape[-1]):
+        return False
+    if not y_w.is_contiguous() or y_w.device != xa.device or y_w.device != lora_b.device:
+        return False
+    # not differentiable: a call autograd must record keeps the torch ops
+    return not (torch.is_grad_enabled() and (y_w.requires_grad or xa.requires_grad or lora_b.requires_grad))
+
+
+def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    _fs._check_triton_device(y_w, xa, lora_b)
+    n, r = y_w.shape[-1], xa.shape[-1]
+    yw2 = y_w.view(-1, n)
+    xa2 = xa.reshape(-1, r)  # any strides, as lora_b's (the backward passes A^T as a view)
+    m = yw2.shape[0]
+    out = torch.empty_like(yw2)
+    if m == 0 or n == 0:
+        return out.view(y_w.shape)
+    if r == 0:
+        out.copy_(yw2)
+        return out.view(y_w.shape)
+    block_m, block_n, block_r, warps = _blocks(m, n, r)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _lora_epilogue_kernel[grid](
+        yw2, xa2, lora_b, out, m, n, r, yw2.stride(0), *xa2.stride(), *lora_b.stride(), out.stride(0),
+        float(scaling), SCALE_ONE=scaling == 1.0, RNE=_INTERPRET and out.dtype == torch.bfloat16,
+        R_CHUNKS=triton.cdiv(r, block_r),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        **({} if _INTERPRET else dict(num_warps=warps, enable_fp_fusion=False)))
+    return out.view(y_w.shape)
+
+
+def _down_blocks(m: int, k: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps)``."""
+    block_r = max(16, min(_fs._next_pow2(r), 32))
+    if interpret:
+        return max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(k), 512)), block_r, 4
+    # fp32 FMA dot: M x K x r multiply-adds against M x K x 2 bytes read, about balanced on an
+    # H200 at r = 16; 32-row tiles keep 64 programs busy at 2048 tokens. Not timed on a GPU yet.
+    return 32, 64, block_r, 4
+
+
+def _down_takes(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
+    if x.dtype not in (torch.float16, torch.bfloat16) or lora_a.dtype != torch.float32:
+        return False  # one dtype: cuBLAS's own GEMM needs no cast
+    if lora_a.dim() != 2 or x.dim() < 1 or x.shape[-1] != lora_a.shape[1] or x.device != lora_a.device:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad))
+
+
+def lora_down_torch(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x.to(A's dtype), A)``: the op-by-op reference."""
+    return torch.nn.functional.linear(x if x.dtype == lora_a.dtype else x.to(lora_a.dtype), lora_a)
+
+
+def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """``xa = x @ A^T`` in ``A``'s dtype for ``x`` ``(..., in)`` and ``A`` ``(r, in)``.
+    ``backend`` as for :func:`lora_epilogue`; the Triton path takes a 16-bit ``x`` with fp32 ``A``
+    (it reads ``x`` once, 2 bytes per element, instead of casting it)."""
+    if backend not in EPILOGUE_BACKENDS:
+        raise ValueError(f"hyclora LoRA down-projection: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
+    if (backend == "torch" or triton is None or resolve_backend(backend, x.device) != "triton"
+            or not _down_takes(x, lora_a)):
+        return lora_down_torch(x, lora_a)
+    _fs._check_triton_device(x, lora_a)
+    k, r = x.shape[-1], lora_a.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, r, dtype=torch.float32, device=x.device)
+    if m and r:
+        if k == 0:
+            out.zero_()
+        else:
+            block_m, block_k, block_r, warps = _down_blocks(m, k, r)
+            grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
+            _lora_down_kernel[grid](x2, a, out, m, k, r, x2.stride(0), a.stride(0), out.stride(0),
+                                    K_ITERS=triton.cdiv(k, block_k), BLOCK_M=block_m, BLOCK_K=block_k,
+                                    BLOCK_R=block_r,
+                                    **({} if _INTERPRET else dict(num_warps=warps)))
+    return out.view(*x.shape[:-1], r)
+
+
+def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                  backend: str = "torch") -> torch.Tensor:
+    """``y_w + scaling * (xa @ lora_b^T)`` in ``y_w``'s dtype: ``y_w`` ``(..., out)``, ``xa``
+    ``(..., r)``, ``lora_b`` ``(out, r)``. ``backend``: ``"torch"`` (:func:`lora_epilogue_torch`),
+    ``"triton"`` (one pass, see the module docstring) or ``"auto"`` (Triton for CUDA tensors);
+    inputs the kernel does not take run the torch ops."""
+    if backend not in EPILOGUE_BACKENDS:
+        raise ValueError(f"hyclora LoRA epilogue: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
+    if (backend != "torch" and triton is not None and resolve_backend(backend, y_w.device) == "triton"
+            and _triton_takes(y_w, xa, lora_b)):
+        return _lora_epilogue_triton(y_w, xa, lora_b, scaling)
+    return lora_epilogue_torch(y_w, xa, lora_b, scaling)
+
+
+__all__ = ["lora_epilogue", "lora_epilogue_torch", "lora_down", "lora_down_torch", "EPILOGUE_BACKENDS"]
