@@ -391,11 +391,49 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
     patch: _Patch = layer._hyclora_patch
     if not (layer.training and torch.is_grad_enabled()):
         if layer.training and not _in_backward():
-            # A training-mode forward without grad: the first pass of a reentrant checkpoint
-            # (or a no_grad evaluation in train mode). Its recompute, if any, is the counted one.
+            # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
+            # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True
+            if patch.config.layer_type == "intra_inter_full_fuse":
+                return _with_fused_projections(layer, patch, args, kwargs)
         return patch.original_forward(*args, **kwargs)
     return patch.adapter.compressed_forward(layer, patch, args, kwargs)
+
+
+def _with_fused_projections(layer: nn.Module, patch: _Patch, args, kwargs):
+    """The original forward with the seven LoRA projections computed by hyclora's fused LoRA ops
+    (``lora_linear_forward`` with the policy's epilogue backend: with PEFT's fp32 adapters on a
+    16-bit base, one pass for ``x A^T`` from the 16-bit input and one for ``y_w + s xa B^T``
+    instead of PEFT's fp32 input copy, fp32 product, scaled copy, fp32 sum and cast: in a 7B/8k
+    checkpointed step those were most of the first pass's elementwise device time, BENCHMARKS.md
+    run 7). The same operations up to fp32 summation order, rounded once. Only for the no-grad
+    training-mode forward of ``intra_inter_full_fuse`` layers (a checkpoint's first pass, whose
+    activations are recomputed); with LoRA dropout PEFT's own modules run (their mask draw)."""
+    from hyclora.ops.lora import lora_linear_forward
+
+    _, _, (a_metas, a_params), (m_metas, m_params) = patch.adapter.resolve_cached(layer, patch)
+    metas, params = a_metas + m_metas, tuple(a_params) + tuple(m_params)
+    if any(m.dropout_p > 0 for m in metas):
+        return patch.original_forward(*args, **kwargs)
+    backend = patch.config.kernel_backend
+    modules = [getattr(layer.self_attn, p) for p in ATTN_PROJ] + [getattr(layer.mlp, p) for p in MLP_PROJ]
+    installed = []
+    try:
+        for i, (module, meta) in enumerate(zip(modules, metas)):
+            if "forward" in module.__dict__:  # someone's instance-level forward (a hook): keep it
+                continue
+            weight, bias, lora_a, lora_b = params[4 * i:4 * i + 4]
+
+            def projection(self, x, *rest, _meta=meta, _p=(weight, bias, lora_a, lora_b), **kw):
+                if rest or kw:  # PEFT's extra arguments (e.g. adapter_names): its own forward
+                    return type(self).forward(self, x, *rest, **kw)
+                return lora_linear_forward(_meta, x, *_p, fused=backend).y
+
+            installed.append((module, _install_forward(module, projection)))
+        return patch.original_forward(*args, **kwargs)
+    finally:
+        for module, previous in installed:
+            _restore_forward(module, previous)
 
 
 __all__ = ["LlamaFamilyAdapter"]
