@@ -413,8 +413,8 @@ def _with_fused_projections(layer: nn.Module, patch: _Patch, args, kwargs):
 
     _, _, (a_metas, a_params), (m_metas, m_params) = patch.adapter.resolve_cached(layer, patch)
     metas, params = a_metas + m_metas, tuple(a_params) + tuple(m_params)
-    if any(m.dropout_p > 0 for m in metas):
-        return patch.original_forward(*args, **kwargs)
+    if any(m.dropout_p > 0 for m in metas) or any(hasattr(t, "ds_id") for t in params if t is not None):
+        return patch.original_forward(*args, **kwargs)  # dropout masks; ZeRO-3 gathers per module
     backend = patch.config.kernel_backend
     modules = [getattr(layer.self_attn, p) for p in ATTN_PROJ] + [getattr(layer.mlp, p) for p in MLP_PROJ]
     installed = []
