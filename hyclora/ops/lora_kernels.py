@@ -42,28 +42,33 @@ EPILOGUE_BACKENDS = ("torch", "triton", "auto")
 if triton is not None:
 
     @triton.jit
+    def _fp32_product(acc, a_ptr, b_ptr, rows, cols, mask_rows, mask_cols, stride_a_row, stride_a_k,
+                      stride_b_col, stride_b_k, K, ITERS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``acc + a[rows, :K] @ b[cols, :K]^T`` in fp32 (IEEE products), ``K`` in ``ITERS``
+        slices of ``BLOCK_K`` (a loop; the count is a constexpr: one compile per width)."""
+        for it in range(ITERS):
+            rk = it * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            a = tl.load(a_ptr + rows[:, None] * stride_a_row + rk[None, :] * stride_a_k,
+                        mask=mask_rows[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + cols[None, :] * stride_b_col + rk[:, None] * stride_b_k,
+                         mask=mask_k[:, None] & mask_cols[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(a, bt, input_precision="ieee")
+        return acc
+
+    @triton.jit
     def _lora_down_kernel(
         x_ptr, a_ptr, out_ptr,
         M, K, R, stride_xm, stride_ar, stride_om,
         K_ITERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        # out[m, r] = sum_k x[m, k] a[r, k]: one program per BLOCK_M rows and BLOCK_R ranks,
-        # looping over K (x rows and A rows contiguous)
-        pid_m = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        # out[m, r] = sum_k x[m, k] a[r, k]: one program per BLOCK_M rows and BLOCK_R ranks
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_m = rm < M
         mask_r = rr < R
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for it in range(K_ITERS):  # a loop (not unrolled); the count is a constexpr (one per width)
-            rk = it * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = rk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None],
-                         mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(x, at, input_precision="ieee")
+        acc = _fp32_product(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, rm, rr, mask_m, mask_r,
+                            stride_xm, 1, stride_ar, 1, K, K_ITERS, BLOCK_K)
         tl.store(out_ptr + rm[:, None] * stride_om + rr[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
 
     @triton.jit
@@ -73,21 +78,12 @@ if triton is not None:
         SCALE_ONE: tl.constexpr, RNE: tl.constexpr, R_CHUNKS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = rm < M
         mask_n = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for chunk in tl.static_range(R_CHUNKS):  # the rank in BLOCK_R slices (a few at most)
-            rr = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-            mask_r = rr < R
-            xa = tl.load(xa_ptr + rm[:, None] * stride_xm + rr[None, :] * stride_xr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(xa, bt, input_precision="ieee")
+        acc = _fp32_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_ptr, b_ptr, rm, rn, mask_m, mask_n,
+                            stride_xm, stride_xr, stride_bn, stride_br, R, R_CHUNKS, BLOCK_R)
         mask = mask_m[:, None] & mask_n[None, :]
         yw = tl.load(yw_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if not SCALE_ONE:
@@ -103,7 +99,7 @@ def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
                 max(16, min(_fs._next_pow2(r), 32)), 4)
     # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
     # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
-    # to r = 128 (255 registers; 4 warps or slices of 32 spill: tests/ops/test_lora_kernels.py).
+    # to r = 128 (at most 160 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
     # Not timed on a GPU yet.
     return 64, 128, 16, 8
 
