@@ -224,17 +224,25 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
     da = db = dxa = None
     if meta.has_lora and (need_dx or need_da or need_db):
         r = lora_a.shape[0]
-        dl = _scaled(_cast(dy, lora_b.dtype), meta.scaling)
-        dl2 = dl.reshape(-1, dl.shape[-1])
-        if need_db:
-            db = _cast(dl2.t().mm(_cast(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
-        dxa = dl.matmul(_cast(lora_b, dl.dtype))  # (..., r)
-        del dl, dl2
+        if _reads_16bit(fused, dy, lora_b):
+            # fp32 adapters, 16-bit dy: the rank-r products read dy as it is (no fp32 copy)
+            from .lora_kernels import lora_down, token_reduced_product
+
+            if need_db:
+                db = _cast(_scaled(token_reduced_product(dy, xa, backend=fused), meta.scaling), lora_b.dtype)
+            dxa = _scaled(lora_down(dy, lora_b.t(), backend=fused), meta.scaling)  # (..., r)
+        else:
+            dl = _scaled(_cast(dy, lora_b.dtype), meta.scaling)
+            dl2 = dl.reshape(-1, dl.shape[-1])
+            if need_db:
+                db = _cast(dl2.t().mm(_cast(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
+            dxa = dl.matmul(_cast(lora_b, dl.dtype))  # (..., r)
+            del dl, dl2
         mask = None
         if meta.dropout_p > 0 and (need_da or need_dx):
             mask = _dropout_mask(meta, rng_state, dy, lora_a)
         if need_da:
-            da = _lora_grad_a(meta, dxa, x_hat, lora_a, mask)
+            da = _lora_grad_a(meta, dxa, x_hat, lora_a, mask, fused)
         if need_dx:
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
@@ -256,11 +264,22 @@ def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.T
     return redraw_dropout_mask(rng_state, shape, lora_a.dtype, dy.device, meta.dropout_p)
 
 
+def _reads_16bit(fused: Optional[str], x: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether the fused LoRA kernels take ``x`` (16-bit) with an fp32 ``factor`` (the fp32
+    copy of ``x`` that cuBLAS would need is skipped)."""
+    return (fused is not None and factor.dtype == torch.float32
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
 def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,
-                 mask: Optional[torch.Tensor]) -> torch.Tensor:
+                 mask: Optional[torch.Tensor], fused: Optional[str] = None) -> torch.Tensor:
     """``dA = dxa^T (drop(x_hat))`` reduced over all tokens, in ``lora_a``'s dtype."""
     if x_hat is None:
         raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
+    if mask is None and _reads_16bit(fused, x_hat, lora_a) and dxa.dtype == torch.float32:
+        from .lora_kernels import token_reduced_product
+
+        return _cast(token_reduced_product(x_hat, dxa, backend=fused).t(), lora_a.dtype)
     xl = _cast(x_hat, lora_a.dtype)
     if mask is not None:
         xl = xl * mask
@@ -295,7 +314,7 @@ def lora_linear_backward_input_first(
         if not (need_da and meta.has_lora):
             return None
         mask = _dropout_mask(meta, rng_state, dy, lora_a) if meta.dropout_p > 0 else None
-        return _lora_grad_a(meta, dxa, x_hat, lora_a, mask)
+        return _lora_grad_a(meta, dxa, x_hat, lora_a, mask, fused)
 
     return dx, dbias, db, grad_a
 

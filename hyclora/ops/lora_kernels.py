@@ -72,6 +72,25 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rr[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
 
     @triton.jit
+    def _token_reduced_kernel(
+        x_ptr, y_ptr, part_ptr,
+        T, N, R, stride_xt, stride_yt, stride_yr,
+        ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # part[s, n, r] = sum over the s-th slice of ITERS * BLOCK_T tokens of x[t, n] y[t, r]
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        split = tl.program_id(2)
+        t0 = split * (ITERS * BLOCK_T)
+        mask_n = rn < N
+        mask_r = rr < R
+        acc = _fp32_product(tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), x_ptr + t0 * stride_xt,
+                            y_ptr + t0 * stride_yt, rn, rr, mask_n, mask_r, 1, stride_xt, stride_yr, stride_yt,
+                            T - t0, ITERS, BLOCK_T)
+        tl.store(part_ptr + split * N * R + rn[:, None] * R + rr[None, :], acc,
+                 mask=mask_n[:, None] & mask_r[None, :])
+
+    @triton.jit
     def _lora_epilogue_kernel(
         yw_ptr, xa_ptr, b_ptr, y_ptr,
         M, N, R, stride_ym, stride_xm, stride_xr, stride_bn, stride_br, stride_om, scale,
@@ -193,6 +212,59 @@ def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> 
     return out.view(*x.shape[:-1], r)
 
 
+def token_reduced_product_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x^T y`` over all tokens in fp32: ``x`` ``(..., N)``, ``y`` ``(..., r)`` -> ``(N, r)``."""
+    return x.reshape(-1, x.shape[-1]).float().t().mm(y.reshape(-1, y.shape[-1]).float())
+
+
+# tokens per program of the token-reduced product: a few fixed slice lengths (a constexpr each:
+# one compile per length, not per sequence length); longer inputs take longer slices so the fp32
+# partial sums ((slices, N, r)) stay small
+_TOKEN_SLICES = (1024, 8192, 65536)
+
+
+def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """``x^T y`` summed over all tokens, in fp32, for a 16-bit ``x`` ``(..., N)`` and an fp32 ``y``
+    ``(..., r)``: the LoRA weight gradients ``dB = dy^T (x A^T)`` and ``dA^T = x^T (dy B)`` without
+    an fp32 copy of ``x``. The Triton path reads ``x`` once (slices of tokens per program, fp32
+    partial sums added by torch); else the torch reference (an fp32 copy, one matmul)."""
+    if backend not in EPILOGUE_BACKENDS:
+        raise ValueError(f"hyclora token-reduced product: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
+    if (backend == "torch" or triton is None or resolve_backend(backend, x.device) != "triton"
+            or x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != torch.float32
+            or x.shape[:-1] != y.shape[:-1] or x.device != y.device
+            or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
+        return token_reduced_product_torch(x, y)
+    _fs._check_triton_device(x, y)
+    n, r = x.shape[-1], y.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y2 = y.reshape(-1, r)
+    t = x2.shape[0]
+    if t == 0 or n == 0 or r == 0:
+        return torch.zeros(n, r, dtype=torch.float32, device=x.device)
+    block_n, block_t, block_r, warps = _reduce_blocks(n, r)
+    per_slice = next((c for c in _TOKEN_SLICES if t <= 64 * c), _TOKEN_SLICES[-1])
+    per_slice = max(block_t, min(per_slice, _fs._next_pow2(t)))
+    slices = triton.cdiv(t, per_slice)
+    part = torch.empty(slices, n, r, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(r, block_r), slices)
+    _token_reduced_kernel[grid](x2, y2, part, t, n, r, x2.stride(0), *y2.stride(),
+                                ITERS=per_slice // block_t, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_R=block_r,
+                                **({} if _INTERPRET else dict(num_warps=warps)))
+    return part[0] if slices == 1 else part.sum(0)
+
+
+def _reduce_blocks(n: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_N, BLOCK_T, BLOCK_R, num_warps)`` of the token-reduced product."""
+    block_r = max(16, min(_fs._next_pow2(r), 32))
+    if interpret:
+        return max(16, min(_fs._next_pow2(n), 256)), 64, block_r, 4
+    # N x BLOCK_T tiles of x (tokens in the reduction), an fp32 FMA dot; not timed on a GPU yet
+    return 64, 32, block_r, 4
+
+
 def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                   backend: str = "torch") -> torch.Tensor:
     """``y_w + scaling * (xa @ lora_b^T)`` in ``y_w``'s dtype: ``y_w`` ``(..., out)``, ``xa``
@@ -207,4 +279,5 @@ def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, sca
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 
-__all__ = ["lora_epilogue", "lora_epilogue_torch", "lora_down", "lora_down_torch", "EPILOGUE_BACKENDS"]
+__all__ = ["lora_epilogue", "lora_epilogue_torch", "lora_down", "lora_down_torch", "token_reduced_product",
+           "token_reduced_product_torch", "EPILOGUE_BACKENDS"]

@@ -117,8 +117,9 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
     calls, downs = [], []
     real = ep._lora_epilogue_triton
     monkeypatch.setattr(ep, "_lora_epilogue_triton", lambda *a: calls.append(a[0].shape) or real(*a))
-    real_down = ep._lora_down_kernel
-    monkeypatch.setattr(ep, "_lora_down_kernel", _Spy(real_down, downs))
+    reduced = []
+    monkeypatch.setattr(ep, "_lora_down_kernel", _Spy(ep._lora_down_kernel, downs))
+    monkeypatch.setattr(ep, "_token_reduced_kernel", _Spy(ep._token_reduced_kernel, reduced))
     ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     res = {}
@@ -130,7 +131,9 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
             revert_hyclora(model)
     # forward: q, k, v, o, down; backward: v rebuilt, and the LoRA part of every linear's dx
     assert len(calls) == 6 + 7
-    assert len(downs) == 7  # x A^T of every linear in the forward, from the 16-bit input
+    # x A^T of every linear in the forward and s dy B in the backward, from the 16-bit tensors
+    assert len(downs) == 7 + 7
+    assert len(reduced) == 7 + 7  # dB = s dy^T xa and dA = (x^T dxa)^T of every linear
     (loss_f, g_f), (loss_r, g_r) = res["intra_inter_full_fuse"], res["intra_inter"]
     assert abs(float(loss_f) - float(loss_r)) < 2e-2
     err = worst_rel_err(g_f, g_r)
@@ -168,7 +171,7 @@ def test_linear_backward_adds_the_lora_part_of_dx_in_one_rounding():
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """Ahead of time for sm_90 (no GPU needed) with the GPU tiles: the epilogue for bf16/fp16
     outputs with fp32 factors, ranks 8, 40 (three slices) and 128 (eight), scaled and not; the
-    down-projection from bf16/fp16 at ranks 8 and 128; no spills."""
+    down-projection and the token-reduced product from bf16/fp16 at ranks 8 and 128; no spills."""
     from test_fused_swiglu import compile_for_sm90
 
     from hyclora.ops.lora_kernels import _blocks
@@ -192,6 +195,16 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
                               consts=dict(K_ITERS=4096 // block_k, BLOCK_M=block_m, BLOCK_K=block_k,
                                           BLOCK_R=block_r),
                               warps=warps, tag=["down", x_dt, r]))
+    from hyclora.ops.lora_kernels import _TOKEN_SLICES, _reduce_blocks
+
+    for x_dt in ("bf16", "fp16"):
+        for r in (8, 128):
+            block_n, block_t, block_r, warps = _reduce_blocks(4096, r, interpret=False)
+            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_token_reduced_kernel",
+                              ptrs=dict(x_ptr=x_dt, y_ptr="fp32", part_ptr="fp32"), floats=[],
+                              consts=dict(ITERS=_TOKEN_SLICES[0] // block_t, BLOCK_N=block_n, BLOCK_T=block_t,
+                                          BLOCK_R=block_r),
+                              warps=warps, tag=["reduce", x_dt, r]))
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (tag, regs, stack)
 
@@ -232,3 +245,49 @@ def test_down_projection_keeps_leading_dims_and_strided_inputs():
     got = ep.lora_down(x, a, backend="triton")
     ref = ep.lora_down_torch(x, a)
     assert got.shape == (2, 11, 12) and torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("t, n, r", [(37, 45, 8), (300, 64, 16), (2100, 40, 40), (19, 130, 128)])
+def test_token_reduced_product_equals_the_fp32_matmul(t, n, r):
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, n, generator=gen).to(torch.bfloat16).to(DEVICE)
+    y = torch.randn(t, r, generator=gen).to(DEVICE)
+    got = ep.token_reduced_product(x, y, backend="triton")
+    ref = ep.token_reduced_product_torch(x, y)
+    assert got.shape == (n, r) and got.dtype == torch.float32
+    # the same fp32 products; the token sums run in another order (slices, then their sum)
+    scale = x.float().abs().t().mm(y.abs())
+    assert float(((got - ref).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 16
+
+
+def test_token_reduced_product_dispatch():
+    x, y = torch.randn(2, 5, 6).to(torch.bfloat16), torch.randn(2, 5, 3)
+    assert torch.equal(ep.token_reduced_product(x, y, backend="auto"), x.reshape(10, 6).float().t() @ y.reshape(10, 3))
+    with pytest.raises(ValueError, match="backend='x' is invalid"):
+        ep.token_reduced_product(x, y, backend="x")
+
+
+@needs_triton
+def test_linear_backward_weight_gradients_from_16bit_tensors():
+    # fp32 adapters: dB, dA and the input gradient from the 16-bit dy and input, without their
+    # fp32 copies; the same operations as op by op up to fp32 summation order
+    from hyclora.ops.lora import LinearMeta, lora_linear_backward
+
+    gen = torch.Generator().manual_seed(6)
+    meta = LinearMeta(name="up", has_lora=True, scaling=0.5, dropout_p=0.0)
+    dy = torch.randn(3, 11, 40, generator=gen).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(40, 48, generator=gen) * 0.1).to(torch.bfloat16).to(DEVICE)
+    a = (torch.randn(12, 48, generator=gen) * 0.1).to(DEVICE)
+    b = (torch.randn(40, 12, generator=gen) * 0.1).to(DEVICE)
+    x_hat = torch.randn(3, 11, 48, generator=gen).to(torch.bfloat16).to(DEVICE)
+    xa = torch.nn.functional.linear(x_hat.float(), a)
+    plain = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b)
+    fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused="triton")
+    for name, p_, f_ in zip(("dx", "dbias", "dA", "dB"), plain, fused):
+        if p_ is None:
+            assert f_ is None
+            continue
+        assert f_.dtype == p_.dtype and f_.shape == p_.shape
+        tol = 1e-5 if p_.dtype == torch.float32 else 1e-2
+        assert float((f_.float() - p_.float()).norm() / p_.float().norm()) <= tol, name
