@@ -57,38 +57,25 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _lora_down_kernel(
-        x_ptr, a_ptr, out_ptr,
-        M, K, R, stride_xm, stride_ar, stride_om,
-        K_ITERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _rank_product_kernel(
+        a_ptr, b_ptr, out_ptr,
+        ROWS, COLS, K, stride_a_row, stride_a_k, stride_b_col, stride_b_k, stride_o_split, stride_o_row,
+        ITERS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):
-        # out[m, r] = sum_k x[m, k] a[r, k]: one program per BLOCK_M rows and BLOCK_R ranks
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_m = rm < M
-        mask_r = rr < R
-        acc = _fp32_product(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, rm, rr, mask_m, mask_r,
-                            stride_xm, 1, stride_ar, 1, K, K_ITERS, BLOCK_K)
-        tl.store(out_ptr + rm[:, None] * stride_om + rr[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
-
-    @triton.jit
-    def _token_reduced_kernel(
-        x_ptr, y_ptr, part_ptr,
-        T, N, R, stride_xt, stride_yt, stride_yr,
-        ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):
-        # part[s, n, r] = sum over the s-th slice of ITERS * BLOCK_T tokens of x[t, n] y[t, r]
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # out[s, i, j] = sum over the s-th slice of ITERS * BLOCK_K of a[i, k] b[j, k] (fp32): the
+        # down-projection (rows = tokens, k = features, one slice) and the token-reduced weight
+        # gradients (rows = features, k = tokens in slices, partial sums per slice)
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         split = tl.program_id(2)
-        t0 = split * (ITERS * BLOCK_T)
-        mask_n = rn < N
-        mask_r = rr < R
-        acc = _fp32_product(tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), x_ptr + t0 * stride_xt,
-                            y_ptr + t0 * stride_yt, rn, rr, mask_n, mask_r, 1, stride_xt, stride_yr, stride_yt,
-                            T - t0, ITERS, BLOCK_T)
-        tl.store(part_ptr + split * N * R + rn[:, None] * R + rr[None, :], acc,
-                 mask=mask_n[:, None] & mask_r[None, :])
+        k0 = split * (ITERS * BLOCK_K)
+        mask_rows = rows < ROWS
+        mask_cols = cols < COLS
+        acc = _fp32_product(tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), a_ptr + k0 * stride_a_k,
+                            b_ptr + k0 * stride_b_k, rows, cols, mask_rows, mask_cols, stride_a_row, stride_a_k,
+                            stride_b_col, stride_b_k, K - k0, ITERS, BLOCK_K)
+        tl.store(out_ptr + split * stride_o_split + rows[:, None] * stride_o_row + cols[None, :], acc,
+                 mask=mask_rows[:, None] & mask_cols[None, :])
 
     @triton.jit
     def _lora_epilogue_kernel(
@@ -204,11 +191,10 @@ def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> 
             out.zero_()
         else:
             block_m, block_k, block_r, warps = _down_blocks(m, k, r)
-            grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
-            _lora_down_kernel[grid](x2, a, out, m, k, r, x2.stride(0), a.stride(0), out.stride(0),
-                                    K_ITERS=triton.cdiv(k, block_k), BLOCK_M=block_m, BLOCK_K=block_k,
-                                    BLOCK_R=block_r,
-                                    **({} if _INTERPRET else dict(num_warps=warps)))
+            grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r), 1)
+            _rank_product_kernel[grid](x2, a, out, m, r, k, x2.stride(0), 1, a.stride(0), 1, 0, out.stride(0),
+                                       ITERS=triton.cdiv(k, block_k), BLOCK_ROWS=block_m, BLOCK_K=block_k,
+                                       BLOCK_COLS=block_r, **({} if _INTERPRET else dict(num_warps=warps)))
     return out.view(*x.shape[:-1], r)
 
 
@@ -250,9 +236,9 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
     slices = triton.cdiv(t, per_slice)
     part = torch.empty(slices, n, r, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(r, block_r), slices)
-    _token_reduced_kernel[grid](x2, y2, part, t, n, r, x2.stride(0), *y2.stride(),
-                                ITERS=per_slice // block_t, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_R=block_r,
-                                **({} if _INTERPRET else dict(num_warps=warps)))
+    _rank_product_kernel[grid](x2, y2, part, n, r, t, 1, x2.stride(0), y2.stride(1), y2.stride(0), n * r, r,
+                               ITERS=per_slice // block_t, BLOCK_ROWS=block_n, BLOCK_K=block_t,
+                               BLOCK_COLS=block_r, **({} if _INTERPRET else dict(num_warps=warps)))
     return part[0] if slices == 1 else part.sum(0)
 
 

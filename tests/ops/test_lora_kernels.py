@@ -114,12 +114,11 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
         if "lora_" in name:
             p.data = p.data.float()
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
-    calls, downs = [], []
+    calls = []
     real = ep._lora_epilogue_triton
     monkeypatch.setattr(ep, "_lora_epilogue_triton", lambda *a: calls.append(a[0].shape) or real(*a))
-    reduced = []
-    monkeypatch.setattr(ep, "_lora_down_kernel", _Spy(ep._lora_down_kernel, downs))
-    monkeypatch.setattr(ep, "_token_reduced_kernel", _Spy(ep._token_reduced_kernel, reduced))
+    products = []
+    monkeypatch.setattr(ep, "_rank_product_kernel", _Spy(ep._rank_product_kernel, products))
     ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     res = {}
@@ -131,9 +130,9 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
             revert_hyclora(model)
     # forward: q, k, v, o, down; backward: v rebuilt, and the LoRA part of every linear's dx
     assert len(calls) == 6 + 7
-    # x A^T of every linear in the forward and s dy B in the backward, from the 16-bit tensors
-    assert len(downs) == 7 + 7
-    assert len(reduced) == 7 + 7  # dB = s dy^T xa and dA = (x^T dxa)^T of every linear
+    # rank-r products from the 16-bit tensors, per linear: x A^T in the forward; s dy B,
+    # dB = s dy^T xa and dA = (x^T dxa)^T in the backward
+    assert len(products) == 7 + 3 * 7
     (loss_f, g_f), (loss_r, g_r) = res["intra_inter_full_fuse"], res["intra_inter"]
     assert abs(float(loss_f) - float(loss_r)) < 2e-2
     err = worst_rel_err(g_f, g_r)
@@ -190,20 +189,20 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     for x_dt in ("bf16", "fp16"):
         for r in (8, 128):
             block_m, block_k, block_r, warps = _down_blocks(4096, 4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_lora_down_kernel",
-                              ptrs=dict(x_ptr=x_dt, a_ptr="fp32", out_ptr="fp32"), floats=[],
-                              consts=dict(K_ITERS=4096 // block_k, BLOCK_M=block_m, BLOCK_K=block_k,
-                                          BLOCK_R=block_r),
+            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
+                              ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
+                              consts=dict(ITERS=4096 // block_k, BLOCK_ROWS=block_m, BLOCK_K=block_k,
+                                          BLOCK_COLS=block_r),
                               warps=warps, tag=["down", x_dt, r]))
     from hyclora.ops.lora_kernels import _TOKEN_SLICES, _reduce_blocks
 
     for x_dt in ("bf16", "fp16"):
         for r in (8, 128):
             block_n, block_t, block_r, warps = _reduce_blocks(4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_token_reduced_kernel",
-                              ptrs=dict(x_ptr=x_dt, y_ptr="fp32", part_ptr="fp32"), floats=[],
-                              consts=dict(ITERS=_TOKEN_SLICES[0] // block_t, BLOCK_N=block_n, BLOCK_T=block_t,
-                                          BLOCK_R=block_r),
+            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
+                              ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
+                              consts=dict(ITERS=_TOKEN_SLICES[0] // block_t, BLOCK_ROWS=block_n, BLOCK_K=block_t,
+                                          BLOCK_COLS=block_r),
                               warps=warps, tag=["reduce", x_dt, r]))
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (tag, regs, stack)
