@@ -408,7 +408,9 @@ def _with_fused_projections(layer: nn.Module, patch: _Patch, args, kwargs):
     checkpointed step those were most of the first pass's elementwise device time, BENCHMARKS.md
     run 7). The same operations up to fp32 summation order, rounded once. Only for the no-grad
     training-mode forward of ``intra_inter_full_fuse`` layers (a checkpoint's first pass, whose
-    activations are recomputed); with LoRA dropout PEFT's own modules run (their mask draw)."""
+    activations are recomputed); with LoRA dropout (their mask draws), ZeRO-3 parameters (gathered
+    by hooks per projection module) or an instance-level forward on a projection, PEFT's own
+    modules run."""
     from hyclora.ops.lora import lora_linear_forward
 
     _, _, (a_metas, a_params), (m_metas, m_params) = patch.adapter.resolve_cached(layer, patch)
