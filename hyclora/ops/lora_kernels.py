@@ -47,7 +47,7 @@ if triton is not None:
         """``acc + a[rows, :K] @ b[cols, :K]^T`` in fp32 (IEEE products), ``K`` in ``ITERS``
         slices of ``BLOCK_K`` (a loop; the count is a constexpr: one compile per width)."""
         for it in range(ITERS):
-            rk = it * BLOCK_K + tl.arange(0, BLOCK_K)
+            rk = (it * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_k = rk < K
             a = tl.load(a_ptr + rows[:, None] * stride_a_row + rk[None, :] * stride_a_k,
                         mask=mask_rows[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
@@ -65,10 +65,11 @@ if triton is not None:
         # out[s, i, j] = sum over the s-th slice of ITERS * BLOCK_K of a[i, k] b[j, k] (fp32): the
         # down-projection (rows = tokens, k = features, one slice) and the token-reduced weight
         # gradients (rows = features, k = tokens in slices, partial sums per slice)
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        # int64 offsets: at 600k tokens x 11008 features they pass 2**31
+        rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         split = tl.program_id(2)
-        k0 = split * (ITERS * BLOCK_K)
+        k0 = split.to(tl.int64) * (ITERS * BLOCK_K)
         mask_rows = rows < ROWS
         mask_cols = cols < COLS
         acc = _fp32_product(tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), a_ptr + k0 * stride_a_k,
@@ -84,7 +85,7 @@ if triton is not None:
         SCALE_ONE: tl.constexpr, RNE: tl.constexpr, R_CHUNKS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: see above
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = rm < M
         mask_n = rn < N
@@ -105,7 +106,7 @@ def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
                 max(16, min(_fs._next_pow2(r), 32)), 4)
     # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
     # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
-    # to r = 128 (at most 160 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
+    # to r = 128 (at most 178 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
     # Not timed on a GPU yet.
     return 64, 128, 16, 8
 
