@@ -90,8 +90,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from hyclora.models.api import _patched_layers
-from hyclora.models.base import _in_backward, adapter_state_key
+from hyclora.models.api import patched_layers
+from hyclora.models.base import adapter_state_key, in_backward_pass
 from hyclora.quant.checks import FiniteGuard
 
 __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
@@ -252,7 +252,7 @@ class DecoderLayerGraphs:
         if isinstance(num_warmup_iters, bool) or not isinstance(num_warmup_iters, int) or num_warmup_iters < 1:
             raise ValueError(f"hyclora.cuda_graphs: num_warmup_iters={num_warmup_iters!r} is invalid: use an "
                              "int >= 1 (the warm-ups run Triton's autotuning before capture).")
-        layers = _patched_layers(model)
+        layers = patched_layers(model)
         if not layers:
             raise ValueError("hyclora.cuda_graphs: the model has no hyclora-patched decoder layers; call "
                              "apply_hyclora(model, HyCLoRAConfig(...)) first.")
@@ -343,7 +343,7 @@ class DecoderLayerGraphs:
             return "disabled", None
         if not (layer.training and torch.is_grad_enabled()):
             return "not a training forward with grad", None
-        if _in_backward() or layer.hyclora_state.owed:
+        if in_backward_pass() or layer.hyclora_state.owed:
             return "checkpoint recompute", None
         if getattr(layer, "gradient_checkpointing", False) or _saved_tensor_hooks_active():
             return "gradient checkpointing or saved-tensor hooks", None
@@ -413,7 +413,7 @@ class DecoderLayerGraphs:
         layer = self.layers[i]
         cap = self._captured
         if (i == 0 and cap is not None and self.enabled and layer.training and torch.is_grad_enabled()
-                and not _in_backward()):
+                and not in_backward_pass()):
             why = self._invalid(cap)
             if why is not None:  # free the graphs before the eager steps allocate anything
                 self.release()

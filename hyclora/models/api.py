@@ -43,7 +43,8 @@ def _model_config(model: nn.Module):
     return config
 
 
-def _patched_layers(model: nn.Module):
+def patched_layers(model: nn.Module):
+    """``(name, module)`` of every module of ``model`` that :func:`apply_hyclora` patched."""
     return [(name, m) for name, m in model.named_modules() if "_hyclora_patch" in m.__dict__]
 
 
@@ -63,7 +64,7 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     config.validate()
     if not config.use_hyclora:
         return model
-    if _patched_layers(model):
+    if patched_layers(model):
         raise ValueError("hyclora: this model is already patched; call revert_hyclora(model) first.")
     _check_transformers_version()
     model_config = _model_config(model)
@@ -92,7 +93,7 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
 
 def revert_hyclora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_hyclora`: original forwards back, ``hyclora_state`` removed."""
-    for _, layer in _patched_layers(model):
+    for _, layer in patched_layers(model):
         LlamaFamilyAdapter.unpatch(layer)
     for module in model.modules():
         LlamaFamilyAdapter.unpatch_final_norm(module)
@@ -100,7 +101,7 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return bool(_patched_layers(model))
+    return bool(patched_layers(model))
 
 
 def buffered_tensors(model: nn.Module) -> Dict[str, Dict[str, list]]:
@@ -113,9 +114,9 @@ def buffered_tensors(model: nn.Module) -> Dict[str, Dict[str, list]]:
     first training forward.
     """
     out: Dict[str, Dict[str, list]] = {}
-    for name, layer in _patched_layers(model):
+    for name, layer in patched_layers(model):
         out[name] = {k: list(v) for k, v in layer.hyclora_state.last_saved.items()}
     return out
 
 
-__all__ = ["apply_hyclora", "revert_hyclora", "is_patched", "buffered_tensors"]
+__all__ = ["apply_hyclora", "revert_hyclora", "is_patched", "buffered_tensors", "patched_layers"]

@@ -54,7 +54,9 @@ class _Patch:
     setup: Any = None  # (key, (geometry, s2 group, StoragePolicy))
 
 
-def _in_backward() -> bool:
+def in_backward_pass() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a checkpoint's recompute
+    runs inside one)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -330,7 +332,7 @@ class LlamaFamilyAdapter:
 
         config = patch.config
         state: HyCLoRALayerState = layer.hyclora_state
-        in_backward = _in_backward()
+        in_backward = in_backward_pass()
         counted = (not in_backward) or state.owed
         state.owed = False
         stats = state.stats_dict()
@@ -390,7 +392,7 @@ def _final_norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **k
 def _patched_forward(layer: nn.Module, *args, **kwargs):
     patch: _Patch = layer._hyclora_patch
     if not (layer.training and torch.is_grad_enabled()):
-        if layer.training and not _in_backward():
+        if layer.training and not in_backward_pass():
             # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
             # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True

@@ -29,7 +29,7 @@ from hyclora.ops.attention import check_implementation, is_s2
 from hyclora.ops.encoder import EncoderAttentionPlan, EncoderFFNPlan, check_activation, encoder_attention_block, encoder_ffn_block
 from hyclora.ops.storage import StoragePolicy
 
-from .base import LlamaFamilyAdapter, _in_backward, _patched_forward, _Patch, run_checked
+from .base import LlamaFamilyAdapter, _patched_forward, _Patch, in_backward_pass, run_checked
 from .peft_utils import resolve_linear
 from .registry import register_model
 from .state import HyCLoRALayerState
@@ -203,7 +203,7 @@ class EncoderAdapter(LlamaFamilyAdapter):
         # unless it is a non-reentrant checkpoint recompute, which replays the counted one.
         config = patch.config
         state: HyCLoRALayerState = layer.hyclora_state
-        in_backward = _in_backward()
+        in_backward = in_backward_pass()
         counted = (not in_backward) or state.owed
         state.owed = False
         stats = state.stats_dict()
