@@ -35,6 +35,18 @@ def python_profile(fn: Callable[[], object], path: Path, sync: Callable[[], None
     for key in ("tottime", "cumtime"):
         text.write(f"# by {key}\n")
         pstats.Stats(prof, stream=text).sort_stats(key).print_stats(rows)
-    path.write_text(text.getvalue())
+    path.write_text(_relative_paths(text.getvalue()))
     print(f"wrote {path}")
     return path
+
+
+def _relative_paths(text: str) -> str:
+    """File names in a profile relative to the repository, ``site-packages/`` or ``stdlib/``:
+    results are committed, and this machine's paths mean nothing on another."""
+    import re
+
+    import sysconfig
+
+    text = re.sub(r"(?<!\S)\S*/site-packages/", "site-packages/", text)
+    text = text.replace(sysconfig.get_paths()["stdlib"] + "/", "stdlib/")
+    return text.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
