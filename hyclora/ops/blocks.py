@@ -197,7 +197,7 @@ def _linear_grads_input_first(ctx, plan: BlockPlan, load: TensorLoad, i: int, na
     return lora_linear_backward_input_first(
         plan.linears[i], dy, load.get(_XA[name]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
         rng_state=load.get(_RNG[name]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
-        need_dbias=bool(need[base + 1]), fused=plan.policy.lora_epilogue)
+        need_dbias=bool(need[base + 1]), fused=plan.policy.lora_fused_backend)
 
 
 def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
@@ -214,7 +214,7 @@ def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy,
         need_da=bool(need[base + 2]),
         need_db=bool(need[base + 3]),
         need_dbias=bool(need[base + 1]),
-        fused=plan.policy.lora_epilogue,
+        fused=plan.policy.lora_fused_backend,
     )
     return dx, (None, dbias, da, db)
 
@@ -327,7 +327,7 @@ class AttentionBlockFn(torch.autograd.Function):
         metas = plan.linears
         ys = []
         for i, name in enumerate(_QKV):
-            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.lora_epilogue)
+            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.lora_fused_backend)
             _keep_linear_extras(store, name, metas[i], out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
@@ -357,7 +357,7 @@ class AttentionBlockFn(torch.autograd.Function):
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
-        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.lora_epilogue)
+        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.lora_fused_backend)
         del o
         _keep_linear_extras(store, "o", metas[3], out_o)
         o_y = out_o.y
@@ -396,7 +396,7 @@ class AttentionBlockFn(torch.autograd.Function):
             val = load.get(name)
             if pol.reconstruct:
                 val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                       fused=pol.lora_epilogue)
+                                       fused=pol.lora_fused_backend)
             return val.view(b, s, heads, D).transpose(1, 2)
 
         if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
@@ -501,7 +501,7 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
         val = load.get(name)
         if pol.reconstruct:
             val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                   fused=pol.lora_epilogue)
+                                   fused=pol.lora_fused_backend)
         return val
 
     g, u = rebuilt(0, "gate"), rebuilt(1, "up")
@@ -539,8 +539,8 @@ class MLPBlockFn(torch.autograd.Function):
         # full_fuse: base outputs and XA only; one kernel adds the LoRA terms, quantises and
         # computes SiLU(G) * U, so the full G and U never reach memory
         linear_fwd = fused_swiglu.lora_base_forward if plan.policy.fused else lora_linear_forward
-        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0), fused=plan.policy.lora_epilogue)
-        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1), fused=plan.policy.lora_epilogue)
+        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0), fused=plan.policy.lora_fused_backend)
+        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1), fused=plan.policy.lora_fused_backend)
         del xn  # not kept: the backward renormalises the kept x_mid (see _normalised)
         if plan.policy.fused:
             hidden = fused_swiglu.fused_gate_up_forward(
@@ -548,7 +548,7 @@ class MLPBlockFn(torch.autograd.Function):
         else:
             hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
-        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.lora_epilogue)
+        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.lora_fused_backend)
         del hidden
         _keep_linear_extras(store, "down", metas[2], d_out)
         y = x + d_out.y

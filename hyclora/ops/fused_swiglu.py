@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyclora.quant.tuned import launch_tuned
 from hyclora.quant.core import (
     QuantizedTensor,
     affine_params,
@@ -59,6 +58,7 @@ from hyclora.quant.core import (
     resolve_backend,
     unpack_codes,
 )
+from hyclora.quant.tuned import launch_tuned
 
 from .lora import (LinearMeta, LinearOut, dense_weight,
                    lora_down_projection, lora_linear_backward_input_first)
@@ -782,7 +782,7 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
     need_da = bool(need_down[2]) and meta_d.has_lora
     dd, dbias, db, grad_a = lora_linear_backward_input_first(
         meta_d, dy, load.get("xa_down"), w_d, bias_d, a_d, b_d, rng_state=load.get("rng_down"),
-        need_da=need_da, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]), fused=pol.lora_epilogue)
+        need_da=need_da, need_db=bool(need_down[3]), need_dbias=bool(need_down[1]), fused=pol.lora_fused_backend)
 
     shape = q_g.shape
     n = shape[-1]

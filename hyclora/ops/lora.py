@@ -144,7 +144,7 @@ def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor
     """``(drop(x) A^T, generator state before the dropout mask or None)`` in ``A``'s dtype.
     ``fused`` (a kernel backend) without dropout: a 16-bit ``x`` with fp32 ``A`` is read as it is
     by :func:`hyclora.ops.lora_kernels.lora_down` instead of being cast to fp32 first."""
-    if fused is not None and meta.dropout_p == 0 and x.dtype != lora_a.dtype:
+    if meta.dropout_p == 0 and _reads_16bit(fused, x, lora_a):
         from .lora_kernels import lora_down
 
         return lora_down(x, lora_a, backend=fused), None
@@ -208,9 +208,10 @@ def lora_linear_backward(
     """Return ``(dx, dbias, dA, dB)``; A/B gradients are reduced over all tokens explicitly.
 
     ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it. ``fused`` (a
-    kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy`` the LoRA
-    part of ``dx`` is added by :func:`hyclora.ops.lora_kernels.lora_epilogue` (one rounding, no
-    fp32 (tokens, in) product and cast) instead of op by op.
+    kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy``, ``s dy B``,
+    ``dB`` and ``dA`` come from :mod:`hyclora.ops.lora_kernels` reading ``dy`` and ``x_hat`` as
+    they are (no fp32 copies), and the LoRA part of ``dx`` is added in one rounding
+    (:func:`hyclora.ops.lora_kernels.lora_epilogue`) instead of op by op.
     """
     return _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx,
                                  need_da, need_db, need_dbias, fused)[:4]

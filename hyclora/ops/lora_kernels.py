@@ -36,7 +36,12 @@ if triton is not None:
     _cast_out = _fs._cast_out
 
 _INTERPRET = _fs._INTERPRET
-EPILOGUE_BACKENDS = ("torch", "triton", "auto")
+
+
+def _triton(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` (``"torch"``, ``"triton"``, ``"auto"``; others raise naming them) runs
+    the Triton kernels for tensors on ``device``."""
+    return resolve_backend(backend, device) == "triton" and triton is not None
 
 
 if triton is not None:
@@ -111,7 +116,7 @@ def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
     return 64, 128, 16, 8
 
 
-def _triton_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -> bool:
+def _epilogue_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -> bool:
     if y_w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if not (xa.is_floating_point() and lora_b.is_floating_point()) or torch.float64 in (xa.dtype, lora_b.dtype):
@@ -174,17 +179,14 @@ def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> 
     """``xa = x @ A^T`` in ``A``'s dtype for ``x`` ``(..., in)`` and ``A`` ``(r, in)``.
     ``backend`` as for :func:`lora_epilogue`; the Triton path takes a 16-bit ``x`` with fp32 ``A``
     (it reads ``x`` once, 2 bytes per element, instead of casting it)."""
-    if backend not in EPILOGUE_BACKENDS:
-        raise ValueError(f"hyclora LoRA down-projection: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
-    if (backend == "torch" or triton is None or resolve_backend(backend, x.device) != "triton"
-            or not _down_takes(x, lora_a)):
+    if not (_triton(backend, x.device) and _down_takes(x, lora_a)):
         return lora_down_torch(x, lora_a)
     _fs._check_triton_device(x, lora_a)
     k, r = x.shape[-1], lora_a.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
+    a = lora_a  # any strides (the backward passes B^T as a view)
     m = x2.shape[0]
     out = torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m and r:
@@ -193,7 +195,7 @@ def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> 
         else:
             block_m, block_k, block_r, warps = _down_blocks(m, k, r)
             grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r), 1)
-            _rank_product_kernel[grid](x2, a, out, m, r, k, x2.stride(0), 1, a.stride(0), 1, 0, out.stride(0),
+            _rank_product_kernel[grid](x2, a, out, m, r, k, x2.stride(0), 1, *a.stride(), 0, out.stride(0),
                                        ITERS=triton.cdiv(k, block_k), BLOCK_ROWS=block_m, BLOCK_K=block_k,
                                        BLOCK_COLS=block_r, **({} if _INTERPRET else dict(num_warps=warps)))
     return out.view(*x.shape[:-1], r)
@@ -215,10 +217,7 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
     ``(..., r)``: the LoRA weight gradients ``dB = dy^T (x A^T)`` and ``dA^T = x^T (dy B)`` without
     an fp32 copy of ``x``. The Triton path reads ``x`` once (slices of tokens per program, fp32
     partial sums added by torch); else the torch reference (an fp32 copy, one matmul)."""
-    if backend not in EPILOGUE_BACKENDS:
-        raise ValueError(f"hyclora token-reduced product: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
-    if (backend == "torch" or triton is None or resolve_backend(backend, x.device) != "triton"
-            or x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != torch.float32
+    if (not _triton(backend, x.device) or x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != torch.float32
             or x.shape[:-1] != y.shape[:-1] or x.device != y.device
             or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
         return token_reduced_product_torch(x, y)
@@ -258,13 +257,10 @@ def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, sca
     ``(..., r)``, ``lora_b`` ``(out, r)``. ``backend``: ``"torch"`` (:func:`lora_epilogue_torch`),
     ``"triton"`` (one pass, see the module docstring) or ``"auto"`` (Triton for CUDA tensors);
     inputs the kernel does not take run the torch ops."""
-    if backend not in EPILOGUE_BACKENDS:
-        raise ValueError(f"hyclora LoRA epilogue: backend={backend!r} is invalid; use one of {EPILOGUE_BACKENDS}.")
-    if (backend != "torch" and triton is not None and resolve_backend(backend, y_w.device) == "triton"
-            and _triton_takes(y_w, xa, lora_b)):
+    if _triton(backend, y_w.device) and _epilogue_takes(y_w, xa, lora_b):
         return _lora_epilogue_triton(y_w, xa, lora_b, scaling)
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 
 __all__ = ["lora_epilogue", "lora_epilogue_torch", "lora_down", "lora_down_torch", "token_reduced_product",
-           "token_reduced_product_torch", "EPILOGUE_BACKENDS"]
+           "token_reduced_product_torch"]

@@ -529,8 +529,7 @@ def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: i
 # ``S2_SDPA_MIN_BLOCK`` tokens and flash below. Measured (BENCHMARKS.md run 7, H200, 7B shape,
 # hyclora + S²-Attn + GC, group 1/4, tokens/s sdpa vs flash): 8k (blocks of 2048) 8042 vs 9730,
 # 16k 10346 vs 9536, 32k 9494 vs 8293, 64k 8031 vs 6460. Why sdpa loses on short blocks is not
-# profiled (the 8k step is bound by host time, and sdpa's dispatch plus one autograd graph per
-# block adds host work per call).
+# profiled (a guess: sdpa's dispatch plus one autograd graph per block adds host work per call).
 S2_BLOCK_KERNELS = "auto"
 S2_SDPA_MIN_BLOCK = 4096
 

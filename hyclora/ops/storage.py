@@ -195,10 +195,12 @@ class StoragePolicy:
         return self.backend if self._fused else "torch"
 
     @property
-    def lora_epilogue(self) -> Optional[str]:
-        """How a LoRA term is added to its base output: ``None`` op by op (PEFT's roundings), else
-        the backend of the one-rounding epilogue (``intra_inter_full_fuse``; see
-        ``hyclora.ops.lora._add_lora``)."""
+    def lora_fused_backend(self) -> Optional[str]:
+        """How the LoRA linears compute their rank-r terms: ``None`` op by op (PEFT's roundings;
+        every layer type but full_fuse), else the backend of the fused LoRA ops
+        (``intra_inter_full_fuse``: the one-rounding epilogue, and the kernels that read 16-bit
+        activations with fp32 adapters; ``hyclora.ops.lora``). Unlike :attr:`fused_backend`,
+        ``"torch"`` here still means the fused path (``addmm``), so the two differ."""
         return self.backend if self._fused else None
 
     @property
