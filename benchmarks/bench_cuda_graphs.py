@@ -3,7 +3,8 @@ step eager and PEFT LoRA, in one process (hyclora.cuda_graphs, experimental).
 
 Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
 weights, PEFT LoRA r=16 on all seven linears, sdpa (the model builder of
-bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variants:
+bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variants (four with
+``--lora_ops_ab``: the eager step again with ``hyclora.ops.lora.FUSED_LORA_OPS = False``):
 
 * ``PEFT LoRA``;
 * ``hyclora full_fuse 2-bit eager``: ``intra_inter_full_fuse``, q_bit 2, defaults otherwise;
@@ -135,6 +136,20 @@ def run_shape(args, device, dtype, bs, seq):
         row("hyclora full_fuse 2-bit eager", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
     revert_hyclora(model)
     model.zero_grad(set_to_none=True)
+    if args.lora_ops_ab:  # the same eager step with the fused LoRA ops off (op by op, as intra_inter)
+        from hyclora.ops import lora
+
+        name = "hyclora full_fuse 2-bit eager, LoRA op by op"
+        apply_hyclora(model, hcfg)
+        lora.FUSED_LORA_OPS = False
+        try:
+            row(name, **measure(model, ids, device, args.steps, calib + args.warmup))
+        except Exception as exc:
+            row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+        finally:
+            lora.FUSED_LORA_OPS = True
+            revert_hyclora(model)
+            model.zero_grad(set_to_none=True)
 
     name = "hyclora full_fuse 2-bit graphed"
     if device != "cuda":
@@ -210,6 +225,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after calibration)")
     parser.add_argument("--graph_warmup", type=int, default=3, help="make_graphed_callables warm-up iterations")
+    parser.add_argument("--lora_ops_ab", action="store_true",
+                        help="also time the eager step with hyclora.ops.lora.FUSED_LORA_OPS = False")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
 
@@ -237,7 +254,7 @@ def main():
         same = [x for x in rows if x["shape"] == r["shape"]]
         peft = next((x["tok_s"] for x in same if x["variant"] == "PEFT LoRA"), NAN)
         gc_tok_s = next((x["tok_s"] for x in same if x["variant"] == "PEFT LoRA + GC"), NAN)
-        eager = next((x["tok_s"] for x in same if x["variant"].endswith("eager")), NAN)
+        eager = next((x["tok_s"] for x in same if x["variant"] == "hyclora full_fuse 2-bit eager"), NAN)
         print(f"| {r['shape']} | {r['variant']} | {r['tok_s']:.0f} | {r['tok_s'] / peft:.2f} | "
               f"{r['tok_s'] / gc_tok_s:.2f} | {r['tok_s'] / eager:.2f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['resident_gib']:.2f} | "
               f"{r['capture_peak_gib']:.2f} | {r['grad_max_rel_diff']:.2e} | {r['loss_abs_diff']:.2e} | {r['note']} |")

@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
                    help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
+    p.add_argument("--lora_ops", default="fused", choices=["fused", "op_by_op"],
+                   help="full_fuse's LoRA terms: fused ops (default) or op by op (hyclora.ops.lora.FUSED_LORA_OPS)")
     p.add_argument("--cprofile", action="store_true",
                    help="after the timed steps, one more step under cProfile (host Python time): cprofile-<method>-<ctx>.txt")
     p.add_argument("--profile", action="store_true",
@@ -403,6 +405,10 @@ def main(argv=None) -> Dict[str, list]:
         import hyclora.ops.s2attn as s2attn
 
         s2attn.S2_BLOCK_KERNELS = args.s2_kernels
+    if args.lora_ops == "op_by_op":
+        import hyclora.ops.lora as lora
+
+        lora.FUSED_LORA_OPS = False
     if args.mlp_chunk_elements >= 0:
         import hyclora.ops.blocks as blocks
 

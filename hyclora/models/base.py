@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from hyclora.ops import lora as lora_ops
 from hyclora.ops.attention import block_attention_mask, check_implementation
 from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
 from hyclora.ops.rmsnorm import RMSNormFn
@@ -396,7 +397,7 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
             # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
             # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True
-            if patch.config.layer_type == "intra_inter_full_fuse":
+            if patch.config.layer_type == "intra_inter_full_fuse" and lora_ops.FUSED_LORA_OPS:
                 return _with_fused_projections(layer, patch, args, kwargs)
         return patch.original_forward(*args, **kwargs)
     return patch.adapter.compressed_forward(layer, patch, args, kwargs)

@@ -26,6 +26,12 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+# ``intra_inter_full_fuse`` computes the LoRA terms with the fused LoRA ops (the one-rounding
+# epilogue and the kernels of ``hyclora.ops.lora_kernels``); False runs them op by op as the other
+# layer types do (PEFT's roundings). Read at each step; for A/B timing (the benchmarks' LoRA-ops
+# switches) and as an escape hatch should a fused path misbehave on some GPU.
+FUSED_LORA_OPS = True
+
 
 @dataclass(frozen=True)
 class LinearMeta:

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from hyclora.ops import lora as _lora
+
 COMPRESSING_TYPES = ("intra", "intra_inter", "intra_inter_full_fuse")
 LAYER_TYPES = ("baseline",) + COMPRESSING_TYPES
 PROBS_MODES = ("auto", "dense", "sparse", "recompute")
@@ -200,8 +202,9 @@ class StoragePolicy:
         every layer type but full_fuse), else the backend of the fused LoRA ops
         (``intra_inter_full_fuse``: the one-rounding epilogue, and the kernels that read 16-bit
         activations with fp32 adapters; ``hyclora.ops.lora``). Unlike :attr:`fused_backend`,
-        ``"torch"`` here still means the fused path (``addmm``), so the two differ."""
-        return self.backend if self._fused else None
+        ``"torch"`` here still means the fused path (``addmm``), so the two differ.
+        ``hyclora.ops.lora.FUSED_LORA_OPS = False`` turns the fused LoRA ops off everywhere."""
+        return self.backend if self._fused and _lora.FUSED_LORA_OPS else None
 
     @property
     def store_elementwise(self) -> bool:

@@ -98,15 +98,8 @@ def test_torch_backend_is_the_reference_and_grad_calls_stay_differentiable():
         ep.lora_epilogue(y_w, xa, b.detach(), 1.0, backend="cuda")
 
 
-@needs_triton
-def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatch):
-    # PEFT's default keeps LoRA weights in fp32 on a bf16 base; full_fuse then adds each LoRA
-    # term in one pass (forward outputs, the rebuilt v, the input gradients) and stays as close
-    # to intra_inter (op by op) as the bf16 roundings of the two paths allow
-    from hy_models_util import lora_model, step_grads, tiny_model, worst_rel_err
-
-    from hyclora.config import HyCLoRAConfig
-    from hyclora.models import apply_hyclora, revert_hyclora
+def _bf16_model_with_fp32_adapters():
+    from hy_models_util import lora_model, tiny_model
 
     model = lora_model(tiny_model("llama", "sdpa", num_hidden_layers=1, intermediate_size=45), r=12, alpha=16)
     model.to(torch.bfloat16)
@@ -114,6 +107,57 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
         if "lora_" in name:
             p.data = p.data.float()
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    return model
+
+
+def test_switch_turns_the_fused_lora_ops_off_in_every_pass(monkeypatch):
+    # hyclora.ops.lora.FUSED_LORA_OPS = False: full_fuse runs its LoRA terms op by op (no fused
+    # op in the compressed forward, the backward or a checkpoint's plain first pass)
+    from hy_models_util import step_grads
+
+    from hyclora.config import HyCLoRAConfig
+    from hyclora.models import apply_hyclora, revert_hyclora
+    from hyclora.ops import lora
+    from hyclora.ops.storage import StoragePolicy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fused LoRA op ran with FUSED_LORA_OPS = False")
+
+    for name in ("lora_epilogue", "lora_down", "token_reduced_product"):
+        monkeypatch.setattr(ep, name, refuse)
+    monkeypatch.setattr(lora, "FUSED_LORA_OPS", False)
+    assert StoragePolicy(layer_type="intra_inter_full_fuse", bits=2, backend="torch").lora_fused_backend is None
+    model = _bf16_model_with_fp32_adapters()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=8, iteration_threshold=0,
+                                       kernel_backend="torch"))
+    try:
+        loss, grads = step_grads(model, {"input_ids": ids, "labels": ids})
+    finally:
+        revert_hyclora(model)
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
+    monkeypatch.setattr(lora, "FUSED_LORA_OPS", True)  # and on again: the fused ops run
+    with pytest.raises(AssertionError, match="FUSED_LORA_OPS"):
+        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=8, iteration_threshold=0,
+                                           kernel_backend="torch"))
+        try:
+            step_grads(model, {"input_ids": ids, "labels": ids})
+        finally:
+            revert_hyclora(model)
+
+
+@needs_triton
+def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatch):
+    # PEFT's default keeps LoRA weights in fp32 on a bf16 base; full_fuse then adds each LoRA
+    # term in one pass (forward outputs, the rebuilt v, the input gradients) and stays as close
+    # to intra_inter (op by op) as the bf16 roundings of the two paths allow
+    from hy_models_util import step_grads, worst_rel_err
+
+    from hyclora.config import HyCLoRAConfig
+    from hyclora.models import apply_hyclora, revert_hyclora
+
+    model = _bf16_model_with_fp32_adapters()
     calls = []
     real = ep._lora_epilogue_triton
     monkeypatch.setattr(ep, "_lora_epilogue_triton", lambda *a: calls.append(a[0].shape) or real(*a))
