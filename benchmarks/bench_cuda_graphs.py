@@ -3,8 +3,9 @@ step eager and PEFT LoRA, in one process (hyclora.cuda_graphs, experimental).
 
 Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
 weights, PEFT LoRA r=16 on all seven linears, sdpa (the model builder of
-bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variants (four with
-``--lora_ops_ab``: the eager step again with ``hyclora.ops.lora.FUSED_LORA_OPS = False``):
+bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variants (five with
+``--lora_ops_ab``: the eager step again with ``hyclora.ops.lora.FUSED_LORA_OPS = False``, and with
+``hyclora.ops.lora_kernels.EAGER_MIN_TOKENS = 0``):
 
 * ``PEFT LoRA``;
 * ``hyclora full_fuse 2-bit eager``: ``intra_inter_full_fuse``, q_bit 2, defaults otherwise;
@@ -136,20 +137,25 @@ def run_shape(args, device, dtype, bs, seq):
         row("hyclora full_fuse 2-bit eager", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
     revert_hyclora(model)
     model.zero_grad(set_to_none=True)
-    if args.lora_ops_ab:  # the same eager step with the fused LoRA ops off (op by op, as intra_inter)
-        from hyclora.ops import lora
+    if args.lora_ops_ab:
+        # the same eager step with the fused LoRA ops off (op by op, as intra_inter), and with their
+        # Triton kernels launched at any token count (eagerly only from EAGER_MIN_TOKENS)
+        from hyclora.ops import lora, lora_kernels
 
-        name = "hyclora full_fuse 2-bit eager, LoRA op by op"
-        apply_hyclora(model, hcfg)
-        lora.FUSED_LORA_OPS = False
-        try:
-            row(name, **measure(model, ids, device, args.steps, calib + args.warmup))
-        except Exception as exc:
-            row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
-        finally:
-            lora.FUSED_LORA_OPS = True
-            revert_hyclora(model)
-            model.zero_grad(set_to_none=True)
+        for name, module, attr, value in (("hyclora full_fuse 2-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
+                                          ("hyclora full_fuse 2-bit eager, LoRA kernels always", lora_kernels,
+                                           "EAGER_MIN_TOKENS", 0)):
+            apply_hyclora(model, hcfg)
+            saved = getattr(module, attr)
+            setattr(module, attr, value)
+            try:
+                row(name, **measure(model, ids, device, args.steps, calib + args.warmup))
+            except Exception as exc:
+                row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+            finally:
+                setattr(module, attr, saved)
+                revert_hyclora(model)
+                model.zero_grad(set_to_none=True)
 
     name = "hyclora full_fuse 2-bit graphed"
     if device != "cuda":

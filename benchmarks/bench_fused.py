@@ -31,6 +31,9 @@
    The dense-input kernels (``dense:`` rows, 32 heads x 128, 4x512 and 1x8192 tokens): the RMSNorm
    backward with residual and weight gradient, the renormalisation from rstd, and RoPE forward and
    backward, each against the torch ops it replaces (``torch:`` rows).
+   The fused LoRA ops (``lora:`` rows, fp32 adapters on bf16, 2048 and 8192 tokens x 4096 and
+   11008 features): down-projection, token-reduced weight-gradient product, epilogue, against
+   their op-by-op torch expressions (``--sweep``: also every tile of a list).
 2. Full steps (forward + backward, no optimizer) of a Llama-2-7B-shaped model with random bf16
    weights and PEFT LoRA r=16 on all seven linears, through bench_memory_throughput.run_variant:
    PEFT LoRA, PEFT LoRA + gradient checkpointing, intra_inter and intra_inter_full_fuse at the
@@ -396,6 +399,74 @@ def dense_rows(args, device, backend, timer):
     return rows
 
 
+def lora_rows(args, device, backend, timer):
+    """The fused LoRA ops for PEFT's fp32 adapters on a bf16 base (hyclora.ops.lora_kernels)
+    against the op-by-op torch expressions they replace: the down-projection ``x A^T`` (bytes: x
+    read), the token-reduced weight-gradient product ``x^T y`` (x read) and the epilogue
+    ``y_w + s xa B^T`` (y_w read, y written). Timed inside ``launches_are_free()`` (eagerly the
+    kernels only launch from ``EAGER_MIN_TOKENS`` tokens). ``--sweep``: every tile of the list."""
+    from hyclora.ops import lora_kernels as lk
+
+    shapes = [(64, 96)] if args.smoke else [(2048, 4096), (2048, 11008), (8192, 4096), (8192, 11008)]
+    r, dtype = args.rank, torch.bfloat16
+    down_tiles = [None] + ([(16, 64, 4, 1), (32, 64, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (128, 64, 8, 1),
+                            (64, 64, 4, 4), (128, 64, 4, 4), (64, 64, 8, 2)] if args.sweep else [])
+    reduce_tiles = [None] + ([(32, 64, 4, 0), (128, 64, 8, 0), (64, 128, 4, 0), (64, 32, 4, 0), (64, 64, 4, -1),
+                              (64, 64, 4, 1), (128, 128, 8, 0)] if args.sweep else [])
+    rows = []
+    with lk.launches_are_free():
+        for m, n in shapes:
+            g = torch.Generator(device=device).manual_seed(7)
+            x = torch.randn(m, n, generator=g, device=device).to(dtype)
+            a = torch.randn(r, n, generator=g, device=device) * 0.02
+            y = torch.randn(m, r, generator=g, device=device)
+            y_w = torch.randn(m, n, generator=g, device=device).to(dtype)
+            b = torch.randn(n, r, generator=g, device=device) * 0.02
+            row, bw_copy = _copy_row(timer, x, m, n, "lora: copy")
+            rows.append(row)
+            es = x.element_size()
+
+            def down(tiles):
+                if tiles is None:
+                    return lambda: lk.lora_down(x, a, backend=backend)
+                bm, bk, warps, slices = tiles
+                per = -(-n // slices)
+                return lambda: lk.lora_down(x, a, backend=backend, tiles=(bm, bk, 16 if r <= 16 else 32, warps, per))
+
+            def reduce(tiles):
+                if tiles is None:
+                    return lambda: lk.token_reduced_product(x, y, backend=backend)
+                bn, bt, warps, shift = tiles
+                per = lk._reduce_tiles(m, n, r)[4]
+                per = max(bt, per * 2 ** shift)
+                return lambda: lk.token_reduced_product(x, y, backend=backend,
+                                                        tiles=(bn, bt, 16 if r <= 16 else 32, warps, per))
+
+            cases = [("lora: down x A^T", t, 1, down(t), lambda: lk.lora_down_torch(x, a)) for t in down_tiles]
+            cases += [("lora: x^T y over tokens", t, 1, reduce(t), lambda: lk.token_reduced_product_torch(x, y))
+                      for t in reduce_tiles]
+            cases.append(("lora: epilogue y_w + s xa B^T", None, 2, lambda: lk.lora_epilogue(y_w, y, b, 2.0, backend=backend),
+                          lambda: lk.lora_epilogue_torch(y_w, y, b, 2.0)))
+            timed_torch = set()
+            for op, tiles, passes, fused, unfused in cases:
+                start = len(rows)
+                err = _rel(fused(), unfused())
+                nbytes = passes * x.numel() * es
+                t = timer(fused)
+                name = op + ("" if tiles is None else f" tiles {tiles}")
+                rows.append(dict(tokens=m, d_ff=n, bits="-", op=name, ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                                 pct_copy=100 * nbytes / t / bw_copy, err=f"rel {err:.1e} vs torch"))
+                if op not in timed_torch:
+                    timed_torch.add(op)
+                    t = timer(unfused)
+                    rows.append(dict(tokens=m, d_ff=n, bits="-", op=op.replace("lora:", "torch:"), ms=t * 1e3,
+                                     gb_s=float("nan"), pct_copy=float("nan"), err="-"))
+                for r_ in rows[start:]:
+                    print(f"{m:6d} x {n:6d} {r_['op']:48s} {r_['ms']:8.3f} ms  {r_['gb_s']:7.1f} GB/s  "
+                          f"{r_['pct_copy']:5.1f}% of copy  {r_['err']}", flush=True)
+    return rows
+
+
 def step_rows(args, device):
     from bench_memory_throughput import build_model, run_variant
 
@@ -457,8 +528,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 GPU, 2 smoke)")
-    ap.add_argument("--sweep", action="store_true", help="time every tile configuration of both kernels")
+    ap.add_argument("--sweep", action="store_true", help="time every tile configuration of the swept kernels")
     ap.add_argument("--no-steps", action="store_true", help="kernels only")
+    ap.add_argument("--only", default=None, choices=["swiglu", "norm", "rope", "dense", "lora"],
+                    help="one family of kernel rows only")
     ap.add_argument("--shapes", default="4x512,1x4096", help="full-step shapes, comma-separated BSxSEQ")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--steps", type=int, default=4)
@@ -483,8 +556,9 @@ def main(argv=None) -> int:
     print(f"bench_fused: {gpu}, torch {torch.__version__}, backend={backend}, r={args.rank}, "
           f"{datetime.date.today().isoformat()}, median of {reps} reps")
 
-    krows = (kernel_rows(args, device, backend, timer) + norm_rows(args, device, backend, timer)
-             + rope_rows(args, device, backend, timer) + dense_rows(args, device, backend, timer))
+    families = dict(swiglu=kernel_rows, norm=norm_rows, rope=rope_rows, dense=dense_rows, lora=lora_rows)
+    krows = [row for name, rows_of in families.items() if args.only in (None, name)
+             for row in rows_of(args, device, backend, timer)]
     print("\n| tokens x d_ff | bits | op | ms | GB/s | % of copy bandwidth | check |")
     print("|---|---|---|---|---|---|---|")
     for r in krows:

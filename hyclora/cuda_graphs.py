@@ -92,6 +92,7 @@ from torch import nn
 
 from hyclora.models.api import patched_layers
 from hyclora.models.base import adapter_state_key, in_backward_pass
+from hyclora.ops.lora_kernels import launches_are_free
 from hyclora.quant.checks import FiniteGuard
 
 __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
@@ -510,8 +511,11 @@ class DecoderLayerGraphs:
         try:
             # allow_unused_input: a trainable parameter the compressed path does not use gets no
             # gradient, as in the eager step
-            graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
-                                    allow_unused_input=True)
+            # the fused LoRA kernels run at any token count in the warm-ups and the capture (a
+            # replay launches nothing from the host)
+            with launches_are_free():
+                graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
+                                        allow_unused_input=True)
         except Exception as exc:
             raise RuntimeError(f"hyclora.cuda_graphs: capturing the decoder layers failed ({type(exc).__name__}: "
                                f"{exc}). Train without graphs (graphs.remove()) and report this.") from exc

@@ -12,15 +12,20 @@ IEEE products (no TF32):
 * :func:`lora_epilogue`: ``y = y_w + s * (xa @ B^T)`` (also the LoRA part of an input gradient,
   ``dx + dxa @ A``), the product scaled, added to ``y_w`` in fp32, rounded once to ``y_w``'s dtype:
   the op-by-op operations up to the summation order of the rank-``r`` dot;
-* :func:`lora_down`: ``xa = x @ A^T`` in fp32 from a 16-bit ``x`` (upcast in registers): the
-  op-by-op ``F.linear(x.to(fp32), A)`` up to the summation order.
+* :func:`lora_down`: ``xa = x @ A^T`` in fp32 from a 16-bit ``x``: the op-by-op
+  ``F.linear(x.to(fp32), A)`` up to the summation order; :func:`token_reduced_product` (``x^T y``
+  over the tokens, the weight gradients) likewise. For a bf16 ``x`` both run on bf16 tensor cores
+  with the fp32 factor split into three bf16 parts (exact products, fp32 sums: ``_bf16x3_dot``);
+  fp16 inputs take fp32 FMA dots (their split parts could underflow fp16's range).
 
 The torch references are the op-by-op expressions. The Triton paths take what is described per
-function, outside autograd recording; anything else goes the torch way. Not timed on a GPU yet
-(BENCHMARKS.md run 7).
+function, outside autograd recording, and only where launching pays (:data:`EAGER_MIN_TOKENS`,
+:func:`launches_are_free`); anything else goes the torch way.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -62,14 +67,38 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _bf16x3_dot(acc, a, b, UPCAST: tl.constexpr):
+        """``acc + a @ b`` for a bf16 ``a`` and an fp32 ``b`` on bf16 tensor cores: ``b`` is split
+        into three bf16 parts (``hi + mid + lo``: 24 significant bits, all of fp32's), each product
+        with the exact bf16 ``a`` is exact in fp32 and accumulates in fp32, so the result is the
+        fp32 product up to summation order. ``UPCAST``: the same parts dotted in fp32 (the Triton
+        interpreter's bf16 dot is wrong)."""
+        hi = b.to(tl.bfloat16)
+        rest = b - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        if UPCAST:
+            a32 = a.to(tl.float32)
+            acc = tl.dot(a32, lo.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a32, mid.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a32, hi.to(tl.float32), acc, input_precision="ieee")
+        else:  # the small parts first
+            acc = tl.dot(a, lo, acc)
+            acc = tl.dot(a, mid, acc)
+            acc = tl.dot(a, hi, acc)
+        return acc
+
+    @triton.jit
     def _rank_product_kernel(
         a_ptr, b_ptr, out_ptr,
         ROWS, COLS, K, stride_a_row, stride_a_k, stride_b_col, stride_b_k, stride_o_split, stride_o_row,
         ITERS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        SPLIT_BF16: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # out[s, i, j] = sum over the s-th slice of ITERS * BLOCK_K of a[i, k] b[j, k] (fp32): the
-        # down-projection (rows = tokens, k = features, one slice) and the token-reduced weight
-        # gradients (rows = features, k = tokens in slices, partial sums per slice)
+        # out[s, i, j] = sum over the s-th slice of ITERS * BLOCK_K of a[i, k] b[j, k] (fp32) for a
+        # 16-bit a and an fp32 b: the down-projection (rows = tokens, k = features) and the
+        # token-reduced weight gradients (rows = features, k = tokens); partial sums per slice.
+        # SPLIT_BF16 (a is bf16): tensor-core dots of the split b (_bf16x3_dot); else fp32 FMA dots
         # int64 offsets: at 600k tokens x 11008 features they pass 2**31
         rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -77,9 +106,18 @@ if triton is not None:
         k0 = split.to(tl.int64) * (ITERS * BLOCK_K)
         mask_rows = rows < ROWS
         mask_cols = cols < COLS
-        acc = _fp32_product(tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), a_ptr + k0 * stride_a_k,
-                            b_ptr + k0 * stride_b_k, rows, cols, mask_rows, mask_cols, stride_a_row, stride_a_k,
-                            stride_b_col, stride_b_k, K - k0, ITERS, BLOCK_K)
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+        for it in range(ITERS):
+            rk = k0 + (it * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = rk < K
+            a = tl.load(a_ptr + rows[:, None] * stride_a_row + rk[None, :] * stride_a_k,
+                        mask=mask_rows[:, None] & mask_k[None, :], other=0.0)
+            bt = tl.load(b_ptr + cols[None, :] * stride_b_col + rk[:, None] * stride_b_k,
+                         mask=mask_k[:, None] & mask_cols[None, :], other=0.0).to(tl.float32)
+            if SPLIT_BF16:
+                acc = _bf16x3_dot(acc, a, bt, UPCAST)
+            else:
+                acc += tl.dot(a.to(tl.float32), bt, input_precision="ieee")
         tl.store(out_ptr + split * stride_o_split + rows[:, None] * stride_o_row + cols[None, :], acc,
                  mask=mask_rows[:, None] & mask_cols[None, :])
 
@@ -152,14 +190,72 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
     return out.view(y_w.shape)
 
 
-def _down_blocks(m: int, k: int, r: int, interpret: bool = _INTERPRET):
-    """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps)``."""
+# -- when to launch ------------------------------------------------------------------------------
+# A Triton launch costs tens of microseconds of Python on the host (argument binding, the
+# specialisation key), a cast or a cuBLAS GEMM a few. At a few thousand tokens per step a
+# hyclora step is bound by the host (measured, H200, 7B shape, 4 x 512: the fused LoRA kernels
+# made the eager step 23% slower while they saved device time; BENCHMARKS.md run 8), so eagerly
+# they run only from EAGER_MIN_TOKENS tokens per call; under CUDA graph capture (and the warm-ups
+# that precede it: :func:`launches_are_free`) launches cost nothing at replay and they always run.
+EAGER_MIN_TOKENS = 8192
+_free_launches = 0
+
+
+@contextlib.contextmanager
+def launches_are_free():
+    """Inside, the fused LoRA kernels run at any token count (``hyclora.cuda_graphs`` wraps its
+    warm-ups and capture in it: the kernels a graph replays must be the ones it warmed up)."""
+    global _free_launches
+    _free_launches += 1
+    try:
+        yield
+    finally:
+        _free_launches -= 1
+
+
+def _worth_launching(tokens: int, device: torch.device) -> bool:
+    if _INTERPRET or _free_launches or tokens >= EAGER_MIN_TOKENS:
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# -- the rank-r products -----------------------------------------------------------------------------
+def _down_tiles(m: int, k: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps, k_slices)`` of the down-projection."""
+    block_r = max(16, min(_fs._next_pow2(r), 32))
+    if interpret:  # the interpreter pays per program (~5 ms): few, large ones
+        return max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(k), 512)), block_r, 4, 1
+    # memory-bound on bf16 tensor cores (the split fp32 factor, 3 dots): enough programs to
+    # fill the GPU at a few thousand tokens, the factor re-read from L2 by each row tile
+    return 64, 64, block_r, 4, 1
+
+
+def _reduce_tiles(t: int, n: int, r: int, interpret: bool = _INTERPRET):
+    """``(BLOCK_N, BLOCK_T, BLOCK_R, num_warps, tokens_per_slice)`` of the token-reduced product."""
     block_r = max(16, min(_fs._next_pow2(r), 32))
     if interpret:
-        return max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(k), 512)), block_r, 4
-    # fp32 FMA dot: M x K x r multiply-adds against M x K x 2 bytes read, about balanced on an
-    # H200 at r = 16; 32-row tiles keep 64 programs busy at 2048 tokens. Not timed on a GPU yet.
-    return 32, 64, block_r, 4
+        return max(16, min(_fs._next_pow2(n), 256)), 64, block_r, 4, max(64, min(_fs._next_pow2(t), 1024))
+    # slices of tokens per program (fp32 partial sums added by torch): about 4 programs per SM of
+    # an H100/H200 (132) over the feature tiles and the slices; a power of two (a constexpr)
+    slices = max(1, 528 // triton.cdiv(n, 64))
+    per_slice = max(256, min(65536, _fs._next_pow2(triton.cdiv(t, slices))))
+    return 64, 64, block_r, 4, per_slice
+
+
+def _rank_product(a2, a_strides, b, b_strides, rows, cols, k, tiles, out_dtype=torch.float32):
+    """``sum_k a[i, k] b[j, k]`` (``rows x cols``, fp32) by :func:`_rank_product_kernel` with
+    ``tiles = (BLOCK_ROWS, BLOCK_K, BLOCK_COLS, num_warps, k_per_slice)``; ``a`` 16-bit, ``b``
+    fp32 (any strides given as ``(row/col, k)``)."""
+    block_rows, block_k, block_cols, warps, per_slice = tiles
+    per_slice = max(block_k, per_slice - per_slice % block_k)
+    slices = triton.cdiv(k, per_slice)
+    out = torch.empty(slices, rows, cols, dtype=torch.float32, device=a2.device)
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols), slices)
+    _rank_product_kernel[grid](a2, b, out, rows, cols, k, *a_strides, *b_strides, rows * cols, cols,
+                               ITERS=per_slice // block_k, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+                               BLOCK_COLS=block_cols, SPLIT_BF16=a2.dtype == torch.bfloat16, UPCAST=_INTERPRET,
+                               **({} if _INTERPRET else dict(num_warps=warps)))
+    return out[0] if slices == 1 else out.sum(0)
 
 
 def _down_takes(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
@@ -175,29 +271,25 @@ def lora_down_torch(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x if x.dtype == lora_a.dtype else x.to(lora_a.dtype), lora_a)
 
 
-def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch", *, tiles=None) -> torch.Tensor:
     """``xa = x @ A^T`` in ``A``'s dtype for ``x`` ``(..., in)`` and ``A`` ``(r, in)``.
     ``backend`` as for :func:`lora_epilogue`; the Triton path takes a 16-bit ``x`` with fp32 ``A``
-    (it reads ``x`` once, 2 bytes per element, instead of casting it)."""
-    if not (_triton(backend, x.device) and _down_takes(x, lora_a)):
+    (it reads ``x`` once, 2 bytes per element, instead of casting it). ``tiles`` overrides the
+    tile choice (benchmark sweeps)."""
+    tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    if not (_triton(backend, x.device) and _down_takes(x, lora_a) and _worth_launching(tokens, x.device)):
         return lora_down_torch(x, lora_a)
     _fs._check_triton_device(x, lora_a)
     k, r = x.shape[-1], lora_a.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    a = lora_a  # any strides (the backward passes B^T as a view)
     m = x2.shape[0]
-    out = torch.empty(m, r, dtype=torch.float32, device=x.device)
-    if m and r:
-        if k == 0:
-            out.zero_()
-        else:
-            block_m, block_k, block_r, warps = _down_blocks(m, k, r)
-            grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r), 1)
-            _rank_product_kernel[grid](x2, a, out, m, r, k, x2.stride(0), 1, *a.stride(), 0, out.stride(0),
-                                       ITERS=triton.cdiv(k, block_k), BLOCK_ROWS=block_m, BLOCK_K=block_k,
-                                       BLOCK_COLS=block_r, **({} if _INTERPRET else dict(num_warps=warps)))
+    if m == 0 or r == 0 or k == 0:
+        return torch.zeros(*x.shape[:-1], r, dtype=torch.float32, device=x.device)
+    # A is read as the (k, r) factor through its strides (the backward passes B^T as a view)
+    out = _rank_product(x2, (x2.stride(0), 1), lora_a, lora_a.stride(), m, r, k,
+                        tiles or _down_tiles(m, k, r))
     return out.view(*x.shape[:-1], r)
 
 
@@ -206,20 +298,15 @@ def token_reduced_product_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return x.reshape(-1, x.shape[-1]).float().t().mm(y.reshape(-1, y.shape[-1]).float())
 
 
-# tokens per program of the token-reduced product: a few fixed slice lengths (a constexpr each:
-# one compile per length, not per sequence length); longer inputs take longer slices so the fp32
-# partial sums ((slices, N, r)) stay small
-_TOKEN_SLICES = (1024, 8192, 65536)
-
-
-def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torch", *, tiles=None) -> torch.Tensor:
     """``x^T y`` summed over all tokens, in fp32, for a 16-bit ``x`` ``(..., N)`` and an fp32 ``y``
     ``(..., r)``: the LoRA weight gradients ``dB = dy^T (x A^T)`` and ``dA^T = x^T (dy B)`` without
     an fp32 copy of ``x``. The Triton path reads ``x`` once (slices of tokens per program, fp32
     partial sums added by torch); else the torch reference (an fp32 copy, one matmul)."""
     if (not _triton(backend, x.device) or x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != torch.float32
             or x.shape[:-1] != y.shape[:-1] or x.device != y.device
-            or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
+            or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+            or not _worth_launching(y.numel() // max(1, y.shape[-1]), x.device)):
         return token_reduced_product_torch(x, y)
     _fs._check_triton_device(x, y)
     n, r = x.shape[-1], y.shape[-1]
@@ -230,25 +317,9 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
     t = x2.shape[0]
     if t == 0 or n == 0 or r == 0:
         return torch.zeros(n, r, dtype=torch.float32, device=x.device)
-    block_n, block_t, block_r, warps = _reduce_blocks(n, r)
-    per_slice = next((c for c in _TOKEN_SLICES if t <= 64 * c), _TOKEN_SLICES[-1])
-    per_slice = max(block_t, min(per_slice, _fs._next_pow2(t)))
-    slices = triton.cdiv(t, per_slice)
-    part = torch.empty(slices, n, r, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(r, block_r), slices)
-    _rank_product_kernel[grid](x2, y2, part, n, r, t, 1, x2.stride(0), y2.stride(1), y2.stride(0), n * r, r,
-                               ITERS=per_slice // block_t, BLOCK_ROWS=block_n, BLOCK_K=block_t,
-                               BLOCK_COLS=block_r, **({} if _INTERPRET else dict(num_warps=warps)))
-    return part[0] if slices == 1 else part.sum(0)
-
-
-def _reduce_blocks(n: int, r: int, interpret: bool = _INTERPRET):
-    """``(BLOCK_N, BLOCK_T, BLOCK_R, num_warps)`` of the token-reduced product."""
-    block_r = max(16, min(_fs._next_pow2(r), 32))
-    if interpret:
-        return max(16, min(_fs._next_pow2(n), 256)), 64, block_r, 4
-    # N x BLOCK_T tiles of x (tokens in the reduction), an fp32 FMA dot; not timed on a GPU yet
-    return 64, 32, block_r, 4
+    # rows = features (stride 1 in x), k = tokens; y read as the (r, tokens) factor
+    return _rank_product(x2, (1, x2.stride(0)), y2, (y2.stride(1), y2.stride(0)), n, r, t,
+                         tiles or _reduce_tiles(t, n, r))
 
 
 def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -257,10 +328,11 @@ def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, sca
     ``(..., r)``, ``lora_b`` ``(out, r)``. ``backend``: ``"torch"`` (:func:`lora_epilogue_torch`),
     ``"triton"`` (one pass, see the module docstring) or ``"auto"`` (Triton for CUDA tensors);
     inputs the kernel does not take run the torch ops."""
-    if _triton(backend, y_w.device) and _epilogue_takes(y_w, xa, lora_b):
+    if (_triton(backend, y_w.device) and _epilogue_takes(y_w, xa, lora_b)
+            and _worth_launching(y_w.numel() // max(1, y_w.shape[-1]), y_w.device)):
         return _lora_epilogue_triton(y_w, xa, lora_b, scaling)
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 
-__all__ = ["lora_epilogue", "lora_epilogue_torch", "lora_down", "lora_down_torch", "token_reduced_product",
-           "token_reduced_product_torch"]
+__all__ = ["EAGER_MIN_TOKENS", "launches_are_free", "lora_epilogue", "lora_epilogue_torch", "lora_down",
+           "lora_down_torch", "token_reduced_product", "token_reduced_product_torch"]

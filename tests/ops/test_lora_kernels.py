@@ -67,9 +67,10 @@ def test_kernel_equals_the_op_by_op_expression(m, n, r, out_dtype, factor_dtype,
     assert got.dtype == ref.dtype == out_dtype and got.shape == ref.shape
     # only the rank-r dot's fp32 summation order differs: a 16-bit result's final rounding lands
     # on a neighbour now and then (one unit in the last place); fp32 results carry each order's
-    # own rounding errors (measured up to 1.25 units of the operands' magnitude; asserted 2)
+    # own rounding errors (measured up to 1.25 units of the operands' magnitude on the CPU, 2.59
+    # against cuBLAS's fp32 GEMM on an H200; asserted 4)
     apart = _ulps_apart(got, ref, y_w, xa, b, scaling)
-    assert float(apart.max()) <= (2.0 if out_dtype == torch.float32 else 1.0 + 1e-6)
+    assert float(apart.max()) <= (4.0 if out_dtype == torch.float32 else 1.0 + 1e-6)
     if out_dtype != torch.float32:
         assert float((apart > 0).float().mean()) < 0.02
 
@@ -201,8 +202,8 @@ def test_linear_backward_adds_the_lora_part_of_dx_in_one_rounding():
     xa = torch.nn.functional.linear(x_hat.float(), a)
     plain = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b)
     fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused="triton")
-    for p_, f_ in zip(plain[2:], fused[2:]):  # dA, dB: the same ops
-        assert torch.equal(p_, f_)
+    for p_, f_ in zip(plain[2:], fused[2:]):  # dA, dB: the same products, fp32 sums in another order
+        assert p_.dtype == f_.dtype and torch.allclose(p_, f_, rtol=1e-5, atol=1e-5 * float(p_.abs().max()))
     exact = (torch.nn.functional.linear(dy, w.t()).float()
              + torch.nn.functional.linear(2.0 * torch.nn.functional.linear(dy.float(), b.t()), a.t()))
     err_fused = (fused[0].float() - exact).abs().max()
@@ -228,26 +229,19 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
                               consts=dict(SCALE_ONE=r == 8, RNE=False, R_CHUNKS=-(-r // block_r), BLOCK_M=block_m,
                                           BLOCK_N=block_n, BLOCK_R=block_r),
                               warps=warps, tag=[out, r]))
-    from hyclora.ops.lora_kernels import _down_blocks
+    from hyclora.ops.lora_kernels import _down_tiles, _reduce_tiles
 
     for x_dt in ("bf16", "fp16"):
         for r in (8, 128):
-            block_m, block_k, block_r, warps = _down_blocks(4096, 4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
-                              ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
-                              consts=dict(ITERS=4096 // block_k, BLOCK_ROWS=block_m, BLOCK_K=block_k,
-                                          BLOCK_COLS=block_r),
-                              warps=warps, tag=["down", x_dt, r]))
-    from hyclora.ops.lora_kernels import _TOKEN_SLICES, _reduce_blocks
-
-    for x_dt in ("bf16", "fp16"):
-        for r in (8, 128):
-            block_n, block_t, block_r, warps = _reduce_blocks(4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
-                              ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
-                              consts=dict(ITERS=_TOKEN_SLICES[0] // block_t, BLOCK_ROWS=block_n, BLOCK_K=block_t,
-                                          BLOCK_COLS=block_r),
-                              warps=warps, tag=["reduce", x_dt, r]))
+            for what, (rows, block_k, block_cols, warps, per_slice) in (
+                    ("down", _down_tiles(4096, 4096, r, interpret=False)),
+                    ("reduce", _reduce_tiles(16384, 4096, r, interpret=False))):
+                per_slice = 4096 if what == "down" else per_slice
+                cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
+                                  ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
+                                  consts=dict(ITERS=per_slice // block_k, BLOCK_ROWS=rows, BLOCK_K=block_k,
+                                              BLOCK_COLS=block_cols, SPLIT_BF16=x_dt == "bf16", UPCAST=False),
+                                  warps=warps, tag=[what, x_dt, r]))
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (tag, regs, stack)
 
@@ -334,3 +328,49 @@ def test_linear_backward_weight_gradients_from_16bit_tensors():
         assert f_.dtype == p_.dtype and f_.shape == p_.shape
         tol = 1e-5 if p_.dtype == torch.float32 else 1e-2
         assert float((f_.float() - p_.float()).norm() / p_.float().norm()) <= tol, name
+
+
+@needs_triton
+def test_split_bf16_products_keep_fp32_accuracy_over_the_whole_exponent_range():
+    # the fp32 factor is split into three bf16 parts: tiny and huge magnitudes keep fp32 accuracy
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
+    a = torch.randn(16, 96, generator=gen) * torch.tensor([1e-30, 1e-8, 1.0, 1e20]).repeat(4)[:, None]
+    exact = torch.nn.functional.linear(x.double(), a.double())
+    got = ep.lora_down(x.to(DEVICE), a.to(DEVICE), backend="triton").cpu().double()
+    scale = torch.nn.functional.linear(x.double().abs(), a.double().abs())
+    assert float(((got - exact).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 8
+    y = torch.randn(40, 16, generator=gen) * torch.tensor([1e-30, 1e-8, 1.0, 1e20]).repeat(4)
+    exact = x.double().t() @ y.double()
+    got = ep.token_reduced_product(x.to(DEVICE), y.to(DEVICE), backend="triton").cpu().double()
+    scale = x.double().abs().t() @ y.double().abs()
+    assert float(((got - exact).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 8
+
+
+def test_kernels_launch_eagerly_only_from_the_token_threshold(monkeypatch):
+    # a Triton launch costs more host time than the cast + GEMM it replaces at small token
+    # counts: eagerly the torch ops run below EAGER_MIN_TOKENS; launches_are_free() (graph
+    # capture and its warm-ups) lifts it
+    monkeypatch.setattr(ep, "_INTERPRET", False)
+    cpu = torch.device("cpu")
+    assert not ep._worth_launching(ep.EAGER_MIN_TOKENS - 1, cpu)
+    assert ep._worth_launching(ep.EAGER_MIN_TOKENS, cpu)
+    with ep.launches_are_free():
+        with ep.launches_are_free():
+            assert ep._worth_launching(1, cpu)
+        assert ep._worth_launching(1, cpu)
+    assert not ep._worth_launching(1, cpu)
+    with pytest.raises(RuntimeError):
+        with ep.launches_are_free():
+            raise RuntimeError("boom")
+    assert ep._free_launches == 0
+    # below the threshold the wrappers run the torch references (even with backend="triton")
+    monkeypatch.setattr(ep, "_rank_product_kernel", None)
+    monkeypatch.setattr(ep, "_triton", lambda backend, device: True)
+    x, a = torch.randn(5, 32).to(torch.bfloat16), torch.randn(4, 32)
+    assert torch.equal(ep.lora_down(x, a, backend="triton"), ep.lora_down_torch(x, a))
+    y = torch.randn(5, 4)
+    assert torch.equal(ep.token_reduced_product(x, y, backend="triton"), ep.token_reduced_product_torch(x, y))
+    y_w, b = torch.randn(5, 6).to(torch.bfloat16), torch.randn(6, 4)
+    monkeypatch.setattr(ep, "_lora_epilogue_triton", None)
+    assert torch.equal(ep.lora_epilogue(y_w, y, b, 0.5, backend="triton"), ep.lora_epilogue_torch(y_w, y, b, 0.5))
