@@ -72,6 +72,11 @@ def _lora_grads(model):
             if p.requires_grad and p.grad is not None}
 
 
+def _max_rel(a, b):
+    """The largest relative L2 difference over the gradients of ``b``."""
+    return max(float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)) for n in b)
+
+
 def measure(model, ids, device, steps, warmup, before_timing=None):
     """Warm-up steps, then ``steps`` timed ones: tok/s (median), peak above the memory allocated
     before the first step, memory resident between steps; ``before_timing()`` runs after warm-up."""
@@ -142,6 +147,7 @@ def run_shape(args, device, dtype, bs, seq):
         # Triton kernels launched at any token count (eagerly only from EAGER_MIN_TOKENS)
         from hyclora.ops import lora, lora_kernels
 
+        ab_grads = {}
         for name, module, attr, value in (("hyclora full_fuse 2-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
                                           ("hyclora full_fuse 2-bit eager, LoRA kernels always", lora_kernels,
                                            "EAGER_MIN_TOKENS", 0)):
@@ -149,13 +155,21 @@ def run_shape(args, device, dtype, bs, seq):
             saved = getattr(module, attr)
             setattr(module, attr, value)
             try:
-                row(name, **measure(model, ids, device, args.steps, calib + args.warmup))
+                result = measure(model, ids, device, args.steps, calib + args.warmup)
+                _step(model, ids)  # frozen statistics: the same step for both settings
+                ab_grads[name] = _lora_grads(model)
+                note = ""
+                if len(ab_grads) == 2:  # the kernels' gradients against op by op (bf16 + 2-bit roundings)
+                    ref, got = ab_grads.values()
+                    note = f"LoRA grads vs op by op: max rel {_max_rel(got, ref):.2e}"
+                row(name, **result, note=note)
             except Exception as exc:
                 row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
             finally:
                 setattr(module, attr, saved)
                 revert_hyclora(model)
                 model.zero_grad(set_to_none=True)
+        del ab_grads
 
     name = "hyclora full_fuse 2-bit graphed"
     if device != "cuda":
@@ -187,25 +201,26 @@ def run_shape(args, device, dtype, bs, seq):
         after = _alloc(device)
         result["resident_gib"] = (after - static) / 2**30
         result["peak_gib"] = (torch.cuda.max_memory_allocated() - static) / 2**30
-        # gradient check: same batch, same frozen statistics, graphed then eager
+        # gradient check: same batch, same frozen statistics, graphed then eager; the eager steps
+        # launch the fused LoRA kernels as the capture did (at any token count)
+        from hyclora.ops.lora_kernels import launches_are_free
+
         g_loss = _step(model, ids)
         g_grads = _lora_grads(model)
         model.zero_grad(set_to_none=True)
         graphs.enabled = False
-        e_loss = _step(model, ids)
-        e_grads = _lora_grads(model)
-        model.zero_grad(set_to_none=True)
-        # the same eager step once more: the run-to-run floor (atomics in the attention backward)
-        _step(model, ids)
-        e2_grads = _lora_grads(model)
-        model.zero_grad(set_to_none=True)
+        with launches_are_free():
+            e_loss = _step(model, ids)
+            e_grads = _lora_grads(model)
+            model.zero_grad(set_to_none=True)
+            # the same eager step once more: the run-to-run floor (atomics in the attention backward)
+            _step(model, ids)
+            e2_grads = _lora_grads(model)
+            model.zero_grad(set_to_none=True)
         graphs.enabled = True
 
-        def max_rel(a, b):
-            return max(float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)) for n in b)
-
-        diff = max_rel(g_grads, e_grads)
-        floor = max_rel(e2_grads, e_grads)
+        diff = _max_rel(g_grads, e_grads)
+        floor = _max_rel(e2_grads, e_grads)
         expected = args.steps * cfg.num_hidden_layers
         note = "" if replays == expected else f"only {replays}/{expected} layer calls replayed: {dict(graphs.counts)}"
         note = (note + f" eager vs eager again: {floor:.2e}").strip()

@@ -438,7 +438,7 @@ def lora_rows(args, device, backend, timer):
                     return lambda: lk.token_reduced_product(x, y, backend=backend)
                 bn, bt, warps, shift = tiles
                 per = lk._reduce_tiles(m, n, r)[4]
-                per = max(bt, per * 2 ** shift)
+                per = max(bt, per << shift if shift >= 0 else per >> -shift)
                 return lambda: lk.token_reduced_product(x, y, backend=backend,
                                                         tiles=(bn, bt, 16 if r <= 16 else 32, warps, per))
 

@@ -221,13 +221,16 @@ def _worth_launching(tokens: int, device: torch.device) -> bool:
 
 # -- the rank-r products -----------------------------------------------------------------------------
 def _down_tiles(m: int, k: int, r: int, interpret: bool = _INTERPRET):
-    """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps, k_slices)`` of the down-projection."""
+    """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps, k_per_slice)`` of the down-projection."""
     block_r = max(16, min(_fs._next_pow2(r), 32))
     if interpret:  # the interpreter pays per program (~5 ms): few, large ones
-        return max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(k), 512)), block_r, 4, 1
-    # memory-bound on bf16 tensor cores (the split fp32 factor, 3 dots): enough programs to
-    # fill the GPU at a few thousand tokens, the factor re-read from L2 by each row tile
-    return 64, 64, block_r, 4, 1
+        bk = max(16, min(_fs._next_pow2(k), 512))
+        return max(16, min(_fs._next_pow2(m), 128)), bk, block_r, 4, triton.cdiv(k, bk) * bk
+    # bf16 tensor cores (the split fp32 factor, 3 dots), the features in slices of 1024 (fp32
+    # partial sums added by torch): enough programs at a few thousand tokens. H200 sweep at
+    # 2048 x 4096, r 16 (bench_fused --only lora --sweep, BENCHMARKS.md run 8): 19 us with 4
+    # slices, 66-94 us unsliced (64-128 rows), 23 us with 64 slices; cuBLAS's cast + fp32 GEMM 59 us
+    return 64, 64, block_r, 4, 1024
 
 
 def _reduce_tiles(t: int, n: int, r: int, interpret: bool = _INTERPRET):
