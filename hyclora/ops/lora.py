@@ -254,7 +254,7 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
                 dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), _cast(lora_a, dx.dtype))
-            elif mask is None and fused is not None:
+            elif mask is None and _reads_16bit(fused, dx, lora_a):
                 from .lora_kernels import lora_epilogue
 
                 dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused)
@@ -273,9 +273,14 @@ def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.T
 
 def _reads_16bit(fused: Optional[str], x: torch.Tensor, factor: torch.Tensor) -> bool:
     """Whether the fused LoRA kernels take ``x`` (16-bit) with an fp32 ``factor`` (the fp32
-    copy of ``x`` that cuBLAS would need is skipped)."""
-    return (fused is not None and factor.dtype == torch.float32
-            and x.dtype in (torch.float16, torch.bfloat16))
+    copy of ``x`` that cuBLAS would need is skipped): only where their Triton path runs (the
+    backend, and :func:`hyclora.ops.lora_kernels.kernels_run`'s launch threshold); else the op-by-op
+    path, which casts each tensor once for all its products."""
+    if fused is None or factor.dtype != torch.float32 or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from .lora_kernels import kernels_run
+
+    return kernels_run(fused, x)
 
 
 def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,

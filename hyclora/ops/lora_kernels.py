@@ -219,6 +219,12 @@ def _worth_launching(tokens: int, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def kernels_run(backend: str, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels here run for ``x`` (``(..., features)``): the backend resolves
+    to Triton on its device and launching pays at its token count (:data:`EAGER_MIN_TOKENS`)."""
+    return _triton(backend, x.device) and _worth_launching(x.numel() // max(1, x.shape[-1]), x.device)
+
+
 # -- the rank-r products -----------------------------------------------------------------------------
 def _down_tiles(m: int, k: int, r: int, interpret: bool = _INTERPRET):
     """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps, k_per_slice)`` of the down-projection."""
@@ -337,5 +343,5 @@ def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, sca
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 
-__all__ = ["EAGER_MIN_TOKENS", "launches_are_free", "lora_epilogue", "lora_epilogue_torch", "lora_down",
+__all__ = ["EAGER_MIN_TOKENS", "kernels_run", "launches_are_free", "lora_epilogue", "lora_epilogue_torch", "lora_down",
            "lora_down_torch", "token_reduced_product", "token_reduced_product_torch"]

