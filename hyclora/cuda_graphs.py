@@ -4,7 +4,7 @@ A hyclora training step with frozen statistics is host-bound: the Python bodies 
 autograd Functions and ~1000 kernel launches per step cost more than the GPU work. Once every
 layer's statistics are frozen, that work is the same every step, so it can be captured once as
 CUDA graphs (one forward and one backward graph per decoder layer, through
-:func:`torch.cuda.make_graphed_callables`) and replayed::
+:func:`graph_layer_chain`, a variant of ``torch.cuda.make_graphed_callables``) and replayed::
 
     from hyclora import HyCLoRAConfig, apply_hyclora
     from hyclora.cuda_graphs import graph_decoder_layers
@@ -70,10 +70,11 @@ hook on each trainable parameter of the graphed layers returns a copy when ``.gr
 ``None``, so ``.grad`` never aliases a graph buffer.
 
 Memory: the graphs of all layers share one pool, and the layers share their static inputs
-(hidden states of compressing layer types, cos, sin), but ``make_graphed_callables`` keeps per
-layer a static output, an incoming-gradient buffer and the input gradient alive between steps,
-about ``3 x layers x batch x seq x hidden`` elements beyond what an eager step keeps at its
-peak (measure it: benchmarks/bench_cuda_graphs.py).
+(hidden states of compressing layer types, cos, sin), one incoming-gradient buffer and one
+input-gradient buffer (:func:`graph_layer_chain`, our variant of ``make_graphed_callables``,
+which keeps one of each per layer); what stays per layer is its static output, about
+``layers x batch x seq x hidden`` elements beyond what an eager step keeps at its peak (measure
+it: benchmarks/bench_cuda_graphs.py).
 
 Outputs: the tensor a graphed layer returns is the graph's static output: the next step's
 replay of that layer overwrites it. Clone what you keep across steps (``output_hidden_states``
@@ -132,7 +133,7 @@ def stats_ready(state) -> bool:
 class _CaptureGuard(FiniteGuard):
     """Stands in for the model's guard while a layer runs inside the graphed callable: keeps the
     device-side flags of the latest call (the capture is the latest call of
-    ``make_graphed_callables``; its flags are graph tensors that every replay recomputes), never
+    the grapher; its flags are graph tensors that every replay recomputes), never
     reads them and never arms a hook."""
 
     def __init__(self):
@@ -162,7 +163,7 @@ def _push_flags(guard: FiniteGuard, entries) -> None:
 class _LayerCallable(nn.Module):
     """What is graphed for one decoder layer: ``(hidden, cos, sin) -> output``, hyclora's
     compressed forward with no mask and no cache. Its parameters are the layer's, so
-    ``make_graphed_callables`` returns their gradients. The layer state's ``count_forward`` is a
+    the grapher returns their gradients. The layer state's ``count_forward`` is a
     paused inside (warm-ups and capture are not training forwards; the dispatcher counts each
     replay) and NaN/Inf checks record into a :class:`_CaptureGuard`."""
 
@@ -284,7 +285,7 @@ class DecoderLayerGraphs:
         self.recapture = recapture
         self.enabled = True
         self.counts: collections.Counter = collections.Counter()
-        self._grapher = _grapher or torch.cuda.make_graphed_callables
+        self._grapher = _grapher or graph_layer_chain
         self._captured: Optional[_Captured] = None
         self._given_up = False  # recapture=False after the first invalidation
         self._eager: List[Callable] = []
@@ -507,7 +508,7 @@ class DecoderLayerGraphs:
                 samples.append((x, cos_s, sin_s))
                 upstream_grad = upstream_grad or any(p.requires_grad for p in layer.parameters())
         # the input of layer i > 0 requires grad iff something before it does; each call checks its
-        # input against its sample (make_graphed_callables needs them to match)
+        # input against its sample (the graphs need them to match)
         try:
             # allow_unused_input: a trainable parameter the compressed path does not use gets no
             # gradient, as in the eager step
@@ -533,6 +534,101 @@ class DecoderLayerGraphs:
                                    [s[0].requires_grad for s in samples], (cos_s, sin_s))
         self.counts["capture"] += 1
         return self._captured
+
+
+def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False):
+    """``torch.cuda.make_graphed_callables`` for callables that run one after another, each once
+    per step, forwards in order and backwards in reverse (decoder layers): the same contract
+    (graphed functions that copy their inputs into the static samples, replay, and return static
+    outputs; gradients for the samples that require grad and the trainable parameters), but the
+    backward graphs share one incoming-gradient buffer and one input-gradient buffer instead of
+    one of each per callable. They may: only one backward replays at a time, the incoming
+    gradient is copied in before it replays, and the input gradient it returns is consumed (copied
+    into the shared incoming buffer by the previous layer's backward, or read by whatever produced
+    the first input) before the next backward replay writes it. At 7B / 4 x 512 that is 2 x 31 x
+    16 MiB less. As with ``make_graphed_callables``, the returned gradients are static buffers
+    overwritten by later replays (here: by the next layer's backward too) and all graphs share
+    one memory pool, so they must replay in the order they were captured.
+
+    Every callable must return one tensor that requires grad, of the same shape and dtype for all
+    (the hidden states)."""
+    n = len(callables)
+    if any(a.requires_grad for args in sample_args for a in args[1:]):
+        raise ValueError("hyclora.cuda_graphs: only the first input of a graphed layer may require grad")
+    params = [tuple(p for p in c.parameters() if p.requires_grad) for c in callables]
+    surfaces = [tuple(a for a in args if a.requires_grad) + ps for args, ps in zip(sample_args, params)]
+    if any(not surface for surface in surfaces):
+        raise ValueError("hyclora.cuda_graphs: a graphed layer has nothing that requires grad")
+    # warm-ups on a side stream (Triton autotuning, cuBLAS workspaces, lazy initialisation)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c, args, surface in zip(callables, sample_args, surfaces):
+            for _ in range(num_warmup_iters):
+                out = c(*args)
+                torch.autograd.grad(out, surface, torch.ones_like(out), allow_unused=allow_unused_input)
+            del out
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    pool = torch.cuda.graph_pool_handle()
+    fwd_graphs, outputs = [], []
+    for i, (c, args) in enumerate(zip(callables, sample_args)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = c(*args)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad or (
+                outputs and (out.shape, out.dtype) != (outputs[0].shape, outputs[0].dtype)):
+            raise RuntimeError(f"hyclora.cuda_graphs: layer {i} returned {type(out).__name__} "
+                               "(one tensor that requires grad, the same shape for every layer, expected)")
+        fwd_graphs.append(graph)
+        outputs.append(out)
+    grad_out = torch.empty_like(outputs[0])   # the incoming gradient of every backward graph
+    grad_in = None                            # the input gradient every backward graph writes
+    bwd_graphs, param_grads, input_grad = [None] * n, [None] * n, [False] * n
+    for i in reversed(range(n)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            grads = torch.autograd.grad(outputs[i], surfaces[i], grad_out, allow_unused=allow_unused_input)
+            input_grad[i] = sample_args[i][0].requires_grad
+            if input_grad[i]:
+                if grads[0] is None:
+                    raise RuntimeError(f"hyclora.cuda_graphs: layer {i}'s output does not depend on its input")
+                if grad_in is None:
+                    grad_in = torch.empty_like(grads[0])  # allocated in the pool by the first capture
+                grad_in.copy_(grads[0])
+                grads = grads[1:]
+        bwd_graphs[i] = graph
+        param_grads[i] = tuple(grads)
+        del grads
+
+    class Replayed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, i, *inputs):
+            ctx.i = i
+            for static, x in zip(sample_args[i], inputs[:len(sample_args[i])]):
+                if static.data_ptr() != x.data_ptr():
+                    static.copy_(x)
+            fwd_graphs[i].replay()
+            return outputs[i].detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            i = ctx.i
+            grad_out.copy_(grad)  # grad may be grad_in (the next layer's): copied before it is rewritten
+            bwd_graphs[i].replay()
+            n_args = len(sample_args[i])
+            first = grad_in.detach() if input_grad[i] else None
+            arg_grads = (first,) + (None,) * (n_args - 1)
+            return (None,) + arg_grads + tuple(None if g is None else g.detach() for g in param_grads[i])
+
+    def make(i):
+        def graphed(*args):
+            return Replayed.apply(i, *args, *params[i])
+        return graphed
+
+    return tuple(make(i) for i in range(n))
 
 
 def _refuse_dropout(name: str, layer: nn.Module, training_only: bool) -> None:
