@@ -144,7 +144,7 @@ def run_shape(args, device, dtype, bs, seq):
     model.zero_grad(set_to_none=True)
     if args.lora_ops_ab:
         # the same eager step with the fused LoRA ops off (op by op, as intra_inter), and with their
-        # Triton kernels launched at any token count (eagerly only from EAGER_MIN_TOKENS)
+        # Triton kernels launched at any token count (by default only under graph capture)
         from hyclora.ops import lora, lora_kernels
 
         ab_grads = {}

@@ -363,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
                    help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
-    p.add_argument("--lora_ops", default="fused", choices=["fused", "op_by_op"],
-                   help="full_fuse's LoRA terms: fused ops (default) or op by op (hyclora.ops.lora.FUSED_LORA_OPS)")
+    p.add_argument("--lora_ops", default="fused", choices=["fused", "op_by_op", "kernels"],
+                   help="full_fuse's LoRA terms: the library default (fused), op by op "
+                        "(hyclora.ops.lora.FUSED_LORA_OPS = False) or with the Triton LoRA kernels launched "
+                        "eagerly at any length (hyclora.ops.lora_kernels.EAGER_MIN_TOKENS = 0)")
     p.add_argument("--cprofile", action="store_true",
                    help="after the timed steps, one more step under cProfile (host Python time): cprofile-<method>-<ctx>.txt")
     p.add_argument("--profile", action="store_true",
@@ -409,6 +411,10 @@ def main(argv=None) -> Dict[str, list]:
         import hyclora.ops.lora as lora
 
         lora.FUSED_LORA_OPS = False
+    elif args.lora_ops == "kernels":
+        import hyclora.ops.lora_kernels as lora_kernels
+
+        lora_kernels.EAGER_MIN_TOKENS = 0
     if args.mlp_chunk_elements >= 0:
         import hyclora.ops.blocks as blocks
 

@@ -26,6 +26,7 @@ function, outside autograd recording, and only where launching pays (:data:`EAGE
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -192,12 +193,15 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
 
 # -- when to launch ------------------------------------------------------------------------------
 # A Triton launch costs tens of microseconds of Python on the host (argument binding, the
-# specialisation key), a cast or a cuBLAS GEMM a few. At a few thousand tokens per step a
-# hyclora step is bound by the host (measured, H200, 7B shape, 4 x 512: the fused LoRA kernels
-# made the eager step 23% slower while they saved device time; BENCHMARKS.md run 8), so eagerly
-# they run only from EAGER_MIN_TOKENS tokens per call; under CUDA graph capture (and the warm-ups
-# that precede it: :func:`launches_are_free`) launches cost nothing at replay and they always run.
-EAGER_MIN_TOKENS = 8192
+# specialisation key), a cast or a cuBLAS GEMM a few, and eager hyclora steps are bound by the
+# host more often than not. Measured on an H200 (7B shape, BENCHMARKS.md run 8), the kernels
+# launched eagerly made the step slower or no faster everywhere: 4 x 512 -20%, 8k tokens
+# (LongLoRA recipe, checkpointed) -11%, 16k and 32k unchanged; under CUDA graphs (whose replays
+# launch nothing from the host) the same kernels took 4 x 512 from 9007 to 12579-13401 tok/s.
+# So by default they run only under graph capture and the warm-ups before it
+# (:func:`launches_are_free`, used by ``hyclora.cuda_graphs``); ``EAGER_MIN_TOKENS = n`` also
+# launches them eagerly from n tokens per call (None: never).
+EAGER_MIN_TOKENS: Optional[int] = None
 _free_launches = 0
 
 
@@ -214,7 +218,7 @@ def launches_are_free():
 
 
 def _worth_launching(tokens: int, device: torch.device) -> bool:
-    if _INTERPRET or _free_launches or tokens >= EAGER_MIN_TOKENS:
+    if _INTERPRET or _free_launches or (EAGER_MIN_TOKENS is not None and tokens >= EAGER_MIN_TOKENS):
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 

@@ -350,18 +350,21 @@ def test_split_bf16_products_keep_fp32_accuracy_over_the_whole_exponent_range():
 
 
 def test_kernels_launch_eagerly_only_from_the_token_threshold(monkeypatch):
-    # a Triton launch costs more host time than the cast + GEMM it replaces at small token
-    # counts: eagerly the torch ops run below EAGER_MIN_TOKENS; launches_are_free() (graph
+    # a Triton launch costs more host time than the cast + GEMM it replaces: eagerly the torch
+    # ops run (from EAGER_MIN_TOKENS tokens the kernels, if set); launches_are_free() (graph
     # capture and its warm-ups) lifts it
     monkeypatch.setattr(ep, "_INTERPRET", False)
     cpu = torch.device("cpu")
-    assert not ep._worth_launching(ep.EAGER_MIN_TOKENS - 1, cpu)
-    assert ep._worth_launching(ep.EAGER_MIN_TOKENS, cpu)
+    assert ep.EAGER_MIN_TOKENS is None and not ep._worth_launching(1 << 40, cpu)  # default: never eagerly
+    monkeypatch.setattr(ep, "EAGER_MIN_TOKENS", 8192)
+    assert not ep._worth_launching(8191, cpu)
+    assert ep._worth_launching(8192, cpu)
     with ep.launches_are_free():
         with ep.launches_are_free():
             assert ep._worth_launching(1, cpu)
         assert ep._worth_launching(1, cpu)
     assert not ep._worth_launching(1, cpu)
+    monkeypatch.setattr(ep, "EAGER_MIN_TOKENS", None)
     with pytest.raises(RuntimeError):
         with ep.launches_are_free():
             raise RuntimeError("boom")
