@@ -397,10 +397,21 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
             # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
             # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True
-            if patch.config.layer_type == "intra_inter_full_fuse" and lora_ops.FUSED_LORA_OPS:
+            if patch.config.layer_type == "intra_inter_full_fuse" and _first_pass_kernels(patch, args, kwargs):
                 return _with_fused_projections(layer, patch, args, kwargs)
         return patch.original_forward(*args, **kwargs)
     return patch.adapter.compressed_forward(layer, patch, args, kwargs)
+
+
+def _first_pass_kernels(patch: _Patch, args, kwargs) -> bool:
+    """Whether the fused LoRA kernels would run for this no-grad first pass (else PEFT's own
+    modules are cheaper on the host than hyclora's op-by-op LoRA path: H200, 8k tokens, 8615
+    against 9553 tok/s, BENCHMARKS.md run 8)."""
+    from hyclora.ops.lora_kernels import kernels_run
+
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return (lora_ops.FUSED_LORA_OPS and isinstance(hidden, torch.Tensor) and hidden.dim() >= 1
+            and kernels_run(patch.config.kernel_backend, hidden))
 
 
 def _with_fused_projections(layer: nn.Module, patch: _Patch, args, kwargs):

@@ -239,12 +239,17 @@ def test_plain_first_pass_longlora_recipe_with_s2attn(monkeypatch):
 
 @pytest.mark.parametrize("adapters", ["fp32", "bf16"])
 def test_full_fuse_first_pass_takes_the_fused_projections(adapters, monkeypatch):
-    """intra_inter_full_fuse: a checkpoint's no-grad first pass computes the seven LoRA projections
-    with hyclora's fused LoRA ops instead of PEFT's modules (same operations, one rounding): the
-    loss stays within bf16 rounding of PEFT's; with LoRA dropout PEFT's modules run."""
+    """intra_inter_full_fuse: where the fused LoRA kernels run (``kernels_run``: forced here; on
+    a GPU under CUDA graphs or from ``EAGER_MIN_TOKENS``), a checkpoint's no-grad first pass
+    computes the seven LoRA projections with hyclora's fused LoRA ops instead of PEFT's modules
+    (same operations, one rounding): the loss stays within bf16 rounding of PEFT's; where they do
+    not run, and with LoRA dropout, PEFT's modules run."""
     import peft.tuners.lora.layer as peft_lora
 
     import hyclora.ops.lora as lora_ops
+    import hyclora.ops.lora_kernels as lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "kernels_run", lambda backend, x: True)
 
     model = _model().to(torch.bfloat16)
     if adapters == "fp32":  # PEFT's default on a bf16 base
@@ -268,6 +273,13 @@ def test_full_fuse_first_pass_takes_the_fused_projections(adapters, monkeypatch)
     assert fused_calls.count(False) == 21
     # measured: equal with fp32 adapters, 2.6e-5 relative with bf16 ones (addmm rounds once)
     assert abs(float(loss) - peft_loss) <= 1e-4 * abs(peft_loss) and all(torch.isfinite(g).all() for g in grads.values())
+    # where the kernels do not run: PEFT's modules (cheaper on the host than hyclora's op by op)
+    monkeypatch.setattr(lora_kernels, "kernels_run", lambda backend, x: False)
+    peft_calls.clear()
+    fused_calls.clear()
+    _step(model, ids)
+    assert len(peft_calls) == 21 and fused_calls.count(False) == 0
+    monkeypatch.setattr(lora_kernels, "kernels_run", lambda backend, x: True)
     # LoRA dropout: PEFT's modules (and their mask draws) run the first pass
     for m in model.modules():
         if isinstance(m, peft_lora.Linear):
