@@ -404,9 +404,10 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
 
 
 def _first_pass_kernels(patch: _Patch, args, kwargs) -> bool:
-    """Whether the fused LoRA kernels would run for this no-grad first pass (else PEFT's own
-    modules are cheaper on the host than hyclora's op-by-op LoRA path: H200, 8k tokens, 8615
-    against 9553 tok/s, BENCHMARKS.md run 8)."""
+    """Whether the fused LoRA kernels would run for this no-grad first pass; else PEFT's own
+    modules run it (hyclora's op-by-op LoRA path has nothing to add there but Python: H200, 8k
+    tokens, 8615 tok/s with it and 8895 without, Liger + GC 10170 / 10173 in the same processes,
+    BENCHMARKS.md run 8)."""
     from hyclora.ops.lora_kernels import kernels_run
 
     hidden = args[0] if args else kwargs.get("hidden_states")
