@@ -165,6 +165,25 @@ def _chunked_loss_trainer():
     return ChunkedLMLossTrainer
 
 
+def _graph_layers(args: FinetuneArgs, model):
+    """``--cuda_graphs``: a ``DecoderLayerGraphs`` over the hyclora-patched layers, or a clear error
+    where graphs cannot replay."""
+    t = args.training
+    why = None
+    if t.world_size > 1 or t.deepspeed:
+        why = "it runs in a single process (DDP/DeepSpeed wrap the forward and own the gradients)"
+    elif getattr(model, "hyclora_activation_checkpointing", None) is not None:
+        why = ("checkpointed layers always run eager (their recompute happens inside the backward); drop "
+               "--gradient_checkpointing / --activation_checkpointing, or --cuda_graphs")
+    elif not args.hyclora.use_hyclora:
+        why = "it graphs hyclora's compressed layers: pass --use_hyclora (and a --layer_type)"
+    if why is not None:
+        raise ValueError(f"--cuda_graphs: {why}")
+    from hyclora import cuda_graphs
+
+    return cuda_graphs.graph_decoder_layers(model)
+
+
 def run_finetune(
     args: Union[FinetuneArgs, Sequence[str]],
     *,
@@ -220,7 +239,21 @@ def run_finetune(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    graphs = _graph_layers(args, model) if args.checkpointing.cuda_graphs else None
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if graphs is not None:
+            graphs.remove()
+    if graphs is not None:
+        counts = dict(graphs.counts)
+        replays = counts.get("replay", 0)
+        eager = {k[len("eager: "):]: v for k, v in counts.items() if k.startswith("eager: ")}
+        logger.info("CUDA graphs: %d layer calls replayed, %d captures, eager calls by reason: %s",
+                    replays, counts.get("capture", 0), eager or "none")
+        if trainer.is_world_process_zero():
+            print(f"CUDA graphs: {replays} decoder-layer calls replayed, {counts.get('capture', 0)} capture(s); "
+                  f"eager calls by reason: {eager or 'none'}", flush=True)
     if zero3_enabled():
         # Trainer.save_model can write an empty adapter from ZeRO-3 shards; gather and save a
         # plain PEFT adapter instead (a collective: every rank calls it).
@@ -242,6 +275,8 @@ def run_finetune(
         (row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row
     ]
     metrics.update({k: v for k, v in memory.summary.items()})
+    if graphs is not None:
+        metrics["cuda_graphs"] = dict(graphs.counts)
 
     results: Dict[str, Dict[str, Any]] = {}
     predictions: List[Dict[str, Any]] = []

@@ -379,3 +379,43 @@ def test_gguf_flag_is_dropped_only_for_dense_weights():
     m.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ValueError, match="quantized weight"):
         model_module._unmark_gguf(m)
+
+
+# -- --cuda_graphs ---------------------------------------------------------------------------------
+@needs_hyclora
+def test_cuda_graphs_flag_trains_through_the_graph_dispatcher(tmp_path, monkeypatch):
+    # CPU: the dispatcher with an emulation of the capture (tests/test_cuda_graphs.py); on a GPU
+    # the same flag captures real graphs. Equal-length batches with sdpa (no padding: no mask) replay.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_cuda_graphs import emulated_grapher
+
+    import hyclora.cuda_graphs as cuda_graphs
+
+    made = []
+
+    def fake_graph_decoder_layers(model, **kw):
+        made.append(cuda_graphs.DecoderLayerGraphs(model, _grapher=emulated_grapher, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(cuda_graphs, "graph_decoder_layers", fake_graph_decoder_layers)
+    text = [p["question"] + " " + p["answer"].replace("\n", " ") for p in arithmetic_word_problems("train", 300)]
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_text("\n".join(text[:250]) + "\n")
+    (folder / "wiki.test.raw").write_text("\n".join(text[250:]) + "\n")
+    metrics = run(tiny(tmp_path, task="wikitext2", data=str(folder), max_length=64, max_eval_samples=8,
+                       max_steps=5, use_hyclora=True, layer_type="intra_inter_full_fuse", q_bit=4,
+                       iteration_threshold=2, cuda_graphs=True, attn_implementation="sdpa"))
+    assert_finite_history(metrics, 5)
+    counts = metrics["cuda_graphs"]
+    assert counts["capture"] == 1 and counts["replay"] > 0 and counts["eager: statistics calibrating"] > 0
+    # removed after training: the layers have their hyclora forwards back
+    assert made and made[0]._removed
+
+
+def test_cuda_graphs_flag_refuses_what_cannot_replay(tmp_path):
+    with pytest.raises(ValueError, match="--cuda_graphs: it graphs hyclora's compressed layers"):
+        run(tiny(tmp_path / "a", cuda_graphs=True))
+    with pytest.raises(ValueError, match="--cuda_graphs: checkpointed layers always run eager"):
+        run(tiny(tmp_path / "b", cuda_graphs=True, use_hyclora=True, layer_type="intra_inter",
+                 gradient_checkpointing=True))
