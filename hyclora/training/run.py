@@ -170,8 +170,9 @@ def _graph_layers(args: FinetuneArgs, model):
     where graphs cannot replay."""
     t = args.training
     why = None
-    if t.world_size > 1 or t.deepspeed:
-        why = "it runs in a single process (DDP/DeepSpeed wrap the forward and own the gradients)"
+    if t.world_size > 1 or t.deepspeed or t.n_gpu > 1:
+        why = ("it runs in a single process on one GPU (DDP/DeepSpeed/DataParallel wrap the forward and own "
+               "the gradients; with several GPUs visible set CUDA_VISIBLE_DEVICES to one)")
     elif getattr(model, "hyclora_activation_checkpointing", None) is not None:
         why = ("checkpointed layers always run eager (their recompute happens inside the backward); drop "
                "--gradient_checkpointing / --activation_checkpointing, or --cuda_graphs")
