@@ -276,11 +276,14 @@ def _reads_16bit(fused: Optional[str], x: torch.Tensor, factor: torch.Tensor) ->
     copy of ``x`` that cuBLAS would need is skipped): only where their Triton path runs (the
     backend, and :func:`hyclora.ops.lora_kernels.kernels_run`'s launch threshold); else the op-by-op
     path, which casts each tensor once for all its products."""
-    if fused is None or factor.dtype != torch.float32 or x.dtype not in (torch.float16, torch.bfloat16):
+    if fused is None or factor.dtype is not torch.float32 or x.dtype not in _16BIT:
         return False
-    from .lora_kernels import kernels_run
+    from . import lora_kernels  # not at import time: it imports this module
 
-    return kernels_run(fused, x)
+    return lora_kernels.kernels_run(fused, x)
+
+
+_16BIT = (torch.float16, torch.bfloat16)
 
 
 def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,

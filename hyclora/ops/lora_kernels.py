@@ -226,7 +226,8 @@ def _worth_launching(tokens: int, device: torch.device) -> bool:
 def kernels_run(backend: str, x: torch.Tensor) -> bool:
     """Whether the Triton kernels here run for ``x`` (``(..., features)``): the backend resolves
     to Triton on its device and launching pays at its token count (:data:`EAGER_MIN_TOKENS`)."""
-    return _triton(backend, x.device) and _worth_launching(x.numel() // max(1, x.shape[-1]), x.device)
+    # the launch test first: by default it says no eagerly, and it is the cheaper one (host time)
+    return _worth_launching(x.numel() // max(1, x.shape[-1]), x.device) and _triton(backend, x.device)
 
 
 # -- the rank-r products -----------------------------------------------------------------------------
