@@ -23,6 +23,7 @@ and reports the largest relative L2 difference over the LoRA gradients and the l
 
     python benchmarks/bench_cuda_graphs.py                 # H200: both shapes, ~3-5 minutes
     python benchmarks/bench_cuda_graphs.py --smoke         # CPU, tiny model, eager only
+    python benchmarks/bench_cuda_graphs.py --shapes 1x4096 --liger   # + Liger's kernels, last (issue 4's stretch)
 
 Prints a markdown table and writes cuda_graphs.csv under --out (default $OUT or ./out).
 """
@@ -174,7 +175,35 @@ def run_shape(args, device, dtype, bs, seq):
     name = "hyclora full_fuse 2-bit graphed"
     if device != "cuda":
         row(name, note="skipped: CUDA graphs need a CUDA device")
-        return rows
+    else:
+        _graphed_row(args, device, model, ids, hcfg, calib, cfg, row)
+    if args.liger:
+        _liger_row(args, device, model, ids, row)
+    del model
+    _reset(device)
+    return rows
+
+
+def _liger_row(args, device, model, ids, row):
+    """Issue 4's stretch baseline: Liger's kernels (RoPE, RMSNorm, SwiGLU, fused linear CE, as
+    ../shared/gpu/README.md measured them) on the same PEFT model. Liger patches transformers'
+    Llama classes for the whole process, hence last, and --liger takes one shape."""
+    name = "Liger (rope, rms_norm, swiglu, fused linear CE)"
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except Exception as exc:  # ImportError, or a CUDA/Triton check failing at import
+        row(name, note=f"skipped: liger_kernel does not import ({type(exc).__name__}: {exc})"[:300])
+        return
+    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=model.get_base_model())
+    try:
+        row(name, **measure(model, ids, device, args.steps, args.warmup))
+    except Exception as exc:
+        row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+
+
+def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row):
+    name = "hyclora full_fuse 2-bit graphed"
     from hyclora.cuda_graphs import graph_decoder_layers
 
     apply_hyclora(model, hcfg)  # fresh statistics: calibrate, then capture
@@ -182,7 +211,7 @@ def run_shape(args, device, dtype, bs, seq):
     try:
         _reset(device)
         static = _alloc(device)
-        graphs = graph_decoder_layers(model, sample_shape=(bs, seq), num_warmup_iters=args.graph_warmup)
+        graphs = graph_decoder_layers(model, sample_shape=tuple(ids.shape), num_warmup_iters=args.graph_warmup)
         for _ in range(calib - 1):  # calibration (eager)
             _step(model, ids)
             model.zero_grad(set_to_none=True)
@@ -233,9 +262,8 @@ def run_shape(args, device, dtype, bs, seq):
             print(f"  graph dispatch counts: {dict(graphs.counts)}", flush=True)
             graphs.remove()
         revert_hyclora(model)
-        del model
+        model.zero_grad(set_to_none=True)
         _reset(device)
-    return rows
 
 
 def main():
@@ -246,6 +274,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after calibration)")
     parser.add_argument("--graph_warmup", type=int, default=3, help="make_graphed_callables warm-up iterations")
+    parser.add_argument("--liger", action="store_true",
+                        help="also time Liger's kernels on the same model, last (it patches transformers "
+                             "process-wide); one shape per run")
     parser.add_argument("--lora_ops_ab", action="store_true",
                         help="also time the eager step with hyclora.ops.lora.FUSED_LORA_OPS = False")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -257,6 +288,8 @@ def main():
         args.shapes, args.steps, args.warmup = "2x64", 1, 0
     if device != "cuda":
         print("CUDA not available (or --smoke): the graphed variant is skipped, eager variants only.", flush=True)
+    if args.liger and len(args.shapes.split(",")) != 1:
+        parser.error("--liger patches transformers for the whole process: give one --shapes entry per run")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
