@@ -197,7 +197,8 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
 # host more often than not. Measured on an H200 (7B shape, BENCHMARKS.md run 8), the kernels
 # launched eagerly made the step slower or no faster everywhere: 4 x 512 -20%, 8k tokens
 # (LongLoRA recipe, checkpointed) -11%, 16k and 32k unchanged; under CUDA graphs (whose replays
-# launch nothing from the host) the same kernels took 4 x 512 from 9007 to 12579-13401 tok/s.
+# launch nothing from the host) the graphed 4 x 512 step ran at 12579-13401 tok/s with them,
+# against 9593 op by op (run 7) and 9007 with their first, FMA-dot version.
 # So by default they run only under graph capture and the warm-ups before it
 # (:func:`launches_are_free`, used by ``hyclora.cuda_graphs``); ``EAGER_MIN_TOKENS = n`` also
 # launches them eagerly from n tokens per call (None: never).
