@@ -536,7 +536,8 @@ class DecoderLayerGraphs:
         return self._captured
 
 
-def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False):
+def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False,
+                      *, _capture: Optional["CudaGraphCapture"] = None):
     """``torch.cuda.make_graphed_callables`` for callables that run one after another, each once
     per step, forwards in order and backwards in reverse (decoder layers): the same contract
     (graphed functions that copy their inputs into the static samples, replay, and return static
@@ -551,7 +552,8 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     one memory pool, so they must replay in the order they were captured.
 
     Every callable must return one tensor that requires grad, of the same shape and dtype for all
-    (the hidden states)."""
+    (the hidden states). ``_capture``: how warm-ups run and graphs are captured
+    (:class:`CudaGraphCapture`; the CPU tests pass an emulation that replays by re-running)."""
     n = len(callables)
     if any(a.requires_grad for args in sample_args for a in args[1:]):
         raise ValueError("hyclora.cuda_graphs: only the first input of a graphed layer may require grad")
@@ -559,49 +561,57 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     surfaces = [tuple(a for a in args if a.requires_grad) + ps for args, ps in zip(sample_args, params)]
     if any(not surface for surface in surfaces):
         raise ValueError("hyclora.cuda_graphs: a graphed layer has nothing that requires grad")
-    # warm-ups on a side stream (Triton autotuning, cuBLAS workspaces, lazy initialisation)
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c, args, surface in zip(callables, sample_args, surfaces):
-            for _ in range(num_warmup_iters):
-                out = c(*args)
-                torch.autograd.grad(out, surface, torch.ones_like(out), allow_unused=allow_unused_input)
-            del out
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    input_grad = [bool(args[0].requires_grad) for args in sample_args]
+    cap = _capture or CudaGraphCapture()
 
-    pool = torch.cuda.graph_pool_handle()
-    fwd_graphs, outputs = [], []
-    for i, (c, args) in enumerate(zip(callables, sample_args)):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = c(*args)
+    def checked(i, out, like=None):
         if not isinstance(out, torch.Tensor) or not out.requires_grad or (
-                outputs and (out.shape, out.dtype) != (outputs[0].shape, outputs[0].dtype)):
+                like is not None and (out.shape, out.dtype) != (like.shape, like.dtype)):
             raise RuntimeError(f"hyclora.cuda_graphs: layer {i} returned {type(out).__name__} "
                                "(one tensor that requires grad, the same shape for every layer, expected)")
+        return out
+
+    def warm_ups():  # Triton autotuning, cuBLAS workspaces, lazy initialisation
+        for i, (c, args, surface) in enumerate(zip(callables, sample_args, surfaces)):
+            for _ in range(num_warmup_iters):
+                out = checked(i, c(*args))
+                torch.autograd.grad(out, surface, torch.ones_like(out), allow_unused=allow_unused_input)
+
+    cap.warm_up(warm_ups)
+
+    # ``live[i]``: the output whose autograd graph the backward capture differentiates (on CUDA the
+    # capture's own; an emulation that replays by re-running updates it)
+    live: List[Optional[torch.Tensor]] = [None] * n
+
+    def forward_of(i):
+        def run():
+            live[i] = callables[i](*sample_args[i])
+            return live[i]
+        return run
+
+    fwd_graphs, outputs = [], []
+    for i in range(n):
+        graph, out = cap.capture(forward_of(i))
         fwd_graphs.append(graph)
-        outputs.append(out)
-    grad_out = torch.empty_like(outputs[0])   # the incoming gradient of every backward graph
-    grad_in = None                            # the input gradient every backward graph writes
-    bwd_graphs, param_grads, input_grad = [None] * n, [None] * n, [False] * n
-    for i in reversed(range(n)):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            grads = torch.autograd.grad(outputs[i], surfaces[i], grad_out, allow_unused=allow_unused_input)
-            input_grad[i] = sample_args[i][0].requires_grad
+        outputs.append(checked(i, out, outputs[0] if outputs else None))
+    grad_out = torch.empty_like(outputs[0])  # the incoming gradient of every backward graph
+    grad_in = torch.empty_like(outputs[0]) if any(input_grad) else None  # the input gradient they write
+
+    def backward_of(i):
+        def run():
+            grads = torch.autograd.grad(live[i], surfaces[i], grad_out, allow_unused=allow_unused_input)
+            live[i] = None
             if input_grad[i]:
                 if grads[0] is None:
                     raise RuntimeError(f"hyclora.cuda_graphs: layer {i}'s output does not depend on its input")
-                if grad_in is None:
-                    grad_in = torch.empty_like(grads[0])  # allocated in the pool by the first capture
                 grad_in.copy_(grads[0])
                 grads = grads[1:]
-        bwd_graphs[i] = graph
-        param_grads[i] = tuple(grads)
-        del grads
+            return tuple(grads)
+        return run
+
+    bwd_graphs, param_grads = [None] * n, [None] * n
+    for i in reversed(range(n)):
+        bwd_graphs[i], param_grads[i] = cap.capture(backward_of(i))
 
     class Replayed(torch.autograd.Function):
         @staticmethod
@@ -629,6 +639,30 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
         return graphed
 
     return tuple(make(i) for i in range(n))
+
+
+class CudaGraphCapture:
+    """How :func:`graph_layer_chain` runs its warm-ups (a side stream, synchronised around) and
+    captures a graph (``torch.cuda.graph`` into one shared memory pool): ``capture(fn)`` returns
+    ``(graph, fn's result)``; ``graph.replay()`` reruns the captured work on the same memory."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm_up(self, fn) -> None:
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            result = fn()
+        return graph, result
 
 
 def _refuse_dropout(name: str, layer: nn.Module, training_only: bool) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hyclora import HyCLoRAConfig, apply_hyclora
-from hyclora.cuda_graphs import DecoderLayerGraphs, graph_decoder_layers, stats_ready
+from hyclora.cuda_graphs import DecoderLayerGraphs, graph_decoder_layers, graph_layer_chain, stats_ready
 from hyclora.demo import build_lora_llama
 from hyclora.quant import ChannelStats
 
@@ -85,6 +85,41 @@ def _emulated(c, static_args, params):
         return Emulated.apply(*(tuple(user_args) + params))
 
     return run
+
+
+class EmulatedCapture:
+    """CPU stand-in for ``hyclora.cuda_graphs.CudaGraphCapture``: a "graph" keeps its function and
+    the tensors it returned at capture; ``replay()`` runs the function again (with grad, as the
+    captured kernels would compute) and copies the new values into those tensors, what a CUDA
+    graph replay does to its static memory. So ``graph_layer_chain``'s buffer sharing (one
+    incoming- and one input-gradient buffer for all layers) runs on the CPU."""
+
+    def warm_up(self, fn):
+        fn()
+
+    def capture(self, fn):
+        result = fn()
+        return _EmulatedGraph(fn, result), result
+
+
+class _EmulatedGraph:
+    def __init__(self, fn, result):
+        self.fn, self.result = fn, result
+
+    def replay(self):
+        with torch.enable_grad():
+            new = self.fn()
+        static = self.result if isinstance(self.result, tuple) else (self.result,)
+        new = new if isinstance(new, tuple) else (new,)
+        with torch.no_grad():
+            for buf, value in zip(static, new):
+                if buf is not None:
+                    buf.copy_(value)
+
+
+def chain_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_input=False):
+    return graph_layer_chain(callables, sample_args, num_warmup_iters, allow_unused_input,
+                             _capture=EmulatedCapture())
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -403,3 +438,66 @@ def test_cuda_graphs_accumulation_and_nonfinite():
     loss = graphed(input_ids=_batch(5, device="cuda"), labels=_batch(5, device="cuda")).loss
     with pytest.raises(FloatingPointError, match=r"layers\.1 \(output of the decoder layer\)"):
         loss.backward()
+
+
+# -- graph_layer_chain (the grapher of real runs) with an emulated capture (CPU) -------------------
+
+
+@pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
+def test_layer_chain_equals_eager_over_recalibration(layer_type, q_bit):
+    # the shared gradient buffers: each layer's backward overwrites the input gradient the next
+    # (earlier) layer's backward has just copied in; the gradients must still equal eager's
+    eager = _model(layer_type=layer_type, q_bit=q_bit)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
+    for step in range(8):
+        ids = _batch(step)
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss))
+        assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), step
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["capture"] >= 2 and graphs.counts["replay"] > 0
+    graphs.remove()
+
+
+def test_layer_chain_gradient_accumulation_and_trainable_embeddings():
+    # gradients accumulate over two steps into .grad (never aliasing a static buffer); with
+    # trainable embeddings the first layer's input gradient (the shared buffer) reaches them
+    eager = _model(every=0)
+    for p in eager.parameters():
+        if p.dim() == 2 and p.shape[0] == 128 and p.shape[1] == 64:  # the embedding table
+            p.requires_grad_(True)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
+    for model in (eager, graphed):
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            _backward(model, step)
+        model.zero_grad(set_to_none=True)
+        for step in (3, 4):
+            _backward(model, step)
+    grads = _lora_grads(graphed)
+    assert any(g.shape == (128, 64) for g in grads.values())
+    _compare(grads, _lora_grads(eager), 1e-6)
+    assert graphs.counts["replay"] == 3 * 3
+    graphs.remove()
+
+
+def test_layer_chain_refuses_what_it_cannot_graph():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="only the first input"):
+        graph_layer_chain((layer,), ((x, torch.randn(2, 4, requires_grad=True)),), _capture=EmulatedCapture())
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing that requires grad"):
+        graph_layer_chain((frozen,), ((torch.randn(2, 4),),), _capture=EmulatedCapture())
+    class Pair(torch.nn.Linear):
+        def forward(self, t):
+            return super().forward(t), t
+
+    with pytest.raises(RuntimeError, match="one tensor that requires grad"):
+        graph_layer_chain((Pair(4, 4),), ((x,),), _capture=EmulatedCapture())
