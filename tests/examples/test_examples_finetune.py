@@ -419,3 +419,6 @@ def test_cuda_graphs_flag_refuses_what_cannot_replay(tmp_path):
     with pytest.raises(ValueError, match="--cuda_graphs: checkpointed layers always run eager"):
         run(tiny(tmp_path / "b", cuda_graphs=True, use_hyclora=True, layer_type="intra_inter",
                  gradient_checkpointing=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA graphs need the model on a CUDA device"):
+            run(tiny(tmp_path / "c", cuda_graphs=True, use_hyclora=True, layer_type="intra_inter"))
