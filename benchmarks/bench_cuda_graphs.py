@@ -145,31 +145,37 @@ def run_shape(args, device, dtype, bs, seq):
     model.zero_grad(set_to_none=True)
     if args.lora_ops_ab:
         # the same eager step with the fused LoRA ops off (op by op, as intra_inter), and with their
-        # Triton kernels launched at any token count (by default only under graph capture)
+        # Triton kernels launched at any token count (by default only under graph capture); one
+        # apply_hyclora for both, so they share the frozen statistics the first one calibrated
         from hyclora.ops import lora, lora_kernels
 
         ab_grads = {}
-        for name, module, attr, value in (("hyclora full_fuse 2-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
-                                          ("hyclora full_fuse 2-bit eager, LoRA kernels always", lora_kernels,
-                                           "EAGER_MIN_TOKENS", 0)):
-            apply_hyclora(model, hcfg)
-            saved = getattr(module, attr)
-            setattr(module, attr, value)
-            try:
-                result = measure(model, ids, device, args.steps, calib + args.warmup)
-                _step(model, ids)  # frozen statistics: the same step for both settings
-                ab_grads[name] = _lora_grads(model)
-                note = ""
-                if len(ab_grads) == 2:  # the kernels' gradients against op by op (bf16 + 2-bit roundings)
-                    ref, got = ab_grads.values()
-                    note = f"LoRA grads vs op by op: max rel {_max_rel(got, ref):.2e}"
-                row(name, **result, note=note)
-            except Exception as exc:
-                row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
-            finally:
-                setattr(module, attr, saved)
-                revert_hyclora(model)
-                model.zero_grad(set_to_none=True)
+        apply_hyclora(model, hcfg)
+        warmup = calib + args.warmup
+        try:
+            for name, module, attr, value in (
+                    ("hyclora full_fuse 2-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
+                    ("hyclora full_fuse 2-bit eager, LoRA kernels always", lora_kernels, "EAGER_MIN_TOKENS", 0)):
+                saved = getattr(module, attr)
+                setattr(module, attr, value)
+                try:
+                    result = measure(model, ids, device, args.steps, warmup)
+                    warmup = args.warmup  # calibrated by the first setting
+                    _step(model, ids)
+                    ab_grads[name] = _lora_grads(model)
+                    model.zero_grad(set_to_none=True)
+                    note = ""
+                    if len(ab_grads) == 2:  # same statistics: only the LoRA paths' roundings differ
+                        ref, got = ab_grads.values()
+                        note = f"LoRA grads vs op by op (same statistics): max rel {_max_rel(got, ref):.2e}"
+                    row(name, **result, note=note)
+                except Exception as exc:
+                    row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+                finally:
+                    setattr(module, attr, saved)
+        finally:
+            revert_hyclora(model)
+            model.zero_grad(set_to_none=True)
         del ab_grads
 
     name = "hyclora full_fuse 2-bit graphed"
