@@ -403,8 +403,8 @@ def lora_rows(args, device, backend, timer):
     """The fused LoRA ops for PEFT's fp32 adapters on a bf16 base (hyclora.ops.lora_kernels)
     against the op-by-op torch expressions they replace: the down-projection ``x A^T`` (bytes: x
     read), the token-reduced weight-gradient product ``x^T y`` (x read) and the epilogue
-    ``y_w + s xa B^T`` (y_w read, y written). Timed inside ``launches_are_free()`` (eagerly the
-    kernels only launch from ``EAGER_MIN_TOKENS`` tokens). ``--sweep``: every tile of the list."""
+    ``y_w + s xa B^T`` (y_w read, y written). Timed inside ``launches_are_free()`` (by default the
+    kernels launch only under CUDA graph capture: ``EAGER_MIN_TOKENS``). ``--sweep``: every tile of the list."""
     from hyclora.ops import lora_kernels as lk
 
     shapes = [(64, 96)] if args.smoke else [(2048, 4096), (2048, 11008), (8192, 4096), (8192, 11008)]
