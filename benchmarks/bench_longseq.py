@@ -12,6 +12,9 @@ Methods (``--methods``):
 * ``peft_gc``: PEFT LoRA + HF gradient checkpointing (non-reentrant), full causal attention (sdpa).
 * ``peft_s2_gc``: the same with S²-Attn: LongLoRA itself, for reference.
 * ``hyclora_s2``: hyclora ``--layer_type`` (``intra_inter``) at ``--bits`` (2) + S²-Attn, no checkpointing.
+* ``hyclora_s2_graphed``: hyclora + S²-Attn with CUDA graphs of the decoder layers
+  (``hyclora.cuda_graphs``; CUDA only; the first warm-up step calibrates, the second captures,
+  so use ``--warmup 2`` or more): the host-bound shorter contexts without checkpointing.
 * ``hyclora_s2_gc``: hyclora + S²-Attn + gradient checkpointing. ``--gc_boundary_bits 8`` (or 4) keeps
   the checkpointed layer inputs quantised (per-channel ranges + 1% exact outlier channels), like
   hyclora keeps ``x_in``, instead of exactly: at 7B/32k the exact bf16 boundaries alone are
@@ -65,7 +68,7 @@ from bench_common import python_profile  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
 
-METHODS = ("peft_gc", "peft_s2_gc", "hyclora_s2", "hyclora_s2_gc", "liger_gc")
+METHODS = ("peft_gc", "peft_s2_gc", "hyclora_s2", "hyclora_s2_graphed", "hyclora_s2_gc", "liger_gc")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -162,10 +165,14 @@ class Method:
         self.hyclora = name.startswith("hyclora")
         self.s2 = "_s2" in name
         self.gc = name.endswith("_gc")
+        self.graphed = name.endswith("_graphed")
+        self.graphs = None
         self.liger = name.startswith("liger")
 
     def available(self) -> Optional[str]:
         """None if it can run here, else the reason it cannot."""
+        if self.graphed and not torch.cuda.is_available():
+            return "CUDA graphs need a CUDA device"
         if self.liger:
             try:
                 import liger_kernel.transformers  # noqa: F401
@@ -197,12 +204,20 @@ class Method:
                                                kernel_backend=getattr(self.args, "kernel_backend", "auto")))
         if self.s2:
             enable_s2attn(model, group_ratio=self.args.group_ratio)
+        if self.graphed:
+            from hyclora.cuda_graphs import graph_decoder_layers
+
+            self.graphs = graph_decoder_layers(model)
 
     def off(self, model):
         from hyclora import revert_hyclora
         from hyclora.integrations.longseq import disable_s2attn, s2attn_enabled
 
         inner = model.get_base_model()
+        if self.graphs is not None:
+            print(f"{self.name}: graph dispatch counts {dict(self.graphs.counts)}", flush=True)
+            self.graphs.remove()
+            self.graphs = None
         if self.s2 and s2attn_enabled(model):
             disable_s2attn(model)
         if self.hyclora:
@@ -255,6 +270,7 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
     try:
         method.on(model)
         ids = torch.randint(0, vocab, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx))
+        before_warmup = torch.cuda.memory_allocated() if device == "cuda" else 0
 
         def step():
             loss = loss_fn(ids)
@@ -272,6 +288,11 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             static = torch.cuda.memory_allocated()
+            if method.graphed:
+                # the graphs' memory (static outputs, gradient buffers, the pool) stays allocated
+                # between steps: it belongs to the method, so the baseline is before the capture
+                row["graph_resident_gib"] = (static - before_warmup) / 2**30
+                static = before_warmup
         times = []
         tracker = None
         if live_peak and steps:
@@ -500,7 +521,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def write_outputs(out_dir: Path, rows, searches, notes, args, gpu: str, seconds: float) -> None:
-    fields = ["method", "context", "status", "tokens_per_s", "step_s", "peak_gib_above_static", "static_gib"]
+    fields = ["method", "context", "status", "tokens_per_s", "step_s", "peak_gib_above_static", "static_gib",
+              "graph_resident_gib"]
     with open(out_dir / "longseq.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
@@ -516,7 +538,8 @@ def write_outputs(out_dir: Path, rows, searches, notes, args, gpu: str, seconds:
         f"hyclora: {args.layer_type} {args.bits}-bit (kernel backend {args.kernel_backend}), GC boundaries "
         f"{str(args.gc_boundary_bits) + '-bit' if args.gc_boundary_bits else 'exact'}; S²-Attn group ratio {args.group_ratio}; chunked CE for every method; "
         f"{args.warmup} warm-up + {args.steps} timed step(s) per point. Peak = max allocated during the timed "
-        "steps minus what was allocated before them (weights, LoRA, trainable copies)"
+        "steps minus what was allocated before them (weights, LoRA, trainable copies; for *_graphed, before "
+        "the capture: the graphs' resident memory counts)"
         + ("; CPU: peak of live tensor bytes (hyclora.memory.track_live_tensors)." if args.live_peak else "."),
         "",
         "| method | context | status | tokens/s | step s | peak GiB above static |",

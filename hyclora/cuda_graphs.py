@@ -24,7 +24,8 @@ What happens per decoder-layer call:
   ``attention_mask`` tensor (padding; the sdpa causal path passes ``None``), a KV cache that
   holds tokens, ``output_attentions``, extra positional arguments, another batch shape / dtype /
   ``requires_grad`` of the input than the captured one (``sample_shape`` pins the one shape to
-  capture), an attention implementation other than ``sdpa`` / ``eager``, autocast state other
+  capture), an attention implementation other than ``sdpa`` / ``eager`` / S²-Attn
+  (``hyclora_s2attn``), autocast state other
   than at capture, statistics that are still calibrating or that expire at this forward
   (``recalibrate_every``), a previous graphed forward of the same layer whose backward has not
   run yet (e.g. two forwards, then one backward of their sum: the graph's saved activations are
@@ -94,11 +95,14 @@ from torch import nn
 from hyclora.models.api import patched_layers
 from hyclora.models.base import adapter_state_key, in_backward_pass
 from hyclora.ops.lora_kernels import launches_are_free
+from hyclora.ops.s2attn import S2ATTN_NAME
 from hyclora.quant.checks import FiniteGuard
 
 __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
 
-GRAPHABLE_ATTENTION = ("sdpa", "eager")  # eager with a None mask runs sdpa in hyclora's blocks
+# eager with a None mask runs sdpa in hyclora's blocks; S²-Attn (LongLoRA) with a None mask (no
+# padding) runs its shifted groups inside the blocks, from shapes only
+GRAPHABLE_ATTENTION = ("sdpa", "eager", S2ATTN_NAME)
 
 
 def _saved_tensor_hooks_active() -> bool:

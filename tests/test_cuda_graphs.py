@@ -501,3 +501,28 @@ def test_layer_chain_refuses_what_it_cannot_graph():
 
     with pytest.raises(RuntimeError, match="one tensor that requires grad"):
         graph_layer_chain((Pair(4, 4),), ((x,),), _capture=EmulatedCapture())
+
+
+def test_layer_chain_with_s2attn_equals_eager():
+    # LongLoRA's S²-Attn (no padding: the layers get no mask) is graphable; graphed = eager
+    from hyclora.integrations.longseq import enable_s2attn
+
+    eager = _model(every=0)
+    enable_s2attn(eager, group_ratio=0.25)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
+    for step in range(4):
+        ids = _batch(step, s=16)
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 2 * 3, dict(graphs.counts)
+    graphs.remove()
+    # S²-Attn really ran (its groups change the loss against full causal attention)
+    from hyclora.integrations.longseq import disable_s2attn
+
+    ids = _batch(9, s=16)
+    s2_loss = float(eager(input_ids=ids, labels=ids).loss)
+    disable_s2attn(eager)
+    assert abs(float(eager(input_ids=ids, labels=ids).loss) - s2_loss) > 1e-4

@@ -94,3 +94,24 @@ def test_point_cost_comes_from_the_timed_step():
     # an OOM point has no timed step: its wall time is all there is
     assert bench.point_seconds({"step_s": float("nan")}, 42.0, 2) == 42.0
     assert bench.estimated_seconds(None, 65536, 2, 2) == 0.0
+
+
+def test_graphed_method_replays_after_calibration(tmp_path, monkeypatch, capsys):
+    # hyclora_s2_graphed on the CPU: the graph dispatcher with the emulated capture of
+    # tests/test_cuda_graphs.py (on a GPU: real graphs); warm-up 1 calibrates, 2 captures
+    bench = _bench()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_cuda_graphs import chain_grapher
+
+    import hyclora.cuda_graphs as cuda_graphs
+
+    monkeypatch.setattr(bench.Method, "available", lambda self: None)
+    monkeypatch.setattr(cuda_graphs, "graph_decoder_layers",
+                        lambda model, **kw: cuda_graphs.DecoderLayerGraphs(model, _grapher=chain_grapher, **kw))
+    result = bench.main(["--smoke", "--methods", "hyclora_s2_graphed", "--search", "false",
+                         "--warmup", "2", "--steps", "2"])
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["tokens_per_s"] > 0, row
+    out = capsys.readouterr().out
+    assert "hyclora_s2_graphed: graph dispatch counts" in out and "'replay'" in out and "'capture': 1" in out
