@@ -240,7 +240,14 @@ def run_finetune(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    graphs = _graph_layers(args, model) if args.checkpointing.cuda_graphs else None
+    graphs = None
+    if args.checkpointing.cuda_graphs:
+        graphs = _graph_layers(args, model)
+        # --bf16/--fp16: the Trainer's accelerator wraps the forward in autocast, whose weight
+        # cache a graph capture cannot hold (hyclora.cuda_graphs refuses it): capture without it
+        from accelerate.utils import AutocastKwargs
+
+        trainer.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
     finally:

@@ -398,6 +398,13 @@ def test_cuda_graphs_flag_trains_through_the_graph_dispatcher(tmp_path, monkeypa
         return made[-1]
 
     monkeypatch.setattr(cuda_graphs, "graph_decoder_layers", fake_graph_decoder_layers)
+    # with --bf16 the Trainer's autocast must leave its weight cache off (graph capture refuses it)
+    import accelerate.accelerator
+
+    handlers = []
+    real_context = accelerate.accelerator.get_mixed_precision_context_manager
+    monkeypatch.setattr(accelerate.accelerator, "get_mixed_precision_context_manager",
+                        lambda native_amp, handler=None: handlers.append(handler) or real_context(native_amp, handler))
     text = [p["question"] + " " + p["answer"].replace("\n", " ") for p in arithmetic_word_problems("train", 300)]
     folder = tmp_path / "wikitext"
     folder.mkdir()
@@ -405,8 +412,10 @@ def test_cuda_graphs_flag_trains_through_the_graph_dispatcher(tmp_path, monkeypa
     (folder / "wiki.test.raw").write_text("\n".join(text[250:]) + "\n")
     metrics = run(tiny(tmp_path, task="wikitext2", data=str(folder), max_length=64, max_eval_samples=8,
                        max_steps=5, use_hyclora=True, layer_type="intra_inter_full_fuse", q_bit=4,
-                       iteration_threshold=2, cuda_graphs=True, attn_implementation="sdpa"))
+                       iteration_threshold=2, cuda_graphs=True, attn_implementation="sdpa", bf16=True,
+                       use_cpu=not torch.cuda.is_available()))
     assert_finite_history(metrics, 5)
+    assert handlers and all(h is not None and h.cache_enabled is False for h in handlers)
     counts = metrics["cuda_graphs"]
     assert counts["capture"] == 1 and counts["replay"] > 0 and counts["eager: statistics calibrating"] > 0
     # removed after training: the layers have their hyclora forwards back
