@@ -155,6 +155,21 @@ def _lockstep(eager, graphed, seed):
     _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
 
 
+def _steps_in_lockstep(eager, graphed, steps, device, loss_tol, grad_tol):
+    """``steps`` training steps of both models on the same batches (fresh gradients each): equal
+    losses and LoRA gradients within the tolerances."""
+    for step in range(steps):
+        ids = _batch(step, device=device)
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+        assert abs(losses[0] - losses[1]) <= loss_tol * abs(losses[0]), step
+        _compare(_lora_grads(graphed), _lora_grads(eager), grad_tol)
+
+
 def _graphs(model, **kw):
     grapher = kw.pop("grapher", emulated_grapher)
     return DecoderLayerGraphs(model, _grapher=grapher, **kw)
@@ -404,16 +419,7 @@ def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit):
     eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda")
     graphed = copy.deepcopy(eager)
     graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
-    for step in range(10):
-        ids = _batch(step, device="cuda")
-        losses = []
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(float(loss))
-        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), step
-        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-4)
+    _steps_in_lockstep(eager, graphed, 10, "cuda", loss_tol=1e-5, grad_tol=1e-4)
     assert graphs.counts["capture"] == 2 and graphs.counts["replay"] == 18
     graphs.remove()
 
@@ -450,16 +456,7 @@ def test_layer_chain_equals_eager_over_recalibration(layer_type, q_bit):
     eager = _model(layer_type=layer_type, q_bit=q_bit)
     graphed = copy.deepcopy(eager)
     graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
-    for step in range(8):
-        ids = _batch(step)
-        losses = []
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(float(loss))
-        assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), step
-        _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)
+    _steps_in_lockstep(eager, graphed, 8, "cpu", loss_tol=1e-6, grad_tol=1e-6)
     assert graphs.counts["capture"] >= 2 and graphs.counts["replay"] > 0
     graphs.remove()
 
