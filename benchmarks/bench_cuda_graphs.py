@@ -1,5 +1,5 @@
 """tokens/s and peak memory of hyclora with CUDA graphs of its decoder layers, against the same
-step eager and PEFT LoRA, in one process (hyclora.cuda_graphs, experimental).
+step eager and PEFT LoRA, in one process (hyclora.cuda_graphs).
 
 Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
 weights, PEFT LoRA r=16 on all seven linears, sdpa (the model builder of

@@ -1,4 +1,4 @@
-"""CUDA graphs of hyclora's compressed decoder layers (experimental, opt-in, CUDA only).
+"""CUDA graphs of hyclora's compressed decoder layers (opt-in, CUDA only).
 
 A hyclora training step with frozen statistics is host-bound: the Python bodies of the block
 autograd Functions and ~1000 kernel launches per step cost more than the GPU work. Once every
