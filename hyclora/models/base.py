@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from hyclora.ops import lora as lora_ops
 from hyclora.ops.attention import block_attention_mask, check_implementation
 from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
 from hyclora.ops.rmsnorm import RMSNormFn
@@ -397,60 +396,8 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
             # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
             # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True
-            if patch.config.layer_type == "intra_inter_full_fuse" and _first_pass_kernels(patch, args, kwargs):
-                return _with_fused_projections(layer, patch, args, kwargs)
         return patch.original_forward(*args, **kwargs)
     return patch.adapter.compressed_forward(layer, patch, args, kwargs)
-
-
-def _first_pass_kernels(patch: _Patch, args, kwargs) -> bool:
-    """Whether the fused LoRA kernels would run for this no-grad first pass; else PEFT's own
-    modules run it (hyclora's op-by-op LoRA path has nothing to add there but Python: H200, 8k
-    tokens, 8615 tok/s with it and 8895 without, Liger + GC 10170 / 10173 in the same processes,
-    BENCHMARKS.md run 8)."""
-    from hyclora.ops.lora_kernels import kernels_run
-
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    return (lora_ops.FUSED_LORA_OPS and isinstance(hidden, torch.Tensor) and hidden.dim() >= 1
-            and kernels_run(patch.config.kernel_backend, hidden))
-
-
-def _with_fused_projections(layer: nn.Module, patch: _Patch, args, kwargs):
-    """The original forward with the seven LoRA projections computed by hyclora's fused LoRA ops
-    (``lora_linear_forward`` with the policy's epilogue backend: with PEFT's fp32 adapters on a
-    16-bit base, one pass for ``x A^T`` from the 16-bit input and one for ``y_w + s xa B^T``
-    instead of PEFT's fp32 input copy, fp32 product, scaled copy, fp32 sum and cast: in a 7B/8k
-    checkpointed step those were most of the first pass's elementwise device time, BENCHMARKS.md
-    run 7). The same operations up to fp32 summation order, rounded once. Only for the no-grad
-    training-mode forward of ``intra_inter_full_fuse`` layers (a checkpoint's first pass, whose
-    activations are recomputed); with LoRA dropout (their mask draws), ZeRO-3 parameters (gathered
-    by hooks per projection module) or an instance-level forward on a projection, PEFT's own
-    modules run."""
-    from hyclora.ops.lora import lora_linear_forward
-
-    _, _, (a_metas, a_params), (m_metas, m_params) = patch.adapter.resolve_cached(layer, patch)
-    metas, params = a_metas + m_metas, tuple(a_params) + tuple(m_params)
-    if any(m.dropout_p > 0 for m in metas) or any(hasattr(t, "ds_id") for t in params if t is not None):
-        return patch.original_forward(*args, **kwargs)  # dropout masks; ZeRO-3 gathers per module
-    backend = patch.config.kernel_backend
-    modules = [getattr(layer.self_attn, p) for p in ATTN_PROJ] + [getattr(layer.mlp, p) for p in MLP_PROJ]
-    installed = []
-    try:
-        for i, (module, meta) in enumerate(zip(modules, metas)):
-            if "forward" in module.__dict__:  # someone's instance-level forward (a hook): keep it
-                continue
-            weight, bias, lora_a, lora_b = params[4 * i:4 * i + 4]
-
-            def projection(self, x, *rest, _meta=meta, _p=(weight, bias, lora_a, lora_b), **kw):
-                if rest or kw:  # PEFT's extra arguments (e.g. adapter_names): its own forward
-                    return type(self).forward(self, x, *rest, **kw)
-                return lora_linear_forward(_meta, x, *_p, fused=backend).y
-
-            installed.append((module, _install_forward(module, projection)))
-        return patch.original_forward(*args, **kwargs)
-    finally:
-        for module, previous in installed:
-            _restore_forward(module, previous)
 
 
 __all__ = ["LlamaFamilyAdapter"]

@@ -166,9 +166,9 @@ def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: tor
               fused: Optional[str]) -> torch.Tensor:
     """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused`` (a
     kernel backend): then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 when the three
-    share a dtype, and :func:`lora_epilogue` (one Triton pass, same operations as op by op) for
-    mixed dtypes (PEFT's fp32 adapters on a bf16 base): the (tokens, out) product, its scaled
-    copy and the sum's separate passes disappear."""
+    share a dtype, and :func:`lora_epilogue` for mixed dtypes (PEFT's fp32 adapters on a bf16
+    base): one Triton pass where its kernels run (CUDA graph capture by default:
+    :func:`hyclora.ops.lora_kernels.kernels_run`), else PEFT's op-by-op expression."""
     if fused is None:
         return lora_term_added(y_w, xa, lora_b, meta.scaling)
     n, r = y_w.shape[-1], xa.shape[-1]
@@ -214,10 +214,10 @@ def lora_linear_backward(
     """Return ``(dx, dbias, dA, dB)``; A/B gradients are reduced over all tokens explicitly.
 
     ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it. ``fused`` (a
-    kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy``, ``s dy B``,
-    ``dB`` and ``dA`` come from :mod:`hyclora.ops.lora_kernels` reading ``dy`` and ``x_hat`` as
-    they are (no fp32 copies), and the LoRA part of ``dx`` is added in one rounding
-    (:func:`hyclora.ops.lora_kernels.lora_epilogue`) instead of op by op.
+    kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy``, where the
+    kernels of :mod:`hyclora.ops.lora_kernels` run (``kernels_run``: CUDA graph capture by
+    default), ``s dy B``, ``dB`` and ``dA`` come from them reading ``dy`` and ``x_hat`` as they
+    are (no fp32 copies), and the LoRA part of ``dx`` is added over ``dx`` in one rounding.
     """
     return _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx,
                                  need_da, need_db, need_dbias, fused)[:4]
@@ -257,7 +257,7 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
             elif mask is None and _reads_16bit(fused, dx, lora_a):
                 from .lora_kernels import lora_epilogue
 
-                dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused)
+                dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused, in_place=True)  # dx: ours
             else:
                 dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
                 if mask is not None:

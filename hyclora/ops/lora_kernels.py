@@ -151,7 +151,8 @@ def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
     # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
     # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
     # to r = 128 (at most 178 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
-    # Not timed on a GPU yet.
+    # H200 (BENCHMARKS.md run 8, r = 16): 27-38% of the device copy bandwidth, 2.6-2.8x faster
+    # than the op-by-op torch expression; not swept
     return 64, 128, 16, 8
 
 
@@ -168,17 +169,20 @@ def _epilogue_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -
     return not (torch.is_grad_enabled() and (y_w.requires_grad or xa.requires_grad or lora_b.requires_grad))
 
 
-def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                          in_place: bool = False) -> torch.Tensor:
     _fs._check_triton_device(y_w, xa, lora_b)
     n, r = y_w.shape[-1], xa.shape[-1]
     yw2 = y_w.view(-1, n)
     xa2 = xa.reshape(-1, r)  # any strides, as lora_b's (the backward passes A^T as a view)
     m = yw2.shape[0]
-    out = torch.empty_like(yw2)
+    # in place: each program reads its y_w tile before it writes the same tile
+    out = yw2 if in_place else torch.empty_like(yw2)
     if m == 0 or n == 0:
         return out.view(y_w.shape)
     if r == 0:
-        out.copy_(yw2)
+        if not in_place:
+            out.copy_(yw2)
         return out.view(y_w.shape)
     block_m, block_n, block_r, warps = _blocks(m, n, r)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -195,8 +199,8 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
 # A Triton launch costs tens of microseconds of Python on the host (argument binding, the
 # specialisation key), a cast or a cuBLAS GEMM a few, and eager hyclora steps are bound by the
 # host more often than not. Measured on an H200 (7B shape, BENCHMARKS.md run 8), the kernels
-# launched eagerly made the step slower or no faster everywhere: 4 x 512 -20%, 8k tokens
-# (LongLoRA recipe, checkpointed) -11%, 16k and 32k unchanged; under CUDA graphs (whose replays
+# launched eagerly made the step slower or no faster everywhere: 4 x 512 -20% (same process),
+# 8k tokens (LongLoRA recipe, checkpointed) -11%, 16k and 32k unchanged (two processes); under CUDA graphs (whose replays
 # launch nothing from the host) the graphed 4 x 512 step ran at 12579-13401 tok/s with them,
 # against 9593 op by op (run 7) and 9007 with their first, FMA-dot version.
 # So by default they run only under graph capture and the warm-ups before it
@@ -338,14 +342,16 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
 
 
 def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                  backend: str = "torch") -> torch.Tensor:
+                  backend: str = "torch", *, in_place: bool = False) -> torch.Tensor:
     """``y_w + scaling * (xa @ lora_b^T)`` in ``y_w``'s dtype: ``y_w`` ``(..., out)``, ``xa``
     ``(..., r)``, ``lora_b`` ``(out, r)``. ``backend``: ``"torch"`` (:func:`lora_epilogue_torch`),
     ``"triton"`` (one pass, see the module docstring) or ``"auto"`` (Triton for CUDA tensors);
-    inputs the kernel does not take run the torch ops."""
+    inputs the kernel does not take run the torch ops. ``in_place``: the caller owns ``y_w`` and
+    lets the kernel write the result over it (no output allocation; the torch path still
+    allocates)."""
     if (_triton(backend, y_w.device) and _epilogue_takes(y_w, xa, lora_b)
             and _worth_launching(y_w.numel() // max(1, y_w.shape[-1]), y_w.device)):
-        return _lora_epilogue_triton(y_w, xa, lora_b, scaling)
+        return _lora_epilogue_triton(y_w, xa, lora_b, scaling, in_place)
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 

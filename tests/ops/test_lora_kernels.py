@@ -422,3 +422,11 @@ def test_kernels_against_op_by_op_with_the_same_frozen_statistics(bits):
     err = worst_rel_err(kernels, op_by_op)
     print(f"{bits}-bit, same statistics, kernels vs op by op: {err:.4f}")
     assert err <= 0.03
+
+
+@needs_triton
+def test_epilogue_in_place_writes_over_its_input():
+    y_w, xa, b = _case(37, 45, 12, torch.bfloat16, torch.float32, seed=4)
+    ref = ep.lora_epilogue(y_w.clone(), xa, b, 0.5, backend="triton")
+    got = ep.lora_epilogue(y_w, xa, b, 0.5, backend="triton", in_place=True)
+    assert got.data_ptr() == y_w.data_ptr() and torch.equal(got, ref)
