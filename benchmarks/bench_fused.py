@@ -431,16 +431,16 @@ def lora_rows(args, device, backend, timer):
                     return lambda: lk.lora_down(x, a, backend=backend)
                 bm, bk, warps, slices = tiles
                 per = -(-n // slices)
-                return lambda: lk.lora_down(x, a, backend=backend, tiles=(bm, bk, 16 if r <= 16 else 32, warps, per))
+                block_r = lk._down_tiles(m, n, r)[2]
+                return lambda: lk.lora_down(x, a, backend=backend, tiles=(bm, bk, block_r, warps, per))
 
             def reduce(tiles):
                 if tiles is None:
                     return lambda: lk.token_reduced_product(x, y, backend=backend)
                 bn, bt, warps, shift = tiles
-                per = lk._reduce_tiles(m, n, r)[4]
+                _, _, block_r, _, per = lk._reduce_tiles(m, n, r)
                 per = max(bt, per << shift if shift >= 0 else per >> -shift)
-                return lambda: lk.token_reduced_product(x, y, backend=backend,
-                                                        tiles=(bn, bt, 16 if r <= 16 else 32, warps, per))
+                return lambda: lk.token_reduced_product(x, y, backend=backend, tiles=(bn, bt, block_r, warps, per))
 
             cases = [("lora: down x A^T", t, 1, down(t), lambda: lk.lora_down_torch(x, a)) for t in down_tiles]
             cases += [("lora: x^T y over tokens", t, 1, reduce(t), lambda: lk.token_reduced_product_torch(x, y))
