@@ -8,7 +8,7 @@ bench_memory_throughput.py). Per shape (default 4x512 and 1x4096), three variant
 ``hyclora.ops.lora_kernels.EAGER_MIN_TOKENS = 0``):
 
 * ``PEFT LoRA``;
-* ``hyclora full_fuse 2-bit eager``: ``intra_inter_full_fuse``, q_bit 2, defaults otherwise;
+* ``hyclora full_fuse 2-bit eager``: ``intra_inter_full_fuse``, q_bit 2 (``--q_bit``), defaults otherwise;
 * ``... graphed``: the same after ``graph_decoder_layers(model, sample_shape=(bs, seq))``; the
   statistics calibrate eagerly (``iteration_threshold`` steps), the next step captures.
 
@@ -19,7 +19,9 @@ allocated during the timed steps minus what was allocated before the variant's f
 steps (the pool: static inputs/outputs/gradient buffers and the saved compressed activations).
 "capture peak" is the peak of the step that captured. The gradient check runs one graphed and
 one eager step (``graphs.enabled = False``) on the same batch with the same frozen statistics
-and reports the largest relative L2 difference over the LoRA gradients and the loss difference.
+and reports the largest relative L2 difference over the LoRA gradients and the loss difference;
+every hyclora row also gives its gradients' distance from PEFT's exact ones (no compression) on
+the same batch: the compression error, against which the paths' rounding differences compare.
 
     python benchmarks/bench_cuda_graphs.py                 # H200: both shapes, ~3-5 minutes
     python benchmarks/bench_cuda_graphs.py --smoke         # CPU, tiny model, eager only
@@ -110,13 +112,14 @@ def measure(model, ids, device, steps, warmup, before_timing=None):
 def run_shape(args, device, dtype, bs, seq):
     model, cfg = build_model(args, device, dtype, args.attn)
     ids = torch.randint(0, cfg.vocab_size, (bs, seq), device=device)
-    hcfg = HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=2)
+    hcfg = HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=args.q_bit)
     calib = hcfg.iteration_threshold + 1
     rows = []
 
     def row(name, **values):
         r = dict(shape=f"{bs}x{seq}", variant=name, tok_s=NAN, step_ms=NAN, peak_gib=NAN, resident_gib=NAN,
-                 capture_peak_gib=NAN, grad_max_rel_diff=NAN, loss_abs_diff=NAN, replays=NAN, note="")
+                 capture_peak_gib=NAN, grad_max_rel_diff=NAN, grad_rel_diff_vs_peft=NAN, loss_abs_diff=NAN,
+                 replays=NAN, note="")
         r.update(values)
         rows.append(r)
         print(f"{r['shape']:8s} {name:34s} {r['tok_s']:9.0f} tok/s  peak {r['peak_gib']:7.2f} GiB  "
@@ -126,6 +129,12 @@ def run_shape(args, device, dtype, bs, seq):
         row("PEFT LoRA", **measure(model, ids, device, args.steps, args.warmup))
     except Exception as exc:  # one broken variant must not lose the others
         row("PEFT LoRA", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+    # the exact LoRA gradients (no compression) of the batch every variant steps on: each hyclora
+    # row reports its distance from them (the compression error, which the LoRA paths' rounding
+    # differences must stay far below)
+    _step(model, ids)
+    exact = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
     # the issue's second baseline, HF gradient checkpointing (non-reentrant), in the same process
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -138,9 +147,12 @@ def run_shape(args, device, dtype, bs, seq):
 
     apply_hyclora(model, hcfg)
     try:
-        row("hyclora full_fuse 2-bit eager", **measure(model, ids, device, args.steps, calib + args.warmup))
+        result = measure(model, ids, device, args.steps, calib + args.warmup)
+        _step(model, ids)
+        row(f"hyclora full_fuse {args.q_bit}-bit eager", **result, grad_rel_diff_vs_peft=_max_rel(_lora_grads(model), exact))
+        model.zero_grad(set_to_none=True)
     except Exception as exc:
-        row("hyclora full_fuse 2-bit eager", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
+        row(f"hyclora full_fuse {args.q_bit}-bit eager", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
     revert_hyclora(model)
     model.zero_grad(set_to_none=True)
     if args.lora_ops_ab:
@@ -154,8 +166,8 @@ def run_shape(args, device, dtype, bs, seq):
         warmup = calib + args.warmup
         try:
             for name, module, attr, value in (
-                    ("hyclora full_fuse 2-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
-                    ("hyclora full_fuse 2-bit eager, LoRA kernels always", lora_kernels, "EAGER_MIN_TOKENS", 0)):
+                    (f"hyclora full_fuse {args.q_bit}-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
+                    (f"hyclora full_fuse {args.q_bit}-bit eager, LoRA kernels always", lora_kernels, "EAGER_MIN_TOKENS", 0)):
                 saved = getattr(module, attr)
                 setattr(module, attr, value)
                 try:
@@ -168,7 +180,7 @@ def run_shape(args, device, dtype, bs, seq):
                     if len(ab_grads) == 2:  # same statistics: only the LoRA paths' roundings differ
                         ref, got = ab_grads.values()
                         note = f"LoRA grads vs op by op (same statistics): max rel {_max_rel(got, ref):.2e}"
-                    row(name, **result, note=note)
+                    row(name, **result, grad_rel_diff_vs_peft=_max_rel(ab_grads[name], exact), note=note)
                 except Exception as exc:
                     row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
                 finally:
@@ -178,11 +190,11 @@ def run_shape(args, device, dtype, bs, seq):
             model.zero_grad(set_to_none=True)
         del ab_grads
 
-    name = "hyclora full_fuse 2-bit graphed"
+    name = f"hyclora full_fuse {args.q_bit}-bit graphed"
     if device != "cuda":
         row(name, note="skipped: CUDA graphs need a CUDA device")
     else:
-        _graphed_row(args, device, model, ids, hcfg, calib, cfg, row)
+        _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, exact)
     if args.liger:
         _liger_row(args, device, model, ids, row)
     del model
@@ -208,8 +220,8 @@ def _liger_row(args, device, model, ids, row):
         row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
 
 
-def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row):
-    name = "hyclora full_fuse 2-bit graphed"
+def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, exact):
+    name = f"hyclora full_fuse {args.q_bit}-bit graphed"
     from hyclora.cuda_graphs import graph_decoder_layers
 
     apply_hyclora(model, hcfg)  # fresh statistics: calibrate, then capture
@@ -260,6 +272,7 @@ def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row):
         note = "" if replays == expected else f"only {replays}/{expected} layer calls replayed: {dict(graphs.counts)}"
         note = (note + f" eager vs eager again: {floor:.2e}").strip()
         row(name, **result, capture_peak_gib=capture_peak, grad_max_rel_diff=diff,
+            grad_rel_diff_vs_peft=_max_rel(g_grads, exact),
             loss_abs_diff=abs(float(g_loss) - float(e_loss)), replays=replays, note=note)
     except Exception as exc:
         row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
@@ -285,6 +298,7 @@ def main():
                              "process-wide); one shape per run")
     parser.add_argument("--lora_ops_ab", action="store_true",
                         help="also time the eager step with hyclora.ops.lora.FUSED_LORA_OPS = False")
+    parser.add_argument("--q_bit", type=int, default=2, choices=[2, 4, 8], help="hyclora's q_bit")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
 
@@ -306,18 +320,19 @@ def main():
         rows += run_shape(args, device, dtype, bs, seq)
 
     print(f"\n{gpu}, Llama-2-7B shape{' (smoke: tiny)' if args.smoke else ''}, LoRA r=16 x 7 linears, {args.attn}, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} steps, hyclora q_bit {args.q_bit}")
     print("| bs x seq | variant | tok/s | x PEFT | x PEFT + GC | x eager hyclora | step ms | peak GiB above weights "
-          "| resident GiB | capture-step peak GiB | LoRA grad max rel diff vs eager | loss diff | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| resident GiB | capture-step peak GiB | LoRA grad max rel diff vs eager | LoRA grad max rel diff vs PEFT (exact) | loss diff "
+          "| note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = [x for x in rows if x["shape"] == r["shape"]]
         peft = next((x["tok_s"] for x in same if x["variant"] == "PEFT LoRA"), NAN)
         gc_tok_s = next((x["tok_s"] for x in same if x["variant"] == "PEFT LoRA + GC"), NAN)
-        eager = next((x["tok_s"] for x in same if x["variant"] == "hyclora full_fuse 2-bit eager"), NAN)
+        eager = next((x["tok_s"] for x in same if x["variant"] == f"hyclora full_fuse {args.q_bit}-bit eager"), NAN)
         print(f"| {r['shape']} | {r['variant']} | {r['tok_s']:.0f} | {r['tok_s'] / peft:.2f} | "
               f"{r['tok_s'] / gc_tok_s:.2f} | {r['tok_s'] / eager:.2f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['resident_gib']:.2f} | "
-              f"{r['capture_peak_gib']:.2f} | {r['grad_max_rel_diff']:.2e} | {r['loss_abs_diff']:.2e} | {r['note']} |")
+              f"{r['capture_peak_gib']:.2f} | {r['grad_max_rel_diff']:.2e} | {r['grad_rel_diff_vs_peft']:.2e} | {r['loss_abs_diff']:.2e} | {r['note']} |")
         r["gpu"] = gpu
     write_csv(out_dir / "cuda_graphs.csv", rows)
 

@@ -24,6 +24,16 @@ needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_launch():
+    """The wrappers launch their kernels eagerly only under ``launches_are_free`` (CUDA graph
+    capture and its warm-ups; else the torch references run, see
+    test_kernels_launch_eagerly_only_from_the_token_threshold): every test here runs inside it,
+    so on a GPU the kernels are what is tested (the interpreter launches them anyway)."""
+    with ep.launches_are_free():
+        yield
+
+
 class _Spy:
     """A stand-in for a @triton.jit kernel that counts launches (``kernel[grid](...)``)."""
 
@@ -354,6 +364,7 @@ def test_kernels_launch_eagerly_only_from_the_token_threshold(monkeypatch):
     # ops run (from EAGER_MIN_TOKENS tokens the kernels, if set); launches_are_free() (graph
     # capture and its warm-ups) lifts it
     monkeypatch.setattr(ep, "_INTERPRET", False)
+    monkeypatch.setattr(ep, "_free_launches", 0)  # outside the module's autouse fixture
     cpu = torch.device("cpu")
     assert ep.EAGER_MIN_TOKENS is None and not ep._worth_launching(1 << 40, cpu)  # default: never eagerly
     monkeypatch.setattr(ep, "EAGER_MIN_TOKENS", 8192)
