@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "width (1%% of channels exact); 8 is near lossless and let a 7B LoRA train 384k tokens "
                         "on one H200 (BENCHMARKS.md); 0: exact")
     g.add_argument("--loss_chunk_tokens", type=int, default=None, help="tokens per LM-head loss chunk (default: auto)")
+    g.add_argument("--cuda_graphs", type=_str2bool, default=False,
+                   help="replay CUDA graphs of hyclora's decoder layers (hyclora.cuda_graphs): one GPU process, "
+                        "--use_hyclora, no --gradient_checkpointing, rows without padding; at 8k-16k tokens the "
+                        "fastest and among the leanest setups (BENCHMARKS.md run 9)")
     HyCLoRAConfig.add_arguments(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True,
@@ -208,6 +212,22 @@ def apply_memory_features(args, model, hcfg):
     return model
 
 
+def cuda_graphs_refusal(args, hcfg, accelerator):
+    """Why ``--cuda_graphs`` cannot replay in this run (a message naming the fix), or None."""
+    if not hcfg.use_hyclora:
+        return "it graphs hyclora's compressed layers: pass --use_hyclora true (and a --layer_type)"
+    if args.gradient_checkpointing:
+        return ("checkpointed layers always run eager (their recompute happens inside the backward): drop "
+                "--gradient_checkpointing or --cuda_graphs")
+    if accelerator.num_processes > 1 or getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return ("it runs in one process on one GPU (DDP/DeepSpeed own the gradients): launch one process "
+                "without a DeepSpeed config")
+    if args.separate_documents:
+        return ("--separate_documents gives every row its own document boundaries (a new mask each batch): "
+                "drop one of the two")
+    return None
+
+
 def keep_trainable_fp32(model, accelerator) -> None:
     """Without DeepSpeed nobody keeps fp32 master weights: AdamW on bf16 weights loses updates
     below bf16's resolution (an lr-2e-5 step on a 0.01 weight is 0.2%, under bf16's 0.4%). So the
@@ -259,6 +279,11 @@ def main(argv=None) -> dict:
     from hyclora.integrations.longseq import CausalLMChunkedLoss, longlora_lora_config
 
     extra = {}
+    if args.cuda_graphs:
+        from accelerate.utils import AutocastKwargs
+
+        # autocast's cast cache would hold casts made during a capture: hyclora.cuda_graphs refuses it
+        extra["kwargs_handlers"] = [AutocastKwargs(cache_enabled=False)]
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:
         # Plain `python launch/longseq.py`: autocast in the weights' half precision, so trainable
         # weights can be kept in fp32 (see keep_trainable_fp32).
@@ -269,6 +294,8 @@ def main(argv=None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **extra,
     )
+    if args.cuda_graphs and (why := cuda_graphs_refusal(args, hcfg, accelerator)):
+        raise SystemExit(f"error: --cuda_graphs: {why}")
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -324,6 +351,11 @@ def main(argv=None) -> dict:
         num_training_steps=args.max_steps * accelerator.num_processes,
     )
     wrapper, optimizer, loader, scheduler = accelerator.prepare(wrapper, optimizer, loader, scheduler)
+    graphs = None
+    if args.cuda_graphs:  # after prepare: the layers sit on their device
+        from hyclora import cuda_graphs
+
+        graphs = cuda_graphs.graph_decoder_layers(model)
 
     # -- resume --
     completed = 0
@@ -401,6 +433,10 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t_end = time.perf_counter()
+    graph_counts = None
+    if graphs is not None:  # saving and evaluating run the layers' own (eager) forwards
+        graph_counts = dict(graphs.counts)
+        graphs.remove()
     elapsed = t_end - t_start
     steady = None
     if step > completed + 1:
@@ -423,6 +459,8 @@ def main(argv=None) -> dict:
         "checkpoint_boundary_bits": args.checkpoint_boundary_bits, "hyclora": hcfg.to_dict() if hcfg.use_hyclora else None,
         "num_processes": accelerator.num_processes, "trainable_parameters": n_train,
     }
+    if graph_counts is not None:
+        summary["cuda_graphs"] = graph_counts
     if args.eval_files:
         from hyclora.data.longdocs import load_token_stream
         from hyclora.eval.sliding_ppl import sliding_window_perplexity
@@ -443,6 +481,10 @@ def main(argv=None) -> dict:
         log("\n== summary ==")
         log(f"steps {step} in {elapsed:.1f}s, {summary['tokens_per_second']:.0f} tokens/s"
             + (f" ({steady:.0f} tokens/s after the first step)" if steady else ""))
+        if graph_counts is not None:
+            eager = {k[len("eager: "):]: v for k, v in graph_counts.items() if k.startswith("eager: ")}
+            log(f"CUDA graphs: {graph_counts.get('replay', 0)} decoder-layer calls replayed, "
+                f"{graph_counts.get('capture', 0)} capture(s); eager calls by reason: {eager}")
         if summary.get("eval"):
             e = summary["eval"]
             log(f"perplexity {e['perplexity']:.3f} ({e['mode']}, L={e['context_length']}, stride {e['stride']}, "

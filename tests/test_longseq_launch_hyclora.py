@@ -4,6 +4,8 @@ CPU run on a tiny random Llama, plain ``python`` (no launcher)."""
 import json
 import sys
 
+import pytest
+
 from test_longseq_common import long_docs_or_skip, test_tokenizer
 from test_longseq_launch import SCRIPT, _common_args, _env, _metrics, _run
 
@@ -33,3 +35,67 @@ def test_hyclora_intra_inter_with_s2attn_three_steps(tmp_path):
 def test_hyclora_with_checkpointing_and_8bit_boundaries_three_steps(tmp_path):
     summary = _three_hyclora_steps(tmp_path, "--gradient_checkpointing", "true", "--checkpoint_boundary_bits", "8")
     assert summary["gradient_checkpointing"] is True and summary["checkpoint_boundary_bits"] == 8
+
+
+# -- --cuda_graphs ---------------------------------------------------------------------------------
+def _launcher_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hyclora_launch_longseq", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _in_process(tmp_path, name, *extra):
+    """4 steps of launch/longseq.py's main() in this process (hyclora full_fuse 4-bit, S²-Attn)."""
+    from accelerate.state import AcceleratorState
+
+    long_docs_or_skip()
+    common = _common_args(tmp_path, len(test_tokenizer()))
+    common[common.index("--use_hyclora") + 1] = "true"
+    common[common.index("--gradient_accumulation_steps") + 1] = "1"
+    out = tmp_path / name
+    AcceleratorState._reset_state(True)  # each main() builds its own Accelerator
+    try:
+        summary = _launcher_module().main([
+            *common, "--layer_type", "intra_inter_full_fuse", "--q_bit", "4", "--iteration_threshold", "2",
+            "--max_steps", "4", "--seed", "3", "--output_dir", str(out),
+            "--save_adapter", "false", *extra])
+    finally:
+        AcceleratorState._reset_state(True)
+    return summary, [m["loss"] for m in _metrics(out)]
+
+
+def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch):
+    # CPU: the layer chain with an emulated capture (tests/test_cuda_graphs.py); on a GPU the flag
+    # captures real graphs. Replays compute what the eager layers compute: the same losses.
+    sys.path.insert(0, str(SCRIPT.parents[1] / "tests"))
+    from test_cuda_graphs import chain_grapher
+
+    import hyclora.cuda_graphs as cuda_graphs
+
+    made = []
+
+    def fake_graph_decoder_layers(model, **kw):
+        made.append(cuda_graphs.DecoderLayerGraphs(model, _grapher=chain_grapher, **kw))
+        return made[-1]
+
+    _, eager_losses = _in_process(tmp_path, "eager")
+    monkeypatch.setattr(cuda_graphs, "graph_decoder_layers", fake_graph_decoder_layers)
+    summary, graphed_losses = _in_process(tmp_path, "graphed", "--cuda_graphs", "true")
+    counts = summary["cuda_graphs"]
+    # 2 layers: steps 1-2 calibrate eagerly, step 3 captures, steps 3-4 replay
+    assert counts["capture"] == 1 and counts["replay"] == 4 and counts["eager: statistics calibrating"] == 4, counts
+    assert made and made[0]._removed  # removed before saving/evaluating
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--use_hyclora", "false"), "pass --use_hyclora true"),
+    (("--gradient_checkpointing", "true"), "drop --gradient_checkpointing or --cuda_graphs"),
+    (("--separate_documents", "true"), "--separate_documents gives every row"),
+])
+def test_cuda_graphs_flag_refuses_what_cannot_replay(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        _in_process(tmp_path, "refused", "--cuda_graphs", "true", *extra)
