@@ -12,7 +12,9 @@ CUDA graphs (one forward and one backward graph per decoder layer, through
     apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=2))
     graphs = graph_decoder_layers(model)          # installs a dispatcher; captures lazily
     for batch in loader:                          # train as usual (own loop or HF Trainer)
-        model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        loss = loss.detach()                      # no autograd graph alive into the next forward
     print(graphs.counts)                          # replays / captures / why calls ran eager
     graphs.remove()                               # before revert_hyclora(model)
 
@@ -63,6 +65,13 @@ DeepSpeed ZeRO-3 parameters (gathered per call). Every ``layer_type`` can be gra
 Gradient checkpointing and active saved-tensor hooks (``hyclora.memory`` measurements) run
 eager. Autocast with its weight cache enabled is refused at capture (``make_graphed_callables``
 needs ``torch.autocast(..., cache_enabled=False)``).
+
+Own training loops: release each step's autograd graph before the next forward (``loss =
+loss.detach()`` after the backward, as the HF Trainer does). A graph kept alive, e.g. by the loss
+variable until it is reassigned, keeps the parameters' gradient accumulators of the previous
+step, tied to the default stream; a capture in the next forward then fails with "operation would
+make the legacy stream depend on a capturing blocking stream" (measured in launch/longseq.py on
+an H200).
 
 Gradients: the backward graph returns the LoRA gradients in static buffers; PyTorch would let a
 parameter's ``.grad`` alias such a buffer (pytorch/pytorch#181723), so the next replay would
@@ -522,8 +531,12 @@ class DecoderLayerGraphs:
                 graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
                                         allow_unused_input=True)
         except Exception as exc:
+            hint = ""
+            if "legacy stream" in str(exc):
+                hint = (" A tensor of the previous step (often the loss) still holds its autograd graph: "
+                        "detach it after the backward (loss = loss.detach()) before the next forward.")
             raise RuntimeError(f"hyclora.cuda_graphs: capturing the decoder layers failed ({type(exc).__name__}: "
-                               f"{exc}). Train without graphs (graphs.remove()) and report this.") from exc
+                               f"{exc}).{hint or ' Train without graphs (graphs.remove()) and report this.'}") from exc
         graphed = [g if not isinstance(g, nn.Module) else g.forward for g in graphed]
         tensors = [_layer_tensors(layer) for layer in self.layers]
         checks = [_layer_storage(*t) for t in tensors]

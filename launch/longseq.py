@@ -399,6 +399,9 @@ def main(argv=None) -> dict:
                     position_ids=batch.get("position_ids"),
                 )
                 accelerator.backward(loss)
+                # drop the step's autograd graph now: kept alive into the next forward, it pins the
+                # gradient accumulators to this step's stream, which a CUDA graph capture cannot join
+                loss = loss.detach()
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
                 optimizer.step()
