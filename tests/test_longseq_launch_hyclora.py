@@ -1,5 +1,7 @@
-"""launch/longseq.py with --use_hyclora --layer_type intra_inter and S²-Attn (the default): a 3-step
-CPU run on a tiny random Llama, plain ``python`` (no launcher)."""
+"""launch/longseq.py with --use_hyclora and S²-Attn (the default) on a tiny random Llama, on the
+CPU: 3-step runs (plain ``python``; with checkpointing and 8-bit boundaries; under ``accelerate
+launch`` with ZeRO-3 on 2 processes), ``--cuda_graphs`` through an emulated capture (same losses
+as eager) and its refusals."""
 
 import json
 import sys
@@ -99,3 +101,24 @@ def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monk
 def test_cuda_graphs_flag_refuses_what_cannot_replay(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         _in_process(tmp_path, "refused", "--cuda_graphs", "true", *extra)
+
+
+def test_zero3_two_cpu_processes_with_hyclora_and_compressed_boundaries(tmp_path):
+    # the configuration of benchmarks/run_gpu_longseq_zero3.sh (2 ranks, ZeRO-3, hyclora full_fuse
+    # 2-bit, checkpointing with 8-bit boundaries), on 2 CPU processes (gloo)
+    long_docs_or_skip()
+    pytest.importorskip("deepspeed")
+    common = _common_args(tmp_path, len(test_tokenizer()))
+    common[common.index("--use_hyclora") + 1] = "true"
+    out = tmp_path / "z3"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(SCRIPT.parents[1] / "launch" / "zero3_2gpu.yaml")]
+    _run(launch + [str(SCRIPT), *common, "--layer_type", "intra_inter_full_fuse", "--q_bit", "2",
+                   "--gradient_checkpointing", "true", "--checkpoint_boundary_bits", "8", "--max_steps", "3",
+                   "--output_dir", str(out), "--save_adapter", "false"], _env(DS_ACCELERATOR="cpu"), timeout=420)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and len(summary["memory"]["per_rank"]) == 2
+    assert summary["hyclora"]["layer_type"] == "intra_inter_full_fuse" and summary["checkpoint_boundary_bits"] == 8
