@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The checks BENCHMARKS.md run 8 left open, in device calls of under 10 minutes each (H200).
+# The checks BENCHMARKS.md runs 8-9 left open, in device calls of under 10 minutes each (H200).
 # On the lent H200, after staging the wheels (../shared/gpu/README.md), carry [".whl"]:
 #   bash benchmarks/run_gpu_followup.sh graphs    # tests + CUDA-graph steps (about 9 minutes)
 #   bash benchmarks/run_gpu_followup.sh longseq   # 8k/16k: hyclora + S² graphed / eager / GC vs Liger + GC
+#   bash benchmarks/run_gpu_followup.sh launcher  # launch/longseq.py with/without --cuda_graphs at 7B 8k, + device tests
+#     (carry [".whl", ".data"] after ../shared/gpu/stage.sh long-docs llama2-tokenizer-32k)
 # Logs and CSV under $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,31 @@ longseq)
     --layer_type intra_inter_full_fuse --gc_boundary_bits 8 --contexts 8192,16384 --search false --warmup 2 \
     --steps 2 --time_budget 420 2>&1 | grep -v Warning | tee "$OUT/longseq.log" | grep "^|\|dispatch"
   ;;
+launcher)
+  # the user's way to the 8k rows above: launch/longseq.py (accelerate loop, bf16 autocast, LongLoRA
+  # recipe) with and without --cuda_graphs on the 7B shape, 6 steps each; summary.json has tok/s and peak
+  [ -d .data/long-docs ] && [ -d .data/llama2-tokenizer-32k ] || { echo "stage long-docs and llama2-tokenizer-32k"; exit 1; }
+  python3 - "$OUT/llama7b" <<'PY'
+import sys
+from transformers import LlamaConfig
+LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096).save_pretrained(sys.argv[1])
+PY
+  for ctx in ${CONTEXTS:-8192}; do  # the 7B model is built on the host first: ~2 runs fit in one call
+    for graphs in true false; do
+      dir="$OUT/launcher-$ctx-graphs-$graphs"
+      timeout 200 python3 launch/longseq.py --config_name "$OUT/llama7b" --tokenizer_name .data/llama2-tokenizer-32k \
+        --dataset .data/long-docs --seq_len "$ctx" --max_steps 6 --gradient_accumulation_steps 1 --lora_r 16 \
+        --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --use_hyclora true \
+        --layer_type intra_inter_full_fuse --q_bit 2 --iteration_threshold 2 --cuda_graphs "$graphs" \
+        --save_adapter false --output_dir "$dir" > "$dir.log" 2>&1
+      echo "ctx $ctx graphs $graphs: exit $?"; grep -A4 "== summary ==" "$dir.log"
+    done
+  done
+  # the device tests call 1 of run 9 left without result (autotuning needs more than 60 s)
+  timeout 240 python3 -m pytest -q tests/quant/test_quant_triton.py tests/ops/test_fused_swiglu.py 2>&1 | tail -8 \
+    | tee "$OUT/tests_quant_swiglu.log"
+  ;;
 *)
-  echo "usage: $0 [graphs|longseq]" >&2; exit 2 ;;
+  echo "usage: $0 [graphs|longseq|launcher]" >&2; exit 2 ;;
 esac
