@@ -325,6 +325,13 @@ class DecoderLayerGraphs:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
+    def summary(self) -> str:
+        """One line for the end of a run: replayed layer calls, captures, eager calls by reason."""
+        counts = self.counts
+        eager = {k[len("eager: "):]: v for k, v in counts.items() if k.startswith("eager: ")}
+        return (f"CUDA graphs: {counts.get('replay', 0)} decoder-layer calls replayed, {counts.get('capture', 0)} "
+                f"capture(s); eager calls by reason: {eager or 'none'}")
+
     def remove(self) -> None:
         """Free the graphs and give the layers back their hyclora forwards. Call it before
         ``revert_hyclora(model)``."""

@@ -436,9 +436,9 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t_end = time.perf_counter()
-    graph_counts = None
+    graph_counts = graph_summary = None
     if graphs is not None:  # saving and evaluating run the layers' own (eager) forwards
-        graph_counts = dict(graphs.counts)
+        graph_counts, graph_summary = dict(graphs.counts), graphs.summary()
         graphs.remove()
     elapsed = t_end - t_start
     steady = None
@@ -484,10 +484,8 @@ def main(argv=None) -> dict:
         log("\n== summary ==")
         log(f"steps {step} in {elapsed:.1f}s, {summary['tokens_per_second']:.0f} tokens/s"
             + (f" ({steady:.0f} tokens/s after the first step)" if steady else ""))
-        if graph_counts is not None:
-            eager = {k[len("eager: "):]: v for k, v in graph_counts.items() if k.startswith("eager: ")}
-            log(f"CUDA graphs: {graph_counts.get('replay', 0)} decoder-layer calls replayed, "
-                f"{graph_counts.get('capture', 0)} capture(s); eager calls by reason: {eager}")
+        if graph_summary is not None:
+            log(graph_summary)
         if summary.get("eval"):
             e = summary["eval"]
             log(f"perplexity {e['perplexity']:.3f} ({e['mode']}, L={e['context_length']}, stride {e['stride']}, "

@@ -360,6 +360,9 @@ def test_eager_reasons():
     model(input_ids=_batch(2), labels=_batch(2)).loss.backward()
     assert graphs.counts["release: stale graph (statistics or storage changed)"] == 1
     assert graphs.counts["capture"] == 2
+    line = graphs.summary()  # what the examples and launch/longseq.py print at the end
+    assert line.startswith(f"CUDA graphs: {graphs.counts['replay']} decoder-layer calls replayed, 2 capture(s);")
+    assert "'batch shape': 3" in line and "'attention_mask': 3" in line and "'disabled': 3" in line
 
 
 def test_checkpoint_recompute_runs_eager():

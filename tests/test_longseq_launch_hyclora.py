@@ -69,7 +69,7 @@ def _in_process(tmp_path, name, *extra):
     return summary, [m["loss"] for m in _metrics(out)]
 
 
-def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch):
+def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch, capsys):
     # CPU: the layer chain with an emulated capture (tests/test_cuda_graphs.py); on a GPU the flag
     # captures real graphs. Replays compute what the eager layers compute: the same losses.
     sys.path.insert(0, str(SCRIPT.parents[1] / "tests"))
@@ -90,6 +90,7 @@ def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monk
     # 2 layers: steps 1-2 calibrate eagerly, step 3 captures, steps 3-4 replay
     assert counts["capture"] == 1 and counts["replay"] == 4 and counts["eager: statistics calibrating"] == 4, counts
     assert made and made[0]._removed  # removed before saving/evaluating
+    assert "CUDA graphs: 4 decoder-layer calls replayed, 1 capture(s)" in capsys.readouterr().out
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-6, abs=0)
 
 

@@ -254,14 +254,9 @@ def run_finetune(
         if graphs is not None:
             graphs.remove()
     if graphs is not None:
-        counts = dict(graphs.counts)
-        replays = counts.get("replay", 0)
-        eager = {k[len("eager: "):]: v for k, v in counts.items() if k.startswith("eager: ")}
-        logger.info("CUDA graphs: %d layer calls replayed, %d captures, eager calls by reason: %s",
-                    replays, counts.get("capture", 0), eager or "none")
+        logger.info(graphs.summary())
         if trainer.is_world_process_zero():
-            print(f"CUDA graphs: {replays} decoder-layer calls replayed, {counts.get('capture', 0)} capture(s); "
-                  f"eager calls by reason: {eager or 'none'}", flush=True)
+            print(graphs.summary(), flush=True)
     if zero3_enabled():
         # Trainer.save_model can write an empty adapter from ZeRO-3 shards; gather and save a
         # plain PEFT adapter instead (a collective: every rank calls it).
