@@ -49,14 +49,14 @@ def _launcher_module():
     return module
 
 
-def _in_process(tmp_path, name, *extra):
+def _in_process(tmp_path, name, *extra, accumulation=1):
     """4 steps of launch/longseq.py's main() in this process (hyclora full_fuse 4-bit, S²-Attn)."""
     from accelerate.state import AcceleratorState
 
     long_docs_or_skip()
     common = _common_args(tmp_path, len(test_tokenizer()))
     common[common.index("--use_hyclora") + 1] = "true"
-    common[common.index("--gradient_accumulation_steps") + 1] = "1"
+    common[common.index("--gradient_accumulation_steps") + 1] = str(accumulation)
     out = tmp_path / name
     AcceleratorState._reset_state(True)  # each main() builds its own Accelerator
     try:
@@ -69,7 +69,8 @@ def _in_process(tmp_path, name, *extra):
     return summary, [m["loss"] for m in _metrics(out)]
 
 
-def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch, capsys, accumulation):
     # CPU: the layer chain with an emulated capture (tests/test_cuda_graphs.py); on a GPU the flag
     # captures real graphs. Replays compute what the eager layers compute: the same losses.
     sys.path.insert(0, str(SCRIPT.parents[1] / "tests"))
@@ -83,14 +84,15 @@ def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monk
         made.append(cuda_graphs.DecoderLayerGraphs(model, _grapher=chain_grapher, **kw))
         return made[-1]
 
-    _, eager_losses = _in_process(tmp_path, "eager")
+    _, eager_losses = _in_process(tmp_path, "eager", accumulation=accumulation)
     monkeypatch.setattr(cuda_graphs, "graph_decoder_layers", fake_graph_decoder_layers)
-    summary, graphed_losses = _in_process(tmp_path, "graphed", "--cuda_graphs", "true")
+    summary, graphed_losses = _in_process(tmp_path, "graphed", "--cuda_graphs", "true", accumulation=accumulation)
     counts = summary["cuda_graphs"]
-    # 2 layers: steps 1-2 calibrate eagerly, step 3 captures, steps 3-4 replay
-    assert counts["capture"] == 1 and counts["replay"] == 4 and counts["eager: statistics calibrating"] == 4, counts
+    # 2 layers: 2 forwards calibrate eagerly, the third captures; it and all later ones replay
+    replays = 4 * accumulation * 2 - 4
+    assert counts["capture"] == 1 and counts["replay"] == replays and counts["eager: statistics calibrating"] == 4, counts
     assert made and made[0]._removed  # removed before saving/evaluating
-    assert "CUDA graphs: 4 decoder-layer calls replayed, 1 capture(s)" in capsys.readouterr().out
+    assert f"CUDA graphs: {replays} decoder-layer calls replayed, 1 capture(s)" in capsys.readouterr().out
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-6, abs=0)
 
 
