@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu_followup.sh longseq   # 8k/16k: hyclora + S² graphed / eager / GC vs Liger + GC
 #   bash benchmarks/run_gpu_followup.sh launcher  # launch/longseq.py with/without --cuda_graphs at 7B 8k, + device tests
 #     (carry [".whl", ".data"] after ../shared/gpu/stage.sh long-docs llama2-tokenizer-32k)
+#   bash benchmarks/run_gpu_followup.sh eager_kernels  # 8k/16k eager S²: LoRA kernels vs op by op (peak, tok/s)
 # Logs and CSV under $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,17 @@ PY
   timeout 240 python3 -m pytest -q tests/quant/test_quant_triton.py tests/ops/test_fused_swiglu.py 2>&1 | tail -8 \
     | tee "$OUT/tests_quant_swiglu.log"
   ;;
+eager_kernels)
+  # run 9: at 16k the eager S²-Attn step (LoRA op by op) peaked at 10.05 GiB, the graphed one (LoRA
+  # kernels) at 5.30: do the kernels launched eagerly at long lengths keep the speed and lower the
+  # peak? (if so, EAGER_MIN_TOKENS = 8192 or so becomes the default). Two processes, same method.
+  for ops in kernels fused; do
+    mkdir -p "$OUT/ek-$ops"
+    OUT=$OUT/ek-$ops timeout 250 python3 benchmarks/bench_longseq.py --methods hyclora_s2 --lora_ops "$ops" \
+      --layer_type intra_inter_full_fuse --contexts 8192,16384 --search false --warmup 2 --steps 2 --time_budget 200 \
+      2>&1 | grep -v Warning | tee "$OUT/eager_kernels_$ops.log" | grep "^|"
+  done
+  ;;
 *)
-  echo "usage: $0 [graphs|longseq|launcher]" >&2; exit 2 ;;
+  echo "usage: $0 [graphs|longseq|launcher|eager_kernels]" >&2; exit 2 ;;
 esac
