@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 from typing import Callable, Dict, List
+
+# full_fuse's LoRA terms, for A/B runs: the library default, op by op (the other layer types'
+# path), or the Triton LoRA kernels launched eagerly at any length (by default only under CUDA
+# graph capture)
+LORA_OPS = {"fused": None, "op_by_op": ("hyclora.ops.lora", "FUSED_LORA_OPS", False),
+            "kernels": ("hyclora.ops.lora_kernels", "EAGER_MIN_TOKENS", 0)}
+
+
+@contextlib.contextmanager
+def lora_ops(setting: str):
+    """Inside, ``intra_inter_full_fuse`` computes its LoRA terms the :data:`LORA_OPS` way named."""
+    if LORA_OPS[setting] is None:
+        yield
+        return
+    import importlib
+
+    module_name, attr, value = LORA_OPS[setting]
+    module = importlib.import_module(module_name)
+    saved = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, saved)
 
 
 def write_csv(path: Path, rows: List[Dict]) -> Path:

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_csv  # noqa: E402
+from bench_common import lora_ops, write_csv  # noqa: E402
 
 from bench_memory_throughput import build_model, sync  # noqa: E402
 
@@ -159,23 +159,19 @@ def run_shape(args, device, dtype, bs, seq):
         # the same eager step with the fused LoRA ops off (op by op, as intra_inter), and with their
         # Triton kernels launched at any token count (by default only under graph capture); one
         # apply_hyclora for both, so they share the frozen statistics the first one calibrated
-        from hyclora.ops import lora, lora_kernels
-
         ab_grads = {}
         apply_hyclora(model, hcfg)
         warmup = calib + args.warmup
         try:
-            for name, module, attr, value in (
-                    (f"hyclora full_fuse {args.q_bit}-bit eager, LoRA op by op", lora, "FUSED_LORA_OPS", False),
-                    (f"hyclora full_fuse {args.q_bit}-bit eager, LoRA kernels always", lora_kernels, "EAGER_MIN_TOKENS", 0)):
-                saved = getattr(module, attr)
-                setattr(module, attr, value)
+            for name, setting in ((f"hyclora full_fuse {args.q_bit}-bit eager, LoRA op by op", "op_by_op"),
+                                  (f"hyclora full_fuse {args.q_bit}-bit eager, LoRA kernels always", "kernels")):
                 try:
-                    result = measure(model, ids, device, args.steps, warmup)
-                    warmup = args.warmup  # calibrated by the first setting
-                    _step(model, ids)
-                    ab_grads[name] = _lora_grads(model)
-                    model.zero_grad(set_to_none=True)
+                    with lora_ops(setting):
+                        result = measure(model, ids, device, args.steps, warmup)
+                        warmup = args.warmup  # calibrated by the first setting
+                        _step(model, ids)
+                        ab_grads[name] = _lora_grads(model)
+                        model.zero_grad(set_to_none=True)
                     note = ""
                     if len(ab_grads) == 2:  # same statistics: only the LoRA paths' roundings differ
                         ref, got = ab_grads.values()
@@ -183,8 +179,6 @@ def run_shape(args, device, dtype, bs, seq):
                     row(name, **result, grad_rel_diff_vs_peft=_max_rel(ab_grads[name], exact), note=note)
                 except Exception as exc:
                     row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
-                finally:
-                    setattr(module, attr, saved)
         finally:
             revert_hyclora(model)
             model.zero_grad(set_to_none=True)
@@ -278,7 +272,7 @@ def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, exact):
         row(name, note=f"FAILED {type(exc).__name__}: {exc}"[:300])
     finally:
         if graphs is not None:
-            print(f"  graph dispatch counts: {dict(graphs.counts)}", flush=True)
+            print(f"  {graphs.summary()}", flush=True)
             graphs.remove()
         revert_hyclora(model)
         model.zero_grad(set_to_none=True)

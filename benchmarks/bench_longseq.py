@@ -64,7 +64,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import python_profile  # noqa: E402
+from bench_common import LORA_OPS, lora_ops, python_profile  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
 
@@ -215,7 +215,7 @@ class Method:
 
         inner = model.get_base_model()
         if self.graphs is not None:
-            print(f"{self.name}: graph dispatch counts {dict(self.graphs.counts)}", flush=True)
+            print(f"{self.name}: {self.graphs.summary()}", flush=True)
             self.graphs.remove()
             self.graphs = None
         if self.s2 and s2attn_enabled(model):
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "under $OUT; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
                    help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
-    p.add_argument("--lora_ops", default="fused", choices=["fused", "op_by_op", "kernels"],
+    p.add_argument("--lora_ops", default="fused", choices=list(LORA_OPS),
                    help="full_fuse's LoRA terms: the library default (fused), op by op "
                         "(hyclora.ops.lora.FUSED_LORA_OPS = False) or with the Triton LoRA kernels launched "
                         "eagerly at any length (hyclora.ops.lora_kernels.EAGER_MIN_TOKENS = 0)")
@@ -407,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Dict[str, list]:
     args = build_parser().parse_args(argv)
+    with lora_ops(args.lora_ops):
+        return _measure(args)
+
+
+def _measure(args) -> Dict[str, list]:
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -428,14 +433,6 @@ def main(argv=None) -> Dict[str, list]:
         import hyclora.ops.s2attn as s2attn
 
         s2attn.S2_BLOCK_KERNELS = args.s2_kernels
-    if args.lora_ops == "op_by_op":
-        import hyclora.ops.lora as lora
-
-        lora.FUSED_LORA_OPS = False
-    elif args.lora_ops == "kernels":
-        import hyclora.ops.lora_kernels as lora_kernels
-
-        lora_kernels.EAGER_MIN_TOKENS = 0
     if args.mlp_chunk_elements >= 0:
         import hyclora.ops.blocks as blocks
 

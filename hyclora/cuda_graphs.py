@@ -107,7 +107,7 @@ from hyclora.ops.lora_kernels import launches_are_free
 from hyclora.ops.s2attn import S2ATTN_NAME
 from hyclora.quant.checks import FiniteGuard
 
-__all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION"]
+__all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION", "run_refusal"]
 
 # eager with a None mask runs sdpa in hyclora's blocks; S²-Attn (LongLoRA) with a None mask (no
 # padding) runs its shifted groups inside the blocks, from shapes only
@@ -723,6 +723,22 @@ def _make_forward(graphs: DecoderLayerGraphs, i: int):
         return graphs.forward(i, args, kwargs)
 
     return forward
+
+
+def run_refusal(*, use_hyclora: bool, checkpointing: bool, several_processes: bool) -> Optional[str]:
+    """Why a training run's ``--cuda_graphs`` cannot replay (naming the command-line fix), or
+    None: the refusals the examples and ``launch/longseq.py`` share, checked before any model is
+    built (:func:`graph_decoder_layers` refuses what it can see on the model itself)."""
+    if several_processes:
+        return ("it runs in one process on one GPU (DDP/DeepSpeed/DataParallel wrap the forward and own the "
+                "gradients): launch one process without a DeepSpeed config; with several GPUs visible set "
+                "CUDA_VISIBLE_DEVICES to one")
+    if checkpointing:
+        return ("checkpointed layers always run eager (their recompute happens inside the backward): drop "
+                "--gradient_checkpointing / --activation_checkpointing, or --cuda_graphs")
+    if not use_hyclora:
+        return "it graphs hyclora's compressed layers: pass --use_hyclora true (and a --layer_type)"
+    return None
 
 
 def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,

@@ -214,18 +214,15 @@ def apply_memory_features(args, model, hcfg):
 
 def cuda_graphs_refusal(args, hcfg, accelerator):
     """Why ``--cuda_graphs`` cannot replay in this run (a message naming the fix), or None."""
-    if not hcfg.use_hyclora:
-        return "it graphs hyclora's compressed layers: pass --use_hyclora true (and a --layer_type)"
-    if args.gradient_checkpointing:
-        return ("checkpointed layers always run eager (their recompute happens inside the backward): drop "
-                "--gradient_checkpointing or --cuda_graphs")
-    if accelerator.num_processes > 1 or getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        return ("it runs in one process on one GPU (DDP/DeepSpeed own the gradients): launch one process "
-                "without a DeepSpeed config")
-    if args.separate_documents:
-        return ("--separate_documents gives every row its own document boundaries (a new mask each batch): "
-                "drop one of the two")
-    return None
+    from hyclora.cuda_graphs import run_refusal
+
+    why = run_refusal(use_hyclora=hcfg.use_hyclora, checkpointing=args.gradient_checkpointing,
+                      several_processes=accelerator.num_processes > 1
+                      or getattr(accelerator.state, "deepspeed_plugin", None) is not None)
+    if why is None and args.separate_documents:
+        why = ("--separate_documents gives every row its own document boundaries (a new mask each batch): "
+               "drop one of the two")
+    return why
 
 
 def keep_trainable_fp32(model, accelerator) -> None:
@@ -383,7 +380,8 @@ def main(argv=None) -> dict:
     epoch, skip = divmod(micro_done, micro_per_epoch)
     wrapper.train()
     bar = tqdm(total=args.max_steps, initial=completed, desc="train", disable=not accelerator.is_local_main_process)
-    step, tokens_seen, window_loss, window_micro = completed, 0, 0.0, 0
+    # the window's loss sum stays on the device: read once per logging step, not per micro-step
+    step, tokens_seen, window_loss, window_micro = completed, 0, torch.zeros((), device=accelerator.device), 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
@@ -408,7 +406,7 @@ def main(argv=None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad()
             tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
-            window_loss += loss.detach().float().item()
+            window_loss += loss.float()
             window_micro += 1
             if not accelerator.sync_gradients:
                 continue
@@ -420,13 +418,13 @@ def main(argv=None) -> dict:
                     torch.cuda.synchronize()
                 t_steady, tokens_at_steady = time.perf_counter(), tokens_seen
             if step % args.logging_steps == 0 or step == args.max_steps:
-                mean_loss = accelerator.gather(torch.tensor([window_loss / window_micro], device=accelerator.device)).mean().item()
+                mean_loss = accelerator.gather((window_loss / window_micro).reshape(1)).mean().item()
                 record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
-                window_loss, window_micro = 0.0, 0
+                window_loss, window_micro = torch.zeros_like(window_loss), 0
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(step)
             if step >= args.max_steps:

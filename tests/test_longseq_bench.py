@@ -114,4 +114,29 @@ def test_graphed_method_replays_after_calibration(tmp_path, monkeypatch, capsys)
     (row,) = result["rows"]
     assert row["status"] == "ok" and row["tokens_per_s"] > 0, row
     out = capsys.readouterr().out
-    assert "hyclora_s2_graphed: graph dispatch counts" in out and "'replay'" in out and "'capture': 1" in out
+    # smoke: 2 layers, 4 steps; the first step calibrates (iteration_threshold 1), the second captures
+    assert "hyclora_s2_graphed: CUDA graphs: 6 decoder-layer calls replayed, 1 capture(s)" in out
+
+
+@pytest.mark.parametrize("setting, module, attr, value", [
+    ("op_by_op", "hyclora.ops.lora", "FUSED_LORA_OPS", False),
+    ("kernels", "hyclora.ops.lora_kernels", "EAGER_MIN_TOKENS", 0),
+])
+def test_lora_ops_setting_applies_inside_and_is_restored(setting, module, attr, value):
+    # benchmarks' --lora_ops / --lora_ops_ab switch: set while measuring, restored after (also on errors)
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_common import lora_ops
+
+    mod = importlib.import_module(module)
+    before = getattr(mod, attr)
+    with lora_ops(setting):
+        assert getattr(mod, attr) == value
+    assert getattr(mod, attr) == before
+    with pytest.raises(RuntimeError):
+        with lora_ops(setting):
+            raise RuntimeError("boom")
+    assert getattr(mod, attr) == before
+    with lora_ops("fused"):
+        assert getattr(mod, attr) == before

@@ -151,7 +151,7 @@ def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
     # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
     # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
     # to r = 128 (at most 178 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
-    # H200 (BENCHMARKS.md run 8, r = 16): 27-38% of the device copy bandwidth, 2.6-2.8x faster
+    # H200 (BENCHMARKS.md run 8, r = 16): 27-38% of the device copy bandwidth, 2.5-2.8x faster
     # than the op-by-op torch expression; not swept
     return 64, 128, 16, 8
 
@@ -245,7 +245,7 @@ def _down_tiles(m: int, k: int, r: int, interpret: bool = _INTERPRET):
     # bf16 tensor cores (the split fp32 factor, 3 dots), the features in slices of 1024 (fp32
     # partial sums added by torch): enough programs at a few thousand tokens. H200 sweep at
     # 2048 x 4096, r 16 (bench_fused --only lora --sweep, BENCHMARKS.md run 8): 19 us with 4
-    # slices, 66-94 us unsliced (64-128 rows), 23 us with 64 slices; cuBLAS's cast + fp32 GEMM 59 us
+    # slices, 50-94 us unsliced (16-128-row tiles), 23 us with 64 slices; cuBLAS's cast + fp32 GEMM 59 us
     return 64, 64, block_r, 4, 1024
 
 

@@ -168,20 +168,15 @@ def _chunked_loss_trainer():
 def _graph_layers(args: FinetuneArgs, model):
     """``--cuda_graphs``: a ``DecoderLayerGraphs`` over the hyclora-patched layers, or a clear error
     where graphs cannot replay."""
-    t = args.training
-    why = None
-    if t.world_size > 1 or t.deepspeed or t.n_gpu > 1:
-        why = ("it runs in a single process on one GPU (DDP/DeepSpeed/DataParallel wrap the forward and own "
-               "the gradients; with several GPUs visible set CUDA_VISIBLE_DEVICES to one)")
-    elif getattr(model, "hyclora_activation_checkpointing", None) is not None:
-        why = ("checkpointed layers always run eager (their recompute happens inside the backward); drop "
-               "--gradient_checkpointing / --activation_checkpointing, or --cuda_graphs")
-    elif not args.hyclora.use_hyclora:
-        why = "it graphs hyclora's compressed layers: pass --use_hyclora (and a --layer_type)"
-    if why is not None:
-        raise ValueError(f"--cuda_graphs: {why}")
     from hyclora import cuda_graphs
 
+    t = args.training
+    why = cuda_graphs.run_refusal(
+        use_hyclora=args.hyclora.use_hyclora,
+        checkpointing=getattr(model, "hyclora_activation_checkpointing", None) is not None,
+        several_processes=t.world_size > 1 or bool(t.deepspeed) or t.n_gpu > 1)
+    if why is not None:
+        raise ValueError(f"--cuda_graphs: {why}")
     return cuda_graphs.graph_decoder_layers(model)
 
 
