@@ -330,8 +330,10 @@ def register_zero3_leaf_modules(
 
 def leaf_module_config(model: nn.Module) -> Dict[str, List[str]]:
     """The ``zero_optimization.leaf_module`` block naming the model's decoder-layer classes, for
-    users who prefer putting it in the JSON (DeepSpeed applies it at ``initialize``)."""
-    classes = dict.fromkeys(f"{type(m).__module__}.{type(m).__qualname__}" for m in hyclora_blocks(model))
+    users who prefer putting it in the JSON (DeepSpeed applies it at ``initialize``). The bare class
+    name, which DeepSpeed also matches: it is the same for a layer before and after
+    ``apply_hyclora`` (whose subclass lives in another module)."""
+    classes = dict.fromkeys(type(m).__name__ for m in hyclora_blocks(model))
     return {"classes": list(classes)}
 
 

@@ -7,25 +7,8 @@ from typing import Dict
 from torch import nn
 
 from .base import LlamaFamilyAdapter
+from .patching import check_forward_reached
 from .registry import get_adapter, supported_model_types
-
-SUPPORTED_TRANSFORMERS_MAJOR = 5
-
-
-def _check_transformers_version() -> None:
-    import transformers
-
-    version = transformers.__version__
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:  # pragma: no cover - odd dev builds
-        major = -1
-    if major != SUPPORTED_TRANSFORMERS_MAJOR:
-        raise ValueError(
-            f"hyclora: transformers {version} is not supported; hyclora patches the decoder layers "
-            f"of transformers {SUPPORTED_TRANSFORMERS_MAJOR}.x. Install transformers>=5,<6."
-        )
-
 
 def _base_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
@@ -66,7 +49,9 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         return model
     if patched_layers(model):
         raise ValueError("hyclora: this model is already patched; call revert_hyclora(model) first.")
-    _check_transformers_version()
+    from hyclora.compat import check_versions
+
+    check_versions()
     model_config = _model_config(model)
     adapter: LlamaFamilyAdapter = get_adapter(model_config.model_type)
     adapter.check_config(model_config)
@@ -88,6 +73,12 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         layer._hyclora_patch.order = order
     for name, norm in norms:
         adapter.patch_final_norm(norm, name)
+    try:
+        for name, module in layers + norms:
+            check_forward_reached(module, name)
+    except RuntimeError:
+        revert_hyclora(model)
+        raise
     return model
 
 

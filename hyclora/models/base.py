@@ -1,8 +1,9 @@
 """Patching of Llama-style decoder layers (Llama, Mistral): the only place that knows the
 transformers module layout of those layers.
 
-A patched layer keeps its modules and parameters untouched; only its instance ``forward`` is
-replaced. The replacement takes the compressed path (two autograd Functions from
+A patched layer keeps its modules and parameters untouched; only its class is swapped for a
+subclass whose ``forward`` is hyclora's (:mod:`.patching`, so that transformers' own wrappers of
+``forward`` wrap hyclora's). That forward takes the compressed path (two autograd Functions from
 ``hyclora.ops.blocks``) only for a training forward with grad enabled, and calls the original
 forward otherwise, so eval, ``no_grad`` and ``generate()`` are exactly the unpatched model.
 
@@ -17,7 +18,6 @@ mark, so that recompute is counted.
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -29,6 +29,7 @@ from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_bloc
 from hyclora.ops.rmsnorm import RMSNormFn
 from hyclora.ops.storage import StoragePolicy
 
+from .patching import call_original, patch_forward, unpatch_forward
 from .peft_utils import resolve_linear, resolve_norm
 from .state import ATTENTION_TENSORS, ELEMENTWISE_TENSORS, MLP_TENSORS, HyCLoRALayerState, tensor_widths
 
@@ -42,8 +43,6 @@ class _Patch:
     adapter: "LlamaFamilyAdapter"
     config: Any  # HyCLoRAConfig
     name: str
-    original_forward: Callable
-    instance_forward: Any  # what was in layer.__dict__["forward"] before (None if nothing)
     signature: inspect.Signature
     var_kw: str
     # shared by all layers of one model (set by apply_hyclora): the deferred NaN/Inf check
@@ -196,12 +195,9 @@ class LlamaFamilyAdapter:
         sig = inspect.signature(type(layer).forward)
         params = list(sig.parameters.values())[1:]  # drop self
         var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
-        patch = _Patch(
-            adapter=self, config=config, name=name, original_forward=layer.forward,
-            instance_forward=None, signature=sig.replace(parameters=params), var_kw=var_kw,
-        )
-        layer._hyclora_patch = patch
-        patch.instance_forward = _install_forward(layer, _patched_forward)
+        layer._hyclora_patch = _Patch(adapter=self, config=config, name=name,
+                                      signature=sig.replace(parameters=params), var_kw=var_kw)
+        patch_forward(layer, _patched_forward)
 
     # -- the final norm ---------------------------------------------------------------------
     @staticmethod
@@ -228,21 +224,21 @@ class LlamaFamilyAdapter:
         (keeps the bf16 input, not transformers' fp32 upcast; chunked fp32 work): the same output,
         gradients equal to rounding, and at 7B/64k with checkpointing 6 GiB less at the step's
         peak, which was this norm's backward. Eval and no-grad forwards run the original."""
-        original = norm.forward
-        norm._hyclora_final_norm = (name, original, _install_forward(norm, _final_norm_forward))
+        norm._hyclora_final_norm = name
+        patch_forward(norm, _final_norm_forward)
 
     @staticmethod
     def unpatch_final_norm(norm: nn.Module) -> None:
-        saved = norm.__dict__.pop("_hyclora_final_norm", None)
-        if saved is not None:
-            _restore_forward(norm, saved[2])
+        if "_hyclora_final_norm" in norm.__dict__:
+            unpatch_forward(norm)
+            del norm._hyclora_final_norm
 
     @staticmethod
     def unpatch(layer: nn.Module) -> None:
         patch: _Patch = layer.__dict__.get("_hyclora_patch")
         if patch is None:
             return
-        _restore_forward(layer, patch.instance_forward)
+        unpatch_forward(layer)
         del layer._hyclora_patch
         if "hyclora_state" in layer._modules:
             del layer._modules["hyclora_state"]
@@ -365,27 +361,10 @@ class LlamaFamilyAdapter:
         return run_checked(patch, check, in_backward, run)
 
 
-def _install_forward(module: nn.Module, fn) -> Any:
-    """Make ``fn(module, ...)`` the module's forward; returns the instance-level forward it
-    shadows (``None`` when the class's). A bound method, not a closure, so that
-    ``copy.deepcopy(model)`` rebinds it to the copy."""
-    previous = module.__dict__.get("forward")
-    module.forward = types.MethodType(fn, module)
-    return previous
-
-
-def _restore_forward(module: nn.Module, previous) -> None:
-    if previous is not None:
-        module.forward = previous
-    else:
-        module.__dict__.pop("forward", None)
-
-
 def _final_norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
-    name, original, _ = norm._hyclora_final_norm
     if args or kwargs or not (norm.training and torch.is_grad_enabled()):
-        return original(hidden_states, *args, **kwargs)
-    weight, eps = resolve_norm(norm, name)
+        return call_original(norm, hidden_states, *args, **kwargs)
+    weight, eps = resolve_norm(norm, norm._hyclora_final_norm)
     return RMSNormFn.apply(hidden_states, weight, eps)
 
 
@@ -396,7 +375,7 @@ def _patched_forward(layer: nn.Module, *args, **kwargs):
             # A training-mode forward without grad: the first pass of a checkpoint (or a no_grad
             # evaluation in train mode). Its recompute, if any, is the counted one.
             layer.hyclora_state.owed = True
-        return patch.original_forward(*args, **kwargs)
+        return call_original(layer, *args, **kwargs)
     return patch.adapter.compressed_forward(layer, patch, args, kwargs)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 from typing import Any, Dict, Tuple
 
 import torch
@@ -30,6 +29,7 @@ from hyclora.ops.encoder import EncoderAttentionPlan, EncoderFFNPlan, check_acti
 from hyclora.ops.storage import StoragePolicy
 
 from .base import LlamaFamilyAdapter, _patched_forward, _Patch, in_backward_pass, run_checked
+from .patching import patch_forward
 from .peft_utils import resolve_linear
 from .registry import register_model
 from .state import HyCLoRALayerState
@@ -167,12 +167,9 @@ class EncoderAdapter(LlamaFamilyAdapter):
         sig = inspect.signature(type(layer).forward)
         params = list(sig.parameters.values())[1:]  # drop self
         var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
-        layer._hyclora_patch = _Patch(
-            adapter=self, config=config, name=name, original_forward=layer.forward,
-            instance_forward=layer.__dict__.get("forward"),
-            signature=sig.replace(parameters=params), var_kw=var_kw,
-        )
-        layer.forward = types.MethodType(_patched_forward, layer)
+        layer._hyclora_patch = _Patch(adapter=self, config=config, name=name,
+                                      signature=sig.replace(parameters=params), var_kw=var_kw)
+        patch_forward(layer, _patched_forward)
 
     # -- the compressed forward --------------------------------------------------------------
     def compressed_forward(self, layer: nn.Module, patch: _Patch, args, kwargs):

@@ -152,7 +152,7 @@ def test_leaf_registration_and_prepare_zero3():
     emb = model.get_base_model().get_input_embeddings()
     assert emb(torch.zeros(1, 2, dtype=torch.long)).requires_grad
     assert leaf_module_config(model) == {
-        "classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]
+        "classes": ["LlamaDecoderLayer"]
     }
 
 

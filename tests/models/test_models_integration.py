@@ -11,6 +11,7 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.memory import measure_saved_tensors
 from hyclora.models import apply_hyclora, buffered_tensors, is_patched, revert_hyclora
+from hyclora.models.patching import is_forward_patched
 
 from hy_models_util import lora_model, needs_quant, step_grads, tiny_model, worst_rel_err
 
@@ -64,7 +65,7 @@ def test_apply_then_revert_restores_everything(layer_type):
     apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=4))
     assert is_patched(model)
     layer = _layers(model)[0]
-    assert "forward" in layer.__dict__ and hasattr(layer, "hyclora_state")
+    assert is_forward_patched(layer) and hasattr(layer, "hyclora_state")
     sd = model.state_dict()
     assert any(".hyclora_state.forward_count" in k for k in sd)
     if layer_type != "baseline":  # calibration statistics are state, saved with the model
@@ -75,6 +76,7 @@ def test_apply_then_revert_restores_everything(layer_type):
     step_grads(model, batch)
     revert_hyclora(model)
     assert not is_patched(model)
+    assert not is_forward_patched(layer) and type(layer).__module__.startswith("transformers.")
     assert "forward" not in layer.__dict__ and not hasattr(layer, "hyclora_state")
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -219,7 +221,7 @@ def test_other_clear_errors(monkeypatch):
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "4.41.0")
-    with pytest.raises(ValueError, match="transformers 4.41.0 is not supported"):
+    with pytest.raises(RuntimeError, match=r"transformers 4.41.0 is not supported.*transformers 5.17.0-5.25.0"):
         apply_hyclora(lora_model(tiny_model("llama")), BASELINE)
     # 4-bit bitsandbytes base layers need CUDA (see test_models_bnb for the CUDA test)
     from hyclora.models.peft_utils import resolve_linear
