@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
 from torch import nn
 
-from .base import LlamaFamilyAdapter
+from .base import LlamaFamilyAdapter, warn_unreachable_hooks
 from .patching import check_forward_reached
 from .registry import get_adapter, supported_model_types
 
@@ -71,8 +72,12 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         adapter.patch(layer, name, config)
         layer._hyclora_patch.guard = guard
         layer._hyclora_patch.order = order
+    check = guard if config.on_nonfinite == "raise" else None
     for name, norm in norms:
-        adapter.patch_final_norm(norm, name)
+        adapter.patch_final_norm(norm, name, check, order=len(layers))
+    if check is not None:
+        _install_output_check(_base_model(model), check, order=len(layers) + 1)
+    warn_unreachable_hooks(layers)
     try:
         for name, module in layers + norms:
             check_forward_reached(module, name)
@@ -88,7 +93,26 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
         LlamaFamilyAdapter.unpatch(layer)
     for module in model.modules():
         LlamaFamilyAdapter.unpatch_final_norm(module)
+        handle = module.__dict__.pop("_hyclora_output_check", None)
+        if handle is not None:
+            handle.remove()
     return model
+
+
+def _install_output_check(hf_model: nn.Module, guard, order: int) -> None:
+    """Queue "finite" flags of the model's logits and loss into the layers' guard: a NaN born
+    after the last decoder layer (LM head, loss) reaches the layers only as NaN gradients, so the
+    step's one host read (in the first layer's backward) must see these flags too."""
+
+    def record_outputs(module, args, output):
+        if not (module.training and torch.is_grad_enabled()) or not hasattr(output, "get"):
+            return
+        for offset, key in enumerate(("logits", "loss")):
+            value = output.get(key)
+            if torch.is_tensor(value) and value.requires_grad:
+                guard.record(value, f"the model's {key} (after the last decoder layer)", order=order + offset)
+
+    hf_model.__dict__["_hyclora_output_check"] = hf_model.register_forward_hook(record_outputs)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -18,7 +18,7 @@ mark, so that recompute is counted.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -51,6 +51,15 @@ class _Patch:
     # host-time caches of compressed_forward (see there); rebuilt whenever their key changes
     resolved: Any = None  # (key, (attn metas, attn params, mlp metas, mlp params))
     setup: Any = None  # (key, (geometry, s2 group, StoragePolicy))
+    # the layer's submodules (for the hook check), refreshed when the resolved linears change
+    cached_submodules: Any = None
+    warned_hooks: set = field(default_factory=set)
+
+    def submodules(self, layer: nn.Module):
+        cached = self.cached_submodules
+        if self.resolved is None or cached is None or cached[0] is not self.resolved:
+            cached = self.cached_submodules = (self.resolved, _submodules(layer))
+        return cached[1]
 
 
 def in_backward_pass() -> bool:
@@ -86,6 +95,53 @@ def _linear_key(module: nn.Module):
     return (id(module), tuple(ad), module.disable_adapters, module.merged, module.scaling.get(first),
             None if d is None else (id(d), d.training), id(base), id(base.weight), id(base.bias),
             None if a is None else (id(a), id(a.weight)), None if b is None else (id(b), id(b.weight)))
+
+
+# Hooks from these packages are their own machinery (ZeRO-3, PEFT's adapter routing ...), not a
+# user's hook that would be silently skipped.
+_FRAMEWORK_HOOK_MODULES = ("torch", "deepspeed", "accelerate", "peft", "transformers", "hyclora")
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _user_hooks(layer: nn.Module, submodules):
+    """``(submodule name, hook)`` of the user hooks on the submodules of a patched layer."""
+    for sub_name, sub in submodules:
+        if not (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks):
+            continue
+        for attr in _HOOK_DICTS:
+            for hook in getattr(sub, attr).values():
+                origin = getattr(getattr(hook, "func", hook), "__module__", None) or ""
+                if origin.split(".")[0] not in _FRAMEWORK_HOOK_MODULES:
+                    yield sub_name, hook
+
+
+def warn_unreachable_hooks(layers, seen=None) -> None:
+    """Warn once per hook registered on a submodule of a patched layer (``mlp``, ``self_attn``,
+    ``q_proj``, the norms, ``act_fn`` ...): hyclora's training forward runs fused blocks on the
+    layer's weights and never calls those submodules, so their hooks do not fire there (they do
+    under ``no_grad`` / ``eval()``, which run the original forward)."""
+    import warnings
+
+    for name, layer in layers:
+        patch = layer.__dict__.get("_hyclora_patch")
+        submodules = patch.submodules(layer) if patch is not None else _submodules(layer)
+        warned = patch.warned_hooks if patch is not None else set()
+        for sub_name, hook in _user_hooks(layer, submodules):
+            key = (sub_name, id(hook))
+            if key in warned:
+                continue
+            warned.add(key)
+            warnings.warn(
+                f"hyclora: the hook {getattr(hook, '__qualname__', hook)!r} on {name}.{sub_name} does not run in "
+                "hyclora's training forward (the decoder layer runs fused compressed blocks, not its submodules); "
+                "it runs only in no_grad / eval forwards. Register it on the decoder layer itself, or train "
+                "without hyclora (HyCLoRAConfig(use_hyclora=False)) where the hook must see every step.",
+                UserWarning, stacklevel=3,
+            )
+
+
+def _submodules(layer: nn.Module):
+    return tuple((n, m) for n, m in layer.named_modules() if n and not n.startswith("hyclora_state"))
 
 
 def run_checked(patch: _Patch, check: bool, in_backward: bool, run: Callable[[], torch.Tensor]):
@@ -219,12 +275,14 @@ class LlamaFamilyAdapter:
         return found
 
     @staticmethod
-    def patch_final_norm(norm: nn.Module, name: str) -> None:
+    def patch_final_norm(norm: nn.Module, name: str, guard=None, order: int = 0) -> None:
         """Training forwards of the final RMSNorm through :class:`~hyclora.ops.rmsnorm.RMSNormFn`
         (keeps the bf16 input, not transformers' fp32 upcast; chunked fp32 work): the same output,
         gradients equal to rounding, and at 7B/64k with checkpointing 6 GiB less at the step's
-        peak, which was this norm's backward. Eval and no-grad forwards run the original."""
-        norm._hyclora_final_norm = name
+        peak, which was this norm's backward. Eval and no-grad forwards run the original.
+        ``guard``: the layers' :class:`~hyclora.quant.checks.FiniteGuard`, which gets the output's
+        finite flag (at ``order``, after the layers')."""
+        norm._hyclora_final_norm = (name, guard, order)
         patch_forward(norm, _final_norm_forward)
 
     @staticmethod
@@ -339,6 +397,8 @@ class LlamaFamilyAdapter:
             replay = state.calibrating
 
         (w1, eps1), (w2, eps2), (a_metas, a_params), (m_metas, m_params) = self.resolve_cached(layer, patch)
+        if not in_backward:
+            warn_unreachable_hooks(((name, layer),))
         heads, kv_heads, head_dim, scaling, is_causal = geometry
         # a checkpoint recompute that is not counted replays a forward that was checked already
         check = config.on_nonfinite == "raise" and counted
@@ -364,8 +424,12 @@ class LlamaFamilyAdapter:
 def _final_norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     if args or kwargs or not (norm.training and torch.is_grad_enabled()):
         return call_original(norm, hidden_states, *args, **kwargs)
-    weight, eps = resolve_norm(norm, norm._hyclora_final_norm)
-    return RMSNormFn.apply(hidden_states, weight, eps)
+    name, guard, order = norm._hyclora_final_norm
+    weight, eps = resolve_norm(norm, name)
+    out = RMSNormFn.apply(hidden_states, weight, eps)
+    if guard is not None:
+        guard.record(out, f"{name} (output of the final norm)", order=order)
+    return out
 
 
 def _patched_forward(layer: nn.Module, *args, **kwargs):

@@ -28,7 +28,7 @@ from hyclora.ops.attention import check_implementation, is_s2
 from hyclora.ops.encoder import EncoderAttentionPlan, EncoderFFNPlan, check_activation, encoder_attention_block, encoder_ffn_block
 from hyclora.ops.storage import StoragePolicy
 
-from .base import LlamaFamilyAdapter, _patched_forward, _Patch, in_backward_pass, run_checked
+from .base import LlamaFamilyAdapter, _patched_forward, _Patch, in_backward_pass, run_checked, warn_unreachable_hooks
 from .patching import patch_forward
 from .peft_utils import resolve_linear
 from .registry import register_model
@@ -211,6 +211,8 @@ class EncoderAdapter(LlamaFamilyAdapter):
             replay = state.calibrating
 
         (w1, b1, eps1), (w2, b2, eps2), (a_metas, a_params), (f_metas, f_params) = self.resolve(layer, name)
+        if not in_backward:
+            warn_unreachable_hooks(((name, layer),))
         heads, head_dim, scaling = self._geometry(layer)
         policy = StoragePolicy(
             config.layer_type, config.q_bit, config.softmax_outlier_ratio, config.kernel_backend,

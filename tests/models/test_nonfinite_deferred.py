@@ -52,7 +52,7 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
         model(**batch).loss.backward()
     # 3 layers x (input + output check), read together once per step (a non-reentrant
     # recompute replays a checked forward and is not checked again)
-    assert reads == [6, 6]
+    assert reads == [6 + 3, 6 + 3]  # + the final norm's output, the logits and the loss
 
     reads.clear()
     with torch.no_grad():  # NaN from layer 1 on: layers 1 and 2 both see it
@@ -61,9 +61,9 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
     loss = model(**batch).loss  # the forward no longer stops ...
     assert not torch.isfinite(loss)
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1 \(output of the decoder layer\).*"
-                                                 r"3 of the 6 places.*on_nonfinite='ignore'"):
+                                                 r"6 of the 9 places.*on_nonfinite='ignore'"):
         loss.backward()  # ... the backward does, before the first layer's gradients exist
-    assert reads == [6]
+    assert reads == [9]
     first_a = _layers(model)[0].self_attn.q_proj.lora_A["default"].weight
     assert first_a.grad is None
 
@@ -76,7 +76,7 @@ def test_forward_without_backward_is_read_at_the_next_step(reads):
     model(**batch)  # e.g. a train-mode loss for logging, never backpropagated
     assert reads == []
     model(**batch).loss.backward()
-    assert reads == [4, 4]  # the stale flags first, then this step's
+    assert reads == [7, 7]  # the stale flags first, then this step's (4 layer + 3 output checks)
 
 
 def test_ignore_records_nothing(reads):
