@@ -49,6 +49,7 @@ from bench_common import lora_ops, write_csv  # noqa: E402
 from bench_memory_throughput import build_model, sync  # noqa: E402
 
 from hyclora import HyCLoRAConfig, apply_hyclora, revert_hyclora  # noqa: E402
+from hyclora.compat import checkpointing_disable, checkpointing_enable  # noqa: E402
 
 NAN = float("nan")
 
@@ -136,13 +137,13 @@ def run_shape(args, device, dtype, bs, seq):
     exact = _lora_grads(model)
     model.zero_grad(set_to_none=True)
     # the second baseline, HF gradient checkpointing (non-reentrant), in the same process
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_enable(model, use_reentrant=False)
     try:
         row("PEFT LoRA + GC", **measure(model, ids, device, args.steps, args.warmup))
     except Exception as exc:
         row("PEFT LoRA + GC", note=f"FAILED {type(exc).__name__}: {exc}"[:300])
     finally:
-        model.gradient_checkpointing_disable()
+        checkpointing_disable(model)
         model.zero_grad(set_to_none=True)
 
     apply_hyclora(model, hcfg)

@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import LORA_OPS, lora_ops, python_profile  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
+from hyclora.compat import checkpointing_disable, checkpointing_enable  # noqa: E402
 
 METHODS = ("peft_gc", "peft_s2_gc", "hyclora_s2", "hyclora_s2_graphed", "hyclora_s2_gc", "liger_gc")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -191,7 +192,7 @@ class Method:
             apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False, model=inner)
         if self.gc:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_enable(inner, use_reentrant=False)
         bits = getattr(self.args, "gc_boundary_bits", 0)
         if self.gc and self.hyclora and bits:
             from hyclora.integrations.checkpointing import enable_activation_checkpointing
@@ -223,7 +224,7 @@ class Method:
         if self.hyclora:
             revert_hyclora(model)
         if self.gc:
-            inner.gradient_checkpointing_disable()
+            checkpointing_disable(inner)
 
 
 def _sync(device):

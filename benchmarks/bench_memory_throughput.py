@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import write_csv  # noqa: E402
 
 from hyclora import HyCLoRAConfig  # noqa: E402
+from hyclora.compat import checkpointing_disable, checkpointing_enable  # noqa: E402
 from hyclora.memory import measure_saved_tensors  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def run_variant(model, variant, batch, device, steps, warmup):
     if hcfg is not None:
         apply_hyclora(model, hcfg)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_enable(model, use_reentrant=False)
         model.enable_input_require_grads()
     ids = batch
     tokens = ids.numel()
@@ -116,7 +117,7 @@ def run_variant(model, variant, batch, device, steps, warmup):
                       buffered_total_gib=float("nan"))
     finally:
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            checkpointing_disable(model)
         if hcfg is not None:
             revert_hyclora(model)
         model.zero_grad(set_to_none=True)

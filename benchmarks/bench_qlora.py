@@ -11,7 +11,7 @@ dropped between steps: the protocol of ../shared/gpu/README.md, "The paper's set
 The model is built ONCE (on the meta device, then each linear quantised from its own random bf16
 tensor on the GPU, so at most one linear's bf16 weights exist beside the 4-bit model) and every
 variant reuses it: attention switched with ``set_attn_implementation``, gradient checkpointing
-with ``gradient_checkpointing_enable/disable``, hyclora with ``apply_hyclora/revert_hyclora``.
+with ``hyclora.compat.checkpointing_enable/disable`` (HF activation checkpointing), hyclora with ``apply_hyclora/revert_hyclora``.
 
 Per variant: static GiB (allocated before the step: weights, LoRA, rotary caches), peak GiB
 (``max_memory_allocated`` over the timed steps, weights included), peak during warm-up (hyclora's
@@ -46,6 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyclora import HyCLoRAConfig  # noqa: E402
+from hyclora.compat import checkpointing_disable, checkpointing_enable  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
@@ -223,7 +224,7 @@ def run_variant(model, variant, ids, args, device: str):
     _set_attention(model, attn)
     try:
         if ckpt:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_enable(base, use_reentrant=False)
         if hcfg is not None:
             apply_hyclora(model, hcfg)
         warmup = max(args.warmup, hcfg.iteration_threshold + 1) if hcfg is not None else args.warmup
@@ -267,7 +268,7 @@ def run_variant(model, variant, ids, args, device: str):
         if hcfg is not None:
             revert_hyclora(model)
         if ckpt:
-            base.gradient_checkpointing_disable()
+            checkpointing_disable(base)
             # enable() also hooked the embeddings to output requires_grad; drop it so that the
             # later variants run exactly as the ones before
             base.disable_input_require_grads()

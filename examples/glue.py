@@ -43,7 +43,12 @@ import torch  # noqa: E402
 import hyclora.models.roberta  # noqa: E402,F401  (registers the BERT/RoBERTa encoder layers)
 from hyclora.config import HyCLoRAConfig  # noqa: E402
 from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, glue_texts, load_glue_records  # noqa: E402
-from hyclora.training.args import CheckpointingArguments, LoraArguments  # noqa: E402
+from hyclora.training.args import (  # noqa: E402
+    CheckpointingArguments,
+    LoraArguments,
+    parse_dataclasses,
+    with_checkpointing_switch,
+)
 from hyclora.training.callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state  # noqa: E402
 from hyclora.training.model import maybe_apply_hyclora, setup_activation_checkpointing, zero3_enabled  # noqa: E402
 
@@ -116,7 +121,8 @@ class GlueRunArgs:
 def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((GlueArguments, LoraArguments, HyCLoRAConfig, TrainingArguments, CheckpointingArguments),
+    parser = HfArgumentParser(with_checkpointing_switch((GlueArguments, LoraArguments, HyCLoRAConfig, TrainingArguments,
+                                                         CheckpointingArguments)),
                               description="hyclora GLUE fine-tuning (defaults: the paper's RoBERTa recipe)")
     parser.set_defaults(**GLUE_DEFAULTS)
     return parser
@@ -131,7 +137,7 @@ def parse_glue_args(argv: Sequence[str] = (), **overrides: Any) -> GlueRunArgs:
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for parse_glue_args")
     parser.set_defaults(**overrides)
-    glue, lora, hy, training, checkpointing = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
+    glue, lora, hy, training, checkpointing = parse_dataclasses(parser, argv)
     return GlueRunArgs(glue, lora, hy, training, checkpointing)
 
 
@@ -290,7 +296,7 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
 
         prepare_zero3(model)
     # the encoder layers (RobertaLayer / BertLayer) are GradientCheckpointingLayers: the same
-    # --activation_checkpointing / --checkpoint_every_k switches as the decoder examples
+    # --activation_checkpointing / --checkpointing_backend / --checkpoint_every_k switches as the decoder examples
     checkpointing = setup_activation_checkpointing(model, args.checkpointing, t)
     status = (f"hyclora {args.hyclora.layer_type} q_bit={args.hyclora.q_bit}"
               if args.hyclora.use_hyclora else "plain LoRA (hyclora off)")

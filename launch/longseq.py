@@ -50,6 +50,7 @@ import torch
 # Run from a checkout without installing: make `import hyclora` work.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hyclora.compat import checkpointing_enable  # noqa: E402
 from hyclora.config import HyCLoRAConfig, _str2bool  # noqa: E402
 
 
@@ -80,15 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shifted sparse attention in training, with or without --use_hyclora (hyclora's "
                         "compressed attention block runs it too)")
     g.add_argument("--group_ratio", type=float, default=0.25, help="S²-Attn group size as a fraction of seq_len")
-    g.add_argument("--gradient_checkpointing", type=_str2bool, default=False)
+    # one spelling with the Trainer examples (transformers 5.23 renamed it); the old one stays an alias
+    g.add_argument("--activation_checkpointing", "--gradient_checkpointing", dest="gradient_checkpointing",
+                   type=_str2bool, default=False,
+                   help="checkpoint every decoder layer (torch, non-reentrant); --gradient_checkpointing is an alias")
     g.add_argument("--checkpoint_boundary_bits", type=int, default=0, choices=[0, 2, 4, 8],
-                   help="with --gradient_checkpointing: keep the checkpointed layer inputs quantised at this "
+                   help="with --activation_checkpointing: keep the checkpointed layer inputs quantised at this "
                         "width (1%% of channels exact); 8 is near lossless and let a 7B LoRA train 384k tokens "
                         "on one H200 (BENCHMARKS.md); 0: exact")
     g.add_argument("--loss_chunk_tokens", type=int, default=None, help="tokens per LM-head loss chunk (default: auto)")
     g.add_argument("--cuda_graphs", type=_str2bool, default=False,
                    help="replay CUDA graphs of hyclora's decoder layers (hyclora.cuda_graphs): one GPU process, "
-                        "--use_hyclora, no --gradient_checkpointing, rows without padding; at 8k-16k tokens the "
+                        "--use_hyclora, no --activation_checkpointing, rows without padding; at 8k-16k tokens the "
                         "fastest and among the leanest setups (BENCHMARKS.md run 9)")
     HyCLoRAConfig.add_arguments(p)
     g = p.add_argument_group("data")
@@ -192,13 +196,13 @@ def apply_memory_features(args, model, hcfg):
 
     if args.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_enable(inner, use_reentrant=False)
         if args.checkpoint_boundary_bits:
             from hyclora.integrations.checkpointing import enable_activation_checkpointing
 
             enable_activation_checkpointing(model, backend="torch", boundary_bits=args.checkpoint_boundary_bits)
     elif args.checkpoint_boundary_bits:
-        raise SystemExit("error: --checkpoint_boundary_bits needs --gradient_checkpointing true")
+        raise SystemExit("error: --checkpoint_boundary_bits needs --activation_checkpointing true")
     if hcfg.use_hyclora:
         try:
             from hyclora.models import apply_hyclora

@@ -35,8 +35,17 @@ def test_hyclora_intra_inter_with_s2attn_three_steps(tmp_path):
 
 
 def test_hyclora_with_checkpointing_and_8bit_boundaries_three_steps(tmp_path):
-    summary = _three_hyclora_steps(tmp_path, "--gradient_checkpointing", "true", "--checkpoint_boundary_bits", "8")
+    summary = _three_hyclora_steps(tmp_path, "--activation_checkpointing", "true", "--checkpoint_boundary_bits", "8")
     assert summary["gradient_checkpointing"] is True and summary["checkpoint_boundary_bits"] == 8
+
+
+@pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
+def test_checkpointing_switch_has_both_spellings(flag):
+    """The Trainer examples' spelling; --gradient_checkpointing (the name before transformers 5.23) stays an alias."""
+    parse = _launcher_module().parse_args
+    base = ["--config_name", "c", "--tokenizer_name", "t", "--dataset", "d", "--output_dir", "o"]
+    assert parse([*base, flag, "true"]).gradient_checkpointing is True
+    assert parse(base).gradient_checkpointing is False
 
 
 # -- --cuda_graphs ---------------------------------------------------------------------------------

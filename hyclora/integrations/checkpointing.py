@@ -3,7 +3,7 @@
 Two backends, one switch:
 
 * ``backend="torch"``: ``torch.utils.checkpoint`` (non-reentrant by default), what HF's
-  ``gradient_checkpointing_enable`` installs.
+  ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before transformers 5.23) installs.
 * ``backend="deepspeed"``: ``deepspeed.checkpointing.checkpoint``, configured from the DeepSpeed
   JSON's ``activation_checkpointing`` block (``partition_activations``, ``cpu_checkpointing``,
   ``contiguous_memory_optimization``, ``number_checkpoints``). That block is otherwise ignored under
@@ -17,8 +17,9 @@ is kept exactly, because the recompute must see the same input the forward saw.
 
 The hook point is transformers' ``GradientCheckpointingLayer.__call__``, which routes through
 ``self._gradient_checkpointing_func`` when ``self.gradient_checkpointing`` is set and the model is
-training. Do not also pass ``gradient_checkpointing=True`` to ``TrainingArguments``: the Trainer
-would call ``gradient_checkpointing_enable`` and overwrite this choice.
+training. Do not also pass ``activation_checkpointing=True`` (or its alias ``gradient_checkpointing=True``)
+to ``TrainingArguments``: the Trainer would call ``activation_checkpointing_enable`` and overwrite this
+choice (the examples clear it after installing theirs).
 
 Compressed boundaries (``boundary_bits``, torch backend, non-reentrant): with every layer
 checkpointed, the layer inputs are what stays alive through the whole step (for Llama-2-7B at

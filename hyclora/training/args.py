@@ -4,15 +4,18 @@ One parser serves every example: model, data, LoRA, hyclora (``HyCLoRAConfig`` i
 flags are the reference's ``--use_hyclora --layer_type --q_bit ...``) and HF
 ``TrainingArguments`` (which bring ``--deepspeed``, ``--local_rank``, ``--bf16``,
 ``--gradient_accumulation_steps``, ``--resume_from_checkpoint`` ...) and the activation-checkpointing
-switches (``--activation_checkpointing``, ``--checkpoint_every_k``). Each task's defaults follow
-the paper's Table 8 and the reference scripts; anything on the command line wins.
+switches: ``--activation_checkpointing true`` (on/off; transformers' own field from 5.23, added here on
+older versions, ``--gradient_checkpointing`` its alias), ``--checkpointing_backend``,
+``--checkpoint_every_k``. Each task's defaults follow the paper's Table 8 and the reference scripts;
+anything on the command line wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hyclora.config import HyCLoRAConfig
 
@@ -127,16 +130,17 @@ CHECKPOINTING_MODES = ("auto", "none", "hf", "deepspeed")
 
 @dataclass
 class CheckpointingArguments:
-    activation_checkpointing: str = field(
+    checkpointing_backend: str = field(
         default="auto",
-        metadata={"help": "auto | none | hf | deepspeed. hf: torch.utils.checkpoint (non-reentrant unless "
-                          "--gradient_checkpointing_kwargs says use_reentrant) on every "
-                          "--checkpoint_every_k-th decoder layer, what HF's gradient checkpointing installs; "
+        metadata={"help": "auto | none | hf | deepspeed: how the layers are checkpointed (--activation_checkpointing "
+                          "true switches checkpointing on). hf: torch.utils.checkpoint (non-reentrant unless "
+                          "--activation_checkpointing_kwargs says use_reentrant) on every "
+                          "--checkpoint_every_k-th decoder layer, what HF's activation checkpointing installs; "
                           "deepspeed: deepspeed.checkpointing, configured from the activation_checkpointing "
                           "block of the --deepspeed JSON (partition_activations, cpu_checkpointing, ...), "
                           "which HF Trainer alone ignores. auto (default): deepspeed when the --deepspeed "
                           "JSON has an activation_checkpointing block (e.g. ds_configs/zero2_actckpt.json), "
-                          "else hf when --gradient_checkpointing or --checkpoint_every_k > 1, else none. "
+                          "else hf when --activation_checkpointing true or --checkpoint_every_k > 1, else none. "
                           "Checkpointed hyclora layers still compress what their recompute saves.",
                   "choices": CHECKPOINTING_MODES},
     )
@@ -179,15 +183,184 @@ class CheckpointingArguments:
     def __post_init__(self) -> None:
         if self.checkpoint_boundary_bits not in (0, 2, 4, 8) or isinstance(self.checkpoint_boundary_bits, bool):
             raise ValueError(f"--checkpoint_boundary_bits {self.checkpoint_boundary_bits!r}: expected 0 (exact), 2, 4 or 8")
-        if self.activation_checkpointing not in CHECKPOINTING_MODES:
+        if self.checkpointing_backend not in CHECKPOINTING_MODES:
             raise ValueError(
-                f"--activation_checkpointing {self.activation_checkpointing!r}: expected one of {CHECKPOINTING_MODES}"
+                f"--checkpointing_backend {self.checkpointing_backend!r}: expected one of {CHECKPOINTING_MODES}"
             )
         if isinstance(self.checkpoint_every_k, bool) or self.checkpoint_every_k < 1:
             raise ValueError(f"--checkpoint_every_k {self.checkpoint_every_k}: expected an integer >= 1 (1 = every layer)")
-        if self.activation_checkpointing == "none" and self.checkpoint_every_k != 1:
+        if self.checkpointing_backend == "none" and self.checkpoint_every_k != 1:
             raise ValueError("--checkpoint_every_k only applies with checkpointing on: drop it or pass "
-                             "--activation_checkpointing hf (or deepspeed)")
+                             "--checkpointing_backend hf (or deepspeed)")
+
+
+@dataclass
+class ActivationCheckpointingSwitch:
+    """``--activation_checkpointing`` / ``--activation_checkpointing_kwargs`` for transformers < 5.23,
+    whose ``TrainingArguments`` only know the ``gradient_checkpointing`` spellings (5.23 renamed them
+    and kept the old ones as deprecated aliases). Added to the parser only on those versions (see
+    :func:`with_checkpointing_switch`); :func:`parse_dataclasses` folds the values into
+    ``TrainingArguments.gradient_checkpointing[_kwargs]`` as 5.23+ does (the new name wins when set),
+    so one spelling works on every supported version."""
+
+    activation_checkpointing: Optional[bool] = field(
+        default=None,
+        metadata={"help": "activation checkpointing on/off (true/false; bare flag = true); "
+                          "--gradient_checkpointing is its alias. --checkpointing_backend picks how.",
+                  "nargs": "?", "const": True},
+    )
+    activation_checkpointing_kwargs: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON object of checkpointing options, e.g. '{\"use_reentrant\": true}'; "
+                          "--gradient_checkpointing_kwargs is its alias"},
+    )
+
+
+def trainer_has_activation_checkpointing() -> bool:
+    """True where ``TrainingArguments`` has its own ``activation_checkpointing`` field (transformers >= 5.23)."""
+    from transformers import TrainingArguments
+
+    return "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+
+
+def with_checkpointing_switch(dataclass_types: Sequence[type]) -> Tuple[type, ...]:
+    """``dataclass_types`` plus :class:`ActivationCheckpointingSwitch` where ``TrainingArguments``
+    lacks ``activation_checkpointing`` (a second copy would be a conflicting option)."""
+    types = tuple(dataclass_types)
+    return types if trainer_has_activation_checkpointing() else types + (ActivationCheckpointingSwitch,)
+
+
+def checkpointing_requested(training_args) -> bool:
+    """Whether ``--activation_checkpointing true`` (or its alias ``--gradient_checkpointing true``)
+    was asked for: the one place that reads the switch, whichever transformers names it."""
+    return bool(getattr(training_args, "activation_checkpointing", None)
+                or getattr(training_args, "gradient_checkpointing", None))
+
+
+def checkpointing_kwargs(training_args) -> Dict[str, Any]:
+    """``--activation_checkpointing_kwargs`` (or its alias ``--gradient_checkpointing_kwargs``) as a dict."""
+    kwargs = getattr(training_args, "activation_checkpointing_kwargs", None)
+    if kwargs is None:
+        kwargs = getattr(training_args, "gradient_checkpointing_kwargs", None)
+    return dict(kwargs or {})
+
+
+def clear_trainer_checkpointing(training_args) -> None:
+    """Turn Trainer's own checkpointing switch off (every spelling it may read: ``activation_checkpointing``
+    from transformers 5.23, ``gradient_checkpointing`` before and in TRL), once hyclora has installed
+    its own: ``Trainer.train()`` would otherwise re-enable HF's checkpointing over it."""
+    training_args.gradient_checkpointing = False
+    if hasattr(training_args, "activation_checkpointing"):
+        training_args.activation_checkpointing = False
+
+
+def _old_backend_spelling(argv: Sequence[str]) -> Optional[str]:
+    """The backend of a pre-rename ``--activation_checkpointing hf`` in ``argv``, else None."""
+    names = ("--activation_checkpointing", "--activation-checkpointing")  # HfArgumentParser adds the dashed one
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if name not in names:
+            continue
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if value in CHECKPOINTING_MODES:
+            return value
+    return None
+
+
+def _old_backend_message(value: str) -> str:
+    return (f"--activation_checkpointing {value}: the checkpointing backend is now --checkpointing_backend {value} "
+            f"(checkpointing_backend={value!r} in Python); --activation_checkpointing is the on/off switch "
+            "(true/false)")
+
+
+def _json_kwargs(value: Any) -> Optional[Dict[str, Any]]:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        loaded = json.loads(value)
+    except (TypeError, ValueError):
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--activation_checkpointing_kwargs {value!r}: expected a JSON object, "
+                         "e.g. '{\"use_reentrant\": true}'")
+    return loaded
+
+
+def parse_dataclasses(parser, argv: Sequence[str]) -> List[Any]:
+    """``parser.parse_args_into_dataclasses(argv)`` for a parser built over
+    :func:`with_checkpointing_switch`: returns the dataclasses without the switch, whose values are
+    folded into the ``TrainingArguments`` (the new name wins when set, as in transformers >= 5.23).
+    A pre-rename ``--activation_checkpointing hf`` stops with the new spelling instead of a bool
+    parse error."""
+    from transformers import TrainingArguments
+
+    argv = list(argv)
+    old = _old_backend_spelling(argv)
+    if old is not None:
+        parser.error(_old_backend_message(old))
+    default = parser.get_default("activation_checkpointing")
+    if isinstance(default, str) and default in CHECKPOINTING_MODES:  # an override from Python
+        raise ValueError(_old_backend_message(default))
+    outputs = list(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
+    switches = [o for o in outputs if isinstance(o, ActivationCheckpointingSwitch)]
+    outputs = [o for o in outputs if not isinstance(o, ActivationCheckpointingSwitch)]
+    training = next((o for o in outputs if isinstance(o, TrainingArguments)), None)
+    for switch in switches:
+        if training is None:
+            raise ValueError("--activation_checkpointing needs TrainingArguments in the same parser")
+        if switch.activation_checkpointing is not None:
+            training.gradient_checkpointing = bool(switch.activation_checkpointing)
+        if switch.activation_checkpointing_kwargs is not None:
+            training.gradient_checkpointing_kwargs = _json_kwargs(switch.activation_checkpointing_kwargs)
+    return outputs
+
+
+def given_on_command_line(parser, argv: Sequence[str]) -> set:
+    """The ``dest`` of every option that ``argv`` sets, matched as argparse matches them (exact
+    option strings, the dashed aliases HfArgumentParser adds, ``--name=value``, unambiguous
+    abbreviations)."""
+    table = parser._option_string_actions
+    given = set()
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("--"):
+            continue
+        option = arg.split("=", 1)[0]
+        if option in table:
+            given.add(table[option].dest)
+        elif getattr(parser, "allow_abbrev", True):
+            dests = {action.dest for name, action in table.items() if name.startswith(option)}
+            if len(dests) == 1:
+                given |= dests
+    return given
+
+
+def imply_save_strategy(parser, argv: Sequence[str], overrides: Dict[str, Any]) -> None:
+    """``--save_steps N`` without ``--save_strategy`` means ``--save_strategy steps``: the examples
+    default to saving once per epoch, which would otherwise ignore ``--save_steps`` silently (and a
+    killed run would have nothing to resume from). With an explicit ``--save_strategy`` other than
+    ``steps`` a warning says that ``--save_steps`` does nothing."""
+    given = given_on_command_line(parser, argv) | set(overrides)
+    if "save_steps" not in given:
+        return
+    if "save_strategy" not in given:
+        parser.set_defaults(save_strategy="steps")
+        return
+    strategy = overrides.get("save_strategy")
+    if any(a.dest == "save_strategy" for a in parser._actions):  # argv wins over overrides
+        try:
+            known, _ = parser.parse_known_args(list(argv))
+            strategy = getattr(known, "save_strategy", strategy)
+        except SystemExit:  # the real parse reports it
+            return
+    if str(getattr(strategy, "value", strategy)) != "steps":
+        import warnings
+
+        warnings.warn(f"--save_steps is ignored with --save_strategy {getattr(strategy, 'value', strategy)}: "
+                      "pass --save_strategy steps (or leave --save_strategy out) to save every N steps",
+                      UserWarning, stacklevel=3)
 
 
 # Paper Table 8 (lr / max len / batch / grad-acc / epochs) and the reference scripts' optimiser
@@ -246,7 +419,9 @@ def build_parser(task: str):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, LoraArguments, HyCLoRAConfig, TrainingArguments, CheckpointingArguments),
+        with_checkpointing_switch(
+            (ModelArguments, DataArguments, LoraArguments, HyCLoRAConfig, TrainingArguments, CheckpointingArguments)
+        ),
         description=f"hyclora {task} fine-tuning (defaults: paper Table 8)",
     )
     parser.set_defaults(**TASK_DEFAULTS[task])
@@ -268,15 +443,14 @@ def parse_finetune_args(task: str, argv: Sequence[str] = (), **overrides: Any) -
     if overrides:
         parser.set_defaults(**overrides)
     argv = list(argv)
+    imply_save_strategy(parser, argv, overrides)
     if overrides.get("deepspeed") or any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
         # Several CPU processes: accelerate runs DeepSpeed there only with an explicit gloo
         # process group (a no-op on GPUs).
         from hyclora.integrations.accelerate import trainer_cpu_deepspeed_kwargs
 
         parser.set_defaults(**trainer_cpu_deepspeed_kwargs())
-    model, data, lora, hy, training, checkpointing = parser.parse_args_into_dataclasses(
-        args=list(argv), look_for_args_file=False
-    )
+    model, data, lora, hy, training, checkpointing = parse_dataclasses(parser, argv)
     return FinetuneArgs(task, model, data, lora, hy, training, checkpointing)
 
 
@@ -287,8 +461,17 @@ __all__ = [
     "ModelArguments",
     "DataArguments",
     "LoraArguments",
+    "ActivationCheckpointingSwitch",
     "CheckpointingArguments",
     "CHECKPOINTING_MODES",
+    "checkpointing_kwargs",
+    "checkpointing_requested",
+    "clear_trainer_checkpointing",
+    "given_on_command_line",
+    "imply_save_strategy",
+    "parse_dataclasses",
+    "trainer_has_activation_checkpointing",
+    "with_checkpointing_switch",
     "FinetuneArgs",
     "build_parser",
     "parse_finetune_args",

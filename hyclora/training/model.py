@@ -10,7 +10,14 @@ import torch
 
 from hyclora.config import HyCLoRAConfig
 
-from .args import CheckpointingArguments, LoraArguments, ModelArguments
+from .args import (
+    CheckpointingArguments,
+    LoraArguments,
+    ModelArguments,
+    checkpointing_kwargs,
+    checkpointing_requested,
+    clear_trainer_checkpointing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +166,7 @@ def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False))
+            model, use_gradient_checkpointing=checkpointing_requested(training_args)
         )
     return model
 
@@ -212,29 +219,30 @@ def zero3_enabled() -> bool:
 
 
 def resolve_checkpointing_mode(checkpointing: CheckpointingArguments, training_args) -> str:
-    """``none``, ``hf`` or ``deepspeed``: what ``--activation_checkpointing`` (``auto`` resolved
-    against ``--deepspeed`` and ``--gradient_checkpointing``) asks for; contradictions raise."""
-    mode = checkpointing.activation_checkpointing
+    """``none``, ``hf`` or ``deepspeed``: what ``--checkpointing_backend`` (``auto`` resolved against
+    ``--deepspeed`` and ``--activation_checkpointing``) asks for; contradictions raise."""
+    mode = checkpointing.checkpointing_backend
     ds_config = getattr(training_args, "deepspeed", None)
     block = None
     if ds_config:
         from hyclora.integrations.deepspeed import load_config
 
         block = load_config(ds_config).get("activation_checkpointing")
-    gradient_checkpointing = bool(getattr(training_args, "gradient_checkpointing", False))
+    requested = checkpointing_requested(training_args)
     if mode == "auto":
         if isinstance(block, dict):
             mode = "deepspeed"
-        elif gradient_checkpointing or checkpointing.checkpoint_every_k > 1:
+        elif requested or checkpointing.checkpoint_every_k > 1:
             mode = "hf"
         else:
             mode = "none"
-    if mode == "none" and gradient_checkpointing:
-        raise ValueError("--activation_checkpointing none contradicts --gradient_checkpointing true: drop one of them")
+    if mode == "none" and requested:
+        raise ValueError("--checkpointing_backend none contradicts --activation_checkpointing true (or its alias "
+                         "--gradient_checkpointing true): drop one of them")
     if mode == "deepspeed" and not ds_config:
         raise ValueError(
-            "--activation_checkpointing deepspeed is configured from the --deepspeed JSON's activation_checkpointing "
-            "block: pass --deepspeed ds_configs/zero2_actckpt.json (or another config), or use --activation_checkpointing hf"
+            "--checkpointing_backend deepspeed is configured from the --deepspeed JSON's activation_checkpointing "
+            "block: pass --deepspeed ds_configs/zero2_actckpt.json (or another config), or use --checkpointing_backend hf"
         )
     return mode
 
@@ -244,24 +252,26 @@ def setup_activation_checkpointing(model, checkpointing: CheckpointingArguments,
     hyclora); returns the summary of ``enable_activation_checkpointing`` or None when off.
 
     Both backends go through ``hyclora.integrations.checkpointing`` (so ``--checkpoint_every_k``
-    works for either), and ``training_args.gradient_checkpointing`` is then cleared: Trainer
-    would otherwise call ``gradient_checkpointing_enable`` in ``train()`` and overwrite the
-    layers' checkpoint function with HF's own, checkpointing every layer through torch.
+    works for either), and Trainer's own switch is then cleared (``activation_checkpointing`` and
+    its alias ``gradient_checkpointing``): ``Trainer.train()`` would otherwise call
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before transformers 5.23)
+    and overwrite the layers' checkpoint function with HF's own, checkpointing every layer through torch.
     """
     mode = resolve_checkpointing_mode(checkpointing, training_args)
     if mode == "none":
         return None
     from hyclora.integrations.checkpointing import enable_activation_checkpointing
 
-    kwargs = dict(getattr(training_args, "gradient_checkpointing_kwargs", None) or {})
+    kwargs = checkpointing_kwargs(training_args)
     unknown = sorted(set(kwargs) - {"use_reentrant"})
     if unknown:
-        raise ValueError(f"--gradient_checkpointing_kwargs {unknown}: only use_reentrant is supported here")
+        raise ValueError(f"--activation_checkpointing_kwargs {unknown}: only use_reentrant is supported here "
+                         "(every_n_layers: use --checkpoint_every_k)")
     bits = checkpointing.checkpoint_boundary_bits or None
     if bits and (mode == "deepspeed" or kwargs.get("use_reentrant")):
         raise ValueError(
             "--checkpoint_boundary_bits needs torch's non-reentrant checkpointing: use "
-            "--activation_checkpointing hf without use_reentrant (deepspeed.checkpointing keeps exact inputs)"
+            "--checkpointing_backend hf without use_reentrant (deepspeed.checkpointing keeps exact inputs)"
         )
     if mode == "deepspeed":
         summary = enable_activation_checkpointing(
@@ -273,7 +283,7 @@ def setup_activation_checkpointing(model, checkpointing: CheckpointingArguments,
             model, every_k=checkpointing.checkpoint_every_k, backend="torch", use_reentrant=kwargs.get("use_reentrant"),
             boundary_bits=bits,
         )
-    training_args.gradient_checkpointing = False
+    clear_trainer_checkpointing(training_args)
     logger.info("activation checkpointing: %s", summary)
     return summary
 
@@ -288,7 +298,7 @@ def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
             f"--max_length {args.data.max_length} exceeds the model's max_position_embeddings "
             f"{max_pos}; pass --max_length {max_pos} or less"
         )
-    model = add_lora(model, args.lora, gradient_checkpointing=bool(args.training.gradient_checkpointing))
+    model = add_lora(model, args.lora, gradient_checkpointing=checkpointing_requested(args.training))
     model = maybe_apply_hyclora(model, args.hyclora)
     if zero3_enabled():
         # ZeRO-3 partitions every weight; hyclora's fused layers read their children's weights

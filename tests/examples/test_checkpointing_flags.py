@@ -1,6 +1,8 @@
-"""The examples' activation-checkpointing switches (--activation_checkpointing, --checkpoint_every_k):
-how ``auto`` resolves, that a checkpointed 3-step Trainer run has the same per-step losses as the
-uncheckpointed one (hyclora baseline: nothing compressed, so the recompute is exact), and that a
+"""The examples' activation-checkpointing switches (--activation_checkpointing true, its alias
+--gradient_checkpointing, --checkpointing_backend, --checkpoint_every_k): that they parse on the
+installed transformers (5.23 added its own --activation_checkpointing), how ``auto`` resolves,
+that Trainer does not re-enable HF's checkpointing over hyclora's, that a checkpointed 3-step
+Trainer run has the same per-step losses as the uncheckpointed one (hyclora baseline: nothing compressed, so the recompute is exact), and that a
 saved-tensor probe sees fewer buffered bytes with checkpointing. The DeepSpeed mode runs
 examples/gsm8k.py with --deepspeed ds_configs/zero2_actckpt.json in one CPU process (gloo)."""
 
@@ -18,8 +20,8 @@ import torch
 
 from hyclora.memory import measure_saved_tensors
 from hyclora.training import build_tiny_llama, hyclora_api, parse_finetune_args, prepare_model, run_finetune
-from hyclora.training.args import CheckpointingArguments, build_parser
-from hyclora.training.model import resolve_checkpointing_mode
+from hyclora.training.args import CheckpointingArguments, build_parser, checkpointing_requested
+from hyclora.training.model import resolve_checkpointing_mode, setup_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CKPT = REPO / "ds_configs" / "zero2_actckpt.json"
@@ -44,6 +46,12 @@ def _losses(metrics):
     return [loss for _, loss in metrics["loss_history"]]
 
 
+def _script_env(**extra):
+    """The example scripts' environment: offline, and the checkout importable where hyclora is not installed."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +61,50 @@ def _free_port():
 # -- flags and resolution ------------------------------------------------------------------------
 def test_flags_are_documented_in_help():
     text = " ".join(build_parser("gsm8k").format_help().split())
-    assert "--activation_checkpointing" in text and "--checkpoint_every_k" in text
+    assert "--checkpointing_backend" in text and "--checkpoint_every_k" in text
+    assert "--activation_checkpointing" in text and "--gradient_checkpointing" in text
     assert "auto | none | hf | deepspeed" in text and "activation_checkpointing block" in text
+
+
+def test_example_help_parses_on_the_installed_transformers():
+    """transformers 5.23 added TrainingArguments.activation_checkpointing: one more option of that
+    name in the parser was an argparse conflict before argument parsing even started."""
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "gsm8k.py"), "--help"], cwd=REPO, env=_script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    usage = proc.stdout.split("\n\n")[0]  # the usage block lists every option once
+    assert usage.count("--activation_checkpointing ") == 1 and usage.count("--checkpointing_backend ") == 1
+
+
+@pytest.mark.parametrize("flag", [["--activation_checkpointing", "true"], ["--activation_checkpointing"],
+                                  ["--gradient_checkpointing", "true"]])
+def test_on_off_switch_parses_with_either_spelling(tmp_path, flag):
+    on = _args(tmp_path, "on", *flag).training
+    assert checkpointing_requested(on) and checkpointing_requested(_args(tmp_path, "off").training) is False
+    assert resolve_checkpointing_mode(CheckpointingArguments(), on) == "hf"  # auto -> hf
+
+
+def test_old_backend_spelling_names_the_new_flag(tmp_path, capsys):
+    for argv in (["--activation_checkpointing", "hf"], ["--activation_checkpointing=deepspeed"]):
+        with pytest.raises(SystemExit):
+            _args(tmp_path, "old", *argv)
+        assert "--checkpointing_backend " + argv[-1].split("=")[-1] in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--checkpointing_backend none"):
+        parse_finetune_args("gsm8k", activation_checkpointing="none")
+
+
+@pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
+def test_backend_none_contradicts_the_switch(tmp_path, flag):
+    args = _args(tmp_path, "c", "--checkpointing_backend", "none", flag, "true")
+    with pytest.raises(ValueError, match="--checkpointing_backend none contradicts --activation_checkpointing true"):
+        setup_activation_checkpointing(None, args.checkpointing, args.training)
+
+
+def test_checkpointing_kwargs_reach_the_setup(tmp_path):
+    args = _args(tmp_path, "k", "--activation_checkpointing", "true", "--checkpoint_boundary_bits", "8",
+                 "--activation_checkpointing_kwargs", '{"use_reentrant": true}')
+    with pytest.raises(ValueError, match="non-reentrant"):  # boundary bits need the non-reentrant function
+        setup_activation_checkpointing(None, args.checkpointing, args.training)
 
 
 def _training(deepspeed=None, gradient_checkpointing=False):
@@ -79,24 +129,24 @@ def test_auto_resolves_from_deepspeed_json_and_gradient_checkpointing(mode, ever
         if not deepspeed.is_file():
             pytest.skip(f"{deepspeed.name} not present")
         deepspeed = str(deepspeed)
-    ckpt = CheckpointingArguments(activation_checkpointing=mode, checkpoint_every_k=every_k)
+    ckpt = CheckpointingArguments(checkpointing_backend=mode, checkpoint_every_k=every_k)
     assert resolve_checkpointing_mode(ckpt, _training(deepspeed, gc)) == expected
 
 
 def test_bad_flags_name_the_fix(capsys):
     with pytest.raises(ValueError, match="expected one of"):
-        CheckpointingArguments(activation_checkpointing="full")
+        CheckpointingArguments(checkpointing_backend="full")
     with pytest.raises(ValueError, match="integer >= 1"):
         CheckpointingArguments(checkpoint_every_k=0)
-    with pytest.raises(ValueError, match="--activation_checkpointing hf"):
-        CheckpointingArguments(activation_checkpointing="none", checkpoint_every_k=2)
+    with pytest.raises(ValueError, match="--checkpointing_backend hf"):
+        CheckpointingArguments(checkpointing_backend="none", checkpoint_every_k=2)
     with pytest.raises(ValueError, match="drop one of them"):
-        resolve_checkpointing_mode(CheckpointingArguments(activation_checkpointing="none"), _training(gradient_checkpointing=True))
+        resolve_checkpointing_mode(CheckpointingArguments(checkpointing_backend="none"), _training(gradient_checkpointing=True))
     with pytest.raises(ValueError, match="pass --deepspeed"):
-        resolve_checkpointing_mode(CheckpointingArguments(activation_checkpointing="deepspeed"), _training())
+        resolve_checkpointing_mode(CheckpointingArguments(checkpointing_backend="deepspeed"), _training())
     # on the command line argparse lists the choices
     with pytest.raises(SystemExit):
-        parse_finetune_args("gsm8k", ["--activation_checkpointing", "full"])
+        parse_finetune_args("gsm8k", ["--checkpointing_backend", "full"])
     assert "invalid choice: 'full'" in capsys.readouterr().err
 
 
@@ -119,8 +169,8 @@ def _saved_bytes(tmp_path, name, *extra):
 def test_hf_mode_same_losses_and_fewer_saved_bytes(tmp_path):
     runs = {name: run_finetune(_args(tmp_path, name, *extra)) for name, extra in [
         ("none", []),
-        ("hf", ["--gradient_checkpointing", "true"]),                      # auto -> hf, every layer
-        ("hf_k2", ["--activation_checkpointing", "hf", "--checkpoint_every_k", "2"]),
+        ("hf", ["--activation_checkpointing", "true"]),                    # auto -> hf, every layer
+        ("hf_k2", ["--checkpointing_backend", "hf", "--checkpoint_every_k", "2"]),
     ]}
     assert runs["none"]["activation_checkpointing"] is None
     assert runs["hf"]["activation_checkpointing"]["layers"] == [0, 1]
@@ -132,19 +182,39 @@ def test_hf_mode_same_losses_and_fewer_saved_bytes(tmp_path):
         assert _losses(runs[name]) == pytest.approx(reference, abs=1e-6), name
 
     none, _ = _saved_bytes(tmp_path, "p_none")
-    every, summary = _saved_bytes(tmp_path, "p_hf", "--activation_checkpointing", "hf")
-    half, _ = _saved_bytes(tmp_path, "p_k2", "--activation_checkpointing", "hf", "--checkpoint_every_k", "2")
+    every, summary = _saved_bytes(tmp_path, "p_hf", "--checkpointing_backend", "hf")
+    half, _ = _saved_bytes(tmp_path, "p_k2", "--checkpointing_backend", "hf", "--checkpoint_every_k", "2")
     assert summary["layers"] == [0, 1]
     print("saved bytes: none", none, "every layer", every, "every 2nd", half)
     # measured (2 x 64 tokens, 2 layers): each checkpointed layer keeps only its input
     assert every < half < none
     # --checkpoint_boundary_bits 8: the kept layer inputs are quantised (1 byte + exact outliers
     # instead of 4 bytes in fp32)
-    packed, summary8 = _saved_bytes(tmp_path, "p_hf8", "--activation_checkpointing", "hf",
+    packed, summary8 = _saved_bytes(tmp_path, "p_hf8", "--checkpointing_backend", "hf",
                                     "--checkpoint_boundary_bits", "8")
     assert summary8["boundary_bits"] == 8 and summary8["layers"] == [0, 1]
     assert packed < every
     assert none - every > 0.5 * none
+
+
+@needs_hyclora
+@pytest.mark.parametrize("flag", ["--activation_checkpointing", "--gradient_checkpointing"])
+def test_trainer_does_not_reenable_its_checkpointing_over_hyclora(tmp_path, monkeypatch, flag):
+    """Trainer.train() checkpoints the model itself while its switch is on (activation_checkpointing_enable
+    from transformers 5.23, gradient_checkpointing_enable before), replacing the layers' checkpoint
+    function: the setup clears every spelling of the switch once hyclora's checkpointing is in."""
+    from transformers import PreTrainedModel
+
+    calls = []
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        if hasattr(PreTrainedModel, name):
+            monkeypatch.setattr(PreTrainedModel, name, lambda self, *a, _name=name, **k: calls.append(_name))
+    args = _args(tmp_path, "t", flag, "true", "--max_steps", "1")
+    metrics = run_finetune(args)
+    assert metrics["activation_checkpointing"]["layers"] == [0, 1]
+    assert calls == []
+    assert args.training.gradient_checkpointing is False
+    assert getattr(args.training, "activation_checkpointing", False) is False
 
 
 # -- deepspeed mode -------------------------------------------------------------------------------------
@@ -190,7 +260,7 @@ def test_deepspeed_mode_checkpoints_through_deepspeed_and_buffers_less(tmp_path,
     torch.manual_seed(0)
     model, status = prepare_model(args, tok, build_tiny_llama(tok))
     assert model.hyclora_activation_checkpointing["backend"] == "deepspeed" and "deepspeed checkpointing" in status
-    assert args.training.gradient_checkpointing is False  # Trainer must not overwrite the layers' function
+    assert checkpointing_requested(args.training) is False  # Trainer must not overwrite the layers' function
     model.train()
     ids = torch.randint(3, len(tok), (2, 64))
     loss, report = measure_saved_tensors(model, lambda: model(input_ids=ids, labels=ids).loss)
@@ -207,8 +277,7 @@ def test_gsm8k_example_with_deepspeed_checkpointing_config_matches_plain_run(tmp
     pytest.importorskip("deepspeed")
     if not DS_CKPT.is_file():
         pytest.skip(f"{DS_CKPT} not present")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
-               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = _script_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     out = tmp_path / "ds"
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "gsm8k.py"), *COMMON, "--deepspeed", str(DS_CKPT),
                            "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -245,7 +314,7 @@ def test_glue_example_checkpointing_same_losses(tmp_path):
                   max_eval_samples=16, logging_steps=1, max_length=64, lora_r=4, lora_alpha=8,
                   use_hyclora=True, layer_type="baseline", disable_tqdm=True)
     plain = example.run_glue(example.parse_glue_args([], output_dir=str(tmp_path / "a"), **values))
-    ckpt = example.run_glue(example.parse_glue_args(["--activation_checkpointing", "hf"],
+    ckpt = example.run_glue(example.parse_glue_args(["--checkpointing_backend", "hf"],
                                                     output_dir=str(tmp_path / "b"), **values))
     assert plain["activation_checkpointing"] is None
     assert ckpt["activation_checkpointing"]["layers"] == [0, 1] and "torch checkpointing" in ckpt["hyclora"]
@@ -254,9 +323,6 @@ def test_glue_example_checkpointing_same_losses(tmp_path):
 
 
 def test_checkpoint_boundary_bits_flag():
-    from hyclora.training.args import CheckpointingArguments
-    from hyclora.training.model import setup_activation_checkpointing
-
     assert CheckpointingArguments(checkpoint_boundary_bits=8).checkpoint_boundary_bits == 8
     with pytest.raises(ValueError, match="checkpoint_boundary_bits"):
         CheckpointingArguments(checkpoint_boundary_bits=3)
@@ -267,5 +333,5 @@ def test_checkpoint_boundary_bits_flag():
         deepspeed = None
 
     with pytest.raises(ValueError, match="non-reentrant"):
-        setup_activation_checkpointing(None, CheckpointingArguments(activation_checkpointing="hf",
+        setup_activation_checkpointing(None, CheckpointingArguments(checkpointing_backend="hf",
                                                                     checkpoint_boundary_bits=8), Args())
