@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyclora.models.base import in_backward_pass
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -92,11 +94,32 @@ def _model(variant="peft"):
 
 
 def _count_layer_calls(model):
-    """Forward calls per decoder layer (a checkpointed layer runs twice: forward + recompute)."""
+    """Forward runs per decoder layer (a checkpointed layer runs twice: forward + recompute).
+
+    The first pass is counted by a pre-hook outside the backward, the recompute by the function
+    the checkpoint replays inside it: transformers < 5.23 checkpoints ``__call__`` (hooks run
+    again in the recompute), later releases ``forward`` (hooks stay outside)."""
     layers = model.get_base_model().model.layers
     counts = [0] * len(layers)
+
+    def bump(i):
+        counts[i] += 1
+
     for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        layer.register_forward_pre_hook(lambda *_, i=i: None if in_backward_pass() else bump(i))
+        inner = layer.__dict__.get("_gradient_checkpointing_func")
+        if inner is None:
+            continue
+
+        def counting(function, *args, _inner=inner, _i=i, **kwargs):
+            def run(*a, **k):
+                if in_backward_pass():
+                    bump(_i)
+                return function(*a, **k)
+
+            return _inner(run, *args, **kwargs)
+
+        layer._gradient_checkpointing_func = counting
     return counts
 
 
