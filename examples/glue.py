@@ -46,11 +46,19 @@ from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, glue_te
 from hyclora.training.args import (  # noqa: E402
     CheckpointingArguments,
     LoraArguments,
+    imply_save_strategy,
     parse_dataclasses,
     with_checkpointing_switch,
 )
+from hyclora.training.checkpoints import resolve_resume  # noqa: E402
 from hyclora.training.callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state  # noqa: E402
-from hyclora.training.model import maybe_apply_hyclora, setup_activation_checkpointing, zero3_enabled  # noqa: E402
+from hyclora.training.model import (  # noqa: E402
+    absolute_base_path,
+    check_model_path,
+    maybe_apply_hyclora,
+    setup_activation_checkpointing,
+    zero3_enabled,
+)
 
 logger = logging.getLogger("hyclora.examples.glue")
 
@@ -137,6 +145,7 @@ def parse_glue_args(argv: Sequence[str] = (), **overrides: Any) -> GlueRunArgs:
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for parse_glue_args")
     parser.set_defaults(**overrides)
+    imply_save_strategy(parser, list(argv), overrides)  # --save_steps N alone saves every N steps
     glue, lora, hy, training, checkpointing = parse_dataclasses(parser, argv)
     return GlueRunArgs(glue, lora, hy, training, checkpointing)
 
@@ -160,6 +169,8 @@ def load_tokenizer(args: GlueRunArgs, train_records):
         from hyclora.data.tokenizer import build_bpe_tokenizer
 
         return build_bpe_tokenizer(glue_texts(train_records[:5000]), vocab_size=1024)
+    check_model_path(g.tokenizer_name_or_path or g.model_name_or_path,
+                     "--tokenizer_name_or_path" if g.tokenizer_name_or_path else "--model_name_or_path")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(g.tokenizer_name_or_path or g.model_name_or_path)
@@ -181,6 +192,7 @@ def load_model(args: GlueRunArgs, tokenizer, num_labels: int):
         model = RobertaForSequenceClassification(config)
         model.set_attn_implementation(g.attn_implementation)
         return model.to(_dtype(args))
+    check_model_path(g.model_name_or_path)
     if g.load_as == "roberta":
         from hyclora.models.roberta import roberta_from_bert_checkpoint
 
@@ -223,7 +235,9 @@ def add_lora(model, lora: LoraArguments):
 
     config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                         target_modules=lora.target_modules(), bias="none", task_type="SEQ_CLS")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    absolute_base_path(peft_model)  # adapter_config.json names the base folder from anywhere
+    return peft_model
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -278,6 +292,8 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
         args = parse_glue_args(list(args))
     g, t = args.glue, args.training
     task = glue_task(g.task)
+    # --resume_from_checkpoint latest|true|PATH (latest: the newest complete checkpoint-* of --output_dir)
+    resume = resolve_resume(t.resume_from_checkpoint, t.output_dir) if g.train else None
     set_seed(t.seed)
     train_records = _first(load_glue_records(task, g.data, "train"), g.max_train_samples) if g.train else []
     eval_records = _first(load_glue_records(task, g.data, "eval"), g.max_eval_samples)
@@ -307,13 +323,13 @@ def run_glue(args, model=None, tokenizer=None, extra_callbacks: Sequence[Any] = 
         model=model, args=t, train_dataset=train, eval_dataset=evaluation,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
         processing_class=tokenizer, compute_metrics=make_compute_metrics(task.name),
-        callbacks=[memory, HyCLoRAStateCallback(), *extra_callbacks],
+        callbacks=[memory, HyCLoRAStateCallback(resume), *extra_callbacks],
     )
     if checkpointing is not None:
         status += f", {checkpointing['backend']} checkpointing of layers {checkpointing['layers']}"
     metrics: Dict[str, Any] = {"task": task.name, "hyclora": status, "activation_checkpointing": checkpointing}
     if train is not None:
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=resume)
         metrics["train_loss"] = out.training_loss
         if zero3_enabled():  # Trainer.save_model can write an empty adapter from ZeRO-3 shards
             from hyclora.integrations.deepspeed import save_lora_adapter

@@ -18,7 +18,8 @@ target is the solution ending "The final answer is: <n>"; prompt tokens carry no
     python examples/gsm8k.py --model_name_or_path tiny-random-llama --data synthetic \\
         --use_hyclora false --max_steps 10 --max_generate_samples 8 --max_new_tokens 32
 
-Evaluate a saved adapter later: ``python -m hyclora.eval --task gsm8k --adapter_path output/gsm8k``.
+Evaluate a saved adapter later:
+``python -m hyclora.eval --task gsm8k --adapter_path output/gsm8k --data openai/gsm8k``.
 """
 
 import os

@@ -33,6 +33,11 @@ def _str2bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+class ConfigInUseError(dataclasses.FrozenInstanceError):
+    """A field of a :class:`HyCLoRAConfig` was assigned while a model patched with it is in use
+    (an ``AttributeError``, like assigning to a frozen dataclass)."""
+
+
 @dataclass
 class HyCLoRAConfig:
     """What hyclora compresses and how.
@@ -78,6 +83,43 @@ class HyCLoRAConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a field validates it at once (a bad value raises here, naming the field, and
+        the config keeps its old value) and is refused while a model patched with this config
+        is in use: ``apply_hyclora`` built the layers' calibration statistics and guards from it,
+        so a change would apply partly or fail steps later."""
+        if name not in _FIELDS or not self.__dict__.get("_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        if self.__dict__.get("_in_use", 0) > 0:
+            raise ConfigInUseError(
+                f"HyCLoRAConfig.{name} cannot be changed to {value!r}: a model was patched with this "
+                f"config (apply_hyclora) and its layers were built from it. Call revert_hyclora(model), "
+                f"then apply_hyclora(model, dataclasses.replace(config, {name}={value!r}))."
+            )
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except ValueError:
+            object.__setattr__(self, name, old)
+            raise
+
+    # -- in use by a patched model ------------------------------------------------------------
+    def _attach(self) -> None:
+        """``apply_hyclora`` patched a model with this config: field assignments are refused
+        until the matching :meth:`_detach` (``revert_hyclora``)."""
+        object.__setattr__(self, "_in_use", self.__dict__.get("_in_use", 0) + 1)
+
+    def _detach(self) -> None:
+        object.__setattr__(self, "_in_use", max(0, self.__dict__.get("_in_use", 0) - 1))
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a model patched with this config (and not reverted) refuses changes to it."""
+        return self.__dict__.get("_in_use", 0) > 0
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -90,9 +132,10 @@ class HyCLoRAConfig:
                 f"HyCLoRAConfig.layer_type={self.layer_type!r} is invalid: expected one of "
                 f"{', '.join(LAYER_TYPES)}."
             )
-        if isinstance(self.q_bit, bool) or self.q_bit not in Q_BITS:
+        # an int, not merely equal to one: 4.0 == 4 and True == 1 would pass a membership test
+        if isinstance(self.q_bit, bool) or not isinstance(self.q_bit, int) or self.q_bit not in Q_BITS:
             raise ValueError(
-                f"HyCLoRAConfig.q_bit={self.q_bit!r} is invalid: expected one of "
+                f"HyCLoRAConfig.q_bit={self.q_bit!r} is invalid: expected an int, one of "
                 f"{', '.join(map(str, Q_BITS))}."
             )
         for name in ("softmax_outlier_ratio", "layernorm_outlier_ratio"):
@@ -226,4 +269,6 @@ class HyCLoRAConfig:
         return cls(**values)
 
 
-__all__ = ["HyCLoRAConfig", "LAYER_TYPES", "Q_BITS"]
+_FIELDS = frozenset(f.name for f in dataclasses.fields(HyCLoRAConfig))
+
+__all__ = ["HyCLoRAConfig", "ConfigInUseError", "LAYER_TYPES", "Q_BITS"]

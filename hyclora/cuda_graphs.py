@@ -306,7 +306,8 @@ class DecoderLayerGraphs:
         for i, layer in enumerate(self.layers):
             eager = layer.forward  # hyclora's bound _patched_forward (or what wraps it)
             self._eager.append(eager)
-            layer.__dict__["_hyclora_graphs"] = (self, eager)
+            # what remove() puts back: the instance forward there was, or none (the class's)
+            layer.__dict__["_hyclora_graphs"] = (self, layer.__dict__.get("forward"))
             layer.forward = _make_forward(self, i)
 
     # -- public -------------------------------------------------------------------------------
@@ -338,12 +339,14 @@ class DecoderLayerGraphs:
         if self._removed:
             return
         self.release()
-        for layer, eager in zip(self.layers, self._eager):
+        for layer in self.layers:
             entry = layer.__dict__.get("_hyclora_graphs")
             if entry is not None and entry[0] is self:
                 del layer.__dict__["_hyclora_graphs"]
-                if "_hyclora_patch" in layer.__dict__:
-                    layer.forward = eager
+                if entry[1] is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = entry[1]
         self._removed = True
 
     def __enter__(self):

@@ -23,7 +23,9 @@ What it does, in order:
    exist (hyclora.ops.chunked_ce).
 6. Training loop on accelerate (DDP / DeepSpeed ZeRO-2/3 from the accelerate config in launch/),
    gradient accumulation, grad clipping, constant-with-warmup schedule, tqdm progress bars,
-   checkpoints every ``--checkpointing_steps`` and ``--resume_from_checkpoint PATH|latest``.
+   checkpoints every ``--checkpointing_steps`` and ``--resume_from_checkpoint PATH|latest``
+   (``accelerator.save_state``: the model's state_dict holds hyclora's calibration statistics,
+   so a resumed run continues with them and reproduces the uninterrupted run's losses).
 7. At the end: the adapter (plain PEFT) in ``--output_dir``, an optional sliding-window perplexity
    on ``--eval_files``, and a memory/throughput summary (printed and in ``summary.json``).
 

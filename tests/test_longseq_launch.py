@@ -1,8 +1,10 @@
 """End-to-end runs of launch/longseq.py on a tiny random Llama, on CPU.
 
-* ``accelerate launch --config_file launch/cpu.yaml``: 3 optimizer steps (gradient accumulation 2)
-  with S²-Attn, RoPE interpolation, a checkpoint at step 2, the adapter and a perplexity at the end;
-  then ``python launch/longseq.py --resume_from_checkpoint`` from step 2 must reproduce step 3.
+* ``accelerate launch --config_file launch/cpu.yaml``: 4 optimizer steps (gradient accumulation 2)
+  with S²-Attn, RoPE interpolation, checkpoints at steps 2 and 4, the adapter and a perplexity at
+  the end; then ``python launch/longseq.py --resume_from_checkpoint`` from step 2 must reproduce
+  steps 3 and 4 and the step-4 checkpoint. With hyclora on (the default), calibration statistics
+  that recalibrate across the resume point included.
 * ``accelerate launch --config_file launch/zero3_2gpu.yaml`` with 2 CPU processes (gloo,
   ``DS_ACCELERATOR=cpu``): the shipped DeepSpeed ZeRO-3 config runs, with the LM head (larger than
   DeepSpeed's persistence threshold, so it is really partitioned) gathered for the chunked loss.
@@ -60,22 +62,31 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path):
+# hyclora on: statistics freeze after 1 counted forward (2 per step with accumulation 2) and
+# expire after 1 more, so the resumed run must restore the count since freezing too; 5% outlier
+# channels give the 64-wide norm inputs 3 exact channels (and every other statistic none).
+HYCLORA_ON = ["--use_hyclora", "true", "--layer_type", "intra_inter", "--iteration_threshold", "1",
+              "--recalibrate_every", "1", "--layernorm_outlier_ratio", "0.05"]
+
+
+@pytest.mark.parametrize("hyclora", [False, True], ids=["plain_lora", "hyclora"])
+def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path, hyclora):
     long_docs_or_skip()
     vocab = len(test_tokenizer())
-    common = _common_args(tmp_path, vocab)
+    common = _common_args(tmp_path, vocab) + (HYCLORA_ON if hyclora else [])
     out = tmp_path / "run"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml")]
-    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "3", "--s2attn", "true", "--output_dir", str(out),
+    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true", "--output_dir", str(out),
                           "--checkpointing_steps", "2", "--eval_files", str(EVAL_DOC), "--eval_stride", "128",
                           "--eval_max_windows", "2"], _env())
     assert "== summary ==" in proc.stdout and "host peak RSS" in proc.stdout
 
     metrics = _metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["s2attn"] is True and summary["rope_factor"] == 2.0
+    assert summary["steps"] == 4 and summary["s2attn"] is True and summary["rope_factor"] == 2.0
+    assert (summary["hyclora"] is not None) == hyclora
     assert summary["eval"]["n_windows"] == 2 and 100 < summary["eval"]["perplexity"] < 5000
     assert summary["memory"]["per_rank"][0]["peak_rss_gib"] > 0
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -95,13 +106,31 @@ def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path):
     emb = loaded.get_base_model().model.embed_tokens.modules_to_save["default"].weight
     assert torch.equal(emb, saved[emb_key])
 
-    # Resume from step 2 with plain `python` (no launcher): step 3 is reproduced.
+    # Resume from step 2 with plain `python` (no launcher): steps 3 and 4 are reproduced.
+    ckpt = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    hyclora_keys = [k for k in ckpt if ".hyclora_state." in k]
+    assert bool(hyclora_keys) == hyclora
+    if hyclora:  # safetensors kept every statistic (it drops zero-element tensors: none saved)
+        assert any(k.endswith("x_in.outlier_idx") and ckpt[k].numel() == 3 for k in hyclora_keys)
+        assert any(k.endswith("stats.q.count") for k in hyclora_keys)
     out2 = tmp_path / "resumed"
-    _run([sys.executable, str(SCRIPT), *common, "--max_steps", "3", "--s2attn", "true", "--output_dir", str(out2),
-          "--resume_from_checkpoint", str(out / "checkpoint-2"), "--save_adapter", "false"], _env())
+    _run([sys.executable, str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true", "--output_dir", str(out2),
+          "--resume_from_checkpoint", str(out / "checkpoint-2"), "--checkpointing_steps", "2",
+          "--save_adapter", "false"], _env())
     resumed = _metrics(out2)
-    assert [m["step"] for m in resumed] == [3]
-    assert resumed[0]["loss"] == pytest.approx(metrics[2]["loss"], rel=1e-6, abs=1e-6)
+    assert [m["step"] for m in resumed] == [3, 4]
+    for got, want in zip(resumed, metrics[2:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-6), got["step"]
+    # ... and so is the state at step 4: the LoRA weights and hyclora's statistics
+    final, final_resumed = (load_file(str(o / "checkpoint-4" / "model.safetensors")) for o in (out, out2))
+    assert final.keys() == final_resumed.keys()
+    for key, value in final.items():
+        if value.is_floating_point():
+            assert torch.allclose(final_resumed[key], value, rtol=1e-5, atol=1e-6), key
+        else:  # counts, the count since freezing, outlier channels
+            assert torch.equal(final_resumed[key], value), key
+    if hyclora:
+        assert any(k.endswith("frozen_forwards") and int(v) == 1 for k, v in final.items())
 
 
 def test_deepspeed_zero3_two_cpu_processes(tmp_path):

@@ -110,13 +110,16 @@ def _column(header: Sequence[str], key, path: Path) -> int:
 
 def _label(task: GlueTask, raw: str, where: str):
     raw = raw.strip()
-    if task.is_regression:
-        return float(raw)
-    if task.label_names:
+    if task.label_names and not task.is_regression:
         if raw not in task.label_names:
             raise ValueError(f"{where}: label {raw!r} is not one of {task.label_names}")
         return task.label_names.index(raw)
-    value = int(raw)
+    try:
+        value = float(raw) if task.is_regression else int(raw)
+    except ValueError:
+        raise ValueError(f"{where}: label {raw!r} is not a{' number' if task.is_regression else 'n integer'}") from None
+    if task.is_regression:
+        return value
     if not 0 <= value < task.num_labels:
         raise ValueError(f"{where}: label {value} outside [0, {task.num_labels})")
     return value
@@ -128,6 +131,8 @@ def read_glue_tsv(task: GlueTask, path: str | os.PathLike) -> List[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"GLUE {task.name}: {str(path)!r} does not exist")
     rows = _read_tsv(path)
+    if not any(row and any(c.strip() for c in row) for row in rows):
+        raise ValueError(f"data file {path} has no records (it is empty)")
     has_header = task.name != "cola"
     header, body = (rows[0], rows[1:]) if has_header else ([], rows)
     text_cols = [_column(header, k, path) for k in task.tsv_text]
@@ -146,7 +151,7 @@ def read_glue_tsv(task: GlueTask, path: str | os.PathLike) -> List[Record]:
             "label": _label(task, row[label_col], where),
         })
     if not records:
-        raise ValueError(f"{path}: no examples")
+        raise ValueError(f"data file {path} has no records (only a header)")
     return records
 
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from .prompts import gsm8k_gold, gsm8k_prompt, gsm8k_target
 from .sft import tokenize_supervised
 from .sources import (
+    check_records,
     find_split_file,
     is_synthetic,
     load_hub_records,
@@ -52,17 +53,16 @@ def load_gsm8k_records(data: Optional[str], split: str, *, seed: int = 0) -> Lis
                 f"no GSM8K {split} file in {data!r}: expected one of "
                 + ", ".join(n.format(split=split) for n in _LOCAL_NAMES)
             )
+        source = str(path)
         records = read_records(path)
     elif os.path.isfile(data):
+        source = data
         records = read_records(data)
     else:
+        source = f"hub dataset {data} ({split} split)"
         records = load_hub_records(data, "main" if data.endswith("gsm8k") else None, split)
-    for i, rec in enumerate(records[:1]):
-        if "question" not in rec or "answer" not in rec:
-            raise ValueError(
-                f"{data!r} record {i} has fields {sorted(rec)}; GSM8K records need "
-                "'question' and 'answer' ('... #### 72')"
-            )
+    check_records(records, source, ("question", "answer"), text=("question", "answer"),
+                  fmt="GSM8K records need 'question' and 'answer' ('... #### 72')")
     return [{"question": r["question"], "answer": r["answer"]} for r in records]
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .prompts import alpaca_prompt
 from .sft import tokenize_supervised
-from .sources import read_records
+from .sources import check_records, read_records
 
 PAPER_EVAL_SETS = ("gsm8k", "SVAMP", "mawps", "AQuA")
 ALL_EVAL_SETS = PAPER_EVAL_SETS + ("AddSub", "MultiArith", "SingleEq")
@@ -33,12 +33,9 @@ def answer_type(name: str) -> str:
 
 
 def _check(records: List[Record], where: str) -> List[Record]:
-    for i, rec in enumerate(records[:1]):
-        missing = {"instruction", "answer"} - set(rec)
-        if missing:
-            raise ValueError(f"{where} record {i} lacks {sorted(missing)}; expected LLM-Adapters "
-                             "fields instruction/input/output/answer")
-    return records
+    return check_records(records, where, ("instruction", "answer"), text=("instruction",),
+                         optional_text=("input", "output"),
+                         fmt="expected LLM-Adapters fields instruction/input/output/answer")
 
 
 def resolve_math_train_file(data: str) -> Path:

@@ -57,8 +57,14 @@ def resolve_wikitext_files(folder: str | os.PathLike) -> Dict[str, Path]:
 
 
 def _read_lines(path: Path) -> List[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     with path.open(encoding="utf-8") as handle:
-        return handle.read().splitlines()
+        lines = handle.read().splitlines()
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"data file {path} has no records (no text)")
+    return lines
 
 
 def wikitext_splits(

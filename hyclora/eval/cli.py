@@ -73,11 +73,17 @@ def load_model_for_eval(ns):
     import torch
 
     from hyclora.training.args import ModelArguments
-    from hyclora.training.model import load_base_model, load_tokenizer
+    from hyclora.training.model import check_model_path, load_base_model, load_tokenizer
 
+    if ns.adapter_path and not os.path.isdir(ns.adapter_path):
+        raise FileNotFoundError(f"--adapter_path: folder not found: {ns.adapter_path}")
     base = ns.model_name_or_path or (_base_from_adapter(ns.adapter_path) if ns.adapter_path else None)
     if base is None:
         raise ValueError("pass --model_name_or_path (the adapter does not name its base model)")
+    if not ns.model_name_or_path:
+        # adapters saved before hyclora stored absolute paths may name a base relative to another folder
+        check_model_path(base, f"base_model_name_or_path in {os.path.join(ns.adapter_path, 'adapter_config.json')} "
+                               "(pass --model_name_or_path BASE_FOLDER)")
     tok_name = ns.tokenizer_name_or_path or (ns.adapter_path if _has_tokenizer(ns.adapter_path) else None)
     dtype = ns.torch_dtype
     if dtype is None:  # bf16 halves memory on GPUs; CPUs are fastest and exact in fp32

@@ -10,6 +10,7 @@ from torch import nn
 from .base import LlamaFamilyAdapter, warn_unreachable_hooks
 from .patching import check_forward_reached
 from .registry import get_adapter, supported_model_types
+from .state import exclude_state_from_save_pretrained, include_state_in_save_pretrained
 
 def _base_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
@@ -84,13 +85,22 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     except RuntimeError:
         revert_hyclora(model)
         raise
+    # save_pretrained (e.g. of merge_and_unload()'s still-patched model) writes the plain keys;
+    # state_dict keeps the statistics for checkpoints
+    exclude_state_from_save_pretrained(model)
+    config._attach()  # field assignments now raise, naming revert_hyclora + apply_hyclora
     return model
 
 
 def revert_hyclora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_hyclora`: original forwards back, ``hyclora_state`` removed."""
-    for _, layer in patched_layers(model):
+    layers = patched_layers(model)
+    configs = {id(layer._hyclora_patch.config): layer._hyclora_patch.config for _, layer in layers}
+    for _, layer in layers:
         LlamaFamilyAdapter.unpatch(layer)
+    include_state_in_save_pretrained(model)
+    for config in configs.values():
+        config._detach()
     for module in model.modules():
         LlamaFamilyAdapter.unpatch_final_norm(module)
         handle = module.__dict__.pop("_hyclora_output_check", None)
@@ -99,20 +109,26 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _install_output_check(hf_model: nn.Module, guard, order: int) -> None:
-    """Queue "finite" flags of the model's logits and loss into the layers' guard: a NaN born
-    after the last decoder layer (LM head, loss) reaches the layers only as NaN gradients, so the
-    step's one host read (in the first layer's backward) must see these flags too."""
+class _OutputCheck:
+    """Forward hook queuing "finite" flags of the model's logits and loss into the layers' guard:
+    a NaN born after the last decoder layer (LM head, loss) reaches the layers only as NaN
+    gradients, so the step's one host read (in the first layer's backward) must see these flags
+    too. A class, not a closure, so that a patched model still pickles."""
 
-    def record_outputs(module, args, output):
+    def __init__(self, guard, order: int):
+        self.guard, self.order = guard, order
+
+    def __call__(self, module, args, output):
         if not (module.training and torch.is_grad_enabled()) or not hasattr(output, "get"):
             return
-        for offset, key in enumerate(("logits", "loss")):
+        for offset, (key, why) in enumerate((("logits", ""), ("loss", "; a batch whose labels are all -100 has a NaN loss"))):
             value = output.get(key)
             if torch.is_tensor(value) and value.requires_grad:
-                guard.record(value, f"the model's {key} (after the last decoder layer)", order=order + offset)
+                self.guard.record(value, f"the model's {key} (after the last decoder layer{why})", order=self.order + offset)
 
-    hf_model.__dict__["_hyclora_output_check"] = hf_model.register_forward_hook(record_outputs)
+
+def _install_output_check(hf_model: nn.Module, guard, order: int) -> None:
+    hf_model.__dict__["_hyclora_output_check"] = hf_model.register_forward_hook(_OutputCheck(guard, order))
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -77,5 +77,45 @@ class HyCLoRALayerState(nn.Module):
         return dict(self.stats.items())
 
 
-__all__ = ["HyCLoRALayerState", "tensor_widths", "ATTENTION_TENSORS", "MLP_TENSORS",
+def _transformers_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+_IGNORED_ON_SAVE = "_hyclora_ignored_on_save"  # the keys we added, so revert removes only those
+
+
+def exclude_state_from_save_pretrained(model: nn.Module) -> int:
+    """Keep the ``hyclora_state`` buffers out of ``save_pretrained`` of the transformers model in
+    ``model`` (a PEFT model's base model, or ``model`` itself): they join its
+    ``_keys_to_ignore_on_save``. ``state_dict()`` still holds them, so accelerate's
+    ``save_state`` and ``HyCLoRAStateCallback`` checkpoints carry the calibration statistics,
+    while a full model saved with ``save_pretrained`` (e.g. after ``merge_and_unload()``, which
+    returns the still-patched transformers model) has exactly the plain model's keys.
+
+    Idempotent; returns how many keys were added. Undo with :func:`include_state_in_save_pretrained`.
+    """
+    hf = _transformers_model(model)
+    if not callable(getattr(hf, "save_pretrained", None)):
+        return 0
+    keys = {f"{name}.{key}" for name, module in hf.named_modules() if isinstance(module, HyCLoRALayerState)
+            for key in module.state_dict()}
+    ignore = set(getattr(hf, "_keys_to_ignore_on_save", None) or ())
+    added = keys - ignore
+    if added:
+        hf._keys_to_ignore_on_save = ignore | added
+        hf.__dict__.setdefault(_IGNORED_ON_SAVE, set()).update(added)
+    return len(added)
+
+
+def include_state_in_save_pretrained(model: nn.Module) -> None:
+    """Undo :func:`exclude_state_from_save_pretrained` (``revert_hyclora`` removes the state)."""
+    hf = _transformers_model(model)
+    added = hf.__dict__.pop(_IGNORED_ON_SAVE, None)
+    if added:
+        hf._keys_to_ignore_on_save = set(getattr(hf, "_keys_to_ignore_on_save", None) or ()) - added
+
+
+__all__ = ["HyCLoRALayerState", "tensor_widths", "exclude_state_from_save_pretrained",
+           "include_state_in_save_pretrained", "ATTENTION_TENSORS", "MLP_TENSORS",
            "ELEMENTWISE_TENSORS", "NORM_INPUTS"]

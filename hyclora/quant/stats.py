@@ -25,7 +25,17 @@ is recomputed from each micro-batch alone (``outlier_score`` then holds the late
 not a sum that would grow without bound).
 
 No host syncs on the hot path: whether the stats are frozen is decided from a Python-side mirror
-of ``count`` (kept in step by :meth:`range_for`, :meth:`reset` and ``load_state_dict``).
+of ``count`` (kept in step by :meth:`range_for`, :meth:`reset` and ``load_state_dict``), and the
+forwards since freezing are counted on the host only (``frozen_forwards`` is refreshed from that
+count whenever ``state_dict`` is taken, so a resumed run expires the statistics at the same step
+as the uninterrupted one).
+
+``state_dict`` never holds a zero-element tensor: with ``num_outliers == 0`` the (empty)
+``outlier_idx`` buffer is not persistent. safetensors, and accelerate's ``save_state``, which
+saves with it by default, treat every zero-element tensor as sharing storage with every other (all
+have the same null data pointer) and drop all but one of them, after which a strict
+``load_state`` fails on the missing keys. A checkpoint written before this change, which holds
+that empty buffer, still loads.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ class ChannelStats(torch.nn.Module):
     """Calibration state for ONE saved tensor of width ``width``.
 
     Buffers: ``lo`` (N,) fp32, ``hi`` (N,) fp32, ``outlier_score`` (N,) fp32,
-    ``outlier_idx`` (k,) long, ``count`` () long.
+    ``outlier_idx`` (k,) long (not in ``state_dict`` when k == 0), ``count`` () long,
+    ``frozen_forwards`` () long (counted forwards since the statistics froze).
     """
 
     def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5,
@@ -74,8 +85,12 @@ class ChannelStats(torch.nn.Module):
         self.register_buffer("lo", torch.full((width,), float("inf")))
         self.register_buffer("hi", torch.full((width,), float("-inf")))
         self.register_buffer("outlier_score", torch.zeros(width))
-        self.register_buffer("outlier_idx", torch.arange(num_outliers, dtype=torch.long))
+        # empty when there are no outlier channels: kept out of state_dict (see the module notes)
+        self.register_buffer("outlier_idx", torch.arange(num_outliers, dtype=torch.long),
+                             persistent=num_outliers > 0)
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        # device copy of _frozen_forwards, written only when state_dict is taken
+        self.register_buffer("frozen_forwards", torch.zeros((), dtype=torch.long))
         self._count_host = 0
         self._counting = True  # False inside uncounted_updates(): merge, do not count
         # frozen quantisation parameters per bit width (see frozen_params); never modified in
@@ -116,7 +131,7 @@ class ChannelStats(torch.nn.Module):
             self.outlier_idx.copy_(torch.arange(self.num_outliers, device=self.outlier_idx.device))
             self.count.zero_()
         self._count_host = 0
-        self._frozen_forwards = 0
+        self._frozen_forwards = 0  # the frozen_forwards buffer follows when state_dict is taken
         self._param_cache = {}
 
     _FP32_BUFFERS = ("lo", "hi", "outlier_score")
@@ -134,10 +149,36 @@ class ChannelStats(torch.nn.Module):
         self._param_cache = {}
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the host count is the truth (no device work per forward); write it where state_dict
+        # reads it (an inference tensor can only be written inside inference mode)
+        buf = self.frozen_forwards
+        if not buf.is_inference() or torch.is_inference_mode_enabled():
+            with torch.no_grad():
+                buf.fill_(self._frozen_forwards)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # Checkpoints written before frozen_forwards was saved lack it (the count since freezing
+        # then restarts at 0, as it did), and hold an empty outlier_idx when there are no
+        # outlier channels, which is no longer saved: both load.
+        key = prefix + "frozen_forwards"
+        had_frozen_forwards = key in state_dict
+        if not had_frozen_forwards and key in missing_keys:
+            missing_keys.remove(key)
+        key = prefix + "outlier_idx"
+        if (self.num_outliers == 0 and key in unexpected_keys and isinstance(state_dict.get(key), torch.Tensor)
+                and state_dict[key].numel() == 0):
+            unexpected_keys.remove(key)
         # one host read per load, so the hot path never has to read `count` from the device
         self._count_host = int(self.count.item())
+        if had_frozen_forwards:
+            self._frozen_forwards = int(self.frozen_forwards.item())
+        elif prefix + "count" in state_dict:
+            self._frozen_forwards = 0
         self._param_cache = {}
 
     def extra_repr(self) -> str:

@@ -22,12 +22,14 @@ from .args import (
 )
 from .callbacks import (
     HyCLoRAStateCallback,
+    HyCLoRAStateFileError,
     MemoryThroughputCallback,
     format_summary,
     hyclora_state_dict,
     load_hyclora_state,
     save_hyclora_state,
 )
+from .checkpoints import latest_checkpoint, resolve_resume
 from .model import (
     TINY_RANDOM,
     add_lora,
@@ -51,6 +53,9 @@ __all__ = [
     "build_parser",
     "parse_finetune_args",
     "HyCLoRAStateCallback",
+    "HyCLoRAStateFileError",
+    "latest_checkpoint",
+    "resolve_resume",
     "MemoryThroughputCallback",
     "format_summary",
     "hyclora_state_dict",

@@ -316,24 +316,29 @@ def parse_dataclasses(parser, argv: Sequence[str]) -> List[Any]:
     return outputs
 
 
-def given_on_command_line(parser, argv: Sequence[str]) -> set:
-    """The ``dest`` of every option that ``argv`` sets, matched as argparse matches them (exact
-    option strings, the dashed aliases HfArgumentParser adds, ``--name=value``, unambiguous
-    abbreviations)."""
+def given_on_command_line(parser, argv: Sequence[str]) -> Dict[str, Optional[str]]:
+    """``{dest: value}`` for every option that ``argv`` sets (the last value given; None for a bare
+    flag), matched as argparse matches them: exact option strings, the dashed aliases that
+    HfArgumentParser adds, ``--name=value``, unambiguous abbreviations."""
     table = parser._option_string_actions
-    given = set()
-    for arg in argv:
+    given: Dict[str, Optional[str]] = {}
+    argv = list(argv)
+    for i, arg in enumerate(argv):
         if arg == "--":
             break
         if not arg.startswith("--"):
             continue
-        option = arg.split("=", 1)[0]
+        option, equals, value = arg.partition("=")
         if option in table:
-            given.add(table[option].dest)
-        elif getattr(parser, "allow_abbrev", True):
+            dest = table[option].dest
+        else:
             dests = {action.dest for name, action in table.items() if name.startswith(option)}
-            if len(dests) == 1:
-                given |= dests
+            if len(dests) != 1 or not getattr(parser, "allow_abbrev", True):
+                continue
+            dest = dests.pop()
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        given[dest] = value
     return given
 
 
@@ -342,24 +347,19 @@ def imply_save_strategy(parser, argv: Sequence[str], overrides: Dict[str, Any]) 
     default to saving once per epoch, which would otherwise ignore ``--save_steps`` silently (and a
     killed run would have nothing to resume from). With an explicit ``--save_strategy`` other than
     ``steps`` a warning says that ``--save_steps`` does nothing."""
-    given = given_on_command_line(parser, argv) | set(overrides)
-    if "save_steps" not in given:
+    given = given_on_command_line(parser, argv)
+    if "save_steps" not in given and "save_steps" not in overrides:
         return
-    if "save_strategy" not in given:
+    if "save_strategy" not in given and "save_strategy" not in overrides:
         parser.set_defaults(save_strategy="steps")
         return
-    strategy = overrides.get("save_strategy")
-    if any(a.dest == "save_strategy" for a in parser._actions):  # argv wins over overrides
-        try:
-            known, _ = parser.parse_known_args(list(argv))
-            strategy = getattr(known, "save_strategy", strategy)
-        except SystemExit:  # the real parse reports it
-            return
-    if str(getattr(strategy, "value", strategy)) != "steps":
+    strategy = given["save_strategy"] if "save_strategy" in given else overrides["save_strategy"]
+    strategy = getattr(strategy, "value", strategy)  # a SaveStrategy enum from Python
+    if str(strategy) != "steps":
         import warnings
 
-        warnings.warn(f"--save_steps is ignored with --save_strategy {getattr(strategy, 'value', strategy)}: "
-                      "pass --save_strategy steps (or leave --save_strategy out) to save every N steps",
+        warnings.warn(f"--save_steps is ignored with --save_strategy {strategy}: pass --save_strategy steps "
+                      "(or leave --save_strategy out) to save a checkpoint every --save_steps steps",
                       UserWarning, stacklevel=3)
 
 

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 from transformers import TrainerCallback
 
+from .checkpoints import LATEST, resolve_resume
+
 logger = logging.getLogger(__name__)
 
 STATE_MODULE = "hyclora_state"
@@ -57,14 +59,55 @@ def state_file_name(world_size: int = 1, rank: int = 0) -> str:
 
 def save_hyclora_state(model, folder: str, *, world_size: int = 1, rank: int = 0) -> Optional[str]:
     """Write the calibration buffers to ``folder``; returns the path, or None when the model has
-    no hyclora state (plain LoRA)."""
+    no hyclora state (plain LoRA). The file is written beside its final name and then renamed,
+    so a kill during the save never leaves a truncated ``hyclora_state.pt``."""
     state = hyclora_state_dict(model)
     if not state:
         return None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, state_file_name(world_size, rank))
-    torch.save(state, path)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return path
+
+
+_STATE_FIX = ("delete it and resume again: calibration then starts afresh (the adapter, optimizer and trainer "
+              "state of the checkpoint are not affected)")
+
+
+class HyCLoRAStateFileError(ValueError):
+    """A ``hyclora_state*.pt`` that cannot be read: the message names the file and the fix."""
+
+
+def _read_state_file(path: str) -> Dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the safe fix. Never
+    ``weights_only=False`` (torch's advice for an unreadable file): that would run code from the file."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise FileNotFoundError(f"hyclora calibration state {path}: {err.strerror or err}") from None
+    if size == 0:
+        raise HyCLoRAStateFileError(
+            f"hyclora calibration state {path} is empty (a save cut off, e.g. by a kill): {_STATE_FIX}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, RuntimeError (zip reader), UnpicklingError, KeyError (garbage) ...
+        what = ("truncated or corrupt" if isinstance(err, (EOFError, RuntimeError))
+                else "not a file written by save_hyclora_state (or it holds more than tensors)")
+        raise HyCLoRAStateFileError(
+            f"hyclora calibration state {path} ({size} bytes) cannot be read: it is {what} "
+            f"[{type(err).__name__}]. Do not load it with weights_only=False; {_STATE_FIX}") from None
+    if not isinstance(saved, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in saved.items()):
+        raise HyCLoRAStateFileError(
+            f"hyclora calibration state {path} holds a {type(saved).__name__}, not a dict of tensors: it was "
+            f"not written by save_hyclora_state; {_STATE_FIX}")
+    return saved
 
 
 def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank: int = 0) -> Optional[str]:
@@ -78,7 +121,7 @@ def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank:
                      if os.path.isfile(os.path.join(folder_or_file, c))), None)
         if path is None:
             return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_state_file(path)
     modules = _state_modules(model)
     if not modules:
         raise ValueError(
@@ -105,12 +148,18 @@ def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank:
     for name, module in modules.items():
         sub = by_module[name]
         current = module.state_dict()
-        if set(sub) != set(current):
+        # files written before ChannelStats kept empty outlier_idx buffers out of state_dict and
+        # saved frozen_forwards hold the one and lack the other; its strict load accepts both
+        legacy_extra = {k for k in set(sub) - set(current) if k.endswith("outlier_idx") and sub[k].numel() == 0}
+        legacy_missing = {k for k in set(current) - set(sub) if k.endswith("frozen_forwards")}
+        if set(sub) - legacy_extra != set(current) - legacy_missing:
             raise ValueError(
                 f"{path}: {name} holds {sorted(set(sub) - set(current))[:3]} but not "
                 f"{sorted(set(current) - set(sub))[:3]}: resume with the same HyCLoRAConfig"
             )
         for buffer, value in sub.items():
+            if buffer in legacy_extra:
+                continue
             target = current[buffer]
             if target.shape != value.shape:
                 # A buffer allocated lazily (still at its placeholder shape): make room first.
@@ -125,28 +174,52 @@ def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank:
 
 class HyCLoRAStateCallback(TrainerCallback):
     """Saves hyclora calibration buffers into each checkpoint folder; on resume (pass the
-    checkpoint path) loads them back before the first training step."""
+    checkpoint path, or ``latest``/``true`` for the newest complete checkpoint of ``output_dir``)
+    loads them back before the first training step.
+
+    The buffers are written when the Trainer has decided to save (``on_step_end`` /
+    ``on_epoch_end`` with ``should_save``), before it writes the checkpoint's files, so that
+    ``trainer_state.json``, which the Trainer writes last, marks a checkpoint complete with its
+    hyclora state (``hyclora.training.checkpoints``). ``on_save`` writes them where that was not
+    done (e.g. ``save_strategy="best"``, decided after evaluation)."""
 
     def __init__(self, resume_from_checkpoint: Optional[str] = None):
         self.resume_from_checkpoint = resume_from_checkpoint
         self.loaded_from: Optional[str] = None
+        self._saved_step: Optional[int] = None  # the step whose checkpoint already holds our state
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.resume_from_checkpoint and model is not None and _state_modules(model):
+        resume = self.resume_from_checkpoint
+        if resume is True or (isinstance(resume, str) and resume.strip().lower() in LATEST):
+            resume = resolve_resume(resume, args.output_dir)
+        if resume and model is not None and _state_modules(model):
             self.loaded_from = load_hyclora_state(
-                model, self.resume_from_checkpoint, world_size=args.world_size, rank=args.process_index
+                model, resume, world_size=args.world_size, rank=args.process_index
             )
             if self.loaded_from is None:
                 logger.warning(
                     "checkpoint %s has no hyclora state: calibration starts again",
-                    self.resume_from_checkpoint,
+                    resume,
                 )
 
+    @staticmethod
+    def _folder(args, state) -> str:
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+    def _save_before_trainer(self, args, state, control, model):
+        if model is not None and control.should_save:
+            save_hyclora_state(model, self._folder(args, state), world_size=args.world_size, rank=args.process_index)
+            self._saved_step = state.global_step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._save_before_trainer(args, state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._save_before_trainer(args, state, control, model)
+
     def on_save(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        save_hyclora_state(model, folder, world_size=args.world_size, rank=args.process_index)
+        if model is not None and self._saved_step != state.global_step:
+            save_hyclora_state(model, self._folder(args, state), world_size=args.world_size, rank=args.process_index)
 
 
 # -- memory and throughput ---------------------------------------------------------------------
@@ -249,6 +322,7 @@ __all__ = [
     "hyclora_state_dict",
     "save_hyclora_state",
     "load_hyclora_state",
+    "HyCLoRAStateFileError",
     "HyCLoRAStateCallback",
     "MemoryThroughputCallback",
     "format_summary",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +36,50 @@ def hyclora_api():
     return apply_hyclora, None
 
 
+# A hub id is "name" or "namespace/name"; anything else (./x, /x, ~/x, a/b/c) can only be a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_path(name: str) -> bool:
+    """True when ``name`` can only mean a local path (it starts with ``.``, ``/`` or ``~``, contains
+    the OS path separator where that is not ``/``, or is no valid hub id, e.g. ``runs/a/base``)."""
+    if name.startswith((".", "/", "~", os.sep)):
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    return _HUB_ID.match(name) is None
+
+
+def check_model_path(name: Optional[str], flag: str = "--model_name_or_path") -> None:
+    """Raise ``FileNotFoundError("<flag>: folder not found: <path>")`` when ``name`` looks like a local
+    path that does not exist (transformers would say "Repo id must be in the form ..."); hub ids and
+    existing paths pass."""
+    if not name or name == TINY_RANDOM or os.path.exists(os.path.expanduser(name)):
+        return
+    if looks_like_path(name):
+        absolute = os.path.abspath(os.path.expanduser(name))
+        where = "" if absolute == name else f" (from {os.getcwd()}: {absolute})"
+        raise FileNotFoundError(
+            f"{flag}: folder not found: {name}{where}; pass an existing model folder or a hub id "
+            "such as meta-llama/Llama-2-7b-hf"
+        )
+
+
+def _from_pretrained(load, name: str, flag: str, **kwargs):
+    """``load(name, **kwargs)``; a name that is no local folder and fails on the hub too (offline, a
+    typo, a relative path from another folder) gets an error that says both."""
+    try:
+        return load(name, **kwargs)
+    except OSError as err:
+        if os.path.exists(os.path.expanduser(name)):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"{flag} {name!r} is neither a local folder ({os.path.abspath(name)} does not exist) nor loadable "
+            f"from the hub ({first}); pass an existing model folder, or a hub id this machine can reach"
+        ) from err
+
+
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer of ``tokenizer_name_or_path`` (else the model's), with a pad token.
 
@@ -51,10 +96,12 @@ def load_tokenizer(model_args: ModelArguments):
         from hyclora.data.tokenizer import build_bpe_tokenizer
 
         return build_bpe_tokenizer()
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    check_model_path(name, flag)
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.gguf_file and not model_args.tokenizer_name_or_path:
         kwargs["gguf_file"] = model_args.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, flag, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         logger.info("tokenizer has no pad token; using %r", tokenizer.pad_token)
@@ -149,6 +196,11 @@ def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
         if model_args.load_in_4bit:
             raise ValueError(f"--load_in_4bit does not apply to {TINY_RANDOM}")
         return build_tiny_llama(tokenizer, attn_implementation=model_args.attn_implementation)
+    check_model_path(name)
+    if os.path.isdir(name):
+        # an absolute path, so that adapters saved from this model name a base that is found from
+        # any folder (PEFT stores it as base_model_name_or_path in adapter_config.json)
+        name = os.path.abspath(name)
     kwargs = dict(
         dtype=resolve_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation,
@@ -159,7 +211,7 @@ def load_base_model(model_args: ModelArguments, training_args, tokenizer=None):
     if model_args.load_in_4bit:
         kwargs["quantization_config"] = _quantization_config(model_args, training_args)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "--model_name_or_path", **kwargs)
     if model_args.gguf_file:
         _unmark_gguf(model)
     if model_args.load_in_4bit:
@@ -191,7 +243,17 @@ def add_lora(model, lora_args: LoraArguments, *, gradient_checkpointing: bool = 
         # Checkpointed blocks need an input that requires grad when every base weight is frozen.
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, config)
+    absolute_base_path(peft_model)
     return peft_model
+
+
+def absolute_base_path(peft_model) -> None:
+    """Make ``base_model_name_or_path`` of every adapter config absolute when it names a local folder
+    (a relative one, written into adapter_config.json, breaks evaluating from another folder)."""
+    for config in getattr(peft_model, "peft_config", {}).values():
+        base = getattr(config, "base_model_name_or_path", None)
+        if base and not os.path.isabs(base) and os.path.isdir(base):
+            config.base_model_name_or_path = os.path.abspath(base)
 
 
 def maybe_apply_hyclora(model, config: HyCLoRAConfig):
@@ -321,6 +383,9 @@ def prepare_model(args, tokenizer, model=None) -> Tuple[object, Optional[str]]:
 
 __all__ = [
     "TINY_RANDOM",
+    "absolute_base_path",
+    "check_model_path",
+    "looks_like_path",
     "hyclora_api",
     "load_tokenizer",
     "build_tiny_llama",

@@ -5,7 +5,8 @@ Steps, for every task:
  2. datasets for the task (training examples, eval-loss examples, generation problems)
  3. model: base (given, or loaded, NF4 with --load_in_4bit) -> PEFT LoRA -> apply_hyclora
  4. HF Trainer with the padding collator and the memory/throughput + hyclora-state callbacks
- 5. train (resuming when asked), save the adapter, the tokenizer and hyclora's calibration state
+ 5. train (resuming when asked: ``--resume_from_checkpoint latest`` or a checkpoint folder), save the
+    adapter, the tokenizer and hyclora's calibration state
  6. evaluate: token-weighted eval loss / perplexity, and greedy-generation accuracy
  7. write ``results.json`` (+ predictions), print a table, return a flat dict of metrics
 """
@@ -38,6 +39,7 @@ from hyclora.eval.harness import (
 
 from .args import FinetuneArgs, parse_finetune_args
 from .callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state
+from .checkpoints import resolve_resume
 from .model import load_tokenizer, prepare_model, zero3_enabled
 
 logger = logging.getLogger(__name__)
@@ -111,21 +113,9 @@ def _pad_multiple(args: FinetuneArgs) -> Optional[int]:
 
 
 def _resolve_resume(training_args) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    value = training_args.resume_from_checkpoint
-    if value is None or value is False or str(value).lower() in ("", "false", "no"):
-        return None
-    if str(value).lower() in ("true", "last", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}"
-            )
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a folder")
-    return value
+    """``--resume_from_checkpoint``: ``latest`` (or ``true``) = the newest complete checkpoint-* of
+    ``--output_dir``, a path = that folder (see ``hyclora.training.checkpoints``)."""
+    return resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
 
 def _should_evaluate_here(trainer) -> bool:
@@ -204,6 +194,7 @@ def run_finetune(
             raise ValueError("run_finetune(argv_list) needs task=")
         args = parse_finetune_args(task, list(args))
     t = args.training
+    resume = _resolve_resume(t)  # before any loading: a wrong checkpoint fails at once
     set_seed(t.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(args.model)
@@ -214,7 +205,6 @@ def run_finetune(
     if t.include_num_input_tokens_seen in ("no", False, None):
         # The throughput summary counts real (non-padding) tokens.
         t.include_num_input_tokens_seen = "non_padding"
-    resume = _resolve_resume(t)
     memory = MemoryThroughputCallback()
     callbacks = [memory, HyCLoRAStateCallback(resume), *extra_callbacks]
     trainer_class = Trainer

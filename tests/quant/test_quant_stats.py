@@ -143,7 +143,7 @@ def test_state_dict_round_trip_and_fp32_kept_under_casts():
     assert t.frozen and int(t.count) == 2
     for name in ("lo", "hi", "outlier_score", "outlier_idx", "count"):
         assert torch.equal(getattr(t, name), getattr(s, name)), name
-    assert set(s.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count"}
+    assert set(s.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count", "frozen_forwards"}
     # as a child of a model cast to bf16 / half: stats stay exact fp32
     parent = torch.nn.Sequential(torch.nn.Linear(5, 5), t)
     parent.to(torch.bfloat16)
