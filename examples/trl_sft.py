@@ -39,6 +39,7 @@ from hyclora.data import (  # noqa: E402
 )
 from hyclora.integrations.trainer import HyCLoRACallback  # noqa: E402
 from hyclora.training import HyCLoRAStateCallback, build_tiny_llama  # noqa: E402
+from hyclora.training.checkpoints import resolve_resume  # noqa: E402
 
 
 @dataclass
@@ -99,14 +100,15 @@ def main(argv=None):
     lora = LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
                       target_modules=targets if targets == "all-linear" else targets.split(","),
                       task_type="CAUSAL_LM")
+    resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir)  # "latest" works too
     trainer = SFTTrainer(
         model=model, args=sft_config, train_dataset=load_dataset(script.dataset), processing_class=tokenizer,
         peft_config=lora,
         # HyCLoRACallback patches the PEFT model SFTTrainer built; HyCLoRAStateCallback keeps the
         # calibration statistics in checkpoints and restores them on --resume_from_checkpoint
-        callbacks=[HyCLoRACallback(hy_config), HyCLoRAStateCallback(sft_config.resume_from_checkpoint)],
+        callbacks=[HyCLoRACallback(hy_config), HyCLoRAStateCallback(resume)],
     )
-    result = trainer.train(resume_from_checkpoint=sft_config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # a plain PEFT adapter
     print(f"train_loss {result.training_loss:.4f} hyclora "
           f"{'%s q_bit=%d' % (hy_config.layer_type, hy_config.q_bit) if hy_config.use_hyclora else 'off'}")

@@ -264,8 +264,9 @@ def memory_summary(accelerator) -> dict:
 
 
 def _latest_checkpoint(output_dir: str):
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    from hyclora.training.checkpoints import latest_checkpoint
+
+    return latest_checkpoint(output_dir, marker="progress.json")  # written last: a killed save is skipped
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -355,5 +355,11 @@ def test_dense_kernels_compile_for_sm90_without_spills(tmp_path):
                           ptrs=dict(x_ptr="bf16", rstd_ptr="fp32", w_ptr="bf16", out_ptr="bf16"), floats=[],
                           consts=dict(RNE_X=False, RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d),
                           warps=warps, tag=["from_rstd", d]))
+    import triton
+
+    from hyclora.compat import version_tuple
+
+    # triton >= 3.7 allocates the d=4096 tile with a small stack spill too (3.6, the GPU image's, none)
+    spilling = (5120, 4096) if version_tuple(triton.__version__) >= (3, 7) else (5120,)
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
-        assert local == 0 and stack <= (64 if tag[1] == 5120 else 0), (tag, regs, stack)
+        assert local == 0 and stack <= (64 if tag[1] in spilling else 0), (tag, regs, stack)
