@@ -17,7 +17,7 @@ bench() {  # $1: label, $2: tree
 case "$PART" in
 after)
   timeout 200 python3 -m pytest -q tests/test_cuda_graphs.py tests/models/test_models_gpu.py tests/models/test_patching.py \
-    tests/models/test_nonfinite_after_layers_and_hooks.py 2>&1 | tail -6 | tee "$OUT/tests.log"
+    tests/models/test_nonfinite_deferred.py 2>&1 | tail -6 | tee "$OUT/tests.log"
   bench after "$PWD" ;;
 before)
   bench before "$BEFORE" ;;

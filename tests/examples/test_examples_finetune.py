@@ -2,7 +2,6 @@
 (never skips), with hyclora when hyclora.models provides apply_hyclora; checkpoint resume of
 the calibration state; the evaluation CLI on a saved adapter; argument handling."""
 
-import functools
 import json
 import math
 import os
@@ -16,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hyclora.data import arithmetic_word_problems, build_bpe_tokenizer, gsm8k_gold
+from hyclora.data import arithmetic_word_problems, gsm8k_gold
 from hyclora.training import (
     HyCLoRAStateCallback,
     MemoryThroughputCallback,
     build_tiny_llama,
-    hyclora_api,
     hyclora_state_dict,
     load_hyclora_state,
     parse_finetune_args,
@@ -30,15 +28,7 @@ from hyclora.training import (
 )
 from hyclora.training import model as model_module
 
-REPO = Path(__file__).resolve().parents[2]
-APPLY, WHY_NOT = hyclora_api()
-needs_hyclora = pytest.mark.skipif(APPLY is None, reason=f"hyclora operators unavailable: {WHY_NOT}")
-
-
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    return build_bpe_tokenizer()
-
+from ex_util import APPLY, REPO, needs_hyclora, tokenizer
 
 def tiny(tmp_path, task="gsm8k", argv=(), **overrides):
     """Arguments for a 3-step CPU run: tiny model, tiny data, small evaluation."""

@@ -17,10 +17,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hyclora.data import build_bpe_tokenizer
 from hyclora.training import (
     build_tiny_llama,
-    hyclora_api,
     load_hyclora_state,
     parse_finetune_args,
     run_finetune,
@@ -29,18 +27,9 @@ from hyclora.training import (
 from hyclora.training.callbacks import HyCLoRAStateCallback, HyCLoRAStateFileError
 from hyclora.training.checkpoints import latest_checkpoint, resolve_resume
 
-REPO = Path(__file__).resolve().parents[2]
-APPLY, WHY_NOT = hyclora_api()
-needs_hyclora = pytest.mark.skipif(APPLY is None, reason=f"hyclora operators unavailable: {WHY_NOT}")
+from ex_util import REPO, needs_hyclora, tokenizer
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-_TOKENIZER = []
-
-
-def tokenizer():
-    if not _TOKENIZER:
-        _TOKENIZER.append(build_bpe_tokenizer())
-    return _TOKENIZER[0]
 
 
 def _env(**extra):
