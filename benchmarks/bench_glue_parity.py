@@ -18,7 +18,7 @@ average at 2 bits. Main metric per task: Matthews correlation x 100 (CoLA), accu
 (others; MRPC's F1 is recorded too).
 
     python benchmarks/bench_glue_parity.py --tasks rte,mrpc,cola,sst2 --configs lora,ii4,ii2,q2 \\
-        --seeds 42,43,44 --max_train_samples 2000 --out benchmarks/results/glue_parity.csv
+        --seeds 42,43,44 --max_train_samples 2000 --out out/glue
 
 On the GPU machine (no network, no ../shared): ``bash benchmarks/stage_glue_gpu.sh`` here puts the
 weights (fp16, upcast to fp32 on load) and the TSVs into ``.data/``, then ``run`` with carry
@@ -26,8 +26,9 @@ weights (fp16, upcast to fp32 on load) and the TSVs into ``.data/``, then ``run`
 stops itself before its time is up; ``--time_budget`` keeps it from starting a run it cannot
 finish).
 
-Rows are appended to the CSV as runs finish; runs already in it are skipped, so an interrupted
-benchmark continues where it stopped. ``--report`` only prints the table of a CSV.
+Rows are appended to glue_parity.csv under --out as runs finish; runs already in it are skipped,
+so an interrupted benchmark continues where it stopped. ``--report`` only prints the table of
+that CSV (or of the CSV named after it).
 
 ``--memory`` instead measures the buffered-activation bytes per token of one RoBERTa-base layer
 (hidden 768, FFN 3072, 12 heads, random weights, bf16, dropout 0.1, LoRA r 16 on all six
@@ -37,20 +38,19 @@ hooks: independent of hyclora's own bookkeeping), for plain PEFT and each layer 
 
 from __future__ import annotations
 
-import argparse
-import csv
 import importlib.util
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO / ".." / "shared" / "data" / "glue"
+import harness
+
+REPO = harness.REPO
+GLUE_DIR = harness.SHARED_DATA / "glue"
 CONFIGS: Dict[str, Dict[str, object]] = {
     "lora": dict(use_hyclora=False),
     "ii4": dict(use_hyclora=True, layer_type="intra_inter", q_bit=4),
@@ -81,21 +81,8 @@ def load_example():
     return sys.modules[name]
 
 
-def git_commit() -> str:
-    if os.environ.get("HYCLORA_COMMIT"):  # a run from an exported snapshot of the tree
-        return os.environ["HYCLORA_COMMIT"]
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def done_runs(path: Path):
-    if not path.is_file():
-        return set()
-    with path.open() as handle:
-        return {(r["task"], r["config"], r["seed"]) for r in csv.DictReader(handle)}
+    return {(r["task"], r["config"], r["seed"]) for r in harness.read_csv(path)}
 
 
 def run_one(args, task: str, config: str, seed: int, commit: str) -> Dict[str, object]:
@@ -129,8 +116,7 @@ def run_one(args, task: str, config: str, seed: int, commit: str) -> Dict[str, o
 
 
 def report(path: Path) -> str:
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = harness.read_csv(path)
     if not rows:
         return "no runs yet"
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -193,36 +179,36 @@ def memory_table(impls=("eager", "sdpa"), b: int = 4, s: int = 128) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="BERT checkpoint folder (default: the installed all-MiniLM-L6-v2)")
-    parser.add_argument("--data", default=str(GLUE_DIR))
-    parser.add_argument("--tasks", default="rte,mrpc,cola,sst2")
-    parser.add_argument("--configs", default="lora,ii4,ii2,q2")
-    parser.add_argument("--seeds", default="42,43,44")
-    parser.add_argument("--max_train_samples", type=int, default=2000)
-    parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max_steps", type=int, default=-1)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: the GPU when there is one (Trainer's choice), else the CPU")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="fp32 (TF32 matmuls on a GPU) or bf16 weights + autocast; the same for every config")
-    parser.add_argument("--time_budget", type=float, default=None,
-                        help="seconds from the first run: start no run that its config's previous run says would end past it")
-    parser.add_argument("--table", default=None, help="also write the markdown table to this file")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "glue_parity.csv"))
-    parser.add_argument("--work_dir", default="/tmp/hyclora_glue_parity")
-    parser.add_argument("--report", action="store_true", help="only print the table of --out")
-    parser.add_argument("--memory", action="store_true", help="only the buffered-bytes table of one RoBERTa-base layer")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if args.report:
-        print(report(out))
+    p = harness.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="BERT checkpoint folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--data", default=str(GLUE_DIR), help="GLUE TSV folder")
+    p.add_argument("--tasks", action=harness.Items, default=["rte", "mrpc", "cola", "sst2"])
+    p.add_argument("--configs", action=harness.Items, choices=tuple(CONFIGS), default=["lora", "ii4", "ii2", "q2"])
+    p.add_argument("--seeds", action=harness.Items, item=int, default=[42, 43, 44])
+    p.add_argument("--max_train_samples", type=int, default=2000)
+    p.add_argument("--max_eval_samples", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=-1)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one (Trainer's choice), else the CPU")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (TF32 matmuls on a GPU) or bf16 weights + autocast; the same for every config")
+    p.add_argument("--time_budget", type=float, default=None,
+                   help="seconds from the first run: start no run that its config's previous run says would end past it")
+    p.add_argument("--table", default=None, help="also write the markdown table to this file")
+    p.add_argument("--work_dir", default="/tmp/hyclora_glue_parity")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="CSV",
+                   help="only print the table of glue_parity.csv under --out (or of CSV)")
+    p.add_argument("--memory", action="store_true", help="only the buffered-bytes table of one RoBERTa-base layer")
+    args = harness.parse(p, argv)
+    out = Path(args.out) / "glue_parity.csv"
+    if args.report is not None:
+        print(report(Path(args.report) if args.report else out))
         return
     if args.memory:
         import torch
@@ -252,19 +238,16 @@ def main(argv=None):
 
     # one tokenizer for every run (loading it per run is pure overhead)
     args.tokenizer = AutoTokenizer.from_pretrained(args.model)
-    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}: choose from {list(CONFIGS)}")
-    commit = git_commit()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    commit = harness.commit()
+    harness.write_json(out.with_suffix(".env.json"), harness.environment(args.device))
     done = done_runs(out)
     started = time.perf_counter()
     last: Dict[str, float] = {}  # seconds of each config's latest run (its first includes Triton compiles)
     failed: Dict[str, str] = {}
     # seed-major: a run cut short by --time_budget still leaves every config of the first seeds
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for task in args.tasks.split(","):
-            for config in args.configs.split(","):
+    for seed in args.seeds:
+        for task in args.tasks:
+            for config in args.configs:
                 if (task, config, str(seed)) in done or config in failed:
                     continue
                 elapsed = time.perf_counter() - started
@@ -284,12 +267,7 @@ def main(argv=None):
                     print(f"[glue parity] {config} FAILED ({failed[config]}); skipping its other runs", flush=True)
                     continue
                 last[config] = float(row["seconds"])
-                new = not out.is_file()
-                with out.open("a", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
+                harness.append_csv(out, row, FIELDS)
                 print(f"[glue parity] {task} {config} seed {seed}: {row['main']:.2f} ({row['seconds']} s)", flush=True)
     finish(args, out, failed)
 
@@ -301,7 +279,7 @@ def finish(args, out: Path, failed: Dict[str, str]) -> None:
     print(table)
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(f"GLUE parity ({args.device_name}, {args.precision}, commit {git_commit()})\n\n"
+        Path(args.table).write_text(f"GLUE parity ({args.device_name}, {args.precision}, commit {harness.commit()})\n\n"
                                     + table + "\n")
 
 

@@ -1,4 +1,4 @@
-"""Host (Python) time of a hyclora training step, against PEFT LoRA in the same process (issue 4).
+"""Host (Python) time of a hyclora training step, against PEFT LoRA in the same process.
 
 On a GPU a full-size hyclora step is host-bound: the Python bodies of the block autograd
 Functions (``hyclora/ops/blocks.py``) and the model adapter run longer than the kernels they
@@ -7,11 +7,11 @@ default), where every kernel is a few microseconds, so the wall time of a step i
 host time: the Python of the blocks, PEFT's / transformers' modules and the dispatcher.
 
 For every variant (PEFT LoRA r=8 on all seven linears; hyclora ``intra_inter`` and
-``intra_inter_full_fuse`` at 2 and 4 bits; others with --layer-types / --bits) one model of
+``intra_inter_full_fuse`` at 2 and 4 bits; others with --layer_types / --bits) one model of
 --layers decoder layers and one of 2 x --layers are built (same seed). After --warmup steps
 (> iteration_threshold = 5; recalibrate_every = 0: the calibration statistics are frozen, as in
-the steady state of a long run) the
-variants are timed in interleaved rounds (less drift between them); the table gives
+the steady state of a long run) the variants are timed in interleaved rounds (less drift between
+them); the table gives
 
 * ms/step: median ms of one forward + backward (no optimizer) of the --layers model, by default
   CPU time of this process (``time.process_time``: with one torch thread it is the host time of
@@ -20,49 +20,40 @@ variants are timed in interleaved rounds (less drift between them); the table gi
   decoder layer with the embedding, the head and the loss taken out;
 * the same relative to PEFT LoRA.
 
-    python benchmarks/bench_host_overhead.py                         # ~1 min on 2 CPU cores
+    python benchmarks/bench_host_overhead.py                         # CPU, about a minute
     python benchmarks/bench_host_overhead.py --cprofile intra_inter_full_fuse:2   # + top functions
     python benchmarks/bench_host_overhead.py --digest                # + a hash of the gradients
 
-``--cprofile VARIANT`` runs --profile-steps steps of that variant (L model) under cProfile and
+``--cprofile VARIANT`` runs --profile_steps steps of that variant (L model) under cProfile and
 prints the top functions by tottime and by cumtime. ``--digest`` prints a SHA-1 of every
 gradient of one step per variant (to check that a host-side change left gradients bit-identical).
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
 import hashlib
 import io
 import pstats
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
-from hyclora import HyCLoRAConfig, apply_hyclora  # noqa: E402
-from hyclora.demo import build_lora_llama  # noqa: E402
+from hyclora import apply_hyclora
 
 
 def build_model(args, layers: int):
-    return build_lora_llama(args.hidden, layers, args.heads, args.kv_heads or args.heads, args.ffn, args.vocab,
-                            args.attn, rank=args.rank, dtype=getattr(torch, args.dtype),
-                            max_positions=max(256, args.seq))[0]
+    return harness.build_model(args, "cpu", harness.dtype_of(args, "cpu"), b_std=0.02, layers=layers,
+                               max_positions=max(256, args.seq))[0]
 
 
 def variant_list(args):
-    out = [("peft", None)]
-    for lt in args.layer_types:
-        for bits in args.bits:
-            out.append((f"{lt}:{bits}", HyCLoRAConfig(layer_type=lt, q_bit=bits, iteration_threshold=5,
-                                                                  recalibrate_every=0)))
-    return out
+    hyclora = [(f"{lt}:{bits}", hcfg) for lt, bits, hcfg in harness.sweep(args)]
+    return [("peft", None)] + hyclora
 
 
 def step(model, ids):
@@ -82,32 +73,24 @@ def grad_digest(model, ids) -> str:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2, help="L; a 2L model gives the per-layer time")
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--ffn", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv_heads", type=int, default=0, help="0: = heads")
-    ap.add_argument("--vocab", type=int, default=128)
-    ap.add_argument("--bs", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--layer-types", nargs="+", default=["intra_inter", "intra_inter_full_fuse"])
-    ap.add_argument("--bits", nargs="+", type=int, default=[2, 4])
-    ap.add_argument("--warmup", type=int, default=8, help="> iteration_threshold (5): frozen statistics")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: less noise)")
-    ap.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
-                    help="cpu: time.process_time (robust to other load); wall: time.perf_counter")
-    ap.add_argument("--cprofile", default=None, metavar="VARIANT",
-                    help="e.g. intra_inter_full_fuse:2 or peft: profile that variant's steps")
-    ap.add_argument("--profile-steps", type=int, default=50)
-    ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--digest", action="store_true", help="print a hash of each variant's gradients")
-    return ap.parse_args(argv)
+    p = harness.parser(__doc__.split("\n\n")[0], "model", "batch", "lora", "sweep", hidden=64, ffn=128, heads=4,
+                       vocab=128, bs=1, seq=32, lora_r=8, dtype="fp32",
+                       layer_types=["intra_inter", "intra_inter_full_fuse"], bits=[2, 4],
+                       iteration_threshold=5, recalibrate_every=0)
+    p.add_argument("--layers", type=int, default=2, help="L; a 2L model gives the per-layer time")
+    p.add_argument("--device", default="cpu", choices=["cpu"], help="host time: the CPU only")
+    p.add_argument("--warmup", type=int, default=8, help="> iteration_threshold (5): frozen statistics")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: less noise)")
+    p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                   help="cpu: time.process_time (robust to other load); wall: time.perf_counter")
+    p.add_argument("--cprofile", default=None, metavar="VARIANT",
+                   help="e.g. intra_inter_full_fuse:2 or peft: profile that variant's steps")
+    p.add_argument("--profile_steps", type=int, default=50)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--digest", action="store_true", help="print a hash of each variant's gradients")
+    return harness.parse(p, argv)
 
 
 def main(argv=None) -> int:
@@ -116,7 +99,7 @@ def main(argv=None) -> int:
     variants = variant_list(args)
     depths = (args.layers, 2 * args.layers)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.bs, args.seq), generator=gen)
+    ids = torch.randint(0, harness.shape_of(args).vocab, (args.bs, args.seq), generator=gen)
 
     models = {}
     for name, hcfg in variants:
@@ -129,23 +112,21 @@ def main(argv=None) -> int:
                 model.zero_grad(set_to_none=True)
             models[name, depth] = model
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    timer = harness.Timer("cpu", clock=time.process_time if args.clock == "cpu" else time.perf_counter)
     times = {key: [] for key in models}
     for _ in range(args.rounds):
         for key, model in models.items():
             gc.collect()
-            for _ in range(args.steps):
-                t0 = clock()
-                step(model, ids)
-                times[key].append(clock() - t0)
-                model.zero_grad(set_to_none=True)
+            times[key] += timer.times(lambda: step(model, ids), args.steps,
+                                      between=lambda: model.zero_grad(set_to_none=True))
 
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     L = args.layers
     print(f"# bench_host_overhead: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"Llama hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads, {args.attn}, {args.dtype}, "
-          f"bs {args.bs} x {args.seq}, LoRA r={args.rank} on 7 linears; median {args.clock} time of "
+    shape = harness.shape_of(args)
+    print(f"Llama hidden {shape.hidden}, FFN {shape.ffn}, {shape.heads} heads, {args.attn}, {args.dtype}, "
+          f"bs {args.bs} x {args.seq}, LoRA r={args.lora_r} on {len(args.lora_target_modules)} linears; median {args.clock} time of "
           f"{args.rounds} x {args.steps} steps after {args.warmup} warm-up steps\n")
     print(f"| variant | ms/step ({L} layers) | ms/step ({2 * L} layers) | ms/layer | layer vs PEFT |")
     print("|---|---|---|---|---|")

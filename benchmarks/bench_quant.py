@@ -23,67 +23,27 @@ Rows:
   ratio 0.05 for each scope (torch top-k / sort / scatter, no Triton).
 
 Also checks, for every configuration, that the Triton codes equal the torch reference's, and
-(unless --no-sweep) times a few tile shapes per kernel so the launch heuristic can be tuned.
-Prints markdown tables and writes CSV files to $OUT (or ./out).
+(unless --no_sweep) times a few tile shapes per kernel so the launch heuristic can be tuned.
+Prints markdown tables and writes bench_quant.csv (and bench_quant_sweep.csv) under --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
-import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
-from hyclora.quant import ChannelStats, dequantize, quantize  # noqa: E402
-from hyclora.quant.core import (  # noqa: E402
+from hyclora.quant import ChannelStats, dequantize, quantize
+from hyclora.quant.core import (
     affine_params,
     packed_width,
     quantize_pack_torch,
     unpack_dequantize_torch,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-class Timer:
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device = device
-        self.reps = reps
-        self.warmup = warmup
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.flush_buf = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
-
-    def __call__(self, fn) -> float:
-        """Median seconds of fn()."""
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.cuda:
-            torch.cuda.synchronize()
-            for _ in range(self.reps):
-                self.flush_buf.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-        else:
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+INTERPRET = harness.TRITON_INTERPRET
 
 
 def _activation(shape, dtype, device, seed=0):
@@ -95,37 +55,25 @@ def _activation(shape, dtype, device, seed=0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 100 GPU, 3 smoke)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--no-sweep", action="store_true", help="skip the tile-shape sweep")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="CSV folder ($OUT or ./out)")
-    args = ap.parse_args(argv)
+    p = harness.parser(__doc__, "smoke")
+    p.add_argument("--bits", action=harness.Items, item=int, choices=(2, 4, 8), default=[2, 4, 8], help="bit widths")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 100 GPU, 3 smoke)")
+    p.add_argument("--no_sweep", action="store_true", help="skip the tile-shape sweep")
+    args = harness.parse(p, argv)
 
-    cuda = torch.cuda.is_available() and not INTERPRET
-    if not cuda and not args.smoke:
-        print("bench_quant: no CUDA device; run on the GPU machine, or pass --smoke for a CPU check.")
+    picked = harness.kernel_device(args, "bench_quant")
+    if picked is None:
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    backend = "triton" if (cuda or INTERPRET) else "torch"
+    device, backend = picked
     shapes = [(2, 8, 96), (2, 8, 172)] if args.smoke else [(4, 1024, 4096), (4, 1024, 11008)]
     dtype = torch.bfloat16
     reps = args.reps or (3 if args.smoke else 100)
-    timer = Timer(device, reps=reps, warmup=1 if args.smoke else 10)
+    timer = harness.Timer(device, reps=reps, warmup=1 if args.smoke else 10, flush_l2=True)
     if backend == "triton":
         from hyclora.quant import triton_kernels
 
-    gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = "-"
-    header = (f"bench_quant: {gpu}, torch {torch.__version__}, triton {triton_version}, "
-              f"backend={backend}, {datetime.date.today().isoformat()}, median of {reps} reps")
-    print(header)
+    env = harness.environment(device)
+    print(f"bench_quant: {harness.env_line(env)}, backend={backend}, median of {reps} reps")
 
     rows = []
     codes_ok = True
@@ -184,18 +132,12 @@ def main(argv=None) -> int:
     rows += bench_sparse(args.smoke, device, timer)
 
     print()
-    print("| shape (bf16) | bits | operation | bytes moved | time (us) | GB/s | % of copy |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['bits']} | {r['op']} | {r['bytes'] / 1e6:.3f} MB | "
-              f"{r['us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_quant.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {out / 'bench_quant.csv'}")
+    print("\n".join(harness.markdown_table(
+        ["shape (bf16)", "bits", "operation", "bytes moved", "time (us)", "GB/s", "% of copy"],
+        [(r["shape"], r["bits"], r["op"], f"{r['bytes'] / 1e6:.3f} MB", f"{r['us']:.1f}", f"{r['gbps']:.0f}",
+          f"{r['pct_copy']:.0f}%") for r in rows])))
+    out = harness.out_dir(args)
+    harness.write_csv(out / "bench_quant.csv", rows, env=env)
 
     if backend == "triton" and not INTERPRET:
         for kern in ("quant", "dequant"):
@@ -238,7 +180,7 @@ def bench_sparse(smoke, device, timer):
     return out
 
 
-def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
+def sweep(shapes, bits_list, dtype, device, timer, out) -> None:
     """Time tile shapes (BLOCK_M rows, BLOCK_N columns, warps) per kernel; best first."""
     from hyclora.quant import triton_kernels
 
@@ -278,11 +220,7 @@ def sweep(shapes, bits_list, dtype, device, timer, out: Path) -> None:
             for r in rs[:5]:
                 print(f"| {r['shape']} | {bits} | {kern} | {r['block_m']} | {r['block_n']} | "
                       f"{r['warps']} | {r['row_iters']} | {r[f'{kern}_pct']:.0f}% |")
-    with open(out / "bench_quant_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
-        w.writeheader()
-        w.writerows(results)
-    print(f"wrote {out / 'bench_quant_sweep.csv'}")
+    harness.write_csv(out / "bench_quant_sweep.csv", results)
 
 
 if __name__ == "__main__":

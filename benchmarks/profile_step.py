@@ -1,67 +1,45 @@
-"""Where the time of one LoRA training step goes: PEFT LoRA vs hyclora, same process (issue 4).
+"""Where the time of one LoRA training step goes: PEFT LoRA vs hyclora, same process.
 
-Llama-2-7B-shaped model by default (hidden 4096, FFN 11008, 32 heads, vocab 32000, random bf16
-weights; fewer layers with --layers), PEFT LoRA r=16 alpha=16 on the seven linears, sdpa,
-bs 4 x 512. One step = forward + backward (no optimizer), as in bench_memory_throughput.py.
-For each variant:
+A random-weight Llama (Llama-2-7B shape by default, bf16 on a GPU; fewer layers with --layers),
+PEFT LoRA r=16 on the seven linears, sdpa, bs 4 x 512. One step = forward + backward (no
+optimizer). For PEFT LoRA and hyclora at each --q_bit (the hyclora arguments, default
+``intra_inter_full_fuse``):
 
 * tokens/s: median of --steps steps after --warmup steps (>= iteration_threshold + 1, so the
   timed steps run with frozen calibration statistics);
 * one profiled step (torch.profiler): host (self CPU) time and device (self CUDA) time, the
-  top-20 ops by each, host->device syncs (cudaStreamSynchronize / cudaDeviceSynchronize /
+  top ops by each, host->device syncs (cudaStreamSynchronize / cudaDeviceSynchronize /
   cudaEventSynchronize / DtoH memcpy) and ``aten::_local_scalar_dense`` (= ``.item()`` and
   friends: a sync on CUDA, also counted on the CPU), kernel launches;
-* with --count-ops: dispatched aten ops (and kernel launches on CUDA) per decoder layer, from
-  the difference between a (--count-layers + 1)- and a --count-layers-layer model.
+* with --count_ops: dispatched aten ops (and kernel launches on CUDA) per decoder layer, from
+  the difference between a (--count_layers + 1)- and a --count_layers-layer model;
+* with --cprofile: one more step under cProfile (host Python time).
 
-    python benchmarks/profile_step.py                                    # H200: 7B shape, 32 layers
-    python benchmarks/profile_step.py --layers 8 --count-ops             # quicker, + op counts
+    python benchmarks/profile_step.py                                    # GPU: 7B shape, 32 layers
+    python benchmarks/profile_step.py --layers 8 --count_ops             # quicker, + op counts
     python benchmarks/profile_step.py --device cpu --layers 2 --hidden 256 --bs 2 --seq 64  # smoke
 
-Writes a markdown summary to $OUT/profile_step.md (or --out) and prints it.
+Writes a markdown summary to profile_step.md under --out and prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
-import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
-from bench_common import python_profile  # noqa: E402
-from bench_memory_throughput import sync  # noqa: E402
-
-from hyclora import HyCLoRAConfig  # noqa: E402
-from hyclora.demo import build_lora_llama  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 TOP = 30  # ops listed per table
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def build_model(args, layers: int, device: str, dtype):
-    """Llama of the requested widths (bench_memory_throughput.build_model has fixed shapes)."""
-    heads = args.heads or max(1, args.hidden // 128)
-    return build_lora_llama(args.hidden, layers, heads, heads, args.ffn, args.vocab, args.attn, rank=args.rank,
-                            b_std=0.01, dtype=dtype, device=device, max_positions=max(4096, args.seq))[0]
-
-
 def variants(args):
-    out = [("PEFT LoRA", None)]
-    for bits in args.bits:
-        out.append((f"hyclora {args.layer_type} {bits}-bit",
-                    HyCLoRAConfig(layer_type=args.layer_type, q_bit=bits, kernel_backend=args.backend)))
-    return out
+    return [("PEFT LoRA", None)] + [(f"hyclora {lt} {bits}-bit", hcfg) for lt, bits, hcfg in harness.sweep(args)]
 
 
 def _step(model, ids):
@@ -73,11 +51,11 @@ def _profile_step(model, ids, device: str):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sync(device)
+    harness.sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         _step(model, ids)
-        sync(device)
+        harness.sync(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
@@ -103,32 +81,15 @@ def _profile_step(model, ids, device: str):
 
 
 def measure(model, hcfg, ids, args, device: str):
-    from hyclora import apply_hyclora, revert_hyclora
-
-    if hcfg is not None:
-        apply_hyclora(model, hcfg)
-    try:
-        for _ in range(args.warmup):
-            _step(model, ids)
-        times = []
-        for _ in range(args.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            _step(model, ids)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        res = {"tok_s": ids.numel() / statistics.median(times)}
+    with harness.variant(model, hcfg):
+        m = harness.measure(lambda: _step(model, ids), device, steps=args.steps, warmup=args.warmup,
+                            tokens=ids.numel())
+        res = {"tok_s": m["tok_s"]}
         res.update(_profile_step(model, ids, device))
         if args.cprofile:
             tag = "peft" if hcfg is None else f"{hcfg.layer_type}-{hcfg.q_bit}bit"
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            python_profile(lambda: _step(model, ids), out / f"cprofile-{tag}.txt", lambda: sync(device))
+            harness.python_profile(lambda: _step(model, ids), harness.out_dir(args) / f"cprofile-{tag}.txt", device)
         return res
-    finally:
-        if hcfg is not None:
-            revert_hyclora(model)
-        model.zero_grad(set_to_none=True)
 
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -157,20 +118,20 @@ def count_ops(args, device: str, dtype, hcfg):
 
     totals = []
     for layers in (args.count_layers, args.count_layers + 1):
-        model = build_model(args, layers, device, dtype)
+        model, cfg = harness.build_model(args, device, dtype, layers=layers)
         if hcfg is not None:
             apply_hyclora(model, hcfg)
-        ids = torch.randint(0, args.vocab, (args.bs, args.seq), device=device)
+        ids = torch.randint(0, cfg.vocab_size, (args.bs, args.seq), device=device)
         for _ in range(args.warmup):
             _step(model, ids)
-        sync(device)
+        harness.sync(device)
         with _OpCounter() as counter:
             _step(model, ids)
         launches = 0
         if device == "cuda":
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 _step(model, ids)
-                sync(device)
+                harness.sync(device)
             launches = sum(e.count for e in prof.key_averages() if e.key in LAUNCH_EVENTS)
         totals.append((counter.ops, launches))
         del model
@@ -185,13 +146,13 @@ def count_ops(args, device: str, dtype, hcfg):
             "top": [(k, v) for k, v in diff.most_common() if k not in VIEW_OPS][:25]}
 
 
-def render(args, device: str, rows, counts) -> str:
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    lines = [f"# profile_step: {gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", "",
-             f"Llama hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, vocab {args.vocab}, "
-             f"LoRA r={args.rank} on {len(TARGETS)} linears, {args.attn}, bs {args.bs} x {args.seq}, "
-             f"{args.dtype}; tokens/s = median of {args.steps} steps after {args.warmup} warm-up steps; "
-             "one profiled step (forward + backward, no optimizer).", "",
+def render(args, device: str, env, rows, counts) -> str:
+    shape = harness.shape_of(args)
+    lines = [f"# profile_step: {harness.env_line(env)}", "",
+             f"Llama hidden {shape.hidden}, FFN {shape.ffn}, {shape.layers} layers, vocab {shape.vocab}, "
+             f"LoRA r={args.lora_r} on {len(args.lora_target_modules)} linears, {args.attn}, bs {args.bs} x {args.seq}, "
+             f"{str(harness.dtype_of(args, device)).replace('torch.', '')}; tokens/s = median of {args.steps} steps "
+             f"after {args.warmup} warm-up steps; one profiled step (forward + backward, no optimizer).", "",
              "| variant | tok/s | x PEFT | wall ms (profiled) | host ms (self CPU) | device ms (self CUDA) | "
              "syncs | DtoH copies | `_local_scalar_dense` | kernel launches | aten events (nested included) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -224,45 +185,22 @@ def render(args, device: str, rows, counts) -> str:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--ffn", type=int, default=None, help="default 11008 at hidden 4096, else 2.6875 x hidden")
-    ap.add_argument("--heads", type=int, default=None, help="default hidden / 128")
-    ap.add_argument("--vocab", type=int, default=None, help="default 32000 (512 when hidden < 1024)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--bs", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--layer-type", dest="layer_type", default="intra_inter_full_fuse")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2])
-    ap.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=6, help=">= iteration_threshold + 1 (calibration)")
-    ap.add_argument("--count-ops", dest="count_ops", action="store_true",
-                    help="also count ops/launches per decoder layer")
-    ap.add_argument("--cprofile", action="store_true",
-                    help="one more step per variant under cProfile (host Python time): $OUT/cprofile-<variant>.txt")
-    ap.add_argument("--count-layers", dest="count_layers", type=int, default=2)
-    ap.add_argument("--out", default=os.environ.get("OUT") or "out")
-    args = ap.parse_args(argv)
-    if args.ffn is None:
-        args.ffn = 11008 if args.hidden == 4096 else int(round(args.hidden * 2.6875))
-    if args.vocab is None:
-        args.vocab = 32000 if args.hidden >= 1024 else 512
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here; pass --device cpu for the smoke run")
-    args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    return args
+    p = harness.parser(__doc__, "model", "batch", "steps", "lora", "sweep", steps=5, warmup=6,
+                       layer_types=["intra_inter_full_fuse"], bits=[2])
+    p.add_argument("--count_ops", action="store_true", help="also count ops/launches per decoder layer")
+    p.add_argument("--count_layers", type=int, default=2, help="--count_ops: the smaller model's layers")
+    p.add_argument("--cprofile", action="store_true",
+                   help="one more step per variant under cProfile (host Python time): cprofile-<variant>.txt under --out")
+    return harness.parse(p, argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_model(args, args.layers, device, dtype)
-    ids = torch.randint(0, args.vocab, (args.bs, args.seq), device=device)
+    device = harness.device_of(args)
+    dtype = harness.dtype_of(args, device)
+    env = harness.environment(device)
+    model, cfg = harness.build_model(args, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (args.bs, args.seq), device=device)
     rows = []
     for name, hcfg in variants(args):
         r = measure(model, hcfg, ids, args, device)
@@ -270,19 +208,14 @@ def main(argv=None) -> int:
         print(f"{name:40s} {r['tok_s']:9.0f} tok/s  host {r['cpu_ms']:8.1f} ms  device {r['dev_ms']:8.1f} ms  "
               f"syncs {r['syncs']}  item {r['item']}", flush=True)
     del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    harness.clear(device)
     counts = []
     if args.count_ops:
         for name, hcfg in variants(args):
             counts.append((name, count_ops(args, device, dtype, hcfg)))
-    text = render(args, device, rows, counts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_step.md").write_text(text)
+    text = render(args, device, env, rows, counts)
+    harness.write_text(harness.out_dir(args) / "profile_step.md", text)
     print(text)
-    print(f"wrote {out / 'profile_step.md'}")
     return 0
 
 

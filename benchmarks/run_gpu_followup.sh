@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The checks BENCHMARKS.md runs 8-9 left open, in device calls of under 10 minutes each (H200).
-# On the lent H200, after staging the wheels (../shared/gpu/README.md), carry [".whl"]:
-#   bash benchmarks/run_gpu_followup.sh graphs    # tests + CUDA-graph steps (about 9 minutes)
+# CUDA-graph, long-context and launcher checks, one part per device call of under 10 minutes.
+# On the GPU machine, after staging the wheels (../shared/gpu/README.md), carry [".whl"]:
+#   bash benchmarks/run_gpu_followup.sh graphs    # tests + CUDA-graph steps
 #   bash benchmarks/run_gpu_followup.sh longseq   # 8k/16k: hyclora + S² graphed / eager / GC vs Liger + GC
 #   bash benchmarks/run_gpu_followup.sh launcher  # launch/longseq.py with/without --cuda_graphs at 7B 8k, + device tests
 #     (carry [".whl", ".data"] after ../shared/gpu/stage.sh long-docs llama2-tokenizer-32k)
-#   bash benchmarks/run_gpu_followup.sh eager_kernels  # 8k/16k eager S²: LoRA kernels vs op by op (peak, tok/s)
+#   bash benchmarks/run_gpu_followup.sh eager_kernels  # 8k/16k eager S²: LoRA kernels vs the default (peak, tok/s)
 # Logs and CSV under $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ graphs)
   mkdir -p "$OUT/cg4x512"
   OUT=$OUT/cg4x512 timeout 220 python3 benchmarks/bench_cuda_graphs.py --shapes 4x512 --lora_ops_ab 2>&1 \
     | grep -v Warning | tee "$OUT/cuda_graphs_4x512.log" | grep "^|"
-  # 3. 1x4096 with Liger's kernels in the same process (issue 4's stretch)
+  # 3. 1x4096 with Liger's kernels in the same process
   mkdir -p "$OUT/cg1x4096"
   OUT=$OUT/cg1x4096 timeout 150 python3 benchmarks/bench_cuda_graphs.py --shapes 1x4096 --liger 2>&1 \
     | grep -v Warning | tee "$OUT/cuda_graphs_1x4096.log" | grep "^|"
@@ -34,7 +34,7 @@ graphs)
     | tee "$OUT/tests_quant_swiglu.log"
   ;;
 longseq)
-  # issue 7 at 8k/16k: S²-Attn without checkpointing, graphed and eager, and with checkpointing,
+  # 8k/16k: S²-Attn without checkpointing, graphed and eager, and with checkpointing,
   # against Liger + checkpointing (last: it patches transformers process-wide), same process
   mkdir -p "$OUT/ls"
   OUT=$OUT/ls timeout 540 python3 benchmarks/bench_longseq.py --methods hyclora_s2_graphed,hyclora_s2,hyclora_s2_gc,liger_gc \
@@ -62,17 +62,17 @@ PY
       echo "ctx $ctx graphs $graphs: exit $?"; grep -A4 "== summary ==" "$dir.log"
     done
   done
-  # the device tests call 1 of run 9 left without result (autotuning needs more than 60 s)
+  # the autotuned kernels' device tests (autotuning needs more than a minute)
   timeout 240 python3 -m pytest -q tests/quant/test_quant_triton.py tests/ops/test_fused_swiglu.py 2>&1 | tail -8 \
     | tee "$OUT/tests_quant_swiglu.log"
   ;;
 eager_kernels)
-  # run 9: at 16k the eager S²-Attn step (LoRA op by op) peaked at 10.05 GiB, the graphed one (LoRA
-  # kernels) at 5.30: do the kernels launched eagerly at long lengths keep the speed and lower the
-  # peak? (if so, EAGER_MIN_TOKENS = 8192 or so becomes the default). Two processes, same method.
+  # the eager S²-Attn step with the Triton LoRA kernels launched at any length (the graphed step's
+  # LoRA path) against the default: speed and peak at long lengths. Two processes, same method.
   for ops in kernels fused; do
+    flags=(); [ "$ops" = kernels ] && flags=(--lora_kernels_min_tokens 0)
     mkdir -p "$OUT/ek-$ops"
-    OUT=$OUT/ek-$ops timeout 250 python3 benchmarks/bench_longseq.py --methods hyclora_s2 --lora_ops "$ops" \
+    OUT=$OUT/ek-$ops timeout 250 python3 benchmarks/bench_longseq.py --methods hyclora_s2 "${flags[@]}" \
       --layer_type intra_inter_full_fuse --contexts 8192,16384 --search false --warmup 2 --steps 2 --time_budget 200 \
       2>&1 | grep -v Warning | tee "$OUT/eager_kernels_$ops.log" | grep "^|"
   done

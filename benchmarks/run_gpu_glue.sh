@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee
 CONFIGS=${GLUE_CONFIGS:-lora,ii4,ii2,q2}
 # GLUE_PARALLEL=1: one process per config, side by side on the GPU (MiniLM uses a sliver of an
 # H200; the runs are bound by Python and the data loader), each writing its own CSV, merged below.
-run_bench() {  # $1 = configs, $2 = csv
+run_bench() {  # $1 = configs, $2 = results folder (glue_parity.csv in it)
   timeout --kill-after=15 530 python3 benchmarks/bench_glue_parity.py \
     --model .data/minilm --data .data/glue --tasks rte,mrpc,cola,sst2 --configs "$1" \
     --seeds 42,43,44 --max_train_samples 2000 --epochs 1 --batch_size 16 --lr 5e-4 --max_length 128 \
@@ -33,22 +33,22 @@ run_bench() {  # $1 = configs, $2 = csv
 EXTRA=("$@")
 if [ -n "${GLUE_PARALLEL:-}" ]; then
   pids=()
-  for c in ${CONFIGS//,/ }; do run_bench "$c" "$OUT/glue_parity_$c.csv" & pids+=($!); done
+  for c in ${CONFIGS//,/ }; do run_bench "$c" "$OUT/glue-$c" & pids+=($!); done
   status=0
   for p in "${pids[@]}"; do wait "$p" || status=$?; done
   # merge: one header, then every config's rows
   first=1
   for c in ${CONFIGS//,/ }; do
-    f="$OUT/glue_parity_$c.csv"; [ -f "$f" ] || continue
+    f="$OUT/glue-$c/glue_parity.csv"; [ -f "$f" ] || continue
     if [ $first -eq 1 ]; then cat "$f"; first=0; else tail -n +2 "$f"; fi
   done > "$OUT/glue_parity.csv"
   [ $first -eq 1 ] && rm -f "$OUT/glue_parity.csv"
 else
-  run_bench "$CONFIGS" "$OUT/glue_parity.csv"; status=$?
+  run_bench "$CONFIGS" "$OUT"; status=$?
 fi
 # the table of whatever finished (also after a timeout, when the bench could not write it)
 if [ -f "$OUT/glue_parity.csv" ]; then
-  python3 benchmarks/bench_glue_parity.py --report --out "$OUT/glue_parity.csv" > "$OUT/glue_parity.md.tmp" \
+  python3 benchmarks/bench_glue_parity.py --report --out "$OUT" > "$OUT/glue_parity.md.tmp" \
     && mv "$OUT/glue_parity.md.tmp" "$OUT/glue_parity.md"
   cat "$OUT/glue_parity.md"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The single-GPU measurements of one session in one call (a machine start costs minutes).
-# On the lent H200, after staging the wheels (../shared/gpu/README.md), carry [".whl"]:
+# On the GPU machine, after staging the wheels (../shared/gpu/README.md), carry [".whl"]:
 #   bash benchmarks/run_gpu_suite.sh            # writes logs/CSV/markdown under $OUT (or ./out)
 # SUITE_SKIP_PIP=1 skips the wheel install; LAYER_TYPES / BITS narrow the memory/speed table.
 set -uo pipefail
@@ -12,7 +12,7 @@ if [ -z "${SUITE_SKIP_PIP:-}" ]; then
 fi
 { nvidia-smi --query-gpu=name,memory.total --format=csv; date -u; git describe --always --dirty 2>/dev/null; } | tee "$OUT/env.txt"
 # 1. host vs device time of one step, syncs and launches (PEFT LoRA vs full_fuse 2-bit)
-timeout 170 python3 benchmarks/profile_step.py --count-ops 2>&1 | grep -v Warning | tee "$OUT/profile_step.log" | tail -30
+timeout 170 python3 benchmarks/profile_step.py --count_ops 2>&1 | grep -v Warning | tee "$OUT/profile_step.log" | tail -30
 # 2. fused kernels against op-by-op, with a per-kernel profile of one full_fuse step
 timeout 90 python3 benchmarks/bench_fused.py --shapes 4x512 --bits 2 4 --profile 2>&1 | grep -v Warning \
   | tee "$OUT/bench_fused.log" | tail -40

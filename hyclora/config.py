@@ -19,9 +19,10 @@ Q_BITS = (2, 4, 8)
 ON_NONFINITE = ("raise", "ignore")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ATTENTION_PROBS = ("auto", "dense", "sparse", "recompute")
+S2_BLOCK_KERNELS = ("auto", "sdpa", "flash")
 
 
-def _str2bool(value: Any) -> bool:
+def str2bool(value: Any) -> bool:
     """argparse type for booleans: ``type=bool`` would turn any non-empty string into True."""
     if isinstance(value, bool):
         return value
@@ -56,9 +57,8 @@ class HyCLoRAConfig:
         recalibrate_every: training forwards per layer after which frozen statistics expire and
             are calibrated again (``iteration_threshold`` forwards), so that ranges follow the
             activations as fine-tuning moves them; ``0`` freezes for good (the paper). Default 50:
-            on make demo's tiny model frozen ranges cost 0.55 of eval loss over 400 steps, and
-            re-calibrating every 50 steps recovered it (BENCHMARKS.md); the cost is 5 calibrating
-            forwards (a min/max pass per tensor) per 50.
+            frozen ranges measurably cost eval loss on ``make demo`` and re-calibrating recovered
+            it (BENCHMARKS.md), for ``iteration_threshold`` calibrating forwards per 50.
         on_nonfinite: ``raise`` (default) stops on a NaN/Inf activation naming the layer;
             ``ignore`` skips the check.
         kernel_backend: ``auto`` (Triton on CUDA tensors, torch on CPU), ``triton`` or ``torch``.
@@ -66,8 +66,19 @@ class HyCLoRAConfig:
             ``sparse`` (the paper: the top ``softmax_outlier_ratio`` entries), ``recompute``
             (nothing: the backward recomputes it from the rebuilt Q/K, like the sdpa path),
             ``dense`` (as is) or ``auto`` (dense for ``baseline``, recompute when compressing:
-            on SmolLM2-135M the 5% sparse map alone drops the worst LoRA-gradient cosine to
-            0.03 even at 8 bits; see BENCHMARKS.md).
+            the paper's sparse map alone ruins the worst LoRA gradients on a real model even at
+            8 bits; BENCHMARKS.md).
+
+    Kernel options (defaults chosen by the benchmarks; for A/B runs and debugging):
+        fused_lora_ops: ``intra_inter_full_fuse`` computes the LoRA terms with the fused LoRA
+            ops (one rounding); ``False`` runs them op by op with PEFT's roundings.
+        lora_kernels_min_tokens: the fused LoRA ops launch their Triton kernels outside CUDA
+            graph capture from this many tokens per call; ``None`` only under capture (eager
+            launches cost more host time than they save).
+        s2_block_kernels: S²-Attn block kernels: ``sdpa``, ``flash`` (aten FA2 ops) or ``auto``
+            (sdpa for blocks of at least 4096 tokens, flash below).
+        mlp_chunk_elements: the MLP backward works on row chunks of at most this many ``d_ff``
+            elements (bounds its transient memory); ``0`` works on all rows at once.
     """
 
     use_hyclora: bool = True
@@ -80,6 +91,10 @@ class HyCLoRAConfig:
     on_nonfinite: str = "raise"
     kernel_backend: str = "auto"
     attention_probs: str = "auto"
+    fused_lora_ops: bool = True
+    lora_kernels_min_tokens: Optional[int] = None
+    s2_block_kernels: str = "auto"
+    mlp_chunk_elements: int = 1 << 26
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,6 +186,25 @@ class HyCLoRAConfig:
                 f"HyCLoRAConfig.kernel_backend={self.kernel_backend!r} is invalid: expected one "
                 f"of {', '.join(KERNEL_BACKENDS)}."
             )
+        if not isinstance(self.fused_lora_ops, bool):
+            raise ValueError(f"HyCLoRAConfig.fused_lora_ops={self.fused_lora_ops!r} is invalid: expected True or False.")
+        tokens = self.lora_kernels_min_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(
+                f"HyCLoRAConfig.lora_kernels_min_tokens={tokens!r} is invalid: expected None (only under "
+                "CUDA graph capture) or an integer >= 0."
+            )
+        if self.s2_block_kernels not in S2_BLOCK_KERNELS:
+            raise ValueError(
+                f"HyCLoRAConfig.s2_block_kernels={self.s2_block_kernels!r} is invalid: expected one of "
+                f"{', '.join(S2_BLOCK_KERNELS)}."
+            )
+        chunk = self.mlp_chunk_elements
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(
+                f"HyCLoRAConfig.mlp_chunk_elements={chunk!r} is invalid: expected an integer >= 0 "
+                "(0: no row chunks)."
+            )
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -227,7 +261,7 @@ class HyCLoRAConfig:
         defaults = cls.__dataclass_fields__
         group = parser.add_argument_group("hyclora")
         group.add_argument(
-            "--use_hyclora", type=_str2bool, nargs="?", const=True,
+            "--use_hyclora", type=str2bool, nargs="?", const=True,
             default=defaults["use_hyclora"].default,
             help="compress buffered activations (true/false; bare flag = true)",
         )
@@ -271,4 +305,4 @@ class HyCLoRAConfig:
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(HyCLoRAConfig))
 
-__all__ = ["HyCLoRAConfig", "ConfigInUseError", "LAYER_TYPES", "Q_BITS"]
+__all__ = ["HyCLoRAConfig", "ConfigInUseError", "LAYER_TYPES", "Q_BITS", "str2bool"]

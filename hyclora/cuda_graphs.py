@@ -70,8 +70,7 @@ Own training loops: release each step's autograd graph before the next forward (
 loss.detach()`` after the backward, as the HF Trainer does). A graph kept alive, e.g. by the loss
 variable until it is reassigned, keeps the parameters' gradient accumulators of the previous
 step, tied to the default stream; a capture in the next forward then fails with "operation would
-make the legacy stream depend on a capturing blocking stream" (measured in launch/longseq.py on
-an H200).
+make the legacy stream depend on a capturing blocking stream" (seen in launch/longseq.py).
 
 Gradients: the backward graph returns the LoRA gradients in static buffers; PyTorch would let a
 parameter's ``.grad`` alias such a buffer (pytorch/pytorch#181723), so the next replay would
@@ -101,10 +100,10 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from hyclora.models.adapter import adapter_state_key, in_backward_pass, kernels_for_graph_capture
 from hyclora.models.api import patched_layers
-from hyclora.models.base import adapter_state_key, in_backward_pass
-from hyclora.ops.lora_kernels import launches_are_free
 from hyclora.ops.s2attn import S2ATTN_NAME
+from hyclora.ops.tensor_specs import DECODER
 from hyclora.quant.checks import FiniteGuard
 
 __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHABLE_ATTENTION", "run_refusal"]
@@ -227,9 +226,10 @@ def _config_knobs(config):
 
 def _layer_tensors(layer: nn.Module):
     """The tensors a graph of ``layer`` reads in place (parameters and buffers: weights, LoRA,
-    norms, statistics), their modules' norm weights' identity, and its statistics."""
+    norms, statistics), its norm weights as the layer holds them (the adapter's spec says where),
+    and its statistics."""
     tensors = tuple(layer.parameters()) + tuple(layer.buffers())
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    norms = layer._hyclora_patch.adapter.norm_weights(layer)
     return tensors, norms, tuple(layer.hyclora_state.stats.values())
 
 
@@ -275,7 +275,7 @@ class DecoderLayerGraphs:
             if "_hyclora_graphs" in layer.__dict__:
                 raise ValueError(f"hyclora.cuda_graphs: {name} is already graphed; call .remove() on the "
                                  "existing DecoderLayerGraphs first.")
-            if not hasattr(layer, "self_attn") or not hasattr(layer, "hyclora_state"):
+            if layer._hyclora_patch.adapter.spec.family != DECODER or not hasattr(layer, "hyclora_state"):
                 raise ValueError(f"hyclora.cuda_graphs: {name} ({type(layer).__name__}) is not a Llama-style "
                                  "decoder layer; only Llama/Mistral layers can be graphed.")
             _refuse_dropout(name, layer, training_only=False)
@@ -374,6 +374,7 @@ class DecoderLayerGraphs:
             return "gradient checkpointing or saved-tensor hooks", None
         if "_hyclora_patch" not in layer.__dict__:
             return "layer no longer patched", None
+        adapter = layer._hyclora_patch.adapter
         if len(args) > 1:
             return "extra positional arguments", None
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -394,9 +395,9 @@ class DecoderLayerGraphs:
                 continue
             get_len = getattr(value, "get_seq_length", None)
             if callable(get_len) and not torch.is_tensor(value):
-                if get_len(getattr(layer.self_attn, "layer_idx", 0) or 0) > 0:
+                if get_len(getattr(adapter.attention_module(layer), "layer_idx", 0) or 0) > 0:
                     return "KV cache with tokens", None
-        impl = getattr(layer.self_attn.config, "_attn_implementation", None) or "eager"
+        impl = getattr(adapter.layer_config(layer), "_attn_implementation", None) or "eager"
         if impl not in GRAPHABLE_ATTENTION:
             return f"attention implementation {impl!r}", None
         if self.sample_shape is not None and tuple(hidden.shape[:2]) != self.sample_shape:
@@ -412,7 +413,8 @@ class DecoderLayerGraphs:
     def _stale(self, cap: _Captured, i: int) -> Optional[str]:
         layer = self.layers[i]
         norms = cap.tensors[i][1]
-        if (norms[0] is not layer.input_layernorm.weight or norms[1] is not layer.post_attention_layernorm.weight
+        now = layer._hyclora_patch.adapter.norm_weights(layer)
+        if (any(a is not b for a, b in zip(norms, now))
                 or not _same_storage(_layer_storage(*cap.tensors[i]), cap.checks[i])):
             return "stale graph (statistics or storage changed)"
         patch = layer._hyclora_patch
@@ -537,7 +539,7 @@ class DecoderLayerGraphs:
             # gradient, as in the eager step
             # the fused LoRA kernels run at any token count in the warm-ups and the capture (a
             # replay launches nothing from the host)
-            with launches_are_free():
+            with kernels_for_graph_capture(self.layers):
                 graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
                                         allow_unused_input=True)
         except Exception as exc:

@@ -3,11 +3,11 @@
 Builds a small Llama from a config (random weights, seed 0), wraps it in PEFT LoRA on all seven
 linears, and for PEFT LoRA and every hyclora layer_type / q_bit runs one real training step,
 measuring with saved-tensor hooks the bytes autograd buffers per decoder layer, and comparing
-each LoRA gradient with the exact (uncompressed) one. Then, when the fine-tuning pieces are
-installed, it fine-tunes the model on generated arithmetic word problems, once with plain LoRA
-and once with hyclora intra_inter 4-bit (see ``hyclora.train``).
+each LoRA gradient with the exact (uncompressed) one. Then (unless ``--quick``) it fine-tunes
+the model on generated arithmetic word problems, once with plain LoRA and once with hyclora
+intra_inter 4-bit, through the examples' pipeline (``hyclora.training.run_finetune``).
 
-    python -m hyclora.demo [--quick]
+    python -m hyclora.demo [--quick] [--steps N]
 """
 
 from __future__ import annotations

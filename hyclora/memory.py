@@ -407,45 +407,54 @@ class LayerShape:
             lora_targets=tuple(lora_targets) if lora_targets is not None else cls.lora_targets,
         )
 
+    @property
+    def dims(self) -> Dict[str, int]:
+        """The sizes by width key of :mod:`hyclora.ops.tensor_specs`."""
+        return {"hidden": self.hidden, "q_heads": self.num_heads * self.head_dim,
+                "kv_heads": self.num_kv_heads * self.head_dim, "d_ff": self.intermediate}
+
 
 def _packed_bytes(width: int, bits: int) -> float:
     return math.ceil(width * bits / 8)
 
 
-def _compressed_bytes(name: str, width: int, rows: int, q_bit: int, dtype_bytes: int) -> float:
-    """Bytes of one tensor under the compressed storage layout of ``hyclora.ops.storage``:
-    packed codes, fp32 range parameters (per channel, or per row-group for the grouped
-    tensors), K at twice the bits, and the exact outlier rows."""
-    from .ops import storage
+def _compressed_bytes(spec, width: int, rows: int, q_bit: int, dtype_bytes: int) -> float:
+    """Bytes of one tensor as :class:`hyclora.ops.storage.StoragePolicy` keeps it (its row of
+    :mod:`hyclora.ops.tensor_specs`): packed codes, fp32 range parameters (per channel, or per
+    row group), and the exact outlier rows."""
+    from .ops.tensor_specs import GROUP_SIZE, outlier_row_count
 
-    bits = min(8, 2 * q_bit) if name in storage.DOUBLE_BIT_TENSORS else q_bit
-    total = rows * _packed_bytes(width, bits)
-    if name in storage.GROUPED_TENSORS:
-        total += rows * math.ceil(width / storage.GROUP_SIZE) * 8
+    total = rows * _packed_bytes(width, _bits(spec, q_bit))
+    if spec.grouped:
+        total += rows * math.ceil(width / GROUP_SIZE) * 8
     else:
         total += 8 * width
-    if name not in storage.ROW_OUTLIER_EXEMPT:
-        k_rows = -(-rows // storage.ROW_OUTLIER_EVERY)
-        if rows >= 16 and rows >= 2 * k_rows + 1:
-            total += k_rows * 8 + k_rows * width * dtype_bytes
+    if spec.row_outliers:
+        k_rows = outlier_row_count(rows)
+        total += k_rows * 8 + k_rows * width * dtype_bytes
     return total
 
 
+def _bits(spec, q_bit: int) -> int:
+    return min(8, 2 * q_bit) if spec.double_bits else q_bit
+
+
 def _kept_tensors(shape: LayerShape, layer_type: str, attention: str, probs: str):
-    """(name, width, kind) of every per-token tensor a decoder layer keeps; kind is ``norm``
-    (quantised with outlier channels), ``quant`` or ``plain`` (kept as is when compressing too)."""
-    d, f = shape.hidden, shape.intermediate
-    a = shape.num_heads * shape.head_dim
-    c = shape.num_kv_heads * shape.head_dim
-    # the normalised inputs of q/k/v and gate/up are rebuilt from x_in / x_mid, never kept
-    kept = [("x_in", d, "norm"), ("q", a, "quant"), ("k", c, "quant"), ("v", c, "quant")]
+    """``([(TensorSpec, width), ...], keeps_map)``: every per-token tensor a decoder layer keeps
+    (the table's quantised activations; kept as is by ``baseline``), and whether the eager
+    attention map is kept."""
+    from .ops.tensor_specs import DECODER, kept_activations, tensor_widths
+
     keeps_map = attention == "eager" and probs != "recompute"
-    if keeps_map:
-        kept.append(("o", a, "quant"))
-    kept += [("x_mid", d, "norm"), ("gate", f, "quant"), ("up", f, "quant")]
-    if layer_type == "intra":
-        kept += [("silu", f, "quant"), ("hidden", f, "quant")]
-    return kept, keeps_map
+    widths = tensor_widths(DECODER, shape.dims)
+    return [(s, widths[s.name]) for s in kept_activations(DECODER, layer_type, keeps_map)], keeps_map
+
+
+def _norm_stats_per_token() -> int:
+    """fp32 values per token the decoder's norms keep beside their inputs (one rstd each)."""
+    from .ops.tensor_specs import DECODER, NORM_STAT, family_specs
+
+    return sum(1 for s in family_specs(DECODER).values() if s.role == NORM_STAT)
 
 
 def theoretical_layer_bytes(
@@ -479,14 +488,14 @@ def theoretical_layer_bytes(
     kept, keeps_map = _kept_tensors(shape, layer_type, attention, probs)
     k = math.floor(shape.hidden * layernorm_outlier_ratio)
     total = 0.0
-    for name, width, kind in kept:
+    for spec, width in kept:
         if not compress:
             total += tokens * width * dtype_bytes
             continue
-        total += _compressed_bytes(name, width, tokens, q_bit, dtype_bytes)
-        if kind == "norm" and k:
+        total += _compressed_bytes(spec, width, tokens, q_bit, dtype_bytes)
+        if spec.outlier_channels and k:
             total += tokens * k * dtype_bytes + 8 * k
-    total += tokens * 2 * 4  # rstd of both norms (fp32)
+    total += tokens * _norm_stats_per_token() * 4
     if shape.lora_rank:
         total += tokens * len(shape.lora_targets) * shape.lora_rank * lora_w
     if keeps_map:
@@ -514,19 +523,15 @@ def theoretical_bytes_per_token(
     quantised (b, s, width) tensors."""
     compress = layer_type != "baseline"
     kept, _ = _kept_tensors(shape, layer_type, attention, "recompute" if compress else "dense")
-    from .ops import storage
-
-    def bits(name):
-        return min(8, 2 * q_bit) if name in storage.DOUBLE_BIT_TENSORS else q_bit
-
-    big = sum((_packed_bytes(w, bits(n)) if compress else w * dtype_bytes) for n, w, _k in kept)
+    big = sum((_packed_bytes(w, _bits(s, q_bit)) if compress else w * dtype_bytes) for s, w in kept)
     if attention == "eager" and not compress:
         big += shape.num_heads * shape.head_dim * dtype_bytes  # o, kept beside the dense map
     if not include_small:
         return float(big)
-    small = 2 * 4 + len(shape.lora_targets) * shape.lora_rank * dtype_bytes
+    small = _norm_stats_per_token() * 4 + len(shape.lora_targets) * shape.lora_rank * dtype_bytes
     if compress:
-        small += 2 * math.floor(shape.hidden * layernorm_outlier_ratio) * dtype_bytes
+        norm_inputs = sum(1 for s, _ in kept if s.outlier_channels)
+        small += norm_inputs * math.floor(shape.hidden * layernorm_outlier_ratio) * dtype_bytes
     return float(big + small)
 
 

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyclora.compat import checkpointing_enable  # noqa: E402
-from hyclora.config import HyCLoRAConfig, _str2bool  # noqa: E402
+from hyclora.config import HyCLoRAConfig, str2bool  # noqa: E402
 
 
 def _csv(text: str):
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
     g.add_argument("--torch_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
-    g.add_argument("--rope_scaling", type=_str2bool, default=True, help="linear RoPE interpolation to --seq_len")
+    g.add_argument("--rope_scaling", type=str2bool, default=True, help="linear RoPE interpolation to --seq_len")
     g.add_argument("--original_context", type=int, default=None,
                    help="pretraining context for the RoPE factor (default: config.max_position_embeddings)")
     g = p.add_argument_group("LoRA (LongLoRA's LoRA+)")
@@ -79,23 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable_modules", type=_csv, default="embed_tokens,norm",
                    help="module-name suffixes trained in full (PEFT modules_to_save); '' for none")
     g = p.add_argument_group("attention / memory")
-    g.add_argument("--s2attn", type=_str2bool, default=True,
+    g.add_argument("--s2attn", type=str2bool, default=True,
                    help="shifted sparse attention in training, with or without --use_hyclora (hyclora's "
                         "compressed attention block runs it too)")
     g.add_argument("--group_ratio", type=float, default=0.25, help="S²-Attn group size as a fraction of seq_len")
     # one spelling with the Trainer examples (transformers 5.23 renamed it); the old one stays an alias
     g.add_argument("--activation_checkpointing", "--gradient_checkpointing", dest="gradient_checkpointing",
-                   type=_str2bool, default=False,
+                   type=str2bool, default=False,
                    help="checkpoint every decoder layer (torch, non-reentrant); --gradient_checkpointing is an alias")
     g.add_argument("--checkpoint_boundary_bits", type=int, default=0, choices=[0, 2, 4, 8],
                    help="with --activation_checkpointing: keep the checkpointed layer inputs quantised at this "
-                        "width (1%% of channels exact); 8 is near lossless and let a 7B LoRA train 384k tokens "
-                        "on one H200 (BENCHMARKS.md); 0: exact")
+                        "width (1%% of channels exact): about half the memory of exact inputs, 8 is near "
+                        "lossless, the setup for the longest contexts (BENCHMARKS.md); 0: exact")
     g.add_argument("--loss_chunk_tokens", type=int, default=None, help="tokens per LM-head loss chunk (default: auto)")
-    g.add_argument("--cuda_graphs", type=_str2bool, default=False,
+    g.add_argument("--cuda_graphs", type=str2bool, default=False,
                    help="replay CUDA graphs of hyclora's decoder layers (hyclora.cuda_graphs): one GPU process, "
-                        "--use_hyclora, no --activation_checkpointing, rows without padding; at 8k-16k tokens the "
-                        "fastest and among the leanest setups (BENCHMARKS.md run 9)")
+                        "--use_hyclora, no --activation_checkpointing, rows without padding; the fastest setup up "
+                        "to about 16k tokens (BENCHMARKS.md)")
     HyCLoRAConfig.add_arguments(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True,
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_split", default="train")
     g.add_argument("--max_documents", type=int, default=None)
     g.add_argument("--seq_len", type=int, default=8192)
-    g.add_argument("--separate_documents", type=_str2bool, default=False,
+    g.add_argument("--separate_documents", type=str2bool, default=False,
                    help="restart positions at each document so attention never crosses documents")
     g.add_argument("--cache_dir", default=None, help="tokenised-data cache (default: OUTPUT_DIR/token_cache)")
     g = p.add_argument_group("optimisation")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpointing_steps", type=int, default=0, help="save a resumable state every N steps (0: off)")
     g.add_argument("--resume_from_checkpoint", default=None, help="checkpoint folder, or 'latest' in OUTPUT_DIR")
     g.add_argument("--logging_steps", type=int, default=1)
-    g.add_argument("--save_adapter", type=_str2bool, default=True)
+    g.add_argument("--save_adapter", type=str2bool, default=True)
     g = p.add_argument_group("evaluation (sliding-window perplexity, full attention)")
     g.add_argument("--eval_files", nargs="*", default=[])
     g.add_argument("--eval_context", type=int, default=None, help="window length (default: --seq_len)")

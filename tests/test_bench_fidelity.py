@@ -3,20 +3,17 @@ gradients equal the exact ones to rounding; 8 bits stay close; every row names i
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def test_random_model_rows(tmp_path, monkeypatch):
+def test_random_model_rows(tmp_path, monkeypatch, benchmarks_on_path):
     pytest.importorskip("peft")
-    monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.setenv("OUT", str(tmp_path))
     import bench_fidelity
 
-    rows = bench_fidelity.main(["--model", "random", "--random_shape", "64,128,2,4", "--attn", "sdpa",
+    rows = bench_fidelity.main(["--model", "random", "--hidden", "64", "--ffn", "128", "--layers", "2", "--heads", "4",
+                                "--attn", "sdpa",
                                 "--examples", "2", "--max_len", "48",
                                 "--variants", "baseline:8,intra_inter_full_fuse:8,intra_inter_full_fuse:2"])
     by = {(r["layer_type"], r["bits"]): r for r in rows}

@@ -13,13 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch):
+def bench(benchmarks_on_path):
     pytest.importorskip("peft")
-    monkeypatch.syspath_prepend(str(BENCH))
     import bench_qlora
 
     return bench_qlora
@@ -91,7 +88,7 @@ def test_make_linear4bit_is_nf4_of_the_random_weight(bench):
     import bitsandbytes.functional as F
 
     for out_f, in_f in [(64, 128), (384, 128), (128, 384)]:
-        layer = bench.make_linear4bit(in_f, out_f, False, "cpu", 0.02, generator=torch.Generator().manual_seed(3))
+        layer = bench.harness.make_linear4bit(in_f, out_f, False, "cpu", 0.02, generator=torch.Generator().manual_seed(3))
         w = torch.empty(out_f, in_f, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(3))
         assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.dtype == torch.uint8
         qs = layer.weight.quant_state
@@ -106,19 +103,20 @@ def test_make_linear4bit_is_nf4_of_the_random_weight(bench):
 def test_build_model_nf4_cpu(bench):
     bnb = pytest.importorskip("bitsandbytes")
     args = bench.parse_args(["--smoke"])
-    model = bench.build_model(args, "cpu", quantize=True)
+    shape = bench.harness.shape_of(args)
+    model, _ = bench.harness.random_llama(shape, "cpu", torch.bfloat16, nf4=True)
     lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     four = [m for m in lin if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(four) == 7 * args.layers and len(lin) == len(four) + 1  # + lm_head, kept bf16
+    assert len(four) == 7 * shape.layers and len(lin) == len(four) + 1  # + lm_head, kept bf16
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert torch.all(model.model.norm.weight == 1)
-    model = bench.add_lora(model, args.rank)
+    model = bench.harness.add_lora(model, args.lora_r, seed=1)
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     # PEFT's QLoRA layer, as after from_pretrained(load_in_4bit=True), not the generic lora.Linear
     assert type(q).__module__ == "peft.tuners.lora.bnb" and isinstance(q.base_layer, bnb.nn.Linear4bit)
-    ids = torch.randint(0, args.vocab, (1, 16))
+    ids = torch.randint(0, shape.vocab, (1, 16))
     loss = model(input_ids=ids, labels=ids).loss
-    assert abs(loss.item() - math.log(args.vocab)) < 0.5  # random init: near uniform prediction
+    assert abs(loss.item() - math.log(shape.vocab)) < 0.5  # random init: near uniform prediction
     loss.backward()
     assert q.lora_A["default"].weight.grad is not None and q.base_layer.weight.grad is None

@@ -5,7 +5,6 @@ as documented."""
 import configparser
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -13,7 +12,7 @@ from packaging.requirements import Requirement
 from hyclora import compat
 from hyclora.compat import TESTED, UntestedVersionWarning, check_versions, version_tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.repo import REPO
 
 
 def _norm(name: str) -> str:
@@ -22,7 +21,7 @@ def _norm(name: str) -> str:
 
 def _requirements_file(name: str):
     reqs = {}
-    for line in (ROOT / name).read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
@@ -42,7 +41,7 @@ def _pins(name: str):
 
 def _install_requires():
     cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
+    cfg.read(REPO / "setup.cfg")
     reqs = {}
     for line in cfg["options"]["install_requires"].splitlines():
         line = line.strip()

@@ -4,11 +4,12 @@ the whole script on a tiny model (every method that can run on CPU, markdown + C
 import csv
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.repo import REPO
+
+pytestmark = pytest.mark.usefixtures("benchmarks_on_path")  # as `python benchmarks/bench_longseq.py` has it
 
 
 def _bench():
@@ -98,13 +99,12 @@ def test_point_cost_comes_from_the_timed_step():
 
 def test_graphed_method_replays_after_calibration(tmp_path, monkeypatch, capsys):
     # hyclora_s2_graphed on the CPU: the graph dispatcher with the emulated capture of
-    # tests/test_cuda_graphs.py (on a GPU: real graphs); warm-up 1 calibrates, 2 captures
+    # tests/helpers/graph_emulation.py (on a GPU: real graphs); warm-up 1 calibrates, 2 captures
     bench = _bench()
     monkeypatch.setenv("OUT", str(tmp_path))
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_cuda_graphs import chain_grapher
-
     import hyclora.cuda_graphs as cuda_graphs
+
+    from helpers.graph_emulation import chain_grapher
 
     monkeypatch.setattr(bench.Method, "available", lambda self: None)
     monkeypatch.setattr(cuda_graphs, "graph_decoder_layers",
@@ -118,25 +118,32 @@ def test_graphed_method_replays_after_calibration(tmp_path, monkeypatch, capsys)
     assert "hyclora_s2_graphed: CUDA graphs: 6 decoder-layer calls replayed, 1 capture(s)" in out
 
 
-@pytest.mark.parametrize("setting, module, attr, value", [
-    ("op_by_op", "hyclora.ops.lora", "FUSED_LORA_OPS", False),
-    ("kernels", "hyclora.ops.lora_kernels", "EAGER_MIN_TOKENS", 0),
+@pytest.mark.parametrize("flags, field, value", [
+    (["--fused_lora_ops", "false"], "fused_lora_ops", False),
+    (["--lora_kernels_min_tokens", "0"], "lora_kernels_min_tokens", 0),
+    (["--s2_block_kernels", "flash"], "s2_block_kernels", "flash"),
+    (["--mlp_chunk_elements", "0"], "mlp_chunk_elements", 0),
 ])
-def test_lora_ops_setting_applies_inside_and_is_restored(setting, module, attr, value):
-    # benchmarks' --lora_ops / --lora_ops_ab switch: set while measuring, restored after (also on errors)
-    import importlib
+def test_kernel_options_reach_the_hyclora_methods(flags, field, value, monkeypatch):
+    # the kernel switches are HyCLoRAConfig fields: the hyclora methods apply a config carrying them
+    from unittest import mock
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_common import lora_ops
+    import hyclora
 
-    mod = importlib.import_module(module)
-    before = getattr(mod, attr)
-    with lora_ops(setting):
-        assert getattr(mod, attr) == value
-    assert getattr(mod, attr) == before
-    with pytest.raises(RuntimeError):
-        with lora_ops(setting):
-            raise RuntimeError("boom")
-    assert getattr(mod, attr) == before
-    with lora_ops("fused"):
-        assert getattr(mod, attr) == before
+    bench = _bench()
+    applied = []
+
+    class Applied(Exception):
+        pass
+
+    def fake_apply(model, config):
+        applied.append(config)
+        raise Applied
+
+    monkeypatch.setattr(hyclora, "apply_hyclora", fake_apply)
+    args = bench.harness.parse(bench.build_parser(), ["--smoke", "--layer_type", "intra_inter_full_fuse", *flags])
+    with pytest.raises(Applied):
+        bench.Method("hyclora_s2", args).on(mock.Mock())
+    (config,) = applied
+    assert getattr(config, field) == value
+    assert (config.layer_type, config.q_bit, config.iteration_threshold) == ("intra_inter_full_fuse", 2, 1)

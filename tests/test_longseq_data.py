@@ -18,7 +18,7 @@ from hyclora.data.longdocs import (
     tokenize_documents,
     tokenize_file,
 )
-from test_longseq_common import long_docs_or_skip, test_tokenizer
+from helpers.longseq import long_docs_or_skip, test_tokenizer
 
 
 class CountingTokenizer:

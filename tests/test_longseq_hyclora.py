@@ -11,8 +11,6 @@ LongLoRA's recipe: LoRA on q/k/v/o plus trainable embeddings and norms (PEFT mod
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +18,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
-
-from hy_models_util import step_grads, tiny_model, worst_rel_err  # noqa: E402
+from helpers.models import step_grads, tiny_model  # noqa: E402
+from helpers.numerics import worst_rel_err  # noqa: E402
 
 from hyclora.config import HyCLoRAConfig  # noqa: E402
 from hyclora.integrations.longseq import disable_s2attn, enable_s2attn, longlora_lora_config  # noqa: E402

@@ -11,55 +11,21 @@
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from test_longseq_common import (
-    LONG_DOCS,
-    REPO,
+from helpers.longseq import (
+    EVAL_DOC,
+    SCRIPT,
+    common_args,
     long_docs_or_skip,
-    save_test_tokenizer,
+    read_metrics,
+    run_checked,
+    script_env,
     test_tokenizer,
-    tiny_llama_config_file,
 )
-
-SCRIPT = REPO / "launch" / "longseq.py"
-TRAIN_DOC = LONG_DOCS / "pg19-books" / "43790_book_of_cats_ross.txt"
-EVAL_DOC = LONG_DOCS / "proofpile-like-mathlib" / "topology_metric_space_basic.lean"
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-    )
-    env.update(extra)
-    return env
-
-
-def _run(cmd, env, timeout=300):
-    proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _common_args(tmp_path, vocab):
-    tok_dir = save_test_tokenizer(tmp_path / "tok")
-    cfg_dir = tiny_llama_config_file(tmp_path / "cfg", vocab_size=vocab, max_position_embeddings=64)
-    return [
-        "--config_name", str(cfg_dir), "--tokenizer_name", str(tok_dir), "--dataset", str(TRAIN_DOC),
-        "--seq_len", "128", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
-        "--warmup_steps", "1", "--use_hyclora", "false", "--cache_dir", str(tmp_path / "cache"),
-    ]
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from helpers.repo import REPO
 
 
 # hyclora on: statistics freeze after 1 counted forward (2 per step with accumulation 2) and
@@ -73,15 +39,15 @@ HYCLORA_ON = ["--use_hyclora", "true", "--layer_type", "intra_inter", "--iterati
 def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path, hyclora):
     long_docs_or_skip()
     vocab = len(test_tokenizer())
-    common = _common_args(tmp_path, vocab) + (HYCLORA_ON if hyclora else [])
+    common = common_args(tmp_path, vocab) + (HYCLORA_ON if hyclora else [])
     out = tmp_path / "run"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml")]
-    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true", "--output_dir", str(out),
-                          "--checkpointing_steps", "2", "--eval_files", str(EVAL_DOC), "--eval_stride", "128",
-                          "--eval_max_windows", "2"], _env())
+    proc = run_checked(launch + [str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true", "--output_dir", str(out),
+                                 "--checkpointing_steps", "2", "--eval_files", str(EVAL_DOC), "--eval_stride", "128",
+                                 "--eval_max_windows", "2"], script_env())
     assert "== summary ==" in proc.stdout and "host peak RSS" in proc.stdout
 
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
     summary = json.loads((out / "summary.json").read_text())
@@ -114,10 +80,10 @@ def test_accelerate_cpu_run_checkpoint_and_resume(tmp_path, hyclora):
         assert any(k.endswith("x_in.outlier_idx") and ckpt[k].numel() == 3 for k in hyclora_keys)
         assert any(k.endswith("stats.q.count") for k in hyclora_keys)
     out2 = tmp_path / "resumed"
-    _run([sys.executable, str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true", "--output_dir", str(out2),
-          "--resume_from_checkpoint", str(out / "checkpoint-2"), "--checkpointing_steps", "2",
-          "--save_adapter", "false"], _env())
-    resumed = _metrics(out2)
+    run_checked([sys.executable, str(SCRIPT), *common, "--max_steps", "4", "--s2attn", "true",
+                 "--output_dir", str(out2), "--resume_from_checkpoint", str(out / "checkpoint-2"),
+                 "--checkpointing_steps", "2", "--save_adapter", "false"], script_env())
+    resumed = read_metrics(out2)
     assert [m["step"] for m in resumed] == [3, 4]
     for got, want in zip(resumed, metrics[2:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-6), got["step"]
@@ -137,14 +103,14 @@ def test_deepspeed_zero3_two_cpu_processes(tmp_path):
     long_docs_or_skip()
     pytest.importorskip("deepspeed")
     # 2048 x 64 LM head > DeepSpeed's 1e5-element persistence threshold: it is partitioned.
-    common = _common_args(tmp_path, vocab=2048)
+    common = common_args(tmp_path, vocab=2048)
     out = tmp_path / "z3"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "launch" / "zero3_2gpu.yaml")]
-    proc = _run(launch + [str(SCRIPT), *common, "--max_steps", "3", "--output_dir", str(out),
-                          "--eval_files", str(EVAL_DOC), "--eval_stride", "128", "--eval_max_windows", "1"],
-                _env(DS_ACCELERATOR="cpu"), timeout=420)
-    metrics = _metrics(out)
+    proc = run_checked(launch + [str(SCRIPT), *common, "--max_steps", "3", "--output_dir", str(out),
+                                 "--eval_files", str(EVAL_DOC), "--eval_stride", "128", "--eval_max_windows", "1"],
+                       script_env(DS_ACCELERATOR="cpu"), timeout=420)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(6.5 < m["loss"] < 9.0 for m in metrics)  # ~ln(2048) = 7.6 at random init
     summary = json.loads((out / "summary.json").read_text())

@@ -8,21 +8,28 @@ import sys
 
 import pytest
 
-from test_longseq_common import long_docs_or_skip, test_tokenizer
-from test_longseq_launch import SCRIPT, _common_args, _env, _metrics, _run
+from helpers.longseq import (
+    SCRIPT,
+    common_args,
+    long_docs_or_skip,
+    read_metrics,
+    run_checked,
+    script_env,
+    test_tokenizer,
+)
 
 
 def _three_hyclora_steps(tmp_path, *extra):
     """3 steps of launch/longseq.py with hyclora intra_inter 4-bit and S²-Attn; returns the summary."""
     long_docs_or_skip()
-    common = _common_args(tmp_path, len(test_tokenizer()))
+    common = common_args(tmp_path, len(test_tokenizer()))
     common[common.index("--use_hyclora") + 1] = "true"
     common[common.index("--gradient_accumulation_steps") + 1] = "1"
     out = tmp_path / "run"
-    proc = _run([sys.executable, str(SCRIPT), *common, "--layer_type", "intra_inter", "--q_bit", "4", *extra,
-                 "--max_steps", "3", "--output_dir", str(out), "--save_adapter", "false"], _env())
+    proc = run_checked([sys.executable, str(SCRIPT), *common, "--layer_type", "intra_inter", "--q_bit", "4", *extra,
+                        "--max_steps", "3", "--output_dir", str(out), "--save_adapter", "false"], script_env())
     assert "S²-Attn on" in proc.stdout
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
     return json.loads((out / "summary.json").read_text())
@@ -63,7 +70,7 @@ def _in_process(tmp_path, name, *extra, accumulation=1):
     from accelerate.state import AcceleratorState
 
     long_docs_or_skip()
-    common = _common_args(tmp_path, len(test_tokenizer()))
+    common = common_args(tmp_path, len(test_tokenizer()))
     common[common.index("--use_hyclora") + 1] = "true"
     common[common.index("--gradient_accumulation_steps") + 1] = str(accumulation)
     out = tmp_path / name
@@ -75,17 +82,16 @@ def _in_process(tmp_path, name, *extra, accumulation=1):
             "--save_adapter", "false", *extra])
     finally:
         AcceleratorState._reset_state(True)
-    return summary, [m["loss"] for m in _metrics(out)]
+    return summary, [m["loss"] for m in read_metrics(out)]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_cuda_graphs_flag_replays_the_layers_and_keeps_the_losses(tmp_path, monkeypatch, capsys, accumulation):
-    # CPU: the layer chain with an emulated capture (tests/test_cuda_graphs.py); on a GPU the flag
+    # CPU: the layer chain with an emulated capture (tests/helpers/graph_emulation.py); on a GPU the flag
     # captures real graphs. Replays compute what the eager layers compute: the same losses.
-    sys.path.insert(0, str(SCRIPT.parents[1] / "tests"))
-    from test_cuda_graphs import chain_grapher
-
     import hyclora.cuda_graphs as cuda_graphs
+
+    from helpers.graph_emulation import chain_grapher
 
     made = []
 
@@ -120,15 +126,16 @@ def test_zero3_two_cpu_processes_with_hyclora_and_compressed_boundaries(tmp_path
     # 2-bit, checkpointing with 8-bit boundaries), on 2 CPU processes (gloo)
     long_docs_or_skip()
     pytest.importorskip("deepspeed")
-    common = _common_args(tmp_path, len(test_tokenizer()))
+    common = common_args(tmp_path, len(test_tokenizer()))
     common[common.index("--use_hyclora") + 1] = "true"
     out = tmp_path / "z3"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(SCRIPT.parents[1] / "launch" / "zero3_2gpu.yaml")]
-    _run(launch + [str(SCRIPT), *common, "--layer_type", "intra_inter_full_fuse", "--q_bit", "2",
-                   "--gradient_checkpointing", "true", "--checkpoint_boundary_bits", "8", "--max_steps", "3",
-                   "--output_dir", str(out), "--save_adapter", "false"], _env(DS_ACCELERATOR="cpu"), timeout=420)
-    metrics = _metrics(out)
+    run_checked(launch + [str(SCRIPT), *common, "--layer_type", "intra_inter_full_fuse", "--q_bit", "2",
+                          "--gradient_checkpointing", "true", "--checkpoint_boundary_bits", "8", "--max_steps", "3",
+                          "--output_dir", str(out), "--save_adapter", "false"],
+                script_env(DS_ACCELERATOR="cpu"), timeout=420)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(5.0 < m["loss"] < 8.0 for m in metrics)  # random init, ~ln(512) = 6.24
     summary = json.loads((out / "summary.json").read_text())

@@ -8,7 +8,8 @@ import torch
 
 from hyclora.eval.sliding_ppl import file_perplexity, sliding_window_perplexity, window_plan
 from hyclora.integrations.longseq import enable_s2attn
-from test_longseq_common import LONG_DOCS, test_tokenizer
+
+from helpers.longseq import LONG_DOCS, test_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -61,7 +61,7 @@ def test_compression_ratios_per_token_llama7b_shape():
     # q/k/v and gate/up inputs are rebuilt from x_in / x_mid, never kept).
     assert base == (5 * 4096 + 2 * 11008) * 2
     # The non-linear operators' inputs (x_in, x_mid, q, k, gate) at twice the bits
-    # (hyclora.ops.storage.DOUBLE_BIT_TENSORS); v and up at q_bit.
+    # (their double_bits rows in hyclora.ops.tensor_specs); v and up at q_bit.
     assert two == (4 * 4096 + 11008) * 4 / 8 + (4096 + 11008) * 2 / 8
     assert base / two == pytest.approx(4.86, abs=0.01)
 

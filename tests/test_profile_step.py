@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def test_profile_step_cpu_smoke(tmp_path, monkeypatch):
+def test_profile_step_cpu_smoke(tmp_path, benchmarks_on_path):
     pytest.importorskip("peft")
-    monkeypatch.syspath_prepend(str(BENCH))
     import profile_step
 
     rc = profile_step.main(["--device", "cpu", "--layers", "2", "--hidden", "256", "--bs", "1", "--seq", "32", "--vocab", "256",

@@ -24,7 +24,7 @@ TASKS = ("gsm8k", "wikitext2", "multitask")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyclora.config import _str2bool
+    from hyclora.config import str2bool
 
     p = argparse.ArgumentParser(prog="python -m hyclora.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_name_or_path", default=None,
                    help="default: the adapter folder when it holds a tokenizer, else the model")
     p.add_argument("--gguf_file", default=None)
-    p.add_argument("--load_in_4bit", type=_str2bool, nargs="?", const=True, default=False)
+    p.add_argument("--load_in_4bit", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--torch_dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--data", default=None,
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--output", default=None, help="results JSON (default: <adapter or .>/eval_<task>.json)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--progress", type=_str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--progress", type=str2bool, nargs="?", const=True, default=True)
     return p
 
 

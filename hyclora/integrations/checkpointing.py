@@ -44,10 +44,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .wrappers import hf_model, unwrap_engine
 from .deepspeed import (
     ConfigLike,
-    _hf_model,
-    _unwrap,
     activation_checkpointing_settings,
     configure_activation_checkpointing,
     decoder_layers,
@@ -153,9 +152,8 @@ def _bump_structure_generation(*_args):
 
 def _layer_structure(layer: nn.Module):
     """``(parameters, dropout modules)`` of ``layer``, walked once per structure generation
-    instead of three walks over the PEFT layer's modules per call: in a cProfile of the 7B 8k
-    checkpointed step (H200 machine's host, run 7) ``parameters()`` took 44 ms of the step's
-    host time (the benchmark's own ``zero_grad`` included)."""
+    instead of three walks over the PEFT layer's modules per call: on short checkpointed steps
+    those walks were a measurable part of the host time (BENCHMARKS.md)."""
     if not _registration_hooks:
         _registration_hooks.append(nn.modules.module.register_module_module_registration_hook(
             _bump_structure_generation))
@@ -295,7 +293,7 @@ def enable_activation_checkpointing(
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(_unwrap(model)).__name__} has no checkpointable decoder layers "
+            f"{type(unwrap_engine(model)).__name__} has no checkpointable decoder layers "
             "(transformers GradientCheckpointingLayer): activation checkpointing cannot be enabled."
         )
     chosen = checkpointed_indices(len(layers), every_k)
@@ -342,7 +340,7 @@ def enable_activation_checkpointing(
         layer._gradient_checkpointing_func = functools.partial(func, layer=layer) if codec is not None else func
         layer.gradient_checkpointing = index in chosen_set
     if reentrant:
-        hf = _hf_model(model)
+        hf = hf_model(model)
         enable = getattr(hf, "enable_input_require_grads", None)
         if enable is None:
             raise TypeError(
@@ -357,7 +355,7 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
     """Undo :func:`enable_activation_checkpointing` (input gradients are switched back off too)."""
     for layer in decoder_layers(model):
         layer.gradient_checkpointing = False
-    hf = _hf_model(model)
+    hf = hf_model(model)
     disable = getattr(hf, "disable_input_require_grads", None)
     if callable(disable):  # a no-op when no input-grad hook is installed
         disable()

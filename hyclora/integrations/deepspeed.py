@@ -32,6 +32,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .wrappers import hf_model, unwrap_engine
+
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
 
 #: The ``ds_configs/`` folder shipped with the repository (absent in a wheel install).
@@ -256,21 +258,6 @@ def is_zero3(obj: Union[None, nn.Module, ConfigLike] = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # leaf modules and guards
 # ----------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    # A DeepSpeed engine keeps the real model in .module; hooks live on that one.
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ == "DeepSpeedEngine":
-        return inner
-    return model
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers PreTrainedModel inside a PEFT model or DeepSpeed engine."""
-    model = _unwrap(model)
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
     """transformers' ``GradientCheckpointingLayer`` instances: the decoder (or encoder) layers of
     every supported model, in order. These are what activation checkpointing wraps."""
@@ -278,7 +265,7 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - transformers < 4.50 is not supported by hyclora
         return []
-    return [m for m in _unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [m for m in unwrap_engine(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def hyclora_blocks(model: nn.Module) -> List[nn.Module]:
@@ -286,7 +273,7 @@ def hyclora_blocks(model: nn.Module) -> List[nn.Module]:
     :func:`hyclora.models.apply_hyclora` patched (``_hyclora_patch``), or modules flagged
     ``_hyclora_block = True``; else (nothing patched yet) the decoder layers."""
     flagged = [
-        m for m in _unwrap(model).modules()
+        m for m in unwrap_engine(model).modules()
         if "_hyclora_patch" in m.__dict__ or getattr(m, "_hyclora_block", False)
     ]
     return flagged or decoder_layers(model)
@@ -309,7 +296,7 @@ def register_zero3_leaf_modules(
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    model = _unwrap(model)
+    model = unwrap_engine(model)
     if classes is None:
         layers = hyclora_blocks(model)
         if not layers:
@@ -410,7 +397,7 @@ def prepare_zero3(model: nn.Module, *, guard: bool = True, classes=None) -> List
     Harmless on ZeRO-1/2 and without DeepSpeed (the flag is an attribute, the check passes).
     """
     leaves = register_zero3_leaf_modules(model, classes)
-    enable = getattr(_hf_model(model), "enable_input_require_grads", None)
+    enable = getattr(hf_model(model), "enable_input_require_grads", None)
     if callable(enable):
         enable()
     if guard:
@@ -445,7 +432,7 @@ def save_lora_adapter(
     ``save_pretrained`` (``save_embedding_layers`` defaults to False so PEFT does not look up the
     base model on the Hub).
     """
-    model = _unwrap(model)
+    model = unwrap_engine(model)
     if not hasattr(model, "peft_config"):
         raise TypeError(
             f"save_lora_adapter needs a PEFT model (got {type(model).__name__}): wrap the model "

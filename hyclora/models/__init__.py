@@ -1,13 +1,16 @@
 """Adapters from transformers/PEFT models to hyclora's compressed blocks.
 
 Registry keyed by ``config.model_type``; ``apply_hyclora`` / ``revert_hyclora`` patch and
-restore decoder layers in place.
+restore layers in place. An architecture is an :class:`~.spec.ArchitectureSpec` row served by the
+adapter of its block family (:class:`~.decoder.DecoderAdapter`, :class:`~.roberta.EncoderAdapter`).
 """
 
 from . import llama, mistral  # noqa: F401  (register the architectures)
 from . import roberta  # noqa: F401  (BERT/RoBERTa encoders)
+from .adapter import LayerAdapter, in_backward_pass, kernels_for_graph_capture
 from .api import apply_hyclora, buffered_tensors, is_patched, revert_hyclora
 from .registry import get_adapter, register_model, supported_model_types
+from .spec import ArchitectureSpec, ConfigRule
 from .state import HyCLoRALayerState
 
 __all__ = [
@@ -19,4 +22,9 @@ __all__ = [
     "register_model",
     "supported_model_types",
     "HyCLoRALayerState",
+    "ArchitectureSpec",
+    "ConfigRule",
+    "LayerAdapter",
+    "in_backward_pass",
+    "kernels_for_graph_capture",
 ]

@@ -7,18 +7,15 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .base import LlamaFamilyAdapter, warn_unreachable_hooks
+from .adapter import LayerAdapter, warn_unreachable_hooks
 from .patching import check_forward_reached
+from .peft_utils import transformers_model
 from .registry import get_adapter, supported_model_types
 from .state import exclude_state_from_save_pretrained, include_state_in_save_pretrained
 
-def _base_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
 
 def _model_config(model: nn.Module):
-    config = getattr(_base_model(model), "config", None)
+    config = getattr(transformers_model(model), "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise ValueError(
             "hyclora: apply_hyclora expects a transformers model (or a PEFT model wrapping one) "
@@ -34,11 +31,11 @@ def patched_layers(model: nn.Module):
 
 
 def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
-    """Patch the decoder layers of ``model`` in place and return it.
+    """Patch the layers of ``model`` in place and return it.
 
-    ``model``: ``peft.get_peft_model(LlamaForCausalLM | MistralForCausalLM, LoraConfig(...))``
-    or a bare transformers Llama/Mistral model whose base linears are frozen (e.g. only norms
-    and embeddings trainable). ``config``: a ``HyCLoRAConfig`` (default: ``HyCLoRAConfig()``).
+    ``model``: ``peft.get_peft_model(LlamaForCausalLM | MistralForCausalLM | RobertaFor... | BertFor...,
+    LoraConfig(...))`` or a bare transformers model of those types whose base linears are frozen
+    (e.g. only norms and embeddings trainable). ``config``: a ``HyCLoRAConfig`` (default: ``HyCLoRAConfig()``).
     With ``config.use_hyclora=False`` the model is returned untouched.
     """
     from hyclora.config import HyCLoRAConfig
@@ -55,7 +52,7 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
 
     check_versions()
     model_config = _model_config(model)
-    adapter: LlamaFamilyAdapter = get_adapter(model_config.model_type)
+    adapter: LayerAdapter = get_adapter(model_config.model_type)
     adapter.check_config(model_config)
     layers = adapter.find_layers(model)
     if not layers:
@@ -77,7 +74,7 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     for name, norm in norms:
         adapter.patch_final_norm(norm, name, check, order=len(layers))
     if check is not None:
-        _install_output_check(_base_model(model), check, order=len(layers) + 1)
+        _install_output_check(transformers_model(model), check, order=len(layers) + 1)
     warn_unreachable_hooks(layers)
     try:
         for name, module in layers + norms:
@@ -97,12 +94,12 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
     layers = patched_layers(model)
     configs = {id(layer._hyclora_patch.config): layer._hyclora_patch.config for _, layer in layers}
     for _, layer in layers:
-        LlamaFamilyAdapter.unpatch(layer)
+        LayerAdapter.unpatch(layer)
     include_state_in_save_pretrained(model)
     for config in configs.values():
         config._detach()
     for module in model.modules():
-        LlamaFamilyAdapter.unpatch_final_norm(module)
+        LayerAdapter.unpatch_final_norm(module)
         handle = module.__dict__.pop("_hyclora_output_check", None)
         if handle is not None:
             handle.remove()

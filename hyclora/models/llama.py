@@ -1,11 +1,21 @@
-"""Llama: ``LlamaDecoderLayer`` (transformers 5.x) patched with the Llama-family adapter."""
+"""Llama: ``LlamaDecoderLayer`` (transformers 5.x), a row of the decoder family. Its defaults in
+:class:`~hyclora.models.spec.ArchitectureSpec` are this layout; relatives ``replace()`` what
+differs (:mod:`.mistral`)."""
 
 from __future__ import annotations
 
-from .base import LlamaFamilyAdapter
+from .decoder import DecoderAdapter
 from .registry import register_model
+from .spec import ArchitectureSpec, ConfigRule
 
-LLAMA = LlamaFamilyAdapter("llama", ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer"))
-register_model("llama", LLAMA)
+LLAMA_SPEC = ArchitectureSpec(
+    model_type="llama",
+    layer_class=("transformers.models.llama.modeling_llama", "LlamaDecoderLayer"),
+    norm_classes=("transformers.models.llama.modeling_llama.LlamaRMSNorm",),
+    config_rules=(ConfigRule("attention_dropout", (0, None), 0.0,
+                             "the blocks run no attention dropout; set config.attention_dropout = 0.0"),),
+)
+LLAMA = DecoderAdapter(LLAMA_SPEC)
+register_model(LLAMA_SPEC.model_type, LLAMA)
 
-__all__ = ["LLAMA"]
+__all__ = ["LLAMA", "LLAMA_SPEC"]

@@ -1,13 +1,21 @@
-"""Mistral: same decoder-layer layout as Llama. The sliding window reaches the layer through
-the attention mask transformers builds (``create_sliding_window_causal_mask``), which both the
-eager and the sdpa path apply, so no extra code is needed here."""
+"""Mistral: Llama's decoder-layer layout under its own class names. The sliding window reaches the
+layer through the attention mask transformers builds (``create_sliding_window_causal_mask``),
+which both the eager and the sdpa path apply, so the spec needs nothing more."""
 
 from __future__ import annotations
 
-from .base import LlamaFamilyAdapter
+from dataclasses import replace
+
+from .decoder import DecoderAdapter
+from .llama import LLAMA_SPEC
 from .registry import register_model
 
-MISTRAL = LlamaFamilyAdapter("mistral", ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer"))
-register_model("mistral", MISTRAL)
+MISTRAL_SPEC = replace(
+    LLAMA_SPEC, model_type="mistral",
+    layer_class=("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer"),
+    norm_classes=("transformers.models.mistral.modeling_mistral.MistralRMSNorm",),
+)
+MISTRAL = DecoderAdapter(MISTRAL_SPEC)
+register_model(MISTRAL_SPEC.model_type, MISTRAL)
 
-__all__ = ["MISTRAL"]
+__all__ = ["MISTRAL", "MISTRAL_SPEC"]

@@ -7,17 +7,26 @@ Unsupported PEFT features are refused with a message listing what is supported.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Collection, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from hyclora.ops.lora import LinearMeta
 
+from .patching import original_class
+from .spec import qualified_name
+
 SUPPORTED_PEFT = (
     "plain LoRA (peft LoraConfig) with one active adapter, any subset of "
     "q/k/v/o/gate/up/down_proj as targets, lora_dropout, use_rslora, bias on the base layer"
 )
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (``get_base_model()``), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -109,24 +118,51 @@ def resolve_linear(module: nn.Module, name: str, where: str, training: bool = Tr
     return LinearMeta(name, False, weight_fn=weight_fn), (weight, bias, None, None)
 
 
-def resolve_norm(module: nn.Module, where: str) -> Tuple[torch.Tensor, float]:
-    """``(weight, eps)`` of an RMSNorm, unwrapping PEFT's ``ModulesToSaveWrapper``."""
+class NormParams(NamedTuple):
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]  # None for RMSNorm
+    eps: float
+
+
+def unwrap_modules_to_save(module: nn.Module) -> nn.Module:
+    """The module PEFT's ``ModulesToSaveWrapper`` runs now (the trained copy of the active adapter,
+    or the original with adapters disabled); ``module`` itself when it is no such wrapper."""
     if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
         active = list(getattr(module, "active_adapters", [])) or [getattr(module, "active_adapter", None)]
         if getattr(module, "disable_adapters", False) or active[0] not in module.modules_to_save:
-            module = module.original_module
-        else:
-            module = module.modules_to_save[active[0]]
+            return module.original_module
+        return module.modules_to_save[active[0]]
+    return module
+
+
+def resolve_norm(module: nn.Module, where: str, kind: str, classes: Collection[str]) -> NormParams:
+    """``(weight, bias, eps)`` of a norm of ``kind`` (``"rms"``: weight and ``variance_epsilon`` /
+    ``eps``, no bias; ``"layer"``: ``torch.nn.LayerNorm`` over the last dimension), unwrapping
+    PEFT's ``ModulesToSaveWrapper``. Its class must be one of ``classes`` (qualified names): a norm
+    of another class may compute something else from the same parameters (Gemma's ``1 + w``)."""
+    module = unwrap_modules_to_save(module)
+    cls = original_class(module)
+    name = qualified_name(cls)
+    if name not in classes:
+        raise ValueError(
+            f"hyclora: {where} is a {name}; hyclora's blocks for this layer support {', '.join(sorted(classes))}. "
+            "Set HyCLoRAConfig(use_hyclora=False) to train this model without hyclora."
+        )
+    if kind == "layer":
+        if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+            raise ValueError(f"hyclora: {where} is a {cls.__name__}, expected a torch.nn.LayerNorm over the "
+                             "hidden dimension (BERT/RoBERTa post-LN layout).")
+        return NormParams(module.weight, module.bias, float(module.eps))
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = getattr(module, "eps", None)
     weight = getattr(module, "weight", None)
     if eps is None or not isinstance(weight, torch.Tensor) or getattr(module, "bias", None) is not None:
         raise ValueError(
-            f"hyclora: {where} is a {type(module).__name__}, expected an RMSNorm with a weight and "
+            f"hyclora: {where} is a {cls.__name__}, expected an RMSNorm with a weight and "
             "variance_epsilon (Llama/Mistral RMSNorm)."
         )
-    return weight, float(eps)
+    return NormParams(weight, None, float(eps))
 
 
-__all__ = ["resolve_linear", "resolve_norm", "is_lora_layer", "SUPPORTED_PEFT"]
+__all__ = ["transformers_model", "resolve_linear", "resolve_norm", "unwrap_modules_to_save", "NormParams", "is_lora_layer", "SUPPORTED_PEFT"]

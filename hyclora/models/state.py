@@ -1,5 +1,6 @@
-"""Per-decoder-layer hyclora state: calibration statistics (buffers, so they are in
-``state_dict``) and the step counter."""
+"""Per-layer hyclora state: calibration statistics (buffers, so they are in ``state_dict``) and
+the step counter. Which tensors get statistics, how wide they are and which keep exact outlier
+channels is the tensor-spec table's (:mod:`hyclora.ops.tensor_specs`)."""
 
 from __future__ import annotations
 
@@ -9,53 +10,43 @@ from typing import Dict, Iterable
 import torch
 from torch import nn
 
-# names of the tensors whose quantisation statistics a layer keeps, and the width key each uses
-# (the normalised inputs x_n1 / x_n2 are not kept: the blocks rebuild them from x_in / x_mid)
-ATTENTION_TENSORS = ("x_in", "q", "k", "v", "o")
-MLP_TENSORS = ("x_mid", "gate", "up")
-ELEMENTWISE_TENSORS = ("silu", "hidden")  # only stored (quantised) by ``intra``
-NORM_INPUTS = ("x_in", "x_mid")  # get exact outlier channels
+from hyclora.ops.tensor_specs import DECODER, family_specs
+from hyclora.quant import ChannelStats
 
-
-def tensor_widths(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> Dict[str, int]:
-    return {
-        "x_in": hidden, "x_n1": hidden,
-        "q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim,
-        "o": num_heads * head_dim,
-        "x_mid": hidden, "x_n2": hidden,
-        "gate": intermediate, "up": intermediate, "silu": intermediate, "hidden": intermediate,
-    }
+from .peft_utils import transformers_model
 
 
 class HyCLoRALayerState(nn.Module):
-    """Child module ``hyclora_state`` of a patched decoder layer.
+    """Child module ``hyclora_state`` of a patched layer.
 
     Buffers:
         forward_count: training forwards of this layer that were counted (a gradient
             checkpointing recompute is not counted twice).
     Submodules:
-        stats: one ``ChannelStats`` per quantised tensor (compressing layer types only).
+        stats: one ``ChannelStats`` per quantised tensor (compressing layer types only), the norm
+            inputs with ``floor(width * layernorm_outlier_ratio)`` exact outlier channels.
+
+    ``names``: the tensors of ``family`` to keep statistics for; ``widths``: their widths.
     """
 
     def __init__(self, widths: Dict[str, int], names: Iterable[str], layernorm_outlier_ratio: float,
-                 iteration_threshold: int, device=None, recalibrate_every: int = 0):
+                 iteration_threshold: int, device=None, recalibrate_every: int = 0, family: str = DECODER):
         super().__init__()
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=device))
         self.stats = nn.ModuleDict()
         names = list(names)
         if names:
-            from hyclora.quant import ChannelStats
-
+            specs = family_specs(family)
             for name in names:
                 width = widths[name]
-                outliers = int(math.floor(width * layernorm_outlier_ratio)) if name in NORM_INPUTS else 0
+                outliers = int(math.floor(width * layernorm_outlier_ratio)) if specs[name].outlier_channels else 0
                 self.stats[name] = ChannelStats(
                     width, num_outliers=outliers, iteration_threshold=iteration_threshold,
                     recalibrate_every=recalibrate_every,
                 )
             if device is not None:
                 self.stats.to(device)
-        # Python-side bookkeeping (not state): see models/base.py for how these are used.
+        # Python-side bookkeeping (not state), used by LayerAdapter.begin_forward (models/adapter.py)
         self.owed = False
         self.calibrating: frozenset = frozenset()
         self.last_saved: Dict[str, list] = {}
@@ -77,11 +68,6 @@ class HyCLoRALayerState(nn.Module):
         return dict(self.stats.items())
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 _IGNORED_ON_SAVE = "_hyclora_ignored_on_save"  # the keys we added, so revert removes only those
 
 
@@ -95,7 +81,7 @@ def exclude_state_from_save_pretrained(model: nn.Module) -> int:
 
     Idempotent; returns how many keys were added. Undo with :func:`include_state_in_save_pretrained`.
     """
-    hf = _transformers_model(model)
+    hf = transformers_model(model)
     if not callable(getattr(hf, "save_pretrained", None)):
         return 0
     keys = {f"{name}.{key}" for name, module in hf.named_modules() if isinstance(module, HyCLoRALayerState)
@@ -110,12 +96,10 @@ def exclude_state_from_save_pretrained(model: nn.Module) -> int:
 
 def include_state_in_save_pretrained(model: nn.Module) -> None:
     """Undo :func:`exclude_state_from_save_pretrained` (``revert_hyclora`` removes the state)."""
-    hf = _transformers_model(model)
+    hf = transformers_model(model)
     added = hf.__dict__.pop(_IGNORED_ON_SAVE, None)
     if added:
         hf._keys_to_ignore_on_save = set(getattr(hf, "_keys_to_ignore_on_save", None) or ()) - added
 
 
-__all__ = ["HyCLoRALayerState", "tensor_widths", "exclude_state_from_save_pretrained",
-           "include_state_in_save_pretrained", "ATTENTION_TENSORS", "MLP_TENSORS",
-           "ELEMENTWISE_TENSORS", "NORM_INPUTS"]
+__all__ = ["HyCLoRALayerState", "exclude_state_from_save_pretrained", "include_state_in_save_pretrained"]

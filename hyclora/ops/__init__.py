@@ -4,6 +4,9 @@ Knows nothing about transformers, PEFT or DeepSpeed: plain tensors and small met
 tensors out.
 """
 
+from hyclora.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from hyclora.kernels.rope import apply_rope, rope_backward
+
 from .attention import (
     SUPPORTED_IMPLEMENTATIONS,
     check_implementation,
@@ -14,8 +17,6 @@ from .attention import (
 )
 from .blocks import AttentionBlockFn, AttentionPlan, MLPBlockFn, MLPPlan, attention_block, check_finite, mlp_block
 from .lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .rope import apply_rope, rope_backward
 from .storage import StoragePolicy, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
 

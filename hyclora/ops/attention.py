@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .s2attn import S2ATTN_NAME, IndexMask, _simplify_mask, s2_attention
+from .s2attn import S2ATTN_NAME, IndexMask, simplify_mask, s2_attention
 
 S2_IMPLEMENTATIONS = (S2ATTN_NAME,)
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa") + S2_IMPLEMENTATIONS
@@ -64,7 +64,7 @@ def block_attention_mask(impl: str, mask, where: str = ""):
 
     * the ``(b, s)`` key-padding mask when it is "causal and not padding" (padded batches; small),
       or ``None`` when that padding is all on the right (S²-Attn then needs no mask, see
-      ``_simplify_mask``);
+      ``simplify_mask``);
     * otherwise (packed documents from ``position_ids``, sliding windows, ...) the dense
       ``(b, 1, s, s)`` bool mask, built once per forward and shared by every layer, as the
       ``sdpa`` implementation would hold it.
@@ -72,7 +72,7 @@ def block_attention_mask(impl: str, mask, where: str = ""):
     tag = f" ({where})" if where else ""
     if is_s2(impl) and isinstance(mask, IndexMask):
         if mask.key_padding is not None:
-            return _simplify_mask(mask)
+            return simplify_mask(mask)
         return mask.dense()
     if is_s2(impl) and torch.is_tensor(mask) and mask.dim() == 2:
         return mask

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field, replace
-from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import torch
 
@@ -56,46 +56,15 @@ from .attention import (
 from . import s2attn
 from .s2attn import resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward, s2_output, s2_sdpa_backward
 from . import fused_rmsnorm, fused_rope, fused_swiglu
-from .lora import (LinearMeta, lora_linear_backward, lora_linear_backward_input_first, lora_linear_forward,
-                   lora_reconstruct)
-from .rmsnorm import rmsnorm_forward
-from .rope import apply_rope, rope_backward
-from .storage import Manifest, StoragePolicy, TensorLoad, TensorStore
+from .block_common import (PARAMS_PER_LINEAR, XA_NAMES, BlockPlan, backward_in_autocast, begin_forward, end_forward,
+                           keep, keep_linear_extras, linear_grads, linear_grads_input_first, linear_params)
+from .lora import lora_base_forward, lora_linear_forward, lora_reconstruct
+from hyclora.kernels.rmsnorm import rmsnorm_backward_dense, rmsnorm_forward, rmsnorm_from_rstd_fused
+from hyclora.kernels.rope import apply_rope, rope_backward
+from .storage import Manifest, TensorLoad, TensorStore
 from .swiglu import silu_mul_backward, silu_mul_forward
 from hyclora.quant import check_finite  # raises FloatingPointError naming the place
 from hyclora.quant import uncounted_updates
-
-PARAMS_PER_LINEAR = 4  # weight, bias, lora_A, lora_B
-
-
-@dataclass
-class BlockPlan:
-    """Non-tensor arguments of a block Function.
-
-    Attributes:
-        layer_name: module path used in error messages (e.g. ``model.layers.3``).
-        eps: RMSNorm epsilon.
-        linears: ``LinearMeta`` of the block's linears, in order.
-        policy: the storage policy (layer type, bits).
-        stats: ``ChannelStats`` per saved-tensor name (compressing policies), or empty.
-        update: whether this forward updates the calibration statistics (``False`` on a
-            checkpoint recompute, so calibration does not count it twice).
-        check_finite: raise on NaN/Inf in the block input/output.
-        record: a dict that receives the manifest of what was saved (names, shapes, dtypes,
-            bytes) under ``"attention"`` / ``"mlp"``; ``None`` to skip.
-        replay: on a checkpoint recompute, the names whose statistics were still calibrating
-            in the counted forward (quantised again exactly as that forward did).
-    """
-
-    layer_name: str
-    eps: float
-    linears: Tuple[LinearMeta, ...]
-    policy: StoragePolicy = field(default_factory=StoragePolicy)
-    stats: Mapping[str, torch.nn.Module] = field(default_factory=dict)
-    update: bool = False
-    check_finite: bool = False
-    record: Optional[Dict[str, list]] = None
-    replay: FrozenSet[str] = frozenset()
 
 
 @dataclass
@@ -120,103 +89,9 @@ class MLPPlan(BlockPlan):
     d_ff: int = 0
 
 
-# (tokens x d_ff) elements one MLP call may hold: the MLP is position-wise, so a long sequence
-# runs it in row chunks and its three to four (tokens, d_ff) forward/backward temporaries never
-# exist for the whole sequence (at 7B and 384k tokens they were ~32 GiB of the peak). 2**26 is
-# 128 MiB per bf16 tensor, ~6k tokens at d_ff 11008; shorter inputs run in one call as before.
-MLP_CHUNK_ELEMENTS = 1 << 26
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def _autocast_state(device_type: str):
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # very old torch: CUDA only
-        enabled = device_type == "cuda" and torch.is_autocast_enabled()
-    return (device_type, torch.get_autocast_dtype(device_type)) if enabled else None
-
-
-def _autocast(state):
-    # The autograd engine runs backward without the forward's autocast state; restore it so the
-    # backward matmuls run in the same precision as the forward ones (what custom_bwd does).
-    if state is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=state[0], dtype=state[1])
-
-
-def _linear_params(lin: Sequence, i: int):
-    return tuple(lin[PARAMS_PER_LINEAR * i : PARAMS_PER_LINEAR * (i + 1)])
-
-
-def _check_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor):
-    empty = norm_w.numel() == 0
-    for p in lin:  # a plain loop: this runs twice per layer and step (host time)
-        if p is not None and p.numel() == 0:
-            empty = True
-    if empty:
-        # ZeRO-3 partitions parameters to empty tensors outside their own module's forward.
-        raise RuntimeError(
-            f"hyclora: {plan.layer_name} got an empty parameter (a ZeRO-3 partitioned parameter that "
-            "was not gathered?). Register the decoder layer as a ZeRO-3 leaf module."
-        )
-    for i, meta in enumerate(plan.linears):
-        base = PARAMS_PER_LINEAR * i
-        weight, lora_a, lora_b = lin[base], lin[base + 2], lin[base + 3]
-        if weight.requires_grad:
-            raise ValueError(
-                f"hyclora: {plan.layer_name}.{meta.name} has a trainable base weight; hyclora "
-                "trains LoRA adapters on frozen base weights. Freeze it (requires_grad_(False)), "
-                "make it a LoRA target, or set use_hyclora=False."
-            )
-        if meta.has_lora and (lora_a is None or lora_b is None):
-            raise RuntimeError(f"hyclora internal error: {meta.name} has LoRA but no A/B")
-
-
-def _keep(plan: BlockPlan, store: TensorStore, name: str, x: torch.Tensor):
-    plan.policy.keep(store, name, x, plan.stats.get(name), plan.update, replay=name in plan.replay)
-
-
-_XA = {n: f"xa_{n}" for n in ("q", "k", "v", "o", "gate", "up", "down")}  # saved-tensor names, made once
-_RNG = {n: f"rng_{n}" for n in _XA}
-
-
-def _keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
-    if meta.has_lora:
-        store.plain(_XA[name], out.xa)
-        if out.rng_state is not None:
-            store.plain(_RNG[name], out.rng_state)
-
-
-def _linear_grads_input_first(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, lin_offset: int):
-    """:func:`_linear_grads` for a linear whose input the backward rebuilds afterwards (down_proj's
-    ``D``, o_proj's attention output): ``(dx, dbias, dB, grad_a)`` with ``grad_a(x_hat) -> dA``."""
-    base = lin_offset + PARAMS_PER_LINEAR * i
-    need = ctx.needs_input_grad
-    return lora_linear_backward_input_first(
-        plan.linears[i], dy, load.get(_XA[name]), *(load.param(base + j) for j in range(PARAMS_PER_LINEAR)),
-        rng_state=load.get(_RNG[name]), need_da=bool(need[base + 2]), need_db=bool(need[base + 3]),
-        need_dbias=bool(need[base + 1]), fused=plan.policy.lora_fused_backend)
-
-
-def _linear_grads(ctx, plan: BlockPlan, load: TensorLoad, i: int, name: str, dy, x_hat, lin_offset: int):
-    """Run one linear's backward; returns ``(dx, (None, dbias, dA, dB))``."""
-    meta = plan.linears[i]
-    base = lin_offset + PARAMS_PER_LINEAR * i
-    param = load.param
-    weight, bias, lora_a, lora_b = param(base), param(base + 1), param(base + 2), param(base + 3)
-    need = ctx.needs_input_grad
-    dx, dbias, da, db = lora_linear_backward(
-        meta, dy, x_hat, load.get(_XA[name]), weight, bias, lora_a, lora_b,
-        rng_state=load.get(_RNG[name]),
-        need_dx=True,
-        need_da=bool(need[base + 2]),
-        need_db=bool(need[base + 3]),
-        need_dbias=bool(need[base + 1]),
-        fused=plan.policy.lora_fused_backend,
-    )
-    return dx, (None, dbias, da, db)
 
 
 def _normalised(plan: BlockPlan, x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -229,7 +104,7 @@ def _normalised(plan: BlockPlan, x_hat: torch.Tensor, rstd: torch.Tensor, weight
     input costs one elementwise pass and no bytes, and carries the norm input's quantisation
     error, which its outlier channels and rows keep smaller than a separate copy's (measured on
     SmolLM2-135M: BENCHMARKS.md)."""
-    return fused_rmsnorm.rmsnorm_from_rstd_fused(x_hat, rstd, weight, backend=plan.policy.fused_backend)
+    return rmsnorm_from_rstd_fused(x_hat, rstd, weight, backend=plan.policy.fused_backend)
 
 
 def _norm_input(plan: BlockPlan, load: TensorLoad, name: str, rstd_name: str, need_normalised: bool):
@@ -250,7 +125,7 @@ def _norm_backward(plan: BlockPlan, load: TensorLoad, need, name: str, rstd_name
     if x_hat is None:
         x_hat = load.get(name)
     # full_fuse: one pass over the rebuilt input (dx + residual, weight-gradient partials)
-    return fused_rmsnorm.rmsnorm_backward_dense(dxn, x_hat, load.get(rstd_name), load.param(2), dy,
+    return rmsnorm_backward_dense(dxn, x_hat, load.get(rstd_name), load.param(2), dy,
                                                 need_dx=need[1], need_dweight=need[2],
                                                 backend=plan.policy.fused_backend)
 
@@ -306,9 +181,7 @@ class AttentionBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
         check_implementation(plan.impl, plan.layer_name)
-        _check_params(plan, lin, norm_w)
-        ctx.plan = plan
-        ctx.autocast = _autocast_state(x.device.type)
+        begin_forward(ctx, plan, lin, norm_w, x)
         pol = plan.policy
         b, s, _ = x.shape
         H, HKV, D = plan.num_heads, plan.num_kv_heads, plan.head_dim
@@ -321,18 +194,18 @@ class AttentionBlockFn(torch.autograd.Function):
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_in", "rstd1", x, norm_w)
         else:
             xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-            _keep(plan, store, "x_in", x)
+            keep(plan, store, "x_in", x)
             store.plain("rstd1", rstd)
 
         metas = plan.linears
         ys = []
         for i, name in enumerate(_QKV):
-            out = lora_linear_forward(metas[i], xn, *_linear_params(lin, i), fused=pol.lora_fused_backend)
-            _keep_linear_extras(store, name, metas[i], out)
+            out = lora_linear_forward(metas[i], xn, *linear_params(lin, i), fused=pol.fused_lora)
+            keep_linear_extras(store, name, metas[i], out)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
             # values better (the paper's intra_inter choice; used here for every layer type).
-            _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
+            keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
             ys.append(out.y)
             del out  # its base part y_w is freed before the next projection runs (long inputs)
         del xn  # not kept: the backward renormalises the kept x_in (see _normalised)
@@ -349,17 +222,17 @@ class AttentionBlockFn(torch.autograd.Function):
             if pol.probs_mode != "recompute":
                 pol.keep_probs(store, "probs", probs)
                 if metas[3].has_lora:
-                    _keep(plan, store, "o", o)
+                    keep(plan, store, "o", o)
             del probs
         elif _s2_flash(ctx.core_impl, plan, q, k, v, mask):  # S²-Attn on views, no block copies
-            o = s2_output(q, k, v, _s2_group(plan, s), plan.scaling).view(b, s, H * D)
+            o = s2_output(q, k, v, _s2_group(plan, s), plan.scaling, pol.s2_block_kernels).view(b, s, H * D)
         else:
             o = attention_forward(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                   plan.s2_group_ratio, plan.s2_group_size)
         del q, k, v
-        out_o = lora_linear_forward(metas[3], o, *_linear_params(lin, 3), fused=pol.lora_fused_backend)
+        out_o = lora_linear_forward(metas[3], o, *linear_params(lin, 3), fused=pol.fused_lora)
         del o
-        _keep_linear_extras(store, "o", metas[3], out_o)
+        keep_linear_extras(store, "o", metas[3], out_o)
         o_y = out_o.y
         del out_o  # frees the base part before the residual add (long inputs)
         y = x + o_y
@@ -369,16 +242,12 @@ class AttentionBlockFn(torch.autograd.Function):
         store.plain("sin", sin, describe=False)
         if plan.impl != "eager" or pol.probs_mode == "recompute":
             store.plain("mask", mask, describe=False)  # only a recompute of the attention needs it
-        store.save(ctx)
-        if plan.record is not None:
-            plan.record["attention"] = store.manifest
+        end_forward(ctx, plan, store, "attention")
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        plan: AttentionPlan = ctx.plan
-        with _autocast(ctx.autocast):
-            return AttentionBlockFn._backward(ctx, plan, dy)
+        return backward_in_autocast(ctx, AttentionBlockFn._backward, dy)
 
     @staticmethod
     def _backward(ctx, plan: AttentionPlan, dy):
@@ -395,8 +264,8 @@ class AttentionBlockFn(torch.autograd.Function):
         def rebuilt(i: int, name: str, heads: int):
             val = load.get(name)
             if pol.reconstruct:
-                val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                       fused=pol.lora_fused_backend)
+                val = lora_reconstruct(metas[i], val, load.get(XA_NAMES[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
+                                       fused=pol.fused_lora)
             return val.view(b, s, heads, D).transpose(1, 2)
 
         if pol.fused:  # one kernel each: dequantise + exact rows + LoRA term + RoPE, head-major
@@ -414,7 +283,7 @@ class AttentionBlockFn(torch.autograd.Function):
                 o_hat = load.get("o") if metas[3].has_lora else None
             else:  # recompute the map (and the o_proj input) from the rebuilt q/k/v
                 o_hat, probs = eager_attention_forward(q, k, v, mask, plan.scaling, plan.is_causal)
-            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_hat, off)
+            do, lin_grads[12:16] = linear_grads(ctx, plan, load, 3, "o", dy, o_hat, off)
             del o_hat
             do = do.view(b, s, H, D).transpose(1, 2)
             dq, dk, dv = eager_attention_backward(do, probs, q, k, v, plan.scaling)
@@ -423,25 +292,25 @@ class AttentionBlockFn(torch.autograd.Function):
             # S²-Attn by flash calls on views: no block copies, gradients written over q/k/v
             group = _s2_group(plan, s)
             own = (True, True, not load.holds(v))  # q, k: fresh from RoPE; v: a saved tensor in baseline
-            if s2attn.s2_block_kernels(group) == "sdpa":
+            if s2attn.s2_block_kernels(group, plan.policy.s2_block_kernels) == "sdpa":
                 # dO first (it needs no attention output); each block's attention is then recomputed
                 # under autograd and differentiated, writing the o_proj input that o's LoRA-A
                 # gradient reads last: one attention forward per block, as the flash variant
-                do, dbias_o, db_o, grad_a_o = _linear_grads_input_first(ctx, plan, load, 3, "o", dy, off)
+                do, dbias_o, db_o, grad_a_o = linear_grads_input_first(ctx, plan, load, 3, "o", dy, off)
                 o_re = q.new_empty(b, s, H, D)
                 dq, dk, dv = s2_sdpa_backward(q, k, v, do.view(b, s, H, D), group, plan.scaling, own, out=o_re)
                 lin_grads[12:16] = (None, dbias_o, grad_a_o(o_re.view(b, s, H * D)), db_o)
                 del o_re, grad_a_o
             else:
                 o_re, per_block = s2_flash_forward(q, k, v, group, plan.scaling)
-                do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
+                do, lin_grads[12:16] = linear_grads(ctx, plan, load, 3, "o", dy, o_re.view(b, s, H * D), off)
                 dq, dk, dv = s2_flash_backward(q, k, v, o_re, do.view(b, s, H, D), per_block, group, plan.scaling,
                                                own)
                 del o_re, per_block
         else:
             o_re, leaves = attention_recompute(ctx.core_impl, q, k, v, mask, plan.scaling, plan.is_causal,
                                                plan.s2_group_ratio, plan.s2_group_size)
-            do, lin_grads[12:16] = _linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)
+            do, lin_grads[12:16] = linear_grads(ctx, plan, load, 3, "o", dy, o_re.detach(), off)
             dq, dk, dv = torch.autograd.grad(o_re, leaves, do)
             del o_re, leaves
         del q, k, v, do
@@ -456,7 +325,7 @@ class AttentionBlockFn(torch.autograd.Function):
         dprojs = [dq, dk, dv]
         del dq, dk, dv  # each freed once its linear's backward has run (long sequences: (s, d) each)
         for i, name in enumerate(_QKV):
-            dxi, lin_grads[4 * i : 4 * i + 4] = _linear_grads(ctx, plan, load, i, name, dprojs[i], x_n1, off)
+            dxi, lin_grads[4 * i : 4 * i + 4] = linear_grads(ctx, plan, load, i, name, dprojs[i], x_n1, off)
             dprojs[i] = None
             dxn = dxi if dxn is None else dxn.add_(dxi)  # dxi/dxn: fresh tensors of this backward
             del dxi
@@ -476,13 +345,13 @@ def swiglu_epilogue_forward(plan: BlockPlan, store: TensorStore, g_out, u_out) -
     """Keep what the backward needs of the gate/up outputs; return ``D = SiLU(G) * U``."""
     pol, metas = plan.policy, plan.linears
     for name, meta, out in zip(_GATE_UP, metas[:2], (g_out, u_out)):
-        _keep_linear_extras(store, name, meta, out)
-        _keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
+        keep_linear_extras(store, name, meta, out)
+        keep(plan, store, name, out.y_w if pol.reconstruct else out.y)
     sil, hidden = silu_mul_forward(g_out.y, u_out.y)
     if pol.store_elementwise:
-        _keep(plan, store, "silu", sil)
+        keep(plan, store, "silu", sil)
         if metas[2].has_lora:
-            _keep(plan, store, "hidden", hidden)
+            keep(plan, store, "hidden", hidden)
     return hidden
 
 
@@ -500,8 +369,8 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
     def rebuilt(i: int, name: str):
         val = load.get(name)
         if pol.reconstruct:
-            val = lora_reconstruct(metas[i], val, load.get(_XA[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
-                                   fused=pol.lora_fused_backend)
+            val = lora_reconstruct(metas[i], val, load.get(XA_NAMES[name]), load.param(off + PARAMS_PER_LINEAR * i + 3),
+                                   fused=pol.fused_lora)
         return val
 
     g, u = rebuilt(0, "gate"), rebuilt(1, "up")
@@ -522,9 +391,7 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
 class MLPBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: MLPPlan, x, norm_w, *lin):
-        _check_params(plan, lin, norm_w)
-        ctx.plan = plan
-        ctx.autocast = _autocast_state(x.device.type)
+        begin_forward(ctx, plan, lin, norm_w, x)
         store = TensorStore()
         store.params((None, None, norm_w) + tuple(lin))
 
@@ -532,38 +399,34 @@ class MLPBlockFn(torch.autograd.Function):
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_mid", "rstd2", x, norm_w)
         else:
             xn, rstd = rmsnorm_forward(x, norm_w, plan.eps)
-            _keep(plan, store, "x_mid", x)
+            keep(plan, store, "x_mid", x)
             store.plain("rstd2", rstd)
 
         metas = plan.linears
         # full_fuse: base outputs and XA only; one kernel adds the LoRA terms, quantises and
         # computes SiLU(G) * U, so the full G and U never reach memory
-        linear_fwd = fused_swiglu.lora_base_forward if plan.policy.fused else lora_linear_forward
-        g_out = linear_fwd(metas[0], xn, *_linear_params(lin, 0), fused=plan.policy.lora_fused_backend)
-        u_out = linear_fwd(metas[1], xn, *_linear_params(lin, 1), fused=plan.policy.lora_fused_backend)
+        linear_fwd = lora_base_forward if plan.policy.fused else lora_linear_forward
+        g_out = linear_fwd(metas[0], xn, *linear_params(lin, 0), fused=plan.policy.fused_lora)
+        u_out = linear_fwd(metas[1], xn, *linear_params(lin, 1), fused=plan.policy.fused_lora)
         del xn  # not kept: the backward renormalises the kept x_mid (see _normalised)
         if plan.policy.fused:
             hidden = fused_swiglu.fused_gate_up_forward(
-                plan, store, g_out, u_out, _linear_params(lin, 0)[3], _linear_params(lin, 1)[3])
+                plan, store, g_out, u_out, linear_params(lin, 0)[3], linear_params(lin, 1)[3])
         else:
             hidden = swiglu_epilogue_forward(plan, store, g_out, u_out)
         del g_out, u_out
-        d_out = lora_linear_forward(metas[2], hidden, *_linear_params(lin, 2), fused=plan.policy.lora_fused_backend)
+        d_out = lora_linear_forward(metas[2], hidden, *linear_params(lin, 2), fused=plan.policy.fused_lora)
         del hidden
-        _keep_linear_extras(store, "down", metas[2], d_out)
+        keep_linear_extras(store, "down", metas[2], d_out)
         y = x + d_out.y
         if plan.check_finite:
             check_finite(y, f"{plan.layer_name} (output of the decoder layer)")
-        store.save(ctx)
-        if plan.record is not None:
-            plan.record["mlp"] = store.manifest
+        end_forward(ctx, plan, store, "mlp")
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        plan: MLPPlan = ctx.plan
-        with _autocast(ctx.autocast):
-            return MLPBlockFn._backward(ctx, plan, dy)
+        return backward_in_autocast(ctx, MLPBlockFn._backward, dy)
 
     @staticmethod
     def _backward(ctx, plan: MLPPlan, dy):
@@ -581,7 +444,7 @@ class MLPBlockFn(torch.autograd.Function):
         else:
             # dD first (it needs no activation, so nothing of size (tokens, d_ff) is alive while its
             # matmuls run), then G/U/D are rebuilt and down's LoRA-A gradient reads D.
-            dh, dbias, db, grad_a = _linear_grads_input_first(ctx, plan, load, 2, "down", dy, off)
+            dh, dbias, db, grad_a = linear_grads_input_first(ctx, plan, load, 2, "down", dy, off)
             epilogue = swiglu_epilogue_backward(plan, load)
             lin_grads[8:12] = (None, dbias, grad_a(next(epilogue)), db)
             dg, du = epilogue.send(dh)
@@ -590,8 +453,8 @@ class MLPBlockFn(torch.autograd.Function):
 
         metas = plan.linears
         x_hat, x_n2 = _norm_input(plan, load, "x_mid", "rstd2", metas[0].has_lora or metas[1].has_lora)
-        dxg, lin_grads[0:4] = _linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
-        dxu, lin_grads[4:8] = _linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
+        dxg, lin_grads[0:4] = linear_grads(ctx, plan, load, 0, "gate", dg, x_n2, off)
+        dxu, lin_grads[4:8] = linear_grads(ctx, plan, load, 1, "up", du, x_n2, off)
         dxn = dxg.add_(dxu)  # dxg: a fresh tensor of this backward
         del x_n2, dxg, dxu, dg, du
         dx, dnorm = _norm_backward(plan, load, need, "x_mid", "rstd2", x_hat, dxn, dy)
@@ -614,7 +477,10 @@ def mlp_block(plan: MLPPlan, x, norm_w, params: Sequence):
         raise ValueError("hyclora: mlp_block needs 3 linears (gate, up, down)")
     width = x.shape[-1]
     rows = x.numel() // width if x.dim() and width else 0
-    chunk_rows = max(1, MLP_CHUNK_ELEMENTS // plan.d_ff) if plan.d_ff > 0 else rows
+    # the MLP is position-wise: a long sequence runs it in row chunks, so that its (tokens, d_ff)
+    # temporaries never exist for the whole sequence (policy.mlp_chunk_elements per chunk)
+    chunk = plan.policy.mlp_chunk_elements
+    chunk_rows = max(1, chunk // plan.d_ff) if plan.d_ff > 0 and chunk > 0 else rows
     if rows <= chunk_rows:
         return MLPBlockFn.apply(plan, x, norm_w, *params)
     return _mlp_in_row_chunks(plan, x, norm_w, params, chunk_rows)

@@ -26,11 +26,22 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# ``intra_inter_full_fuse`` computes the LoRA terms with the fused LoRA ops (the one-rounding
-# epilogue and the kernels of ``hyclora.ops.lora_kernels``); False runs them op by op as the other
-# layer types do (PEFT's roundings). Read at each step; for A/B timing (the benchmarks' LoRA-ops
-# switches) and as an escape hatch should a fused path misbehave on some GPU.
-FUSED_LORA_OPS = True
+from hyclora.kernels import lora as lora_kernels
+from hyclora.kernels.lora import cast_to, scaled
+
+
+@dataclass(frozen=True)
+class FusedLoRA:
+    """The fused LoRA ops of ``intra_inter_full_fuse`` (one-rounding epilogue, 16-bit reads):
+    the kernel ``backend``, and from how many tokens per call their Triton kernels launch outside
+    CUDA graph capture (``min_tokens``; ``None``: only under capture)."""
+
+    backend: str
+    min_tokens: Optional[int] = None
+
+    def kernels_run(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernels run for ``x`` (``(..., features)``)."""
+        return lora_kernels.kernels_run(self.backend, x, self.min_tokens)
 
 
 @dataclass(frozen=True)
@@ -104,17 +115,6 @@ def redraw_dropout_mask(
 # -- forward / backward ---------------------------------------------------------------------
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # ``t.to(dtype)`` returns ``t`` itself when the dtype already matches, but only after a trip
-    # through the dispatcher (~1 us of host time); these casts run ~8 times per LoRA linear and pass
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
-    # ``t * 1.0`` is ``t`` bit for bit; skipping it saves one full-size elementwise kernel per
-    # LoRA linear and pass (alpha == r, the common setting), which matters when the step is
-    # bound by the host's launch rate.
-    return t if scaling == 1.0 else t * scaling
 
 
 
@@ -134,7 +134,7 @@ def lora_linear_forward(
     lora_a: Optional[torch.Tensor],
     lora_b: Optional[torch.Tensor],
     *,
-    fused: Optional[str] = None,
+    fused: Optional[FusedLoRA] = None,
 ) -> LinearOut:
     """``fused`` (``intra_inter_full_fuse``: the kernel backend, else None): the LoRA term is
     added in one pass (:func:`_add_lora`), one rounding instead of three, no full-size temporary."""
@@ -146,14 +146,12 @@ def lora_linear_forward(
 
 
 def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor,
-                         fused: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                         fused: Optional[FusedLoRA] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(drop(x) A^T, generator state before the dropout mask or None)`` in ``A``'s dtype.
     ``fused`` (a kernel backend) without dropout: a 16-bit ``x`` with fp32 ``A`` is read as it is
-    by :func:`hyclora.ops.lora_kernels.lora_down` instead of being cast to fp32 first."""
+    by :func:`hyclora.kernels.lora.lora_down` instead of being cast to fp32 first."""
     if meta.dropout_p == 0 and _reads_16bit(fused, x, lora_a):
-        from .lora_kernels import lora_down
-
-        return lora_down(x, lora_a, backend=fused), None
+        return lora_kernels.lora_down(x, lora_a, backend=fused.backend, min_tokens=fused.min_tokens), None
     xl = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
     rng_state = None
     if meta.dropout_p > 0:
@@ -163,31 +161,38 @@ def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor
 
 
 def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor,
-              fused: Optional[str]) -> torch.Tensor:
+              fused: Optional[FusedLoRA]) -> torch.Tensor:
     """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused`` (a
     kernel backend): then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 when the three
     share a dtype, and :func:`lora_epilogue` for mixed dtypes (PEFT's fp32 adapters on a bf16
     base): one Triton pass where its kernels run (CUDA graph capture by default:
-    :func:`hyclora.ops.lora_kernels.kernels_run`), else PEFT's op-by-op expression."""
+    :func:`hyclora.kernels.lora.kernels_run`), else PEFT's op-by-op expression."""
     if fused is None:
-        return lora_term_added(y_w, xa, lora_b, meta.scaling)
+        return lora_kernels.lora_epilogue_torch(y_w, xa, lora_b, meta.scaling)
     n, r = y_w.shape[-1], xa.shape[-1]
     if xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
         return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
-    from .lora_kernels import lora_epilogue  # imports the Triton kernels (which import this module)
+    return lora_kernels.lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused.backend,
+                                      min_tokens=fused.min_tokens)
 
-    return lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused)
 
-
-def lora_term_added(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``y_w + scaling * (xa @ lora_b^T)`` op by op, the sum in the promoted dtype, cast to
-    ``y_w``'s dtype: PEFT's expression (``* 1.0`` skipped: the identity)."""
-    return _cast(y_w + _scaled(F.linear(xa, lora_b), scaling), y_w.dtype)
+def lora_base_forward(meta: LinearMeta, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor] = None, *,
+                      fused: Optional[FusedLoRA] = None) -> LinearOut:
+    """:func:`hyclora.ops.lora.lora_linear_forward` without the final ``y_w + s (XA) B^T``
+    (``y`` is ``None``; ``lora_b`` is accepted for the same signature and not used): the fused
+    kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
+    dropout draw (same generator consumption) as the original."""
+    y_w = F.linear(x, dense_weight(meta, weight), bias)
+    if not meta.has_lora:
+        return LinearOut(None, y_w, None, None)
+    xa, rng_state = lora_down_projection(meta, x, lora_a, fused)
+    return LinearOut(None, y_w, xa, rng_state)
 
 
 def lora_reconstruct(
     meta: LinearMeta, y_w: torch.Tensor, xa: Optional[torch.Tensor], lora_b: Optional[torch.Tensor],
-    *, fused: Optional[str] = None,
+    *, fused: Optional[FusedLoRA] = None,
 ) -> torch.Tensor:
     """Rebuild ``y = y_w + s * xa B^T`` from a (dequantised) base part and the exact ``xa``."""
     if not meta.has_lora:
@@ -209,13 +214,13 @@ def lora_linear_backward(
     need_da: bool = True,
     need_db: bool = True,
     need_dbias: bool = False,
-    fused: Optional[str] = None,
+    fused: Optional[FusedLoRA] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Return ``(dx, dbias, dA, dB)``; A/B gradients are reduced over all tokens explicitly.
 
     ``x_hat`` is the (possibly dequantised) forward input; only ``dA`` uses it. ``fused`` (a
     kernel backend, ``intra_inter_full_fuse``): with fp32 adapters on a 16-bit ``dy``, where the
-    kernels of :mod:`hyclora.ops.lora_kernels` run (``kernels_run``: CUDA graph capture by
+    kernels of :mod:`hyclora.kernels.lora` run (``kernels_run``: CUDA graph capture by
     default), ``s dy B``, ``dB`` and ``dA`` come from them reading ``dy`` and ``x_hat`` as they
     are (no fp32 copies), and the LoRA part of ``dx`` is added over ``dx`` in one rounding.
     """
@@ -233,17 +238,16 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
         r = lora_a.shape[0]
         if _reads_16bit(fused, dy, lora_b):
             # fp32 adapters, 16-bit dy: the rank-r products read dy as it is (no fp32 copy)
-            from .lora_kernels import lora_down, token_reduced_product
 
             if need_db:
-                db = _cast(_scaled(token_reduced_product(dy, xa, backend=fused), meta.scaling), lora_b.dtype)
-            dxa = _scaled(lora_down(dy, lora_b.t(), backend=fused), meta.scaling)  # (..., r)
+                db = cast_to(scaled(lora_kernels.token_reduced_product(dy, xa, backend=fused.backend, min_tokens=fused.min_tokens), meta.scaling), lora_b.dtype)
+            dxa = scaled(lora_kernels.lora_down(dy, lora_b.t(), backend=fused.backend, min_tokens=fused.min_tokens), meta.scaling)  # (..., r)
         else:
-            dl = _scaled(_cast(dy, lora_b.dtype), meta.scaling)
+            dl = scaled(cast_to(dy, lora_b.dtype), meta.scaling)
             dl2 = dl.reshape(-1, dl.shape[-1])
             if need_db:
-                db = _cast(dl2.t().mm(_cast(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
-            dxa = dl.matmul(_cast(lora_b, dl.dtype))  # (..., r)
+                db = cast_to(dl2.t().mm(cast_to(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
+            dxa = dl.matmul(cast_to(lora_b, dl.dtype))  # (..., r)
             del dl, dl2
         mask = None
         if meta.dropout_p > 0 and (need_da or need_dx):
@@ -253,16 +257,16 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
         if need_dx:
             if mask is None and dxa.dtype == dx.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
-                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), _cast(lora_a, dx.dtype))
+                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), cast_to(lora_a, dx.dtype))
             elif mask is None and _reads_16bit(fused, dx, lora_a):
-                from .lora_kernels import lora_epilogue
 
-                dx = lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused, in_place=True)  # dx: ours
+                dx = lora_kernels.lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused.backend,
+                                                min_tokens=fused.min_tokens, in_place=True)  # dx: ours
             else:
-                dxl = dxa.matmul(_cast(lora_a, dxa.dtype))
+                dxl = dxa.matmul(cast_to(lora_a, dxa.dtype))
                 if mask is not None:
                     dxl = dxl * mask
-                dx = dx.add_(_cast(dxl, dx.dtype))
+                dx = dx.add_(cast_to(dxl, dx.dtype))
     return dx, dbias, da, db, dxa
 
 
@@ -271,35 +275,33 @@ def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.T
     return redraw_dropout_mask(rng_state, shape, lora_a.dtype, dy.device, meta.dropout_p)
 
 
-def _reads_16bit(fused: Optional[str], x: torch.Tensor, factor: torch.Tensor) -> bool:
+def _reads_16bit(fused: Optional[FusedLoRA], x: torch.Tensor, factor: torch.Tensor) -> bool:
     """Whether the fused LoRA kernels take ``x`` (16-bit) with an fp32 ``factor`` (the fp32
     copy of ``x`` that cuBLAS would need is skipped): only where their Triton path runs (the
-    backend, and :func:`hyclora.ops.lora_kernels.kernels_run`'s launch threshold); else the op-by-op
+    backend, and :func:`hyclora.kernels.lora.kernels_run`'s launch threshold); else the op-by-op
     path, which casts each tensor once for all its products."""
     if fused is None or factor.dtype is not torch.float32 or x.dtype not in _16BIT:
         return False
-    from . import lora_kernels  # not at import time: it imports this module
-
-    return lora_kernels.kernels_run(fused, x)
+    return fused.kernels_run(x)
 
 
 _16BIT = (torch.float16, torch.bfloat16)
 
 
 def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,
-                 mask: Optional[torch.Tensor], fused: Optional[str] = None) -> torch.Tensor:
+                 mask: Optional[torch.Tensor], fused: Optional[FusedLoRA] = None) -> torch.Tensor:
     """``dA = dxa^T (drop(x_hat))`` reduced over all tokens, in ``lora_a``'s dtype."""
     if x_hat is None:
         raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
     if mask is None and _reads_16bit(fused, x_hat, lora_a) and dxa.dtype == torch.float32:
-        from .lora_kernels import token_reduced_product
 
-        return _cast(token_reduced_product(x_hat, dxa, backend=fused).t(), lora_a.dtype)
-    xl = _cast(x_hat, lora_a.dtype)
+        return cast_to(lora_kernels.token_reduced_product(x_hat, dxa, backend=fused.backend,
+                                                             min_tokens=fused.min_tokens).t(), lora_a.dtype)
+    xl = cast_to(x_hat, lora_a.dtype)
     if mask is not None:
         xl = xl * mask
     r = lora_a.shape[0]
-    return _cast(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
+    return cast_to(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
 
 
 def lora_linear_backward_input_first(
@@ -314,7 +316,7 @@ def lora_linear_backward_input_first(
     need_da: bool = True,
     need_db: bool = True,
     need_dbias: bool = False,
-    fused: Optional[str] = None,
+    fused: Optional[FusedLoRA] = None,
 ):
     """:func:`lora_linear_backward` in two steps, for a linear whose input the backward rebuilds
     (down_proj's ``D``): ``dx``, ``dbias`` and ``dB`` need no input and come first, so the input
@@ -335,6 +337,7 @@ def lora_linear_backward_input_first(
 
 
 __all__ = [
+    "lora_base_forward",
     "LinearMeta",
     "LinearOut",
     "lora_linear_forward",

@@ -195,7 +195,7 @@ def _check_mask(mask: MaskLike, b: int, h: int, s: int) -> None:
         )
 
 
-def _simplify_mask(mask: MaskLike) -> MaskLike:
+def simplify_mask(mask: MaskLike) -> MaskLike:
     """Drop masks that causal attention already implies.
 
     A key-padding mask whose padding sits at the end of every row (right padding, the usual
@@ -207,7 +207,7 @@ def _simplify_mask(mask: MaskLike) -> MaskLike:
     if isinstance(mask, IndexMask) and mask.key_padding is not None:
         # One mask object serves every layer of a forward: decide (and sync) once.
         if not hasattr(mask, "_s2_simplified"):
-            mask._s2_simplified = _simplify_mask(mask.key_padding)
+            mask._s2_simplified = simplify_mask(mask.key_padding)
         return mask._s2_simplified
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         keep = mask.to(torch.bool)
@@ -314,7 +314,7 @@ def s2_attention(
         dropout_p: attention dropout probability (pass 0 at eval).
 
     Outputs at padding positions are not meaningful: rows that can see no key return zeros, and
-    with right padding (the fast path, see ``_simplify_mask``) padding rows attend like real
+    with right padding (the fast path, see ``simplify_mask``) padding rows attend like real
     tokens. Real tokens are exact in every case.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -338,7 +338,7 @@ def s2_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"s2_attention: dropout_p={dropout_p!r} must be in [0, 1).")
     _check_mask(attention_mask, b, h, s)
-    attention_mask = _simplify_mask(attention_mask)
+    attention_mask = simplify_mask(attention_mask)
 
     g = resolve_group_size(s, group_ratio, group_size)
     shift = g // 2
@@ -413,7 +413,7 @@ __all__ = [
 # about a dozen (tokens, hidden) tensors were alive in the attention backward, the peak of a
 # checkpointed hyclora step. The functions below run the same attention as a list of causal
 # blocks, each a strided VIEW of the (b, h, s, d) tensors handed to the attention kernels directly
-# (``S2_BLOCK_KERNELS``: PyTorch's sdpa dispatch, or the aten flash ops),
+# (``HyCLoRAConfig.s2_block_kernels``: PyTorch's sdpa dispatch, or the aten flash ops),
 # and write every block's gradient into the memory of the q/k/v it came from (the blocks are
 # disjoint in (batch, head, token)), so the backward holds q/k/v (turning into dq/dk/dv), o, dO
 # and one block's temporaries. Used by the decoder block's backward when eligible
@@ -522,25 +522,21 @@ def s2_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: i
     return _blockwise_output(q, k, v, group, lambda qv, kv, vv: _flash_forward(qv, kv, vv, scaling))
 
 
-# The block kernels: "sdpa" calls F.scaled_dot_product_attention on each block's views, so PyTorch
-# picks the backend, and the backward differentiates each block's recompute; "flash" calls the
-# aten FA2 ops directly and keeps each block's log-sum-exp. Both see the same strided views and
-# write the same layouts. "auto" (the default) takes sdpa for blocks of at least
-# ``S2_SDPA_MIN_BLOCK`` tokens and flash below. Measured (BENCHMARKS.md run 7, H200, 7B shape,
-# hyclora + S²-Attn + GC, group 1/4, tokens/s sdpa vs flash): 8k (blocks of 2048) 8042 vs 9730,
-# 16k 10346 vs 9536, 32k 9494 vs 8293, 64k 8031 vs 6460. Why sdpa loses on short blocks is not
-# profiled (a guess: sdpa's dispatch plus one autograd graph per block adds host work per call).
-S2_BLOCK_KERNELS = "auto"
+# The block kernels: "sdpa" calls F.scaled_dot_product_attention on each block's views (PyTorch
+# picks the backend; the backward differentiates each block's recompute); "flash" calls the aten
+# FA2 ops directly and keeps each block's log-sum-exp. "auto" takes sdpa from S2_SDPA_MIN_BLOCK
+# tokens per block and flash below, where sdpa measured slower (BENCHMARKS.md).
 S2_SDPA_MIN_BLOCK = 4096
 
 
-def s2_block_kernels(group: int) -> str:
-    """``"sdpa"`` or ``"flash"``: the block kernels for S²-Attn groups of ``group`` tokens."""
-    if S2_BLOCK_KERNELS == "auto":
+def s2_block_kernels(group: int, choice: str = "auto") -> str:
+    """``"sdpa"`` or ``"flash"``: the block kernels for S²-Attn groups of ``group`` tokens
+    (``choice``: ``HyCLoRAConfig.s2_block_kernels``)."""
+    if choice == "auto":
         return "sdpa" if group >= S2_SDPA_MIN_BLOCK else "flash"
-    if S2_BLOCK_KERNELS not in ("sdpa", "flash"):
-        raise ValueError(f"hyclora.ops.s2attn.S2_BLOCK_KERNELS={S2_BLOCK_KERNELS!r}: use 'auto', 'sdpa' or 'flash'")
-    return S2_BLOCK_KERNELS
+    if choice not in ("sdpa", "flash"):
+        raise ValueError(f"hyclora: s2_block_kernels={choice!r} is invalid: use 'auto', 'sdpa' or 'flash'")
+    return choice
 
 
 def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
@@ -553,9 +549,9 @@ def s2_sdpa_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
 
 
 def s2_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
-              scaling: Optional[float] = None) -> torch.Tensor:
+              scaling: Optional[float] = None, kernels: str = "auto") -> torch.Tensor:
     """The S²-Attn output by the block kernels :func:`s2_block_kernels` picks."""
-    if s2_block_kernels(group) == "sdpa":
+    if s2_block_kernels(group, kernels) == "sdpa":
         return s2_sdpa_output(q, k, v, group, scaling)
     return s2_flash_forward(q, k, v, group, scaling)[0]
 

@@ -3,7 +3,8 @@
 One code path for every layer type: the blocks call ``policy.keep(...)`` for each tensor they
 need in the backward, and ``load.get(name)`` in the backward returns it (dequantised /
 densified). Which tensors are kept at all (e.g. ``Q(X W)`` instead of ``Q(Y)`` and no SiLU
-output for ``intra_inter``) is read from the policy's flags by the blocks.
+output for ``intra_inter``) is read from the policy's flags by the blocks; how each tensor is
+stored (bits, row groups, exact rows) is its row in :mod:`hyclora.ops.tensor_specs`.
 
 Everything goes through a single ``ctx.save_for_backward`` call, so saved-tensor hooks
 (memory measurement, offloading, non-reentrant checkpointing) see every byte; only non-tensor
@@ -19,51 +20,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from hyclora.ops import lora as _lora
+from hyclora import quant as hq  # imports nothing from ops: no cycle
+from hyclora.config import ATTENTION_PROBS as PROBS_MODES
+from hyclora.config import LAYER_TYPES, S2_BLOCK_KERNELS
+from hyclora.ops.lora import FusedLoRA
+from hyclora.ops.tensor_specs import (DECODER, GROUP_SIZE, TensorSpec, double_bit_names, family_specs,
+                                      outlier_row_count, tensor_spec)
 
-COMPRESSING_TYPES = ("intra", "intra_inter", "intra_inter_full_fuse")
-LAYER_TYPES = ("baseline",) + COMPRESSING_TYPES
-PROBS_MODES = ("auto", "dense", "sparse", "recompute")
-
-
-_QUANT = None
-
-
-def _quant():
-    global _QUANT
-    if _QUANT is None:  # imported on first use (hyclora.quant imports nothing from ops)
-        from hyclora import quant
-
-        _QUANT = quant
-    return _QUANT
-
-
-# Storage layout of the compressed layer types, chosen by LoRA-gradient cosine on SmolLM2-135M
-# (benchmarks/bench_fidelity.py; numbers in BENCHMARKS.md): each of the three below measurably
-# raised the cosine, and together far more than their bytes would suggest.
-#
-# * Outlier ROWS: a few tokens (attention sinks, BOS) carry activations orders of magnitude
-#   above the others; a per-channel range covering them leaves the other tokens a handful of
-#   levels. The ``ceil(rows / ROW_OUTLIER_EVERY)`` rows of largest |x| are kept exactly and
-#   swapped for an ordinary row before the range is taken (+1.6% bytes at 4 bits in bf16).
-#   gate/up are exempt: the fused SwiGLU kernels (intra_inter_full_fuse) read their codes
-#   directly and must see the same numerics as intra_inter.
-# * Per-row groups of GROUP_SIZE for V, O and D (hyclora/quant/core.py docstring: more
-#   accurate than per-channel ranges for these tensors; +1 bit per element on them).
-# * The inputs of the NON-LINEAR operators at twice the bits (at most 8): the RMSNorm inputs
-#   x_in / x_mid, Q and K (softmax) and G (SiLU). An error in what a non-linear backward reads
-#   is propagated to every earlier layer, while the inputs of linear maps (V: the attention
-#   output is linear in V; U: D = SiLU(G) * U is linear in U; the linears' own inputs) only
-#   perturb their own layer's weight gradients (the paper's Fig. 2d makes the same split on
-#   GSM8K accuracy). Measured on SmolLM2-135M, intra_inter, sdpa (LoRA-gradient cosine mean /
-#   min): 4 bits 0.9789 / 0.8627 with only K doubled -> 0.9951 / 0.9561 with this set; 2 bits
-#   0.448 -> 0.859. Together with renormalising x_in / x_mid instead of keeping the q/k/v and
-#   gate/up inputs, the bytes per token grow by about a quarter (BENCHMARKS.md).
-ROW_OUTLIER_EVERY = 256
-ROW_OUTLIER_EXEMPT = frozenset({"gate", "up"})
-GROUPED_TENSORS = frozenset({"v", "o", "hidden"})
-GROUP_SIZE = 64
-DOUBLE_BIT_TENSORS = frozenset({"x_in", "x_mid", "q", "k", "gate"})
+COMPRESSING_TYPES = tuple(t for t in LAYER_TYPES if t != "baseline")
 
 
 class OutlierRows:
@@ -78,6 +42,11 @@ class OutlierRows:
         self.quant, self.idx, self.vals, self.cleaned = quant, idx, vals, cleaned
 
     @staticmethod
+    def count(rows: int) -> int:
+        """How many exact rows a tensor of ``rows`` rows keeps (the table's rule)."""
+        return outlier_row_count(rows)
+
+    @staticmethod
     def split(x: torch.Tensor, clean: bool = True) -> Optional["OutlierRows"]:
         """Pick the rows of largest max |x|; ``cleaned`` is ``x`` with them replaced by the row
         of smallest max |x| (inside every channel's range, so they stop stretching it), or None
@@ -85,11 +54,10 @@ class OutlierRows:
         clamped and never read since dequantisation overwrites them).
         None when there are too few rows for it to pay off."""
         x2d = x.detach().reshape(-1, x.shape[-1])
-        n = x2d.shape[0]
-        k = -(-n // ROW_OUTLIER_EVERY)
-        if n < 2 * k + 1 or n < 16:
+        k = OutlierRows.count(x2d.shape[0])
+        if not k:
             return None
-        with (_QUANT or _quant()).core.no_grad():
+        with hq.core.no_grad():
             lo, hi = torch.aminmax(x2d, dim=1)  # max |x| per row in one read, no |x| temporary
             score = torch.maximum(hi, lo.neg())
             idx = score.topk(k).indices
@@ -113,11 +81,11 @@ class OutlierRows:
 
     @staticmethod
     def restore(tensors, meta) -> "OutlierRows":
-        qt = _quant().QuantizedTensor.restore(tensors[:-2], meta)
+        qt = hq.QuantizedTensor.restore(tensors[:-2], meta)
         return OutlierRows(qt, tensors[-2], tensors[-1])
 
     def dequantize(self, backend: str = "auto") -> torch.Tensor:
-        out = _quant().dequantize(self.quant, backend=backend)
+        out = hq.dequantize(self.quant, backend=backend)
         flat = out.reshape(-1, out.shape[-1]).index_copy(0, self.idx, self.vals.to(out.dtype))
         return flat.reshape(out.shape)
 
@@ -127,12 +95,11 @@ class StoragePolicy:
     """Decides the storage of every buffered tensor of a block.
 
     * ``baseline``: everything as is (exact gradients).
-    * ``intra``: every buffered activation quantised at ``bits`` (per channel; the norm inputs
-      with exact outlier channels, via their ``ChannelStats``; plus exact outlier rows, per-row
-      groups for V/O/D and 2x bits for the non-linear operators' inputs: see
-      ``DOUBLE_BIT_TENSORS`` above), the eager softmax map
-      recomputed (``probs_mode``);
-      SiLU(G) and the Hadamard product D are stored quantised.
+    * ``intra``: every buffered activation quantised at ``bits`` (per channel, the norm inputs
+      with exact outlier channels via their ``ChannelStats``; exact outlier rows, row groups and
+      doubled bits as :mod:`hyclora.ops.tensor_specs` says for each tensor of ``family``), the
+      eager softmax map recomputed (``probs_mode``); SiLU(G) and the Hadamard product D are
+      stored quantised.
     * ``intra_inter`` (and ``intra_inter_full_fuse``, same numerics): as ``intra``, but the
       outputs of q/k/v and gate/up are kept as ``Q(X W)`` only and rebuilt as
       ``deq + s (X A) B`` in the backward; SiLU(G) and D are recomputed, never stored.
@@ -143,7 +110,25 @@ class StoragePolicy:
     softmax_ratio: float = 0.05
     backend: str = "auto"
     probs: str = "auto"
-    double_bits: frozenset = DOUBLE_BIT_TENSORS  # names kept at 2 x bits (the decoder's set)
+    family: str = DECODER  # whose rows of the tensor-spec table apply (decoder or encoder blocks)
+    # kernel options: HyCLoRAConfig's fields of the same names
+    fused_lora_ops: bool = True
+    lora_kernels_min_tokens: Optional[int] = None
+    s2_block_kernels: str = "auto"
+    mlp_chunk_elements: int = 1 << 26
+
+    @classmethod
+    def from_config(cls, config, under_graph_capture: bool = False, **overrides) -> "StoragePolicy":
+        """The policy of a :class:`hyclora.config.HyCLoRAConfig`. ``under_graph_capture``: the
+        layer is being warmed up / captured into a CUDA graph, whose replays launch nothing from
+        the host, so the fused LoRA kernels run at any token count."""
+        values = dict(
+            layer_type=config.layer_type, bits=config.q_bit, softmax_ratio=config.softmax_outlier_ratio,
+            backend=config.kernel_backend, probs=config.attention_probs, fused_lora_ops=config.fused_lora_ops,
+            lora_kernels_min_tokens=0 if under_graph_capture else config.lora_kernels_min_tokens,
+            s2_block_kernels=config.s2_block_kernels, mlp_chunk_elements=config.mlp_chunk_elements)
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self):
         if self.layer_type not in LAYER_TYPES:
@@ -152,14 +137,21 @@ class StoragePolicy:
             )
         if self.probs not in PROBS_MODES:
             raise ValueError(f"hyclora: probs={self.probs!r} is invalid; expected one of {', '.join(PROBS_MODES)}")
+        if self.s2_block_kernels not in S2_BLOCK_KERNELS:
+            raise ValueError(f"hyclora: s2_block_kernels={self.s2_block_kernels!r} is invalid; expected one of "
+                             f"{', '.join(S2_BLOCK_KERNELS)}")
         # the flags below are read several times per block call: derive them once (host time)
         compress = self.layer_type != "baseline"
         flags = {
+            "_specs": dict(family_specs(self.family)),  # a dict: the policy is pickled with patched layers
+            "_double_names": double_bit_names(self.family),
             "_compress": compress,
             "_reconstruct": self.layer_type.startswith("intra_inter"),
             "_fused": self.layer_type == "intra_inter_full_fuse",
             "_probs_mode": self.probs if self.probs != "auto" else ("recompute" if compress else "dense"),
             "_double": min(8, 2 * self.bits),
+            "_fused_lora": (FusedLoRA(self.backend, self.lora_kernels_min_tokens)
+                            if self.layer_type == "intra_inter_full_fuse" and self.fused_lora_ops else None),
         }
         for key, value in flags.items():
             object.__setattr__(self, key, value)
@@ -169,9 +161,9 @@ class StoragePolicy:
         """How the eager path keeps the attention map: ``dense`` (as is), ``sparse`` (top
         ``softmax_ratio`` of each row) or ``recompute`` (nothing; the backward recomputes it
         from the rebuilt Q/K, like the sdpa path). ``auto``: dense for baseline, recompute
-        when compressing: measured on SmolLM2-135M (BENCHMARKS.md), the paper's 5% sparse map
-        alone drops the worst LoRA-gradient cosine to 0.03 even at 8 bits, while recomputing
-        costs one QK^T and softmax per layer in the backward and keeps no map at all."""
+        when compressing: the paper's 5% sparse map alone ruins the worst LoRA gradients even at
+        8 bits (BENCHMARKS.md), while recomputing costs one QK^T and softmax per layer in the
+        backward and keeps no map at all."""
         return self._probs_mode
 
     @property
@@ -197,19 +189,21 @@ class StoragePolicy:
         return self.backend if self._fused else "torch"
 
     @property
-    def lora_fused_backend(self) -> Optional[str]:
+    def fused_lora(self) -> Optional[FusedLoRA]:
         """How the LoRA linears compute their rank-r terms: ``None`` op by op (PEFT's roundings;
-        every layer type but full_fuse), else the backend of the fused LoRA ops
+        every layer type but full_fuse, or ``fused_lora_ops=False``), else the fused LoRA ops
         (``intra_inter_full_fuse``: the one-rounding epilogue, and the kernels that read 16-bit
-        activations with fp32 adapters; ``hyclora.ops.lora``). Unlike :attr:`fused_backend`,
-        ``"torch"`` here still means the fused path (``addmm``), so the two differ.
-        ``hyclora.ops.lora.FUSED_LORA_OPS = False`` turns the fused LoRA ops off everywhere."""
-        return self.backend if self._fused and _lora.FUSED_LORA_OPS else None
+        activations with fp32 adapters; :mod:`hyclora.ops.lora`)."""
+        return self._fused_lora
 
     @property
     def store_elementwise(self) -> bool:
         """Store SiLU(G) and D (``intra``) instead of recomputing them from G and U."""
         return self.layer_type == "intra"
+
+    def spec(self, name: str) -> TensorSpec:
+        """The tensor-spec row of ``name`` for this policy's block family."""
+        return self._specs.get(name) or tensor_spec(self.family, name)  # the latter raises, naming it
 
     def keep(self, store: "TensorStore", name: str, x: torch.Tensor, stats=None, update: bool = False,
              replay: bool = False):
@@ -222,24 +216,24 @@ class StoragePolicy:
         if not self._compress:
             store.plain(name, x)
             return
-        q = _QUANT or _quant()
-        bits = self.bits_for(name)
+        spec = self.spec(name)
+        bits = self._double if spec.double_bits else self.bits
         rows = None
-        if name not in ROW_OUTLIER_EXEMPT:
+        if spec.row_outliers:
             # ranges taken from this tensor (groups, no or calibrating statistics, a replay)
             # need the rows out of the way; frozen per-channel ranges do not (fewer launches)
-            own_range = name in GROUPED_TENSORS or stats is None or replay or not stats.frozen
+            own_range = spec.grouped or stats is None or replay or not stats.frozen
             rows = OutlierRows.split(x, clean=own_range)
             if rows is not None and rows.cleaned is not None:
                 x = rows.cleaned
-        if name in GROUPED_TENSORS:
+        if spec.grouped:
             # per-row groups: ranges come from the tensor itself, the channel stats are unused
-            qt = q.quantize(x, bits, group_size=GROUP_SIZE, backend=self.backend)
+            qt = hq.quantize(x, bits, group_size=GROUP_SIZE, backend=self.backend)
         elif replay and stats is not None:
             idx = stats.outlier_idx.clone() if stats.num_outliers > 0 else None
-            qt = q.quantize(x, bits, outlier_idx=idx, backend=self.backend)
+            qt = hq.quantize(x, bits, outlier_idx=idx, backend=self.backend)
         else:
-            qt = q.quantize(x, bits, stats=stats, update=update, backend=self.backend)
+            qt = hq.quantize(x, bits, stats=stats, update=update, backend=self.backend)
         if rows is None:
             store.packed(name, "quant", qt)
         else:
@@ -247,16 +241,40 @@ class StoragePolicy:
             store.packed(name, "quant_rows", rows)
 
     def bits_for(self, name: str) -> int:
-        """Code width of ``name``: ``bits``, doubled (at most 8) for the tensors of
-        ``double_bits`` (``DOUBLE_BIT_TENSORS`` for the decoder blocks)."""
-        return self._double if name in self.double_bits else self.bits
+        """Code width of ``name``: ``bits``, doubled (at most 8) where its tensor spec says so."""
+        return self._double if name in self._double_names else self.bits
+
+    def quant_params(self, x2d: torch.Tensor, stats, update: bool, replay: bool, name: Optional[str] = None):
+        """``(lo, step, inv_step, outlier_idx)`` that ``self.keep`` (i.e.
+        :func:`hyclora.quant.quantize`) would use for ``x2d``, in the same order of statistics
+        updates: frozen stats -> the cached parameters; calibrating -> outlier channels chosen (and
+        scored) first, then this tensor's range, both merged into the stats when ``update``; a
+        checkpoint replay of a calibrating forward -> the stored outlier set and this tensor's own
+        range; no stats -> own range, no outliers. Outlier columns get lo = step = inv_step = 0."""
+        bits = self.bits if name is None else self.bits_for(name)
+        backend = self.backend
+        with torch.no_grad():
+            if stats is not None:
+                stats.check_compatible(x2d)
+                if stats.frozen and not replay:
+                    return stats.frozen_params(bits)
+            idx = None
+            if stats is not None and stats.num_outliers > 0:
+                idx = stats.outlier_idx.clone() if replay else stats.select_outliers(x2d, update=update)
+            if stats is not None and not replay:
+                lo, hi = stats.range_for(x2d, update=update, backend=backend)
+            else:
+                lo, hi = hq.core.column_minmax(x2d, backend)
+            lo, step, inv = hq.core.affine_params(lo, hi, bits)
+            if idx is not None:
+                lo, step, inv = (t.index_fill(0, idx, 0.0) for t in (lo, step, inv))
+            return lo, step, inv, idx
 
     def keep_probs(self, store: "TensorStore", name: str, probs: torch.Tensor):
         if self.probs_mode == "dense":
             store.plain(name, probs)
             return
-        q = _quant()
-        store.packed(name, "sparse", q.sparsify_probs(probs, self.softmax_ratio))
+        store.packed(name, "sparse", hq.sparsify_probs(probs, self.softmax_ratio))
 
 
 def _nbytes(t: Optional[torch.Tensor]) -> int:
@@ -383,7 +401,7 @@ class TensorLoad:
         kind, start, n, meta = self._index[name]
         tensors = self._saved[start : start + n]
         if kind == "quant":
-            return _quant().QuantizedTensor.restore(tensors, meta)
+            return hq.QuantizedTensor.restore(tensors, meta)
         if kind == "quant_rows":
             return OutlierRows.restore(tensors, meta)
         raise RuntimeError(f"hyclora internal error: {name!r} was stored as {kind!r}, not quantised")
@@ -401,14 +419,13 @@ class TensorLoad:
         if kind == "plain":
             return self._saved[start]
         tensors = self._saved[start : start + n]
-        q = _QUANT or _quant()
         if kind == "quant":
-            return q.dequantize(q.QuantizedTensor.restore(tensors, meta), backend=self._backend)
+            return hq.dequantize(hq.QuantizedTensor.restore(tensors, meta), backend=self._backend)
         if kind == "quant_rows":
             return OutlierRows.restore(tensors, meta).dequantize(self._backend)
         if kind == "sparse":
-            return q.densify_probs(q.SparseProbs.restore(tensors, meta))
+            return hq.densify_probs(hq.SparseProbs.restore(tensors, meta))
         raise RuntimeError(f"hyclora internal error: unknown storage kind {kind!r}")
 
 
-__all__ = ["StoragePolicy", "TensorStore", "TensorLoad", "Manifest", "LAYER_TYPES", "COMPRESSING_TYPES"]
+__all__ = ["StoragePolicy", "TensorStore", "TensorLoad", "Manifest", "OutlierRows", "LAYER_TYPES", "COMPRESSING_TYPES"]

@@ -21,39 +21,24 @@ Format of a :class:`QuantizedTensor` made from ``x`` of shape ``(..., N)``:
 Range with zero point (asymmetric): the reference's zero-centred grid without zero point clips
 every channel that is not centred on 0 (method notes §8.6); this does not.
 
-Granularity (``group_size``). Measured with ``benchmarks/quant_fidelity.py`` on real activations
-(relative error ||x_hat - x|| / ||x||, mean over layers, GSM8K text, 4 x 256 tokens), comparing
-per-channel ranges + exact outlier channels against per-row groups of 64 at the same stored bits
-(2-bit codes: 3.06 vs 3.00 bits/element; 4-bit: 5.06 vs 5.00):
-
-| tensor (SmolLM2-135M)     | 2-bit per-ch + 3.1% out | 2-bit groups of 64 | 4-bit per-ch + 3.1% out | 4-bit groups of 64 |
-|---------------------------|-------------------------|--------------------|-------------------------|--------------------|
-| V (v_proj output)         | 0.576                   | **0.504**          | 0.114                   | **0.101**          |
-| O (o_proj input)          | 0.678                   | **0.540**          | 0.134                   | **0.107**          |
-| U (up_proj output)        | 0.528                   | **0.494**          | 0.105                   | **0.099**          |
-| D (down_proj input)       | 0.868                   | **0.658**          | 0.170                   | **0.132**          |
-| G (gate_proj output)      | **0.414**               | 0.477              | **0.083**               | 0.094              |
-| X_in / X_mid (norm input) | **0.246 / 0.239**       | 0.414 / 0.436      | **0.048 / 0.046**       | 0.096 / 0.098      |
-| X_n1 / X_n2 (q/k/v, gate/up input) | **0.330 / 0.479** | 0.762 / 0.654 | **0.065 / 0.095**       | 0.148 / 0.123      |
-| Q / K pre-RoPE            | **0.273 / 0.254**       | 0.650 / 0.642      | **0.055 / 0.051**       | 0.135 / 0.133      |
-
-So per-row groups are more accurate at the same bytes for V, O, U and D (the same four on the
-TinyStories-260K Llama, where groups also win for G and X_n2); per-channel ranges (with outlier
-channels on the norm inputs) stay better for the norm inputs, the linear inputs X_n1/X_n2 and
-Q/K, whose massive-activation channels make a per-token range useless (per-token error > 1 on
-X_in). Per-group ranges are computed from each tensor (no calibration) and cost 64 bits per
-group (fp32 lo and step) = +1 bit/element at G = 64.
+Granularity (``group_size``): per-row groups of 64 are more accurate at the same stored bits for
+V, O, U and D; per-channel ranges with exact outlier channels for the norm inputs, the linear
+inputs and Q/K, whose massive-activation channels make a per-token range useless
+(``benchmarks/quant_fidelity.py``; the table is in BENCHMARKS.md, "Design measurements").
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from hyclora.kernels.common import resolve_backend
+
+from .format import SUPPORTED_BITS, SUPPORTED_DTYPES, check_bits, packed_width
 
 _GRAD_ALREADY_OFF = contextlib.nullcontext()
 
@@ -65,22 +50,9 @@ def no_grad():
     return torch.no_grad() if torch.is_grad_enabled() else _GRAD_ALREADY_OFF
 
 
-SUPPORTED_BITS = (2, 4, 8)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BACKENDS = ("auto", "triton", "torch")
-
-
 # ---------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------
-def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"bits={bits!r} is not supported: use 2, 4 or 8 (codes are packed 8/bits per byte)."
-        )
-    return bits
-
-
 def check_input(x, what: str = "x") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}.")
@@ -104,56 +76,6 @@ def check_group_size(group_size, n: int) -> Optional[int]:
             f"(per-row groups of that many consecutive channels; {n} = per token)."
         )
     return min(group_size, n)
-
-
-def packed_width(n: int, bits: int) -> int:
-    """Bytes per row holding ``n`` codes of ``bits`` bits."""
-    return (n * bits + 7) // 8
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_RESOLVED_BACKENDS = {}  # (backend, device type) -> answer, for the answers that cannot change
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> Triton for CUDA tensors, torch otherwise; 'triton' on CPU needs the interpreter."""
-    known = _RESOLVED_BACKENDS.get((backend, device.type))
-    if known is not None:  # runs once per quantise/dequantise call: skip the checks (host time)
-        return known
-    resolved = _resolve_backend(backend, device)
-    if backend == "auto" or device.type == "cuda" or resolved == "torch":
-        _RESOLVED_BACKENDS[(backend, device.type)] = resolved  # not the env-dependent 'triton' on CPU
-    return resolved
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid: use one of {BACKENDS}.")
-    if backend == "auto":
-        if device.type == "cuda":
-            try:
-                import triton  # noqa: F401
-            except ImportError:  # pragma: no cover - GPU images ship triton
-                return "torch"
-            return "triton"
-        return "torch"
-    if backend == "triton":
-        if device.type != "cuda" and not _triton_interpret():
-            raise RuntimeError(
-                f"backend='triton' on a {device.type} tensor needs the Triton interpreter: "
-                f"set TRITON_INTERPRET=1 before Python starts, or use backend='torch'."
-            )
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(
-                "backend='triton' needs the `triton` package (pip install triton), "
-                "or use backend='torch'."
-            ) from exc
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +358,7 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
                 "quantize(stats=..., group_size=...) is not supported: per-group ranges are "
                 "computed from each tensor itself. Drop one of the two."
             )
-        stats._check_compatible(x2d)
+        stats.check_compatible(x2d)
         if stats.frozen and not explicit_outliers:
             # steady state after calibration: cached parameters, one kernel + one gather
             lo, step, inv_step, outlier_idx = stats.frozen_params(bits)

@@ -13,26 +13,11 @@ the number kept per row (same integer type). About 4 bytes per kept entry + 2 pe
 ratio 0.05, s = 512, about 0.21 byte per map element against 2 for the dense bf16 map.
 All shapes are fixed by ``ratio`` and ``p.shape``: no host sync (top-k, sort, scatter-add only).
 
-Why global (measured with ``benchmarks/quant_fidelity.py``: LoRA r=16 gradient cosine against
-the exact gradient when ONLY the saved probabilities are pruned, GSM8K text, 4 x 256 tokens,
-same number of kept entries in every row of the table except where said):
-
-| ratio 0.05                                   | SmolLM2-135M mean / min | TinyStories-260K mean / min |
-|----------------------------------------------|-------------------------|-----------------------------|
-| global, masked count (reference; default)    | 0.9780 / -0.005         | 0.9698 / 0.56               |
-| per head (b, h), masked count                | 0.9721 / -0.032         | 0.9526 / 0.52               |
-| per row, fixed k = ceil(r * s_k)             | 0.9694 / -0.059         | 0.9440 / 0.49               |
-| per row, k = ceil(2r * valid entries)        | 0.9048 / -0.176         | 0.9252 / 0.32               |
-| per row, k = ceil(r * valid) (half the kept) | 0.8666 / -0.207         | 0.8953 / 0.26               |
-| global over valid entries only (half kept)   | 0.9487 / -0.125         | 0.9356 / 0.45               |
-
-(TinyStories at ratio 0.1: global 0.9940, per head 0.9794, per row 0.9756.) Global selection
-spends the budget where the probability mass is (sharp rows keep few entries, diffuse rows
-many) and is the most accurate; counting masked entries in the budget is what gives the
-reference its ~2r share of the valid entries (the "valid only" rows keep half as much and lose).
-``scope="head"`` (budget per (batch, head): a sample's storage does not depend on the rest of the
-batch) and ``scope="row"`` (fixed k per row; cheapest top-k) are offered for callers that prefer
-those properties; they store the same way.
+Why global: it spends the budget where the probability mass is (sharp rows keep few entries,
+diffuse rows many) and gave the best LoRA-gradient cosine of the selections tried
+(``benchmarks/quant_fidelity.py``; BENCHMARKS.md, "Design measurements"). ``scope="head"`` (a
+sample's storage does not depend on the rest of the batch) and ``scope="row"`` (fixed k per row;
+cheapest top-k) store the same way.
 """
 
 from __future__ import annotations

@@ -14,8 +14,7 @@ removed and kept only the LAST batch's outlier set (method notes §8.7, §8.8). 
   ``update=False`` and is not counted twice).
 
 Range drift: frozen ranges clamp whatever later falls outside them, and fine-tuning moves the
-activations (on make demo's random tiny Llama at lr 3e-3, statistics frozen after 5 steps cost
-0.55 of eval loss over 400 steps; BENCHMARKS.md). With ``recalibrate_every = N`` the statistics
+activations (frozen statistics measurably cost eval loss on ``make demo``; BENCHMARKS.md). With ``recalibrate_every = N`` the statistics
 expire after N counted forwards with frozen values and calibrate again from scratch for the next
 ``iteration_threshold`` forwards (the layer calls :meth:`note_counted_forward` once per counted
 forward). ``0`` freezes for good, as the paper does.
@@ -186,7 +185,7 @@ class ChannelStats(torch.nn.Module):
                 f"iteration_threshold={self.iteration_threshold}, recalibrate_every={self.recalibrate_every}, "
                 f"count={self._count_host}")
 
-    def _check_compatible(self, x: Tensor) -> None:
+    def check_compatible(self, x: Tensor) -> None:
         if x.shape[-1] != self.width:
             raise ValueError(
                 f"ChannelStats of width {self.width} got a tensor of width {x.shape[-1]} "
@@ -207,7 +206,7 @@ class ChannelStats(torch.nn.Module):
         counted when ``update``). Frozen: the stored range (copies, so a later reset cannot
         change what an autograd graph saved).
         """
-        self._check_compatible(x)
+        self.check_compatible(x)
         if self.frozen:
             return self.lo.clone(), self.hi.clone()
         with torch.no_grad():
@@ -255,7 +254,7 @@ class ChannelStats(torch.nn.Module):
         set, which is what the counted forward of the same micro-batch used; before any update,
         the top-k of ``x`` alone. Frozen: the stored set.
         """
-        self._check_compatible(x)
+        self.check_compatible(x)
         k = self.num_outliers
         if k == 0:
             return torch.empty(0, dtype=torch.long, device=x.device)

@@ -23,17 +23,66 @@ breaking bit-equality with the torch reference. The kernels are memory bound, so
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .core import packed_width
-from .tuned import launch_tuned
+from hyclora.kernels.common import INTERPRET, check_triton_device, launch_opts, launch_tuned, next_pow2, tl, triton
+from hyclora.kernels.common import AUTOTUNE, cast_out
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .format import packed_width
+
+# -- the codec's @triton.jit pieces: every fused kernel that writes or reads codes uses these -------
+
+
+@triton.jit
+def quant_codes(y, lo, inv, mask, BITS: tl.constexpr):
+    """Codes of an fp32 tile, exactly :func:`hyclora.quant.core.quantize_codes_torch`:
+    ``floor((y - lo) * inv + 0.5)`` clamped (FMA off at launch); masked elements get code 0 (the
+    padding columns of the last byte must be 0, as in the reference)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    c = tl.floor((y - lo) * inv + 0.5)
+    c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+    return tl.where(mask, c, 0.0).to(tl.int32)
+
+
+@triton.jit
+def pack_tile(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` int32 codes -> ``(BLOCK_M, BLOCK_N * BITS / 8)`` uint8: adjacent
+    columns share a byte, least significant first (the layout of :func:`hyclora.quant.core.pack_codes`)."""
+    E: tl.constexpr = 8 // BITS
+    BLOCK_B: tl.constexpr = BLOCK_N // E
+    if E == 1:
+        packed = c
+    elif E == 2:
+        a, b = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2)))
+        packed = a | (b << 4)
+    else:
+        # column 4*byte + 2*i + j  ->  split on j, then on i
+        even, odd = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2, 2)))
+        e0, e2 = tl.split(even)
+        e1, e3 = tl.split(odd)
+        packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
+    return packed.to(tl.uint8)
+
+
+@triton.jit
+def unpack_tile(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    """The inverse of :func:`pack_tile`: packed bytes -> fp32 codes ``(BLOCK_M, BLOCK_N)``."""
+    E: tl.constexpr = 8 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    p = p.to(tl.int32)
+    if E == 1:
+        c = p
+    elif E == 2:
+        c = tl.reshape(tl.join(p & QMAX, p >> 4), (BLOCK_M, BLOCK_N))
+    else:
+        e0 = p & QMAX
+        e1 = (p >> 2) & QMAX
+        e2 = (p >> 4) & QMAX
+        e3 = (p >> 6) & QMAX
+        c = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_N))
+    return c.to(tl.float32)
 
 
 @triton.jit
@@ -45,7 +94,6 @@ def _quant_pack_kernel(
 ):
     E: tl.constexpr = 8 // BITS
     BLOCK_B: tl.constexpr = BLOCK_N // E
-    QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     cols = pid_b * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,24 +114,9 @@ def _quant_pack_kernel(
             poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
             lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
             inv = tl.load(inv_ptr + poff, mask=mask, other=0.0)
-        v = (x - lo) * inv
-        c = tl.floor(v + 0.5)
-        c = tl.minimum(tl.maximum(c, 0.0), QMAX)
-        # padding columns of the last byte must be 0, as in the reference
-        c = tl.where(mask, c, 0.0).to(tl.int32)
-        if E == 1:
-            packed = c
-        elif E == 2:
-            a, b = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2)))
-            packed = a | (b << 4)
-        else:
-            # column 4*byte + 2*i + j  ->  split on j, then on i
-            even, odd = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_B, 2, 2)))
-            e0, e2 = tl.split(even)
-            e1, e3 = tl.split(odd)
-            packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
+        packed = pack_tile(quant_codes(x, lo, inv, mask, BITS), BLOCK_M, BLOCK_N, BITS)
         omask = rmask[:, None] & (bcols < NB)[None, :]
-        tl.store(out_ptr + rows[:, None] * NB + bcols[None, :], packed.to(tl.uint8), mask=omask)
+        tl.store(out_ptr + rows[:, None] * NB + bcols[None, :], packed, mask=omask)
 
 
 @triton.jit
@@ -96,7 +129,6 @@ def _unpack_dequant_kernel(
 ):
     E: tl.constexpr = 8 // BITS
     BLOCK_B: tl.constexpr = BLOCK_N // E
-    QMAX: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     bcols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -110,32 +142,14 @@ def _unpack_dequant_kernel(
         rmask = rows < M
         bmask = rmask[:, None] & (bcols < NB)[None, :]
         p = tl.load(codes_ptr + rows[:, None] * NB + bcols[None, :], mask=bmask, other=0)
-        p = p.to(tl.int32)
-        if E == 1:
-            c = p
-        elif E == 2:
-            c = tl.reshape(tl.join(p & QMAX, p >> 4), (BLOCK_M, BLOCK_N))
-        else:
-            e0 = p & QMAX
-            e1 = (p >> 2) & QMAX
-            e2 = (p >> 4) & QMAX
-            e3 = (p >> 6) & QMAX
-            c = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (BLOCK_M, BLOCK_N))
+        c = unpack_tile(p, BLOCK_M, BLOCK_N, BITS)
         mask = rmask[:, None] & cmask[None, :]
         if GROUP != 0:
             poff = rows[:, None] * n_groups + (cols // GROUP)[None, :]
             lo = tl.load(lo_ptr + poff, mask=mask, other=0.0)
             step = tl.load(step_ptr + poff, mask=mask, other=0.0)
-        y = c.to(tl.float32) * step + lo
-        if EMULATE_BF16_RNE:
-            # The interpreter casts fp32 -> bf16 by truncation; round to nearest even by hand so
-            # the interpreted kernel matches torch (the GPU's cvt.rn already does this).
-            bits = y.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+        y = c * step + lo
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast_out(y, out_ptr, EMULATE_BF16_RNE), mask=mask)
 
 
 @triton.jit
@@ -166,29 +180,29 @@ def _col_minmax_kernel(
 
 def column_minmax(x2d: torch.Tensor, *, programs_per_column_block: Optional[int] = None):
     """Per-column (lo, hi) fp32 of a (rows, N) tensor: Triton partials over row chunks, then a
-    small torch reduction. Exact (min/max do not round). torch.aminmax(dim=0) took ~300 us on a
-    (4096, 4096) bf16 tensor on an H200, ~10x a read of the tensor."""
-    _check_device(x2d)
+    small torch reduction. Exact (min/max do not round); torch.aminmax(dim=0) is several times
+    slower than a read of the tensor."""
+    check_triton_device("quantisation", x2d)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, n = x2d.shape
-    if _INTERPRET:
-        block_m, block_n, warps = min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4
+    if INTERPRET:
+        block_m, block_n, warps = min(next_pow2(m), 64), max(8, min(next_pow2(n), 256)), 4
     else:
         block_m, block_n, warps = 32, 128, 8
     col_blocks = triton.cdiv(n, block_n)
     # enough programs to fill the GPU (~4 per SM), each reducing whole BLOCK_M row tiles
     want = programs_per_column_block
     if want is None:
-        want = 1 if _INTERPRET else max(1, (4 * _sm_count(x2d.device)) // col_blocks)
+        want = 1 if INTERPRET else max(1, (4 * _sm_count(x2d.device)) // col_blocks)
     row_tiles = triton.cdiv(m, block_m)
-    row_tiles_per_prog = _next_pow2(triton.cdiv(row_tiles, max(1, min(want, row_tiles))))
+    row_tiles_per_prog = next_pow2(triton.cdiv(row_tiles, max(1, min(want, row_tiles))))
     chunks = triton.cdiv(row_tiles, row_tiles_per_prog)
     pmin = torch.empty((chunks, n), dtype=torch.float32, device=x2d.device)
     pmax = torch.empty((chunks, n), dtype=torch.float32, device=x2d.device)
     _col_minmax_kernel[(chunks, col_blocks)](
         x2d, pmin, pmax, m, n, x2d.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles_per_prog, **_launch_opts(warps),
+        BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles_per_prog, **launch_opts(warps),
     )
     if chunks == 1:
         return pmin[0], pmax[0]
@@ -203,10 +217,6 @@ def _sm_count(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 # ---------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 # Tiles (BLOCK_M rows, BLOCK_N columns, warps, ROW_ITERS sub-tiles of BLOCK_M rows per program).
 # On GPU each kernel is autotuned over its list, per (N, bits, granularity, dtypes); the winner is
 # cached for the process. Why these: with 8 elements per thread (BLOCK_M * BLOCK_N = 256 * warps)
@@ -214,34 +224,26 @@ def _next_pow2(n: int) -> int:
 # (16-byte accesses of bf16, no shared-memory round trip; checked on the sm_90 TTGIR), and
 # ROW_ITERS > 1 reuses the per-channel parameters (8 bytes per column, which otherwise cost as
 # much load traffic as the data) over more rows. Larger tiles put more bytes in flight but stage
-# through shared memory; they were the fastest for the dequantise kernel and for 8-bit codes in
-# the first H200 sweep (BENCHMARKS.md), so they stay in the lists. benchmarks/bench_quant.py
-# prints a sweep and the configurations the tuner picked.
+# through shared memory; they won some sweeps (dequantise, 8-bit codes: BENCHMARKS.md), so they stay
+# in the lists. benchmarks/bench_quant.py prints a sweep and the configurations the tuner picked.
 QUANT_CONFIGS = [(16, 128, 8, 1), (16, 128, 8, 4), (16, 128, 8, 8), (8, 128, 4, 4),
                  (32, 64, 8, 4), (32, 256, 8, 1), (16, 256, 4, 1)]
 DEQUANT_CONFIGS = [(16, 1024, 4, 1), (32, 512, 4, 1), (8, 1024, 4, 1), (32, 256, 4, 1),
                    (16, 128, 8, 4), (16, 256, 4, 2)]
-_AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
 
 
 def _interpret_blocks(m: int, n: int):
     # the interpreter pays per program, not per element: few, large tiles
-    return min(_next_pow2(m), 64), max(8, min(_next_pow2(n), 256)), 4, 1
+    return min(next_pow2(m), 64), max(8, min(next_pow2(n), 256)), 4, 1
 
 
 def _fixed_blocks(kernel_name: str, m: int, n: int):
-    """Tiles when autotuning is off (HYCLORA_QUANT_AUTOTUNE=0): the first H200 sweep's best."""
+    """Tiles when autotuning is off (HYCLORA_QUANT_AUTOTUNE=0): the best of the first sweep."""
     if kernel_name == "quant":
-        block_n = max(8, min(_next_pow2(n), 128))
+        block_n = max(8, min(next_pow2(n), 128))
         return max(1, 2048 // block_n), block_n, 8, 4
-    block_n = max(8, min(_next_pow2(n), 512))
+    block_n = max(8, min(next_pow2(n), 512))
     return max(1, 16384 // block_n), block_n, 4, 1
-
-
-def _launch_opts(num_warps: int) -> dict:
-    if _INTERPRET:
-        return {}
-    return dict(num_warps=num_warps, enable_fp_fusion=False)
 
 
 _KERNELS = {"quant": _quant_pack_kernel, "dequant": _unpack_dequant_kernel}
@@ -256,7 +258,7 @@ def _tuned(kernel_name: str):
 
 
 def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config) -> None:
-    if config is None and not _INTERPRET and _AUTOTUNE:
+    if config is None and not INTERPRET and AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
         launch_tuned(_tuned(kernel_name), grid, args, dict(consts, enable_fp_fusion=False))
@@ -264,22 +266,13 @@ def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config)
     if config is not None:
         bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))
         bn = max(8, bn)
-    elif _INTERPRET:
+    elif INTERPRET:
         bm, bn, warps, ri = _interpret_blocks(m, n)
     else:
         bm, bn, warps, ri = _fixed_blocks(kernel_name, m, n)
     grid = (triton.cdiv(m, bm * ri), triton.cdiv(n, bn))
     _KERNELS[kernel_name][grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, ROW_ITERS=ri,
-                                **_launch_opts(warps))
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.device.type != "cuda" and not _INTERPRET:
-            raise RuntimeError(
-                "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Python "
-                "starts); use backend='torch' for CPU tensors."
-            )
+                                **launch_opts(warps))
 
 
 def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, bits: int,
@@ -289,7 +282,7 @@ def quantize_pack(x2d: torch.Tensor, lo: torch.Tensor, inv_step: torch.Tensor, b
     ``config`` = (BLOCK_M, BLOCK_N columns, num_warps[, ROW_ITERS]) overrides the autotuner
     (benchmark sweeps, tests).
     """
-    _check_device(x2d)
+    check_triton_device("quantisation", x2d)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m, n = x2d.shape
@@ -307,7 +300,7 @@ def unpack_dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
                       n: int, dtype: torch.dtype, group_size: Optional[int] = None, *,
                       config=None) -> torch.Tensor:
     """(rows, NB) uint8 -> (rows, n) ``dtype``. ``config`` as in :func:`quantize_pack`."""
-    _check_device(codes)
+    check_triton_device("quantisation", codes)
     codes = codes.contiguous()
     m, nb = codes.shape
     if nb != packed_width(n, bits):
@@ -319,5 +312,5 @@ def unpack_dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
     n_groups = 1 if group_size is None else lo.shape[-1]
     _launch("dequant", m, n, (codes, lo, step, out, m, n, nb, out.stride(0), n_groups),
             dict(BITS=bits, GROUP=0 if group_size is None else group_size,
-                 EMULATE_BF16_RNE=_INTERPRET and dtype == torch.bfloat16), config)
+                 EMULATE_BF16_RNE=INTERPRET and dtype == torch.bfloat16), config)
     return out

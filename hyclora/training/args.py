@@ -154,17 +154,16 @@ class CheckpointingArguments:
         default=0,
         metadata={"help": "0 | 2 | 4 | 8. With hf checkpointing: keep each checkpointed layer's input "
                           "quantised at this width (1 percent of the channels exact) instead of exactly; the "
-                          "backward recomputes the layer from the reconstruction. 8 is near lossless "
-                          "(SmolLM2-135M: mean LoRA-gradient cosine of hyclora 4-bit 0.9951 either way) and about halves the "
-                          "boundaries (7B, 32k tokens: 8 -> 4 GiB); 4 costs accuracy. 0: exact."},
+                          "backward recomputes the layer from the reconstruction. 8 is near lossless and "
+                          "about halves the boundaries' memory; 4 costs accuracy (BENCHMARKS.md). 0: exact."},
     )
 
     chunked_lm_loss: bool = field(
         default=False,
         metadata={"help": "train with the LM loss computed in chunks through the LM head "
                           "(hyclora.integrations.longseq.CausalLMChunkedLoss): the (tokens, vocab) logits, their "
-                          "fp32 upcast and their gradient never exist at once (Llama-2-7B at 4 x 1024 tokens: "
-                          "about 1 GiB). Same loss and gradients as the model's own loss; evaluation keeps the "
+                          "fp32 upcast and their gradient never exist at once. Same loss and gradients as the "
+                          "model's own loss; evaluation keeps the "
                           "model's loss. Single process only (it calls the decoder and the LM head itself, which "
                           "DDP/DeepSpeed wrappers would not see): use launch/longseq.py for distributed runs."},
     )
@@ -173,9 +172,9 @@ class CheckpointingArguments:
         default=False,
         metadata={"help": "replay CUDA graphs of the compressed decoder layers once their statistics are "
                           "frozen (hyclora.cuda_graphs; CUDA, single process, no activation checkpointing, no "
-                          "LoRA dropout). A hyclora step at a few thousand tokens is bound by the host; graphs "
-                          "took a Llama-2-7B step (bs 4 x 512, full_fuse 2-bit, H200) from 0.75x to 1.41x PEFT "
-                          "LoRA's tokens/s. Calls replay only at the first captured batch shape and without "
+                          "LoRA dropout). A hyclora step at a few thousand tokens is bound by the host's "
+                          "kernel launches, which replaying removes (BENCHMARKS.md). Calls replay only at the "
+                          "first captured batch shape and without "
                           "padding masks (packed or equal-length batches, e.g. wikitext2); others run eager. "
                           "The end-of-run summary counts replays and eager calls."},
     )

@@ -6,7 +6,6 @@ import functools
 import json
 import operator
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,11 +34,11 @@ from hyclora.data import (
 )
 from hyclora.data import sources
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from helpers.repo import SHARED_DATA
 
 
 def shared(*parts):
-    path = SHARED.joinpath(*parts)
+    path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path

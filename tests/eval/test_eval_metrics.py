@@ -1,22 +1,8 @@
 """The local evaluate modules load by path with no network, and score as documented."""
 
-import socket
-
 import pytest
 
 from hyclora.eval.metrics import AVAILABLE, load_metric, metric_path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_metrics_are_shipped():

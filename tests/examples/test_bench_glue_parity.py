@@ -3,23 +3,17 @@ and its guard against a cut-down staged folder must be right): the report's mean
 deltas against plain LoRA, and the staged-rows check."""
 
 import csv
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers.repo import REPO, load_script
+
+pytestmark = pytest.mark.usefixtures("benchmarks_on_path")  # as `python benchmarks/bench_glue_parity.py` has it
 
 
 def _bench():
-    name = "hyclora_bench_glue_parity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "bench_glue_parity.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return load_script("hyclora_bench_glue_parity", REPO / "benchmarks" / "bench_glue_parity.py")
 
 
 def test_report_means_and_deltas(tmp_path):

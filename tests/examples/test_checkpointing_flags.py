@@ -9,25 +9,24 @@ examples/gsm8k.py with --deepspeed ds_configs/zero2_actckpt.json in one CPU proc
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hyclora.memory import measure_saved_tensors
-from hyclora.training import build_tiny_llama, hyclora_api, parse_finetune_args, prepare_model, run_finetune
+from hyclora.training import build_tiny_llama, parse_finetune_args, prepare_model, run_finetune
 from hyclora.training.args import CheckpointingArguments, build_parser, checkpointing_requested
 from hyclora.training.model import resolve_checkpointing_mode, setup_activation_checkpointing
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers.dist import free_port
+from helpers.examples import glue_example, needs_hyclora
+from helpers.repo import GLUE_DIR, REPO, pythonpath
+
 DS_CKPT = REPO / "ds_configs" / "zero2_actckpt.json"
 DS_PLAIN = REPO / "ds_configs" / "zero2.json"
-APPLY, WHY_NOT = hyclora_api()
-needs_hyclora = pytest.mark.skipif(APPLY is None, reason=f"hyclora operators unavailable: {WHY_NOT}")
 
 # a 3-step run of the tiny 2-layer Llama through hyclora's baseline layers (hyclora on, nothing
 # compressed); the same list is given to the in-process runs and the DeepSpeed subprocess
@@ -49,13 +48,7 @@ def _losses(metrics):
 def _script_env(**extra):
     """The example scripts' environment: offline, and the checkout importable where hyclora is not installed."""
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                PYTHONPATH=pythonpath(), **extra)
 
 
 # -- flags and resolution ------------------------------------------------------------------------
@@ -226,7 +219,7 @@ def ds_comm(monkeypatch):
 
     if ds_comm_mod.is_initialized():
         pytest.skip("a DeepSpeed process group is already up in this process")
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                            WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -277,7 +270,7 @@ def test_gsm8k_example_with_deepspeed_checkpointing_config_matches_plain_run(tmp
     pytest.importorskip("deepspeed")
     if not DS_CKPT.is_file():
         pytest.skip(f"{DS_CKPT} not present")
-    env = _script_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = _script_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     out = tmp_path / "ds"
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "gsm8k.py"), *COMMON, "--deepspeed", str(DS_CKPT),
                            "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -293,22 +286,12 @@ def test_gsm8k_example_with_deepspeed_checkpointing_config_matches_plain_run(tmp
 
 
 # -- the GLUE example (encoder layers) -------------------------------------------------------------
-GLUE_DIR = REPO / ".." / "shared" / "data" / "glue"
-
-
 @needs_hyclora
 @pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "train.tsv").is_file(), reason=f"GLUE TSV files not found under {GLUE_DIR}")
 def test_glue_example_checkpointing_same_losses(tmp_path):
     """RoBERTa's layers are checkpointable too; torch.utils.checkpoint replays the dropout RNG,
     so hyclora baseline (dropout on) gives the same 3 losses with and without checkpointing."""
-    import importlib.util
-
-    name = "hyclora_example_glue"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "glue.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    example = sys.modules[name]
+    example = glue_example()
     values = dict(task="mrpc", data=str(GLUE_DIR), model_name_or_path="tiny-random-roberta", max_steps=3,
                   per_device_train_batch_size=4, per_device_eval_batch_size=16, max_train_samples=32,
                   max_eval_samples=16, logging_steps=1, max_length=64, lora_r=4, lora_alpha=8,

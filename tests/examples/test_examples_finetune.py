@@ -28,7 +28,8 @@ from hyclora.training import (
 )
 from hyclora.training import model as model_module
 
-from ex_util import APPLY, REPO, needs_hyclora, tokenizer
+from helpers.examples import APPLY, needs_hyclora, tokenizer
+from helpers.repo import REPO
 
 def tiny(tmp_path, task="gsm8k", argv=(), **overrides):
     """Arguments for a 3-step CPU run: tiny model, tiny data, small evaluation."""
@@ -374,12 +375,11 @@ def test_gguf_flag_is_dropped_only_for_dense_weights():
 # -- --cuda_graphs ---------------------------------------------------------------------------------
 @needs_hyclora
 def test_cuda_graphs_flag_trains_through_the_graph_dispatcher(tmp_path, monkeypatch):
-    # CPU: the dispatcher with an emulation of the capture (tests/test_cuda_graphs.py); on a GPU
+    # CPU: the dispatcher with an emulation of the capture (tests/helpers/graph_emulation.py); on a GPU
     # the same flag captures real graphs. Equal-length batches with sdpa (no padding: no mask) replay.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from test_cuda_graphs import emulated_grapher
-
     import hyclora.cuda_graphs as cuda_graphs
+
+    from helpers.graph_emulation import emulated_grapher
 
     made = []
 

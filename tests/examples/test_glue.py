@@ -4,11 +4,8 @@ HF Trainer runs on a tiny random RoBERTa with and without hyclora."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,33 +13,11 @@ import pytest
 from hyclora.data.glue import GLUE_TASKS, build_glue_dataset, glue_task, load_glue_records, read_glue_tsv
 from hyclora.eval.metrics import load_metric
 
-REPO = Path(__file__).resolve().parents[2]
-GLUE_DIR = REPO / ".." / "shared" / "data" / "glue"
+from helpers.examples import glue_example
+from helpers.repo import GLUE_DIR
+
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
                                 reason=f"GLUE TSV files not found under {GLUE_DIR}")
-
-
-def _example():
-    """examples/glue.py loaded by path (examples/ is not a package)."""
-    name = "hyclora_example_glue"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "glue.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 # -- reading the original formats -------------------------------------------------------------
@@ -150,7 +125,7 @@ def test_every_task_has_a_shipped_metric():
     from hyclora.eval.metrics import AVAILABLE
 
     assert {t.metric for t in GLUE_TASKS.values()} <= set(AVAILABLE)
-    example = _example()
+    example = glue_example()
     assert example.main_metric("cola") == "matthews_correlation"
     assert example.main_metric("stsb") == "pearson" and example.main_metric("mrpc") == "accuracy"
 
@@ -172,7 +147,7 @@ def _args(example, tmp_path, task, **overrides):
                                      ("cola", dict(use_hyclora=False)),
                                      ("stsb", dict(use_hyclora=True, layer_type="baseline"))])
 def test_example_three_steps(tmp_path, no_network, task, hy):
-    example = _example()
+    example = glue_example()
     metrics = example.run_glue(_args(example, tmp_path, task, **hy))
     assert [s for s, _ in metrics["loss_history"]] == [1, 2, 3]
     assert all(math.isfinite(v) for _, v in metrics["loss_history"])
@@ -195,7 +170,7 @@ def test_example_three_steps(tmp_path, no_network, task, hy):
 def test_example_baseline_trains_exactly_like_plain_lora(tmp_path, no_network):
     # hyclora's baseline layer type is HF's training step (dropout included, CPU masks
     # reproduced): 3 steps give the same losses and the same evaluation as plain PEFT LoRA
-    example = _example()
+    example = glue_example()
     plain = example.run_glue(_args(example, tmp_path / "a", "mrpc"))
     base = example.run_glue(_args(example, tmp_path / "b", "mrpc", use_hyclora=True, layer_type="baseline"))
     for (_, a), (_, b) in zip(plain["loss_history"], base["loss_history"]):
@@ -204,7 +179,7 @@ def test_example_baseline_trains_exactly_like_plain_lora(tmp_path, no_network):
 
 
 def test_example_arguments():
-    example = _example()
+    example = glue_example()
     args = example.parse_glue_args(["--task", "mrpc", "--model_name_or_path", "x"])
     assert args.lora.lora_target_modules == "query,key,value,dense" and args.lora.lora_r == 16
     assert args.training.learning_rate == 3e-4 and args.training.per_device_train_batch_size == 32

@@ -27,15 +27,15 @@ from hyclora.training import (
 from hyclora.training.callbacks import HyCLoRAStateCallback, HyCLoRAStateFileError
 from hyclora.training.checkpoints import latest_checkpoint, resolve_resume
 
-from ex_util import REPO, needs_hyclora, tokenizer
+from helpers.examples import glue_example, needs_hyclora, tokenizer
+from helpers.repo import REPO, pythonpath
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env(**extra):
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
-                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                **extra)
+                OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), **extra)
 
 
 # -- item 4: --save_steps alone ----------------------------------------------------------------------
@@ -56,14 +56,7 @@ def test_save_steps_alone_means_save_strategy_steps():
 
 
 def test_glue_save_steps_alone_means_save_strategy_steps():
-    import importlib.util
-
-    name = "hyclora_example_glue"  # the name tests/examples/test_glue.py loads it under
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "glue.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-        spec.loader.exec_module(sys.modules[name])
-    glue = sys.modules[name]
+    glue = glue_example()
     t = glue.parse_glue_args(["--save_steps", "5"]).training
     assert str(t.save_strategy.value) == "steps" and t.save_steps == 5
     assert str(glue.parse_glue_args([]).training.save_strategy.value) == "no"

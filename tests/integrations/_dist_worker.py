@@ -1,6 +1,6 @@
 """One rank of a small distributed LoRA run on CPU (gloo), driven by tests/integrations.
 
-Run as a script by ``_dist_harness.launch`` (one process per rank, torchrun-style environment) with
+Run as a script by ``helpers.dist.launch`` (one process per rank, torchrun-style environment) with
 ``--spec spec.json``. The spec lists scenarios run one after another in the same processes (process
 start-up and imports cost more than the training itself); each writes its per-step losses, any
 exception and its saved adapter under ``spec["out_dir"]/<name>/``.
@@ -8,13 +8,15 @@ exception and its saved adapter under ``spec["out_dir"]/<name>/``.
 Scenario keys:
   name, mode ("loop" | "trainer" | "accelerate"), ds (shipped config name or dict, None = no
   DeepSpeed), ds_overrides (dict deep-merged into ds), steps, mb (micro-batch per rank), ga
-  (gradient accumulation), lr, fuse (toy fused MLP, see _toy_fused), zero3_prep ("leaf" =
+  (gradient accumulation), lr, fuse (toy fused MLP, see helpers.toy_fused), zero3_prep ("leaf" =
   prepare_zero3, "guard" = gather guards only, None), hyclora (HyCLoRAConfig kwargs or None),
   ckpt (enable_activation_checkpointing kwargs or None), save_steps / resume (trainer mode).
 
 Data: a fixed random token matrix; step s uses rows [s*GB, (s+1)*GB) with GB = mb*ga*world,
 split into micro-batches of mb rows; rank r takes micro-batch j*world + r at accumulation step j.
 A 1-process run with ga*world accumulation steps therefore sees exactly the same micro-batches.
+
+Imports ``helpers.*`` from tests/: ``helpers.dist.worker_env`` puts it on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -31,38 +33,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-VOCAB, SEQ, ROWS = 128, 32, 256
-
-
-def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-def save_tiny_llama(path: str) -> str:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
-    return path
-
-
-def token_data() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(1234))
-
-
-def lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+from helpers.dist import lora_config, token_data
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -89,7 +60,7 @@ def build_model(model_dir: str, sc: dict):
 
         model = apply_hyclora(model, HyCLoRAConfig(**sc["hyclora"])) or model
     if sc.get("fuse"):
-        from _toy_fused import fuse_mlps
+        from helpers.toy_fused import fuse_mlps
 
         fuse_mlps(model)
     prep = sc.get("zero3_prep")

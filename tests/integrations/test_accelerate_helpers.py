@@ -2,14 +2,11 @@
 what the DeepSpeed plugin carries, and which models get ZeRO-3 preparation. (The full accelerate
 + DeepSpeed ZeRO-3 run on 2 ranks is in test_zero_parity.)"""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest.importorskip("deepspeed")
 accelerate = pytest.importorskip("accelerate")
 

@@ -7,20 +7,16 @@ started for this module and torn down after it.
 
 import importlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from hyclora.models.base import in_backward_pass
+from hyclora.models.adapter import in_backward_pass
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 deepspeed = pytest.importorskip("deepspeed")
 
-from _dist_harness import free_port  # noqa: E402
-from _dist_worker import lora_config, tiny_llama_config, token_data  # noqa: E402
-from _toy_fused import fuse_mlps  # noqa: E402
+from helpers.dist import free_port, lora_config, tiny_llama_config, token_data  # noqa: E402
+from helpers.toy_fused import fuse_mlps  # noqa: E402
 
 from hyclora.integrations import deepspeed as hy_ds  # noqa: E402
 from hyclora.integrations.checkpointing import (  # noqa: E402

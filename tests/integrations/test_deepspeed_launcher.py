@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 pytest.importorskip("deepspeed")
 
-from _dist_harness import REPO, free_port, load_adapter_tensors  # noqa: E402
+from helpers.dist import free_port, load_adapter_tensors  # noqa: E402
+from helpers.repo import REPO, pythonpath  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
 EXAMPLE = REPO / "examples" / "gsm8k.py"
-LAUNCH = HERE / "_gsm8k_cpu_launch.py"
+LAUNCH = HERE / "_gsm8k_cpu_launch.py"  # a script of this folder, self-contained (needs no helpers)
 STEPS = 3
 COMMON = [
     "--model_name_or_path", "tiny-random-llama", "--data", "synthetic:64", "--max_steps", str(STEPS),
@@ -47,7 +47,7 @@ def _env():
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+               PYTHONPATH=pythonpath())
     return env
 
 

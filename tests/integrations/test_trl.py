@@ -23,7 +23,6 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -42,9 +41,10 @@ from hyclora.integrations.trainer import HyCLoRACallback  # noqa: E402
 from hyclora.models.api import is_patched, patched_layers  # noqa: E402
 from hyclora.training import build_tiny_llama  # noqa: E402
 
+from helpers.repo import REPO  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 LAYERS = 2  # build_tiny_llama
 BASELINE = dict(layer_type="baseline")

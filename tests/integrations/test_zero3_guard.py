@@ -2,17 +2,14 @@
 block used by the distributed tests, and adapter saving outside DeepSpeed."""
 
 import enum
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest.importorskip("deepspeed")
 
-from _dist_worker import lora_config, tiny_llama_config, token_data  # noqa: E402
-from _toy_fused import fuse_mlps, lora_params  # noqa: E402
+from helpers.dist import lora_config, tiny_llama_config, token_data  # noqa: E402
+from helpers.toy_fused import fuse_mlps, lora_params  # noqa: E402
 
 from hyclora.integrations.deepspeed import (  # noqa: E402
     ZeRO3GatherError,

@@ -13,18 +13,12 @@ ranks, with its 1-process reference running alongside; the checks of one launch 
 (each failing scenario is named), so pytest-xdist never repeats a launch on two workers.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 pytest.importorskip("deepspeed")
 
-from _dist_harness import Launch, load_adapter_tensors  # noqa: E402
-from _dist_worker import save_tiny_llama  # noqa: E402
+from helpers.dist import Launch, load_adapter_tensors, save_tiny_llama  # noqa: E402
 
 # Every LoRA tensor is partitioned under ZeRO-3 (the default threshold would keep these tiny
 # tensors whole), so gathering and saving are really exercised.

@@ -16,7 +16,8 @@ import hyclora.ops.blocks as blocks
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, revert_hyclora
 
-from hy_models_util import lora_model, needs_quant, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, needs_quant, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 pytestmark = needs_quant
 

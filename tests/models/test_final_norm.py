@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hyclora.ops.rmsnorm as rmsnorm
+import hyclora.kernels.rmsnorm as rmsnorm
 from hyclora.config import HyCLoRAConfig
 from hyclora.memory import measure_live_peak
 from hyclora.models import apply_hyclora, revert_hyclora
 from hyclora.ops.rmsnorm import RMSNormFn
 
-from hy_models_util import lora_model, needs_quant, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, needs_quant, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 pytestmark = needs_quant
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import hyclora.ops.blocks as blocks
-import hyclora.ops.fused_rmsnorm as fused_rmsnorm
 import hyclora.ops.storage as storage
 from hyclora.config import HyCLoRAConfig
 from hyclora.memory import measure_live_peak
-from hyclora.models import apply_hyclora, buffered_tensors
+from hyclora.models import apply_hyclora, buffered_tensors, revert_hyclora
 
-from hy_models_util import lora_model, needs_quant, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, needs_quant, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 pytestmark = needs_quant
 
@@ -34,22 +34,22 @@ def _batch(seed=3):
     return {"input_ids": ids, "labels": ids}
 
 
-def _model(layer_type, checkpointing=False, threshold=2):
+def _model(layer_type, checkpointing=False, threshold=2, chunk_rows=None):
     model = lora_model(tiny_model("llama", "sdpa"), r=4)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=4, iteration_threshold=threshold,
-                                       recalibrate_every=0))
+    apply_hyclora(model, _config(layer_type, threshold, chunk_rows))
     return model
+
+
+def _config(layer_type, threshold=2, chunk_rows=None):
+    chunk = {} if chunk_rows is None else {"mlp_chunk_elements": chunk_rows * D_FF}
+    return HyCLoRAConfig(layer_type=layer_type, q_bit=4, iteration_threshold=threshold, recalibrate_every=0, **chunk)
 
 
 def _stats(model):
     return {f"{n}.{b}": t.detach().clone() for n, m in model.named_modules()
             if type(m).__name__ == "ChannelStats" for b, t in m.named_buffers(recurse=False)}
-
-
-def _chunk_rows(monkeypatch, rows):
-    monkeypatch.setattr(blocks, "MLP_CHUNK_ELEMENTS", rows * D_FF)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -58,8 +58,7 @@ def test_row_chunks_match_one_call(layer_type, checkpointing, monkeypatch):
     # Outlier ROWS (the ceil(rows/256) largest tokens of x_mid, kept exactly) are picked per
     # chunk, so with them the norm input's range differs from one call's (each chunk excludes
     # its own); off here to check everything else exactly, on in the next test.
-    monkeypatch.setattr(storage.OutlierRows, "split", staticmethod(lambda x, clean=True: None))
-    monkeypatch.setattr(fused_rmsnorm, "_outlier_row_count", lambda rows: 0)
+    monkeypatch.setattr(storage.OutlierRows, "count", staticmethod(lambda rows: 0))
     steps = [_batch(s) for s in (3, 4, 5)]  # 2 calibrating steps, then frozen
     whole = _model(layer_type, checkpointing)
     whole_runs = []
@@ -73,9 +72,8 @@ def test_row_chunks_match_one_call(layer_type, checkpointing, monkeypatch):
         calls.append(x.shape[0])
         return real_apply(plan, x, *rest)
 
-    _chunk_rows(monkeypatch, 10)
     monkeypatch.setattr(blocks.MLPBlockFn, "apply", spy)
-    chunked = _model(layer_type, checkpointing)
+    chunked = _model(layer_type, checkpointing, chunk_rows=10)
     for i, b in enumerate(steps):
         calls.clear()
         grads, stats = step_grads(chunked, b)[1], _stats(chunked)
@@ -101,25 +99,24 @@ def test_row_chunks_match_one_call(layer_type, checkpointing, monkeypatch):
 
 
 @pytest.mark.parametrize("layer_type", ["intra_inter", "intra_inter_full_fuse"])
-def test_row_chunks_with_outlier_rows_stay_close(layer_type, monkeypatch):
+def test_row_chunks_with_outlier_rows_stay_close(layer_type):
     """Chunks of 16 rows each keep their own largest row exactly (one call: the 1 largest of 48)."""
     batch = _batch()
     whole = _model(layer_type, threshold=1)
     step_grads(whole, batch)  # calibrate
     ref = step_grads(whole, batch)[1]
-    _chunk_rows(monkeypatch, 16)
-    chunked = _model(layer_type, threshold=1)
+    chunked = _model(layer_type, threshold=1, chunk_rows=16)
     step_grads(chunked, batch)
     err = worst_rel_err(step_grads(chunked, batch)[1], ref)
     assert err < 0.05, err
 
 
-def test_manifest_lists_every_chunk(monkeypatch):
-    _chunk_rows(monkeypatch, 10)
-    model = _model("intra_inter")
+def test_manifest_lists_every_chunk():
+    model = _model("intra_inter", chunk_rows=10)
     step_grads(model, _batch())
     chunked = buffered_tensors(model)
-    monkeypatch.setattr(blocks, "MLP_CHUNK_ELEMENTS", 1 << 26)
+    revert_hyclora(model)
+    apply_hyclora(model, _config("intra_inter"))
     step_grads(model, _batch())
     whole = buffered_tensors(model)
     for layer, parts in whole.items():
@@ -135,13 +132,13 @@ def test_manifest_lists_every_chunk(monkeypatch):
             assert code_bytes(chunked[layer]["mlp"]) == code_bytes(parts["mlp"]) > 0, name
 
 
-def test_row_chunks_lower_the_live_peak(monkeypatch):
+def test_row_chunks_lower_the_live_peak():
     """A wide MLP (d_ff 16x hidden) on 512 tokens: its (tokens, d_ff) backward temporaries are
     the step's peak; in 64-row chunks they are 1/8 as large."""
 
-    def peak():
+    def peak(**chunk):
         model = lora_model(tiny_model("llama", "sdpa", intermediate_size=1024, num_hidden_layers=1), r=4)
-        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4, iteration_threshold=1))
+        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4, iteration_threshold=1, **chunk))
         ids = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(0))
         step_grads(model, {"input_ids": ids, "labels": ids})  # calibrate
         model.zero_grad(set_to_none=True)
@@ -152,6 +149,5 @@ def test_row_chunks_lower_the_live_peak(monkeypatch):
         return measure_live_peak(run, model, snapshot=False)[1].peak_bytes
 
     one_call = peak()
-    monkeypatch.setattr(blocks, "MLP_CHUNK_ELEMENTS", 64 * 1024)
-    chunked = peak()
+    chunked = peak(mlp_chunk_elements=64 * 1024)
     assert chunked < 0.75 * one_call, (chunked, one_call)

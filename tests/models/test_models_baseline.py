@@ -14,7 +14,8 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, buffered_tensors
 
-from hy_models_util import ALL_TARGETS, lora_model, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 BASELINE = HyCLoRAConfig(layer_type="baseline")
 

@@ -10,7 +10,8 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, buffered_tensors
 
-from hy_models_util import lora_model, needs_quant, rel_err, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, needs_quant, step_grads, tiny_model
+from helpers.numerics import rel_err, worst_rel_err
 
 pytestmark = needs_quant
 
@@ -77,11 +78,12 @@ def test_statistics_survive_state_dict_round_trip():
     fresh = lora_model(tiny_model("llama", "sdpa"))
     apply_hyclora(fresh, HyCLoRAConfig(**CONFIG))
     fresh.load_state_dict(state)
-    from hyclora.ops.storage import GROUPED_TENSORS
+    from hyclora.ops.tensor_specs import DECODER, family_specs
 
     # o: not stored with sdpa; the row-grouped tensors (V, D) take their ranges per row, no stats
+    specs = family_specs(DECODER)
     restored = [(n, s) for layer in _layers(fresh) for n, s in layer.hyclora_state.stats.items()
-                if n != "o" and n not in GROUPED_TENSORS]
+                if n != "o" and not specs[n].grouped]
     assert restored and all(int(s.count) == 3 and s.frozen for _, s in restored)
     # resumed training quantises with the restored (frozen) statistics: same gradients
     _, g_a = step_grads(model, _batch(9))

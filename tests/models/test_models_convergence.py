@@ -10,7 +10,7 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora
 
-from hy_models_util import lora_model, needs_quant, tinyllama
+from helpers.models import lora_model, needs_quant, tinyllama
 
 pytestmark = needs_quant
 

@@ -15,7 +15,8 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, revert_hyclora
 
-from hy_models_util import cosine, lora_model, needs_quant, step_grads, tinyllama
+from helpers.models import lora_model, needs_quant, step_grads, tinyllama
+from helpers.numerics import cosine
 
 pytestmark = needs_quant
 

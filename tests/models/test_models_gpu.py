@@ -12,7 +12,8 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora
 
-from hy_models_util import cosine, lora_model, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, step_grads, tiny_model
+from helpers.numerics import cosine, worst_rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -13,7 +13,8 @@ from hyclora.memory import measure_saved_tensors
 from hyclora.models import apply_hyclora, buffered_tensors, is_patched, revert_hyclora
 from hyclora.models.patching import is_forward_patched
 
-from hy_models_util import lora_model, needs_quant, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, needs_quant, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 BASELINE = HyCLoRAConfig(layer_type="baseline")
 
@@ -257,3 +258,53 @@ def test_prefilled_kv_cache_is_refused():
     # an empty cache (what a training forward with use_cache=True creates) is fine
     out = model(input_ids=ids, labels=ids, use_cache=True)
     out.loss.backward()
+
+
+def test_what_the_spec_does_not_describe_is_refused_by_name():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    # an activation key the adapter does not read (Gemma's), even beside a supported hidden_act
+    with pytest.raises(ValueError, match=r"hidden_activation='gelu_pytorch_tanh'.*reads hidden_act"):
+        apply_hyclora(lora_model(tiny_model("llama", hidden_activation="gelu_pytorch_tanh")), BASELINE)
+    # another norm class (it may compute otherwise from the same weight, e.g. Gemma's 1 + w)
+    model = lora_model(tiny_model("llama"))
+    other = type("OtherRMSNorm", (LlamaRMSNorm,), {})
+    _layers(model)[1].post_attention_layernorm = other(64)
+    with pytest.raises(ValueError, match=r"layers\.1\.post_attention_layernorm is a .*OtherRMSNorm.*LlamaRMSNorm"):
+        apply_hyclora(model, BASELINE)
+    # a submodule with parameters the blocks would not run (q/k norms of Qwen3-like layers)
+    model = lora_model(tiny_model("mistral"))
+    _layers(model)[0].self_attn.q_norm = LlamaRMSNorm(16)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_norm \(LlamaRMSNorm\) holds parameters"):
+        apply_hyclora(model, BASELINE)
+    assert not is_patched(model)  # refused before anything was patched
+
+
+def test_architecture_spec_refuses_what_the_blocks_do_not_implement():
+    from dataclasses import replace
+
+    from hyclora.models.llama import LLAMA_SPEC
+
+    with pytest.raises(NotImplementedError, match="norm_variant='1\\+w'"):
+        replace(LLAMA_SPEC, norm_variant="1+w")
+    with pytest.raises(NotImplementedError, match="q_norm"):
+        replace(LLAMA_SPEC, qk_norms=("self_attn.q_norm", "self_attn.k_norm"))
+    with pytest.raises(NotImplementedError, match="qkv_proj"):
+        replace(LLAMA_SPEC, fused_projections=("self_attn.qkv_proj",))
+
+
+def test_graph_capture_flag_rebuilds_the_policy():
+    from hyclora.models import kernels_for_graph_capture
+
+    model = lora_model(tiny_model("llama"))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", lora_kernels_min_tokens=4096))
+    layers = list(_layers(model))
+    step_grads(model, _batch())
+    assert all(m._hyclora_patch.setup[1][2].lora_kernels_min_tokens == 4096 for m in layers)
+    with kernels_for_graph_capture(layers):
+        assert all(m._hyclora_patch.under_graph_capture for m in layers)
+        step_grads(model, _batch())
+        assert all(m._hyclora_patch.setup[1][2].lora_kernels_min_tokens == 0 for m in layers)
+    assert not any(m._hyclora_patch.under_graph_capture for m in layers)
+    step_grads(model, _batch())
+    assert all(m._hyclora_patch.setup[1][2].lora_kernels_min_tokens == 4096 for m in layers)

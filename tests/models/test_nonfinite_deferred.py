@@ -14,7 +14,7 @@ from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, revert_hyclora
 from hyclora.quant.checks import FiniteGuard
 
-from hy_models_util import lora_model, tiny_model
+from helpers.models import lora_model, tiny_model
 
 
 def _batch(seed=3, b=2, s=11):

@@ -14,10 +14,11 @@ from hyclora.compat import checkpointing_disable, checkpointing_enable, is_check
 from hyclora.config import HyCLoRAConfig
 from hyclora.memory import measure_saved_tensors
 from hyclora.models import apply_hyclora, is_patched, revert_hyclora
-from hyclora.models.base import LlamaFamilyAdapter, in_backward_pass
+from hyclora.models.adapter import LayerAdapter, in_backward_pass
 from hyclora.models.patching import is_forward_patched, original_class
 
-from hy_models_util import lora_model, step_grads, tiny_model, worst_rel_err
+from helpers.models import lora_model, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,13 +38,13 @@ def hyclora_forwards(monkeypatch):
     """Counts of hyclora's compressed decoder-layer forwards, outside and inside the backward
     (a checkpoint's recompute runs inside it)."""
     counts = {"forward": 0, "recompute": 0}
-    inner = LlamaFamilyAdapter.compressed_forward
+    inner = LayerAdapter.compressed_forward
 
     def counting(self, layer, patch, args, kwargs):
         counts["recompute" if in_backward_pass() else "forward"] += 1
         return inner(self, layer, patch, args, kwargs)
 
-    monkeypatch.setattr(LlamaFamilyAdapter, "compressed_forward", counting)
+    monkeypatch.setattr(LayerAdapter, "compressed_forward", counting)
     return counts
 
 

@@ -22,9 +22,9 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora
 
-from test_roberta import BASELINE, compare_with_hf, grads_of, lora_cosines, lora_encoder, worst_rel_err
-
-GLUE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "glue"
+from helpers.encoders import BASELINE, compare_with_hf, grads_of, lora_encoder
+from helpers.numerics import lora_cosines, worst_rel_err
+from helpers.repo import GLUE_DIR
 
 
 def _minilm_dir():

@@ -14,7 +14,7 @@ from hyclora.config import ConfigInUseError, HyCLoRAConfig
 from hyclora.models import apply_hyclora, revert_hyclora
 from hyclora.models.state import exclude_state_from_save_pretrained, include_state_in_save_pretrained
 
-from hy_models_util import lora_model, needs_quant, tiny_model
+from helpers.models import lora_model, needs_quant, tiny_model
 
 # 5% outlier channels: the 64-wide norm inputs get 3 exact channels, every other statistic none
 # (an empty outlier_idx, which safetensors used to drop). Statistics freeze after 2 counted
@@ -240,3 +240,20 @@ def test_apply_hyclora_locks_the_config_and_saves_plain_keys_until_revert(tmp_pa
     revert_hyclora(model)
     cfg.q_bit = 2  # free again
     assert cfg.q_bit == 2
+
+
+def test_statistics_follow_the_tensor_spec_table():
+    from hyclora.ops import tensor_specs as ts
+
+    # the storage rules the table encodes (see its module docstring for why)
+    assert ts.GROUPED_TENSORS == {"v", "o", "hidden"} and ts.ROW_OUTLIER_EXEMPT == {"gate", "up"}
+    assert ts.double_bit_names(ts.DECODER) == {"x_in", "x_mid", "q", "k", "gate"}
+    assert ts.double_bit_names(ts.ENCODER) == {"k"}
+    assert ts.stats_names(ts.DECODER, "intra") == ("x_in", "q", "k", "v", "o", "x_mid", "gate", "up", "silu", "hidden")
+    assert ts.stats_names(ts.ENCODER, "intra_inter") == ("x_n1", "q", "k", "v", "o", "z1", "x_n2", "up", "z2")
+    assert ts.stats_names(ts.DECODER, "baseline") == ()
+    layer = _model().base_model.model.model.layers[0]
+    stats = layer.hyclora_state.stats
+    assert tuple(stats) == ts.stats_names(ts.DECODER, "intra_inter")
+    # 64-wide norm inputs at a 5% ratio: 3 exact channels; every other statistic none
+    assert {n: s.num_outliers for n, s in stats.items() if s.num_outliers} == {"x_in": 3, "x_mid": 3}

@@ -13,22 +13,16 @@ the method's own quantisation error, which is what the two-layer test asserts.
 from __future__ import annotations
 
 import copy
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-
 from hyclora.config import HyCLoRAConfig  # noqa: E402
 from hyclora.models import apply_hyclora, revert_hyclora  # noqa: E402
 
-from hy_models_util import lora_model, step_grads, tiny_model, worst_rel_err  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_TRITON_DEVICE = INTERPRET or torch.cuda.is_available()
+from helpers.kernels import needs_triton
+from helpers.models import lora_model, step_grads, tiny_model
+from helpers.numerics import worst_rel_err
 
 
 def _batch(seed, padded=True):
@@ -76,7 +70,7 @@ def test_two_layers_full_fuse_within_a_fraction_of_the_quantisation_error(kind):
         assert worst_rel_err(got[1], ref[1]) <= 0.25 * own_error, bits
 
 
-@pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_one_layer_full_fuse_triton_kernels_in_the_model(kind):
     # the same as above with every kernel (quantisation and the fused epilogue) through Triton

@@ -5,38 +5,25 @@ glue against StoragePolicy.keep. Triton cases run under TRITON_INTERPRET=1 or on
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from hyclora.ops.blocks import MLPPlan
-from hyclora.ops.fused_rmsnorm import (
-    fused_norm_backward,
-    fused_norm_forward,
+from hyclora.kernels.rmsnorm import (
     rmsnorm_quant_backward,
     rmsnorm_quant_backward_torch,
     rmsnorm_quant_forward,
     rmsnorm_quant_forward_torch,
 )
+from hyclora.ops.blocks import MLPPlan
+from hyclora.ops.fused_rmsnorm import fused_norm_backward, fused_norm_forward
 from hyclora.ops.storage import OutlierRows, StoragePolicy, TensorLoad, TensorStore
 from hyclora.quant import ChannelStats, QuantizedTensor, dequantize
 from hyclora.quant.core import affine_params, column_minmax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fused_swiglu import _mlp_grads, _mlp_params, _stats  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                  reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from helpers.kernels import DEVICE, compile_for_sm90, needs_triton
+from helpers.mlp_block import mlp_grads, mlp_params, mlp_stats
+from helpers.numerics import rel_err, ulp_close
 
 
 def _x(m, d, dtype, seed):
@@ -55,10 +42,7 @@ def _params(x, bits, idx):
 
 
 def _ulp_close(a, b, dtype):
-    if dtype == torch.float32:
-        return torch.allclose(a.float(), b.float(), rtol=2e-6, atol=2e-6)
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    return bool(((a.float() - b.float()).abs() <= ulp * b.float().abs() + 1e-6).all())
+    return ulp_close(a, b, dtype, fp32_tol=2e-6, slack=1e-6)
 
 
 @needs_triton
@@ -111,9 +95,9 @@ def test_backward_kernel_matches_reference(bits, dtype, cols, rows, res):
     dx_r = rmsnorm_quant_backward_torch(saved, rstd, w, dy_n, dy_res)
     assert dx.dtype == dx_r.dtype
     if dtype == torch.float32:
-        assert _rel(dx, dx_r) < 1e-6
+        assert rel_err(dx, dx_r) < 1e-6
     else:  # one bf16 rounding of dx (and of dx + residual) may land on the other side
-        assert _rel(dx, dx_r) < 4e-3
+        assert rel_err(dx, dx_r) < 4e-3
 
 
 @pytest.mark.parametrize("rows", [False, True])
@@ -131,7 +115,7 @@ def test_reference_equals_autograd_when_quantisation_is_lossless(rows):
     lo2, step2, inv2 = affine_params(*column_minmax(x), bits)
     q_codes = rmsnorm_quant_forward_torch(x, torch.ones(d), 1e-5, lo2, inv2, None, bits)[2]
     q = QuantizedTensor(q_codes, lo2, step2, bits=bits, shape=x.shape, dtype=x.dtype)
-    assert _rel(dequantize(q), x) < 1e-6  # lossless up to fp32 rounding of the grid
+    assert rel_err(dequantize(q), x) < 1e-6  # lossless up to fp32 rounding of the grid
     saved = OutlierRows(q, torch.tensor([5]), x[5:6].clone()) if rows else q
     w = torch.rand(d, generator=g) + 0.5
     xr = x.clone().requires_grad_()
@@ -141,7 +125,7 @@ def test_reference_equals_autograd_when_quantisation_is_lossless(rows):
     y_ref.backward(dy_n)
     _, rstd, *_ = rmsnorm_quant_forward_torch(x, w, 1e-5, lo2, inv2, None, bits)
     dx = rmsnorm_quant_backward_torch(saved, rstd, w, dy_n, dy_res)
-    assert _rel(dx, xr.grad + dy_res) < 1e-6
+    assert rel_err(dx, xr.grad + dy_res) < 1e-6
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -195,7 +179,7 @@ def test_glue_keeps_what_policy_keep_keeps(state, backend):
     assert store_f._index["x_mid"][0] == store_k._index["x_mid"][0] == "quant_rows"  # 39 rows: 1 exact row
     x_k, x_f = _load(store_k, "torch").get("x_mid"), _load(store_f, "torch").get("x_mid")
     assert torch.equal(x_f, x_k) and not torch.equal(x_f, x)
-    from hyclora.ops.rmsnorm import rmsnorm_forward
+    from hyclora.kernels.rmsnorm import rmsnorm_forward
 
     y_r, rstd_r = rmsnorm_forward(x, w, 1e-5)
     assert _ulp_close(y, y_r, torch.float32) and torch.allclose(rstd, rstd_r, rtol=1e-6, atol=0)
@@ -205,10 +189,10 @@ def test_glue_keeps_what_policy_keep_keeps(state, backend):
     # and the fused backward reads it back like the op-by-op backward
     dy_n, dy = torch.randn(3, 13, 45).to(DEVICE), torch.randn(3, 13, 45).to(DEVICE)
     dx = fused_norm_backward(plan, _load(store_f, backend), "x_mid", "rstd2", w, dy_n, dy)
-    from hyclora.ops.rmsnorm import rmsnorm_backward
+    from hyclora.kernels.rmsnorm import rmsnorm_backward
 
     dx_r = rmsnorm_backward(dy_n, x_k, rstd_r, w)[0] + dy
-    assert _rel(dx, dx_r) < 1e-6
+    assert rel_err(dx, dx_r) < 1e-6
 
 
 @pytest.mark.parametrize("trainable_norm", [False, True])
@@ -219,29 +203,29 @@ def test_block_norm_backward_equals_op_by_op(backend, trainable_norm):
     # massive token and channel, calibrating then frozen statistics
     b, s, d, f, r, bits = 2, 19, 24, 45, 12, 4
     gen = torch.Generator().manual_seed(4)
-    params, metas = _mlp_params(d, f, r, gen)
+    params, metas = mlp_params(d, f, r, gen)
     params = [None if p is None else p.detach().to(DEVICE).requires_grad_(p.requires_grad) for p in params]
     norm_w = (torch.rand(d, generator=gen) + 0.5).to(DEVICE).requires_grad_(trainable_norm)
-    stats = {lt: {k: v.to(DEVICE) for k, v in _stats(d, f, threshold=1).items()}
+    stats = {lt: {k: v.to(DEVICE) for k, v in mlp_stats(d, f, threshold=1).items()}
              for lt in ("intra_inter", "intra_inter_full_fuse")}
     for step in range(2):
         x = torch.randn(b, s, d, generator=gen) * 2
         x[0, 3] *= 30
         x[..., 5] *= 20
         x = x.to(DEVICE)
-        y_ref, g_ref = _mlp_grads("intra_inter", x, norm_w, params, metas, bits, stats["intra_inter"], backend)
-        y_fus, g_fus = _mlp_grads("intra_inter_full_fuse", x, norm_w, params, metas, bits,
-                                  stats["intra_inter_full_fuse"], backend)
-        assert _rel(y_fus, y_ref) < 1e-6
+        y_ref, g_ref = mlp_grads("intra_inter", x, norm_w, params, metas, bits, stats["intra_inter"], backend)
+        y_fus, g_fus = mlp_grads("intra_inter_full_fuse", x, norm_w, params, metas, bits,
+                                 stats["intra_inter_full_fuse"], backend)
+        assert rel_err(y_fus, y_ref) < 1e-6
         assert len(g_fus) == len(g_ref) and (norm_w.grad is not None) == trainable_norm
         for gf, gr in zip(g_fus, g_ref):
-            assert gr.norm() > 0 and _rel(gf, gr) < 2e-5, step
+            assert gr.norm() > 0 and rel_err(gf, gr) < 2e-5, step
 
 
 def _rms_case(which, bits, d, dt, wdt, k_out, tag):
-    from hyclora.ops.fused_rmsnorm import _gpu_blocks
+    from hyclora.kernels.rmsnorm import gpu_blocks
 
-    block_m, block_d, warps = _gpu_blocks(d)
+    block_m, block_d, warps = gpu_blocks(d)
     if which == "fwd":
         ptrs = dict(x_ptr=dt, w_ptr=wdt, lo_ptr="fp32", inv_ptr="fp32", idx_ptr="i64", y_ptr=dt, rstd_ptr="fp32",
                     codes_ptr="u8", vals_ptr=dt, score_ptr=dt)
@@ -255,7 +239,7 @@ def _rms_case(which, bits, d, dt, wdt, k_out, tag):
         consts = dict(BITS=bits, HAS_OUT=k_out > 0, HAS_ROWS=True, HAS_RES=True, RNE_X=False, RNE_G=False,
                       RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d)
         floats = []
-    return dict(module="hyclora.ops.fused_rmsnorm", kernel=f"_rms_{which}_kernel", ptrs=ptrs, floats=floats,
+    return dict(module="hyclora.kernels.rmsnorm", kernel=f"_rms_{which}_kernel", ptrs=ptrs, floats=floats,
                 consts=consts, warps=warps, tag=tag)
 
 
@@ -265,8 +249,6 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     (5120) and an odd one, every bit width, with the whole row in registers.
     Measured (bf16): 64-148 registers; no stack except the 5120-wide forward (padded to 8192
     columns, 16 warps, so at most 128 registers per thread: 32 bytes of stack)."""
-    from test_fused_swiglu import compile_for_sm90
-
     cases = [_rms_case(w, bits, d, "bf16", "bf16", k, [w, bits, d]) for w in ("fwd", "bwd")
              for bits, d, k in ((2, 4096, 20), (4, 5120, 25), (8, 45, 0))]
     cases += [_rms_case("fwd", 4, 4096, "fp32", "fp32", 20, ["fwd", 4, 4096, "fp32"])]
@@ -283,8 +265,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
 @pytest.mark.parametrize("m,d", [(37, 45), (5, 130), (70, 256)])
 @pytest.mark.parametrize("res,need_dx,need_dw", [(True, True, True), (False, True, False), (True, False, True)])
 def test_dense_backward_kernel_matches_reference(dtype, wdtype, m, d, res, need_dx, need_dw):
-    from hyclora.ops.fused_rmsnorm import rmsnorm_backward_dense
-    from hyclora.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    from hyclora.kernels.rmsnorm import rmsnorm_backward, rmsnorm_backward_dense, rmsnorm_forward
 
     gen = torch.Generator().manual_seed(m + d)
     x = _x(m, d, dtype, seed=d)
@@ -303,7 +284,7 @@ def test_dense_backward_kernel_matches_reference(dtype, wdtype, m, d, res, need_
         else:
             assert _ulp_close(dx, want, dtype)
     if need_dw:
-        assert dw.dtype == w.dtype and _rel(dw, dw_ref) < (1e-6 if wdtype == torch.float32 else 4e-3)
+        assert dw.dtype == w.dtype and rel_err(dw, dw_ref) < (1e-6 if wdtype == torch.float32 else 4e-3)
     # the torch backend of the same entry point is the reference itself (+ the residual)
     dx_t, dw_t = rmsnorm_backward_dense(dy, x, rstd, w, dres, need_dx=need_dx, need_dweight=need_dw, backend="torch")
     if need_dx:
@@ -316,8 +297,7 @@ def test_dense_backward_kernel_matches_reference(dtype, wdtype, m, d, res, need_
 @pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                           (torch.bfloat16, torch.float32)])
 def test_from_rstd_kernel_is_bit_identical(dtype, wdtype):
-    from hyclora.ops.fused_rmsnorm import rmsnorm_from_rstd_fused
-    from hyclora.ops.rmsnorm import rmsnorm_forward, rmsnorm_from_rstd
+    from hyclora.kernels.rmsnorm import rmsnorm_forward, rmsnorm_from_rstd, rmsnorm_from_rstd_fused
 
     x = _x(2 * 19, 45, dtype, seed=3).view(2, 19, 45)
     w = (torch.rand(45, generator=torch.Generator().manual_seed(2)) + 0.5).to(wdtype).to(DEVICE)
@@ -327,7 +307,7 @@ def test_from_rstd_kernel_is_bit_identical(dtype, wdtype):
 
 
 def test_dense_entry_points_reject_mismatched_shapes():
-    from hyclora.ops.fused_rmsnorm import rmsnorm_backward_dense, rmsnorm_from_rstd_fused
+    from hyclora.kernels.rmsnorm import rmsnorm_backward_dense, rmsnorm_from_rstd_fused
 
     x, rstd = torch.randn(4, 8), torch.ones(4, 1)
     with pytest.raises(ValueError, match="do not match"):
@@ -338,20 +318,18 @@ def test_dense_entry_points_reject_mismatched_shapes():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_dense_kernels_compile_for_sm90_without_spills(tmp_path):
-    from test_fused_swiglu import compile_for_sm90
-
-    from hyclora.ops.fused_rmsnorm import _gpu_blocks
+    from hyclora.kernels.rmsnorm import gpu_blocks
 
     cases = []
     for d in (4096, 5120, 45):
-        block_m, block_d, warps = _gpu_blocks(d)
-        cases.append(dict(module="hyclora.ops.fused_rmsnorm", kernel="_rms_bwd_dense_kernel",
+        block_m, block_d, warps = gpu_blocks(d)
+        cases.append(dict(module="hyclora.kernels.rmsnorm", kernel="_rms_bwd_dense_kernel",
                           ptrs=dict(x_ptr="bf16", rstd_ptr="fp32", w_ptr="bf16", dyn_ptr="bf16", dres_ptr="bf16",
                                     g_ptr="bf16", dx_ptr="bf16", dwp_ptr="fp32"),
                           floats=[], consts=dict(NEED_DX=True, NEED_DW=True, HAS_RES=True, RNE_X=False, RNE_G=False,
                                                  RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d, ROW_ITERS=4),
                           warps=warps, tag=["bwd_dense", d]))
-        cases.append(dict(module="hyclora.ops.fused_rmsnorm", kernel="_rms_from_rstd_kernel",
+        cases.append(dict(module="hyclora.kernels.rmsnorm", kernel="_rms_from_rstd_kernel",
                           ptrs=dict(x_ptr="bf16", rstd_ptr="fp32", w_ptr="bf16", out_ptr="bf16"), floats=[],
                           consts=dict(RNE_X=False, RNE_OUT=False, BLOCK_M=block_m, BLOCK_D=block_d),
                           warps=warps, tag=["from_rstd", d]))

@@ -5,31 +5,20 @@ Triton cases run under TRITON_INTERPRET=1 or on CUDA."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from hyclora.kernels.rope import apply_rope
+from hyclora.kernels.rope_rebuild import rebuild_rope, rebuild_rope_torch
 from hyclora.ops.blocks import AttentionPlan
-from hyclora.ops.fused_rope import fused_rebuild_rope, rebuild_rope, rebuild_rope_torch
+from hyclora.ops.fused_rope import fused_rebuild_rope
 from hyclora.ops.lora import LinearMeta, lora_reconstruct
-from hyclora.ops.rope import apply_rope
 from hyclora.ops.storage import OutlierRows, StoragePolicy, TensorLoad, TensorStore
 from hyclora.quant import ChannelStats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                  reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from helpers.kernels import DEVICE, compile_for_sm90, needs_triton
+from helpers.numerics import rel_err, ulp_close
 
 
 class _Ctx:
@@ -65,10 +54,7 @@ def _op_by_op(load, xa, lora_b, scaling, cos, sin, heads, hd, name="q"):
 
 
 def _ulps_close(a, b, dtype):
-    if dtype == torch.float32:
-        return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5)
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    return bool(((a.float() - b.float()).abs() <= ulp * b.float().abs() + 1e-5).all())
+    return ulp_close(a, b, dtype, fp32_tol=1e-5, slack=1e-5)
 
 
 @needs_triton
@@ -94,7 +80,7 @@ def test_kernel_matches_reference(bits, dtype, hd, rows, cos_batch):
 def test_reference_equals_op_by_op_in_fp32(bits):
     load, xa, lora_b, cos, sin = _case(2, 19, 4, 8, 12, torch.float32, bits, seed=1)
     ref = rebuild_rope_torch(load.get_quantized("q"), xa, lora_b, 0.5, cos, sin, 4, 8)
-    assert _rel(ref, _op_by_op(load, xa, lora_b, 0.5, cos, sin, 4, 8)) < 1e-6  # measured 0
+    assert rel_err(ref, _op_by_op(load, xa, lora_b, 0.5, cos, sin, 4, 8)) < 1e-6  # measured 0
 
 
 def test_reference_at_least_as_accurate_as_op_by_op_in_bf16():
@@ -106,7 +92,7 @@ def test_reference_at_least_as_accurate_as_op_by_op_in_bf16():
     opbyop = _op_by_op(load, xa, lora_b, 0.5, cos, sin, 4, 8)
     x = load.get("q").double() + 0.5 * xa.double() @ lora_b.double().t()
     truth = apply_rope(x.view(2, 19, 4, 8).transpose(1, 2), cos.double(), sin.double())
-    e_fused, e_op = _rel(fused, truth), _rel(opbyop, truth)
+    e_fused, e_op = rel_err(fused, truth), rel_err(opbyop, truth)
     print(f"bf16 rebuild error against fp64: fused {e_fused:.4f}, op-by-op {e_op:.4f}")
     assert e_fused <= e_op and e_fused < 0.004
 
@@ -122,7 +108,7 @@ def test_block_glue_and_its_op_by_op_fallback(exact_cols):
                          head_dim=hd)
     meta = LinearMeta("q_proj", True, 2.0)
     got = fused_rebuild_rope(plan, load, "q", meta, lora_b, 2, cos, sin)
-    assert _rel(got, _op_by_op(load, xa, lora_b, 2.0, cos, sin, 2, hd)) < 1e-6
+    assert rel_err(got, _op_by_op(load, xa, lora_b, 2.0, cos, sin, 2, hd)) < 1e-6
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -141,14 +127,12 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """Compiled ahead of time for sm_90 (no GPU): head_dim 128 (Llama-2-7B), r=16 and r=128,
     2/4/8 bits (K is kept at twice the bits), bf16 and fp32, the launcher's 16 x 64 tile; no
     spills (measured 128 registers at r=16, 156 at r=128)."""
-    from test_fused_swiglu import compile_for_sm90
-
     def case(bits, r, dt, tag):
         ptrs = dict(codes_ptr="u8", lo_ptr="fp32", step_ptr="fp32", rslot_ptr="i32", rvals_ptr=dt, xa_ptr=dt,
                     b_ptr=dt, cos_ptr=dt, sin_ptr=dt, out_ptr=dt)
         consts = dict(BITS=bits, HAS_ROWS=True, HAS_LORA=True, DOT_FP32=dt == "fp32", RNE=False, BLOCK_M=16,
                       BLOCK_H=64, BLOCK_R=max(16, 1 << (r - 1).bit_length()))
-        return dict(module="hyclora.ops.fused_rope", kernel="_rope_rebuild_kernel", ptrs=ptrs, floats=["scale"],
+        return dict(module="hyclora.kernels.rope_rebuild", kernel="_rope_rebuild_kernel", ptrs=ptrs, floats=["scale"],
                     consts=consts, warps=4, tag=tag)
 
     cases = [case(2, 16, "bf16", [2, 16]), case(4, 16, "bf16", [4, 16]), case(8, 128, "bf16", [8, 128]),

@@ -9,37 +9,31 @@ tile is partial, the rank is not a power of two, the last packed byte is half us
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hyclora.ops.blocks import MLPPlan, mlp_block
-from hyclora.ops.fused_swiglu import (
-    fused_gate_up_forward,
-    lora_base_forward,
-    quant_params_like_policy,
-    swiglu_lora_backward,
-    swiglu_lora_backward_torch,
-    swiglu_lora_forward,
-    swiglu_lora_forward_torch,
+from hyclora.kernels.common import FIXED_TILE
+from hyclora.kernels.glu import (
+    FWD_CONFIGS,
+    glu_lora_backward,
+    glu_lora_backward_torch,
+    glu_lora_backward_triton,
+    glu_lora_forward,
+    glu_lora_forward_torch,
+    glu_lora_forward_triton,
 )
-from hyclora.ops.lora import LinearMeta, lora_linear_forward
+from hyclora.ops.fused_swiglu import fused_gate_up_forward
+from hyclora.ops.lora import LinearMeta, lora_base_forward, lora_linear_forward
 from hyclora.ops.storage import StoragePolicy, TensorLoad, TensorStore
 from hyclora.quant import ChannelStats, QuantizedTensor, dequantize, quantize
 from hyclora.quant.core import affine_params, column_minmax
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_TRITON_DEVICE = INTERPRET or torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from helpers.kernels import DEVICE, HAS_TRITON_DEVICE, INTERPRET, compile_for_sm90, needs_triton
+from helpers.mlp_block import mlp_grads, mlp_params, mlp_stats
+from helpers.numerics import rel_err, ulp_close
 
 
 def _case(m, n, r, dtype, seed, lora=(True, True), lora_dtype=None):
@@ -72,10 +66,7 @@ def _own_params(y, bits):
 def _close(a, b, dtype):
     # fp32: one dot accumulated in another order + a few fp32 ops; bf16/fp16: one output rounding
     # (the inputs of both sides are identical, only the rounding of the fp32 result can differ)
-    if dtype == torch.float32:
-        return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5)
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    return bool(((a.float() - b.float()).abs() <= ulp * b.float().abs() + 1e-6).all())
+    return ulp_close(a, b, dtype, fp32_tol=1e-5, slack=1e-6)
 
 
 # -- kernels against the torch reference ------------------------------------------------------
@@ -91,16 +82,16 @@ def test_kernels_match_reference(bits, dtype, r):
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, s_g, s_u, lo_g, inv_g, lo_u, inv_u, bits)
-    cg, cu, d = swiglu_lora_forward(*args, backend="triton")
-    cg_r, cu_r, d_r = swiglu_lora_forward(*args, backend="torch")
+    cg, cu, d = glu_lora_forward(*args, backend="triton")
+    cg_r, cu_r, d_r = glu_lora_forward(*args, backend="torch")
     # codes bit-identical to the reference, which are hyclora.quant.quantize's codes
     assert torch.equal(cg, cg_r) and torch.equal(cu, cu_r)
     assert torch.equal(cg, quantize(yw_g, bits, backend="torch").codes)
     assert d.dtype == dtype and _close(d, d_r, dtype)
 
     bargs = (cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, s_g, s_u, dd, bits)
-    out = swiglu_lora_backward(*bargs, dtype=dtype, backend="triton")
-    ref = swiglu_lora_backward(*bargs, dtype=dtype, backend="torch")
+    out = glu_lora_backward(*bargs, dtype=dtype, backend="triton")
+    ref = glu_lora_backward(*bargs, dtype=dtype, backend="torch")
     for got, want in zip(out, ref):
         assert got.dtype == want.dtype and _close(got, want, dtype)
 
@@ -115,17 +106,17 @@ def test_kernels_gate_and_up_at_different_widths(bits):
     lo_g, st_g, inv_g = _own_params(yw_g, bg)
     lo_u, st_u, inv_u = _own_params(yw_u, bu)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 2.0, 0.5, lo_g, inv_g, lo_u, inv_u, bits)
-    cg, cu, d = swiglu_lora_forward(*args, backend="triton", config=(16, 32, 4, 2))
-    cg_r, cu_r, d_r = swiglu_lora_forward(*args, backend="torch")
+    cg, cu, d = glu_lora_forward_triton(*args, config=(16, 32, 4, 2), tensor_core_on_fp32=True)
+    cg_r, cu_r, d_r = glu_lora_forward(*args, backend="torch")
     assert torch.equal(cg, quantize(yw_g, bg, backend="torch").codes)
     assert torch.equal(cu, quantize(yw_u, bu, backend="torch").codes)
     assert torch.equal(cg, cg_r) and torch.equal(cu, cu_r) and _close(d, d_r, torch.float32)
     bargs = (cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, 2.0, 0.5, dd, bits)
-    out = swiglu_lora_backward(*bargs, dtype=torch.float32, backend="triton", config=(16, 32, 4, 2))
-    for got, want in zip(out, swiglu_lora_backward(*bargs, dtype=torch.float32, backend="torch")):
+    out = glu_lora_backward_triton(*bargs, dtype=torch.float32, config=(16, 32, 4, 2), tensor_core_on_fp32=True)
+    for got, want in zip(out, glu_lora_backward(*bargs, dtype=torch.float32, backend="torch")):
         assert _close(got, want, torch.float32)
     with pytest.raises(ValueError, match="expected uint8"):
-        swiglu_lora_backward(cu, cg, *bargs[2:], dtype=torch.float32, backend="torch")
+        glu_lora_backward(cu, cg, *bargs[2:], dtype=torch.float32, backend="torch")
 
 
 @needs_triton
@@ -138,36 +129,33 @@ def test_kernels_many_partial_tiles(config, bits):
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.5, 0.25, lo_g, inv_g, lo_u, inv_u, bits)
-    cg, cu, d = swiglu_lora_forward(*args, backend="triton", config=config)
-    cg_r, cu_r, d_r = swiglu_lora_forward_torch(*args)
+    cg, cu, d = glu_lora_forward(*args, backend="triton", config=config)
+    cg_r, cu_r, d_r = glu_lora_forward_torch(*args)
     assert torch.equal(cg, cg_r) and torch.equal(cu, cu_r) and _close(d, d_r, torch.float32)
     bargs = (cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, 1.5, 0.25, dd, bits)
-    out = swiglu_lora_backward(*bargs, dtype=torch.float32, backend="triton", config=config)
-    for got, want in zip(out, swiglu_lora_backward_torch(*bargs, dtype=torch.float32)):
+    out = glu_lora_backward(*bargs, dtype=torch.float32, backend="triton", config=config)
+    for got, want in zip(out, glu_lora_backward_torch(*bargs, dtype=torch.float32)):
         assert _close(got, want, torch.float32)
 
 
 @needs_triton
 @pytest.mark.skipif(not INTERPRET, reason="a hook of the interpreter")
 @pytest.mark.parametrize("bits", [2, 8])
-def test_tensor_core_branch_under_the_interpreter(monkeypatch, bits):
+def test_tensor_core_branch_under_the_interpreter(bits):
     # On the GPU bf16 operands take the tensor-core branch (one dot over the whole rank, B^T
     # loaded once per program); the interpreter's bf16 dot is wrong, so that branch is run here
     # on fp32 operands, which the interpreter multiplies correctly.
-    import hyclora.ops.fused_swiglu as fs
-
-    monkeypatch.setattr(fs, "_TEST_TENSOR_CORE_PATH", True)
     m, n, r = 53, 77, 20
     yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _case(m, n, r, torch.float32, seed=13)
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.5, 0.25, lo_g, inv_g, lo_u, inv_u, bits)
-    cg, cu, d = swiglu_lora_forward(*args, backend="triton", config=(16, 32, 4, 2))
-    cg_r, cu_r, d_r = swiglu_lora_forward_torch(*args)
+    cg, cu, d = glu_lora_forward_triton(*args, config=(16, 32, 4, 2), tensor_core_on_fp32=True)
+    cg_r, cu_r, d_r = glu_lora_forward_torch(*args)
     assert torch.equal(cg, cg_r) and torch.equal(cu, cu_r) and _close(d, d_r, torch.float32)
     bargs = (cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, 1.5, 0.25, dd, bits)
-    out = swiglu_lora_backward(*bargs, dtype=torch.float32, backend="triton", config=(16, 32, 4, 2))
-    for got, want in zip(out, swiglu_lora_backward_torch(*bargs, dtype=torch.float32)):
+    out = glu_lora_backward_triton(*bargs, dtype=torch.float32, config=(16, 32, 4, 2), tensor_core_on_fp32=True)
+    for got, want in zip(out, glu_lora_backward_torch(*bargs, dtype=torch.float32)):
         assert _close(got, want, torch.float32)
 
 
@@ -179,11 +167,11 @@ def test_kernels_without_some_lora(lora):
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 2.0, 2.0, lo_g, inv_g, lo_u, inv_u, bits)
-    got, ref = swiglu_lora_forward(*args, backend="triton"), swiglu_lora_forward_torch(*args)
+    got, ref = glu_lora_forward(*args, backend="triton"), glu_lora_forward_torch(*args)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and _close(got[2], ref[2], torch.float32)
     bargs = (ref[0], ref[1], lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u, 2.0, 2.0, dd, bits)
-    dg, du, d_hat = swiglu_lora_backward(*bargs, dtype=torch.float32, backend="triton", need_d=False)
-    dg_r, du_r, _ = swiglu_lora_backward_torch(*bargs, dtype=torch.float32, need_d=False)
+    dg, du, d_hat = glu_lora_backward(*bargs, dtype=torch.float32, backend="triton", need_d=False)
+    dg_r, du_r, _ = glu_lora_backward_torch(*bargs, dtype=torch.float32, need_d=False)
     assert d_hat is None and _close(dg, dg_r, torch.float32) and _close(du, du_r, torch.float32)
 
 
@@ -197,10 +185,10 @@ def test_kernel_dot_dtype_follows_torch(dot_dtype):
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
     args = (yw_g, yw_u, xa_g, xa_u, b_g, b_u, 2.0, 0.5, lo_g, inv_g, lo_u, inv_u, bits)
-    got = swiglu_lora_forward(*args, backend="triton", dot_dtype=dot_dtype)
-    ref = swiglu_lora_forward_torch(*args, dot_dtype=dot_dtype)
+    got = glu_lora_forward(*args, backend="triton", dot_dtype=dot_dtype)
+    ref = glu_lora_forward_torch(*args, dot_dtype=dot_dtype)
     assert _close(got[2], ref[2], torch.bfloat16)
-    other = swiglu_lora_forward_torch(*args, dot_dtype=torch.float32 if dot_dtype == torch.bfloat16 else torch.bfloat16)
+    other = glu_lora_forward_torch(*args, dot_dtype=torch.float32 if dot_dtype == torch.bfloat16 else torch.bfloat16)
     assert not torch.equal(other[2], ref[2])  # the dot dtype matters on this data: the test can fail
 
 
@@ -213,12 +201,12 @@ def test_reference_matches_autograd(bits):
     yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _case(m, n, r, torch.float32, seed=11)
     lo_g, st_g, inv_g = _own_params(yw_g, bits)
     lo_u, st_u, inv_u = _own_params(yw_u, bits)
-    cg, cu, d = swiglu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, s_g, s_u,
+    cg, cu, d = glu_lora_forward_torch(yw_g, yw_u, xa_g, xa_u, b_g, b_u, s_g, s_u,
                                           lo_g, inv_g, lo_u, inv_u, bits)
     # forward: D from the exact (unquantised) G and U, in fp64 through plain torch ops
     g64 = yw_g.double() + s_g * xa_g.double() @ b_g.double().t()
     u64 = yw_u.double() + s_u * xa_u.double() @ b_u.double().t()
-    assert _rel(d, F.silu(g64) * u64) < 1e-6
+    assert rel_err(d, F.silu(g64) * u64) < 1e-6
     # backward: G~, U~ rebuilt from what quantize() keeps, then autograd of SiLU(G~) * U~
     deq_g = dequantize(QuantizedTensor(cg, lo_g, st_g, bits=bits, shape=(m, n), dtype=torch.float32)).double()
     deq_u = dequantize(QuantizedTensor(cu, lo_u, st_u, bits=bits, shape=(m, n), dtype=torch.float32)).double()
@@ -226,30 +214,30 @@ def test_reference_matches_autograd(bits):
     u = (deq_u + s_u * xa_u.double() @ b_u.double().t()).requires_grad_()
     d_hat_ref = F.silu(g) * u
     d_hat_ref.backward(dd.double())
-    dg, du, d_hat = swiglu_lora_backward_torch(cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u,
+    dg, du, d_hat = glu_lora_backward_torch(cg, cu, lo_g, st_g, lo_u, st_u, xa_g, xa_u, b_g, b_u,
                                                s_g, s_u, dd, bits, dtype=torch.float32)
-    assert _rel(dg, g.grad) < 1e-6 and _rel(du, u.grad) < 1e-6 and _rel(d_hat, d_hat_ref) < 1e-6
+    assert rel_err(dg, g.grad) < 1e-6 and rel_err(du, u.grad) < 1e-6 and rel_err(d_hat, d_hat_ref) < 1e-6
 
 
 def test_bad_inputs_raise_clear_errors():
     yw_g, yw_u, xa_g, xa_u, b_g, b_u, dd = _case(8, 16, 4, torch.float32, seed=0)
     lo, _, inv = _own_params(yw_g, 4)
     with pytest.raises(ValueError, match="reshape"):
-        swiglu_lora_forward(yw_g.view(2, 4, 16), yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
+        glu_lora_forward(yw_g.view(2, 4, 16), yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
     with pytest.raises(ValueError, match="lora_B layout"):
-        swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g.t(), b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
+        glu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g.t(), b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
     with pytest.raises(ValueError, match="both"):
-        swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, None, b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
+        glu_lora_forward(yw_g, yw_u, xa_g, xa_u, None, b_u, 1.0, 1.0, lo, inv, lo, inv, 4)
     with pytest.raises(ValueError, match="per-channel"):
-        swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo[:3], inv, lo, inv, 4)
+        glu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo[:3], inv, lo, inv, 4)
     with pytest.raises(ValueError, match="bits=3"):
-        swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo, inv, lo, inv, 3)
+        glu_lora_forward(yw_g, yw_u, xa_g, xa_u, b_g, b_u, 1.0, 1.0, lo, inv, lo, inv, 3)
     with pytest.raises(ValueError, match="uint8"):
-        swiglu_lora_backward(yw_g, yw_u, lo, inv, lo, inv, xa_g, xa_u, b_g, b_u, 1.0, 1.0, dd, 4,
+        glu_lora_backward(yw_g, yw_u, lo, inv, lo, inv, xa_g, xa_u, b_g, b_u, 1.0, 1.0, dd, 4,
                              dtype=torch.float32)
     if HAS_TRITON_DEVICE:
         with pytest.raises(ValueError, match="ranks differ"):
-            swiglu_lora_forward(yw_g, yw_u, xa_g, xa_u[:, :3], b_g, b_u[:, :3], 1.0, 1.0, lo, inv, lo, inv, 4,
+            glu_lora_forward(yw_g, yw_u, xa_g, xa_u[:, :3], b_g, b_u[:, :3], 1.0, 1.0, lo, inv, lo, inv, 4,
                                 backend="triton")
 
 
@@ -290,55 +278,18 @@ def test_quant_params_give_the_codes_policy_keep_gives(state):
     replay = state == "replay"
     store = TensorStore()
     pol.keep(store, "gate", x, s_keep, update=True, replay=replay)
-    lo, step, inv, idx = quant_params_like_policy(pol, x, s_fused, update=True, replay=replay, name="gate")
+    lo, step, inv, idx = pol.quant_params(x, s_fused, update=True, replay=replay, name="gate")
     assert idx is None
     kept = store._tensors  # codes, lo, step, idx, vals of the one kept tensor
     bits = pol.bits_for("gate")  # G, a SiLU input, at twice q_bit
     assert bits == 4
-    fused_codes = swiglu_lora_forward_torch(x, x, None, None, None, None, 1.0, 1.0, lo, inv, lo, inv, bits)[0]
+    fused_codes = glu_lora_forward_torch(x, x, None, None, None, None, 1.0, 1.0, lo, inv, lo, inv, bits)[0]
     assert torch.equal(fused_codes, kept[0]) and torch.equal(lo, kept[1]) and torch.equal(step, kept[2])
     if s_keep is not None:  # the statistics advanced the same way
         assert s_keep._count_host == s_fused._count_host
         assert torch.equal(s_keep.lo, s_fused.lo) and torch.equal(s_keep.hi, s_fused.hi)
     if state == "frozen":  # values outside the calibrated range were clamped: not the own range
         assert not torch.equal(fused_codes, quantize(x, 2, backend="torch").codes)
-
-
-def _mlp_params(d, f, r, gen, lora=(True, True, True), bias=False, dtype=torch.float32):
-    params, metas = [], []
-    for name, (i, o), has in zip(("gate_proj", "up_proj", "down_proj"), ((d, f), (d, f), (f, d)), lora):
-        w = torch.randn(o, i, generator=gen) / i ** 0.5
-        bb = torch.randn(o, generator=gen) * 0.1 if bias else None
-        a = (torch.randn(r, i, generator=gen) / i ** 0.5).requires_grad_() if has else None
-        b = (torch.randn(o, r, generator=gen) * 0.2).requires_grad_() if has else None
-        params += [w.to(dtype), None if bb is None else bb.to(dtype).requires_grad_(), a, b]
-        metas.append(LinearMeta(name, has_lora=has, scaling=16 / r))
-    return params, tuple(metas)
-
-
-def _mlp_grads(layer_type, x, norm_w, params, metas, bits, stats, backend, update=True, replay=frozenset(),
-               dropout_seed=None):
-    plan = MLPPlan(layer_name="model.layers.0", eps=1e-5, linears=metas,
-                   policy=StoragePolicy(layer_type, bits, backend=backend), stats=stats, update=update,
-                   replay=replay)
-    x = x.detach().requires_grad_()
-    norm_w.grad = None
-    for p in params:
-        if p is not None and p.requires_grad:
-            p.grad = None
-    if dropout_seed is not None:
-        torch.manual_seed(dropout_seed)
-    y = mlp_block(plan, x, norm_w, params)
-    gen = torch.Generator().manual_seed(99)
-    y.backward(torch.randn(y.shape, generator=gen).to(y))  # y's device and dtype (the GPU runs of test_fused_rmsnorm)
-    grads = [x.grad] + ([norm_w.grad] if norm_w.requires_grad else []) + [p.grad for p in params if p is not None and p.requires_grad]
-    return y.detach(), grads
-
-
-def _stats(d, f, threshold):
-    return {"x_mid": ChannelStats(d, num_outliers=1, iteration_threshold=threshold),
-            "gate": ChannelStats(f, iteration_threshold=threshold),
-            "up": ChannelStats(f, iteration_threshold=threshold)}
 
 
 BLOCK_CASES = {
@@ -363,49 +314,49 @@ def test_fused_block_equals_op_by_op_block(case, bits, backend):
     opts = BLOCK_CASES[case]
     b, s, d, f, r = 2, 19, 24, 45, 12
     gen = torch.Generator().manual_seed(bits)
-    params, metas = _mlp_params(d, f, r, gen, lora=opts.get("lora", (True, True, True)), bias=opts.get("bias", False))
+    params, metas = mlp_params(d, f, r, gen, lora=opts.get("lora", (True, True, True)), bias=opts.get("bias", False))
     if opts.get("dropout"):
         metas = tuple(LinearMeta(m.name, m.has_lora, m.scaling, opts["dropout"]) for m in metas)
     norm_w = (torch.rand(d, generator=gen) + 0.5).requires_grad_()
     params_dev = [None if p is None else p.detach().to(DEVICE).requires_grad_(p.requires_grad) for p in params]
     norm_dev = norm_w.detach().to(DEVICE).requires_grad_()
-    stats = {lt: {k: v.to(DEVICE) for k, v in _stats(d, f, threshold=2).items()}
+    stats = {lt: {k: v.to(DEVICE) for k, v in mlp_stats(d, f, threshold=2).items()}
              for lt in ("intra_inter", "intra_inter_full_fuse")}
     seed = 5 if opts.get("dropout") else None
     for step in range(3):  # calibrating, calibrating, frozen
         x = (torch.randn(b, s, d, generator=gen) * 2).to(DEVICE)
-        y_ref, g_ref = _mlp_grads("intra_inter", x, norm_dev, params_dev, metas, bits, stats["intra_inter"],
-                                  backend, dropout_seed=seed)
-        y_fus, g_fus = _mlp_grads("intra_inter_full_fuse", x, norm_dev, params_dev, metas, bits,
-                                  stats["intra_inter_full_fuse"], backend, dropout_seed=seed)
-        assert _rel(y_fus, y_ref) < 1e-6, step
+        y_ref, g_ref = mlp_grads("intra_inter", x, norm_dev, params_dev, metas, bits, stats["intra_inter"],
+                                 backend, dropout_seed=seed)
+        y_fus, g_fus = mlp_grads("intra_inter_full_fuse", x, norm_dev, params_dev, metas, bits,
+                                 stats["intra_inter_full_fuse"], backend, dropout_seed=seed)
+        assert rel_err(y_fus, y_ref) < 1e-6, step
         assert len(g_fus) == len(g_ref) >= 6  # x, norm weight, LoRA A/B of 2+ linears
         for gf, gr in zip(g_fus, g_ref):
-            assert gr.norm() > 0 and _rel(gf, gr) < 2e-5, step
+            assert gr.norm() > 0 and rel_err(gf, gr) < 2e-5, step
     for lt in stats:  # both counted the same steps
         assert all(st._count_host == 2 for st in stats[lt].values())
     # a checkpoint recompute replaying a calibrating forward (own ranges, statistics untouched)
     replay = frozenset(("gate", "up"))
     x = (torch.randn(b, s, d, generator=gen) * 2).to(DEVICE)
-    _, g_ref = _mlp_grads("intra_inter", x, norm_dev, params_dev, metas, bits, stats["intra_inter"], backend,
-                          update=False, replay=replay, dropout_seed=seed)
-    _, g_fus = _mlp_grads("intra_inter_full_fuse", x, norm_dev, params_dev, metas, bits,
-                          stats["intra_inter_full_fuse"], backend, update=False, replay=replay, dropout_seed=seed)
+    _, g_ref = mlp_grads("intra_inter", x, norm_dev, params_dev, metas, bits, stats["intra_inter"], backend,
+                         update=False, replay=replay, dropout_seed=seed)
+    _, g_fus = mlp_grads("intra_inter_full_fuse", x, norm_dev, params_dev, metas, bits,
+                         stats["intra_inter_full_fuse"], backend, update=False, replay=replay, dropout_seed=seed)
     for gf, gr in zip(g_fus, g_ref):
-        assert _rel(gf, gr) < 2e-5
+        assert rel_err(gf, gr) < 2e-5
 
 
 def test_fused_block_keeps_what_intra_inter_keeps():
     # same saved tensors (names, shapes, dtypes, bytes): the memory accounting is unchanged
     b, s, d, f, r = 2, 7, 16, 33, 8
     gen = torch.Generator().manual_seed(0)
-    params, metas = _mlp_params(d, f, r, gen)
+    params, metas = mlp_params(d, f, r, gen)
     norm_w = torch.rand(d, generator=gen) + 0.5
     manifests = {}
     for lt in ("intra_inter", "intra_inter_full_fuse"):
         record = {}
         plan = MLPPlan(layer_name="l0", eps=1e-5, linears=metas, policy=StoragePolicy(lt, 2),
-                       stats=_stats(d, f, 1), update=True, record=record)
+                       stats=mlp_stats(d, f, 1), update=True, record=record)
         mlp_block(plan, torch.randn(b, s, d, generator=torch.Generator().manual_seed(1)), norm_w, params)
         manifests[lt] = record["mlp"]
     assert manifests["intra_inter"] == manifests["intra_inter_full_fuse"]
@@ -418,18 +369,18 @@ def test_fused_block_bf16_close_to_op_by_op():
     # op-by-op): output 0.0042, gradients 0.0043..0.0058; asserted 0.006 and 0.008.
     b, s, d, f, r, bits = 2, 19, 24, 45, 12, 4
     gen = torch.Generator().manual_seed(3)
-    params, metas = _mlp_params(d, f, r, gen, dtype=torch.bfloat16)
+    params, metas = mlp_params(d, f, r, gen, dtype=torch.bfloat16)
     params = [None if p is None else p.detach().to(torch.bfloat16).requires_grad_(p.requires_grad) for p in params]
     norm_w = (torch.rand(d, generator=gen) + 0.5).to(torch.bfloat16)
     x = (torch.randn(b, s, d, generator=gen) * 2).to(torch.bfloat16)
     res = {}
     for lt in ("intra_inter", "intra_inter_full_fuse"):
-        res[lt] = _mlp_grads(lt, x, norm_w, params, metas, bits, _stats(d, f, 0), "torch")
+        res[lt] = mlp_grads(lt, x, norm_w, params, metas, bits, mlp_stats(d, f, 0), "torch")
     y_ref, g_ref = res["intra_inter"]
     y_fus, g_fus = res["intra_inter_full_fuse"]
-    assert _rel(y_fus, y_ref) < 0.006
-    errs = [_rel(gf, gr) for gf, gr in zip(g_fus, g_ref)]
-    print("bf16 fused vs op-by-op:", round(_rel(y_fus, y_ref), 5), [round(e, 4) for e in errs])
+    assert rel_err(y_fus, y_ref) < 0.006
+    errs = [rel_err(gf, gr) for gf, gr in zip(g_fus, g_ref)]
+    print("bf16 fused vs op-by-op:", round(rel_err(y_fus, y_ref), 5), [round(e, 4) for e in errs])
     assert max(errs) < 0.008
 
 
@@ -438,7 +389,7 @@ def test_fused_forward_glue_stores_decodable_codes():
     # quantize()/dequantize() give for Y_W: the backward of any other path could read it
     gen = torch.Generator().manual_seed(6)
     d, f, r = 16, 45, 8
-    params, metas = _mlp_params(d, f, r, gen)
+    params, metas = mlp_params(d, f, r, gen)
     xn = torch.randn(3, 5, d, generator=gen)
     g_out = lora_base_forward(metas[0], xn, *params[0:4])
     u_out = lora_base_forward(metas[1], xn, *params[4:8])
@@ -458,61 +409,10 @@ def test_fused_forward_glue_stores_decodable_codes():
         assert torch.equal(load.get(name), dequantize(quantize(out.y_w, bits, backend="torch")))
     g_full = lora_linear_forward(metas[0], xn, *params[0:4]).y
     u_full = lora_linear_forward(metas[1], xn, *params[4:8]).y
-    assert _rel(d_out, F.silu(g_full) * u_full) < 1e-6
+    assert rel_err(d_out, F.silu(g_full) * u_full) < 1e-6
 
 
 # -- the kernels compile for the H200 (sm_90) without a GPU -----------------------------------
-
-_AOT_SCRIPT = r"""
-import importlib, json, os, subprocess, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for case in json.loads(sys.argv[1]):
-    kern = getattr(importlib.import_module(case["module"]), case["kernel"])
-    sig = {}
-    for p in kern.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name in case["ptrs"]:
-            sig[p.name] = "*" + case["ptrs"][p.name]
-        else:
-            sig[p.name] = "fp32" if p.name in case["floats"] else "i32"
-    ck = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=case["consts"]),
-                        target=GPUTarget("cuda", 90, 64),
-                        options=dict(num_warps=case["warps"], enable_fp_fusion=False))
-    with open("k.cubin", "wb") as fh:
-        fh.write(ck.asm["cubin"])
-    res = subprocess.run([cuobjdump, "-res-usage", "k.cubin"], capture_output=True, text=True).stdout
-    line = next(l for l in res.splitlines() if "REG:" in l)
-    usage = dict(kv.split(":") for kv in line.split() if ":" in kv)
-    out.append([case["tag"], int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])])
-print("RESULT" + json.dumps(out))
-"""
-
-
-def compile_for_sm90(cases, tmp_path):
-    """Compile Triton kernels ahead of time for sm_90 in a subprocess without TRITON_INTERPRET
-    (the interpreter replaces @triton.jit); returns ``[tag, registers, stack, local]`` per case,
-    read from the cubin with Triton's bundled cuobjdump. Skips when ptxas is unavailable."""
-    import json
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("RESULT", 1)[1])
-    print("sm_90 resource usage [case, registers, stack, local]:", results)
-    assert len(results) == len(cases)
-    return results
-
 
 def _swiglu_case(which, bits, dt, r, cfg):
     ptrs = (dict(yg_ptr="Y", yu_ptr="Y", xag_ptr="X", xau_ptr="X", bg_ptr="X", bu_ptr="X", log_ptr="fp32",
@@ -523,11 +423,11 @@ def _swiglu_case(which, bits, dt, r, cfg):
     ptrs = {k: {"Y": dt, "X": dt}.get(v, v) for k, v in ptrs.items()}
     bm, bn, warps, ri = cfg[:4]
     r_block = max(16, 1 << (r - 1).bit_length())
-    consts = dict(BITS_G=bits, BITS_U=bits, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", USE_FMA=False, BLOCK_M=bm,
+    consts = dict(BITS_G=bits, BITS_U=bits, ACT=0, HAS_G=True, HAS_U=True, DOT_FP32=dt == "fp32", USE_FMA=False, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_R=r_block, ROW_ITERS=ri)
     consts.update(dict(EMULATE_BF16_RNE=False) if which == "fwd" else
                   dict(NEED_D=True, EMULATE_BF16_RNE_GRAD=False, EMULATE_BF16_RNE_D=False))
-    return dict(module="hyclora.ops.fused_swiglu", kernel=f"_swiglu_{which}_kernel", ptrs=ptrs,
+    return dict(module="hyclora.kernels.glu", kernel=f"_glu_{which}_kernel", ptrs=ptrs,
                 floats=["scale_g", "scale_u"], consts=consts, warps=warps, tag=[which, bits, dt, r])
 
 
@@ -538,11 +438,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     Measured registers per thread: bf16 r=16 78-92, bf16 r=128 ~200, fp32 r=128 ~200, the
     CUDA-core (USE_FMA) variants at r=16 113-197 (with the fp32 dot fully unrolled over K it had
     a 5 KB stack; 128x128 tiles spilled 2 KB)."""
-    import hyclora.ops.fused_swiglu as fs
-
-    fixed = list(fs._FIXED)
+    fixed = list(FIXED_TILE)
     cases = [_swiglu_case(w, bits, "bf16", 16, fixed) for w in ("fwd", "bwd") for bits in (2, 4)]
-    fma = [_swiglu_case(w, 2, "bf16", 16, list(c)) for c in fs.FWD_CONFIGS if c[4] for w in ("fwd", "bwd")]
+    fma = [_swiglu_case(w, 2, "bf16", 16, list(c)) for c in FWD_CONFIGS if c[4] for w in ("fwd", "bwd")]
     for c in fma:  # the CUDA-core variants the autotuner may pick
         c["consts"]["USE_FMA"] = True
         c["tag"] = c["tag"][:3] + ["fma"]

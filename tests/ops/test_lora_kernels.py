@@ -1,37 +1,30 @@
-"""hyclora.ops.lora_kernels: ``y_w + s * (xa @ B^T)`` and ``x @ A^T`` from a 16-bit ``x`` with
+"""hyclora.kernels.lora: ``y_w + s * (xa @ B^T)`` and ``x @ A^T`` from a 16-bit ``x`` with
 fp32 ``A``, each in one Triton pass, against the op-by-op references (PEFT's expressions), on odd
 shapes, ranks 8-128, 16/32-bit tensors; the dispatch; full_fuse on a bf16 model with PEFT's
 default fp32 adapters; sm_90 compiles."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from hyclora.ops import lora_kernels as ep
+import functools
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hyclora.kernels import lora as ep
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
-needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                  reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+from helpers.kernels import DEVICE, compile_for_sm90, needs_triton
 
 
-@pytest.fixture(autouse=True)
-def _kernels_launch():
-    """The wrappers launch their kernels eagerly only under ``launches_are_free`` (CUDA graph
-    capture and its warm-ups; else the torch references run, see
-    test_kernels_launch_eagerly_only_from_the_token_threshold): every test here runs inside it,
-    so on a GPU the kernels are what is tested (the interpreter launches them anyway)."""
-    with ep.launches_are_free():
-        yield
+# the wrappers launch their kernels eagerly only from ``min_tokens`` tokens (else the torch
+# references run, see test_kernels_launch_eagerly_only_from_the_token_threshold): the kernels are
+# what these tests test, also on a GPU (the interpreter launches them anyway)
+lora_epilogue = functools.partial(ep.lora_epilogue, min_tokens=0)
+lora_down = functools.partial(ep.lora_down, min_tokens=0)
+token_reduced_product = functools.partial(ep.token_reduced_product, min_tokens=0)
 
 
 class _Spy:
@@ -73,7 +66,7 @@ def test_kernel_equals_the_op_by_op_expression(m, n, r, out_dtype, factor_dtype,
     ref = ((torch.nn.functional.linear(xa.float(), b.float()) * scaling) + y_w.float()).to(out_dtype)
     if factor_dtype == torch.float32:
         assert torch.equal(ref, ep.lora_epilogue_torch(y_w, xa, b, scaling))
-    got = ep.lora_epilogue(y_w, xa, b, scaling, backend="triton")
+    got = lora_epilogue(y_w, xa, b, scaling, backend="triton")
     assert got.dtype == ref.dtype == out_dtype and got.shape == ref.shape
     # only the rank-r dot's fp32 summation order differs: a 16-bit result's final rounding lands
     # on a neighbour now and then (one unit in the last place); fp32 results carry each order's
@@ -91,26 +84,26 @@ def test_kernel_keeps_leading_dims_and_strided_factors():
     y3 = y_w.view(2, 21, 24)
     xa_wide = torch.cat([xa, xa], dim=1)[:, :12].view(2, 21, 12)  # rows strided by 24
     b_t = b.t().contiguous().t()  # column-major B
-    got = ep.lora_epilogue(y3, xa_wide, b_t, 0.5, backend="triton")
+    got = lora_epilogue(y3, xa_wide, b_t, 0.5, backend="triton")
     ref = ep.lora_epilogue_torch(y3, xa_wide, b_t, 0.5)
     assert got.shape == (2, 21, 24) and float(_ulps_apart(got, ref, y3, xa_wide, b_t, 0.5).max()) <= 1.0 + 1e-6
 
 
 def test_torch_backend_is_the_reference_and_grad_calls_stay_differentiable():
     y_w, xa, b = _case(9, 10, 8, torch.bfloat16, torch.float32)
-    assert torch.equal(ep.lora_epilogue(y_w, xa, b, 2.0), ep.lora_epilogue_torch(y_w, xa, b, 2.0))
+    assert torch.equal(lora_epilogue(y_w, xa, b, 2.0), ep.lora_epilogue_torch(y_w, xa, b, 2.0))
     expected = (y_w.float() + 2.0 * torch.nn.functional.linear(xa, b)).to(torch.bfloat16)
     assert torch.equal(ep.lora_epilogue_torch(y_w, xa, b, 2.0), expected)
     b.requires_grad_(True)
-    out = ep.lora_epilogue(y_w, xa, b, 2.0, backend="auto")  # a call autograd records: torch ops
+    out = lora_epilogue(y_w, xa, b, 2.0, backend="auto")  # a call autograd records: torch ops
     out.float().sum().backward()
     assert b.grad is not None and b.grad.shape == b.shape
     with pytest.raises(ValueError, match="backend='cuda' is invalid"):
-        ep.lora_epilogue(y_w, xa, b.detach(), 1.0, backend="cuda")
+        lora_epilogue(y_w, xa, b.detach(), 1.0, backend="cuda")
 
 
 def _bf16_model_with_fp32_adapters():
-    from hy_models_util import lora_model, tiny_model
+    from helpers.models import lora_model, tiny_model
 
     model = lora_model(tiny_model("llama", "sdpa", num_hidden_layers=1, intermediate_size=45), r=12, alpha=16)
     model.to(torch.bfloat16)
@@ -122,34 +115,32 @@ def _bf16_model_with_fp32_adapters():
 
 
 def test_switch_turns_the_fused_lora_ops_off_in_every_pass(monkeypatch):
-    # hyclora.ops.lora.FUSED_LORA_OPS = False: full_fuse runs its LoRA terms op by op (no fused
-    # op in the compressed forward, the backward or a checkpoint's plain first pass)
-    from hy_models_util import step_grads
+    # HyCLoRAConfig(fused_lora_ops=False): full_fuse runs its LoRA terms op by op (no fused op in
+    # the compressed forward, the backward or a checkpoint's plain first pass)
+    from helpers.models import step_grads
 
     from hyclora.config import HyCLoRAConfig
     from hyclora.models import apply_hyclora, revert_hyclora
-    from hyclora.ops import lora
     from hyclora.ops.storage import StoragePolicy
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a fused LoRA op ran with FUSED_LORA_OPS = False")
+        raise AssertionError("a fused LoRA op ran with fused_lora_ops=False")
 
     for name in ("lora_epilogue", "lora_down", "token_reduced_product"):
         monkeypatch.setattr(ep, name, refuse)
-    monkeypatch.setattr(lora, "FUSED_LORA_OPS", False)
-    assert StoragePolicy(layer_type="intra_inter_full_fuse", bits=2, backend="torch").lora_fused_backend is None
+    assert StoragePolicy(layer_type="intra_inter_full_fuse", bits=2, backend="torch",
+                         fused_lora_ops=False).fused_lora is None
     model = _bf16_model_with_fp32_adapters()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
     apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=8, iteration_threshold=0,
-                                       kernel_backend="torch"))
+                                       kernel_backend="torch", fused_lora_ops=False))
     try:
         loss, grads = step_grads(model, {"input_ids": ids, "labels": ids})
     finally:
         revert_hyclora(model)
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
-    monkeypatch.setattr(lora, "FUSED_LORA_OPS", True)  # and on again: the fused ops run
-    with pytest.raises(AssertionError, match="FUSED_LORA_OPS"):
+    with pytest.raises(AssertionError, match="fused_lora_ops"):  # and on (the default): the fused ops run
         apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=8, iteration_threshold=0,
                                            kernel_backend="torch"))
         try:
@@ -163,7 +154,8 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
     # PEFT's default keeps LoRA weights in fp32 on a bf16 base; full_fuse then adds each LoRA
     # term in one pass (forward outputs, the rebuilt v, the input gradients) and stays as close
     # to intra_inter (op by op) as the bf16 roundings of the two paths allow
-    from hy_models_util import step_grads, worst_rel_err
+    from helpers.models import step_grads
+    from helpers.numerics import worst_rel_err
 
     from hyclora.config import HyCLoRAConfig
     from hyclora.models import apply_hyclora, revert_hyclora
@@ -179,10 +171,11 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
     batch = {"input_ids": ids, "labels": ids}
     res = {}
     for lt, backend in (("intra_inter", "torch"), ("intra_inter_full_fuse", "triton")):
-        apply_hyclora(model, HyCLoRAConfig(layer_type=lt, q_bit=8, iteration_threshold=0, kernel_backend=backend))
+        # 38 tokens: eagerly on a GPU the torch ops would run without lora_kernels_min_tokens=0
+        apply_hyclora(model, HyCLoRAConfig(layer_type=lt, q_bit=8, iteration_threshold=0, kernel_backend=backend,
+                                           lora_kernels_min_tokens=0))
         try:
-            with ep.launches_are_free():  # 38 tokens: eagerly on a GPU the torch ops would run
-                res[lt] = step_grads(model, batch)
+            res[lt] = step_grads(model, batch)
         finally:
             revert_hyclora(model)
     # forward: q, k, v, o, down; backward: v rebuilt, and the LoRA part of every linear's dx
@@ -201,7 +194,7 @@ def test_full_fuse_takes_the_kernel_for_fp32_adapters_on_a_bf16_model(monkeypatc
 def test_linear_backward_adds_the_lora_part_of_dx_in_one_rounding():
     # bf16 dy and base weight, fp32 adapters: dx = dy W + s (dy B) A; op by op the LoRA part is
     # rounded to bf16 before the add, the fused backward rounds the sum once
-    from hyclora.ops.lora import LinearMeta, lora_linear_backward
+    from hyclora.ops.lora import FusedLoRA, LinearMeta, lora_linear_backward
 
     gen = torch.Generator().manual_seed(5)
     tokens, d_in, d_out, r = 29, 48, 40, 12
@@ -213,7 +206,7 @@ def test_linear_backward_adds_the_lora_part_of_dx_in_one_rounding():
     x_hat = torch.randn(tokens, d_in, generator=gen).to(torch.bfloat16).to(DEVICE)
     xa = torch.nn.functional.linear(x_hat.float(), a)
     plain = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b)
-    fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused="triton")
+    fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused=FusedLoRA("triton", min_tokens=0))
     for p_, f_ in zip(plain[2:], fused[2:]):  # dA, dB: the same products, fp32 sums in another order
         assert p_.dtype == f_.dtype and torch.allclose(p_, f_, rtol=1e-5, atol=1e-5 * float(p_.abs().max()))
     exact = (torch.nn.functional.linear(dy, w.t()).float()
@@ -228,20 +221,18 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """Ahead of time for sm_90 (no GPU needed) with the GPU tiles: the epilogue for bf16/fp16
     outputs with fp32 factors, ranks 8, 40 (three slices) and 128 (eight), scaled and not; the
     down-projection and the token-reduced product from bf16/fp16 at ranks 8 and 128; no spills."""
-    from test_fused_swiglu import compile_for_sm90
-
-    from hyclora.ops.lora_kernels import _blocks
+    from hyclora.kernels.lora import _blocks
 
     cases = []
     for out in ("bf16", "fp16"):
         for r in (8, 40, 128):
             block_m, block_n, block_r, warps = _blocks(4096, 4096, r, interpret=False)
-            cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_lora_epilogue_kernel",
+            cases.append(dict(module="hyclora.kernels.lora", kernel="_lora_epilogue_kernel",
                               ptrs=dict(yw_ptr=out, xa_ptr="fp32", b_ptr="fp32", y_ptr=out), floats=["scale"],
                               consts=dict(SCALE_ONE=r == 8, RNE=False, R_CHUNKS=-(-r // block_r), BLOCK_M=block_m,
                                           BLOCK_N=block_n, BLOCK_R=block_r),
                               warps=warps, tag=[out, r]))
-    from hyclora.ops.lora_kernels import _down_tiles, _reduce_tiles
+    from hyclora.kernels.lora import _down_tiles, _reduce_tiles
 
     for x_dt in ("bf16", "fp16"):
         for r in (8, 128):
@@ -249,7 +240,7 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
                     ("down", _down_tiles(4096, 4096, r, interpret=False)),
                     ("reduce", _reduce_tiles(16384, 4096, r, interpret=False))):
                 per_slice = 4096 if what == "down" else per_slice
-                cases.append(dict(module="hyclora.ops.lora_kernels", kernel="_rank_product_kernel",
+                cases.append(dict(module="hyclora.kernels.lora", kernel="_rank_product_kernel",
                                   ptrs=dict(a_ptr=x_dt, b_ptr="fp32", out_ptr="fp32"), floats=[],
                                   consts=dict(ITERS=per_slice // block_k, BLOCK_ROWS=rows, BLOCK_K=block_k,
                                               BLOCK_COLS=block_cols, SPLIT_BF16=x_dt == "bf16", UPCAST=False),
@@ -265,7 +256,7 @@ def test_down_projection_equals_the_cast_and_fp32_matmul(m, k, r, x_dtype):
     gen = torch.Generator().manual_seed(m + k)
     x = (torch.randn(m, k, generator=gen) * 2).to(x_dtype).to(DEVICE)
     a = (torch.randn(r, k, generator=gen) * 0.1).to(DEVICE)
-    got = ep.lora_down(x, a, backend="triton")
+    got = lora_down(x, a, backend="triton")
     ref = ep.lora_down_torch(x, a)
     assert got.dtype == torch.float32 and got.shape == (m, r)
     # the same fp32 products of exactly upcast inputs; only the order of the K-long sums differs:
@@ -277,12 +268,12 @@ def test_down_projection_equals_the_cast_and_fp32_matmul(m, k, r, x_dtype):
 def test_down_projection_dispatch():
     x = torch.randn(3, 7, 16).to(torch.bfloat16)
     a = torch.randn(4, 16)
-    assert torch.equal(ep.lora_down(x, a), torch.nn.functional.linear(x.float(), a))
-    assert ep.lora_down(x, a, backend="auto").shape == (3, 7, 4)  # CPU tensors: the torch ops
+    assert torch.equal(lora_down(x, a), torch.nn.functional.linear(x.float(), a))
+    assert lora_down(x, a, backend="auto").shape == (3, 7, 4)  # CPU tensors: the torch ops
     same = torch.randn(4, 16).to(torch.bfloat16)
-    assert torch.equal(ep.lora_down(x, same, backend="auto"), torch.nn.functional.linear(x, same))
+    assert torch.equal(lora_down(x, same, backend="auto"), torch.nn.functional.linear(x, same))
     with pytest.raises(ValueError, match="backend='gpu' is invalid"):
-        ep.lora_down(x, a, backend="gpu")
+        lora_down(x, a, backend="gpu")
 
 
 @needs_triton
@@ -291,7 +282,7 @@ def test_down_projection_keeps_leading_dims_and_strided_inputs():
     wide = torch.randn(2, 11, 96, generator=gen).to(torch.bfloat16).to(DEVICE)
     x = wide[..., :48]  # rows strided by 96
     a = torch.randn(48, 12, generator=gen).to(DEVICE).t()  # column-major A
-    got = ep.lora_down(x, a, backend="triton")
+    got = lora_down(x, a, backend="triton")
     ref = ep.lora_down_torch(x, a)
     assert got.shape == (2, 11, 12) and torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -302,7 +293,7 @@ def test_token_reduced_product_equals_the_fp32_matmul(t, n, r):
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(t, n, generator=gen).to(torch.bfloat16).to(DEVICE)
     y = torch.randn(t, r, generator=gen).to(DEVICE)
-    got = ep.token_reduced_product(x, y, backend="triton")
+    got = token_reduced_product(x, y, backend="triton")
     ref = ep.token_reduced_product_torch(x, y)
     assert got.shape == (n, r) and got.dtype == torch.float32
     # the same fp32 products; the token sums run in another order (slices, then their sum)
@@ -312,16 +303,16 @@ def test_token_reduced_product_equals_the_fp32_matmul(t, n, r):
 
 def test_token_reduced_product_dispatch():
     x, y = torch.randn(2, 5, 6).to(torch.bfloat16), torch.randn(2, 5, 3)
-    assert torch.equal(ep.token_reduced_product(x, y, backend="auto"), x.reshape(10, 6).float().t() @ y.reshape(10, 3))
+    assert torch.equal(token_reduced_product(x, y, backend="auto"), x.reshape(10, 6).float().t() @ y.reshape(10, 3))
     with pytest.raises(ValueError, match="backend='x' is invalid"):
-        ep.token_reduced_product(x, y, backend="x")
+        token_reduced_product(x, y, backend="x")
 
 
 @needs_triton
 def test_linear_backward_weight_gradients_from_16bit_tensors():
     # fp32 adapters: dB, dA and the input gradient from the 16-bit dy and input, without their
     # fp32 copies; the same operations as op by op up to fp32 summation order
-    from hyclora.ops.lora import LinearMeta, lora_linear_backward
+    from hyclora.ops.lora import FusedLoRA, LinearMeta, lora_linear_backward
 
     gen = torch.Generator().manual_seed(6)
     meta = LinearMeta(name="up", has_lora=True, scaling=0.5, dropout_p=0.0)
@@ -332,7 +323,7 @@ def test_linear_backward_weight_gradients_from_16bit_tensors():
     x_hat = torch.randn(3, 11, 48, generator=gen).to(torch.bfloat16).to(DEVICE)
     xa = torch.nn.functional.linear(x_hat.float(), a)
     plain = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b)
-    fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused="triton")
+    fused = lora_linear_backward(meta, dy, x_hat, xa, w, None, a, b, fused=FusedLoRA("triton", min_tokens=0))
     for name, p_, f_ in zip(("dx", "dbias", "dA", "dB"), plain, fused):
         if p_ is None:
             assert f_ is None
@@ -349,47 +340,39 @@ def test_split_bf16_products_keep_fp32_accuracy_over_the_whole_exponent_range():
     x = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
     a = torch.randn(16, 96, generator=gen) * torch.tensor([1e-30, 1e-8, 1.0, 1e20]).repeat(4)[:, None]
     exact = torch.nn.functional.linear(x.double(), a.double())
-    got = ep.lora_down(x.to(DEVICE), a.to(DEVICE), backend="triton").cpu().double()
+    got = lora_down(x.to(DEVICE), a.to(DEVICE), backend="triton").cpu().double()
     scale = torch.nn.functional.linear(x.double().abs(), a.double().abs())
     assert float(((got - exact).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 8
     y = torch.randn(40, 16, generator=gen) * torch.tensor([1e-30, 1e-8, 1.0, 1e20]).repeat(4)
     exact = x.double().t() @ y.double()
-    got = ep.token_reduced_product(x.to(DEVICE), y.to(DEVICE), backend="triton").cpu().double()
+    got = token_reduced_product(x.to(DEVICE), y.to(DEVICE), backend="triton").cpu().double()
     scale = x.double().abs().t() @ y.double().abs()
     assert float(((got - exact).abs() / (scale * torch.finfo(torch.float32).eps)).max()) <= 8
 
 
 def test_kernels_launch_eagerly_only_from_the_token_threshold(monkeypatch):
     # a Triton launch costs more host time than the cast + GEMM it replaces: eagerly the torch
-    # ops run (from EAGER_MIN_TOKENS tokens the kernels, if set); launches_are_free() (graph
-    # capture and its warm-ups) lifts it
-    monkeypatch.setattr(ep, "_INTERPRET", False)
-    monkeypatch.setattr(ep, "_free_launches", 0)  # outside the module's autouse fixture
+    # ops run, from min_tokens tokens the kernels (None: never eagerly; CUDA graph capture always)
+    monkeypatch.setattr(ep, "INTERPRET", False)  # as on a GPU machine
     cpu = torch.device("cpu")
-    assert ep.EAGER_MIN_TOKENS is None and not ep._worth_launching(1 << 40, cpu)  # default: never eagerly
-    monkeypatch.setattr(ep, "EAGER_MIN_TOKENS", 8192)
-    assert not ep._worth_launching(8191, cpu)
-    assert ep._worth_launching(8192, cpu)
-    with ep.launches_are_free():
-        with ep.launches_are_free():
-            assert ep._worth_launching(1, cpu)
-        assert ep._worth_launching(1, cpu)
-    assert not ep._worth_launching(1, cpu)
-    monkeypatch.setattr(ep, "EAGER_MIN_TOKENS", None)
-    with pytest.raises(RuntimeError):
-        with ep.launches_are_free():
-            raise RuntimeError("boom")
-    assert ep._free_launches == 0
+    assert not ep._worth_launching(1 << 40, cpu, None)  # default: never eagerly
+    assert not ep._worth_launching(8191, cpu, 8192)
+    assert ep._worth_launching(8192, cpu, 8192)
+    assert ep._worth_launching(1, cpu, 0)
     # below the threshold the wrappers run the torch references (even with backend="triton")
     monkeypatch.setattr(ep, "_rank_product_kernel", None)
     monkeypatch.setattr(ep, "_triton", lambda backend, device: True)
     x, a = torch.randn(5, 32).to(torch.bfloat16), torch.randn(4, 32)
-    assert torch.equal(ep.lora_down(x, a, backend="triton"), ep.lora_down_torch(x, a))
+    assert torch.equal(ep.lora_down(x, a, backend="triton", min_tokens=6), ep.lora_down_torch(x, a))
     y = torch.randn(5, 4)
     assert torch.equal(ep.token_reduced_product(x, y, backend="triton"), ep.token_reduced_product_torch(x, y))
     y_w, b = torch.randn(5, 6).to(torch.bfloat16), torch.randn(6, 4)
     monkeypatch.setattr(ep, "_lora_epilogue_triton", None)
     assert torch.equal(ep.lora_epilogue(y_w, y, b, 0.5, backend="triton"), ep.lora_epilogue_torch(y_w, y, b, 0.5))
+
+
+def hyclora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if "hyclora_state" in k}
 
 
 @needs_triton
@@ -399,11 +382,11 @@ def test_kernels_against_op_by_op_with_the_same_frozen_statistics(bits):
     # fp32 summation orders and the epilogue's single rounding differ, also at 2 bits (a separate
     # calibration per path would add its own quantisation differences). Measured on the CPU
     # (interpreter): 0.0068 at 8 bits, 0.0069 at 2 bits
-    from hy_models_util import lora_model, step_grads, tiny_model, worst_rel_err
+    from helpers.models import lora_model, step_grads, tiny_model
+    from helpers.numerics import worst_rel_err
 
     from hyclora.config import HyCLoRAConfig
     from hyclora.models import apply_hyclora, revert_hyclora
-    from hyclora.ops import lora
 
     torch.manual_seed(0)
     model = lora_model(tiny_model("llama", "sdpa", num_hidden_layers=4, intermediate_size=96, hidden_size=64),
@@ -416,18 +399,22 @@ def test_kernels_against_op_by_op_with_the_same_frozen_statistics(bits):
     model.to(DEVICE)
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     batch = {"input_ids": ids, "labels": ids}
-    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=bits, iteration_threshold=2,
-                                       kernel_backend="triton"))
+    config = HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=bits, iteration_threshold=2,
+                           kernel_backend="triton", lora_kernels_min_tokens=0)
+    apply_hyclora(model, config)
     try:
-        with ep.launches_are_free():
-            for _ in range(3):  # calibrate and freeze
-                step_grads(model, batch)
-            _, kernels = step_grads(model, batch)
-            lora.FUSED_LORA_OPS = False
-            try:
-                _, op_by_op = step_grads(model, batch)
-            finally:
-                lora.FUSED_LORA_OPS = True
+        for _ in range(3):  # calibrate and freeze
+            step_grads(model, batch)
+        _, kernels = step_grads(model, batch)
+        frozen = copy.deepcopy(hyclora_state_dict(model))
+    finally:
+        revert_hyclora(model)
+    # the same frozen statistics, the LoRA terms op by op
+    apply_hyclora(model, dataclasses.replace(config, fused_lora_ops=False))
+    try:
+        unexpected = model.load_state_dict(frozen, strict=False).unexpected_keys
+        assert frozen and not unexpected, unexpected
+        _, op_by_op = step_grads(model, batch)
     finally:
         revert_hyclora(model)
     err = worst_rel_err(kernels, op_by_op)
@@ -438,6 +425,6 @@ def test_kernels_against_op_by_op_with_the_same_frozen_statistics(bits):
 @needs_triton
 def test_epilogue_in_place_writes_over_its_input():
     y_w, xa, b = _case(37, 45, 12, torch.bfloat16, torch.float32, seed=4)
-    ref = ep.lora_epilogue(y_w.clone(), xa, b, 0.5, backend="triton")
-    got = ep.lora_epilogue(y_w, xa, b, 0.5, backend="triton", in_place=True)
+    ref = lora_epilogue(y_w.clone(), xa, b, 0.5, backend="triton")
+    got = lora_epilogue(y_w, xa, b, 0.5, backend="triton", in_place=True)
     assert got.data_ptr() == y_w.data_ptr() and torch.equal(got, ref)

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hyclora.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from hyclora.kernels.rope import apply_rope, rope_backward
 from hyclora.ops.attention import (
     additive_mask,
     eager_attention_backward,
@@ -15,13 +17,9 @@ from hyclora.ops.attention import (
     sdpa_attention_recompute,
 )
 from hyclora.ops.lora import LinearMeta, lora_linear_backward, lora_linear_forward, lora_reconstruct
-from hyclora.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from hyclora.ops.rope import apply_rope, rope_backward
 from hyclora.ops.swiglu import silu_mul_backward, silu_mul_forward
 
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+from helpers.numerics import rel_err
 
 
 def _hf_rmsnorm(x, w, eps):
@@ -43,8 +41,8 @@ def test_rmsnorm_matches_autograd(width, dtype, tol):
     assert torch.equal(y, ref.detach())  # forward is bit-identical to transformers'
     assert rstd.dtype == torch.float32 and rstd.shape == (2, 5, 1)
     dx, dw = rmsnorm_backward(dy, x.detach(), rstd, w.detach(), need_dx=True, need_dweight=True)
-    assert _rel(dx, x.grad) <= tol
-    assert _rel(dw, w.grad) <= tol
+    assert rel_err(dx, x.grad) <= tol
+    assert rel_err(dw, w.grad) <= tol
 
 
 def test_rmsnorm_backward_has_no_layernorm_mean_term():
@@ -58,10 +56,10 @@ def test_rmsnorm_backward_has_no_layernorm_mean_term():
     _hf_rmsnorm(x, w, 1e-5).backward(dy)
     _, rstd = rmsnorm_forward(x.detach(), w, 1e-5)
     dx, _ = rmsnorm_backward(dy, x.detach(), rstd, w)
-    assert _rel(dx, x.grad) <= 1e-6
+    assert rel_err(dx, x.grad) <= 1e-6
     x_hat, g = x.detach() * rstd, dy * w
     buggy = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True))
-    assert _rel(buggy, x.grad) > 0.1
+    assert rel_err(buggy, x.grad) > 0.1
 
 
 def test_rope_backward_is_inverse_rotation():
@@ -91,7 +89,7 @@ def test_silu_mul_matches_autograd(dtype, tol):
     s, d = silu_mul_forward(g.detach(), u.detach())
     assert torch.equal(d, ref.detach())
     dg, du = silu_mul_backward(dd, g.detach(), u.detach())
-    assert _rel(dg, g.grad) <= tol and _rel(du, u.grad) <= tol
+    assert rel_err(dg, g.grad) <= tol and rel_err(du, u.grad) <= tol
     dg2, du2 = silu_mul_backward(dd, g.detach(), u.detach(), s)  # stored SiLU output (intra)
     assert torch.equal(dg2, dg) and torch.equal(du2, du)
 
@@ -131,11 +129,11 @@ def test_lora_linear_matches_peft_semantics(p, bias, adapter_dtype):
         meta, dy, x.detach(), out.xa, w, bb, a.detach(), b.detach(), out.rng_state,
         need_dbias=bias,
     )
-    assert _rel(dx, x.grad) <= 1e-6
-    assert _rel(da, a.grad) <= 1e-6 and _rel(db, b.grad) <= 1e-6
+    assert rel_err(dx, x.grad) <= 1e-6
+    assert rel_err(da, a.grad) <= 1e-6 and rel_err(db, b.grad) <= 1e-6
     assert da.dtype == adapter_dtype and db.dtype == adapter_dtype and dx.dtype == x.dtype
     if bias:
-        assert _rel(dbias, bb.grad) <= 1e-6
+        assert rel_err(dbias, bb.grad) <= 1e-6
 
 
 def test_lora_linear_without_adapter_is_plain_linear():
@@ -190,7 +188,7 @@ def test_eager_attention_matches_autograd(mask_kind, heads):
     )
     assert dk.shape == k.shape and dv.shape == v.shape  # KV heads only, never repeated
     for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
-        assert _rel(got, want) <= 1e-6
+        assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool"])
@@ -214,4 +212,4 @@ def test_sdpa_recompute_matches_autograd(mask_kind, heads):
     grads = torch.autograd.grad(o, leaves, do)
     for got, want in zip(grads, (q.grad, k.grad, v.grad)):
         assert got.shape == want.shape
-        assert _rel(got, want) <= 1e-6
+        assert rel_err(got, want) <= 1e-6

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hyclora.ops.rmsnorm as rms
+import hyclora.kernels.rmsnorm as rms
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,10 +1,10 @@
-"""Long RoPE inputs outside autograd run in chunks of tokens (hyclora.ops.rope): bit-identical values,
+"""Long RoPE inputs outside autograd run in chunks of tokens (hyclora.kernels.rope): bit-identical values,
 a token-major result (its (b, s, heads*d) reshape copies nothing), fewer live temporaries."""
 
 import pytest
 import torch
 
-import hyclora.ops.rope as rope
+import hyclora.kernels.rope as rope
 from hyclora.memory import measure_live_peak
 
 

@@ -1,19 +1,18 @@
-"""Triton RoPE (hyclora.ops.rope, backend='triton'): one kernel pass against the torch ops, bit for
+"""Triton RoPE (hyclora.kernels.rope, backend='triton'): one kernel pass against the torch ops, bit for
 bit (fp32 and bf16), in the token-major layout of the chunked path. Runs under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import hyclora.ops.rope as rope
+import hyclora.kernels.rope as rope
 
-if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+from helpers.kernels import INTERPRET, compile_for_sm90
+
+if importlib.util.find_spec("triton") is None or not INTERPRET:
     pytest.skip("Triton RoPE tests run on CPU tensors under TRITON_INTERPRET=1", allow_module_level=True)
 
 FNS = {"forward": rope.apply_rope, "backward": rope.rope_backward}
@@ -98,17 +97,14 @@ def test_fallbacks_and_errors():
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The kernel compiles ahead of time for sm_90 (no GPU needed) at head_dim 128 and 64, bf16
     and fp32, forward and backward, with the GPU tile of _blocks, and keeps everything in registers."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_fused_swiglu import compile_for_sm90
-
-    from hyclora.ops import rope
+    from hyclora.kernels import rope
 
     cases = []
     for half in (64, 32):
         for dt in ("bf16", "fp32"):
             for backward in (False, True):
                 block_m = max(1, (4 * 32 * 8) // max(16, 1 << (half - 1).bit_length()))
-                cases.append(dict(module="hyclora.ops.rope", kernel="_rope_kernel",
+                cases.append(dict(module="hyclora.kernels.rope", kernel="_rope_kernel",
                                   ptrs=dict(x_ptr=dt, cos_ptr=dt, sin_ptr=dt, out_ptr=dt), floats=[],
                                   consts=dict(BACKWARD=backward, RNE=False, BLOCK_M=block_m,
                                               BLOCK_H=max(16, 1 << (half - 1).bit_length())),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyclora.ops.rope import apply_rope, rope_backward
+from hyclora.kernels.rope import apply_rope, rope_backward
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,17 +10,13 @@ the generic path's, a saved (baseline) v is not overwritten, and the backward's 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import hyclora.ops.blocks as blocks
+from hyclora.config import HyCLoRAConfig
 from hyclora.ops.s2attn import (resolve_group_size, s2_attention, s2_flash_backward, s2_flash_eligible,
                                 s2_flash_forward)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 
 def _reference(q, k, v, do, ratio):
@@ -86,8 +82,8 @@ def test_eligibility():
     assert not s2_flash_eligible(q[:, :1], q[:, :1], q[:, :1], None)  # one head: nothing to shift
 
 
-def _llama_s2(layer_type, checkpointing=False):
-    from hy_models_util import lora_model, tiny_model
+def _llama_s2(layer_type, checkpointing=False, kernels="auto"):
+    from helpers.models import lora_model, tiny_model
 
     from hyclora.config import HyCLoRAConfig
     from hyclora.integrations.longseq import enable_s2attn
@@ -97,7 +93,7 @@ def _llama_s2(layer_type, checkpointing=False):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     enable_s2attn(model)
-    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=8, iteration_threshold=0))
+    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=8, iteration_threshold=0, s2_block_kernels=kernels))
     return model
 
 
@@ -111,9 +107,9 @@ def test_auto_block_kernels_pick_by_block_length(min_block, expected, monkeypatc
     # the default picks sdpa for blocks of at least S2_SDPA_MIN_BLOCK tokens (the tiny model's
     # group is 8 tokens), in the block's backward and in its no-grad forwards
     import hyclora.ops.s2attn as s2attn
-    from hy_models_util import step_grads
+    from helpers.models import step_grads
 
-    assert s2attn.S2_BLOCK_KERNELS == "auto"
+    assert HyCLoRAConfig().s2_block_kernels == "auto"
     monkeypatch.setattr(s2attn, "S2_SDPA_MIN_BLOCK", min_block)
     assert s2attn.s2_block_kernels(min_block) == "sdpa" and s2attn.s2_block_kernels(min_block - 1) == "flash"
     used = []
@@ -128,12 +124,13 @@ def test_auto_block_kernels_pick_by_block_length(min_block, expected, monkeypatc
     assert used and set(used) <= set(want) and want[0] in used
 
 
-def test_unknown_block_kernels_name_the_choices(monkeypatch):
+def test_unknown_block_kernels_name_the_choices():
     import hyclora.ops.s2attn as s2attn
 
-    monkeypatch.setattr(s2attn, "S2_BLOCK_KERNELS", "cudnn")
     with pytest.raises(ValueError, match="'auto', 'sdpa' or 'flash'"):
-        s2attn.s2_block_kernels(4096)
+        s2attn.s2_block_kernels(4096, "cudnn")
+    with pytest.raises(ValueError, match="s2_block_kernels='cudnn'.*auto, sdpa, flash"):
+        HyCLoRAConfig(s2_block_kernels="cudnn")
 
 
 @pytest.mark.parametrize("kernels", ["sdpa", "flash"])
@@ -141,10 +138,10 @@ def test_unknown_block_kernels_name_the_choices(monkeypatch):
 @pytest.mark.parametrize("layer_type", ["baseline", "intra_inter", "intra_inter_full_fuse"])
 def test_block_takes_the_flash_path_with_equal_gradients(layer_type, checkpointing, kernels, monkeypatch):
     import hyclora.ops.s2attn as s2attn
-    from hy_models_util import step_grads, worst_rel_err
+    from helpers.models import step_grads
+    from helpers.numerics import worst_rel_err
 
-    monkeypatch.setattr(s2attn, "S2_BLOCK_KERNELS", kernels)
-    model = _llama_s2(layer_type, checkpointing)
+    model = _llama_s2(layer_type, checkpointing, kernels)
     calls = []
     bwd_name = "s2_sdpa_backward" if kernels == "sdpa" else "s2_flash_backward"
     real = getattr(blocks, bwd_name)
@@ -171,7 +168,7 @@ def test_block_takes_the_flash_path_with_equal_gradients(layer_type, checkpointi
 
 
 def test_baseline_saved_v_survives_a_retained_second_backward():
-    from hy_models_util import worst_rel_err
+    from helpers.numerics import worst_rel_err
 
     model = _llama_s2("baseline")
     model.train()

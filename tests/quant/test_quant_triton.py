@@ -4,20 +4,15 @@ On CPU these run under TRITON_INTERPRET=1 (set by `make test`); on a CUDA machin
 compiled kernels (dequantised values then agree to one fp32 rounding).
 """
 
-import os
-
 import pytest
 import torch
 
 from hyclora.quant import ChannelStats, dequantize, quantize
 from hyclora.quant.core import affine_params, quantize_pack_torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(
-    not (INTERPRET or torch.cuda.is_available()),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+from helpers.kernels import DEVICE, needs_triton
+
+pytestmark = needs_triton
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding and its backward (rotation by -theta).
+"""Rotary position embedding and its backward (rotation by -theta): torch ops and a Triton kernel.
 
 ``cos``/``sin`` are the per-token tables the model computes from ``position_ids``
 (shape ``(b, s, d_h)``), so packed sequences and left padding are honoured for free.
@@ -6,31 +6,21 @@
 Two backends: ``"torch"`` (the default; the op-by-op expression transformers uses, and the
 reference) and ``"triton"`` (one kernel pass: read x, cos, sin once, write the result), with
 ``"auto"`` picking Triton for CUDA tensors. The torch expression makes several full passes over
-q and k (multiply, negate, concatenate, multiply, add); in a 7B/8k checkpointed step on the
-H200 its concatenations alone took 29.5 of 962 ms of device time (BENCHMARKS.md run 6).
+q and k (multiply, negate, concatenate, multiply, add); its concatenations alone are a visible
+share of a long-context step's device time (BENCHMARKS.md).
 The kernel rounds the two products to the output dtype before adding them, as torch's op-by-op
 evaluation does, so both backends give the same bits (fp32 and bf16; checked under the
 interpreter). Layouts the kernel does not take (odd ``d_h``, ``cos``/``sin`` other than
 ``(b or 1, s, d_h)``, non-float tensors) and calls that autograd must record go the torch way.
+No autograd here: the attention blocks call :func:`apply_rope` / :func:`rope_backward` themselves.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hyclora.quant.core import resolve_backend
+from .common import INTERPRET, cast_out, check_triton_device, launch_opts, next_pow2, resolve_backend, tl, triton
 
-from . import fused_swiglu as _fs
-
-triton = _fs.triton
-if triton is not None:
-    import triton.language as tl
-
-    from .fused_rmsnorm import _round_to
-
-    _cast_out = _fs._cast_out
-
-_INTERPRET = _fs._INTERPRET
 ROPE_BACKENDS = ("torch", "triton", "auto")
 
 
@@ -117,24 +107,26 @@ if triton is not None:
         s2 = tl.load(sin_ptr + coff + HALF, mask=mask, other=0.0).to(tl.float32)
         # torch evaluates op by op in the output dtype: each product is rounded before the sum
         # (and negation commutes with round-to-nearest-even, so a - b is a + (-b) bit for bit)
+        p11 = cast_out(x1 * c1, out_ptr, RNE).to(tl.float32)
+        p22 = cast_out(x2 * c2, out_ptr, RNE).to(tl.float32)
         if BACKWARD:
             # dy*cos + cat((dy*sin)_2, -(dy*sin)_1)
-            o1 = _round_to(x1 * c1, out_ptr, RNE) + _round_to(x2 * s2, out_ptr, RNE)
-            o2 = _round_to(x2 * c2, out_ptr, RNE) - _round_to(x1 * s1, out_ptr, RNE)
+            o1 = p11 + cast_out(x2 * s2, out_ptr, RNE).to(tl.float32)
+            o2 = p22 - cast_out(x1 * s1, out_ptr, RNE).to(tl.float32)
         else:
             # x*cos + cat(-x2, x1)*sin
-            o1 = _round_to(x1 * c1, out_ptr, RNE) - _round_to(x2 * s1, out_ptr, RNE)
-            o2 = _round_to(x2 * c2, out_ptr, RNE) + _round_to(x1 * s2, out_ptr, RNE)
+            o1 = p11 - cast_out(x2 * s1, out_ptr, RNE).to(tl.float32)
+            o2 = p22 + cast_out(x1 * s2, out_ptr, RNE).to(tl.float32)
         ooff = rows[:, None] * (2 * HALF) + t[None, :]
-        tl.store(out_ptr + ooff, _cast_out(o1, out_ptr, RNE), mask=mask)
-        tl.store(out_ptr + ooff + HALF, _cast_out(o2, out_ptr, RNE), mask=mask)
+        tl.store(out_ptr + ooff, cast_out(o1, out_ptr, RNE), mask=mask)
+        tl.store(out_ptr + ooff + HALF, cast_out(o2, out_ptr, RNE), mask=mask)
 
 
 def _blocks(m: int, half: int):
-    block_h = max(16, _fs._next_pow2(half))
-    if _INTERPRET:  # the interpreter pays per program (~5 ms): few, large ones
-        return max(1, min(_fs._next_pow2(m), 16384 // block_h)), block_h
-    # 8 values per thread per half-tile at 4 warps, as fused_rope: about 48 fp32 values live per
+    block_h = max(16, next_pow2(half))
+    if INTERPRET:  # the interpreter pays per program (~5 ms): few, large ones
+        return max(1, min(next_pow2(m), 16384 // block_h)), block_h
+    # 8 values per thread per half-tile at 4 warps, as rope_rebuild: about 48 fp32 values live per
     # thread (x, cos, sin, results). Not tuned on a GPU yet.
     return max(1, (4 * 32 * 8) // block_h), block_h
 
@@ -154,7 +146,7 @@ def _triton_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool
 
 
 def _rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    _fs._check_triton_device(x, cos, sin)
+    check_triton_device("RoPE", x, cos, sin)
     b, h, s, d = x.shape
     dtype = torch.promote_types(x.dtype, cos.dtype)
     out = _token_major_out(x, dtype)
@@ -167,8 +159,8 @@ def _rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
     _rope_kernel[(triton.cdiv(m, block_m),)](
         x, cos, sin, out, m, s, h, d // 2, *x.stride(),
         cos.stride(0) if cos.shape[0] == b and b > 1 else 0, cos.stride(1),
-        BACKWARD=backward, RNE=_INTERPRET and dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_H=block_h,
-        **({} if _INTERPRET else dict(num_warps=4, enable_fp_fusion=False)))
+        BACKWARD=backward, RNE=INTERPRET and dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_H=block_h,
+        **launch_opts(4))
     return out
 
 

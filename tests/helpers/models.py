@@ -1,16 +1,16 @@
-"""Shared builders for the model-level tests: tiny Llama/Mistral models (from configs, no hub)
-wrapped with PEFT LoRA, and gradient comparison helpers."""
+"""Tiny Llama/Mistral models (from configs, no hub; or the pretrained 260K-parameter Llama of
+../shared/data) wrapped with PEFT LoRA, and one training step's gradients."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import pytest
 import torch
 
+from helpers.repo import TINYLLAMA
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TINYLLAMA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyllamas-stories260K" / "hf"
 
 
 def tiny_config(kind: str = "llama", impl: str = "sdpa", **overrides):
@@ -44,6 +44,15 @@ def tiny_model(kind: str = "llama", impl: str = "sdpa", dtype=torch.float32, see
     return model.to(dtype)
 
 
+def draw_lora_b(model, b_std: float, seed: int) -> None:
+    """Every lora_B drawn from N(0, b_std^2) (PEFT initialises them to zero), in parameter order."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+
+
 def lora_model(
     model,
     targets: Iterable[str] = ALL_TARGETS,
@@ -64,11 +73,7 @@ def lora_model(
         model,
         LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, use_rslora=rslora),
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+    draw_lora_b(pm, b_std, seed)
     for name, p in pm.named_parameters():
         if train_norms and "norm" in name:
             p.requires_grad_(True)
@@ -85,24 +90,6 @@ def step_grads(model, batch: Dict[str, torch.Tensor]):
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return out.loss.detach(), grads
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def worst_rel_err(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
-    assert got.keys() == ref.keys()
-    for name, g in ref.items():
-        assert torch.isfinite(g).all(), name
-        assert g.norm() > 0, f"reference gradient of {name} is zero: the test would not test it"
-    return max(rel_err(got[n], ref[n]) for n in ref)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
 def quant_available() -> bool:

@@ -1,10 +1,10 @@
-"""hyclora.quant.tuned.launch_tuned: the autotuner picks once per key, then direct launches."""
+"""hyclora.kernels.common.launch_tuned: the autotuner picks once per key, then direct launches."""
 
 from __future__ import annotations
 
 import torch
 
-from hyclora.quant import tuned
+from hyclora.kernels import common as tuned
 
 
 class _Config:
@@ -44,7 +44,7 @@ class _FakeTuner(_Recorder):
 
 
 def test_autotuner_once_per_key_then_direct_launches():
-    tuned.clear()
+    tuned.forget_tuned()
     log = []
     tuner = _FakeTuner(log)
     x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
@@ -64,6 +64,6 @@ def test_autotuner_once_per_key_then_direct_launches():
     log.clear()
     tuned.launch_tuned(tuner, grid, (x16, 7, 32), {"BITS": 2})
     assert log[0][0] == "direct" and log[0][3]["BLOCK"] == 16  # N=32's own config
-    tuned.clear()
+    tuned.forget_tuned()
     tuned.launch_tuned(tuner, grid, (x16, 7, 32), {"BITS": 2})
     assert log[-1][0] == "tuner"

@@ -1,4 +1,10 @@
-"""Start N ranks of ``_dist_worker.py`` on this machine (gloo, CPU) and collect their results."""
+"""Small distributed LoRA runs on this machine (gloo, CPU): start N ranks of
+``tests/integrations/_dist_worker.py`` and collect their results; the tiny Llama, data and LoRA
+config that the worker and the tests share.
+
+The worker imports this module: :func:`worker_env` puts the checkout and ``tests/`` on its
+``PYTHONPATH``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,41 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-WORKER = HERE / "_dist_worker.py"
+import torch
+
+from helpers.repo import REPO, TESTS, pythonpath
+
+WORKER = TESTS / "integrations" / "_dist_worker.py"
+VOCAB, SEQ, ROWS = 128, 32, 256  # the runs' token matrix (see the worker's docstring)
+
+
+def tiny_llama_config():
+    """The runs' base model: a 2-layer random Llama (hidden 64, 4 heads / 2 KV heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def save_tiny_llama(path: str) -> str:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    return path
+
+
+def token_data() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(1234))
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
 
 
 def free_port() -> int:
@@ -27,7 +65,7 @@ def worker_env(rank: int, world: int, port: int, distributed: bool = True) -> Di
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=pythonpath(REPO, TESTS),  # the worker imports hyclora and helpers.*
     )
     if not distributed:
         # A 1-process reference run without DeepSpeed is not distributed at all.
@@ -94,7 +132,7 @@ def launch(world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout
     return Launch(world, scenarios, tmp, model_dir, timeout).wait()
 
 
-def load_adapter_tensors(path: Path) -> Dict[str, "torch.Tensor"]:  # noqa: F821
+def load_adapter_tensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / "adapter_model.safetensors"))

@@ -19,29 +19,17 @@ IEEE products (no TF32):
   fp16 inputs take fp32 FMA dots (their split parts could underflow fp16's range).
 
 The torch references are the op-by-op expressions. The Triton paths take what is described per
-function, outside autograd recording, and only where launching pays (:data:`EAGER_MIN_TOKENS`,
-:func:`launches_are_free`); anything else goes the torch way.
+function, outside autograd recording, and only where launching pays (``min_tokens``, and CUDA
+graph capture); anything else goes the torch way.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
-from hyclora.quant.core import resolve_backend
-
-from . import fused_swiglu as _fs
-from .lora import lora_term_added as lora_epilogue_torch  # the reference: PEFT's op-by-op expression
-
-triton = _fs.triton
-if triton is not None:
-    import triton.language as tl
-
-    _cast_out = _fs._cast_out
-
-_INTERPRET = _fs._INTERPRET
+from .common import INTERPRET, cast_out, check_triton_device, next_pow2, resolve_backend, tl, triton
 
 
 def _triton(backend: str, device: torch.device) -> bool:
@@ -140,19 +128,17 @@ if triton is not None:
         if not SCALE_ONE:
             acc = acc * scale  # rounded before the add (no FMA contraction), as the torch ops
         y = yw + acc
-        tl.store(y_ptr + rm[:, None] * stride_om + rn[None, :], _cast_out(y, y_ptr, RNE), mask=mask)
+        tl.store(y_ptr + rm[:, None] * stride_om + rn[None, :], cast_out(y, y_ptr, RNE), mask=mask)
 
 
-def _blocks(m: int, n: int, r: int, interpret: bool = _INTERPRET):
+def _blocks(m: int, n: int, r: int, interpret: bool = INTERPRET):
     """``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``."""
     if interpret:  # the interpreter pays per program (~5 ms): few, large ones
-        return (max(16, min(_fs._next_pow2(m), 128)), max(16, min(_fs._next_pow2(n), 256)),
-                max(16, min(_fs._next_pow2(r), 32)), 4)
+        return (max(16, min(next_pow2(m), 128)), max(16, min(next_pow2(n), 256)),
+                max(16, min(next_pow2(r), 32)), 4)
     # a memory-bound pass (4 bytes per element at 16 bits) with an fp32 FMA dot of depth r. The
     # 64 x 128 tile at 8 warps with the rank in slices of 16 compiles for sm_90 without spills up
-    # to r = 128 (at most 178 registers; tests/ops/test_lora_kernels.py compiles it ahead of time).
-    # H200 (BENCHMARKS.md run 8, r = 16): 27-38% of the device copy bandwidth, 2.5-2.8x faster
-    # than the op-by-op torch expression; not swept
+    # to r = 128 (tests/ops/test_lora_kernels.py compiles it ahead of time); not swept
     return 64, 128, 16, 8
 
 
@@ -171,7 +157,7 @@ def _epilogue_takes(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor) -
 
 def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                           in_place: bool = False) -> torch.Tensor:
-    _fs._check_triton_device(y_w, xa, lora_b)
+    check_triton_device("LoRA kernels", y_w, xa, lora_b)
     n, r = y_w.shape[-1], xa.shape[-1]
     yw2 = y_w.view(-1, n)
     xa2 = xa.reshape(-1, r)  # any strides, as lora_b's (the backward passes A^T as a view)
@@ -188,76 +174,53 @@ def _lora_epilogue_triton(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Ten
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _lora_epilogue_kernel[grid](
         yw2, xa2, lora_b, out, m, n, r, yw2.stride(0), *xa2.stride(), *lora_b.stride(), out.stride(0),
-        float(scaling), SCALE_ONE=scaling == 1.0, RNE=_INTERPRET and out.dtype == torch.bfloat16,
+        float(scaling), SCALE_ONE=scaling == 1.0, RNE=INTERPRET and out.dtype == torch.bfloat16,
         R_CHUNKS=triton.cdiv(r, block_r),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        **({} if _INTERPRET else dict(num_warps=warps, enable_fp_fusion=False)))
+        **({} if INTERPRET else dict(num_warps=warps, enable_fp_fusion=False)))
     return out.view(y_w.shape)
 
 
 # -- when to launch ------------------------------------------------------------------------------
-# A Triton launch costs tens of microseconds of Python on the host (argument binding, the
-# specialisation key), a cast or a cuBLAS GEMM a few, and eager hyclora steps are bound by the
-# host more often than not. Measured on an H200 (7B shape, BENCHMARKS.md run 8), the kernels
-# launched eagerly made the step slower or no faster everywhere: 4 x 512 -20% (same process),
-# 8k tokens (LongLoRA recipe, checkpointed) -11%, 16k and 32k unchanged (two processes); under CUDA graphs (whose replays
-# launch nothing from the host) the graphed 4 x 512 step ran at 12579-13401 tok/s with them,
-# against 9593 op by op (run 7) and 9007 with their first, FMA-dot version.
-# So by default they run only under graph capture and the warm-ups before it
-# (:func:`launches_are_free`, used by ``hyclora.cuda_graphs``); ``EAGER_MIN_TOKENS = n`` also
-# launches them eagerly from n tokens per call (None: never).
-EAGER_MIN_TOKENS: Optional[int] = None
-_free_launches = 0
-
-
-@contextlib.contextmanager
-def launches_are_free():
-    """Inside, the fused LoRA kernels run at any token count (``hyclora.cuda_graphs`` wraps its
-    warm-ups and capture in it: the kernels a graph replays must be the ones it warmed up)."""
-    global _free_launches
-    _free_launches += 1
-    try:
-        yield
-    finally:
-        _free_launches -= 1
-
-
-def _worth_launching(tokens: int, device: torch.device) -> bool:
-    if _INTERPRET or _free_launches or (EAGER_MIN_TOKENS is not None and tokens >= EAGER_MIN_TOKENS):
+# A Triton launch costs tens of microseconds of host time, a cast or a cuBLAS GEMM a few, and
+# eager hyclora steps are host-bound: by default the kernels run only under CUDA graph capture,
+# whose replays launch nothing from the host (``min_tokens=None``); ``min_tokens=n`` also launches
+# them eagerly from n tokens per call.
+def _worth_launching(tokens: int, device: torch.device, min_tokens: Optional[int]) -> bool:
+    if INTERPRET or (min_tokens is not None and tokens >= min_tokens):
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def kernels_run(backend: str, x: torch.Tensor) -> bool:
+def kernels_run(backend: str, x: torch.Tensor, min_tokens: Optional[int] = None) -> bool:
     """Whether the Triton kernels here run for ``x`` (``(..., features)``): the backend resolves
-    to Triton on its device and launching pays at its token count (:data:`EAGER_MIN_TOKENS`)."""
+    to Triton on its device and launching pays at its token count (``min_tokens``)."""
     # the launch test first: by default it says no eagerly, and it is the cheaper one (host time)
-    return _worth_launching(x.numel() // max(1, x.shape[-1]), x.device) and _triton(backend, x.device)
+    return _worth_launching(x.numel() // max(1, x.shape[-1]), x.device, min_tokens) and _triton(backend, x.device)
 
 
 # -- the rank-r products -----------------------------------------------------------------------------
-def _down_tiles(m: int, k: int, r: int, interpret: bool = _INTERPRET):
+def _down_tiles(m: int, k: int, r: int, interpret: bool = INTERPRET):
     """``(BLOCK_M, BLOCK_K, BLOCK_R, num_warps, k_per_slice)`` of the down-projection."""
-    block_r = max(16, min(_fs._next_pow2(r), 32))
+    block_r = max(16, min(next_pow2(r), 32))
     if interpret:  # the interpreter pays per program (~5 ms): few, large ones
-        bk = max(16, min(_fs._next_pow2(k), 512))
-        return max(16, min(_fs._next_pow2(m), 128)), bk, block_r, 4, triton.cdiv(k, bk) * bk
+        bk = max(16, min(next_pow2(k), 512))
+        return max(16, min(next_pow2(m), 128)), bk, block_r, 4, triton.cdiv(k, bk) * bk
     # bf16 tensor cores (the split fp32 factor, 3 dots), the features in slices of 1024 (fp32
-    # partial sums added by torch): enough programs at a few thousand tokens. H200 sweep at
-    # 2048 x 4096, r 16 (bench_fused --only lora --sweep, BENCHMARKS.md run 8): 19 us with 4
-    # slices, 50-94 us unsliced (16-128-row tiles), 23 us with 64 slices; cuBLAS's cast + fp32 GEMM 59 us
+    # partial sums added by torch): enough programs at a few thousand tokens; the sweep that chose
+    # it is `bench_fused --only lora --sweep` (BENCHMARKS.md, run 8)
     return 64, 64, block_r, 4, 1024
 
 
-def _reduce_tiles(t: int, n: int, r: int, interpret: bool = _INTERPRET):
+def _reduce_tiles(t: int, n: int, r: int, interpret: bool = INTERPRET):
     """``(BLOCK_N, BLOCK_T, BLOCK_R, num_warps, tokens_per_slice)`` of the token-reduced product."""
-    block_r = max(16, min(_fs._next_pow2(r), 32))
+    block_r = max(16, min(next_pow2(r), 32))
     if interpret:
-        return max(16, min(_fs._next_pow2(n), 256)), 64, block_r, 4, max(64, min(_fs._next_pow2(t), 1024))
+        return max(16, min(next_pow2(n), 256)), 64, block_r, 4, max(64, min(next_pow2(t), 1024))
     # slices of tokens per program (fp32 partial sums added by torch): about 4 programs per SM of
     # an H100/H200 (132) over the feature tiles and the slices; a power of two (a constexpr)
     slices = max(1, 528 // triton.cdiv(n, 64))
-    per_slice = max(256, min(65536, _fs._next_pow2(triton.cdiv(t, slices))))
+    per_slice = max(256, min(65536, next_pow2(triton.cdiv(t, slices))))
     return 64, 64, block_r, 4, per_slice
 
 
@@ -272,8 +235,8 @@ def _rank_product(a2, a_strides, b, b_strides, rows, cols, k, tiles, out_dtype=t
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols), slices)
     _rank_product_kernel[grid](a2, b, out, rows, cols, k, *a_strides, *b_strides, rows * cols, cols,
                                ITERS=per_slice // block_k, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
-                               BLOCK_COLS=block_cols, SPLIT_BF16=a2.dtype == torch.bfloat16, UPCAST=_INTERPRET,
-                               **({} if _INTERPRET else dict(num_warps=warps)))
+                               BLOCK_COLS=block_cols, SPLIT_BF16=a2.dtype == torch.bfloat16, UPCAST=INTERPRET,
+                               **({} if INTERPRET else dict(num_warps=warps)))
     return out[0] if slices == 1 else out.sum(0)
 
 
@@ -290,15 +253,16 @@ def lora_down_torch(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x if x.dtype == lora_a.dtype else x.to(lora_a.dtype), lora_a)
 
 
-def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch", *, tiles=None) -> torch.Tensor:
+def lora_down(x: torch.Tensor, lora_a: torch.Tensor, backend: str = "torch", *, min_tokens: Optional[int] = None,
+              tiles=None) -> torch.Tensor:
     """``xa = x @ A^T`` in ``A``'s dtype for ``x`` ``(..., in)`` and ``A`` ``(r, in)``.
     ``backend`` as for :func:`lora_epilogue`; the Triton path takes a 16-bit ``x`` with fp32 ``A``
     (it reads ``x`` once, 2 bytes per element, instead of casting it). ``tiles`` overrides the
     tile choice (benchmark sweeps)."""
     tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
-    if not (_triton(backend, x.device) and _down_takes(x, lora_a) and _worth_launching(tokens, x.device)):
+    if not (_triton(backend, x.device) and _down_takes(x, lora_a) and _worth_launching(tokens, x.device, min_tokens)):
         return lora_down_torch(x, lora_a)
-    _fs._check_triton_device(x, lora_a)
+    check_triton_device("LoRA kernels", x, lora_a)
     k, r = x.shape[-1], lora_a.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -317,7 +281,8 @@ def token_reduced_product_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return x.reshape(-1, x.shape[-1]).float().t().mm(y.reshape(-1, y.shape[-1]).float())
 
 
-def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torch", *, tiles=None) -> torch.Tensor:
+def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torch", *,
+                          min_tokens: Optional[int] = None, tiles=None) -> torch.Tensor:
     """``x^T y`` summed over all tokens, in fp32, for a 16-bit ``x`` ``(..., N)`` and an fp32 ``y``
     ``(..., r)``: the LoRA weight gradients ``dB = dy^T (x A^T)`` and ``dA^T = x^T (dy B)`` without
     an fp32 copy of ``x``. The Triton path reads ``x`` once (slices of tokens per program, fp32
@@ -325,9 +290,9 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
     if (not _triton(backend, x.device) or x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != torch.float32
             or x.shape[:-1] != y.shape[:-1] or x.device != y.device
             or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
-            or not _worth_launching(y.numel() // max(1, y.shape[-1]), x.device)):
+            or not _worth_launching(y.numel() // max(1, y.shape[-1]), x.device, min_tokens)):
         return token_reduced_product_torch(x, y)
-    _fs._check_triton_device(x, y)
+    check_triton_device("LoRA kernels", x, y)
     n, r = x.shape[-1], y.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -341,8 +306,25 @@ def token_reduced_product(x: torch.Tensor, y: torch.Tensor, backend: str = "torc
                          tiles or _reduce_tiles(t, n, r))
 
 
+def cast_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without the dispatcher round trip of ``t.to`` when it already is (host
+    time: these casts run several times per LoRA linear and pass)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``t * scaling``, skipping the bit-exact ``* 1.0`` (one full-size kernel per linear)."""
+    return t if scaling == 1.0 else t * scaling
+
+
+def lora_epilogue_torch(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``y_w + scaling * (xa @ lora_b^T)`` op by op, the sum in the promoted dtype, cast to
+    ``y_w``'s dtype: PEFT's expression, the reference of :func:`lora_epilogue`."""
+    return cast_to(y_w + scaled(torch.nn.functional.linear(xa, lora_b), scaling), y_w.dtype)
+
+
 def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                  backend: str = "torch", *, in_place: bool = False) -> torch.Tensor:
+                  backend: str = "torch", *, min_tokens: Optional[int] = None, in_place: bool = False) -> torch.Tensor:
     """``y_w + scaling * (xa @ lora_b^T)`` in ``y_w``'s dtype: ``y_w`` ``(..., out)``, ``xa``
     ``(..., r)``, ``lora_b`` ``(out, r)``. ``backend``: ``"torch"`` (:func:`lora_epilogue_torch`),
     ``"triton"`` (one pass, see the module docstring) or ``"auto"`` (Triton for CUDA tensors);
@@ -350,10 +332,10 @@ def lora_epilogue(y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor, sca
     lets the kernel write the result over it (no output allocation; the torch path still
     allocates)."""
     if (_triton(backend, y_w.device) and _epilogue_takes(y_w, xa, lora_b)
-            and _worth_launching(y_w.numel() // max(1, y_w.shape[-1]), y_w.device)):
+            and _worth_launching(y_w.numel() // max(1, y_w.shape[-1]), y_w.device, min_tokens)):
         return _lora_epilogue_triton(y_w, xa, lora_b, scaling, in_place)
     return lora_epilogue_torch(y_w, xa, lora_b, scaling)
 
 
-__all__ = ["EAGER_MIN_TOKENS", "kernels_run", "launches_are_free", "lora_epilogue", "lora_epilogue_torch", "lora_down",
+__all__ = ["cast_to", "scaled", "kernels_run", "lora_epilogue", "lora_epilogue_torch", "lora_down",
            "lora_down_torch", "token_reduced_product", "token_reduced_product_torch"]

@@ -1,0 +1,288 @@
+"""What every Triton kernel of hyclora shares: the optional ``triton`` import, the environment,
+backend resolution, launch options, tile helpers and the ``@triton.jit`` pieces of the LoRA dot.
+
+A leaf: imports nothing from hyclora (``hyclora.quant`` and every kernel module import it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+
+try:  # Triton is optional: without it only the torch references (CPU / backend='torch') exist
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Linux images ship triton
+    triton = None
+    tl = None
+
+# The environment is read here and nowhere else, once, at import: both variables must be set
+# before Python starts (the interpreter mode is fixed when triton is imported).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
+
+BACKENDS = ("auto", "triton", "torch")
+
+# (BLOCK_M, BLOCK_N, num_warps, ROW_ITERS) of the tensor-core LoRA-epilogue kernels when
+# autotuning is off (HYCLORA_QUANT_AUTOTUNE=0); 80-91 registers at r=16, no spills on sm_90
+FIXED_TILE = (32, 64, 8, 2)
+
+_RESOLVED_BACKENDS: Dict[Tuple[str, str], str] = {}  # answers that cannot change within a process
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``'auto'`` -> Triton for CUDA tensors, torch otherwise; ``'triton'`` on CPU needs the
+    interpreter; anything else is refused by name."""
+    known = _RESOLVED_BACKENDS.get((backend, device.type))
+    if known is not None:  # runs once per kernel call: skip the checks (host time)
+        return known
+    resolved = _resolve_backend(backend, device)
+    _RESOLVED_BACKENDS[(backend, device.type)] = resolved
+    return resolved
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: use one of {BACKENDS}.")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton is not None else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and not INTERPRET:
+            raise RuntimeError(
+                f"backend='triton' on a {device.type} tensor needs the Triton interpreter: "
+                f"set TRITON_INTERPRET=1 before Python starts, or use backend='torch'."
+            )
+        if triton is None:
+            raise RuntimeError("backend='triton' needs the `triton` package (pip install triton), "
+                               "or use backend='torch'.")
+    return backend
+
+
+def check_triton_device(what: str, *tensors: Optional[torch.Tensor]) -> None:
+    """Refuse tensors the Triton kernels of ``what`` cannot take, naming the fix."""
+    if triton is None:
+        raise RuntimeError(f"hyclora {what}: backend='triton' needs the `triton` package; use backend='torch'.")
+    for t in tensors:
+        if t is not None and t.device.type != "cuda" and not INTERPRET:
+            raise RuntimeError(
+                f"hyclora {what}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+                "before Python starts); use backend='torch' for CPU tensors."
+            )
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def block_r(r: int) -> int:
+    """The rank tile: ``tl.dot`` needs K >= 16 and a power of two; the rank is zero-padded by
+    masked loads."""
+    return max(16, next_pow2(r))
+
+
+def interpret_tile(m: int, n: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, ROW_ITERS)`` under the interpreter, which pays per
+    program, not per element: few, large tiles."""
+    return max(16, min(next_pow2(m), 64)), max(16, min(next_pow2(n), 128)), 4, 1
+
+
+def launch_opts(num_warps: int) -> dict:
+    """Launch keywords: none under the interpreter; on GPU no FMA contraction, so that
+    ``(y - lo) * inv + 0.5`` rounds twice like the torch references."""
+    if INTERPRET:
+        return {}
+    return dict(num_warps=num_warps, enable_fp_fusion=False)
+
+
+def dot_dtype_for(xa: torch.Tensor, lora_b: torch.Tensor) -> torch.dtype:
+    """The dtype torch's ``F.linear(xa, lora_b)`` computes in here: the autocast dtype when
+    autocast is on for this device type, else the promoted dtype of the two operands."""
+    dev = xa.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError):  # pragma: no cover - device type without autocast
+        pass
+    return torch.promote_types(xa.dtype, lora_b.dtype)
+
+
+def promoted_dtype(dot_dtype: Optional[torch.dtype], *tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """``dot_dtype`` if given, else the promoted dtype of the tensors present (None: none are)."""
+    if dot_dtype is not None:
+        return dot_dtype
+    out = None
+    for t in tensors:
+        if t is not None:
+            out = t.dtype if out is None else torch.promote_types(out, t.dtype)
+    return out
+
+
+def lora_term_torch(xa: Optional[torch.Tensor], b: Optional[torch.Tensor], dot_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """fp32 ``xa @ b^T`` of operands rounded to ``dot_dtype``: what the kernels' LoRA dot computes
+    (the torch references use it)."""
+    if xa is None:
+        return None
+    return xa.to(dot_dtype).float() @ b.to(dot_dtype).float().t()
+
+
+def with_lora(base: torch.Tensor, lora: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``base + scale * lora`` (``base`` when there is no LoRA term)."""
+    return base if lora is None else base + lora * scale
+
+
+def dot_operands(what: str, dot_dtype: Optional[torch.dtype], pairs, *, tensor_core_on_fp32: bool = False):
+    """Round the LoRA operands ``pairs`` (``[(xa, b), ...]``, ``None`` where absent) to the dot
+    dtype in torch (round to nearest even; tiny tensors), so that the kernels only ever upcast
+    them exactly. Returns ``(operands in the order given, R, DOT_FP32)``.
+
+    The interpreter's bf16/fp16 ``tl.dot`` is wrong, so there the operands are upcast to fp32
+    (exact) instead. ``tensor_core_on_fp32`` (tests): run the tensor-core branch on fp32 operands,
+    which the interpreter computes correctly, so that the GPU branch's loads and masks run too."""
+    flat = [t for pair in pairs for t in pair]
+    present = [(xa, b) for xa, b in pairs if xa is not None]
+    if not present:
+        return flat, 1, True
+    dot_dtype = promoted_dtype(dot_dtype, *flat)
+    if dot_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hyclora {what}: dot dtype {dot_dtype} is not supported (fp32/bf16/fp16).")
+    ranks = {xa.shape[1] for xa, _ in present}
+    if len(ranks) != 1:
+        # one BLOCK_R per launch; different ranks would need two launches (not a PEFT default)
+        raise ValueError(f"hyclora {what}: LoRA ranks differ between the fused projections ({sorted(ranks)}); "
+                         "use one rank for them, or layer_type='intra_inter'.")
+    dot_fp32 = dot_dtype == torch.float32 or INTERPRET
+    if tensor_core_on_fp32:
+        if dot_dtype != torch.float32 or not INTERPRET:
+            raise ValueError("tensor_core_on_fp32 runs the tensor-core branch on fp32 operands under the interpreter only")
+        dot_fp32 = False
+    return [None if t is None else t.to(dot_dtype).contiguous() for t in flat], ranks.pop(), dot_fp32
+
+
+# -- launching an autotuned kernel without the autotuner's per-call host work -------------------
+# ``Autotuner.run`` rebuilds an argument dict, its key and the dtype list on every launch (host
+# time that matters where a step is host-bound): ``launch_tuned`` asks the autotuner once per key
+# and then launches the tuned kernel directly with the chosen meta-parameters.
+_best: Dict[Tuple[int, Hashable], Dict[str, Any]] = {}
+_key_positions: Dict[int, Tuple[Tuple[Any, str], ...]] = {}
+
+
+def _tuner_key(tuner, args: tuple, kwargs: dict) -> Hashable:
+    spec = _key_positions.get(id(tuner))
+    if spec is None:
+        names = list(tuner.arg_names)
+        spec = tuple((names.index(k) if names.index(k) < len(args) else None, k) for k in tuner.keys)
+        _key_positions[id(tuner)] = spec
+    return (tuple(args[i] if i is not None else kwargs.get(k) for i, k in spec)
+            + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+
+
+def launch_tuned(tuner, grid: Callable, args: tuple, kwargs: dict) -> None:
+    """``tuner[grid](*args, **kwargs)`` the first time the autotuner's key is seen, then
+    ``tuner.fn[grid](*args, **kwargs, **best)`` with the config it chose for that key.
+
+    ``tuner`` must live as long as the process (an ``functools.lru_cache``'d builder) and its
+    configs carry no ``pre_hook`` (the direct launch does not run it)."""
+    memo = (id(tuner), _tuner_key(tuner, args, kwargs))
+    best = _best.get(memo)
+    if best is None:
+        tuner[grid](*args, **kwargs)
+        _best[memo] = tuner.best_config.all_kwargs()
+        return
+    tuner.fn[grid](*args, **kwargs, **best)
+
+
+def forget_tuned() -> None:
+    """Forget the chosen configs (the next launch of every key asks the autotuner again)."""
+    _best.clear()
+
+
+if triton is not None:
+
+    @triton.jit
+    def cast_out(y, out_ptr, EMULATE_BF16_RNE: tl.constexpr):
+        """``y`` in the element type of ``out_ptr``. The interpreter truncates fp32 -> bf16:
+        there round to nearest even by hand, like torch and ``cvt.rn``."""
+        if EMULATE_BF16_RNE:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return y.to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def load_bt(b_ptr, cols, cmask, R, stride_bn, BLOCK_R: tl.constexpr):
+        """``B^T`` tile ``(BLOCK_R, BLOCK_N)`` of PEFT's ``(out_features, r)`` lora_B, rank
+        zero-padded."""
+        ks = tl.arange(0, BLOCK_R)
+        return tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                       mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+
+    @triton.jit
+    def column_block(pid_n, N, BLOCK_N: tl.constexpr):
+        """The ``BLOCK_N`` columns of program ``pid_n`` and their mask."""
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return cols, cols < N
+
+    @triton.jit
+    def byte_columns(pid_n, NB, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+        """The packed-byte columns holding program ``pid_n``'s ``BLOCK_N`` codes of ``BITS`` bits,
+        and their mask (``NB`` bytes per row)."""
+        BLOCK_B: tl.constexpr = BLOCK_N // (8 // BITS)
+        bcols = pid_n * BLOCK_B + tl.arange(0, BLOCK_B)
+        return bcols, bcols < NB
+
+    @triton.jit
+    def row_block(pid_m, it, M, BLOCK_M: tl.constexpr, ROW_ITERS: tl.constexpr):
+        """Rows (int64: beyond 2^31 elements) of sub-tile ``it`` of program ``pid_m``, and their mask."""
+        rows = ((pid_m * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        return rows, rows < M
+
+    @triton.jit
+    def channel_row(ptr, cols, cmask):
+        """A per-channel fp32 parameter of the column block, as a row broadcast over the rows."""
+        return tl.load(ptr + cols, mask=cmask, other=0.0)[None, :]
+
+    @triton.jit
+    def program_bt(b_ptr, cols, cmask, R, stride_bn, HAS_LORA: tl.constexpr, FMA_PATH: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The ``B^T`` tile a program reuses for all its rows (tensor-core dot). The fp32 dot of
+        :func:`lora_tile` loads it per K chunk instead, and without LoRA there is none: then an
+        unused zero tile of the same type (one return type; the compiler drops it)."""
+        if HAS_LORA and not FMA_PATH:
+            return load_bt(b_ptr, cols, cmask, R, stride_bn, BLOCK_R)
+        return tl.zeros((BLOCK_R, BLOCK_N), b_ptr.dtype.element_ty)
+
+    @triton.jit
+    def lora_tile(xa_ptr, b_ptr, bt, rows, rmask, cols, cmask, R, stride_xm, stride_bn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+        """fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``xa[rows, :R] @ B[cols, :R]^T`` (rank zero-padded)."""
+        if DOT_FP32:
+            # fp32 operands (exact upcasts of already rounded values), IEEE products: what torch
+            # computes for an fp32 matmul, and the only correct dot in the interpreter. K in
+            # chunks of 16 with B^T loaded per chunk: the whole K extent in registers spills.
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, BLOCK_R, 16):
+                ks = k0 + tl.arange(0, 16)
+                a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                            mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+                b = tl.load(b_ptr + ks[:, None] + cols[None, :] * stride_bn,
+                            mask=(ks < R)[:, None] & cmask[None, :], other=0.0)
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            return acc
+        else:
+            # tensor cores on bf16/fp16 operands, fp32 accumulation; bt (B^T) was loaded once
+            # per program and is reused for all its row sub-tiles
+            ks = tl.arange(0, BLOCK_R)
+            a = tl.load(xa_ptr + rows[:, None] * stride_xm + ks[None, :],
+                        mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
+            return tl.dot(a, bt, out_dtype=tl.float32)
+
+
+__all__ = [
+    "triton", "tl", "INTERPRET", "AUTOTUNE", "BACKENDS", "FIXED_TILE", "resolve_backend", "check_triton_device",
+    "next_pow2", "block_r", "interpret_tile", "launch_opts", "dot_dtype_for", "promoted_dtype", "lora_term_torch",
+    "with_lora", "dot_operands", "launch_tuned", "forget_tuned", "cast_out", "load_bt", "lora_tile", "column_block",
+    "byte_columns", "row_block", "channel_row", "program_bt",
+]

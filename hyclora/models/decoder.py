@@ -1,0 +1,83 @@
+"""Llama-style decoder layers (pre-RMSNorm, RoPE attention, SwiGLU MLP) run as the two blocks
+of :mod:`hyclora.ops.blocks`. Architectures of this family are spec rows (:mod:`.llama`,
+:mod:`.mistral`); this module holds what the family's layer call needs beyond the shared
+:class:`~hyclora.models.adapter.LayerAdapter`."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from hyclora.ops.attention import block_attention_mask
+from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
+from hyclora.ops.tensor_specs import D_FF, DECODER, HIDDEN, KV_HEADS, Q_HEADS
+
+from .adapter import LayerAdapter, LayerCall, LayerPatch
+
+
+class DecoderAdapter(LayerAdapter):
+    """Patches decoder layers laid out like Llama's (see the module docstring)."""
+
+    family = DECODER
+
+    def geometry(self, layer: nn.Module, cfg):
+        attn = self.attention_module(layer)
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return (heads, kv_heads, attn.head_dim, float(attn.scaling), bool(getattr(attn, "is_causal", True)),
+                getattr(cfg, "intermediate_size", 0) or 0)
+
+    def dims(self, layer: nn.Module, cfg) -> Dict[str, int]:
+        heads, kv_heads, head_dim = self.geometry(layer, cfg)[:3]
+        return {HIDDEN: cfg.hidden_size, Q_HEADS: heads * head_dim, KV_HEADS: kv_heads * head_dim,
+                D_FF: cfg.intermediate_size}
+
+    def check_call(self, layer: nn.Module, patch: LayerPatch, arguments: Dict[str, Any], impl: str):
+        """``(mask, (cos, sin))``: the mask in the form the attention block keeps, and RoPE's tables."""
+        name = patch.name
+        pos = arguments.get("position_embeddings")
+        if pos is None:
+            raise ValueError(
+                f"hyclora: {name} was called without position_embeddings; hyclora needs the "
+                "(cos, sin) tables the transformers 5.x model passes to its decoder layers."
+            )
+        layer_idx = None
+        for value in arguments.values():
+            if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, tuple)):
+                continue
+            if layer_idx is None:
+                layer_idx = getattr(self.attention_module(layer), "layer_idx", 0)
+            # Any KV cache (5.17 passes it as past_key_values, newer versions as cache): the
+            # training path does not fill it, and cannot attend to tokens already in it.
+            get_len = getattr(value, "get_seq_length", None)
+            if callable(get_len) and not torch.is_tensor(value) and get_len(layer_idx) > 0:
+                raise ValueError(
+                    f"hyclora: {name} got a KV cache that already holds tokens; training with a "
+                    "pre-filled cache (prefix tuning) is not supported. Pass use_cache=False."
+                )
+        # S²-Attn's lazy mask -> a tensor the block saves
+        return block_attention_mask(impl, arguments.get("attention_mask"), name), pos
+
+    def blocks(self, layer: nn.Module, call: LayerCall):
+        mask, (cos, sin) = call.inputs
+        heads, kv_heads, head_dim, scaling, is_causal, d_ff = call.geometry
+        n1, n2 = call.norms
+        (a_metas, a_params), (m_metas, m_params) = call.linears
+        aplan = AttentionPlan(
+            eps=n1.eps, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            scaling=scaling, impl=call.impl, is_causal=is_causal,
+            s2_group_ratio=call.s2[0], s2_group_size=call.s2[1], **call.common,
+        )
+        mplan = MLPPlan(eps=n2.eps, linears=m_metas, d_ff=d_ff, **call.common)
+        hidden = call.hidden
+
+        def run():
+            h = attention_block(aplan, hidden, n1.weight, cos, sin, mask, a_params)
+            return mlp_block(mplan, h, n2.weight, m_params)
+
+        return run
+
+
+__all__ = ["DecoderAdapter"]
