@@ -454,7 +454,7 @@ def _norm_stats_per_token() -> int:
     """fp32 values per token the decoder's norms keep beside their inputs (one rstd each)."""
     from .ops.tensor_specs import DECODER, NORM_STAT, family_specs
 
-    return sum(1 for s in family_specs(DECODER).values() if s.role == NORM_STAT)
+    return sum(1 for s in family_specs(DECODER).values() if s.role == NORM_STAT and s.feature is None)
 
 
 def theoretical_layer_bytes(

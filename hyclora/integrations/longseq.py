@@ -347,7 +347,8 @@ def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
         raise TypeError(f"{type(inner).__name__} is not a causal LM with an output embedding (lm_head).")
     config = getattr(inner, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    # final_logit_softcapping (Gemma) is applied by the chunked loss itself (final_logit_softcap)
+    for attr in ("logit_scale", "output_multiplier_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
             raise ValueError(
                 f"{type(inner).__name__} transforms its logits ({attr}={getattr(config, attr)}); the chunked "
@@ -359,6 +360,13 @@ def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return decoder, inner.get_output_embeddings()
 
 
+def final_logit_softcap(model: nn.Module) -> Optional[float]:
+    """The final-logit soft-capping of a causal LM's config (Gemma's ``final_logit_softcapping``), or None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
 def _zero3_partitioned(param: torch.Tensor) -> bool:
     status = getattr(param, "ds_status", None)
     return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
@@ -367,11 +375,12 @@ def _zero3_partitioned(param: torch.Tensor) -> bool:
 class _LMHeadLoss(nn.Module):
     """Owns no parameters: reads the LM head's weight (registered as ZeRO-3 external parameter)."""
 
-    def __init__(self, lm_head: nn.Module, chunk_size: Optional[int]) -> None:
+    def __init__(self, lm_head: nn.Module, chunk_size: Optional[int], softcap: Optional[float] = None) -> None:
         super().__init__()
         # A plain attribute, not a submodule: the LM head stays registered once, under the model.
         object.__setattr__(self, "lm_head", lm_head)
         self.chunk_size = chunk_size
+        self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         head = _active_head(self.lm_head)
@@ -387,7 +396,7 @@ class _LMHeadLoss(nn.Module):
     def _loss(self, head, hidden, labels, reduction):
         return chunked_cross_entropy(
             hidden, head.weight, labels, bias=getattr(head, "bias", None),
-            chunk_size=self.chunk_size, reduction=reduction,
+            chunk_size=self.chunk_size, reduction=reduction, softcap=self.softcap,
         )
 
 
@@ -406,7 +415,7 @@ class CausalLMChunkedLoss(nn.Module):
         self.model = model
         decoder, lm_head = split_causal_lm(model)
         object.__setattr__(self, "_decoder", decoder)
-        self.head_loss = _LMHeadLoss(lm_head, chunk_size)
+        self.head_loss = _LMHeadLoss(lm_head, chunk_size, final_logit_softcap(model))
 
     def register_zero3(self) -> None:
         """Tell DeepSpeed ZeRO-3 to gather the LM head weight around our loss's forward/backward.
@@ -457,6 +466,7 @@ __all__ = [
     "CausalLMChunkedLoss",
     "disable_s2attn",
     "enable_s2attn",
+    "final_logit_softcap",
     "longlora_lora_config",
     "register_s2attn",
     "rope_scaling_factor",

@@ -19,6 +19,13 @@ reference is the op-by-op code. For a dense (rebuilt) input, :func:`rmsnorm_back
 
 ``saved`` is a per-channel :class:`~hyclora.quant.QuantizedTensor` or an object with its
 ``.quant`` plus exact rows ``.idx`` / ``.vals`` (``hyclora.ops.storage.OutlierRows``).
+
+``variant`` (every entry point): how the weight scales the normalised input. ``"w"``
+(Llama/Mistral): ``w * (x * rstd).to(x.dtype)``, output in ``promote(w, x)``. ``"1+w"`` (Gemma 2/3):
+``((x * rstd) * (1 + w.float())).to(x.dtype)``, all in fp32 and rounded once to ``x.dtype``, as
+transformers' ``Gemma2RMSNorm`` computes it (bit-identical forward in every dtype); its backward
+follows autograd's fp32 chain (``g = dy.float() * (1 + w)``, ``dw = sum(dy.float() * x_hat)`` with
+the unrounded fp32 ``x_hat``), equal to rounding.
 """
 
 from __future__ import annotations
@@ -42,27 +49,51 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+NORM_VARIANTS = ("w", "1+w")
+
+
+def one_plus_w(variant: str) -> bool:
+    """Whether ``variant`` is Gemma's ``(1 + w)`` scaling (checked: one of :data:`NORM_VARIANTS`)."""
+    if variant == "w":
+        return False
+    if variant == "1+w":
+        return True
+    raise ValueError(f"hyclora RMSNorm: variant={variant!r}; expected one of {', '.join(NORM_VARIANTS)}")
+
+
+def norm_out_dtype(x_dtype: torch.dtype, weight: torch.Tensor, variant: str = "w") -> torch.dtype:
+    """The output dtype of the norm: ``promote(w, x)`` for ``"w"``, ``x``'s for ``"1+w"``."""
+    return x_dtype if one_plus_w(variant) else torch.promote_types(weight.dtype, x_dtype)
+
+
+def _scale(weight: torch.Tensor) -> torch.Tensor:
+    """``1 + w`` in fp32, as Gemma's norm computes it (``1.0 + self.weight.float()``)."""
+    return 1.0 + weight.to(torch.float32)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "w") -> Tuple[torch.Tensor, torch.Tensor]:
     xf = x.to(torch.float32)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if one_plus_w(variant):
+        return ((xf * rstd) * _scale(weight)).to(x.dtype), rstd
     return weight * (xf * rstd).to(x.dtype), rstd
 
 
 def rmsnorm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "w"
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y, rstd)``; ``rstd`` is fp32 with shape ``x.shape[:-1] + (1,)``. Long inputs
     outside autograd run in row chunks (see ``_CHUNK_ELEMENTS``; row-wise, so the values do not
-    depend on it)."""
+    depend on it). ``variant``: see the module docstring."""
     d = x.shape[-1]
     recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.numel() <= _CHUNK_ELEMENTS or d == 0 or recording:  # under autograd: one differentiable piece
-        return _rms(x, weight, eps)
+        return _rms(x, weight, eps, variant)
     x2 = x.reshape(-1, d)
     rstd = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
-    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    y = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight, variant), device=x.device)
     for rows in _row_chunks(x2.shape[0], d):
-        y[rows], rstd[rows] = _rms(x2[rows], weight, eps)
+        y[rows], rstd[rows] = _rms(x2[rows], weight, eps, variant)
     return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 
@@ -82,15 +113,19 @@ def _row_chunks(rows: int, width: int):
         yield slice(start, min(rows, start + step))
 
 
-def rmsnorm_from_rstd(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def rmsnorm_from_rstd(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, variant: str = "w") -> torch.Tensor:
     """The forward's output rebuilt from its input ``x`` (or a reconstruction of it) and the
     exact ``rstd``, op by op as :func:`rmsnorm_forward` computes it (bit-identical for the exact
     input), in row chunks."""
     d = x.shape[-1]
     x2, r2 = x.reshape(-1, d), rstd.reshape(-1, 1)
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight, variant), device=x.device)
+    scale = _scale(weight) if one_plus_w(variant) else None
     for rows in _row_chunks(x2.shape[0], d):
-        out[rows] = weight * (x2[rows].to(torch.float32) * r2[rows]).to(x.dtype)
+        if scale is not None:
+            out[rows] = ((x2[rows].to(torch.float32) * r2[rows]) * scale).to(x.dtype)
+        else:
+            out[rows] = weight * (x2[rows].to(torch.float32) * r2[rows]).to(x.dtype)
     return out.view(x.shape)
 
 
@@ -101,6 +136,7 @@ def rmsnorm_backward(
     weight: torch.Tensor,
     need_dx: bool = True,
     need_dweight: bool = False,
+    variant: str = "w",
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of :func:`rmsnorm_forward` w.r.t. ``x`` and ``weight``, in row chunks.
 
@@ -111,16 +147,21 @@ def rmsnorm_backward(
     x2, dy2, r2 = x.reshape(-1, d), dy.reshape(-1, d), rstd.reshape(-1, 1)
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_dx else None
     dweight = torch.zeros(d, dtype=torch.float32, device=x.device) if need_dweight else None
+    scale = _scale(weight) if one_plus_w(variant) else None
     for rows in _row_chunks(x2.shape[0], d):
         x_hat = x2[rows].to(torch.float32) * r2[rows]
         if need_dx:
-            # autograd multiplies dy * w in the output dtype before upcasting; do the same.
-            g = (dy2[rows] * weight).to(torch.float32)
+            if scale is not None:  # (1 + w): autograd's chain is fp32 from dy.float() on
+                g = dy2[rows].to(torch.float32) * scale
+            else:  # autograd multiplies dy * w in the output dtype before upcasting; do the same.
+                g = (dy2[rows] * weight).to(torch.float32)
             dx[rows] = (r2[rows] * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
             del g
         if need_dweight:
-            # fp32 accumulation over all tokens (autograd sums in the grad dtype).
-            dweight += (dy2[rows].to(torch.float32) * x_hat.to(x.dtype).to(torch.float32)).sum(0)
+            # fp32 accumulation over all tokens (autograd sums in the grad dtype); (1 + w)
+            # multiplies the unrounded fp32 x_hat
+            xw = x_hat if scale is not None else x_hat.to(x.dtype).to(torch.float32)
+            dweight += (dy2[rows].to(torch.float32) * xw).sum(0)
         del x_hat
     return (None if dx is None else dx.view(x.shape)), (None if dweight is None else dweight.to(weight.dtype))
 
@@ -131,10 +172,10 @@ def rmsnorm_backward(
 
 
 def rmsnorm_quant_forward_torch(x2d: Tensor, weight: Tensor, eps: float, lo: Tensor, inv: Tensor,
-                                outlier_idx: Optional[Tensor], bits: int, row_score: bool = False):
+                                outlier_idx: Optional[Tensor], bits: int, row_score: bool = False, variant: str = "w"):
     """Reference of :func:`rmsnorm_quant_forward`: ``(y, rstd (M,), codes, outlier_vals,
     row_score)``; ``row_score`` = max |x| per row in x's dtype (None unless asked)."""
-    y, rstd = rmsnorm_forward(x2d, weight, eps)
+    y, rstd = rmsnorm_forward(x2d, weight, eps, variant)
     codes = quantize_pack_torch(x2d, lo, inv, bits)
     vals = None if outlier_idx is None else x2d.index_select(1, outlier_idx)
     score = x2d.abs().amax(1) if row_score else None
@@ -149,7 +190,7 @@ def _split_rows(saved) -> Tuple[QuantizedTensor, Optional[Tensor], Optional[Tens
 
 
 def rmsnorm_quant_backward_torch(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
-                                 dy_res: Optional[Tensor]):
+                                 dy_res: Optional[Tensor], variant: str = "w"):
     """Reference of :func:`rmsnorm_quant_backward`: dequantise, then the op-by-op backward."""
     q, ridx, rvals = _split_rows(saved)
     n = q.width
@@ -158,7 +199,8 @@ def rmsnorm_quant_backward_torch(saved, rstd: Tensor, weight: Tensor, dy_n: Tens
         x_hat.index_copy_(1, q.outlier_idx, q.outlier_vals)
     if ridx is not None:
         x_hat.index_copy_(0, ridx, rvals.to(x_hat.dtype))
-    dx, _ = rmsnorm_backward(dy_n, x_hat, rstd.view(-1, 1), weight, need_dx=True, need_dweight=False)
+    dx, _ = rmsnorm_backward(dy_n, x_hat, rstd.view(-1, 1), weight, need_dx=True, need_dweight=False,
+                             variant=variant)
     return dx if dy_res is None else dx + dy_res
 
 
@@ -171,13 +213,22 @@ if triton is not None:
     # fp32, the intermediate roundings that torch makes when an op's result has a 16-bit dtype
 
     @triton.jit
+    def _norm_operands(xn, x_ptr, w_ptr, cols, cmask, RNE_X: tl.constexpr, ONE_PLUS_W: tl.constexpr):
+        """``(h, w)`` in fp32 whose product is the norm output: ``(x * rstd).to(x.dtype)`` and
+        ``w`` (variant "w"), or the unrounded ``x * rstd`` and ``1 + w`` (variant "1+w")."""
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if ONE_PLUS_W:
+            return xn, 1.0 + w
+        return cast_out(xn, x_ptr, RNE_X).to(tl.float32), w
+
+    @triton.jit
     def _rms_fwd_kernel(
         x_ptr, w_ptr, lo_ptr, inv_ptr, idx_ptr,
         y_ptr, rstd_ptr, codes_ptr, vals_ptr, score_ptr,
         M, D, NB, K, stride_xm, stride_ym, eps,
         BITS: tl.constexpr, HAS_OUT: tl.constexpr, ROW_SCORE: tl.constexpr,
         RNE_X: tl.constexpr, RNE_Y: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PLUS_W: tl.constexpr = False,
     ):
         E: tl.constexpr = 8 // BITS
         BLOCK_B: tl.constexpr = BLOCK_D // E
@@ -196,8 +247,7 @@ if triton is not None:
             # max |x| of each row (exact in x's dtype): the host picks the exact outlier rows
             score = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
             tl.store(score_ptr + rows, score.to(score_ptr.dtype.element_ty), mask=rmask)
-        h = cast_out(x * rstd[:, None], x_ptr, RNE_X).to(tl.float32)  # (x * rstd).to(x.dtype)
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        h, w = _norm_operands(x * rstd[:, None], x_ptr, w_ptr, cols, cmask, RNE_X, ONE_PLUS_W)
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_out(w[None, :] * h, y_ptr, RNE_Y),
                  mask=mask)
         lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -222,7 +272,7 @@ if triton is not None:
         M, D, NB, K, stride_dyn, stride_dres, stride_dx,
         BITS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_RES: tl.constexpr,
         RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PLUS_W: tl.constexpr = False,
     ):
         E: tl.constexpr = 8 // BITS
         BLOCK_B: tl.constexpr = BLOCK_D // E
@@ -254,15 +304,19 @@ if triton is not None:
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         dyn = tl.load(dyn_ptr + rows[:, None] * stride_dyn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         _store_dx(xh * rstd[:, None], rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, xdt_ptr, g_ptr, dx_ptr,
-                  D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT)
+                  D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT, ONE_PLUS_W)
 
     @triton.jit
     def _store_dx(xn, rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, xdt_ptr, g_ptr, dx_ptr,
                   D, stride_dres, stride_dx,
-                  HAS_RES: tl.constexpr, RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr):
+                  HAS_RES: tl.constexpr, RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr,
+                  ONE_PLUS_W: tl.constexpr = False):
         # dx = rstd * (g - xn * mean(g * xn)), g = dy * w, in rmsnorm_backward's op order (+ residual)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        g = cast_out(dyn * w[None, :], g_ptr, RNE_G).to(tl.float32)  # (dy * weight) in the promoted dtype
+        if ONE_PLUS_W:  # g = dy.float() * (1 + w), fp32 throughout
+            g = dyn * (1.0 + w)[None, :]
+        else:
+            g = cast_out(dyn * w[None, :], g_ptr, RNE_G).to(tl.float32)  # (dy * weight) in the promoted dtype
         g = tl.where(mask, g, 0.0)
         mean_gx = tl.sum(g * xn, axis=1) / D
         dx = rstd[:, None] * (g - xn * mean_gx[:, None])
@@ -278,7 +332,7 @@ if triton is not None:
         M, D, stride_x, stride_dyn, stride_dres, stride_dx,
         NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, HAS_RES: tl.constexpr,
         RNE_X: tl.constexpr, RNE_G: tl.constexpr, RNE_OUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ITERS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ITERS: tl.constexpr, ONE_PLUS_W: tl.constexpr = False,
     ):
         # rmsnorm_backward for a dense (reconstructed) input: one read of x and dy per row; the
         # weight gradient as one fp32 partial sum per program (summed over programs on the host
@@ -296,18 +350,22 @@ if triton is not None:
             dyn = tl.load(dyn_ptr + rows[:, None] * stride_dyn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if NEED_DX:
                 _store_dx(xn, rstd, dyn, rows, cols, mask, w_ptr, dres_ptr, x_ptr, g_ptr, dx_ptr,
-                          D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT)
+                          D, stride_dres, stride_dx, HAS_RES, RNE_X, RNE_G, RNE_OUT, ONE_PLUS_W)
             if NEED_DW:
-                # dy * (x * rstd).to(x.dtype), summed in fp32
-                dw += tl.sum(tl.where(mask, dyn * cast_out(xn, x_ptr, RNE_X).to(tl.float32), 0.0), axis=0)
+                # dy * (x * rstd).to(x.dtype) ("w") or dy * (x * rstd) ("1+w"), summed in fp32
+                if ONE_PLUS_W:
+                    xw = xn
+                else:
+                    xw = cast_out(xn, x_ptr, RNE_X).to(tl.float32)
+                dw += tl.sum(tl.where(mask, dyn * xw, 0.0), axis=0)
         if NEED_DW:
             tl.store(dwp_ptr + tl.program_id(0) * D + cols, dw, mask=cmask)
 
     @triton.jit
     def _rms_from_rstd_kernel(x_ptr, rstd_ptr, w_ptr, out_ptr, M, D, stride_x, stride_out,
                               RNE_X: tl.constexpr, RNE_OUT: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        # weight * (x * rstd).to(x.dtype): rmsnorm_from_rstd's roundings, one pass
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PLUS_W: tl.constexpr = False):
+        # weight * (x * rstd).to(x.dtype) (or (x * rstd) * (1 + w)): rmsnorm_from_rstd's roundings, one pass
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rmask = rows < M
         cols = tl.arange(0, BLOCK_D)
@@ -315,8 +373,7 @@ if triton is not None:
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        h = cast_out(x * rstd[:, None], x_ptr, RNE_X).to(tl.float32)
+        h, w = _norm_operands(x * rstd[:, None], x_ptr, w_ptr, cols, cmask, RNE_X, ONE_PLUS_W)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], cast_out(w[None, :] * h, out_ptr, RNE_OUT),
                  mask=mask)
 
@@ -341,13 +398,13 @@ def _rne(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score=False):
+def rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score=False, variant="w"):
     check_triton_device("fused RMSNorm", x2d)
     x2d = x2d.contiguous()
     m, d = x2d.shape
     nb = packed_width(d, bits)
-    out_dtype = torch.promote_types(weight.dtype, x2d.dtype)
-    y = torch.empty((m, d), dtype=out_dtype, device=x2d.device)
+    y_dtype = norm_out_dtype(x2d.dtype, weight, variant)
+    y = torch.empty((m, d), dtype=y_dtype, device=x2d.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     codes = torch.empty((m, nb), dtype=torch.uint8, device=x2d.device)
     k = 0 if outlier_idx is None else outlier_idx.numel()
@@ -358,8 +415,9 @@ def rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, r
         x2d, weight.contiguous(), lo.float().contiguous(), inv.float().contiguous(),
         outlier_idx if k else lo, y, rstd, codes, vals if k else y, score if row_score else y,
         m, d, nb, k, x2d.stride(0), y.stride(0), float(eps),
-        BITS=bits, HAS_OUT=k > 0, ROW_SCORE=row_score, RNE_X=_rne(x2d.dtype), RNE_Y=_rne(out_dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(1, next_pow2(k)), **launch_opts(warps))
+        BITS=bits, HAS_OUT=k > 0, ROW_SCORE=row_score, RNE_X=_rne(x2d.dtype), RNE_Y=_rne(y_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(1, next_pow2(k)), ONE_PLUS_W=one_plus_w(variant),
+        **launch_opts(warps))
     return y, rstd, codes, vals, score
 
 
@@ -376,17 +434,17 @@ def _rows_2d(t: Tensor, d: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
+def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res, variant="w"):
     q, ridx, rvals = _split_rows(saved)
     check_triton_device("fused RMSNorm", q.codes, dy_n)
     m, d = q.rows, q.width
     dy_n = _rows_2d(dy_n, d)
     if dy_res is not None:
         dy_res = _rows_2d(dy_res, d)
-    g_dtype = torch.promote_types(dy_n.dtype, weight.dtype)
+    g_dtype = torch.float32 if one_plus_w(variant) else torch.promote_types(dy_n.dtype, weight.dtype)
     x_dtype = q.dtype
-    out_dtype = x_dtype if dy_res is None else torch.promote_types(x_dtype, dy_res.dtype)
-    dx = torch.empty((m, d), dtype=out_dtype, device=dy_n.device)
+    dx_dtype = x_dtype if dy_res is None else torch.promote_types(x_dtype, dy_res.dtype)
+    dx = torch.empty((m, d), dtype=dx_dtype, device=dy_n.device)
     k = q.num_outliers
     # zero-size tensors that only carry a dtype for the kernel's roundings
     x_like = torch.empty(0, dtype=x_dtype, device=dy_n.device)
@@ -401,21 +459,21 @@ def rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res):
         m, d, packed_width(d, q.bits), k, dy_n.stride(0),
         dy_res.stride(0) if dy_res is not None else 0, dx.stride(0),
         BITS=q.bits, HAS_OUT=k > 0, HAS_ROWS=ridx is not None, HAS_RES=dy_res is not None,
-        RNE_X=_rne(x_dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(out_dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, **launch_opts(warps))
+        RNE_X=_rne(x_dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(dx_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, ONE_PLUS_W=one_plus_w(variant), **launch_opts(warps))
     return dx
 
 
 def rmsnorm_backward_dense_triton(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor,
-                                  dy_res: Optional[Tensor], need_dx: bool, need_dweight: bool):
+                                  dy_res: Optional[Tensor], need_dx: bool, need_dweight: bool, variant: str = "w"):
     check_triton_device("fused RMSNorm", x, dy_n)
     d = x.shape[-1]
     x2, dy2 = _rows_2d(x, d), _rows_2d(dy_n, d)
     m = x2.shape[0]
     res2 = None if dy_res is None else _rows_2d(dy_res, d)
-    g_dtype = torch.promote_types(dy_n.dtype, weight.dtype)
-    out_dtype = x.dtype if res2 is None else torch.promote_types(x.dtype, res2.dtype)
-    dx = torch.empty((m, d), dtype=out_dtype, device=x.device) if need_dx else None
+    g_dtype = torch.float32 if one_plus_w(variant) else torch.promote_types(dy_n.dtype, weight.dtype)
+    dx_dtype = x.dtype if res2 is None else torch.promote_types(x.dtype, res2.dtype)
+    dx = torch.empty((m, d), dtype=dx_dtype, device=x.device) if need_dx else None
     block_m, block_d, warps = _blocks(m, d)
     # a few hundred programs: enough to fill the GPU, few partial sums to add up
     row_iters = 1 if INTERPRET else max(1, min(64, triton.cdiv(m, block_m * 528)))
@@ -427,22 +485,23 @@ def rmsnorm_backward_dense_triton(dy_n: Tensor, x: Tensor, rstd: Tensor, weight:
         dx if dx is not None else dy2, partial if partial is not None else rstd,
         m, d, x2.stride(0), dy2.stride(0), res2.stride(0) if res2 is not None else 0, d,
         NEED_DX=need_dx, NEED_DW=need_dweight, HAS_RES=res2 is not None,
-        RNE_X=_rne(x.dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(out_dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, ROW_ITERS=row_iters, **launch_opts(warps))
+        RNE_X=_rne(x.dtype), RNE_G=_rne(g_dtype), RNE_OUT=_rne(dx_dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, ROW_ITERS=row_iters, ONE_PLUS_W=one_plus_w(variant), **launch_opts(warps))
     dw = None if partial is None else partial.sum(0).to(weight.dtype)
     return (None if dx is None else dx.view(dy_n.shape)), dw
 
 
-def rmsnorm_from_rstd_triton(x: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+def rmsnorm_from_rstd_triton(x: Tensor, rstd: Tensor, weight: Tensor, variant: str = "w") -> Tensor:
     check_triton_device("fused RMSNorm", x)
     d = x.shape[-1]
     x2 = _rows_2d(x, d)
     m = x2.shape[0]
-    out = torch.empty((m, d), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out = torch.empty((m, d), dtype=norm_out_dtype(x.dtype, weight, variant), device=x.device)
     block_m, block_d, warps = _blocks(m, d)
     _rms_from_rstd_kernel[(triton.cdiv(m, block_m),)](
         x2, rstd.reshape(m).contiguous(), weight.contiguous(), out, m, d, x2.stride(0), d,
-        RNE_X=_rne(x.dtype), RNE_OUT=_rne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, **launch_opts(warps))
+        RNE_X=_rne(x.dtype), RNE_OUT=_rne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
+        ONE_PLUS_W=one_plus_w(variant), **launch_opts(warps))
     return out.view(x.shape)
 
 
@@ -453,7 +512,7 @@ def rmsnorm_from_rstd_triton(x: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
 
 def rmsnorm_quant_forward(x2d: Tensor, weight: Tensor, eps: float, lo: Tensor, inv: Tensor,
                           outlier_idx: Optional[Tensor], bits: int, *, row_score: bool = False,
-                          backend: str = "auto"):
+                          backend: str = "auto", variant: str = "w"):
     """RMSNorm of ``x2d`` (M, D) that also compresses its input in the same pass.
 
     ``lo``/``inv``: (D,) fp32 per-channel parameters (0 on outlier columns); ``outlier_idx``:
@@ -470,13 +529,14 @@ def rmsnorm_quant_forward(x2d: Tensor, weight: Tensor, eps: float, lo: Tensor, i
     for name, t in (("lo", lo), ("inv", inv)):
         if t.shape != (d,):
             raise ValueError(f"hyclora fused RMSNorm: {name} has shape {tuple(t.shape)}; expected ({d},).")
+    one_plus_w(variant)
     if resolve_backend(backend, x2d.device) == "triton":
-        return rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score)
-    return rmsnorm_quant_forward_torch(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score)
+        return rmsnorm_quant_forward_triton(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score, variant)
+    return rmsnorm_quant_forward_torch(x2d, weight, eps, lo, inv, outlier_idx, bits, row_score, variant)
 
 
 def rmsnorm_quant_backward(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
-                           dy_res: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+                           dy_res: Optional[Tensor] = None, *, backend: str = "auto", variant: str = "w") -> Tensor:
     """``dx = RMSNormBackward(dy_n, x~, rstd, weight) + dy_res`` with ``x~`` read from ``saved``
     (the forward's :class:`QuantizedTensor`, per channel, outlier columns exact, or an
     ``OutlierRows`` holding one plus exact rows). Shape of ``dy_n``."""
@@ -487,16 +547,18 @@ def rmsnorm_quant_backward(saved, rstd: Tensor, weight: Tensor, dy_n: Tensor,
         raise ValueError(f"hyclora fused RMSNorm: dy_n {tuple(dy_n.shape)} does not match the saved input "
                          f"{tuple(q.shape)}.")
     shape = dy_n.shape
+    one_plus_w(variant)
     if resolve_backend(backend, dy_n.device) == "triton":
-        dx = rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res)
+        dx = rmsnorm_quant_backward_triton(saved, rstd, weight, dy_n, dy_res, variant)
     else:
         dx = rmsnorm_quant_backward_torch(saved, rstd, weight, dy_n.reshape(-1, q.width),
-                                          None if dy_res is None else dy_res.reshape(-1, q.width))
+                                          None if dy_res is None else dy_res.reshape(-1, q.width), variant)
     return dx.view(shape)
 
 
 def rmsnorm_backward_dense(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor, dy_res: Optional[Tensor] = None,
-                           *, need_dx: bool = True, need_dweight: bool = False, backend: str = "auto"):
+                           *, need_dx: bool = True, need_dweight: bool = False, backend: str = "auto",
+                           variant: str = "w"):
     """:func:`rmsnorm_backward` of a dense input ``x`` (the dequantised norm
     input, when the block rebuilds it anyway for the LoRA terms), plus ``dy_res`` added to ``dx``:
     ``(dx, dweight)``. The Triton path reads ``x`` and ``dy_n`` once and keeps no fp32
@@ -506,24 +568,30 @@ def rmsnorm_backward_dense(dy_n: Tensor, x: Tensor, rstd: Tensor, weight: Tensor
     if weight.shape != (d,) or dy_n.shape != x.shape or rstd.numel() * d != x.numel():
         raise ValueError(f"hyclora RMSNorm backward: x {tuple(x.shape)}, dy {tuple(dy_n.shape)}, rstd "
                          f"{tuple(rstd.shape)} and weight {tuple(weight.shape)} do not match.")
+    one_plus_w(variant)
     if resolve_backend(backend, x.device) == "triton":
-        return rmsnorm_backward_dense_triton(dy_n, x, rstd, weight, dy_res, need_dx, need_dweight)
-    dx, dw = rmsnorm_backward(dy_n, x, rstd, weight, need_dx=need_dx, need_dweight=need_dweight)
+        return rmsnorm_backward_dense_triton(dy_n, x, rstd, weight, dy_res, need_dx, need_dweight, variant)
+    dx, dw = rmsnorm_backward(dy_n, x, rstd, weight, need_dx=need_dx, need_dweight=need_dweight, variant=variant)
     return (dx if dx is None or dy_res is None else dx + dy_res), dw
 
 
-def rmsnorm_from_rstd_fused(x: Tensor, rstd: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
+def rmsnorm_from_rstd_fused(x: Tensor, rstd: Tensor, weight: Tensor, *, backend: str = "auto",
+                            variant: str = "w") -> Tensor:
     """:func:`rmsnorm_from_rstd` in one pass on the Triton path (bit-identical:
     elementwise, the same roundings)."""
     if weight.shape != (x.shape[-1],) or rstd.numel() * x.shape[-1] != x.numel():
         raise ValueError(f"hyclora RMSNorm: x {tuple(x.shape)}, rstd {tuple(rstd.shape)} and weight "
                          f"{tuple(weight.shape)} do not match.")
+    one_plus_w(variant)
     if resolve_backend(backend, x.device) == "triton":
-        return rmsnorm_from_rstd_triton(x, rstd, weight)
-    return rmsnorm_from_rstd(x, rstd, weight)
+        return rmsnorm_from_rstd_triton(x, rstd, weight, variant)
+    return rmsnorm_from_rstd(x, rstd, weight, variant)
 
 
 __all__ = [
+    "NORM_VARIANTS",
+    "one_plus_w",
+    "norm_out_dtype",
     "rmsnorm_forward",
     "rmsnorm_backward",
     "rmsnorm_from_rstd",

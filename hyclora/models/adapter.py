@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
 import torch
 from torch import nn
 
-from hyclora.ops.attention import check_implementation
+from hyclora.ops.attention import check_implementation, is_s2
 from hyclora.ops.rmsnorm import RMSNormFn
 from hyclora.ops.storage import StoragePolicy
 from hyclora.ops.tensor_specs import stats_names, tensor_widths
@@ -251,10 +251,14 @@ class LayerAdapter:
         self.spec = spec
         self.model_type = spec.model_type
         self._norm_classes = frozenset(spec.norm_classes)
-        self._owned = tuple(p for _, p in spec.linears) + spec.norms  # paths whose parameters the blocks read
+        # paths whose parameters the blocks read
+        self._owned = tuple(p for _, p in spec.linears) + spec.norms + spec.qk_norms + spec.post_norms
         # dotted-path getters made once (these run on every layer call: host time)
         self._attention = attrgetter(spec.attention)
         self._norms = tuple((p, attrgetter(p)) for p in spec.norms)
+        self._post_norms = tuple((p, attrgetter(p)) for p in spec.post_norms)
+        self._qk_norms = tuple((p, attrgetter(p)) for p in spec.qk_norms)
+        self._qk_norm_classes = frozenset(spec.effective_qk_norm_classes)
         self._linear_groups = tuple(tuple((short, p, attrgetter(p)) for short, p in group)
                                     for group in (spec.attention_linears, spec.mlp_linears))
         self._linears = tuple(get for group in self._linear_groups for _, _, get in group)
@@ -300,7 +304,28 @@ class LayerAdapter:
                     f"{', '.join(repr(v) for v in rule.accepted)}. Set HyCLoRAConfig(use_hyclora=False) to train "
                     "this model without hyclora."
                 )
-        check_implementation(getattr(config, "_attn_implementation", None) or "eager", model_type)
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        check_implementation(impl, model_type)
+        if is_s2(impl) and not spec.s2attn:
+            raise ValueError(
+                f"hyclora: attn_implementation={impl!r} (LongLoRA's S²-Attn) is not supported for {model_type}: its "
+                "layers' own attention patterns (alternating sliding-window and global layers, soft-capping) are "
+                "not implemented in hyclora's S²-Attn. Use 'sdpa' or 'eager'."
+            )
+        key = spec.attn_softcap_key
+        cap = getattr(config, key, None) if key else None
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                raise ValueError(f"hyclora: {key}={cap!r} is not a positive soft-capping value ({model_type}).")
+            if impl != "eager":
+                raise ValueError(
+                    f"hyclora: {model_type} with {key}={cap!r} (attention logit soft-capping) under "
+                    f"attn_implementation={impl!r}: transformers applies the soft-capping only in its eager (and "
+                    f"flash) attention and drops it under {impl!r}, which hyclora will not silently copy (the model "
+                    "trained would not be the pretrained model). Use attn_implementation='eager' (hyclora's eager "
+                    f"path keeps no attention map when compressing), or set config.{key} = None to train without "
+                    "soft-capping knowingly."
+                )
 
     def check_layer(self, layer: nn.Module, name: str) -> None:
         """Refuse a layer laid out otherwise than the spec: a missing module, or a submodule with
@@ -315,16 +340,22 @@ class LayerAdapter:
                     f"lays out the {self.spec.family} layer differently from the supported 5.x layout."
                 ) from None
         for sub, module in layer.named_modules():
-            if not sub or sub.split(".")[0] == "hyclora_state" or next(module.parameters(recurse=False), None) is None:
+            if sub.split(".")[0] == "hyclora_state" or next(module.parameters(recurse=False), None) is None:
                 continue
-            if not any(sub == p or sub.startswith(p + ".") for p in self._owned):
+            if not sub or not any(sub == p or sub.startswith(p + ".") for p in self._owned):
+                # sub "": parameters the layer holds itself (a learned residual scale ...), read by no path
+                where = (f"{name}.{sub} ({type(module).__name__}) holds parameters" if sub else
+                         f"{name} ({type(module).__name__}) holds parameters of its own "
+                         f"({', '.join(n for n, _ in module.named_parameters(recurse=False))})")
                 raise ValueError(
-                    f"hyclora: {name}.{sub} ({type(module).__name__}) holds parameters that hyclora's {self.model_type} "
+                    f"hyclora: {where} that hyclora's {self.model_type} "
                     "blocks would not use (they read only "
                     f"{', '.join(self._owned)}); refusing rather than training a different model. Set "
                     "HyCLoRAConfig(use_hyclora=False) to train this model without hyclora."
                 )
         self.resolve(layer, name)
+        self.resolve_qk_norms(layer, name)
+        self.resolve_post_norms(layer, name)
 
     # -- reading the layer's modules -----------------------------------------------------------
     def resolve_norm(self, module: nn.Module, where: str) -> NormParams:
@@ -332,6 +363,15 @@ class LayerAdapter:
 
     def resolve_norms(self, layer: nn.Module, name: str) -> Tuple[NormParams, ...]:
         return tuple(self.resolve_norm(get(layer), f"{name}.{p}") for p, get in self._norms)
+
+    def resolve_qk_norms(self, layer: nn.Module, name: str) -> Tuple[NormParams, ...]:
+        """``(q norm, k norm)`` of the spec's ``qk_norms`` (RMSNorms over head_dim), or ``()``."""
+        return tuple(resolve_norm(get(layer), f"{name}.{p}", "rms", self._qk_norm_classes)
+                     for p, get in self._qk_norms)
+
+    def resolve_post_norms(self, layer: nn.Module, name: str) -> Tuple[NormParams, ...]:
+        """``(post-attention norm, post-MLP norm)`` of the spec's ``post_norms`` (Gemma), or ``()``."""
+        return tuple(self.resolve_norm(get(layer), f"{name}.{p}") for p, get in self._post_norms)
 
     def resolve_linears(self, layer: nn.Module, name: str):
         """``((attention metas, params), (mlp metas, params))`` of the spec's linears."""
@@ -378,8 +418,9 @@ class LayerAdapter:
         return self._attention(layer)
 
     def norm_weights(self, layer: nn.Module) -> Tuple[Any, ...]:
-        """The weight objects of the layer's norms as the layer holds them now."""
-        return tuple(get(layer).weight for _, get in self._norms)
+        """The weight objects of the layer's norms (then the q/k norms, then the post-norms) as the
+        layer holds them now."""
+        return tuple(get(layer).weight for _, get in self._norms + self._qk_norms + self._post_norms)
 
     # -- family hooks ------------------------------------------------------------------------
     def geometry(self, layer: nn.Module, cfg):
@@ -402,7 +443,7 @@ class LayerAdapter:
     # -- patch / unpatch ---------------------------------------------------------------------
     def patch(self, layer: nn.Module, name: str, config) -> None:
         family = self.spec.family
-        names = stats_names(family, config.layer_type) if config.compresses else ()
+        names = stats_names(family, config.layer_type, self.spec.features) if config.compresses else ()
         widths = tensor_widths(family, self.dims(layer, self.layer_config(layer)))
         device = self.resolve_norms(layer, name)[0].weight.device
         layer.hyclora_state = HyCLoRALayerState(
@@ -475,7 +516,7 @@ class LayerAdapter:
             return cached[1]
         self.check_config(cfg)
         policy = StoragePolicy.from_config(patch.config, under_graph_capture=patch.under_graph_capture,
-                                           family=self.spec.family)
+                                           family=self.spec.family, double_bits_extra=self.spec.double_bits)
         value = (self.geometry(layer, cfg), s2, policy)
         patch.setup = (key, value)
         return value
@@ -526,7 +567,7 @@ def _final_norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **k
         return call_original(norm, hidden_states, *args, **kwargs)
     adapter, name, guard, order = norm._hyclora_final_norm
     weight, _, eps = adapter.resolve_norm(norm, name)
-    out = RMSNormFn.apply(hidden_states, weight, eps)
+    out = RMSNormFn.apply(hidden_states, weight, eps, adapter.spec.norm_variant)
     if guard is not None:
         guard.record(out, f"{name} (output of the final norm)", order=order)
     return out

@@ -23,11 +23,17 @@ class DecoderAdapter(LayerAdapter):
     family = DECODER
 
     def geometry(self, layer: nn.Module, cfg):
+        """``(heads, kv_heads, head_dim, scaling, is_causal, d_ff, act, softcap)``: the attention's
+        own ``scaling`` (Gemma's ``query_pre_attn_scalar ** -0.5``), the MLP activation (the spec's
+        activation key) and the attention logit soft-capping (the spec's ``attn_softcap_key``)."""
         attn = self.attention_module(layer)
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        key = self.spec.attn_softcap_key
+        softcap = getattr(cfg, key, None) if key else None
         return (heads, kv_heads, attn.head_dim, float(attn.scaling), bool(getattr(attn, "is_causal", True)),
-                getattr(cfg, "intermediate_size", 0) or 0)
+                getattr(cfg, "intermediate_size", 0) or 0, self.activation(cfg),
+                None if softcap is None else float(softcap))
 
     def dims(self, layer: nn.Module, cfg) -> Dict[str, int]:
         heads, kv_heads, head_dim = self.geometry(layer, cfg)[:3]
@@ -62,20 +68,35 @@ class DecoderAdapter(LayerAdapter):
 
     def blocks(self, layer: nn.Module, call: LayerCall):
         mask, (cos, sin) = call.inputs
-        heads, kv_heads, head_dim, scaling, is_causal, d_ff = call.geometry
+        heads, kv_heads, head_dim, scaling, is_causal, d_ff, act, softcap = call.geometry
         n1, n2 = call.norms
+        post = self.resolve_post_norms(layer, call.common["layer_name"]) if self.spec.post_norms else ()
+        variant = self.spec.norm_variant
         (a_metas, a_params), (m_metas, m_params) = call.linears
+        qk_norms = self.resolve_qk_norms(layer, call.common["layer_name"]) if self.spec.qk_norms else ()
+        for path, norm in zip(self.spec.qk_norms, qk_norms):
+            if norm.weight.dim() != 1 or norm.weight.numel() not in (0, head_dim):  # 0: ZeRO-3, refused later
+                raise ValueError(
+                    f"hyclora: {call.common['layer_name']}.{path} has a weight of shape {tuple(norm.weight.shape)}; "
+                    f"hyclora's q/k norms normalise each head over head_dim={head_dim}."
+                )
         aplan = AttentionPlan(
             eps=n1.eps, linears=a_metas, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             scaling=scaling, impl=call.impl, is_causal=is_causal,
-            s2_group_ratio=call.s2[0], s2_group_size=call.s2[1], **call.common,
+            s2_group_ratio=call.s2[0], s2_group_size=call.s2[1],
+            qk_norm_eps=tuple(n.eps for n in qk_norms) if qk_norms else None,
+            qk_norm_variant=self.spec.effective_qk_norm_variant, norm_variant=variant,
+            post_norm_eps=post[0].eps if post else None, softcap=softcap, **call.common,
         )
-        mplan = MLPPlan(eps=n2.eps, linears=m_metas, d_ff=d_ff, **call.common)
+        qk_weights = tuple(n.weight for n in qk_norms)
+        mplan = MLPPlan(eps=n2.eps, linears=m_metas, d_ff=d_ff, act=act, norm_variant=variant,
+                        post_norm_eps=post[1].eps if post else None, **call.common)
+        post_w = tuple(n.weight for n in post) if post else (None, None)
         hidden = call.hidden
 
         def run():
-            h = attention_block(aplan, hidden, n1.weight, cos, sin, mask, a_params)
-            return mlp_block(mplan, h, n2.weight, m_params)
+            h = attention_block(aplan, hidden, n1.weight, cos, sin, mask, a_params, qk_weights, post_w[0])
+            return mlp_block(mplan, h, n2.weight, m_params, post_w[1])
 
         return run
 

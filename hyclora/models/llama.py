@@ -1,6 +1,11 @@
 """Llama: ``LlamaDecoderLayer`` (transformers 5.x), a row of the decoder family. Its defaults in
 :class:`~hyclora.models.spec.ArchitectureSpec` are this layout; relatives ``replace()`` what
-differs (:mod:`.mistral`)."""
+differs (:mod:`.mistral`).
+
+Llama 3.x is this row too: its ``rope_parameters`` (``rope_type`` ``"llama3"``, or any other RoPE
+scaling) shape the ``(cos, sin)`` tables the model computes once and hands every layer as
+``position_embeddings``, which the blocks apply as given; GQA with any number of KV heads and a
+``head_dim`` of its own are read from the attention module (tests/models/test_architectures.py)."""
 
 from __future__ import annotations
 

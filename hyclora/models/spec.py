@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from hyclora.ops.tensor_specs import DECODER, FAMILIES
+from hyclora.ops.blocks import QK_NORM_VARIANTS
+from hyclora.ops.tensor_specs import DECODER, FAMILIES, POST_NORMS, family_specs
+from hyclora.kernels.rmsnorm import NORM_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,26 @@ class ArchitectureSpec:
     ``"rms"`` (weight, eps) or ``"layer"`` (``torch.nn.LayerNorm``: weight, bias, eps);
     ``norm_classes``: the accepted classes, ``"module.QualName"`` (any other class is refused);
     ``norm_variant``: how the weight scales the normalised input (``"w"``: ``x_hat * w``; Gemma's
-    ``"1+w"`` is not implemented). ``attention``: the module whose ``config`` the layer reads.
+    ``"1+w"``: ``x_hat * (1 + w)`` in fp32, :mod:`hyclora.kernels.rmsnorm`; RMS norms only).
+    ``post_norms``: ``()``, or the paths of the norms applied to the attention and the MLP branch
+    outputs before their residual adds (Gemma's sandwich norms, ``post_attention_layernorm`` /
+    ``post_feedforward_layernorm``; ``norms`` are then the pre-norms). ``attn_softcap_key``: the
+    config key of the attention logit soft-capping the layer's attention applies (Gemma 2's
+    ``attn_logit_softcapping``; eager attention only, a layer with it set is refused under sdpa and
+    S²-Attn, whose kernels have no soft-capping), None when the attention applies none.
+    ``s2attn``: whether the layer may run LongLoRA's S²-Attn (``hyclora_s2attn``).
+    ``double_bits``: kept tensors (names of :mod:`hyclora.ops.tensor_specs`) this architecture
+    keeps at twice ``q_bit`` beyond the table's own ``double_bits`` rows (measured per model).
+    ``attention``: the module whose ``config`` the layer reads.
     ``dropouts``: ``(role, path)`` of dropout modules the blocks honour. ``activation_keys``:
     config keys naming the MLP activation (the first is read, all must hold an accepted value);
     any other activation-like key on the config is refused. ``config_rules``: further keys that
-    must hold given values. ``qk_norms`` / ``fused_projections``: q/k norms (Qwen3, Gemma 3) and
-    fused linears (Phi-3's ``qkv_proj``); none is implemented, so a spec naming one is refused.
+    must hold given values. ``qk_norms``: ``()`` or the paths of the q and k norms (Qwen3,
+    Gemma 3: an RMSNorm over ``head_dim`` applied to each head of q / k after the projection and
+    before RoPE); ``qk_norm_classes``: their accepted classes (empty: ``norm_classes``);
+    ``qk_norm_variant``: how their weight scales (None: ``norm_variant``; the variants the attention
+    block implements are :data:`hyclora.ops.blocks.QK_NORM_VARIANTS`). ``fused_projections``:
+    fused linears (Phi-3's ``qkv_proj``); not implemented, so a spec naming one is refused.
     ``final_norm``: attribute of the module holding the layer list that is the final norm (its
     training forward saves memory too), or None.
     """
@@ -63,6 +79,12 @@ class ArchitectureSpec:
     default_activation: str = "silu"
     config_rules: Tuple[ConfigRule, ...] = ()
     qk_norms: Tuple[str, ...] = ()
+    qk_norm_classes: Tuple[str, ...] = ()
+    qk_norm_variant: Optional[str] = None
+    post_norms: Tuple[str, ...] = ()
+    attn_softcap_key: Optional[str] = None
+    s2attn: bool = True
+    double_bits: Tuple[str, ...] = ()
     fused_projections: Tuple[str, ...] = ()
     final_norm: Optional[str] = "norm"
 
@@ -72,12 +94,29 @@ class ArchitectureSpec:
             raise ValueError(f"{where} names the block family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.norm_kind not in ("rms", "layer"):
             raise ValueError(f"{where} names the norm kind {self.norm_kind!r}; known: rms, layer")
-        if self.norm_variant != "w":
-            raise NotImplementedError(f"{where}: norm_variant={self.norm_variant!r} is not implemented (only "
-                                      "'w', the norm weight scaling the normalised input)")
-        if self.qk_norms or self.fused_projections:
-            raise NotImplementedError(f"{where}: q/k norms {self.qk_norms} and fused projections "
-                                      f"{self.fused_projections} are not implemented by hyclora's blocks")
+        if self.norm_variant not in NORM_VARIANTS or (self.norm_variant != "w" and self.norm_kind != "rms"):
+            raise NotImplementedError(f"{where}: norm_variant={self.norm_variant!r} is not implemented for "
+                                      f"{self.norm_kind} norms (implemented: 'w'; for RMS norms also '1+w')")
+        if self.post_norms and (self.family != DECODER or self.norm_kind != "rms" or len(self.post_norms) != 2):
+            raise ValueError(f"{where} names post-norms {self.post_norms}: they are two RMSNorm paths (after the "
+                             "attention, after the MLP) of a decoder-family layer")
+        if self.qk_norms:
+            if self.family != DECODER or self.norm_kind != "rms" or len(self.qk_norms) != 2:
+                raise ValueError(f"{where} names q/k norms {self.qk_norms}: they are two RMSNorm paths "
+                                 "(q_norm, k_norm) of a decoder-family layer")
+            if self.effective_qk_norm_variant not in QK_NORM_VARIANTS:
+                raise NotImplementedError(
+                    f"{where}: q/k norms {self.qk_norms} with qk_norm_variant="
+                    f"{self.effective_qk_norm_variant!r} are not implemented by the attention block "
+                    f"(implemented: {', '.join(repr(v) for v in QK_NORM_VARIANTS)})")
+        specs = family_specs(self.family)
+        unknown = [n for n in self.double_bits if n not in specs or not specs[n].quantised]
+        if unknown:
+            raise ValueError(f"{where} keeps {unknown} at double bits: not quantised tensors of the {self.family} "
+                             "blocks (hyclora.ops.tensor_specs)")
+        if self.fused_projections:
+            raise NotImplementedError(f"{where}: fused projections {self.fused_projections} are not "
+                                      "implemented by hyclora's blocks")
         if not self.norm_classes or not self.activation_keys:
             raise ValueError(f"{where} needs norm_classes and activation_keys")
 
@@ -86,10 +125,26 @@ class ArchitectureSpec:
         return self.attention_linears + self.mlp_linears
 
     @property
+    def effective_qk_norm_variant(self) -> str:
+        """The variant the q/k norms compute (``qk_norm_variant``, else ``norm_variant``)."""
+        return self.norm_variant if self.qk_norm_variant is None else self.qk_norm_variant
+
+    @property
+    def effective_qk_norm_classes(self) -> Tuple[str, ...]:
+        """The classes accepted for the q/k norms (``qk_norm_classes``, else ``norm_classes``)."""
+        return self.qk_norm_classes or self.norm_classes
+
+    @property
     def layout_paths(self) -> Tuple[str, ...]:
         """Every module path the adapter reads (all must exist in a supported layer)."""
-        return ((self.attention,) + tuple(p for _, p in self.linears) + self.norms
-                + tuple(p for _, p in self.dropouts))
+        return ((self.attention,) + tuple(p for _, p in self.linears) + self.norms + self.qk_norms
+                + self.post_norms + tuple(p for _, p in self.dropouts))
+
+    @property
+    def features(self) -> Tuple[str, ...]:
+        """The optional parts of :mod:`hyclora.ops.tensor_specs` this layer has (which feature rows
+        of the table it keeps)."""
+        return (POST_NORMS,) if self.post_norms else ()
 
 
 def get_path(module, path: str):

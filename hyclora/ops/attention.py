@@ -115,17 +115,19 @@ def eager_attention_forward(
     mask: Optional[torch.Tensor],
     scaling: float,
     is_causal: bool = True,
+    softcap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``q``: ``(b, h, s, d)``; ``k``/``v``: ``(b, hkv, kv, d)``.
 
     Returns ``(o, probs)`` with ``o``: ``(b, s, h*d)`` (the o_proj input) and ``probs``:
     ``(b, h, s, kv)`` in ``q.dtype``. The forward uses transformers' exact formulation
     (K/V repeated transiently for the matmuls) so that outputs are bit-identical to the
-    unpatched model; the repeated K/V are never kept.
+    unpatched model; the repeated K/V are never kept. ``softcap``: Gemma 2's attention logit
+    soft-capping, ``softcap * tanh(scores / softcap)`` before the mask (transformers' eager order).
     """
     b, h, s, d = q.shape
     groups = h // k.shape[1]
-    scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scaling
+    scores = _capped_scores(q, k, groups, scaling, softcap)
     amask = additive_mask(mask, scores.dtype, s, k.shape[2], q.device, is_causal)
     if amask is not None:
         scores = scores + amask
@@ -135,6 +137,16 @@ def eager_attention_forward(
     return o.transpose(1, 2).reshape(b, s, h * d), probs
 
 
+def _capped_scores(q, k, groups: int, scaling: float, softcap: Optional[float], tanh_only: bool = False):
+    """``q k^T * scaling`` (then ``softcap * tanh(. / softcap)``), op by op as transformers'
+    eager attention; ``tanh_only``: return ``tanh(scores / softcap)`` (what the backward needs)."""
+    scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scaling
+    if softcap is None:
+        return scores
+    scores = torch.tanh(scores / softcap)
+    return scores if tanh_only else scores * softcap
+
+
 def eager_attention_backward(
     do: torch.Tensor,
     probs: torch.Tensor,
@@ -142,11 +154,15 @@ def eager_attention_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     scaling: float,
+    softcap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. (post-RoPE) ``q``, ``k`` and ``v`` given ``do``: ``(b, h, s, d)``.
 
     ``probs`` may be a pruned reconstruction; pruned entries act as exact zeros in both the
-    value gradient and the softmax backward (the HyC-LoRA rule).
+    value gradient and the softmax backward (the HyC-LoRA rule). With ``softcap``, the tanh of
+    the scores is recomputed from ``q``/``k`` (one more ``q k^T``; nothing of it is kept) and the
+    score gradient goes through autograd's ops in transformers' order (``* softcap``,
+    ``tanh_backward``, ``/ softcap``, ``* scaling``).
     """
     b, h, s, d = q.shape
     hkv, kv = k.shape[1], k.shape[2]
@@ -158,7 +174,13 @@ def eager_attention_backward(
     p32 = pg.to(torch.float32)
     ds = p32 * (dp - (p32 * dp).sum(-1, keepdim=True))
     del dp, p32
-    ds = ds.to(q.dtype) * scaling
+    if softcap is not None:
+        t = _capped_scores(q, k, groups, scaling, softcap, tanh_only=True).reshape(b, hkv, groups * s, kv)
+        ds = torch.ops.aten.tanh_backward(ds.to(q.dtype) * softcap, t) / softcap
+        del t
+        ds = ds * scaling
+    else:
+        ds = ds.to(q.dtype) * scaling
     dq = torch.matmul(ds, k).view(b, h, s, d)
     dk = torch.matmul(ds.transpose(2, 3), q.reshape(b, hkv, groups * s, d))
     return dq, dk, dv

@@ -14,6 +14,12 @@ dtype before the matmuls of the backward, as autograd would. The weight gradient
 over chunks in fp32 (autograd computes it in one matmul), so bf16 results can differ from the
 plain path by bf16 rounding only.
 
+Final-logit soft-capping (Gemma 2/3's ``final_logit_softcapping``, ``softcap``): each chunk's
+logits become ``softcap * tanh(logits / softcap)`` in the input dtype before the fp32 upcast, the
+order of transformers' ``Gemma2ForCausalLM``; the backward recomputes the tanh from the
+recomputed logits and runs autograd's ops in the same order (``* softcap``, ``tanh_backward``,
+``/ softcap`` in the input dtype), so nothing more is kept.
+
 The LM-head Parameter objects are kept on ``ctx`` (not copies or views made in forward), so a
 ZeRO-3 engine that re-gathers the weight for the backward is seen by our backward.
 This module imports torch only.
@@ -36,17 +42,25 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(1, _AUTO_CHUNK_ELEMENTS // max(1, int(vocab_size)))
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  softcap: Optional[float] = None, keep_tanh: bool = False):
+    """The chunk's (soft-capped) logits upcast for the softmax; with ``keep_tanh``, ``(logits,
+    tanh(raw / softcap))`` (the tanh in the input dtype, None without soft-capping)."""
     # The matmul runs in the hidden states' dtype (the caller already applied any autocast dtype).
     dt = hidden.dtype
     logits = F.linear(hidden, weight.to(dt), None if bias is None else bias.to(dt))
+    t = None
+    if softcap is not None:  # in the input dtype, before the upcast (transformers' order)
+        t = torch.tanh(logits / softcap)
+        logits = t * softcap
     # fp32 softmax as in HF's loss; fp64 inputs stay fp64 (never downcast).
-    return logits.to(torch.promote_types(dt, torch.float32))
+    logits = logits.to(torch.promote_types(dt, torch.float32))
+    return (logits, t) if keep_tanh else logits
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction, softcap=None):
         n = hidden.shape[0]
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
@@ -55,7 +69,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, bias)
+            logits = _chunk_logits(hidden[start:end], weight, bias, softcap)
             lse_c = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
             lse[start:end] = lse_c
@@ -70,6 +84,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.bias = bias
         ctx.chunk_size = chunk_size
         ctx.reduction = reduction
+        ctx.softcap = softcap
         if reduction == "mean":
             # 0/0 -> nan when every label is ignored, like F.cross_entropy.
             return losses.sum() / n_valid
@@ -106,12 +121,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
             h = hidden[start:end]
-            logits = _chunk_logits(h, weight, bias)
+            logits, t = _chunk_logits(h, weight, bias, ctx.softcap, keep_tanh=True)
             # softmax - onehot, scaled per token; in place to keep one chunk-sized buffer.
             g = logits.sub_(lse[start:end, None]).exp_()
             g[torch.arange(end - start, device=g.device), labels[start:end]] -= 1.0
             g.mul_(scale[start:end, None])
-            if need_b:
+            if t is not None:  # through the soft-capping, autograd's ops in the input dtype
+                g = torch.ops.aten.tanh_backward(g.to(hidden.dtype) * ctx.softcap, t) / ctx.softcap
+                del t
+                if need_b:
+                    grad_bias += g.to(acc).sum(0)
+            elif need_b:
                 grad_bias += g.sum(0)
             g = g.to(hidden.dtype)
             if need_h:
@@ -123,7 +143,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_b:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -135,6 +155,7 @@ def chunked_cross_entropy(
     chunk_size: Optional[int] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``F.linear(hidden, weight, bias)`` against ``labels``, chunked over tokens.
 
@@ -146,6 +167,8 @@ def chunked_cross_entropy(
         chunk_size: tokens per chunk (default: about 256 MiB of fp32 logits per chunk).
         reduction: ``mean`` over non-ignored tokens (nan if none), ``sum``, or ``none``
             (per-token losses, 0 at ignored positions).
+        softcap: final-logit soft-capping (Gemma's ``final_logit_softcapping``): the logits are
+            ``softcap * tanh(logits / softcap)``, computed in the input dtype as transformers does.
 
     Returns the loss in fp32 (fp64 for fp64 inputs). Equal to
     ``F.cross_entropy(F.linear(hidden, weight, bias).float().flatten(0, -2), labels.flatten(), ...)``
@@ -172,6 +195,10 @@ def chunked_cross_entropy(
         raise ValueError(f"chunked_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}.")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"chunked_cross_entropy: labels must be int64/int32, got {labels.dtype}.")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+            raise ValueError(f"chunked_cross_entropy: softcap={softcap!r}; expected None or a positive number.")
+        softcap = float(softcap)
     if chunk_size is None:
         chunk_size = auto_chunk_size(weight.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -191,7 +218,8 @@ def chunked_cross_entropy(
         # backward use the same dtype.
         flat_h = flat_h.to(torch.get_autocast_dtype(device_type))
     with torch.autocast(device_type=device_type, enabled=False):
-        out = _ChunkedLinearCrossEntropy.apply(flat_h, weight, bias, flat_y, chunk_size, ignore_index, reduction)
+        out = _ChunkedLinearCrossEntropy.apply(flat_h, weight, bias, flat_y, chunk_size, ignore_index, reduction,
+                                               softcap)
     if reduction == "none":
         out = out.view(lead)
     return out

@@ -10,7 +10,7 @@ exact outlier rows are picked as ``keep`` picks them, and what is kept goes to t
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,10 +21,11 @@ from hyclora.quant.core import QuantizedTensor
 from .storage import OutlierRows
 
 
-def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight: Tensor
-                       ) -> Tuple[Tensor, Tensor]:
+def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight: Tensor,
+                       eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The block's ``rmsnorm_forward`` + ``policy.keep(name, x)`` + ``plain(rstd_name, rstd)``;
-    returns ``(y, rstd)`` shaped like the op-by-op ones.
+    returns ``(y, rstd)`` shaped like the op-by-op ones. ``eps``: the norm's (default
+    ``plan.eps``); the weight's variant is the plan's ``norm_variant`` ("w" when it has none).
 
     What is kept equals ``keep``'s after dequantisation: per-channel codes with exact outlier
     channels, and (unless the tensor is exempt) the exact outlier rows. While ranges are taken
@@ -51,8 +52,8 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
     lo, step, inv, idx = pol.quant_params(x_params, stats, plan.update, replay, name=name)
     with torch.no_grad():
         y, rstd, codes, vals, score = rmsnorm_quant_forward(
-            x2d, weight.detach(), plan.eps, lo, inv, idx, bits, row_score=bool(k_rows) and rows is None,
-            backend=pol.backend)
+            x2d, weight.detach(), plan.eps if eps is None else eps, lo, inv, idx, bits,
+            row_score=bool(k_rows) and rows is None, backend=pol.backend, variant=norm_variant(plan))
         qt = QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
                              outlier_idx=idx, outlier_vals=vals)
         if k_rows:
@@ -69,10 +70,16 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
 
 
 def fused_norm_backward(plan, load, name: str, rstd_name: str, weight: Tensor, dy_n: Tensor,
-                        dy_res: Tensor) -> Tensor:
-    """``dx`` of the block input: the norm backward from the saved codes + the residual."""
+                        dy_res: Optional[Tensor]) -> Tensor:
+    """``dx`` of the norm input: the norm backward from the saved codes (+ the residual
+    gradient ``dy_res``, if any)."""
     return rmsnorm_quant_backward(load.get_quantized(name), load.get(rstd_name), weight, dy_n, dy_res,
-                                  backend=plan.policy.backend)
+                                  backend=plan.policy.backend, variant=norm_variant(plan))
 
 
-__all__ = ["fused_norm_forward", "fused_norm_backward"]
+def norm_variant(plan) -> str:
+    """How the plan's norm weights scale (``"w"``, or Gemma's ``"1+w"``; plans without the field: "w")."""
+    return getattr(plan, "norm_variant", "w")
+
+
+__all__ = ["fused_norm_forward", "fused_norm_backward", "norm_variant"]

@@ -20,6 +20,11 @@ from .lora import LinearOut, lora_linear_backward_input_first
 _GATE_UP = ("gate", "up")
 
 
+def gate_activation(plan) -> str:
+    """The gate's activation, a transformers name (the plan's ``act``; SiLU for plans without one)."""
+    return getattr(plan, "act", "silu")
+
+
 def _lora_operands(meta_g, meta_u, xa_g, xa_u, b_g, b_u):
     """``(xa_g, xa_u, b_g, b_u, dot_dtype)`` for the kernels: 2-D ``xa``, ``None`` for a
     projection without LoRA, and the dtype of the LoRA dot (None without LoRA)."""
@@ -35,8 +40,8 @@ def _lora_operands(meta_g, meta_u, xa_g, xa_u, b_g, b_u):
 def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gate: Optional[Tensor],
                           b_up: Optional[Tensor]) -> Tensor:
     """Keep ``Q(Y_W)`` of gate/up (codes from the fused kernel) and their ``XA`` in ``store``;
-    return ``D = SiLU(G) * U`` of shape ``y_w.shape``. ``g_out``/``u_out`` come from
-    :func:`hyclora.ops.lora.lora_base_forward`."""
+    return ``D = act(G) * U`` of shape ``y_w.shape`` (``act``: the plan's, SiLU unless it says
+    otherwise). ``g_out``/``u_out`` come from :func:`hyclora.ops.lora.lora_base_forward`."""
     pol = plan.policy
     for name in _GATE_UP:  # the kernel writes plain per-channel codes, as keep() must
         if pol.spec(name).row_outliers or pol.spec(name).grouped:
@@ -63,7 +68,7 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     with torch.no_grad():
         codes_g, codes_u, d = glu_lora_forward(
             yw_g.detach(), yw_u.detach(), xa_g, xa_u, bg, bu, meta_g.scaling, meta_u.scaling,
-            lo_g, inv_g, lo_u, inv_u, bits, dot_dtype=dot, backend=pol.backend)
+            lo_g, inv_g, lo_u, inv_u, bits, act=gate_activation(plan), dot_dtype=dot, backend=pol.backend)
     # same names and order as the op-by-op path (blocks.swiglu_epilogue_forward)
     for name, meta, out, codes, lo, step, b in ((("gate", meta_g, g_out, codes_g, lo_g, step_g, bits[0])),
                                                 (("up", meta_u, u_out, codes_u, lo_u, step_u, bits[1]))):
@@ -78,7 +83,7 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
 
 def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequence[Optional[Tensor]]],
                                 need_down: Sequence[bool]):
-    """down_proj backward + the fused SwiGLU backward.
+    """down_proj backward + the fused gated-MLP backward (the plan's activation).
 
     ``params``: ``(W, bias, A, B)`` of gate, up, down; ``need_down``: ``needs_input_grad`` of
     down's ``(W, bias, A, B)``. Order (the op-by-op path rebuilds ``D~`` first): ``dD`` needs no
@@ -106,10 +111,10 @@ def fused_mlp_epilogue_backward(plan, load, dy: Tensor, params: Sequence[Sequenc
         dg, du, d_hat = glu_lora_backward(
             q_g.codes, q_u.codes, q_g.lo, q_g.step, q_u.lo, q_u.step, xa_g, xa_u, bg, bu,
             meta_g.scaling, meta_u.scaling, dd.reshape(-1, n), (q_g.bits, q_u.bits), dtype=q_g.dtype,
-            need_d=need_da, dot_dtype=dot, backend=pol.backend)
+            act=gate_activation(plan), need_d=need_da, dot_dtype=dot, backend=pol.backend)
     del dd
     da = grad_a(None if d_hat is None else d_hat.view(shape))
     return (None, dbias, da, db), dg.view(shape), du.view(shape)
 
 
-__all__ = ["fused_gate_up_forward", "fused_mlp_epilogue_backward"]
+__all__ = ["fused_gate_up_forward", "fused_mlp_epilogue_backward", "gate_activation"]

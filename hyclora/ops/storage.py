@@ -116,6 +116,9 @@ class StoragePolicy:
     lora_kernels_min_tokens: Optional[int] = None
     s2_block_kernels: str = "auto"
     mlp_chunk_elements: int = 1 << 26
+    # tensors an architecture keeps at twice the bits beyond its family's table rows
+    # (ArchitectureSpec.double_bits: Gemma's up, measured on Gemma 3 270M)
+    double_bits_extra: Tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config, under_graph_capture: bool = False, **overrides) -> "StoragePolicy":
@@ -140,11 +143,16 @@ class StoragePolicy:
         if self.s2_block_kernels not in S2_BLOCK_KERNELS:
             raise ValueError(f"hyclora: s2_block_kernels={self.s2_block_kernels!r} is invalid; expected one of "
                              f"{', '.join(S2_BLOCK_KERNELS)}")
+        specs = family_specs(self.family)
+        for name in self.double_bits_extra:
+            if name not in specs or not specs[name].quantised:
+                raise ValueError(f"hyclora: double_bits_extra names {name!r}, which the {self.family} blocks do "
+                                 "not quantise")
         # the flags below are read several times per block call: derive them once (host time)
         compress = self.layer_type != "baseline"
         flags = {
-            "_specs": dict(family_specs(self.family)),  # a dict: the policy is pickled with patched layers
-            "_double_names": double_bit_names(self.family),
+            "_specs": dict(specs),  # a dict: the policy is pickled with patched layers
+            "_double_names": double_bit_names(self.family) | frozenset(self.double_bits_extra),
             "_compress": compress,
             "_reconstruct": self.layer_type.startswith("intra_inter"),
             "_fused": self.layer_type == "intra_inter_full_fuse",
@@ -217,7 +225,7 @@ class StoragePolicy:
             store.plain(name, x)
             return
         spec = self.spec(name)
-        bits = self._double if spec.double_bits else self.bits
+        bits = self._double if name in self._double_names else self.bits
         rows = None
         if spec.row_outliers:
             # ranges taken from this tensor (groups, no or calibrating statistics, a replay)

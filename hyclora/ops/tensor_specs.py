@@ -22,6 +22,10 @@ Why the storage flags are set as they are (LoRA-gradient cosine on SmolLM2-135M,
   in a linear map's input only perturbs that layer's weight gradients (the paper's Fig. 2d).
   The encoder keeps only K doubled, which is what was measured there.
 
+Rows with a ``feature`` are kept only by architectures whose layers have that feature (Gemma's
+sandwich norms: :data:`POST_NORMS`); the other layers neither keep them nor own statistics for
+them, so a Llama layer's statistics and bytes do not change with them.
+
 This module imports nothing from the rest of hyclora but the config's layer-type names.
 """
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 from hyclora.config import LAYER_TYPES
 
@@ -54,6 +58,11 @@ DOWN_INPUT = "down_proj input"  # SiLU(G) * U or GELU(U)
 LORA_XA = "lora xa"  # drop(X) A^T of a LoRA linear
 RNG = "rng state"  # generator state of a dropout mask, drawn again in the backward
 SHARED = "shared by all layers"  # RoPE tables, the mask (kept, not described per layer)
+POST_NORM_INPUT = "post-norm input"  # a branch output before its post-norm (Gemma's sandwich norms)
+
+# features: parts of a layer that only some architectures have (TensorSpec.feature)
+POST_NORMS = "post_norms"  # a norm on each branch output before the residual add (Gemma 2/3)
+FEATURES = (POST_NORMS,)
 
 # widths: which dimension a tensor's last axis has (LayerShape / the layer's geometry gives them)
 HIDDEN, Q_HEADS, KV_HEADS, D_FF, RANK, ONE = "hidden", "q_heads", "kv_heads", "d_ff", "rank", "one"
@@ -91,6 +100,7 @@ class TensorSpec:
     outlier_channels: bool = False
     layer_types: FrozenSet[str] = ALL_LAYER_TYPES
     with_map: bool = False
+    feature: Optional[str] = None  # kept only by layers with this feature (FEATURES); None: by all
 
 
 def _act(name, family, role, width, *, row_outliers=True, **flags) -> TensorSpec:
@@ -122,6 +132,12 @@ SPECS: Tuple[TensorSpec, ...] = (
     _act("up", DECODER, UP, D_FF, row_outliers=False),
     _act("silu", DECODER, ACTIVATION, D_FF, layer_types=_INTRA),
     _act("hidden", DECODER, DOWN_INPUT, D_FF, grouped=True, layer_types=_INTRA),
+    # sandwich norms (Gemma 2/3): the o_proj and down_proj outputs before their post-norms, kept
+    # like the pre-norm inputs (norm inputs: exact outlier channels and rows, twice the bits)
+    _act("attn_out", DECODER, POST_NORM_INPUT, HIDDEN, outlier_channels=True, double_bits=True, feature=POST_NORMS),
+    TensorSpec("rstd_attn_out", DECODER, NORM_STAT, ONE, feature=POST_NORMS),
+    _act("mlp_out", DECODER, POST_NORM_INPUT, HIDDEN, outlier_channels=True, double_bits=True, feature=POST_NORMS),
+    TensorSpec("rstd_mlp_out", DECODER, NORM_STAT, ONE, feature=POST_NORMS),
     *_per_linear(DECODER, LORA_XA, "xa", DECODER_LINEARS, RANK),
     *_per_linear(DECODER, RNG, "rng", DECODER_LINEARS),
     TensorSpec("cos", DECODER, SHARED), TensorSpec("sin", DECODER, SHARED), TensorSpec("mask", DECODER, SHARED),
@@ -155,6 +171,8 @@ def _by_family() -> Dict[str, Mapping[str, TensorSpec]]:
             raise RuntimeError(f"hyclora internal error: storage flags on the unquantised tensor {s.name!r}")
         if s.width is not None and s.width not in WIDTHS:
             raise RuntimeError(f"hyclora internal error: unknown width {s.width!r} of {s.name!r}")
+        if s.feature is not None and s.feature not in FEATURES:
+            raise RuntimeError(f"hyclora internal error: unknown feature {s.feature!r} of {s.name!r}")
         out[s.family][s.name] = s
     # the name-keyed views below (read by kernel glue that has no family at hand) need these two
     # flags to agree wherever a name appears in both families
@@ -184,19 +202,29 @@ def tensor_spec(family: str, name: str) -> TensorSpec:
     return spec
 
 
-def kept_activations(family: str, layer_type: str, keeps_map: bool) -> Tuple[TensorSpec, ...]:
+def has_feature(spec: TensorSpec, features: Iterable[str] = ()) -> bool:
+    """Whether a layer with ``features`` keeps the tensor ``spec`` describes (feature rows only
+    with their feature)."""
+    return spec.feature is None or spec.feature in features
+
+
+def kept_activations(family: str, layer_type: str, keeps_map: bool, features: Iterable[str] = ()
+                     ) -> Tuple[TensorSpec, ...]:
     """The (tokens, width) activations a layer of ``layer_type`` keeps, in table order: the
     quantised rows when compressing, the same tensors as is for ``baseline``; those kept only
-    beside the attention map only when ``keeps_map``."""
+    beside the attention map only when ``keeps_map``; the rows of a feature only for a layer
+    with it (``features``)."""
+    features = frozenset(features)
     return tuple(s for s in family_specs(family).values()
-                 if s.quantised and layer_type in s.layer_types and (keeps_map or not s.with_map))
+                 if s.quantised and layer_type in s.layer_types and (keeps_map or not s.with_map)
+                 and has_feature(s, features))
 
 
-def stats_names(family: str, layer_type: str) -> Tuple[str, ...]:
+def stats_names(family: str, layer_type: str, features: Iterable[str] = ()) -> Tuple[str, ...]:
     """The tensors a patched layer keeps calibration statistics for (none for ``baseline``)."""
     if layer_type == "baseline":
         return ()
-    return tuple(s.name for s in kept_activations(family, layer_type, keeps_map=True))
+    return tuple(s.name for s in kept_activations(family, layer_type, keeps_map=True, features=features))
 
 
 def tensor_widths(family: str, dims: Mapping[str, int]) -> Dict[str, int]:
@@ -217,6 +245,6 @@ XA_NAMES = MappingProxyType({s.name[len("xa_"):]: s.name for s in SPECS if s.rol
 
 __all__ = [
     "TensorSpec", "SPECS", "DECODER", "ENCODER", "FAMILIES", "GROUP_SIZE", "ROW_OUTLIER_EVERY", "WIDTHS",
-    "family_specs", "tensor_spec", "kept_activations", "stats_names", "tensor_widths", "double_bit_names",
+    "POST_NORMS", "FEATURES", "has_feature", "family_specs", "tensor_spec", "kept_activations", "stats_names", "tensor_widths", "double_bit_names",
     "GROUPED_TENSORS", "ROW_OUTLIER_EXEMPT", "XA_NAMES",
 ]

@@ -168,7 +168,12 @@ def test_unsupported_model_type():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported model types: bert, llama, mistral, roberta"):
+    from hyclora.models import supported_model_types
+
+    # the list grows with each architecture (tests/models/test_architectures.py); sorted, all named
+    assert {"bert", "llama", "ministral", "mistral", "qwen2", "roberta"} <= set(supported_model_types())
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported model types: "
+                       + ", ".join(supported_model_types())):
         apply_hyclora(model, BASELINE)
 
 
@@ -285,10 +290,20 @@ def test_architecture_spec_refuses_what_the_blocks_do_not_implement():
 
     from hyclora.models.llama import LLAMA_SPEC
 
-    with pytest.raises(NotImplementedError, match="norm_variant='1\\+w'"):
-        replace(LLAMA_SPEC, norm_variant="1+w")
-    with pytest.raises(NotImplementedError, match="q_norm"):
-        replace(LLAMA_SPEC, qk_norms=("self_attn.q_norm", "self_attn.k_norm"))
+    # Gemma's (1 + w) is implemented for RMS norms (tests/models/test_gemma.py); another variant,
+    # or (1 + w) on LayerNorms, is refused
+    with pytest.raises(NotImplementedError, match="norm_variant='x'"):
+        replace(LLAMA_SPEC, norm_variant="x")
+    with pytest.raises(NotImplementedError, match="norm_variant='1\\+w'.*layer norms"):
+        replace(LLAMA_SPEC, norm_kind="layer", norm_variant="1+w")
+    with pytest.raises(ValueError, match="post-norms"):
+        replace(LLAMA_SPEC, post_norms=("post_attention_layernorm",))
+    with pytest.raises(ValueError, match="double bits"):
+        replace(LLAMA_SPEC, double_bits=("rstd1",))
+    # q/k norms are implemented (Qwen3: tests/models/test_qwen3.py); a variant the attention block
+    # does not implement is refused
+    with pytest.raises(NotImplementedError, match="q_norm.*qk_norm_variant='x'"):
+        replace(LLAMA_SPEC, qk_norms=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_variant="x")
     with pytest.raises(NotImplementedError, match="qkv_proj"):
         replace(LLAMA_SPEC, fused_projections=("self_attn.qkv_proj",))
 

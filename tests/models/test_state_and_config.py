@@ -247,7 +247,11 @@ def test_statistics_follow_the_tensor_spec_table():
 
     # the storage rules the table encodes (see its module docstring for why)
     assert ts.GROUPED_TENSORS == {"v", "o", "hidden"} and ts.ROW_OUTLIER_EXEMPT == {"gate", "up"}
-    assert ts.double_bit_names(ts.DECODER) == {"x_in", "x_mid", "q", "k", "gate"}
+    # attn_out / mlp_out: the post-norm inputs of Gemma's sandwich norms (rows of the POST_NORMS
+    # feature: only layers with post-norms keep them or own statistics for them)
+    assert ts.double_bit_names(ts.DECODER) == {"x_in", "x_mid", "q", "k", "gate", "attn_out", "mlp_out"}
+    assert {s.name for s in ts.SPECS if s.feature == ts.POST_NORMS} == {
+        "attn_out", "rstd_attn_out", "mlp_out", "rstd_mlp_out"}
     assert ts.double_bit_names(ts.ENCODER) == {"k"}
     assert ts.stats_names(ts.DECODER, "intra") == ("x_in", "q", "k", "v", "o", "x_mid", "gate", "up", "silu", "hidden")
     assert ts.stats_names(ts.ENCODER, "intra_inter") == ("x_n1", "q", "k", "v", "o", "z1", "x_n2", "up", "z2")
