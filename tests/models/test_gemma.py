@@ -48,7 +48,10 @@ def tiny_gemma(kind: str, impl: str = "sdpa", dtype=torch.float32, seed: int = 0
         model = Gemma2ForCausalLM(Gemma2Config(**common))
     else:
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common))
-    model.set_attn_implementation(impl)
+    try:
+        model.set_attn_implementation(impl)
+    except ValueError as exc:  # transformers >= 5.2x refuses sdpa for Gemma 2 (its soft-capping)
+        pytest.skip(f"this transformers release refuses {impl} for {kind}: {str(exc)[:80]}")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
