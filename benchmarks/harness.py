@@ -62,6 +62,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from hyclora.config import str2bool
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,14 +108,7 @@ def default_out() -> str:
     return os.environ.get("OUT") or "out"
 
 
-def flag(text: str) -> bool:
-    """``true/false/1/0/yes/no`` (argparse type)."""
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+flag = str2bool  # argparse type for true/false, the library's own
 
 
 def optional_int(text: str) -> Optional[int]:

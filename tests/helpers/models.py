@@ -111,3 +111,26 @@ def tinyllama(kind: str = "llama", impl: str = "eager"):
     cls = LlamaForCausalLM if kind == "llama" else MistralForCausalLM
     model = cls.from_pretrained(str(TINYLLAMA), attn_implementation=impl, dtype=torch.float32)
     return model
+
+
+def compare_with_peft(model, batch, tol, config=None):
+    """One step of ``model`` (a PEFT model) as is and with hyclora applied (``baseline`` by
+    default): the loss and the worst relative gradient error must stay within ``tol``, and the
+    compressed path must have been taken. Returns ``(worst error, hyclora's gradients)``."""
+    import copy
+
+    from hyclora.config import HyCLoRAConfig
+    from hyclora.models import apply_hyclora, buffered_tensors
+
+    from helpers.numerics import worst_rel_err
+
+    ref = copy.deepcopy(model)
+    loss_ref, g_ref = step_grads(ref, batch)
+    apply_hyclora(model, config if config is not None else HyCLoRAConfig(layer_type="baseline"))
+    loss, g = step_grads(model, batch)
+    assert any(buffered_tensors(model).values()), "the compressed path was not taken"
+    assert abs(float(loss) - float(loss_ref)) <= tol * max(1.0, abs(float(loss_ref)))
+    err = worst_rel_err(g, g_ref)
+    assert err <= tol, f"worst relative gradient error {err:.3g} > {tol}"
+    return err, g
+

@@ -19,7 +19,7 @@ import torch
 from hyclora.config import HyCLoRAConfig
 from hyclora.models import apply_hyclora, buffered_tensors, revert_hyclora
 
-from helpers.models import lora_model, step_grads
+from helpers.models import compare_with_peft, lora_model, step_grads
 from helpers.numerics import cosine, worst_rel_err
 
 pytest.importorskip("peft")
@@ -69,15 +69,7 @@ def _padded_batch(vocab: int = 128, seed: int = 3, shape=(3, 13)):
 
 
 def _compare(model, batch, tol, config=BASELINE):
-    ref = copy.deepcopy(model)
-    loss_ref, g_ref = step_grads(ref, batch)
-    apply_hyclora(model, config)
-    loss, g = step_grads(model, batch)
-    assert any(buffered_tensors(model).values()), "the compressed path was not taken"
-    assert abs(float(loss) - float(loss_ref)) <= tol * max(1.0, abs(float(loss_ref)))
-    err = worst_rel_err(g, g_ref)
-    assert err <= tol, f"worst relative gradient error {err:.3g} > {tol}"
-    return err, g
+    return compare_with_peft(model, batch, tol, config)
 
 
 # -- exact baseline -----------------------------------------------------------------------------
