@@ -153,14 +153,23 @@ def _liger_row(args, device, model, ids, row, failed):
     """Liger's kernels (RoPE, RMSNorm, SwiGLU, fused linear CE) on the same PEFT model. Liger
     patches transformers' Llama classes for the whole process, hence last, and --liger takes one
     shape."""
-    name = "Liger (rope, rms_norm, swiglu, fused linear CE)"
+    import inspect
+
+    base = model.get_base_model()
+    name = "Liger (rope, rms_norm, swiglu/geglu, fused linear CE)"
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except Exception as exc:  # ImportError, or a CUDA/Triton check failing at import
         row(name, note=f"skipped: liger_kernel does not import ({type(exc).__name__}: {exc})"[:300])
         return
-    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
-                                fused_linear_cross_entropy=True, model=model.get_base_model())
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
+    if apply is None:
+        row(name, note=f"skipped: Liger has no patch for {base.config.model_type}")
+        return
+    wanted = dict(rope=True, swiglu=True, geglu=True, rms_norm=True, cross_entropy=False,
+                  fused_linear_cross_entropy=True, model=base)
+    accepted = inspect.signature(apply).parameters
+    apply(**{k: v for k, v in wanted.items() if k in accepted})
     try:
         row(name, **harness.time_steps(model, ids, device, args.steps, args.warmup))
     except Exception as exc:
@@ -247,8 +256,10 @@ def main(argv=None):
 
     hcfg = harness.hyclora_config(args)
     shape = harness.shape_of(args)
-    print(f"\n{harness.env_line(env)}; Llama hidden {shape.hidden}, {shape.layers} layers, LoRA r={args.lora_r} "
-          f"x {len(args.lora_target_modules)} linears, {args.attn}, median of {args.steps} steps")
+    what = (f"Llama hidden {shape.hidden}, {shape.layers} layers" if args.arch == "llama"
+            else f"{args.arch} shape (random weights)")
+    print(f"\n{harness.env_line(env)}; {what}, LoRA r={args.lora_r} x {len(harness.lora_targets(args))} linears, "
+          f"{args.attn}, median of {args.steps} steps")
     table = []
     for r in rows:
         same = [x for x in rows if x["shape"] == r["shape"]]
@@ -261,6 +272,7 @@ def main(argv=None):
                       f"{r['grad_max_rel_diff']:.2e}", f"{r['grad_rel_diff_vs_peft']:.2e}",
                       f"{r['loss_abs_diff']:.2e}", r["note"]))
         r["gpu"] = env["device"]
+        r["arch"] = args.arch
     print("\n".join(harness.markdown_table(
         ["bs x seq", "variant", "tok/s", "x PEFT", "x PEFT + GC", "x eager hyclora", "step ms",
          "peak GiB above weights", "resident GiB", "capture-step peak GiB", "LoRA grad max rel diff vs eager",

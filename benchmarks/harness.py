@@ -89,6 +89,35 @@ LLAMA2_7B = Shape(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, voca
 TINY = Shape(hidden=128, ffn=344, layers=2, heads=4, kv_heads=4, vocab=512)
 
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A published model's shape as a transformers config (``model_type`` + fields) and the
+    linears its LoRA users target; random weights are drawn from it (``--arch``)."""
+
+    model_type: str
+    fields: Dict[str, Any]
+    targets: Tuple[str, ...] = TARGETS
+    tiny: Dict[str, Any] = dataclasses.field(default_factory=dict)  # --smoke: what differs from TINY
+
+
+FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+ARCHS = {  # "llama" is the --hidden/--ffn/... shape arguments (Llama-2-7B by default)
+    "qwen2.5-7b": Arch("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                     tie_word_embeddings=False), tiny=dict(num_key_value_heads=2)),
+    "qwen3-8b": Arch("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                   tie_word_embeddings=False), tiny=dict(num_key_value_heads=2, head_dim=32)),
+    "gemma3-4b": Arch("gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                          num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                          query_pre_attn_scalar=256, sliding_window=1024, vocab_size=262208),
+                      tiny=dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)),
+    "phi3-mini": Arch("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                                   pad_token_id=None), targets=FUSED_TARGETS),
+}
+
+
 def shape_of(args, **override) -> Shape:
     """The model shape of parsed ``model``/``shape`` arguments (``override`` wins). Unset widths
     follow the hidden size: FFN 11008 at 4096 (else 2.6875 x hidden), one head per 128, KV heads =
@@ -246,10 +275,13 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model shape (default Llama-2-7B: 4096, 11008, 32 layers, 32 heads, vocab 32000)")
     g.add_argument("--hidden", type=int, default=LLAMA2_7B.hidden, help="hidden size")
     g.add_argument("--ffn", type=int, default=None, help="FFN width (default 11008 at hidden 4096, else 2.6875 x hidden)")
-    g.add_argument("--layers", type=int, default=LLAMA2_7B.layers, help="decoder layers")
+    g.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, or the --arch's)")
     g.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 128)")
     g.add_argument("--kv_heads", type=int, default=None, help="KV heads (default: = heads)")
     g.add_argument("--vocab", type=int, default=None, help="vocabulary (default 32000, 512 below hidden 1024)")
+    g.add_argument("--arch", default="llama", choices=["llama", *ARCHS],
+                   help="llama: the shape above; else that model's published shape (random weights; with "
+                        "--smoke a tiny one), LoRA on the linears its users target, --layers still applies")
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -414,6 +446,45 @@ def add_lora(model, r: int = 16, alpha: Optional[float] = None, targets: Iterabl
     return model
 
 
+def arch_config(name: str, layers: Optional[int] = None, tiny: bool = False, attn: str = "sdpa", **extra):
+    """The transformers config of ``ARCHS[name]`` (``tiny``: TINY's widths with the arch's own
+    extras; ``layers`` overrides the depth)."""
+    from transformers import AutoConfig
+
+    arch = ARCHS[name]
+    fields = dict(arch.fields)
+    if tiny:
+        fields.update(dict(hidden_size=TINY.hidden, intermediate_size=TINY.ffn, num_hidden_layers=TINY.layers,
+                           num_attention_heads=TINY.heads, num_key_value_heads=TINY.kv_heads,
+                           vocab_size=TINY.vocab), **arch.tiny)
+    if layers:
+        fields["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(arch.model_type, **fields, **extra)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def random_arch(name: str, device="cpu", dtype=torch.float32, attn: str = "sdpa", seed: int = 0,
+                layers: Optional[int] = None, tiny: bool = False, **extra):
+    """``(causal LM, config)`` of ``ARCHS[name]`` with random weights drawn on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = arch_config(name, layers, tiny, attn, **extra)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model, cfg
+
+
+def lora_targets(args) -> Tuple[str, ...]:
+    """The LoRA target linears: ``--lora_target_modules`` when given, else the ``--arch``'s."""
+    given = getattr(args, "lora_target_modules", None)
+    arch = ARCHS.get(getattr(args, "arch", "llama"))
+    if arch is not None and (given is None or tuple(given) == TARGETS):
+        return arch.targets
+    return tuple(given or TARGETS)
+
+
 def build_model(args, device="cpu", dtype=torch.float32, *, b_std: Optional[float] = 0.01, nf4: bool = False,
                 seed: int = 0, max_positions: Optional[int] = None, use_cache: Optional[bool] = None,
                 lora_config=None, peft_kwargs=None, **shape_override):
@@ -423,10 +494,18 @@ def build_model(args, device="cpu", dtype=torch.float32, *, b_std: Optional[floa
     shape = shape_of(args, **shape_override)
     seq = max([getattr(args, "seq", 0) or 0] + [s for _, s in getattr(args, "shapes", []) or []])
     extra = {} if use_cache is None else {"use_cache": use_cache}
-    model, cfg = random_llama(shape, device, dtype, getattr(args, "attn", "sdpa"), seed,
-                              max_positions or max(4096, seq), nf4=nf4, **extra)
+    arch = getattr(args, "arch", "llama")
+    if arch == "llama":
+        model, cfg = random_llama(shape, device, dtype, getattr(args, "attn", "sdpa"), seed,
+                                  max_positions or max(4096, seq), nf4=nf4, **extra)
+    elif nf4:
+        raise SystemExit(f"--arch {arch}: the NF4 model is built for Llama only")
+    else:
+        layers = shape_override.get("layers") or getattr(args, "layers", None)
+        model, cfg = random_arch(arch, device, dtype, getattr(args, "attn", "sdpa"), seed, layers,
+                                 tiny=getattr(args, "smoke", False), max_position_embeddings=max(4096, seq), **extra)
     model = add_lora(model, getattr(args, "lora_r", 16), getattr(args, "lora_alpha", None),
-                     getattr(args, "lora_target_modules", TARGETS), b_std, seed=1 if nf4 else None,
+                     lora_targets(args), b_std, seed=1 if nf4 else None,
                      config=lora_config(model) if lora_config is not None else None, **(peft_kwargs or {}))
     return model, cfg
 
