@@ -4,10 +4,11 @@
 # process per arch and shape: Liger patches transformers process-wide); then bench_lm_loss (4 x 1024,
 # vocabularies 32k / 152k / 262k) when LM_LOSS=1, and the GPU tests of the new architectures when TESTS=1.
 set -uo pipefail
-OUT=${OUT:-out}; ARCHS=${ARCHS:-"qwen2.5-7b qwen3-8b gemma3-4b"}; SHAPES=${SHAPES:-4x512}; LIMIT=${LIMIT:-120}
+OUT=$(realpath -m "${OUT:-out}"); ARCHS=${ARCHS:-"qwen2.5-7b qwen3-8b gemma3-4b"}; SHAPES=${SHAPES:-4x512}; LIMIT=${LIMIT:-120}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  || exit 1
+cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD  # TREE: another checkout's tree (e.g. a git archive of HEAD)
 { nvidia-smi --query-gpu=name,memory.total --format=csv; date -u; python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 [ "${LM_LOSS:-1}" = 1 ] && timeout 90 python3 benchmarks/bench_lm_loss.py --out "$OUT/lm_loss" 2>&1 | grep -v Warning \
   | tee "$OUT/lm_loss.log" | grep "^|"

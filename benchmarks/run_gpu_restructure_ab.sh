@@ -24,5 +24,5 @@ qlora() {  # $1: label, $2: tree: PEFT QLoRA and hyclora on the NF4 model, sdpa,
     --attn sdpa --no_gc --hyclora intra_inter_full_fuse:2 --out "$OUT/$1" 2>&1 | grep -v Warning \
     | tee "$OUT/qlora_$1.log" | grep "^|")
 }
-graphs before "$BEFORE"; graphs after "$AFTER"; graphs before2 "$BEFORE"
+graphs before "$BEFORE"; graphs after "$AFTER"; [ "${AGAIN:-1}" = 1 ] && graphs before2 "$BEFORE"
 qlora before "$BEFORE"; qlora after "$AFTER"
