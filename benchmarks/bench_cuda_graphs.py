@@ -43,6 +43,7 @@ import torch
 import harness
 
 from hyclora import apply_hyclora, revert_hyclora
+from hyclora.integrations.longseq import CausalLMChunkedLoss
 
 NAN = harness.NAN
 
@@ -57,8 +58,8 @@ def _max_rel(a, b):
     return max(float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)) for n in b)
 
 
-def _grads_of_one_step(model, ids):
-    loss = harness.lm_step(model, ids)
+def _grads_of_one_step(model, ids, loss_of=None):
+    loss = harness.lm_step(model, ids, loss_of)
     grads = _lora_grads(model)
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -74,6 +75,9 @@ def run_shape(args, device, dtype, bs, seq):
     hcfg = harness.hyclora_config(args)
     calib = hcfg.iteration_threshold + 1
     rows = []
+    # hyclora's rows with its chunked LM loss (no (tokens, vocab) logits), what Liger's fused linear
+    # cross-entropy does for its row
+    loss_of = CausalLMChunkedLoss(model) if args.chunked_loss else None
 
     def row(name, **values):
         r = dict(shape=f"{bs}x{seq}", variant=name, tok_s=NAN, step_ms=NAN, peak_gib=NAN, resident_gib=NAN,
@@ -102,8 +106,8 @@ def run_shape(args, device, dtype, bs, seq):
     name = f"{_label(hcfg)} eager"
     try:
         with harness.variant(model, hcfg):
-            result = harness.time_steps(model, ids, device, args.steps, calib + args.warmup)
-            row(name, **result, grad_rel_diff_vs_peft=_max_rel(_grads_of_one_step(model, ids)[1], exact))
+            result = harness.time_steps(model, ids, device, args.steps, calib + args.warmup, loss_of=loss_of)
+            row(name, **result, grad_rel_diff_vs_peft=_max_rel(_grads_of_one_step(model, ids, loss_of)[1], exact))
     except Exception as exc:
         failed(name, exc)
     if args.lora_ops_ab:
@@ -112,7 +116,7 @@ def run_shape(args, device, dtype, bs, seq):
     if device != "cuda":
         row(name, note="skipped: CUDA graphs need a CUDA device")
     else:
-        _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact)
+        _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact, loss_of)
     if args.liger:
         _liger_row(args, device, model, ids, row, failed)
     del model
@@ -176,7 +180,7 @@ def _liger_row(args, device, model, ids, row, failed):
         failed(name, exc)
 
 
-def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact):
+def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact, loss_of=None):
     from hyclora.cuda_graphs import graph_decoder_layers
 
     name = f"{_label(hcfg)} graphed"
@@ -190,28 +194,28 @@ def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact)
         static = harness.allocated(device)
         graphs = graph_decoder_layers(model, sample_shape=tuple(ids.shape), num_warmup_iters=args.graph_warmup)
         for _ in range(calib - 1):  # calibration (eager)
-            harness.lm_step(model, ids)
+            harness.lm_step(model, ids, loss_of)
             model.zero_grad(set_to_none=True)
         harness.reset_peak(device)
-        harness.lm_step(model, ids)  # captures, then replays
+        harness.lm_step(model, ids, loss_of)  # captures, then replays
         model.zero_grad(set_to_none=True)
         harness.sync(device)
         capture_peak = (harness.max_allocated(device) - static) / harness.GIB
         if not graphs.captured:
             raise RuntimeError(f"no capture after calibration: {dict(graphs.counts)}")
         replays = {}
-        result = harness.time_steps(model, ids, device, args.steps, args.warmup,
-                         before_timing=lambda: replays.setdefault("before", graphs.counts["replay"]))
+        result = harness.time_steps(model, ids, device, args.steps, args.warmup, loss_of=loss_of,
+                                    before_timing=lambda: replays.setdefault("before", graphs.counts["replay"]))
         replays = graphs.counts["replay"] - replays["before"]
         # peak/resident relative to the weights (time_steps() took its baseline after the capture)
         result["resident_gib"] = (harness.allocated(device) - static) / harness.GIB
         result["peak_gib"] = (harness.max_allocated(device) - static) / harness.GIB
         # gradient check: same batch, same frozen statistics, graphed then eager twice (the second
         # eager step: the run-to-run floor, atomics in the attention backward)
-        g_loss, g_grads = _grads_of_one_step(model, ids)
+        g_loss, g_grads = _grads_of_one_step(model, ids, loss_of)
         graphs.enabled = False
-        e_loss, e_grads = _grads_of_one_step(model, ids)
-        e2_grads = _grads_of_one_step(model, ids)[1]
+        e_loss, e_grads = _grads_of_one_step(model, ids, loss_of)
+        e2_grads = _grads_of_one_step(model, ids, loss_of)[1]
         graphs.enabled = True
 
         expected = args.steps * cfg.num_hidden_layers
@@ -238,6 +242,9 @@ def main(argv=None):
     p.add_argument("--liger", action="store_true",
                    help="also time Liger's kernels on the same model, last (they patch transformers "
                         "process-wide); one shape per run")
+    p.add_argument("--chunked_loss", type=harness.flag, default=False,
+                   help="hyclora's rows compute the LM loss with CausalLMChunkedLoss (no full logits; the "
+                        "examples' --chunked_lm_loss); the PEFT rows keep the model's own loss")
     p.add_argument("--lora_ops_ab", action="store_true",
                    help="also time the eager step with the LoRA terms op by op and with the LoRA kernels "
                         "launched at any token count")
@@ -259,7 +266,8 @@ def main(argv=None):
     what = (f"Llama hidden {shape.hidden}, {shape.layers} layers" if args.arch == "llama"
             else f"{args.arch} shape (random weights)")
     print(f"\n{harness.env_line(env)}; {what}, LoRA r={args.lora_r} x {len(harness.lora_targets(args))} linears, "
-          f"{args.attn}, median of {args.steps} steps")
+          f"{args.attn}, median of {args.steps} steps"
+          + ("; hyclora rows: chunked LM loss (CausalLMChunkedLoss)" if args.chunked_loss else ""))
     table = []
     for r in rows:
         same = [x for x in rows if x["shape"] == r["shape"]]

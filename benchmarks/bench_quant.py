@@ -140,9 +140,12 @@ def main(argv=None) -> int:
     harness.write_csv(out / "bench_quant.csv", rows, env=env)
 
     if backend == "triton" and not INTERPRET:
-        for kern in ("quant", "dequant"):
-            for key, cfg in triton_kernels._tuned(kern).cache.items():
-                print(f"autotuned {kern} {key}: {cfg}")
+        from hyclora.kernels.common import tuned_choices
+
+        names = {id(triton_kernels._tuned(kern)): kern for kern in ("quant", "dequant")}
+        for (tuner, key, bucket), cfg in tuned_choices().items():
+            if tuner in names:
+                print(f"autotuned {names[tuner]} {key} M<={bucket}: {cfg}")
     if backend == "triton" and not args.no_sweep:
         sweep(shapes, args.bits, dtype, device, timer, out)
     if not codes_ok:

@@ -602,9 +602,11 @@ def gsm8k_texts(n: Optional[int] = None) -> List[str]:
 
 
 # -- steps, memory, time ----------------------------------------------------------------------------
-def lm_step(model, ids) -> torch.Tensor:
-    """One forward + backward of the LM loss on ``ids`` (labels = inputs); the loss, detached."""
-    loss = model(input_ids=ids, labels=ids).loss
+def lm_step(model, ids, loss_of: Optional[Callable] = None) -> torch.Tensor:
+    """One forward + backward of the LM loss on ``ids`` (labels = inputs); the loss, detached.
+    ``loss_of``: computes the loss from ``ids`` instead of the model's own (e.g. hyclora's
+    ``CausalLMChunkedLoss(model)``)."""
+    loss = loss_of(ids) if loss_of is not None else model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach()
 
@@ -751,14 +753,15 @@ def variant(model, hcfg=None, checkpointing: bool = False):
         model.zero_grad(set_to_none=True)
 
 
-def time_steps(model, ids, device, steps: int, warmup: int, before_timing=None) -> Dict[str, float]:
-    """``steps`` LM steps on ``ids`` (forward + backward + ``zero_grad``) after ``warmup``: tok/s
-    and step ms (median), GiB peak (timed steps) and resident (after them) above the memory
-    allocated before the first step (NaN on the CPU)."""
+def time_steps(model, ids, device, steps: int, warmup: int, before_timing=None,
+               loss_of: Optional[Callable] = None) -> Dict[str, float]:
+    """``steps`` LM steps on ``ids`` (forward + backward + ``zero_grad``; ``loss_of`` as in
+    :func:`lm_step`) after ``warmup``: tok/s and step ms (median), GiB peak (timed steps) and
+    resident (after them) above the memory allocated before the first step (NaN on the CPU)."""
     clear(device)
 
     def step():
-        lm_step(model, ids)
+        lm_step(model, ids, loss_of)
         model.zero_grad(set_to_none=True)
 
     m = measure(step, device, steps=steps, warmup=warmup, tokens=ids.numel(), before_timing=before_timing)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 LAYER_TYPES = ("baseline", "intra", "intra_inter", "intra_inter_full_fuse")
 Q_BITS = (2, 4, 8)
 ON_NONFINITE = ("raise", "ignore")
+RECALIBRATE_MODES = ("refresh", "reset")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ATTENTION_PROBS = ("auto", "dense", "sparse", "recompute")
 S2_BLOCK_KERNELS = ("auto", "sdpa", "flash")
@@ -59,6 +60,12 @@ class HyCLoRAConfig:
             activations as fine-tuning moves them; ``0`` freezes for good (the paper). Default 50:
             frozen ranges measurably cost eval loss on ``make demo`` and re-calibrating recovered
             it (BENCHMARKS.md), for ``iteration_threshold`` calibrating forwards per 50.
+        recalibrate_mode: how frozen statistics are renewed every ``recalibrate_every`` forwards.
+            ``refresh`` (default): the next ``iteration_threshold`` forwards gather new statistics
+            beside the frozen ones, which stay in use, and the new ones replace them in place;
+            captured CUDA graphs keep replaying through it (no release, no eager step, no
+            re-capture). ``reset``: the statistics expire and calibrate again from scratch, each
+            calibrating forward quantising with its own range (graphs are released and re-captured).
         on_nonfinite: ``raise`` (default) stops on a NaN/Inf activation naming the layer;
             ``ignore`` skips the check.
         kernel_backend: ``auto`` (Triton on CUDA tensors, torch on CPU), ``triton`` or ``torch``.
@@ -88,6 +95,7 @@ class HyCLoRAConfig:
     layernorm_outlier_ratio: float = 0.005
     iteration_threshold: int = 5
     recalibrate_every: int = 50
+    recalibrate_mode: str = "refresh"
     on_nonfinite: str = "raise"
     kernel_backend: str = "auto"
     attention_probs: str = "auto"
@@ -171,6 +179,11 @@ class HyCLoRAConfig:
                 raise ValueError(
                     f"HyCLoRAConfig.{name}={value!r} is invalid: expected an integer >= 0 (0 {zero_means})."
                 )
+        if self.recalibrate_mode not in RECALIBRATE_MODES:
+            raise ValueError(
+                f"HyCLoRAConfig.recalibrate_mode={self.recalibrate_mode!r} is invalid: expected one of "
+                f"{', '.join(RECALIBRATE_MODES)}."
+            )
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"HyCLoRAConfig.on_nonfinite={self.on_nonfinite!r} is invalid: expected one of "
@@ -283,6 +296,11 @@ class HyCLoRAConfig:
         group.add_argument(
             "--recalibrate_every", type=int, default=defaults["recalibrate_every"].default,
             help="forwards per layer after which frozen statistics are calibrated again (0: never)",
+        )
+        group.add_argument(
+            "--recalibrate_mode", choices=RECALIBRATE_MODES, default=defaults["recalibrate_mode"].default,
+            help="refresh: gather new statistics beside the frozen ones and swap them in place (CUDA graphs "
+                 "keep replaying); reset: calibrate again from scratch",
         )
         group.add_argument("--on_nonfinite", choices=ON_NONFINITE, default=defaults["on_nonfinite"].default)
         group.add_argument("--kernel_backend", choices=KERNEL_BACKENDS, default=defaults["kernel_backend"].default)

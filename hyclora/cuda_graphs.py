@@ -23,13 +23,14 @@ What happens per decoder-layer call:
 * **eager** (hyclora's own compressed forward, or the unpatched forward in eval / ``no_grad``)
   whenever the call is not graphable; ``graphs.counts`` counts each reason. Not graphable: eval
   mode or grad disabled, a gradient-checkpointing recompute (inside a backward), an
-  ``attention_mask`` tensor (padding; the sdpa causal path passes ``None``), a KV cache that
+  ``attention_mask`` tensor (padding; the sdpa causal path passes ``None``; packed documents replay,
+  see below), a KV cache that
   holds tokens, ``output_attentions``, extra positional arguments, another batch shape / dtype /
   ``requires_grad`` of the input than the captured one (``sample_shape`` pins the one shape to
   capture), an attention implementation other than ``sdpa`` / ``eager`` / S²-Attn
   (``hyclora_s2attn``), autocast state other
-  than at capture, statistics that are still calibrating or that expire at this forward
-  (``recalibrate_every``), a previous graphed forward of the same layer whose backward has not
+  than at capture, statistics that are still calibrating (the first calibration) or that expire
+  at this forward (``recalibrate_mode="reset"``), a previous graphed forward of the same layer whose backward has not
   run yet (e.g. two forwards, then one backward of their sum: the graph's saved activations are
   static buffers, a second replay would overwrite them), and anything the graph read that
   changed since capture (parameter storage, statistics buffers, the frozen quantisation
@@ -45,12 +46,24 @@ What happens per decoder-layer call:
   (``HyCLoRALayerState.count_forward``: counter, expiry of frozen statistics), then the
   forward graph replays; the backward graph replays in the backward.
 
-Recalibration (``recalibrate_every = N``): when the statistics expire, the layers run eager
-while they calibrate (``iteration_threshold`` forwards); once frozen again, the new frozen
-quantisation parameters are new tensors (``ChannelStats`` never changes them in place), so the
-graphs are stale: they are freed and captured again at the next eligible step (``recapture=
-False``: freed and never captured again). The same happens after ``model.to(...)``,
-``load_state_dict`` of the statistics, or a change of the adapters.
+Packed batches (``hyclora.data.PackedBatchCollator``, TRL's padding-free collator): the documents
+reach the layers as ``cu_seq_lens_q`` (``hyclora.ops.attention.packed_documents`` reads it once
+per step on the host to check it), and replay with it
+as a fourth static input: a ``cu_seqlens`` buffer of fixed capacity (the collator pads it with the
+total length), so micro-batches with other document boundaries replay the same graph. The
+attention mask transformers may build beside it is not a graph input (it is checked to hide nothing
+inside a document; a padding mask with packed documents is refused).
+
+Recalibration (``recalibrate_every = N``): with ``recalibrate_mode="refresh"`` (the default) it
+happens inside the graphs: each captured forward launches the statistics-gathering kernel of every
+statistic, which reads a device flag and returns at once unless a refresh window is open
+(``ChannelStats.observe``); at the end of the window the new parameters are written into the
+tensors the graphs read, in place, between two steps. Nothing is released, re-captured or run
+eager. With ``"reset"`` the statistics expire and the layers run eager while they calibrate
+(``iteration_threshold`` forwards); the new frozen parameters are new tensors, so the graphs are
+freed first (before the eager steps allocate) and captured again at the next eligible step
+(``recapture=False``: freed and never captured again). Graphs are also freed and captured again
+after ``model.to(...)``, ``load_state_dict`` of the statistics, or a change of the adapters.
 
 NaN/Inf checks (``on_nonfinite="raise"``): the flags the blocks compute are captured into the
 forward graph; each replay hands the layer's flags (recomputed by the replay) to the model's
@@ -102,6 +115,7 @@ from torch import nn
 
 from hyclora.models.adapter import adapter_state_key, in_backward_pass, kernels_for_graph_capture
 from hyclora.models.api import patched_layers
+from hyclora.ops.attention import packed_documents
 from hyclora.ops.s2attn import S2ATTN_NAME
 from hyclora.ops.tensor_specs import DECODER
 from hyclora.quant.checks import FiniteGuard
@@ -184,7 +198,7 @@ class _LayerCallable(nn.Module):
         self.layer = layer
         self.capture_guard = _CaptureGuard()
 
-    def forward(self, hidden, cos, sin):
+    def forward(self, hidden, cos, sin, documents=None):
         layer = self.layer
         patch = layer._hyclora_patch
         state = layer.hyclora_state
@@ -194,7 +208,8 @@ class _LayerCallable(nn.Module):
         state.counting = False
         try:
             return patch.adapter.compressed_forward(
-                layer, patch, (hidden,), {"position_embeddings": (cos, sin), "attention_mask": None})
+                layer, patch, (hidden,), {"position_embeddings": (cos, sin), "attention_mask": None,
+                                          "cu_seq_lens_q": documents})
         finally:
             patch.guard = guard
             state.counting = True
@@ -204,7 +219,7 @@ class _Captured:
     """One capture of all layers: the graphed callables and what each one read."""
 
     def __init__(self, key, callables, graphed, tensors, checks, linear_keys, config_knobs, hooks,
-                 input_requires_grad, static_rope):
+                 input_requires_grad, static_rope, rope_groups):
         self.key = key
         self.input_requires_grad = input_requires_grad  # per layer, as in the sample args
         self.callables = callables  # _LayerCallable per layer (their capture_guard.entries)
@@ -214,8 +229,12 @@ class _Captured:
         self.linear_keys = linear_keys
         self.config_knobs = config_knobs
         self.hooks = hooks
-        self.static_rope = static_rope  # (cos, sin) sample tensors shared by every layer's graph
-        self.rope_source = None  # the (cos, sin) the first layer's last replay copied from
+        # per layer: its (cos, sin[, documents]) sample tensors, one set per group of layers that read
+        # the same tables (rope_groups[i]: the group's first layer; Gemma 3's sliding and global
+        # layers are two groups): a backward replay reads them, so no other table may overwrite them
+        self.static_rope = static_rope
+        self.rope_groups = rope_groups
+        self.rope_source = {}  # group -> the (cos, sin, documents) its first layer's last replay copied from
         self.pending = [None] * len(graphed)  # per layer: weakref to the last replay's autograd node
 
 
@@ -300,6 +319,8 @@ class DecoderLayerGraphs:
         self.counts: collections.Counter = collections.Counter()
         self._grapher = _grapher or graph_layer_chain
         self._captured: Optional[_Captured] = None
+        self._step_rope: List[Optional[tuple]] = [None] * len(self.layers)  # this step's tables per layer
+        self._rope_groups: Optional[List[int]] = None  # per layer: the first layer reading the same tables
         self._given_up = False  # recapture=False after the first invalidation
         self._eager: List[Callable] = []
         self._removed = False
@@ -363,7 +384,8 @@ class DecoderLayerGraphs:
 
     def why_eager(self, i: int, layer: nn.Module, args, kwargs) -> Tuple[Optional[str], Any]:
         """``(reason, inputs)``: why call ``i`` runs eager (``None`` when it may be graphed) and,
-        otherwise, ``(hidden, cos, sin)``. Plain Python: no device work."""
+        otherwise, ``(hidden, cos, sin, documents)`` (``documents``: the ``cu_seqlens`` of a packed
+        batch, else None). Plain Python, except one host read per step for packed documents."""
         if not self.enabled:
             return "disabled", None
         if not (layer.training and torch.is_grad_enabled()):
@@ -386,7 +408,10 @@ class DecoderLayerGraphs:
         cos, sin = pos
         if cos.requires_grad or sin.requires_grad:
             return "position_embeddings require grad", None
-        if kwargs.get("attention_mask") is not None:
+        mask = kwargs.get("attention_mask")
+        documents = packed_documents(mask, kwargs.get("cu_seq_lens_q"), hidden.shape[0], hidden.shape[1],
+                                     hidden.device, self.names[i])
+        if documents is None and mask is not None:
             return "attention_mask", None
         if kwargs.get("output_attentions"):
             return "output_attentions", None
@@ -404,11 +429,12 @@ class DecoderLayerGraphs:
             return "batch shape", None
         if not stats_ready(layer.hyclora_state):
             return "statistics calibrating", None
-        return None, (hidden, cos, sin)
+        return None, (hidden, cos, sin, documents)
 
-    def _key(self, hidden, cos, sin):
+    def _key(self, hidden, cos, sin, documents=None):
+        docs = None if documents is None else (tuple(documents.shape), documents.dtype)
         return (tuple(hidden.shape), hidden.dtype, hidden.device,
-                tuple(cos.shape), cos.dtype, tuple(sin.shape), sin.dtype, _autocast_key())
+                tuple(cos.shape), cos.dtype, tuple(sin.shape), sin.dtype, docs, _autocast_key())
 
     def _stale(self, cap: _Captured, i: int) -> Optional[str]:
         layer = self.layers[i]
@@ -436,9 +462,22 @@ class DecoderLayerGraphs:
                 return why
         return None
 
+    def _observe_rope(self, i: int, kwargs) -> None:
+        """Record the position-embedding tables (and packed documents) layer ``i`` gets; at the
+        first layer's call, group the layers of the last whole step by the tables they shared (by
+        identity: a model computes each table once per forward)."""
+        pos = kwargs.get("position_embeddings")
+        side = (*pos, kwargs.get("cu_seq_lens_q")) if isinstance(pos, (tuple, list)) else None
+        if i == 0:
+            if all(t is not None for t in self._step_rope):
+                self._rope_groups = _groups_by_identity(self._step_rope)
+            self._step_rope = [None] * len(self.layers)
+        self._step_rope[i] = side
+
     def forward(self, i: int, args, kwargs):
         layer = self.layers[i]
         cap = self._captured
+        self._observe_rope(i, kwargs)
         if (i == 0 and cap is not None and self.enabled and layer.training and torch.is_grad_enabled()
                 and not in_backward_pass()):
             why = self._invalid(cap)
@@ -451,8 +490,8 @@ class DecoderLayerGraphs:
         reason, inputs = self.why_eager(i, layer, args, kwargs)
         if reason is not None:
             return self._eager_call(i, reason, args, kwargs)
-        hidden, cos, sin = inputs
-        key = self._key(hidden, cos, sin)
+        hidden, cos, sin, documents = inputs
+        key = self._key(hidden, cos, sin, documents)
         if cap is None:
             if i != 0:
                 return self._eager_call(i, "not captured (captures start at the first layer)", args, kwargs)
@@ -460,7 +499,7 @@ class DecoderLayerGraphs:
                 return self._eager_call(i, "graphs released (recapture=False)", args, kwargs)
             if not all(stats_ready(m.hyclora_state) for m in self.layers):
                 return self._eager_call(i, "statistics calibrating", args, kwargs)
-            cap = self._capture(key, hidden, cos, sin)
+            cap = self._capture(key, hidden, cos, sin, documents)
         elif cap.key != key:
             return self._eager_call(i, "input shape/dtype or autocast differs from the capture", args, kwargs)
         if hidden.requires_grad != cap.input_requires_grad[i]:
@@ -468,9 +507,17 @@ class DecoderLayerGraphs:
         node = cap.pending[i]
         if node is not None and node() is not None:
             return self._eager_call(i, "previous graphed forward awaits its backward", args, kwargs)
-        return self._replay(cap, i, layer, hidden, cos, sin)
+        group = cap.rope_groups[i]
+        if group != i:
+            source = cap.rope_source.get(group)
+            side = (cos, sin) if documents is None else (cos, sin, documents)
+            if source is None or len(side) != len(source) or any(a is not b for a, b in zip(side, source)):
+                # a copy into the group's static tables would change what its other layers' backward
+                # replays read
+                return self._eager_call(i, "position embeddings differ from the layers graphed with it", args, kwargs)
+        return self._replay(cap, i, layer, hidden, cos, sin, documents)
 
-    def _replay(self, cap: _Captured, i: int, layer, hidden, cos, sin):
+    def _replay(self, cap: _Captured, i: int, layer, hidden, cos, sin, documents=None):
         patch = layer._hyclora_patch
         state = layer.hyclora_state
         state.owed = False
@@ -481,11 +528,12 @@ class DecoderLayerGraphs:
             if guard.num_pending:
                 guard.raise_pending()
             guard.armed = False
-        if i == 0:
-            cap.rope_source = (cos, sin)  # copied into the static cos/sin by this replay
-        elif cap.rope_source is not None and cos is cap.rope_source[0] and sin is cap.rope_source[1]:
-            cos, sin = cap.static_rope  # the same tables as layer 0's: no copy (same storage)
-        y = cap.graphed[i](hidden, cos, sin)
+        side = (cos, sin) if documents is None else (cos, sin, documents)
+        if cap.rope_groups[i] == i:
+            cap.rope_source[i] = side  # copied into the group's static tables by this replay
+        else:
+            side = cap.static_rope[i]  # the group's tables, copied by its first layer: no copy
+        y = cap.graphed[i](hidden, *side)
         if check:
             entries = cap.callables[i].capture_guard.entries
             if guard is None:  # no deferred guard on this model: an immediate check (one sync)
@@ -504,7 +552,7 @@ class DecoderLayerGraphs:
         return y
 
     # -- capture --------------------------------------------------------------------------------
-    def _capture(self, key, hidden, cos, sin) -> _Captured:
+    def _capture(self, key, hidden, cos, sin, documents=None) -> _Captured:
         ac = _autocast_key()
         if ac is not None and ac[2]:
             raise RuntimeError(
@@ -515,8 +563,12 @@ class DecoderLayerGraphs:
             _refuse_dropout(name, layer, training_only=True)
         callables = tuple(_LayerCallable(layer) for layer in self.layers)
         compresses = all(m._hyclora_patch.config.compresses for m in self.layers)
+        groups = self._rope_groups if self._rope_groups is not None else list(range(len(self.layers)))
         with torch.no_grad():
-            cos_s, sin_s = cos.detach().clone(), sin.detach().clone()
+            tables = {}  # group -> its static (cos, sin[, documents])
+            for g in groups:
+                if g not in tables:
+                    tables[g] = tuple(t.detach().clone() for t in (cos, sin, documents) if t is not None)
             shared = hidden.detach().clone().requires_grad_(True)
             samples = []
             upstream_grad = hidden.requires_grad
@@ -530,7 +582,7 @@ class DecoderLayerGraphs:
                     x = shared
                 else:
                     x = hidden.detach().clone().requires_grad_(rg)
-                samples.append((x, cos_s, sin_s))
+                samples.append((x, *tables[groups[i]]))
                 upstream_grad = upstream_grad or any(p.requires_grad for p in layer.parameters())
         # the input of layer i > 0 requires grad iff something before it does; each call checks its
         # input against its sample (the graphs need them to match)
@@ -560,9 +612,18 @@ class DecoderLayerGraphs:
                 if p.requires_grad:
                     hooks.append(p.register_hook(_make_grad_copy(p)))
         self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs, hooks,
-                                   [s[0].requires_grad for s in samples], (cos_s, sin_s))
+                                   [s[0].requires_grad for s in samples], [tables[g] for g in groups], groups)
         self.counts["capture"] += 1
         return self._captured
+
+
+def _groups_by_identity(sides: List[tuple]) -> List[int]:
+    """Per entry, the index of the first entry holding the very same tensors (``is``)."""
+    groups = []
+    for i, side in enumerate(sides):
+        groups.append(next(j for j in range(i + 1) if len(sides[j]) == len(side)
+                           and all(a is b for a, b in zip(sides[j], side))))
+    return groups
 
 
 def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False,

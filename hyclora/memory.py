@@ -395,6 +395,8 @@ class LayerShape:
 
     @classmethod
     def from_config(cls, config, lora_rank: int = 0, lora_targets: Optional[Iterable[str]] = None):
+        """``lora_targets`` default: every linear module of the layer (a fused projection such as
+        Phi-3's ``qkv_proj`` is one module and keeps one ``X A``)."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -404,7 +406,7 @@ class LayerShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             lora_rank=lora_rank,
-            lora_targets=tuple(lora_targets) if lora_targets is not None else cls.lora_targets,
+            lora_targets=tuple(lora_targets) if lora_targets is not None else _linear_modules(config),
         )
 
     @property
@@ -412,6 +414,20 @@ class LayerShape:
         """The sizes by width key of :mod:`hyclora.ops.tensor_specs`."""
         return {"hidden": self.hidden, "q_heads": self.num_heads * self.head_dim,
                 "kv_heads": self.num_kv_heads * self.head_dim, "d_ff": self.intermediate}
+
+
+def _linear_modules(config) -> tuple:
+    """The module names of a decoder layer's linears: the Llama seven, or for an architecture with
+    fused projections (its spec's ``fused_projections``) each fused module once."""
+    from .models import get_adapter
+
+    try:
+        spec = get_adapter(getattr(config, "model_type", None)).spec
+    except ValueError:  # not a registered model type: the Llama layout
+        return LayerShape.lora_targets
+    if not spec.fused_projections:
+        return LayerShape.lora_targets
+    return tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for _, path in spec.linears))
 
 
 def _packed_bytes(width: int, bits: int) -> float:

@@ -224,7 +224,8 @@ def cuda_graphs_refusal(args, hcfg, accelerator):
 
     why = run_refusal(use_hyclora=hcfg.use_hyclora, checkpointing=args.gradient_checkpointing,
                       several_processes=accelerator.num_processes > 1
-                      or getattr(accelerator.state, "deepspeed_plugin", None) is not None)
+                      or getattr(accelerator.state, "deepspeed_plugin", None) is not None
+                      or getattr(accelerator.state, "fsdp_plugin", None) is not None)
     if why is None and args.separate_documents:
         why = ("--separate_documents gives every row its own document boundaries (a new mask each batch): "
                "drop one of the two")
@@ -279,7 +280,9 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer, get_scheduler
 
     from hyclora.data.longdocs import build_packed_dataset
-    from hyclora.integrations.accelerate import make_accelerator, prepare_model
+    from hyclora.integrations.accelerate import cpu_backend_needed, make_accelerator, prepare_model, use_fsdp_on_cpu
+    from hyclora.integrations.fsdp import fsdp2_enabled
+    from hyclora.training.callbacks import load_hyclora_state, save_hyclora_state
     from hyclora.integrations.longseq import CausalLMChunkedLoss, longlora_lora_config
 
     extra = {}
@@ -298,6 +301,9 @@ def main(argv=None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **extra,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and cpu_backend_needed():
+        use_fsdp_on_cpu(accelerator)  # CPU smoke runs: accelerate drops FSDP on gloo (hyclora.integrations.accelerate)
+    fsdp2_on = fsdp2_enabled(accelerator)
     if args.cuda_graphs and (why := cuda_graphs_refusal(args, hcfg, accelerator)):
         raise SystemExit(f"error: --cuda_graphs: {why}")
     set_seed(args.seed)
@@ -338,13 +344,15 @@ def main(argv=None) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log(f"model: {n_train:,} trainable / {n_total:,} parameters; RoPE factor {rope_factor:g}; "
-        f"S²-Attn {'on' if args.s2attn else 'off'}; hyclora {hcfg.to_dict() if hcfg.use_hyclora else 'off'}")
+        f"S²-Attn {'on' if args.s2attn else 'off'}; hyclora {hcfg.to_dict() if hcfg.use_hyclora else 'off'}; "
+        f"{accelerator.distributed_type}{' (FSDP2)' if fsdp2_on else ''} x{accelerator.num_processes}")
 
     wrapper = CausalLMChunkedLoss(model, chunk_size=args.loss_chunk_tokens)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and int(plugin.zero_stage) == 3:
         wrapper.register_zero3()
-    if hcfg.use_hyclora:
+    if hcfg.use_hyclora or fsdp2_on:
+        # ZeRO-3 leaf layers / FSDP2 units by decoder layer (the wrapper has no _no_split_modules)
         prepare_model(accelerator, model)
 
     optimizer = torch.optim.AdamW(
@@ -370,12 +378,17 @@ def main(argv=None) -> dict:
             if path is None:
                 raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
         accelerator.load_state(path)
+        if fsdp2_on:
+            # each rank's own calibration statistics (torch.distributed.checkpoint kept rank 0's)
+            load_hyclora_state(model, path, world_size=accelerator.num_processes, rank=accelerator.process_index)
         completed = json.loads((Path(path) / "progress.json").read_text())["step"]
         log(f"resumed from {path} at step {completed}")
 
     def save_checkpoint(step: int) -> None:
         path = out_dir / f"checkpoint-{step}"
         accelerator.save_state(str(path))
+        if fsdp2_on:  # buffers are rank-local under FSDP2 (hyclora.integrations.fsdp)
+            save_hyclora_state(model, str(path), world_size=accelerator.num_processes, rank=accelerator.process_index)
         if accelerator.is_main_process:
             (path / "progress.json").write_text(json.dumps({"step": step}))
         accelerator.wait_for_everyone()
@@ -452,7 +465,10 @@ def main(argv=None) -> dict:
 
     # -- save, evaluate, summarise --
     if args.save_adapter:
-        from hyclora.integrations.deepspeed import save_lora_adapter
+        if fsdp2_on:
+            from hyclora.integrations.fsdp import save_lora_adapter
+        else:
+            from hyclora.integrations.deepspeed import save_lora_adapter
 
         save_lora_adapter(accelerator.unwrap_model(wrapper).model, str(out_dir / "adapter"),
                           is_main_process=accelerator.is_main_process)

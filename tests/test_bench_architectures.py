@@ -40,3 +40,12 @@ def test_lm_loss_smoke_chunked_equals_hf(tmp_path):
         assert math.isclose(hf["loss"], chunked["loss"], rel_tol=1e-5)
         assert chunked["grad_rel_diff_vs_hf"] < 1e-5
     assert (tmp_path / "lm_loss.csv").exists()
+
+
+def test_whole_run_smoke(tmp_path):
+    bench = load_script("bench_whole_run", REPO / "benchmarks" / "bench_whole_run.py")
+    rows = bench.main(["--smoke", "--variants", "peft", "eager", "graphed", "--out", str(tmp_path)])
+    by = {r["variant"]: r for r in rows}
+    assert by["peft"]["steps"] == by["eager"]["steps"] == 6 and by["eager"]["run_tok_s"] > 0
+    assert "skipped" in by["graphed"]["note"]  # no CUDA here
+    assert math.isfinite(by["eager"]["loss"]) and (tmp_path / "whole_run.csv").exists()

@@ -142,7 +142,7 @@ def test_refuses_lora_dropout():
 
 
 def test_stats_ready_predicts_expiry():
-    s = ChannelStats(8, iteration_threshold=2, recalibrate_every=3)
+    s = ChannelStats(8, iteration_threshold=2, recalibrate_every=3, refresh=False)
     state = torch.nn.Module()
     state.stats = torch.nn.ModuleDict({"x": s})
     x = torch.randn(5, 8)
@@ -169,7 +169,7 @@ def test_stats_ready_predicts_expiry():
 
 @pytest.mark.parametrize("on_nonfinite", ["raise", "ignore"])
 def test_equal_to_eager_over_recalibration(on_nonfinite):
-    eager = _model(on_nonfinite=on_nonfinite)
+    eager = _model(on_nonfinite=on_nonfinite, recalibrate_mode="reset")
     graphed = copy.deepcopy(eager)
     graphs = _graphs(graphed)
     for step in range(10):  # calibrate 2, frozen 3 (capture + replays), expire, calibrate 2, ...
@@ -190,6 +190,38 @@ def test_equal_to_eager_over_recalibration(on_nonfinite):
     assert c["eager: statistics calibrating"] == 3 * 4  # steps 0-1 and 5-6
     graphs.remove()
     assert "_hyclora_graphs" not in _layers(graphed)[0].__dict__
+
+
+@pytest.mark.parametrize("grapher", ["emulated", "chain"])
+def test_refresh_recalibrates_inside_the_graphs(grapher):
+    """recalibrate_mode="refresh" (the default): the statistics are renewed while the graphs keep
+    replaying (one capture, no release, no eager step after the first calibration), with the
+    same losses and gradients as the eager model, and the renewed parameters reach the graphs."""
+    eager = _model()  # calibrate 2, then every 3 frozen forwards a window of 2
+    assert _layers(eager)[0]._hyclora_patch.config.recalibrate_mode == "refresh"
+    graphed = copy.deepcopy(eager)
+    graphs = (_graphs(graphed) if grapher == "emulated"
+              else _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1))
+    stats = _layers(graphed)[1].hyclora_state.stats["x_mid"]
+    params = None
+    for step in range(14):
+        ids = _batch(step)
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+        _compare(_lora_grads(graphed), _lora_grads(eager), 0.0)
+        if step == 2:
+            params = [t.clone() for t in stats.frozen_params(4)[:3]]
+    c = graphs.counts
+    assert c["capture"] == 1 and not any(k.startswith("release") for k in c), dict(c)
+    assert c["replay"] == 3 * 12 and c["eager: statistics calibrating"] == 3 * 2
+    # two windows closed (forwards 6-7 and 11-12 of each layer): new parameters, same tensors
+    assert not all(torch.equal(a, b) for a, b in zip(stats.frozen_params(4)[:3], params))
+    graphs.remove()
 
 
 def test_gradient_accumulation_and_two_forwards_before_backward():
@@ -232,7 +264,7 @@ def test_other_layer_types(layer_type):
 
 def test_input_grads_and_no_recapture():
     # enable_input_require_grads: the first layer's input requires grad too (sample args follow)
-    eager = _model(threshold=1, every=2)
+    eager = _model(threshold=1, every=2, recalibrate_mode="reset")
     graphed = copy.deepcopy(eager)
     for model in (eager, graphed):
         model.enable_input_require_grads()
@@ -323,13 +355,16 @@ def test_bench_smoke(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["reset", "refresh"])
 @pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
-def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit):
-    eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda")
+def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit, mode):
+    eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda", recalibrate_mode=mode)
     graphed = copy.deepcopy(eager)
     graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
     _steps_in_lockstep(eager, graphed, 10, "cuda", loss_tol=1e-5, grad_tol=1e-4)
-    assert graphs.counts["capture"] == 2 and graphs.counts["replay"] == 18
+    # reset: released and captured again after each window; refresh: one capture replays throughout
+    expected = (2, 18) if mode == "reset" else (1, 24)
+    assert (graphs.counts["capture"], graphs.counts["replay"]) == expected, dict(graphs.counts)
     graphs.remove()
 
 
@@ -362,7 +397,7 @@ def test_cuda_graphs_accumulation_and_nonfinite():
 def test_layer_chain_equals_eager_over_recalibration(layer_type, q_bit):
     # the shared gradient buffers: each layer's backward overwrites the input gradient the next
     # (earlier) layer's backward has just copied in; the gradients must still equal eager's
-    eager = _model(layer_type=layer_type, q_bit=q_bit)
+    eager = _model(layer_type=layer_type, q_bit=q_bit, recalibrate_mode="reset")
     graphed = copy.deepcopy(eager)
     graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
     _steps_in_lockstep(eager, graphed, 8, "cpu", loss_tol=1e-6, grad_tol=1e-6)

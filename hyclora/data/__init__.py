@@ -1,5 +1,6 @@
 """Dataset builders for the examples: GSM8K, WikiText-2, the arithmetic multitask, and an
-embedded synthetic word-problem generator; prompts, tokenisation and the padding collator.
+embedded synthetic word-problem generator; prompts, tokenisation, the padding collator and the
+packed (padding-free) batches of :mod:`.packing`.
 
 ``--data`` accepts a hub name (online), a local file or folder in the formats of
 ``../shared/data`` (gsm8k jsonl, WikiText raw/tokens txt, LLM-Adapters math json), or
@@ -17,6 +18,7 @@ from .math import (
     math_prompts_and_targets,
     resolve_math_eval_dir,
 )
+from .packing import PackedBatchCollator, max_documents, pack_examples
 from .prompts import alpaca_prompt, gsm8k_gold, gsm8k_prompt, gsm8k_target
 from .sft import IGNORE_INDEX, CausalLMCollator, tokenize_blocks, tokenize_supervised
 from .sources import read_records
@@ -48,6 +50,9 @@ __all__ = [
     "gsm8k_target",
     "IGNORE_INDEX",
     "CausalLMCollator",
+    "PackedBatchCollator",
+    "max_documents",
+    "pack_examples",
     "tokenize_blocks",
     "tokenize_supervised",
     "read_records",

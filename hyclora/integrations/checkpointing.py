@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .wrappers import hf_model, unwrap_engine
+from .fsdp import is_fsdp_unit, is_sharded
 from .deepspeed import (
     ConfigLike,
     activation_checkpointing_settings,
@@ -172,13 +173,17 @@ def _plain_first_pass_ok(layer: Optional[nn.Module], function: Callable, x: torc
     a hyclora-patched layer in training, a short enough input, no dropout (the two passes would
     draw different masks: the non-reentrant checkpoint replays the RNG), no tensor outside the
     first argument that needs a gradient (it would not get one), and no ZeRO-3-partitioned
-    parameters (as Function inputs their gradients would not match their partitioned shapes)."""
+    parameters (as Function inputs their gradients would not match their partitioned shapes), and no
+    FSDP2 unit (this call sees the shards; the recompute's unsharded parameters would get the
+    gradients and the Function would pass none on)."""
     if layer is None or getattr(layer, "_hyclora_patch", None) is None or not layer.training:
         return False
     if x.numel() > PLAIN_FIRST_PASS_ELEMENTS:
         return False
     params, dropouts = _layer_structure(layer)
     if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed adds ds_id in place: checked per call
+        return False
+    if is_fsdp_unit(layer) or any(is_sharded(p) for p in params):
         return False
     if float(getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0) or 0.0) > 0.0:
         return False

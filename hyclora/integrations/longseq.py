@@ -404,7 +404,8 @@ class CausalLMChunkedLoss(nn.Module):
     """Wrap a causal LM so that ``forward`` returns the LM loss without materialising logits.
 
     ``forward(input_ids, labels=None, attention_mask=None, position_ids=None, shift_labels=True,
-    reduction="mean")``: labels default to ``input_ids``; with ``shift_labels`` (HF convention)
+    reduction="mean", **model_kwargs)`` (``model_kwargs``, e.g. a packed batch's ``cu_seq_lens_q``,
+    go to the decoder): labels default to ``input_ids``; with ``shift_labels`` (HF convention)
     position ``t`` is scored against ``labels[t + 1]``; pass ``shift_labels=False`` when ``labels``
     are already the next tokens. ``-100`` is ignored. Pass this wrapper (not the bare model) to
     ``accelerator.prepare`` so DeepSpeed's engine sees the whole forward.
@@ -446,9 +447,12 @@ class CausalLMChunkedLoss(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         shift_labels: bool = True,
         reduction: str = "mean",
+        **model_kwargs: Any,
     ) -> torch.Tensor:
+        # model_kwargs: what else the decoder's layers read, e.g. a packed batch's cu_seq_lens_q
         out = self._decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **model_kwargs,
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if labels is None:

@@ -6,7 +6,14 @@ A leaf: imports nothing from hyclora (``hyclora.quant`` and every kernel module 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import logging
 import os
+import re
+import tempfile
+import warnings
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
@@ -18,10 +25,14 @@ except ImportError:  # pragma: no cover - Linux images ship triton
     triton = None
     tl = None
 
-# The environment is read here and nowhere else, once, at import: both variables must be set
+# The environment is read here and nowhere else, once, at import: the variables must be set
 # before Python starts (the interpreter mode is fixed when triton is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("HYCLORA_QUANT_AUTOTUNE", "1") != "0"
+# where the autotuner's choices are kept across runs (:class:`TuningCache`)
+TUNING_CACHE_DIR = os.path.join(
+    os.path.expanduser(os.environ.get("HYCLORA_CACHE_DIR")
+                       or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "hyclora")), "autotune")
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -74,6 +85,11 @@ def check_triton_device(what: str, *tensors: Optional[torch.Tensor]) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def prev_pow2(n: int) -> int:
+    """The largest power of two <= ``n`` (``n >= 1``)."""
+    return 1 << (n.bit_length() - 1)
 
 
 def block_r(r: int) -> int:
@@ -160,11 +176,135 @@ def dot_operands(what: str, dot_dtype: Optional[torch.dtype], pairs, *, tensor_c
     return [None if t is None else t.to(dot_dtype).contiguous() for t in flat], ranks.pop(), dot_fp32
 
 
-# -- launching an autotuned kernel without the autotuner's per-call host work -------------------
+# -- launching an autotuned kernel: tuned once per key and token bucket, remembered on disk -------
 # ``Autotuner.run`` rebuilds an argument dict, its key and the dtype list on every launch (host
 # time that matters where a step is host-bound): ``launch_tuned`` asks the autotuner once per key
-# and then launches the tuned kernel directly with the chosen meta-parameters.
-_best: Dict[Tuple[int, Hashable], Dict[str, Any]] = {}
+# and then launches the tuned kernel directly with the chosen meta-parameters. Tuning compiles and
+# times every config (seconds per kernel variant, the first step's stall): the choice is kept on
+# disk (:class:`TuningCache`) so that a later run compiles the winner only. Triton caches the
+# compiled binaries itself (``TRITON_CACHE_DIR``, default ``~/.triton/cache``); we cache the choice.
+# The key adds the token count in buckets (:func:`token_bucket`): a new padded length reuses its
+# bucket's choice, the launch itself gets the real count (the kernels mask rows with it).
+TOKEN_BUCKET_MIN = 1024
+logger = logging.getLogger("hyclora.kernels.tuning")
+
+
+def token_bucket(tokens: int) -> int:
+    """The tuning bucket of a token count: the next power of four, at least 1024. Powers of four,
+    not two: each bucket costs a tuning per kernel variant on a cold cache, and a tile's ranking
+    is not expected to flip within a factor of four (not measured)."""
+    bucket = TOKEN_BUCKET_MIN
+    while bucket < tokens:
+        bucket *= 4
+    return bucket
+
+
+def device_tag(device: torch.device) -> Dict[str, str]:
+    """What a tuned config is valid for: the GPU model, its compute capability, Triton's version
+    (under the interpreter: the device type)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        capability = "%d.%d" % torch.cuda.get_device_capability(device)
+    else:
+        name, capability = f"{device.type} (Triton interpreter)", "none"
+    return {"device": name, "capability": capability, "triton": getattr(triton, "__version__", "none")}
+
+
+class TuningCache:
+    """The autotuner's choices on disk: one JSON file per (GPU, capability, Triton version,
+    kernel) under ``directory``, mapping a tuning key to the chosen config's keyword arguments.
+    ``directory=None``: nothing is read or written.
+
+    Files are replaced atomically (a temporary file, then ``os.replace``), re-read and merged just
+    before each write, so that ranks writing at once lose at most an entry (tuned again next run).
+    A file that cannot be read, was written for another device or Triton, or holds a config the
+    kernel does not list is ignored with a warning, never trusted."""
+
+    FORMAT = 1
+
+    def __init__(self, directory: Optional[str]):
+        self.directory = directory
+        self._files: Dict[str, Dict[str, Any]] = {}  # path -> its entries, read once per process
+        self._unwritable = False
+
+    def forget(self) -> None:
+        """Drop what was read (the next lookup reads the files again)."""
+        self._files.clear()
+
+    def path(self, tag: Dict[str, str], kernel: str) -> str:
+        stem = f"{tag['device']}-sm{tag['capability']}-triton{tag['triton']}-{kernel}"
+        return os.path.join(self.directory, re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".json")
+
+    def lookup(self, tag: Dict[str, str], kernel: str, entry: str, configs) -> Optional[Dict[str, Any]]:
+        """The stored config of ``entry`` if it is one of ``configs`` (dicts of a config's keyword
+        arguments), else None."""
+        if self.directory is None:
+            return None
+        entries = self._entries(tag, kernel)
+        stored = entries.get(entry)
+        if stored is None:
+            return None
+        if not any(stored == c for c in configs):
+            path = self.path(tag, kernel)
+            warnings.warn(f"hyclora: ignoring the tuned config {stored!r} of {kernel} [{entry}] in {path}: "
+                          "it is not one of the kernel's configs (another hyclora version?); tuning it again.")
+            del entries[entry]
+            return None
+        return dict(stored)
+
+    def store(self, tag: Dict[str, str], kernel: str, entry: str, config: Dict[str, Any]) -> None:
+        if self.directory is None:
+            return
+        entries = self._entries(tag, kernel)
+        entries[entry] = dict(config)
+        if self._unwritable:
+            return
+        path = self.path(tag, kernel)
+        tmp = None
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            entries.update({k: v for k, v in self._read(path, tag, kernel, quiet=True).items() if k not in entries})
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(format=self.FORMAT, kernel=kernel, **tag, entries=entries), f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            self._unwritable = True
+            warnings.warn(f"hyclora: cannot write the tuning cache {path} ({e}); tuned configs are kept for this "
+                          "process only. Set HYCLORA_CACHE_DIR to a writable folder.")
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _entries(self, tag: Dict[str, str], kernel: str) -> Dict[str, Any]:
+        path = self.path(tag, kernel)
+        if path not in self._files:
+            self._files[path] = self._read(path, tag, kernel)
+        return self._files[path]
+
+    def _read(self, path: str, tag: Dict[str, str], kernel: str, quiet: bool = False) -> Dict[str, Any]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except (OSError, ValueError) as e:  # unreadable, truncated, not JSON
+            if not quiet:
+                warnings.warn(f"hyclora: ignoring the tuning cache {path}: {e}; the kernel is tuned again and "
+                              "the file rewritten.")
+            return {}
+        expected = dict(format=self.FORMAT, kernel=kernel, **tag)
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), dict) or any(
+                data.get(k) != v for k, v in expected.items()):
+            if not quiet:
+                found = {k: data.get(k) for k in expected} if isinstance(data, dict) else type(data).__name__
+                warnings.warn(f"hyclora: ignoring the tuning cache {path}: written for {found}, not {expected}; "
+                              "the kernel is tuned again and the file rewritten.")
+            return {}
+        return data["entries"]
+
+
+_disk_cache = TuningCache(TUNING_CACHE_DIR)
+_best: Dict[Tuple[int, Hashable, Optional[int]], Dict[str, Any]] = {}
 _key_positions: Dict[int, Tuple[Tuple[Any, str], ...]] = {}
 
 
@@ -178,24 +318,88 @@ def _tuner_key(tuner, args: tuple, kwargs: dict) -> Hashable:
             + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
 
 
-def launch_tuned(tuner, grid: Callable, args: tuple, kwargs: dict) -> None:
-    """``tuner[grid](*args, **kwargs)`` the first time the autotuner's key is seen, then
-    ``tuner.fn[grid](*args, **kwargs, **best)`` with the config it chose for that key.
+def _kernel_name(tuner) -> str:
+    base = getattr(tuner, "base_fn", None)
+    name = getattr(base, "__name__", type(tuner).__name__).strip("_")
+    return name[: -len("_kernel")] if name.endswith("_kernel") else name
+
+
+def _source_hash(tuner) -> str:
+    """Triton's hash of the kernel's source and the jit functions it calls (the interpreter has
+    none: the source text's): a changed kernel is tuned again."""
+    key = getattr(getattr(tuner, "fn", None), "cache_key", None)
+    if not isinstance(key, str):
+        try:
+            key = inspect.getsource(tuner.base_fn)
+        except (AttributeError, OSError, TypeError):
+            key = ""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _key_text(tuner, key: tuple, bucket: Optional[int]) -> str:
+    names = list(tuner.keys)
+    text = ",".join(f"{n}={v}" for n, v in zip(names, key))
+    return text + ("" if bucket is None else f",M<={bucket}")
+
+
+def _recall_or_tune(tuner, grid: Callable, args: tuple, kwargs: dict, key: tuple, bucket: Optional[int],
+                    cache: TuningCache) -> Tuple[Dict[str, Any], bool]:
+    """``(config, launched)``: the stored choice for this key (not launched), or the autotuner's
+    (which launched the kernel), stored."""
+    name = _kernel_name(tuner)
+    label = _key_text(tuner, key, bucket)
+    dtypes = ",".join(str(d).replace("torch.", "") for d in key[len(tuner.keys):])
+    entry = f"{_source_hash(tuner)}|{label}|{dtypes}"
+    tag = device_tag(next(a.device for a in args if isinstance(a, torch.Tensor)))
+    configs = [c.all_kwargs() for c in tuner.configs] if cache.directory is not None else ()
+    stored = cache.lookup(tag, name, entry, configs)
+    if stored is not None:
+        return stored, False
+    logger.info("hyclora: tuning %s[%s] over %d configs (once per GPU model, kernel and size bucket%s)",
+                name, label, len(getattr(tuner, "configs", ())),
+                "" if cache.directory is None else f"; remembered in {cache.directory}")
+    # Triton's own memo has no token bucket: time this bucket's configs afresh
+    own_memo = getattr(tuner, "cache", None)
+    if isinstance(own_memo, dict):
+        own_memo.clear()
+    tuner[grid](*args, **kwargs)
+    best = tuner.best_config.all_kwargs()
+    cache.store(tag, name, entry, best)
+    return best, True
+
+
+def launch_tuned(tuner, grid: Callable, args: tuple, kwargs: dict, *, tokens: Optional[int] = None,
+                 cache: Optional[TuningCache] = None) -> None:
+    """Launch ``tuner``'s kernel with the config chosen for its key, the argument dtypes and the
+    token bucket of ``tokens`` (None: no bucket): remembered in the process, else read from
+    ``cache`` (default: :data:`TUNING_CACHE_DIR`), else tuned by ``tuner[grid](*args, **kwargs)``
+    (one INFO line of ``hyclora.kernels.tuning``) and stored; later launches are
+    ``tuner.fn[grid](*args, **kwargs, **best)``.
 
     ``tuner`` must live as long as the process (an ``functools.lru_cache``'d builder) and its
     configs carry no ``pre_hook`` (the direct launch does not run it)."""
-    memo = (id(tuner), _tuner_key(tuner, args, kwargs))
+    bucket = None if tokens is None else token_bucket(tokens)
+    memo = (id(tuner), _tuner_key(tuner, args, kwargs), bucket)
     best = _best.get(memo)
     if best is None:
-        tuner[grid](*args, **kwargs)
-        _best[memo] = tuner.best_config.all_kwargs()
-        return
+        best, launched = _recall_or_tune(tuner, grid, args, kwargs, memo[1], bucket,
+                                         _disk_cache if cache is None else cache)
+        _best[memo] = best
+        if launched:
+            return
     tuner.fn[grid](*args, **kwargs, **best)
 
 
+def tuned_choices() -> Dict[Tuple[int, Hashable, Optional[int]], Dict[str, Any]]:
+    """The configs chosen in this process: ``{(id(tuner), key values + dtypes, token bucket): config}``."""
+    return dict(_best)
+
+
 def forget_tuned() -> None:
-    """Forget the chosen configs (the next launch of every key asks the autotuner again)."""
+    """Forget the configs chosen in this process (the next launch of every key reads the disk
+    cache again, as a new process would, and tunes what it does not hold)."""
     _best.clear()
+    _disk_cache.forget()
 
 
 if triton is not None:
@@ -282,7 +486,8 @@ if triton is not None:
 
 __all__ = [
     "triton", "tl", "INTERPRET", "AUTOTUNE", "BACKENDS", "FIXED_TILE", "resolve_backend", "check_triton_device",
-    "next_pow2", "block_r", "interpret_tile", "launch_opts", "dot_dtype_for", "promoted_dtype", "lora_term_torch",
-    "with_lora", "dot_operands", "launch_tuned", "forget_tuned", "cast_out", "load_bt", "lora_tile", "column_block",
-    "byte_columns", "row_block", "channel_row", "program_bt",
+    "next_pow2", "prev_pow2", "block_r", "interpret_tile", "launch_opts", "dot_dtype_for", "promoted_dtype",
+    "lora_term_torch", "with_lora", "dot_operands", "launch_tuned", "forget_tuned", "tuned_choices", "token_bucket",
+    "device_tag", "TuningCache", "TUNING_CACHE_DIR", "TOKEN_BUCKET_MIN", "cast_out", "load_bt", "lora_tile",
+    "column_block", "byte_columns", "row_block", "channel_row", "program_bt",
 ]

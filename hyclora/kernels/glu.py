@@ -246,7 +246,7 @@ def _launch(which: str, m: int, n: int, args: tuple, consts: dict, config) -> No
     if config is None and not INTERPRET and AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
-        launch_tuned(_tuned(which), grid, args, dict(consts, enable_fp_fusion=False))
+        launch_tuned(_tuned(which), grid, args, dict(consts, enable_fp_fusion=False), tokens=m)
         return
     if config is not None:
         bm, bn, warps, ri, fma = (tuple(config) + (1, False)[len(config) - 3:])[:5]

@@ -38,7 +38,8 @@ from torch import Tensor
 from hyclora.quant.core import QuantizedTensor, quantize_pack_torch, unpack_dequantize_torch
 from hyclora.quant.format import check_bits, packed_width
 
-from .common import INTERPRET, cast_out, check_triton_device, launch_opts, next_pow2, resolve_backend, tl, triton
+from .common import (INTERPRET, cast_out, check_triton_device, launch_opts, next_pow2, prev_pow2, resolve_backend, tl,
+                     triton)
 
 if triton is not None:
     from hyclora.quant.triton_kernels import pack_tile, quant_codes, unpack_tile
@@ -475,8 +476,10 @@ def rmsnorm_backward_dense_triton(dy_n: Tensor, x: Tensor, rstd: Tensor, weight:
     dx_dtype = x.dtype if res2 is None else torch.promote_types(x.dtype, res2.dtype)
     dx = torch.empty((m, d), dtype=dx_dtype, device=x.device) if need_dx else None
     block_m, block_d, warps = _blocks(m, d)
-    # a few hundred programs: enough to fill the GPU, few partial sums to add up
-    row_iters = 1 if INTERPRET else max(1, min(64, triton.cdiv(m, block_m * 528)))
+    # a few hundred programs: enough to fill the GPU, few partial sums to add up. A power of two
+    # (rounded down: at least as many programs): ROW_ITERS is a constexpr, and one per token
+    # count would compile the kernel again for every new padded length
+    row_iters = 1 if INTERPRET else prev_pow2(max(1, min(64, triton.cdiv(m, block_m * 528))))
     grid = triton.cdiv(m, block_m * row_iters)
     partial = torch.empty((grid, d), dtype=torch.float32, device=x.device) if need_dweight else None
     g_like = torch.empty(0, dtype=g_dtype, device=x.device)

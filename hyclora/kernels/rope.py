@@ -172,13 +172,30 @@ def _use_triton(backend: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return resolve_backend(backend, x.device) == "triton" and _triton_takes(x, cos, sin)
 
 
+def _rotary_part(x: torch.Tensor, cos: torch.Tensor):
+    """``None`` when the tables cover all of ``x``'s last dim, else the rotated width: partial
+    rotary (Phi-3 / Phi-4-mini's ``partial_rotary_factor``: tables of ``rot < d_h`` channels rotate
+    the first ``rot`` channels of every head and pass the rest through, as transformers does)."""
+    rot, d = cos.shape[-1], x.shape[-1]
+    if rot == d:
+        return None
+    if rot > d or rot % 2:
+        raise ValueError(f"hyclora: RoPE tables of width {rot} for heads of width {d}; expected an even width "
+                         f"of at most {d} (partial rotary rotates the first channels of each head).")
+    return rot
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """``x``: ``(b, heads, s, d_h)``; ``cos``/``sin``: ``(b, s, d_h)``. Same ops as transformers
-    (long inputs outside autograd in chunks of tokens: the same values).
+    """``x``: ``(b, heads, s, d_h)``; ``cos``/``sin``: ``(b, s, d_h)``, or ``(b, s, rot)`` with
+    ``rot < d_h`` (partial rotary: the first ``rot`` channels rotated, the rest passed through).
+    Same ops as transformers (long inputs outside autograd in chunks of tokens: the same values).
 
     ``backend``: ``"torch"``, ``"triton"`` (one kernel; the same bits) or ``"auto"`` (Triton on
     CUDA). The Triton result, like the chunked one, is a ``(b, heads, s, d_h)`` view of a
     contiguous ``(b, s, heads, d_h)`` tensor; layouts it does not take run the torch ops."""
+    rot = _rotary_part(x, cos)
+    if rot is not None:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin, backend), x[..., rot:]), dim=-1)
     if _use_triton(backend, x, cos, sin):
         return _rope_triton(x, cos, sin, backward=False)
     return _in_token_chunks(_rope, x, cos, sin) if _chunked(x, cos) else _rope(x, cos, sin)
@@ -186,7 +203,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: s
 
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Gradient of :func:`apply_rope` w.r.t. its input: the inverse rotation applied to ``dy``
-    (``backend`` as for :func:`apply_rope`)."""
+    (partial rotary: to its first ``rot`` channels, the rest as is; ``backend`` as for
+    :func:`apply_rope`)."""
+    rot = _rotary_part(dy, cos)
+    if rot is not None:
+        return torch.cat((rope_backward(dy[..., :rot], cos, sin, backend), dy[..., rot:]), dim=-1)
     if _use_triton(backend, dy, cos, sin):
         return _rope_triton(dy, cos, sin, backward=True)
     return _in_token_chunks(_rope_backward, dy, cos, sin) if _chunked(dy, cos) else _rope_backward(dy, cos, sin)

@@ -25,7 +25,7 @@ import contextlib
 import inspect
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hyclora.ops.attention import check_implementation, is_s2
+from hyclora.ops.lora import FusedPart
 from hyclora.ops.rmsnorm import RMSNormFn
 from hyclora.ops.storage import StoragePolicy
 from hyclora.ops.tensor_specs import stats_names, tensor_widths
@@ -262,6 +263,8 @@ class LayerAdapter:
         self._linear_groups = tuple(tuple((short, p, attrgetter(p)) for short, p in group)
                                     for group in (spec.attention_linears, spec.mlp_linears))
         self._linears = tuple(get for group in self._linear_groups for _, _, get in group)
+        self._fused_parts = spec.fused_parts
+        self._fused_group = {part[0]: g for g, group in enumerate(self._fused_parts) for part in group if part}
 
     # -- discovery and checks ----------------------------------------------------------------
     def layer_class(self):
@@ -374,16 +377,52 @@ class LayerAdapter:
         return tuple(self.resolve_norm(get(layer), f"{name}.{p}") for p, get in self._post_norms)
 
     def resolve_linears(self, layer: nn.Module, name: str):
-        """``((attention metas, params), (mlp metas, params))`` of the spec's linears."""
+        """``((attention metas, params), (mlp metas, params))`` of the spec's linears. A fused
+        projection (``spec.fused_projections``) is read once and given as its parts: each a meta
+        with its rows (:class:`~hyclora.ops.lora.FusedPart`) and the fused ``(W, bias, A, B)``."""
+        widths = self.output_widths(layer, self.layer_config(layer)) if self.spec.fused_projections else None
         groups = []
-        for linears in self._linear_groups:
+        for g, linears in enumerate(self._linear_groups):
             metas, params = [], []
-            for short, path, get in linears:
-                meta, p = resolve_linear(get(layer), short, f"{name}.{path}")
+            fused: Dict[str, list] = {}  # path -> [meta, params, rows taken so far]
+            for k, (short, path, get) in enumerate(linears):
+                part = self._fused_parts[g][k]
+                if part is None:
+                    meta, p = resolve_linear(get(layer), short, f"{name}.{path}")
+                else:
+                    meta, p = self._resolve_part(layer, name, short, get, part, widths[g], k, fused)
                 metas.append(meta)
                 params.extend(p)
             groups.append((tuple(metas), params))
         return tuple(groups)
+
+    def _resolve_part(self, layer, name: str, short: str, get, part, widths, k: int, fused):
+        """One part of a fused projection: ``(meta with its rows, the fused linear's parameters)``."""
+        path, index, count = part
+        where = f"{name}.{path}"
+        if path not in fused:
+            module = get(layer)
+            meta, p = resolve_linear(module, path.rsplit(".", 1)[-1], where)
+            linears = self._linear_groups[self._fused_group[path]]
+            split = [(s, w) for (s, pth, _), w in zip(linears, widths) if pth == path]
+            total = sum(w for _, w in split)
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            out = getattr(base, "out_features", None)
+            rows_b = p[3].shape[0] if p[3] is not None and p[3].numel() else total
+            if out != total or rows_b != total:
+                raise ValueError(
+                    f"hyclora: {where} has {out} output features (lora_B: {rows_b} rows); hyclora's {self.model_type} "
+                    f"blocks split it into {' + '.join(f'{s} {w}' for s, w in split)} = {total} (from the model "
+                    "config's heads, head_dim and intermediate_size). Set HyCLoRAConfig(use_hyclora=False) to train "
+                    "this model without hyclora."
+                )
+            fused[path] = [meta, p, 0]
+        meta, p, start = fused[path]
+        stop = start + widths[k]
+        fused[path][2] = stop
+        fused_name = path.rsplit(".", 1)[-1]
+        return replace(meta, name=f"{fused_name}[{short}]",
+                       part=FusedPart(fused_name, index, count, start, stop)), p
 
     def resolve(self, layer: nn.Module, name: str):
         """``(norms, ((attention metas, params), (mlp metas, params)))``."""
@@ -432,6 +471,11 @@ class LayerAdapter:
         ``kv_heads``, ``d_ff``)."""
         raise NotImplementedError
 
+    def output_widths(self, layer: nn.Module, cfg) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Output features of each linear of the spec, per block (attention, MLP): how a fused
+        projection splits into its parts (families whose specs may have fused projections)."""
+        raise NotImplementedError
+
     def check_call(self, layer: nn.Module, patch: LayerPatch, arguments: Dict[str, Any], impl: str):
         """Refuse call arguments the blocks do not serve; return the family's block inputs."""
         raise NotImplementedError
@@ -449,6 +493,7 @@ class LayerAdapter:
         layer.hyclora_state = HyCLoRALayerState(
             widths, names, config.layernorm_outlier_ratio, config.iteration_threshold,
             device=device, recalibrate_every=config.recalibrate_every, family=family,
+            refresh=config.recalibrate_mode == "refresh",
         )
         sig = inspect.signature(type(layer).forward)
         params = list(sig.parameters.values())[1:]  # drop self

@@ -10,11 +10,12 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from hyclora.ops.attention import block_attention_mask
+from hyclora.ops.attention import layer_attention_mask
 from hyclora.ops.blocks import AttentionPlan, MLPPlan, attention_block, mlp_block
 from hyclora.ops.tensor_specs import D_FF, DECODER, HIDDEN, KV_HEADS, Q_HEADS
 
 from .adapter import LayerAdapter, LayerCall, LayerPatch
+from .spec import get_path
 
 
 class DecoderAdapter(LayerAdapter):
@@ -40,9 +41,28 @@ class DecoderAdapter(LayerAdapter):
         return {HIDDEN: cfg.hidden_size, Q_HEADS: heads * head_dim, KV_HEADS: kv_heads * head_dim,
                 D_FF: cfg.intermediate_size}
 
+    def output_widths(self, layer: nn.Module, cfg):
+        d = self.dims(layer, cfg)
+        return (d[Q_HEADS], d[KV_HEADS], d[KV_HEADS], d[HIDDEN]), (d[D_FF], d[D_FF], d[HIDDEN])
+
+    def check_dropouts(self, layer: nn.Module, name: str) -> None:
+        """The decoder blocks run no dropout on the branch outputs: refuse a spec ``dropouts``
+        module (Phi-3's ``resid_attn_dropout`` / ``resid_mlp_dropout``) that would drop anything."""
+        for _, path in self.spec.dropouts:
+            module = get_path(layer, path)
+            p = 0.0 if isinstance(module, nn.Identity) else getattr(module, "p", None)
+            if not isinstance(module, (nn.Dropout, nn.Identity)) or (module.training and p):
+                raise ValueError(
+                    f"hyclora: {name}.{path} is a {type(module).__name__}(p={p}) in training mode; hyclora's decoder "
+                    "blocks run no dropout on the attention / MLP outputs. Set its p to 0 (for Phi-3: "
+                    "config.resid_pdrop = 0.0, as the released models ship) or set HyCLoRAConfig(use_hyclora=False)."
+                )
+
     def check_call(self, layer: nn.Module, patch: LayerPatch, arguments: Dict[str, Any], impl: str):
         """``(mask, (cos, sin))``: the mask in the form the attention block keeps, and RoPE's tables."""
         name = patch.name
+        if self.spec.dropouts:  # read on every call: dropout modules follow train()/eval() of their own
+            self.check_dropouts(layer, name)
         pos = arguments.get("position_embeddings")
         if pos is None:
             raise ValueError(
@@ -63,8 +83,8 @@ class DecoderAdapter(LayerAdapter):
                     f"hyclora: {name} got a KV cache that already holds tokens; training with a "
                     "pre-filled cache (prefix tuning) is not supported. Pass use_cache=False."
                 )
-        # S²-Attn's lazy mask -> a tensor the block saves
-        return block_attention_mask(impl, arguments.get("attention_mask"), name), pos
+        # packed documents (cu_seqlens), or the mask (S²-Attn's lazy one -> a tensor the block saves)
+        return layer_attention_mask(impl, arguments, arguments.get("hidden_states"), name), pos
 
     def blocks(self, layer: nn.Module, call: LayerCall):
         mask, (cos, sin) = call.inputs

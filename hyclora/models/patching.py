@@ -71,8 +71,13 @@ def patch_forward(module: nn.Module, forward: Callable) -> None:
 
 
 def original_class(module: nn.Module) -> type:
-    """The class ``module`` had before :func:`patch_forward`."""
-    return type(module).__dict__.get("_hyclora_original_class", type(module))
+    """The class ``module`` had before :func:`patch_forward`. Looked up along the MRO: FSDP2's
+    ``fully_shard`` subclasses the patched class again, and its forward is still ours."""
+    for cls in type(module).__mro__:
+        original = cls.__dict__.get("_hyclora_original_class")
+        if original is not None:
+            return original
+    return type(module)
 
 
 def call_original(module: nn.Module, *args, **kwargs):

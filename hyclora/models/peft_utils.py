@@ -19,7 +19,8 @@ from .spec import qualified_name
 
 SUPPORTED_PEFT = (
     "plain LoRA (peft LoraConfig) with one active adapter, any subset of "
-    "q/k/v/o/gate/up/down_proj as targets, lora_dropout, use_rslora, bias on the base layer"
+    "q/k/v/o/gate/up/down_proj (Phi-3: qkv/o/gate_up/down_proj) as targets, lora_dropout, use_rslora, "
+    "bias on the base layer"
 )
 
 

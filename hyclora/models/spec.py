@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from hyclora.ops.blocks import QK_NORM_VARIANTS
+from hyclora.ops.blocks import QK_NORM_VARIANTS, SHARED_INPUT_LINEARS
 from hyclora.ops.tensor_specs import DECODER, FAMILIES, POST_NORMS, family_specs
 from hyclora.kernels.rmsnorm import NORM_VARIANTS
 
@@ -47,7 +47,9 @@ class ArchitectureSpec:
     ``double_bits``: kept tensors (names of :mod:`hyclora.ops.tensor_specs`) this architecture
     keeps at twice ``q_bit`` beyond the table's own ``double_bits`` rows (measured per model).
     ``attention``: the module whose ``config`` the layer reads.
-    ``dropouts``: ``(role, path)`` of dropout modules the blocks honour. ``activation_keys``:
+    ``dropouts``: ``(role, path)`` of dropout modules: the encoder blocks honour them; the decoder
+    blocks run none, so a decoder layer training with one of them at ``p > 0`` is refused (Phi-3's
+    residual dropouts). ``activation_keys``:
     config keys naming the MLP activation (the first is read, all must hold an accepted value);
     any other activation-like key on the config is refused. ``config_rules``: further keys that
     must hold given values. ``qk_norms``: ``()`` or the paths of the q and k norms (Qwen3,
@@ -55,7 +57,11 @@ class ArchitectureSpec:
     before RoPE); ``qk_norm_classes``: their accepted classes (empty: ``norm_classes``);
     ``qk_norm_variant``: how their weight scales (None: ``norm_variant``; the variants the attention
     block implements are :data:`hyclora.ops.blocks.QK_NORM_VARIANTS`). ``fused_projections``:
-    fused linears (Phi-3's ``qkv_proj``); not implemented, so a spec naming one is refused.
+    paths of fused linears (Phi-3's ``self_attn.qkv_proj``, ``mlp.gate_up_proj``) that compute
+    several of the block's linears in one: the consecutive ``attention_linears`` / ``mlp_linears``
+    entries naming such a path are its output row blocks in order (widths from the layer's
+    geometry), among the linears that take the same input
+    (:data:`hyclora.ops.blocks.SHARED_INPUT_LINEARS`: q/k/v, gate/up); decoder family only.
     ``final_norm``: attribute of the module holding the layer list that is the final norm (its
     training forward saves memory too), or None.
     """
@@ -114,15 +120,46 @@ class ArchitectureSpec:
         if unknown:
             raise ValueError(f"{where} keeps {unknown} at double bits: not quantised tensors of the {self.family} "
                              "blocks (hyclora.ops.tensor_specs)")
-        if self.fused_projections:
-            raise NotImplementedError(f"{where}: fused projections {self.fused_projections} are not "
-                                      "implemented by hyclora's blocks")
+        self._check_fused(where)
         if not self.norm_classes or not self.activation_keys:
             raise ValueError(f"{where} needs norm_classes and activation_keys")
+
+    def _check_fused(self, where: str) -> None:
+        """Every path named by several linears is a fused projection laid out as the blocks run one."""
+        groups = (self.attention_linears, self.mlp_linears)
+        paths = [p for _, p in self.linears]
+        repeated = sorted({p for p in paths if paths.count(p) > 1} - set(self.fused_projections))
+        if repeated:
+            raise ValueError(f"{where} names {repeated} for several linears without listing them in fused_projections")
+        if self.fused_projections and self.family != DECODER:
+            raise NotImplementedError(f"{where}: fused projections {self.fused_projections} are implemented for the "
+                                      f"{DECODER} blocks only")
+        for path in self.fused_projections:
+            for group, shared in zip(groups, SHARED_INPUT_LINEARS):
+                at = [i for i, (_, p) in enumerate(group) if p == path]
+                if at:
+                    break
+            ok = (len(at) >= 2 and at == list(range(at[0], at[0] + len(at))) and at[-1] < shared
+                  and paths.count(path) == len(at))
+            if not ok:
+                raise ValueError(
+                    f"{where}: the fused projection {path!r} must be named by two or more consecutive linears of "
+                    "one block among those that take the same input (attention: q/k/v; MLP: gate/up)")
 
     @property
     def linears(self) -> Tuple[Tuple[str, str], ...]:
         return self.attention_linears + self.mlp_linears
+
+    @property
+    def fused_parts(self) -> Tuple[Tuple[Optional[Tuple[str, int, int]], ...], ...]:
+        """Per block (attention, MLP), per linear: ``(fused path, part index, part count)``, or
+        None for a linear of its own."""
+        out = []
+        for group in (self.attention_linears, self.mlp_linears):
+            paths = [p for _, p in group]
+            out.append(tuple((p, paths[:i].count(p), paths.count(p)) if p in self.fused_projections else None
+                             for i, p in enumerate(paths)))
+        return tuple(out)
 
     @property
     def effective_qk_norm_variant(self) -> str:

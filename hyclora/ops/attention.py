@@ -23,12 +23,31 @@ implementation name, and the model adapters pass the mask a layer received throu
 :func:`block_attention_mask` first.
 
 Masks: ``None`` (causal), a boolean mask (True = attend) or an additive float mask, of shape
-``(b or 1, 1 or heads, q, kv)``; for S²-Attn also a ``(b, s)`` key-padding mask (True = token).
+``(b or 1, 1 or heads, q, kv)``; for S²-Attn also a ``(b, s)`` key-padding mask (True = token);
+or the documents of a packed batch as ``cu_seqlens`` (see "Packed documents" below).
+
+Packed documents: a packed (padding-free) batch concatenates documents into rows, and attention must
+stay inside each one. The blocks get them as ``cu_seqlens``, a 1-D int32 tensor of document starts over
+the flattened ``b * s`` tokens ending with ``b * s`` (flash-attention's varlen format; entries past the
+last document may repeat ``b * s``: empty documents, so a fixed capacity gives every packed micro-batch
+one shape). :func:`packed_documents` reads them from a layer call's ``cu_seq_lens_q`` (what TRL's
+padding-free collator, ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` and
+:class:`hyclora.data.packing.PackedBatchCollator` pass; transformers' flash-attention path follows it
+too). Packed ``position_ids`` without ``cu_seq_lens_q`` go through transformers' mask as any mask
+does, and transformers (5.17) builds the per-document mask from them only without a KV cache: called
+with ``use_cache`` on (the training default), sdpa gets no mask at all and eager a plain causal one,
+so the unpatched model and hyclora both attend across documents; pass ``use_cache=False`` (TRL does)
+or ``cu_seq_lens_q``. On CUDA (fp16/bf16) the attention runs through a varlen kernel (``flash_attn``'s
+``flash_attn_varlen_func``, else ``torch.nn.attention.varlen``; :func:`varlen_kernel`); otherwise through
+the exact block-diagonal causal mask (:func:`document_mask`); S²-Attn evaluates the documents lazily
+on its groups (:func:`document_index_mask`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+import weakref
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +105,197 @@ def block_attention_mask(impl: str, mask, where: str = ""):
     return mask
 
 
+# -- packed documents ------------------------------------------------------------------------------
+
+
+class _OnePerTensor:
+    """The answer of a host-reading check for the last tensor (or tensors) it was asked about: a
+    forward hands every decoder layer the same mask / ``cu_seqlens`` objects,
+    so the layers after the first reuse it (one host read per forward)."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, tensors, compute):
+        key = tuple((id(t), t._version) if torch.is_tensor(t) else id(t) for t in tensors)
+        alive = self.key is not None and all(r() is t for r, t in zip(self.key[1], tensors))
+        if not alive or self.key[0] != key:
+            value = compute()
+            self.key = (key, tuple(weakref.ref(t) for t in tensors))
+            self.value = value
+        return self.value
+
+
+_CHECKED_DOCUMENTS = _OnePerTensor()
+_MASK_COVERS = _OnePerTensor()
+
+
+def is_documents(mask) -> bool:
+    """Whether ``mask`` is the ``cu_seqlens`` form of packed documents (a 1-D integer tensor)."""
+    return torch.is_tensor(mask) and mask.dim() == 1 and not mask.is_floating_point() and mask.dtype != torch.bool
+
+
+def document_ids(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """``(batch, length)`` index of the document of every token (fixed shapes: graph-capturable)."""
+    tokens = torch.arange(batch * length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).view(batch, length)
+
+
+def document_mask(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The ``(batch, 1, length, length)`` bool mask: causal, and inside each document only."""
+    ids = document_ids(cu_seqlens, batch, length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+    return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
+
+
+def document_index_mask(cu_seqlens: torch.Tensor, batch: int, length: int) -> IndexMask:
+    """The documents as a lazy :class:`IndexMask` (S²-Attn, causal itself, reads its groups only)."""
+    ids = document_ids(cu_seqlens, batch, length)
+    return IndexMask(lambda b, h, q, kv: ids[b, q] == ids[b, kv], batch, length, ids.device)
+
+
+def check_documents(cu_seqlens, batch: int, length: int, device, where: str = "") -> None:
+    """Refuse a ``cu_seqlens`` that does not describe ``batch`` rows of ``length`` tokens: 1-D
+    int32 on the hidden states' device, from 0 up to ``batch * length`` (repeats allowed), every row
+    start a document start (a document never runs into the next row). Values are read once per
+    tensor (one host read per forward)."""
+    tag = f" ({where})" if where else ""
+    fix = ("pass cu_seq_lens_q as hyclora.data.PackedBatchCollator, TRL's padding-free collator or "
+           "transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True) build it")
+    if not torch.is_tensor(cu_seqlens) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        what = (f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}" if torch.is_tensor(cu_seqlens)
+                else type(cu_seqlens).__name__)
+        raise ValueError(f"hyclora{tag}: cu_seq_lens_q must be a 1-D int32 tensor of document starts, got a "
+                         f"{what}; {fix}.")
+    if cu_seqlens.device != torch.device(device) or cu_seqlens.numel() < 2:
+        raise ValueError(f"hyclora{tag}: cu_seq_lens_q ({cu_seqlens.numel()} entries on {cu_seqlens.device}) needs "
+                         f"at least 2 entries on the model's device {device}; {fix}.")
+
+    def compute():
+        total = batch * length
+        rows = torch.arange(0, total, length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+        ok = ((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens.diff() >= 0).all()
+              & torch.isin(rows, cu_seqlens).all())
+        return bool(ok)
+
+    if not _CHECKED_DOCUMENTS.get((cu_seqlens,), compute):
+        raise ValueError(
+            f"hyclora{tag}: cu_seq_lens_q {cu_seqlens.tolist()[:16]}... does not describe {batch} packed row(s) of "
+            f"{length} tokens: it must start at 0, never decrease, end at {batch * length} and contain every row "
+            f"start (multiples of {length}); {fix}.")
+
+
+def _mask_allows(mask) -> Optional[torch.Tensor]:
+    """What a mask the layer received lets attend, as a bool tensor broadcastable to (b, 1, q, kv)."""
+    if isinstance(mask, IndexMask):
+        return mask.dense()
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _mask_covers(mask, cu_seqlens: torch.Tensor, batch: int, length: int) -> bool:
+    """Whether ``mask`` lets every token see its whole document's past (so attending by the
+    documents alone is attending by both). One host read per (mask, documents) pair."""
+    if mask is None:
+        return True
+
+    def compute():
+        docs = document_mask(cu_seqlens, batch, length)
+        return not bool((docs & ~_mask_allows(mask)).any())
+
+    return _MASK_COVERS.get((mask, cu_seqlens), compute)
+
+
+def packed_documents(mask, cu_seq_lens, batch: int, length: int, device, where: str = "") -> Optional[torch.Tensor]:
+    """The ``cu_seqlens`` of the documents a training call's attention must stay inside (the layer's
+    ``cu_seq_lens_q``), or None (not packed). Checked (:func:`check_documents`) and refused together
+    with a ``mask`` that hides a key inside a document (padding: a packed batch has none). One host
+    read per forward of a packed batch, none otherwise. Packed ``position_ids`` alone are not read
+    here (that would cost every step a host read): transformers' own mask carries them, but only
+    when the model runs without a KV cache (``use_cache=False``; see the module docstring)."""
+    if cu_seq_lens is None:
+        return None
+    tag = f" ({where})" if where else ""
+    check_documents(cu_seq_lens, batch, length, device, where)
+    if not _mask_covers(mask, cu_seq_lens, batch, length):
+        raise ValueError(
+            f"hyclora{tag}: got cu_seq_lens_q (packed documents) together with an attention_mask that hides "
+            "tokens inside a document (padding); a packed batch needs no attention_mask: drop it (padding "
+            "belongs in its own document at the end of a row, as hyclora.data.PackedBatchCollator puts it).")
+    return cu_seq_lens
+
+
+def layer_attention_mask(impl: str, arguments, hidden: torch.Tensor, where: str = ""):
+    """The attention input of a decoder-layer call (``arguments``: its arguments by name): the
+    packed documents (:func:`packed_documents`) in a training forward with grad, else the mask
+    through :func:`block_attention_mask`."""
+    mask = arguments.get("attention_mask")
+    if hidden is not None and hidden.dim() == 3:
+        docs = packed_documents(mask, arguments.get("cu_seq_lens_q"), hidden.shape[0], hidden.shape[1],
+                                hidden.device, where)
+        if docs is not None:
+            return docs
+    return block_attention_mask(impl, mask, where)
+
+
+_VARLEN_ARGS: dict = {}
+
+
+def varlen_kernel(q: torch.Tensor) -> Optional[Callable]:
+    """A varlen causal attention ``kernel(q, k, v, cu_seqlens, max_len, scale) -> o`` on
+    ``(tokens, heads, d)`` tensors (k/v may have fewer heads) for ``q``'s device and dtype, or None:
+    ``flash_attn.flash_attn_varlen_func`` when installed, else ``torch.nn.attention.varlen``; CUDA
+    fp16/bf16 with head_dim <= 256 only (their kernels' range). None: the block-diagonal mask path."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "params" not in _VARLEN_ARGS:  # its keywords changed between torch releases: read them once
+        _VARLEN_ARGS["params"] = frozenset(inspect.signature(varlen_attn).parameters)
+    params = _VARLEN_ARGS["params"]
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+    def torch_varlen(q, k, v, cu, n, scale):
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                gqa = {"enable_gqa": True}
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, **causal, **gqa)
+
+    return torch_varlen
+
+
+def packed_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             scaling: float, kernel: Optional[Callable] = None) -> torch.Tensor:
+    """Causal attention inside the documents of ``cu_seqlens``; returns ``(b, s, h*d)``.
+
+    ``kernel``: a varlen kernel as :func:`varlen_kernel` returns (None: the one it picks, or the
+    exact block-diagonal mask through sdpa when there is none). The varlen kernel reads every row as
+    one stream of ``b * s`` tokens with ``s`` as the longest document (a static bound: no host read).
+    """
+    b, h, s, d = q.shape
+    if kernel is None:
+        kernel = varlen_kernel(q)
+    if kernel is None:
+        return sdpa_attention_forward(q, k, v, document_mask(cu_seqlens, b, s), scaling, True)
+    tokens = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[-1])  # noqa: E731
+    o = kernel(tokens(q), tokens(k), tokens(v), cu_seqlens, s, scaling)
+    return o.reshape(b, s, h * o.shape[-1])
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
@@ -126,6 +336,8 @@ def eager_attention_forward(
     soft-capping, ``softcap * tanh(scores / softcap)`` before the mask (transformers' eager order).
     """
     b, h, s, d = q.shape
+    if is_documents(mask):  # packed documents: their block-diagonal causal mask
+        mask = document_mask(mask, b, s)
     groups = h // k.shape[1]
     scores = _capped_scores(q, k, groups, scaling, softcap)
     amask = additive_mask(mask, scores.dtype, s, k.shape[2], q.device, is_causal)
@@ -250,6 +462,13 @@ def attention_forward(
     other implementations. ``eager`` returns the output only (the block that keeps the map calls
     :func:`eager_attention_forward` itself).
     """
+    if is_documents(mask):
+        if not is_causal:
+            raise ValueError("hyclora: packed documents (cu_seq_lens_q) need causal "
+                             "attention; this attention layer is not causal: pad its batches instead.")
+        if impl == "sdpa":
+            return packed_attention_forward(q, k, v, mask, scaling)
+        mask = document_index_mask(mask, q.shape[0], q.shape[2]) if is_s2(impl) else mask
     if impl == "sdpa":
         return sdpa_attention_forward(q, k, v, mask, scaling, is_causal)
     if is_s2(impl):
@@ -303,6 +522,15 @@ __all__ = [
     "attention_forward",
     "attention_recompute",
     "block_attention_mask",
+    "layer_attention_mask",
+    "packed_documents",
+    "check_documents",
+    "is_documents",
+    "document_ids",
+    "document_mask",
+    "document_index_mask",
+    "varlen_kernel",
+    "packed_attention_forward",
     "is_s2",
     "check_implementation",
     "repeat_kv",

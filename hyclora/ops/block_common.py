@@ -73,9 +73,10 @@ def restore_autocast(state):
     return torch.autocast(device_type=state[0], dtype=state[1])
 
 
-def begin_forward(ctx, plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor, x: torch.Tensor) -> None:
+def begin_forward(ctx, plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor, x: torch.Tensor,
+                  shared_input: int = 0) -> None:
     """Check the parameters (:func:`check_block_params`); keep the plan and the autocast state on ``ctx``."""
-    check_block_params(plan, lin, norm_w)
+    check_block_params(plan, lin, norm_w, shared_input)
     ctx.plan = plan
     ctx.autocast = autocast_state(x.device.type)
 
@@ -101,9 +102,11 @@ def linear_params(lin: Sequence, i: int):
     return tuple(lin[PARAMS_PER_LINEAR * i : PARAMS_PER_LINEAR * (i + 1)])
 
 
-def check_block_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor):
-    """Refuse empty (ZeRO-3 partitioned) parameters, trainable base weights and LoRA linears
-    without A/B."""
+def check_block_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor, shared_input: int = 0):
+    """Refuse empty (ZeRO-3 partitioned) parameters, trainable base weights, LoRA linears
+    without A/B, and fused-linear parts (:class:`~hyclora.ops.lora.FusedPart`) outside the block's
+    first ``shared_input`` linears (those that take the same input) or not laid out as one fused
+    linear's consecutive parts."""
     empty = norm_w.numel() == 0
     for p in lin:  # a plain loop: this runs twice per layer and step (host time)
         if p is not None and p.numel() == 0:
@@ -125,6 +128,31 @@ def check_block_params(plan: BlockPlan, lin: Sequence, norm_w: torch.Tensor):
             )
         if meta.has_lora and (lora_a is None or lora_b is None):
             raise RuntimeError(f"hyclora internal error: {meta.name} has LoRA but no A/B")
+        if meta.part is not None:
+            _check_part(plan, lin, i, shared_input)
+
+
+def _check_part(plan: BlockPlan, lin: Sequence, i: int, shared_input: int):
+    meta, part = plan.linears[i], plan.linears[i].part
+    base = PARAMS_PER_LINEAR * i
+    first = i - part.index
+    ok = i < shared_input and 0 <= first and part.index < part.count and first + part.count <= shared_input
+    if ok and part.index > 0:
+        prev = plan.linears[i - 1]
+        pbase = base - PARAMS_PER_LINEAR
+        # the previous part: same fused linear, its rows just before, the same tensors and adapter
+        ok = (prev.part is not None and prev.part.fused == part.fused and prev.part.index == part.index - 1
+              and prev.part.stop == part.start and (prev.has_lora, prev.scaling, prev.dropout_p, prev.weight_fn)
+              == (meta.has_lora, meta.scaling, meta.dropout_p, meta.weight_fn)
+              and all(lin[pbase + j] is lin[base + j] for j in range(PARAMS_PER_LINEAR)))
+    if ok and part.index < part.count - 1:  # the next part follows (it checks the rest itself)
+        nxt = plan.linears[i + 1].part
+        ok = nxt is not None and nxt.fused == part.fused and nxt.index == part.index + 1
+    elif ok and meta.weight_fn is None:
+        ok = lin[base].shape[0] == part.stop  # the last part: the parts cover the fused rows
+    if not ok or (part.index == 0 and part.start != 0) or part.stop <= part.start:
+        raise RuntimeError(f"hyclora internal error: {plan.layer_name}.{meta.name} is part {part} of a fused "
+                           f"linear, which the block cannot run as laid out")
 
 
 def keep(plan: BlockPlan, store: TensorStore, name: str, x: torch.Tensor):
@@ -133,11 +161,77 @@ def keep(plan: BlockPlan, store: TensorStore, name: str, x: torch.Tensor):
 
 
 def keep_linear_extras(store: TensorStore, name: str, meta: LinearMeta, out):
-    """Keep a LoRA linear's ``XA`` and its dropout generator state (exactly, as is)."""
+    """Keep a LoRA linear's ``XA`` and its dropout generator state (exactly, as is). A fused
+    linear's later parts hold the first part's tensors: saved under their own names too (the
+    backward reads every part alike), described once (they take no bytes of their own)."""
     if meta.has_lora:
-        store.plain(XA_NAMES[name], out.xa)
+        own = not meta.reuses_xa
+        store.plain(XA_NAMES[name], out.xa, describe=own)
         if out.rng_state is not None:
-            store.plain(RNG_NAMES[name], out.rng_state)
+            store.plain(RNG_NAMES[name], out.rng_state, describe=own)
+
+
+# -- fused linears (FusedPart): whole parameters in, the part's rows to the ops, whole gradients out --
+
+
+def part_inputs(linears: Sequence[LinearMeta], lin: Sequence) -> Tuple:
+    """``lin`` with the bias and ``B`` of every fused part narrowed to its rows (views made inside
+    the Function; its inputs stay the whole parameters). ``W`` stays whole: :func:`dense_weight`
+    takes the rows after dequantising. ``lin`` itself when no linear is a part."""
+    if all(m.part is None for m in linears):
+        return lin
+    out = list(lin)
+    for i, meta in enumerate(linears):
+        if meta.part is not None:
+            rows = slice(meta.part.start, meta.part.stop)
+            for j in (1, 3):  # bias, lora_B
+                t = out[PARAMS_PER_LINEAR * i + j]
+                if t is not None:
+                    out[PARAMS_PER_LINEAR * i + j] = t[rows]
+    return tuple(out)
+
+
+def part_param_rows(linears: Sequence[LinearMeta], lin_offset: int) -> Optional[Dict[int, Tuple[int, int]]]:
+    """``{input index: rows}`` of the fused parts' bias and ``B`` for :meth:`TensorStore.params`
+    (the backward reads the same row views :func:`part_inputs` gives the forward); ``None`` without parts."""
+    rows = {}
+    for i, meta in enumerate(linears):
+        if meta.part is not None:
+            for j in (1, 3):
+                rows[lin_offset + PARAMS_PER_LINEAR * i + j] = (meta.part.start, meta.part.stop)
+    return rows or None
+
+
+def merge_part_grads(linears: Sequence[LinearMeta], grads: list) -> list:
+    """The gradients of the Function's linear inputs from the per-part ones: every part of a fused
+    linear received its whole parameters, so the first part's slots get the fused gradients (bias
+    and ``B`` rows concatenated in part order, the ``A`` gradients summed) and the other parts'
+    ``None``. ``grads``: ``(W, bias, A, B)`` per linear, changed in place and returned."""
+    i = 0
+    while i < len(linears):
+        part = linears[i].part
+        if part is None:
+            i += 1
+            continue
+        slots = range(i, i + part.count)
+        for j, combine in ((1, torch.cat), (2, _summed), (3, torch.cat)):
+            got = [grads[PARAMS_PER_LINEAR * k + j] for k in slots]
+            if all(g is None for g in got):
+                continue
+            if any(g is None for g in got):
+                raise RuntimeError(f"hyclora internal error: some parts of {part.fused} have no gradient")
+            grads[PARAMS_PER_LINEAR * i + j] = combine(got)
+            for k in slots[1:]:
+                grads[PARAMS_PER_LINEAR * k + j] = None
+        i += part.count
+    return grads
+
+
+def _summed(tensors):
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
 
 
 # -- one linear's backward -------------------------------------------------------------------
@@ -187,6 +281,9 @@ __all__ = [
     "check_block_params",
     "keep",
     "keep_linear_extras",
+    "part_inputs",
+    "part_param_rows",
+    "merge_part_grads",
     "linear_grads_input_first",
     "linear_grads",
 ]

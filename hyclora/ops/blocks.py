@@ -32,13 +32,15 @@ from .attention import (
     check_implementation,
     eager_attention_backward,
     eager_attention_forward,
+    is_documents,
     is_s2,
 )
 from . import s2attn
 from .s2attn import resolve_group_size, s2_flash_backward, s2_flash_eligible, s2_flash_forward, s2_output, s2_sdpa_backward
 from . import fused_rmsnorm, fused_rope, fused_swiglu
 from .block_common import (PARAMS_PER_LINEAR, XA_NAMES, BlockPlan, backward_in_autocast, begin_forward, end_forward,
-                           keep, keep_linear_extras, linear_grads, linear_grads_input_first, linear_params)
+                           keep, keep_linear_extras, linear_grads, linear_grads_input_first, linear_params,
+                           merge_part_grads, part_inputs, part_param_rows)
 from .lora import lora_base_forward, lora_linear_forward, lora_reconstruct
 from hyclora.kernels.rmsnorm import rmsnorm_backward, rmsnorm_backward_dense, rmsnorm_forward, rmsnorm_from_rstd_fused
 from hyclora.kernels.rope import apply_rope, rope_backward
@@ -168,6 +170,9 @@ def _post_norm_backward(plan, load: TensorLoad, name: str, rstd_name: str, weigh
 # -- attention block ------------------------------------------------------------------------
 
 _QKV = ("q", "k", "v")
+# how many leading linears of (the attention block, the MLP block) take the same input (q/k/v;
+# gate/up): only those may be the parts of one fused linear (lora.FusedPart)
+SHARED_INPUT_LINEARS = (3, 2)
 _ATTN_LIN_OFFSET = 6  # forward(ctx, plan, x, norm_w, cos, sin, mask, *lin[, q_norm_w, k_norm_w])
 _ATTN_LINEAR_PARAMS = PARAMS_PER_LINEAR * 4  # q, k, v, o; the q/k norm weights (if any) follow
 
@@ -223,7 +228,7 @@ def _has_fully_masked_rows(mask) -> bool:
 
     One host read per distinct mask: a forward hands every decoder layer the same mask tensor,
     so the layers after the first reuse the answer."""
-    if mask is None:
+    if mask is None or is_documents(mask):  # every token of a packed document sees itself
         return False
     last = _EMPTY_ROWS[0]
     if last is None or last[0]() is not mask or last[1] != mask._version:
@@ -259,7 +264,8 @@ class AttentionBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: AttentionPlan, x, norm_w, cos, sin, mask, *lin):
         check_implementation(plan.impl, plan.layer_name)
-        begin_forward(ctx, plan, lin, norm_w, x)  # lin: the 16 linear parameters, then the q/k norm weights
+        # lin: the 16 linear parameters, then the q/k norm weights; q/k/v take the same input
+        begin_forward(ctx, plan, lin, norm_w, x, shared_input=SHARED_INPUT_LINEARS[0])
         pol = plan.policy
         b, s, _ = x.shape
         H, HKV, D = plan.num_heads, plan.num_kv_heads, plan.head_dim
@@ -267,7 +273,9 @@ class AttentionBlockFn(torch.autograd.Function):
         if plan.check_finite:
             check_finite(x, f"{plan.layer_name} (input of the decoder layer)")
         store = TensorStore()
-        store.params((None, None, norm_w) + (None, None, None) + tuple(lin))
+        store.params((None, None, norm_w) + (None, None, None) + tuple(lin),
+                     rows=part_param_rows(plan.linears, _ATTN_LIN_OFFSET))
+        lin = part_inputs(plan.linears, lin)  # a fused linear's parts: their bias / B rows
 
         if pol.fused:  # one pass: RMSNorm + Q+o(x_in)
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_in", "rstd1", x, norm_w)
@@ -278,9 +286,12 @@ class AttentionBlockFn(torch.autograd.Function):
 
         metas = plan.linears
         ys = []
+        down = None  # (XA, rng state) of the previous linear: a later part of a fused qkv reuses it
         for i, name in enumerate(_QKV):
-            out = lora_linear_forward(metas[i], xn, *linear_params(lin, i), fused=pol.fused_lora)
+            out = lora_linear_forward(metas[i], xn, *linear_params(lin, i), fused=pol.fused_lora,
+                                      down=down if metas[i].reuses_xa else None)
             keep_linear_extras(store, name, metas[i], out)
+            down = (out.xa, out.rng_state)
             # Q/K are kept before RoPE (re-applied in the backward): RoPE mixes channel pairs
             # with a position-dependent angle, so per-channel statistics fit the un-rotated
             # values better (the paper's intra_inter choice; used here for every layer type).
@@ -291,7 +302,7 @@ class AttentionBlockFn(torch.autograd.Function):
             keep(plan, store, name, kept)
             ys.append(out.y)
             del out  # its base part y_w is freed before the next projection runs (long inputs)
-        del xn  # not kept: the backward renormalises the kept x_in (see _normalised)
+        del xn, down  # xn not kept: the backward renormalises the kept x_in (see _normalised)
 
         q = ys[0].view(b, s, H, D)
         k = ys[1].view(b, s, HKV, D)
@@ -457,6 +468,7 @@ class AttentionBlockFn(torch.autograd.Function):
             del dxi
         del x_n1
         dx, dnorm = _norm_backward(plan, load, need, "x_in", "rstd1", x_hat, dxn, dy)
+        merge_part_grads(metas, lin_grads)  # a fused qkv's parts: one gradient per fused parameter
         return (None, dx, dnorm, None, None, None, *lin_grads, *qk_norm_grads, *post_grads)
 
 
@@ -518,9 +530,11 @@ def swiglu_epilogue_backward(plan: BlockPlan, load: TensorLoad):
 class MLPBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: MLPPlan, x, norm_w, *lin):
-        begin_forward(ctx, plan, lin, norm_w, x)  # lin: the 12 linear parameters[, the post-norm weight]
+        # lin: the 12 linear parameters[, the post-norm weight]; gate/up take the same input
+        begin_forward(ctx, plan, lin, norm_w, x, shared_input=SHARED_INPUT_LINEARS[1])
         store = TensorStore()
-        store.params((None, None, norm_w) + tuple(lin))
+        store.params((None, None, norm_w) + tuple(lin), rows=part_param_rows(plan.linears, _MLP_LIN_OFFSET))
+        lin = part_inputs(plan.linears, lin)  # a fused gate_up's parts: their bias / B rows
 
         if plan.policy.fused:  # one pass: RMSNorm + Q+o(x_mid)
             xn, _ = fused_rmsnorm.fused_norm_forward(plan, store, "x_mid", "rstd2", x, norm_w)
@@ -534,7 +548,8 @@ class MLPBlockFn(torch.autograd.Function):
         # computes SiLU(G) * U, so the full G and U never reach memory
         linear_fwd = lora_base_forward if plan.policy.fused else lora_linear_forward
         g_out = linear_fwd(metas[0], xn, *linear_params(lin, 0), fused=plan.policy.fused_lora)
-        u_out = linear_fwd(metas[1], xn, *linear_params(lin, 1), fused=plan.policy.fused_lora)
+        u_out = linear_fwd(metas[1], xn, *linear_params(lin, 1), fused=plan.policy.fused_lora,
+                           down=(g_out.xa, g_out.rng_state) if metas[1].reuses_xa else None)
         del xn  # not kept: the backward renormalises the kept x_mid (see _normalised)
         if plan.policy.fused:
             hidden = fused_swiglu.fused_gate_up_forward(
@@ -599,6 +614,7 @@ class MLPBlockFn(torch.autograd.Function):
         dxn = dxg.add_(dxu)  # dxg: a fresh tensor of this backward
         del x_n2, dxg, dxu, dg, du
         dx, dnorm = _norm_backward(plan, load, need, "x_mid", "rstd2", x_hat, dxn, dy)
+        merge_part_grads(metas, lin_grads)  # a fused gate_up's parts: one gradient per fused parameter
         return (None, dx, dnorm, *lin_grads, *post_grads)
 
 
@@ -671,4 +687,5 @@ __all__ = [
     "mlp_block",
     "check_finite",
     "QK_NORM_VARIANTS",
+    "SHARED_INPUT_LINEARS",
 ]

@@ -49,7 +49,9 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
     if k_rows and (stats is None or replay or not stats.frozen):
         rows = OutlierRows.split(x)
         x_params = rows.cleaned.reshape(-1, d)
-    lo, step, inv, idx = pol.quant_params(x_params, stats, plan.update, replay, name=name)
+    # frozen statistics with exact rows: the rows are known after the kernel, observed then
+    lo, step, inv, idx = pol.quant_params(x_params, stats, plan.update, replay, name=name,
+                                          observe=not (k_rows and rows is None))
     with torch.no_grad():
         y, rstd, codes, vals, score = rmsnorm_quant_forward(
             x2d, weight.detach(), plan.eps if eps is None else eps, lo, inv, idx, bits,
@@ -60,6 +62,8 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
             if rows is None:
                 ridx = score.topk(k_rows).indices
                 rows = OutlierRows(None, ridx, x2d.index_select(0, ridx))
+                if stats is not None:
+                    stats.observe(x2d, skip_rows=ridx, update=plan.update, backend=pol.backend)
             rows.quant, rows.cleaned = qt, None
             store.packed(name, "quant_rows", rows)
         else:

@@ -23,12 +23,13 @@ def fused_rebuild_rope(plan, load, name: str, meta, lora_b: Optional[Tensor], he
                        sin: Tensor) -> Tensor:
     """Block glue: the rebuilt, rotated ``name`` (``q`` or ``k``) of the attention backward, i.e.
     ``apply_rope(lora_reconstruct(meta, load.get(name), xa, B).view(b, s, heads, d).transpose(1, 2))``.
-    Layouts the kernel does not take (odd head_dim, per-group codes, exact columns) go op by op."""
+    Layouts the kernel does not take (odd head_dim, per-group codes, exact columns, partial
+    rotary tables) go op by op."""
     saved = load.get_quantized(name)
     xa = load.get(f"xa_{name}") if meta.has_lora else None
     bb = lora_b if meta.has_lora else None
     d = plan.head_dim
-    if not rebuild_rope_takes(saved, d):
+    if not rebuild_rope_takes(saved, d) or cos.shape[-1] != d:  # partial rotary: apply_rope's split
         val = lora_reconstruct(meta, load.get(name), xa, bb)
         b, s, _ = val.shape
         return apply_rope(val.view(b, s, heads, d).transpose(1, 2), cos, sin)

@@ -14,6 +14,7 @@ from hyclora.kernels.common import dot_dtype_for
 from hyclora.kernels.glu import glu_lora_backward, glu_lora_forward
 from hyclora.quant.core import QuantizedTensor
 
+from .block_common import keep_linear_extras
 from .lora import LinearOut, lora_linear_backward_input_first
 
 
@@ -72,10 +73,7 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     # same names and order as the op-by-op path (blocks.swiglu_epilogue_forward)
     for name, meta, out, codes, lo, step, b in ((("gate", meta_g, g_out, codes_g, lo_g, step_g, bits[0])),
                                                 (("up", meta_u, u_out, codes_u, lo_u, step_u, bits[1]))):
-        if meta.has_lora:
-            store.plain(f"xa_{name}", out.xa)
-            if out.rng_state is not None:
-                store.plain(f"rng_{name}", out.rng_state)
+        keep_linear_extras(store, name, meta, out)
         qt = QuantizedTensor(codes, lo, step, bits=b, shape=shape, dtype=out.y_w.dtype)
         store.packed(name, "quant", qt)
     return d.view(shape)

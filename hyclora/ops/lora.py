@@ -45,6 +45,24 @@ class FusedLoRA:
 
 
 @dataclass(frozen=True)
+class FusedPart:
+    """A linear of a block that is output rows ``[start, stop)`` of a fused linear (Phi-3's
+    ``qkv_proj`` / ``gate_up_proj``: one weight, one LoRA ``A``, one ``B`` for several of the
+    block's projections). The block receives the fused parameters whole for each part (Function
+    inputs, never views made outside, so ZeRO-3 can swap ``param.data``) and hands the ops the
+    part's rows: ``W`` in :func:`dense_weight` (after any dequantisation), the bias and ``B`` as row
+    views (:func:`hyclora.ops.block_common.part_inputs`). ``index`` / ``count``: the part's place
+    among the fused linear's parts; all take the same input, so parts after the first reuse the
+    first's ``drop(x) A^T`` (one product, one dropout mask, as PEFT applies the adapter once)."""
+
+    fused: str  # the fused linear's name (messages)
+    index: int
+    count: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class LinearMeta:
     """Non-tensor description of one linear of a block.
 
@@ -55,6 +73,7 @@ class LinearMeta:
         dropout_p: LoRA dropout probability (0 = none).
         weight_fn: turns the stored base weight into a dense ``out x in`` matrix (e.g. NF4
             dequantisation); ``None`` for a plain weight.
+        part: the rows of a fused linear this linear is (:class:`FusedPart`), or ``None``.
     """
 
     name: str
@@ -62,9 +81,16 @@ class LinearMeta:
     scaling: float = 1.0
     dropout_p: float = 0.0
     weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    part: Optional[FusedPart] = None
+
+    @property
+    def reuses_xa(self) -> bool:
+        """Whether this linear takes ``drop(x) A^T`` from the previous part of its fused linear."""
+        return self.part is not None and self.part.index > 0
 
 
 def dense_weight(meta: LinearMeta, weight: torch.Tensor) -> torch.Tensor:
+    """The dense ``out x in`` base weight (for a fused part: its rows of the fused weight)."""
     w = meta.weight_fn(weight) if meta.weight_fn is not None else weight
     if w.numel() == 0:
         # ZeRO-3 partitions parameters to empty tensors outside their module's forward.
@@ -72,7 +98,8 @@ def dense_weight(meta: LinearMeta, weight: torch.Tensor) -> torch.Tensor:
             f"hyclora: the base weight of {meta.name} is empty (a ZeRO-3 partitioned parameter "
             "that was not gathered?). Register the decoder layer as a ZeRO-3 leaf module."
         )
-    return w
+    part = meta.part
+    return w if part is None else w[part.start:part.stop]
 
 
 # -- dropout masks that can be drawn again in the backward ----------------------------------
@@ -135,14 +162,28 @@ def lora_linear_forward(
     lora_b: Optional[torch.Tensor],
     *,
     fused: Optional[FusedLoRA] = None,
+    down: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> LinearOut:
     """``fused`` (``intra_inter_full_fuse``: the kernel backend, else None): the LoRA term is
-    added in one pass (:func:`_add_lora`), one rounding instead of three, no full-size temporary."""
+    added in one pass (:func:`_add_lora`), one rounding instead of three, no full-size temporary.
+    ``down``: ``(xa, rng_state)`` of the previous part of the same fused linear (same input, same
+    ``A``: ``meta.reuses_xa``), used instead of computing ``drop(x) A^T`` again."""
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(y_w, y_w, None, None)
-    xa, rng_state = lora_down_projection(meta, x, lora_a, fused)
+    xa, rng_state = _down(meta, x, lora_a, fused, down)
     return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
+
+
+def _down(meta: LinearMeta, x, lora_a, fused, down):
+    """:func:`lora_down_projection`, or the previous fused part's result (``down``)."""
+    if meta.reuses_xa:
+        if down is None or down[0] is None:
+            raise RuntimeError(f"hyclora internal error: {meta.name} reuses its fused linear's XA, but none was given")
+        return down
+    if down is not None:
+        raise RuntimeError(f"hyclora internal error: {meta.name} was given an XA to reuse")
+    return lora_down_projection(meta, x, lora_a, fused)
 
 
 def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor,
@@ -178,15 +219,16 @@ def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: tor
 
 def lora_base_forward(meta: LinearMeta, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor] = None, *,
-                      fused: Optional[FusedLoRA] = None) -> LinearOut:
+                      fused: Optional[FusedLoRA] = None,
+                      down: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> LinearOut:
     """:func:`hyclora.ops.lora.lora_linear_forward` without the final ``y_w + s (XA) B^T``
     (``y`` is ``None``; ``lora_b`` is accepted for the same signature and not used): the fused
     kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
-    dropout draw (same generator consumption) as the original."""
+    dropout draw (same generator consumption) as the original; ``down`` as there."""
     y_w = F.linear(x, dense_weight(meta, weight), bias)
     if not meta.has_lora:
         return LinearOut(None, y_w, None, None)
-    xa, rng_state = lora_down_projection(meta, x, lora_a, fused)
+    xa, rng_state = _down(meta, x, lora_a, fused, down)
     return LinearOut(None, y_w, xa, rng_state)
 
 
@@ -338,6 +380,7 @@ def lora_linear_backward_input_first(
 
 __all__ = [
     "lora_base_forward",
+    "FusedPart",
     "LinearMeta",
     "LinearOut",
     "lora_linear_forward",

@@ -241,6 +241,9 @@ class StoragePolicy:
             idx = stats.outlier_idx.clone() if stats.num_outliers > 0 else None
             qt = hq.quantize(x, bits, outlier_idx=idx, backend=self.backend)
         else:
+            if stats is not None and stats.frozen:  # a refresh window gathers the next statistics
+                stats.observe(x.detach().reshape(-1, x.shape[-1]), skip_rows=None if rows is None else rows.idx,
+                              update=update, backend=self.backend)
             qt = hq.quantize(x, bits, stats=stats, update=update, backend=self.backend)
         if rows is None:
             store.packed(name, "quant", qt)
@@ -252,10 +255,13 @@ class StoragePolicy:
         """Code width of ``name``: ``bits``, doubled (at most 8) where its tensor spec says so."""
         return self._double if name in self._double_names else self.bits
 
-    def quant_params(self, x2d: torch.Tensor, stats, update: bool, replay: bool, name: Optional[str] = None):
+    def quant_params(self, x2d: torch.Tensor, stats, update: bool, replay: bool, name: Optional[str] = None,
+                     observe: bool = True):
         """``(lo, step, inv_step, outlier_idx)`` that ``self.keep`` (i.e.
         :func:`hyclora.quant.quantize`) would use for ``x2d``, in the same order of statistics
-        updates: frozen stats -> the cached parameters; calibrating -> outlier channels chosen (and
+        updates: frozen stats -> the cached parameters (and ``x2d`` observed by a refresh window,
+        unless ``observe=False``: the caller observes it without its exact rows); calibrating ->
+        outlier channels chosen (and
         scored) first, then this tensor's range, both merged into the stats when ``update``; a
         checkpoint replay of a calibrating forward -> the stored outlier set and this tensor's own
         range; no stats -> own range, no outliers. Outlier columns get lo = step = inv_step = 0."""
@@ -265,6 +271,8 @@ class StoragePolicy:
             if stats is not None:
                 stats.check_compatible(x2d)
                 if stats.frozen and not replay:
+                    if observe:
+                        stats.observe(x2d, update=update, backend=backend)
                     return stats.frozen_params(bits)
             idx = None
             if stats is not None and stats.num_outliers > 0:
@@ -366,16 +374,18 @@ class TensorStore:
         if describe and t is not None:
             self._described.append((name, "plain", ((t.shape, t.dtype),)))
 
-    def params(self, tensors, offset: int = 0):
+    def params(self, tensors, offset: int = 0, rows: Optional[Dict[int, Tuple[int, int]]] = None):
         """Parameters and other inputs the backward reads (not activations; not described):
         ``tensors[j]`` under the name ``p<offset + j>``; :meth:`TensorLoad.param` reads them back
-        by number."""
+        by number. ``rows``: ``{offset + j: (start, stop)}`` of inputs the backward reads as those
+        rows only (a fused linear's bias and ``B`` for one of its parts); the whole tensor is saved,
+        so that it stays the Function's input (ZeRO-3 swaps ``param.data``)."""
         index, start = self._index, len(self._tensors)
         for j in range(len(tensors)):
             name = _PARAM_NAMES[offset + j]
             if name in index:
                 raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
-            index[name] = ("plain", start + j, 1, None)
+            index[name] = ("plain", start + j, 1, rows.get(offset + j) if rows else None)
         self._tensors.extend(tensors)
 
     def packed(self, name: str, kind: str, obj):
@@ -400,8 +410,10 @@ class TensorLoad:
         return name in self._index
 
     def param(self, i: int) -> Optional[torch.Tensor]:
-        """The tensor stored as ``p<i>`` (:meth:`TensorStore.params`)."""
-        return self._saved[self._index[_PARAM_NAMES[i]][1]]
+        """The tensor stored as ``p<i>`` (:meth:`TensorStore.params`; its rows, if saved with some)."""
+        _, pos, _, rows = self._index[_PARAM_NAMES[i]]
+        t = self._saved[pos]
+        return t if rows is None or t is None else t[rows[0]:rows[1]]
 
     def get_quantized(self, name: str):
         """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), or its

@@ -313,6 +313,39 @@ def column_minmax(x2d: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     return lo.float(), hi.float()
 
 
+def observe_columns_torch(x2d: Tensor, flag: Tensor, lo: Tensor, hi: Tensor, score: Tensor,
+                          skip_rows: Optional[Tensor] = None) -> None:
+    """Reference of :func:`observe_columns`, predicated on the device ``flag`` the same way (no
+    host read, so it is capturable too; it always computes)."""
+    with no_grad():
+        xf = x2d.float()
+        keep = torch.ones(xf.shape[0], 1, dtype=torch.bool, device=xf.device)
+        if skip_rows is not None and skip_rows.numel():
+            keep = keep.index_fill(0, skip_rows, False)
+        on = flag.bool()
+        new_lo = torch.minimum(lo, torch.where(keep, xf, float("inf")).amin(0))
+        new_hi = torch.maximum(hi, torch.where(keep, xf, float("-inf")).amax(0))
+        new_score = score + (xf * xf * keep).sum(0)
+        for buf, new in ((lo, new_lo), (hi, new_hi), (score, new_score)):
+            buf.copy_(torch.where(on, new, buf))
+
+
+def observe_columns(x2d: Tensor, flag: Tensor, lo: Tensor, hi: Tensor, score: Tensor,
+                    skip_rows: Optional[Tensor] = None, backend: str = "auto") -> None:
+    """While the int32 device scalar ``flag`` is non-zero, merge the per-column min, max and sum
+    of squares of ``x2d`` (rows, N) over every row but ``skip_rows`` into the fp32 ``lo``, ``hi``,
+    ``score`` (N,), in place; while it is 0, change nothing. Reads no host value, so a captured
+    CUDA graph can launch it on every replay and gather statistics only when the flag says so
+    (:meth:`hyclora.quant.ChannelStats.observe`)."""
+    backend = resolve_backend(backend, x2d.device)
+    if backend == "triton":
+        from . import triton_kernels
+
+        triton_kernels.observe_columns(x2d, flag, lo, hi, score, skip_rows)
+        return
+    observe_columns_torch(x2d, flag, lo, hi, score, skip_rows)
+
+
 def _pack(x2d, lo, inv_step, bits, group_size, backend) -> Tensor:
     if backend == "triton":
         from . import triton_kernels

@@ -14,10 +14,19 @@ removed and kept only the LAST batch's outlier set (method notes §8.7, §8.8). 
   ``update=False`` and is not counted twice).
 
 Range drift: frozen ranges clamp whatever later falls outside them, and fine-tuning moves the
-activations (frozen statistics measurably cost eval loss on ``make demo``; BENCHMARKS.md). With ``recalibrate_every = N`` the statistics
-expire after N counted forwards with frozen values and calibrate again from scratch for the next
-``iteration_threshold`` forwards (the layer calls :meth:`note_counted_forward` once per counted
-forward). ``0`` freezes for good, as the paper does.
+activations (frozen statistics measurably cost eval loss on ``make demo``; BENCHMARKS.md). With
+``recalibrate_every = N`` the statistics are renewed after N counted forwards with frozen values
+(the layer calls :meth:`note_counted_forward` once per counted forward); ``0`` freezes for good, as
+the paper does. Two ways (``refresh``):
+
+* ``True`` (``HyCLoRAConfig.recalibrate_mode="refresh"``, the default): the frozen parameters stay
+  in use while the next ``iteration_threshold`` forwards gather new ranges and outlier scores
+  beside them (:meth:`observe`, predicated on the device flag ``observing``, so a captured CUDA
+  graph gathers them too); then the new parameters are written into the cached parameter tensors
+  in place (:meth:`frozen_params`' tensors keep their storage), between two forwards. A graph never
+  has to be released, and no step runs eager.
+* ``False`` (``"reset"``): the statistics expire (:meth:`reset`) and calibrate again from scratch,
+  each calibrating forward quantising with its own range (eager steps under CUDA graphs).
 
 ``iteration_threshold == 0`` never freezes: ranges come from each micro-batch and the outlier set
 is recomputed from each micro-batch alone (``outlier_score`` then holds the latest batch's score,
@@ -40,7 +49,7 @@ that empty buffer, still loads.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,7 +64,7 @@ class ChannelStats(torch.nn.Module):
     """
 
     def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5,
-                 recalibrate_every: int = 0):
+                 recalibrate_every: int = 0, refresh: bool = True):
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"ChannelStats width={width!r} is invalid: use the tensor's last dimension (>= 1).")
@@ -78,6 +87,7 @@ class ChannelStats(torch.nn.Module):
             )
         self.width = width
         self.recalibrate_every = recalibrate_every
+        self.refresh = bool(refresh)
         self._frozen_forwards = 0  # counted forwards since the statistics froze (host only)
         self.num_outliers = num_outliers
         self.iteration_threshold = iteration_threshold
@@ -92,6 +102,14 @@ class ChannelStats(torch.nn.Module):
         self.register_buffer("frozen_forwards", torch.zeros((), dtype=torch.long))
         self._count_host = 0
         self._counting = True  # False inside uncounted_updates(): merge, do not count
+        # refresh window (see the module notes): the next statistics, gathered while the frozen
+        # ones stay in use; the device flag the observe kernel reads, and its host mirror
+        self.register_buffer("next_lo", torch.full((width,), float("inf")), persistent=False)
+        self.register_buffer("next_hi", torch.full((width,), float("-inf")), persistent=False)
+        self.register_buffer("next_score", torch.zeros(width), persistent=False)
+        self.register_buffer("observing", torch.zeros((), dtype=torch.int32), persistent=False)
+        self._observing = False
+        self._observed = 0  # forwards observed in this window
         # frozen quantisation parameters per bit width (see frozen_params); never modified in
         # place, only dropped, so autograd graphs may keep references to them
         self._param_cache = {}
@@ -107,19 +125,82 @@ class ChannelStats(torch.nn.Module):
         return not self.frozen and self._count_host > 0
 
     def expires_at_next_forward(self) -> bool:
-        """Whether the next :meth:`note_counted_forward` resets these frozen statistics."""
-        return self.frozen and bool(self.recalibrate_every) and self._frozen_forwards + 1 > self.recalibrate_every
+        """Whether the next :meth:`note_counted_forward` resets these frozen statistics (never
+        with ``refresh``: they are renewed in place)."""
+        return (not self.refresh and self.frozen and bool(self.recalibrate_every)
+                and self._frozen_forwards + 1 > self.recalibrate_every)
 
     def note_counted_forward(self) -> None:
         """Called by the owning layer once per counted training forward, before it quantises:
-        after ``recalibrate_every`` forwards with frozen statistics, they expire (:meth:`reset`)
-        and this forward starts a new calibration window."""
+        after ``recalibrate_every`` forwards with frozen statistics, ``refresh`` opens a window
+        of ``iteration_threshold`` observed forwards and, at the forward after it, writes the new
+        parameters in place; otherwise the statistics expire (:meth:`reset`) and this forward
+        starts a new calibration window."""
         if not self.frozen:
+            return
+        if self.refresh:
+            if self._observing and self._observed >= self.iteration_threshold:
+                self._finish_refresh()
+            elif not self._observing and self.recalibrate_every and self._frozen_forwards >= self.recalibrate_every:
+                self._start_refresh()
+            self._frozen_forwards += 1
+            self._observed += self._observing
             return
         expires = self.expires_at_next_forward()
         self._frozen_forwards += 1
         if expires:
             self.reset()
+
+    def _set_observing(self, on: bool) -> None:
+        with torch.no_grad():
+            self.observing.fill_(int(on))
+        self._observing, self._observed = on, 0
+
+    def _start_refresh(self) -> None:
+        with torch.no_grad():
+            self.next_lo.fill_(float("inf"))
+            self.next_hi.fill_(float("-inf"))
+            self.next_score.zero_()
+        self._set_observing(True)
+
+    def _finish_refresh(self) -> None:
+        """The observed window becomes the statistics: ``lo``/``hi``/``outlier_score``/``outlier_idx``
+        and every cached parameter set, written in place (a captured graph reads those tensors;
+        no autograd graph of an earlier step is alive between two counted forwards)."""
+        self._set_observing(False)
+        self._frozen_forwards = 0
+        from .core import affine_params
+
+        with torch.no_grad():
+            # a window that observed nothing (a path these statistics are not on) keeps what is in
+            # use; decided on the device, no host read
+            seen = torch.isfinite(self.next_lo).all()
+            for buf, new in ((self.lo, self.next_lo), (self.hi, self.next_hi), (self.outlier_score, self.next_score)):
+                buf.copy_(torch.where(seen, new, buf))
+            if self.num_outliers > 0:
+                idx = torch.topk(self.outlier_score, self.num_outliers, sorted=False).indices.sort().values
+                self.outlier_idx.copy_(torch.where(seen, idx, self.outlier_idx))
+            for bits, (lo, step, inv_step, idx) in self._param_cache.items():
+                new = affine_params(self.lo, self.hi, bits)
+                if idx is not None:
+                    idx.copy_(self.outlier_idx)
+                    new = tuple(t.index_fill(0, idx, 0.0) for t in new)
+                for buf, value in zip((lo, step, inv_step), new):
+                    buf.copy_(value)
+
+    def observe(self, x2d: Tensor, *, skip_rows: Optional[Tensor] = None, update: bool = True,
+                backend: str = "auto") -> None:
+        """Gather ``x2d``'s ranges and outlier scores (all rows but ``skip_rows``, the exact rows)
+        into the refresh window's statistics. Launched while a window is open, and always inside a
+        CUDA graph capture (the kernel then reads the device flag on every replay); nothing else
+        (``update=False``: a checkpoint recompute, already observed)."""
+        if not (self.refresh and self.recalibrate_every and update):
+            return
+        if not (self._observing or (x2d.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return
+        from .core import observe_columns
+
+        observe_columns(x2d, self.observing, self.next_lo, self.next_hi, self.next_score, skip_rows, backend)
 
     def reset(self) -> None:
         """Forget everything and calibrate again."""
@@ -131,9 +212,10 @@ class ChannelStats(torch.nn.Module):
             self.count.zero_()
         self._count_host = 0
         self._frozen_forwards = 0  # the frozen_forwards buffer follows when state_dict is taken
+        self._set_observing(False)
         self._param_cache = {}
 
-    _FP32_BUFFERS = ("lo", "hi", "outlier_score")
+    _FP32_BUFFERS = ("lo", "hi", "outlier_score", "next_lo", "next_hi", "next_score")
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; statistics must stay
@@ -178,11 +260,16 @@ class ChannelStats(torch.nn.Module):
             self._frozen_forwards = int(self.frozen_forwards.item())
         elif prefix + "count" in state_dict:
             self._frozen_forwards = 0
+        if self.refresh and self.recalibrate_every:
+            # a window the checkpoint was taken in is not saved: it opens again at the next forward
+            self._frozen_forwards = min(self._frozen_forwards, self.recalibrate_every)
+        self._set_observing(False)
         self._param_cache = {}
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, num_outliers={self.num_outliers}, "
                 f"iteration_threshold={self.iteration_threshold}, recalibrate_every={self.recalibrate_every}, "
+                f"refresh={self.refresh}, "
                 f"count={self._count_host}")
 
     def check_compatible(self, x: Tensor) -> None:

@@ -209,6 +209,65 @@ def column_minmax(x2d: torch.Tensor, *, programs_per_column_block: Optional[int]
     return pmin.amin(0), pmax.amax(0)
 
 
+@triton.jit
+def _col_observe_kernel(
+    x_ptr, flag_ptr, lo_ptr, hi_ptr, score_ptr, skip_ptr, M, N, K, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr, K_PAD: tl.constexpr,
+):
+    # merges this program's rows into the running per-column min / max / sum of squares with
+    # atomics, skipping the K rows listed at skip_ptr; returns at once while the flag is 0 (a
+    # captured graph launches it every step, it reads x only while statistics are gathered)
+    if tl.load(flag_ptr) == 0:
+        return
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, K_PAD)
+    skip = tl.load(skip_ptr + ks, mask=ks < K, other=-1)
+    acc_min = tl.full((BLOCK_M, BLOCK_N), float("inf"), tl.float32)
+    acc_max = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    acc_sq = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for t in range(ROW_TILES):
+        rows = ((pid_m * ROW_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        skipped = tl.sum((rows[:, None] == skip[None, :]).to(tl.int32), axis=1) > 0
+        mask = ((rows < M) & ~skipped)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+        acc_max = tl.maximum(acc_max, tl.where(mask, x, float("-inf")))
+        acc_sq += x * x
+    tl.atomic_min(lo_ptr + cols, tl.min(acc_min, axis=0), mask=cmask)
+    tl.atomic_max(hi_ptr + cols, tl.max(acc_max, axis=0), mask=cmask)
+    tl.atomic_add(score_ptr + cols, tl.sum(acc_sq, axis=0), mask=cmask)
+
+
+def observe_columns(x2d: torch.Tensor, flag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    score: torch.Tensor, skip_rows: Optional[torch.Tensor] = None) -> None:
+    """While ``flag`` (an int32 device scalar) is non-zero, merge ``x2d``'s per-column min, max
+    and sum of squares over all rows but ``skip_rows`` into ``lo``/``hi``/``score`` (fp32, in
+    place); launches and returns at once while it is 0 (graph-capturable, no host read)."""
+    check_triton_device("quantisation", x2d, flag, lo, hi, score)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    m, n = x2d.shape
+    if skip_rows is None or skip_rows.numel() == 0:
+        skip_rows = torch.full((1,), -1, dtype=torch.long, device=x2d.device)
+    k = skip_rows.numel()
+    if INTERPRET:
+        block_m, block_n, warps = min(next_pow2(m), 64), max(8, min(next_pow2(n), 256)), 4
+    else:
+        block_m, block_n, warps = 32, 128, 8
+    col_blocks = triton.cdiv(n, block_n)
+    want = 1 if INTERPRET else max(1, (4 * _sm_count(x2d.device)) // col_blocks)
+    row_tiles = triton.cdiv(m, block_m)
+    row_tiles_per_prog = next_pow2(triton.cdiv(row_tiles, max(1, min(want, row_tiles))))
+    chunks = triton.cdiv(row_tiles, row_tiles_per_prog)
+    _col_observe_kernel[(chunks, col_blocks)](
+        x2d, flag, lo, hi, score, skip_rows, m, n, k, x2d.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, ROW_TILES=row_tiles_per_prog, K_PAD=next_pow2(k), **launch_opts(warps),
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -218,10 +277,11 @@ def _sm_count(device: torch.device) -> int:
 # launch configuration
 # ---------------------------------------------------------------------------------------------
 # Tiles (BLOCK_M rows, BLOCK_N columns, warps, ROW_ITERS sub-tiles of BLOCK_M rows per program).
-# On GPU each kernel is autotuned over its list, per (N, bits, granularity, dtypes); the winner is
-# cached for the process. Why these: with 8 elements per thread (BLOCK_M * BLOCK_N = 256 * warps)
-# and BLOCK_N <= 128, Triton keeps the loads, the pack/unpack and the store in one register layout
-# (16-byte accesses of bf16, no shared-memory round trip; checked on the sm_90 TTGIR), and
+# On GPU each kernel is autotuned over its list, per (N, bits, granularity, dtypes, token bucket);
+# the winner is kept for the process and on disk (kernels.common.launch_tuned). Why these: with 8
+# elements per thread (BLOCK_M * BLOCK_N = 256 * warps) and BLOCK_N <= 128, Triton keeps the
+# loads, the pack/unpack and the store in one register layout (16-byte accesses of bf16, no
+# shared-memory round trip; checked on the sm_90 TTGIR), and
 # ROW_ITERS > 1 reuses the per-channel parameters (8 bytes per column, which otherwise cost as
 # much load traffic as the data) over more rows. Larger tiles put more bytes in flight but stage
 # through shared memory; they won some sweeps (dequantise, 8-bit codes: BENCHMARKS.md), so they stay
@@ -261,7 +321,7 @@ def _launch(kernel_name: str, m: int, n: int, args: tuple, consts: dict, config)
     if config is None and not INTERPRET and AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]), triton.cdiv(n, meta["BLOCK_N"]))
-        launch_tuned(_tuned(kernel_name), grid, args, dict(consts, enable_fp_fusion=False))
+        launch_tuned(_tuned(kernel_name), grid, args, dict(consts, enable_fp_fusion=False), tokens=m)
         return
     if config is not None:
         bm, bn, warps, ri = tuple(config) + (1,) * (4 - len(config))

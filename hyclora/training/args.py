@@ -95,6 +95,36 @@ class DataArguments:
         default=None, metadata={"help": "results JSON (default: <output_dir>/results.json)"}
     )
     progress: bool = field(default=True, metadata={"help": "progress bars during evaluation"})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "padding-free training: whole examples concatenated into packed rows (TRL's "
+                          "best-fit-decreasing packer), attention and RoPE positions per example "
+                          "(hyclora.data.packing; needs trl). Every micro-batch has the one shape "
+                          "--tokens_per_batch gives, so --cuda_graphs replays it. SFT tasks (gsm8k, multitask)"},
+    )
+    tokens_per_batch: Optional[int] = field(
+        default=None,
+        metadata={"help": "with --packing: tokens of each micro-batch, as --per_device_train_batch_size rows of "
+                          "tokens_per_batch / per_device_train_batch_size tokens each (a multiple of it, each "
+                          "row at least --max_length). Default: per_device_train_batch_size * max_length"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_batch is not None and not self.packing:
+            raise ValueError("--tokens_per_batch sets the size of packed micro-batches: add --packing true, or drop it")
+        if self.tokens_per_batch is not None and (isinstance(self.tokens_per_batch, bool) or self.tokens_per_batch < 2):
+            raise ValueError(f"--tokens_per_batch {self.tokens_per_batch}: expected a token count >= 2")
+
+    def packed_row_tokens(self, rows: int) -> int:
+        """Tokens per packed row for micro-batches of ``rows`` rows (``--tokens_per_batch``)."""
+        if self.tokens_per_batch is None:
+            return self.max_length
+        if self.tokens_per_batch % rows or self.tokens_per_batch // rows < self.max_length:
+            raise ValueError(
+                f"--tokens_per_batch {self.tokens_per_batch}: expected a multiple of --per_device_train_batch_size "
+                f"{rows} with at least --max_length {self.max_length} tokens per row (e.g. "
+                f"{rows * self.max_length}); an example is never split across rows")
+        return self.tokens_per_batch // rows
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from hyclora.data import (
@@ -29,6 +29,7 @@ from hyclora.data import (
     resolve_math_eval_dir,
     wikitext_splits,
 )
+from hyclora.data.packing import PACKED_BATCH_KEYS, PackedBatchCollator, max_documents, pack_examples
 from hyclora.eval.harness import (
     evaluate_gsm8k,
     evaluate_math_sets,
@@ -119,7 +120,9 @@ def _resolve_resume(training_args) -> Optional[str]:
 
 
 def _should_evaluate_here(trainer) -> bool:
-    # Under ZeRO-3 the weights are sharded: every rank must take part in each forward.
+    # Under ZeRO-3 and FSDP the weights are sharded: every rank must take part in each forward.
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
     try:
         from transformers.integrations import is_deepspeed_zero3_enabled
         if is_deepspeed_zero3_enabled():
@@ -146,6 +149,7 @@ def _chunked_loss_trainer():
                 wrapper = self._chunked_loss = CausalLMChunkedLoss(model)
             kwargs = dict(labels=inputs["labels"], attention_mask=inputs.get("attention_mask"),
                           position_ids=inputs.get("position_ids"))
+            kwargs.update({k: inputs[k] for k in PACKED_BATCH_KEYS if k in inputs})  # --packing's documents
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                 # what the model's own loss does with num_items_in_batch (gradient accumulation):
                 # the sum over this micro-batch's targets divided by the whole batch's count
@@ -153,6 +157,46 @@ def _chunked_loss_trainer():
             return wrapper(inputs["input_ids"], **kwargs)
 
     return ChunkedLMLossTrainer
+
+
+def _setup_fsdp(trainer, model) -> bool:
+    """FSDP from the accelerate config (``distributed_type: FSDP``) or ``--fsdp``: FSDP2 only (hyclora's
+    layers must be whole FSDP units, see ``hyclora.integrations.fsdp``); on a CPU process group the
+    plugin accelerate dropped is switched back on. Returns whether FSDP2 is on."""
+    from hyclora.integrations.accelerate import cpu_backend_needed, use_fsdp_on_cpu
+    from hyclora.integrations.fsdp import fsdp2_enabled, prepare_fsdp2
+
+    requested = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if requested and cpu_backend_needed():
+        use_fsdp_on_cpu(trainer)
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    if not fsdp2_enabled(trainer.accelerator):
+        raise ValueError(
+            "FSDP version 1 is not supported with hyclora: set fsdp_version: 2 in the accelerate config "
+            "(launch/fsdp2_*.yaml) or --fsdp_config '{\"fsdp_version\": 2}'"
+        )
+    prepare_fsdp2(trainer.accelerator, model)
+    return True
+
+
+def _packed(args: FinetuneArgs, data: TaskData, tokenizer, padded_collator):
+    """``--packing``: the training examples packed into rows and the collator of fixed-shape packed
+    batches (evaluation batches, unpacked, keep ``padded_collator``)."""
+    if args.task == "wikitext2":
+        raise ValueError("--packing is for SFT tasks (gsm8k, multitask): wikitext2's blocks are already full rows "
+                         "of --max_length tokens with nothing to pad")
+    t = args.training
+    rows = t.per_device_train_batch_size
+    row_tokens = args.data.packed_row_tokens(rows)
+    train = pack_examples(data.train, row_tokens)
+    # the Trainer would drop seq_lengths (no model argument of that name) before the collator sees it
+    t.remove_unused_columns = False
+    collator = PackedBatchCollator(row_tokens, tokenizer.pad_token_id, max_documents=max_documents(train),
+                                   rows=rows, padded=padded_collator)
+    notes = data.notes + [f"packed {len(data.train)} examples into {len(train)} rows of {row_tokens} tokens "
+                          f"({rows} rows per micro-batch)"]
+    return replace(data, train=train, notes=notes), collator
 
 
 def _graph_layers(args: FinetuneArgs, model):
@@ -199,6 +243,9 @@ def run_finetune(
     if tokenizer is None:
         tokenizer = load_tokenizer(args.model)
     data = prepare_task_data(args, tokenizer)
+    collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=_pad_multiple(args))
+    if args.data.packing:
+        data, collator = _packed(args, data, tokenizer, collator)
     for note in data.notes:
         logger.info(note)
     model, hyclora_status = prepare_model(args, tokenizer, model)
@@ -221,10 +268,14 @@ def run_finetune(
         args=t,
         train_dataset=data.train,
         eval_dataset=data.eval_loss,
-        data_collator=CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=_pad_multiple(args)),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    fsdp = _setup_fsdp(trainer, model)
+    if fsdp and args.checkpointing.cuda_graphs:
+        raise ValueError("--cuda_graphs: FSDP2 gathers and frees every layer's weights around each call, which a "
+                         "captured graph cannot replay; drop --cuda_graphs or run without FSDP")
     graphs = None
     if args.checkpointing.cuda_graphs:
         graphs = _graph_layers(args, model)
@@ -250,6 +301,14 @@ def run_finetune(
         save_lora_adapter(trainer.model, t.output_dir, is_main_process=trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(t.output_dir)
+    elif fsdp:
+        # Trainer.save_model writes no adapter from sharded state dicts; gather the LoRA shards
+        # into a plain PEFT adapter (a collective: every rank calls it).
+        from hyclora.integrations.fsdp import save_lora_adapter as save_fsdp_adapter
+
+        save_fsdp_adapter(trainer.model, t.output_dir, is_main_process=trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(t.output_dir)
     else:
         trainer.save_model()
     trainer.save_state()
@@ -257,7 +316,8 @@ def run_finetune(
         save_hyclora_state(trainer.model, t.output_dir)
 
     metrics: Dict[str, Any] = {"task": args.task, "hyclora": hyclora_status,
-                               "activation_checkpointing": getattr(model, "hyclora_activation_checkpointing", None)}
+                               "activation_checkpointing": getattr(model, "hyclora_activation_checkpointing", None),
+                               "fsdp2": fsdp}
     metrics["train_loss"] = train_output.training_loss
     metrics["loss_history"] = [
         (row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row

@@ -77,19 +77,21 @@ def worker_env(rank: int, world: int, port: int, distributed: bool = True) -> Di
 class Launch:
     """N ranks of the worker running ``scenarios``; :meth:`wait` returns ``{name: result}``."""
 
-    def __init__(self, world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout: float = 240):
+    def __init__(self, world: int, scenarios: List[dict], tmp: Path, model_dir: str, timeout: float = 240,
+                 worker: Path = WORKER, distributed: Optional[bool] = None):
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp, self.scenarios, self.timeout = tmp, scenarios, timeout
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps({"scenarios": scenarios, "out_dir": str(tmp), "model_dir": model_dir}))
         port = free_port()
-        distributed = world > 1 or any(sc.get("ds") for sc in scenarios)
+        if distributed is None:  # a 1-process DeepSpeed or FSDP run still needs a process group
+            distributed = world > 1 or any(sc.get("ds") for sc in scenarios)
         self.procs, self.logs = [], []
         for rank in range(world):
             log = open(tmp / f"rank{rank}.log", "w+")
             self.logs.append(log)
             self.procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "--spec", str(spec_path)],
+                [sys.executable, str(worker), "--spec", str(spec_path)],
                 env=worker_env(rank, world, port, distributed), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
             ))
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from hyclora.kernels import common as tuned
+from hyclora.kernels import common
+
+# nothing on disk: the process memo alone (tests/kernels/test_tuning_cache.py tests the disk)
+launch = functools.partial(common.launch_tuned, cache=common.TuningCache(None))
 
 
 class _Config:
@@ -44,26 +49,26 @@ class _FakeTuner(_Recorder):
 
 
 def test_autotuner_once_per_key_then_direct_launches():
-    tuned.forget_tuned()
+    common.forget_tuned()
     log = []
     tuner = _FakeTuner(log)
     x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
     grid = lambda meta: (1,)  # noqa: E731
-    tuned.launch_tuned(tuner, grid, (x16, 7, 128), {"BITS": 2})
-    tuned.launch_tuned(tuner, grid, (x16, 9, 128), {"BITS": 2})  # M is not in the key
+    launch(tuner, grid, (x16, 7, 128), {"BITS": 2})
+    launch(tuner, grid, (x16, 9, 128), {"BITS": 2})  # M is not in the key
     assert [e[0] for e in log] == ["tuner", "direct"]
     assert log[1][3] == {"BITS": 2, "BLOCK": 64, "num_warps": 4} and log[1][2] == (x16, 9, 128)
     for args, kwargs in (((x16, 7, 32), {"BITS": 2}),    # another N
                          ((x16, 7, 128), {"BITS": 4}),   # another key constexpr
                          ((x32, 7, 128), {"BITS": 2})):  # another dtype
         log.clear()
-        tuned.launch_tuned(tuner, grid, args, kwargs)
-        tuned.launch_tuned(tuner, grid, args, kwargs)
+        launch(tuner, grid, args, kwargs)
+        launch(tuner, grid, args, kwargs)
         assert [e[0] for e in log] == ["tuner", "direct"], (args, kwargs)
     assert log[1][3]["BLOCK"] == 64
     log.clear()
-    tuned.launch_tuned(tuner, grid, (x16, 7, 32), {"BITS": 2})
+    launch(tuner, grid, (x16, 7, 32), {"BITS": 2})
     assert log[0][0] == "direct" and log[0][3]["BLOCK"] == 16  # N=32's own config
-    tuned.forget_tuned()
-    tuned.launch_tuned(tuner, grid, (x16, 7, 32), {"BITS": 2})
+    common.forget_tuned()
+    launch(tuner, grid, (x16, 7, 32), {"BITS": 2})
     assert log[-1][0] == "tuner"

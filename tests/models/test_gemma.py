@@ -422,3 +422,36 @@ def test_gpu_gemma(kind, impl):
     for bits, floor in ((8, 0.99), (4, 0.95)):
         fused, plain = results[("intra_inter_full_fuse", bits)], results[("intra_inter", bits)]
         assert fused[0] >= floor and abs(fused[0] - plain[0]) <= 5e-3, (bits, fused, plain)
+
+
+def test_cuda_graphs_keep_each_layer_types_rope_tables():
+    """Gemma 3's sliding and global layers read different RoPE tables (rope_local_base_freq vs
+    rope_theta). Graphed steps (CPU emulation: static inputs copied into, as a replay does) equal the
+    eager ones, because the layers of each table get their own static tables; with one table set
+    shared by all layers a backward would read the other type's table."""
+    from hyclora.cuda_graphs import DecoderLayerGraphs
+
+    from helpers.graph_emulation import emulated_grapher
+
+    base = tiny_gemma("gemma3", layers=4, window=64, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})
+    thetas = {t: p["rope_theta"] for t, p in base.config.rope_parameters.items()}
+    assert thetas["full_attention"] != thetas["sliding_attention"], thetas
+    eager = lora_model(base)
+    apply_hyclora(eager, HyCLoRAConfig(layer_type="intra_inter_full_fuse", q_bit=8, iteration_threshold=2,
+                                       recalibrate_every=0))
+    graphed = copy.deepcopy(eager)
+    graphs = DecoderLayerGraphs(graphed, _grapher=emulated_grapher)
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        ids = torch.randint(3, 128, (2, 12), generator=gen)
+        grads = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert worst_rel_err(grads[1], grads[0]) <= 1e-6, step
+    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 2 * 4, dict(graphs.counts)
+    assert graphs._captured.rope_groups == [0, 1, 0, 1]
+    graphs.remove()

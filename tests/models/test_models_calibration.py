@@ -136,7 +136,7 @@ def test_compressed_path_odd_shapes_and_half_precision(dtype, seq):
 
 def test_statistics_recalibrate_every_n_forwards():
     model = lora_model(tiny_model("llama", "sdpa"))
-    apply_hyclora(model, HyCLoRAConfig(**dict(CONFIG, recalibrate_every=2)))
+    apply_hyclora(model, HyCLoRAConfig(**dict(CONFIG, recalibrate_every=2, recalibrate_mode="reset")))
     counts = []
     for step in range(8):
         step_grads(model, _batch(step))

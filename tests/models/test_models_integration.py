@@ -304,7 +304,8 @@ def test_architecture_spec_refuses_what_the_blocks_do_not_implement():
     # does not implement is refused
     with pytest.raises(NotImplementedError, match="q_norm.*qk_norm_variant='x'"):
         replace(LLAMA_SPEC, qk_norms=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_variant="x")
-    with pytest.raises(NotImplementedError, match="qkv_proj"):
+    # fused projections are implemented (Phi-3: tests/models/test_phi3.py); one no linear names is refused
+    with pytest.raises(ValueError, match="qkv_proj"):
         replace(LLAMA_SPEC, fused_projections=("self_attn.qkv_proj",))
 
 

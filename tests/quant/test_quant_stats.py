@@ -210,7 +210,7 @@ def test_explicit_empty_outlier_set_overrides_the_stats():
 
 
 def test_frozen_statistics_expire_after_recalibrate_every():
-    st = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3)
+    st = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3, refresh=False)
     x = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, -1.0, 0.5, 9.0]])
     for _ in range(2):  # calibration window
         st.note_counted_forward()
@@ -239,3 +239,110 @@ def test_recalibrate_every_zero_keeps_frozen_statistics():
     assert st.frozen and int(st.count) == 1
     with pytest.raises(ValueError, match="recalibrate_every"):
         ChannelStats(3, recalibrate_every=-1)
+
+
+# -- refresh (recalibrate_mode="refresh"): new statistics gathered beside the frozen ones ------------
+
+
+def _calibrated(width=4, outliers=1, threshold=2, every=3):
+    st = ChannelStats(width, num_outliers=outliers, iteration_threshold=threshold, recalibrate_every=every)
+    x = torch.tensor([[0.0, 1.0, 2.0, 10.0], [1.0, -1.0, 0.5, 9.0]])
+    for _ in range(threshold):
+        st.note_counted_forward()
+        st.select_outliers(x)
+        st.range_for(x)
+    assert st.frozen
+    return st
+
+
+def test_refresh_swaps_new_statistics_into_the_frozen_parameters_in_place():
+    st = _calibrated()
+    params = st.frozen_params(4)
+    before = [t.clone() for t in params[:3]] + [params[3].clone()]
+    ptrs = [t.data_ptr() for t in params]
+    moved = torch.tensor([[5.0, -3.0, 1.0, 0.0], [20.0, -4.0, 2.0, 0.5], [-7.0, 50.0, 3.0, 1.0]])
+    seen = []
+    for forward in range(3 + 2 + 1):  # 3 frozen, a window of 2 observed forwards, the swap
+        st.note_counted_forward()
+        assert st.frozen and not st.expires_at_next_forward()
+        x = moved * (forward + 1)
+        st.observe(x, skip_rows=torch.tensor([2]))  # the exact rows are not observed
+        if st._observing:
+            seen.append(x[:2])
+        same = all(torch.equal(a, b) for a, b in zip(st.frozen_params(4), before))
+        assert same == (forward < 5), forward  # the old parameters stay in use until the swap
+    assert len(seen) == 2 and not st._observing and int(st.observing) == 0
+    window = torch.cat(seen)
+    assert torch.equal(st.lo, window.min(0).values) and torch.equal(st.hi, window.max(0).values)
+    assert torch.equal(st.outlier_score, (window * window).sum(0))
+    assert st.outlier_idx.tolist() == [(window * window).sum(0).argmax().item()]
+    new = st.frozen_params(4)
+    assert new is params and [t.data_ptr() for t in new] == ptrs  # same tensors: a graph keeps reading them
+    from hyclora.quant.core import affine_params
+
+    lo, step, inv = (t.index_fill(0, st.outlier_idx, 0.0) for t in affine_params(st.lo, st.hi, 4))
+    assert torch.equal(new[0], lo) and torch.equal(new[1], step) and torch.equal(new[2], inv)
+    assert torch.equal(new[3], st.outlier_idx)
+
+
+def test_refresh_observes_nothing_outside_a_window_and_not_on_a_recompute():
+    st = _calibrated(every=5)
+    lo = st.lo.clone()
+    st.note_counted_forward()
+    st.observe(torch.full((2, 4), 99.0))  # no window open: not even launched
+    assert torch.equal(st.next_lo, torch.full((4,), float("inf")))
+    for _ in range(5):
+        st.note_counted_forward()
+    assert st._observing
+    st.observe(torch.full((2, 4), 99.0), update=False)  # a checkpoint recompute of that forward
+    assert torch.equal(st.next_lo, torch.full((4,), float("inf"))) and torch.equal(st.lo, lo)
+
+
+def test_refresh_window_that_saw_nothing_keeps_the_statistics():
+    st = _calibrated(outliers=1)
+    params = [t.clone() for t in st.frozen_params(2)]
+    for _ in range(3 + 2 + 1):
+        st.note_counted_forward()  # a path that never quantises this tensor
+    assert all(torch.equal(a, b) for a, b in zip(st.frozen_params(2), params))
+
+
+def test_refresh_resumes_a_window_from_its_start():
+    st = _calibrated()
+    for _ in range(4):  # 3 frozen + the first observed forward of the window
+        st.note_counted_forward()
+        st.observe(torch.randn(3, 4))
+    assert st._observing
+    loaded = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3)
+    loaded.load_state_dict(st.state_dict())
+    assert loaded.frozen and not loaded._observing and loaded._frozen_forwards == 3
+    loaded.note_counted_forward()
+    assert loaded._observing and loaded._observed == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_observe_columns_kernel_matches_torch(dtype):
+    from hyclora.kernels.common import INTERPRET
+    from hyclora.quant.core import observe_columns_torch
+
+    if not INTERPRET:
+        pytest.skip("the Triton kernel runs on the CPU under TRITON_INTERPRET=1")
+    from hyclora.quant.triton_kernels import observe_columns
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 40, generator=gen).to(dtype)
+    skip = torch.tensor([3, 17, 69])
+    results = []
+    for fn in (observe_columns, observe_columns_torch):
+        bufs = (torch.full((40,), float("inf")), torch.full((40,), float("-inf")), torch.zeros(40))
+        flag = torch.ones((), dtype=torch.int32)
+        fn(x, flag, *bufs, skip)
+        fn(x * 2, flag, *bufs, skip)
+        flag.zero_()
+        fn(x * 10, flag, *bufs, skip)  # flag 0: nothing changes
+        results.append(bufs)
+    keep = torch.ones(70, dtype=torch.bool)
+    keep[skip] = False
+    seen = torch.cat([x[keep], 2 * x[keep]]).float()
+    for lo, hi, score in results:
+        assert torch.equal(lo, seen.min(0).values) and torch.equal(hi, seen.max(0).values)
+        torch.testing.assert_close(score, (seen * seen).sum(0), rtol=1e-5, atol=0)

@@ -1,0 +1,156 @@
+"""A whole training run as a user gets it: tokens/s averaged over every step (calibration, capture,
+recalibration included) and the peak over the run, beside the steady state.
+
+A random-weight Llama (Llama-2-7B shape by default, bf16), PEFT LoRA r=16 on all seven linears,
+sdpa, AdamW on the LoRA parameters, --steps steps of random tokens per --shapes entry. Each
+variant runs in its own process (a fresh allocator, so its peak is its own):
+
+* ``peft``: PEFT LoRA;
+* ``graphed``: hyclora with the library defaults (``intra_inter_full_fuse`` 2-bit unless the
+  hyclora arguments say otherwise, ``recalibrate_every=50``, ``recalibrate_mode="refresh"``) and
+  ``graph_decoder_layers``;
+* ``graphed_reset``: the same with ``recalibrate_mode="reset"`` (release, eager calibration,
+  re-capture every 50 steps);
+* ``graphed_frozen``: the same with ``recalibrate_every=0`` (the steady state, no renewal);
+* ``eager``: hyclora defaults without graphs.
+
+Reported per variant: mean tok/s over all steps ("run mean"), over steps --from_step.. (the
+issue's "steps 8-70" style), the median step ("steady state"), the first step's seconds, and the
+peak allocated over the whole run above the weights + LoRA + optimizer state at the start.
+
+    python benchmarks/bench_whole_run.py --shapes 4x512 --steps 200
+    python benchmarks/bench_whole_run.py --smoke
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import harness
+
+VARIANTS = ("peft", "graphed", "graphed_reset", "graphed_frozen", "eager")
+
+
+def _config(args, variant):
+    overrides = {}
+    if variant == "graphed_reset":
+        overrides["recalibrate_mode"] = "reset"
+    elif variant == "graphed_frozen":
+        overrides["recalibrate_every"] = 0
+    return harness.hyclora_config(args, **overrides)
+
+
+def run_variant(args, variant, bs, seq):
+    from hyclora import apply_hyclora
+
+    device = harness.device_of(args)
+    dtype = harness.dtype_of(args, device)
+    model, cfg = harness.build_model(args, device, dtype, b_std=None)
+    graphs = None
+    if variant != "peft":
+        apply_hyclora(model, _config(args, variant))
+        if variant.startswith("graphed"):
+            if device != "cuda":
+                return dict(variant=variant, shape=f"{bs}x{seq}", note="skipped: CUDA graphs need a CUDA device")
+            from hyclora.cuda_graphs import graph_decoder_layers
+
+            graphs = graph_decoder_layers(model, sample_shape=(bs, seq))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (bs, seq), device=device, generator=gen) for _ in range(4)]
+    # the optimizer state exists from the first step on: allocate it before the baseline
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    harness.clear(device)
+    harness.reset_peak(device)
+    start = harness.allocated(device)
+    times = []
+    for step in range(args.steps):
+        ids = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        harness.sync(device)
+        times.append(time.perf_counter() - t0)
+    tokens = bs * seq
+    late = times[args.from_step:] or times
+    out = dict(variant=variant, shape=f"{bs}x{seq}", steps=args.steps,
+               run_tok_s=tokens * len(times) / sum(times),
+               late_tok_s=tokens * len(late) / sum(late),
+               steady_tok_s=tokens / statistics.median(times),
+               first_step_s=times[0],
+               peak_gib=(harness.max_allocated(device) - start) / harness.GIB if device == "cuda" else harness.NAN,
+               loss=float(loss.detach()), note="")
+    if graphs is not None:
+        out["note"] = graphs.summary()
+    return out
+
+
+def main(argv=None):
+    p = harness.parser(__doc__, "model", "shapes", "lora", "hyclora", "smoke", layer_type="intra_inter_full_fuse",
+                       q_bit=2)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--from_step", type=int, default=8, help="first step of the 'late' mean")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variant", default=None, help=argparse_suppress())
+    args = harness.parse(p, argv, shapes=[(2, 32)], steps=6, from_step=2)
+    if args.variant:  # a child: one variant, one shape; its result as JSON on the last line
+        bs, seq = args.shapes[0]
+        print("RESULT " + json.dumps(run_variant(args, args.variant, bs, seq)), flush=True)
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rows = []
+    for bs, seq in args.shapes:
+        for variant in args.variants:
+            child = [sys.executable, os.path.abspath(__file__), *argv, "--shapes", f"{bs}x{seq}", "--variant", variant]
+            proc = subprocess.run(child, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                row = dict(variant=variant, shape=f"{bs}x{seq}", note=f"FAILED: {proc.stderr[-300:]}")
+            else:
+                row = json.loads(lines[-1][len("RESULT "):])
+            rows.append(row)
+            print(f"{row.get('shape')} {variant:15s} run {row.get('run_tok_s', harness.NAN):8.0f} tok/s  "
+                  f"steady {row.get('steady_tok_s', harness.NAN):8.0f}  peak {row.get('peak_gib', harness.NAN):6.2f} GiB  "
+                  f"{row.get('note', '')}", flush=True)
+    env = harness.environment(harness.device_of(args))
+    table = []
+    for r in rows:
+        peft = next((x for x in rows if x.get("shape") == r.get("shape") and x["variant"] == "peft"), {})
+        ratio = lambda key: r.get(key, harness.NAN) / peft.get(key, harness.NAN) if peft else harness.NAN  # noqa: E731
+        table.append((r.get("shape"), r["variant"], f"{r.get('run_tok_s', harness.NAN):.0f}", f"{ratio('run_tok_s'):.2f}",
+                      f"{r.get('late_tok_s', harness.NAN):.0f}", f"{r.get('steady_tok_s', harness.NAN):.0f}",
+                      f"{r.get('run_tok_s', harness.NAN) / r.get('steady_tok_s', harness.NAN):.2f}",
+                      f"{r.get('first_step_s', harness.NAN):.1f}", f"{r.get('peak_gib', harness.NAN):.2f}",
+                      f"{peft.get('peak_gib', harness.NAN) / r.get('peak_gib', harness.NAN):.1f}" if peft else "nan",
+                      r.get("note", "")[:160]))
+    print(f"\n{harness.env_line(env)}; Llama hidden {harness.shape_of(args).hidden}, LoRA r={args.lora_r}, "
+          f"{args.attn}, AdamW, {args.steps} steps per variant, one process each")
+    print("\n".join(harness.markdown_table(
+        ["bs x seq", "variant", "run mean tok/s", "x PEFT (run)", f"mean from step {args.from_step}",
+         "steady (median) tok/s", "run / steady", "first step s", "peak GiB above start", "x less than PEFT",
+         "note"], table)))
+    harness.write_csv(harness.out_dir(args) / "whole_run.csv", rows, env=env)
+    return rows
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
