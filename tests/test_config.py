@@ -81,3 +81,27 @@ def test_hf_argument_parser_accepts_the_dataclass():
     assert cfg.layer_type == "baseline" and cfg.q_bit == 8
     parser = HyCLoRAConfig.add_arguments(HfArgumentParser([]))
     assert HyCLoRAConfig.from_args(parser.parse_args(["--q_bit", "2"])).q_bit == 2
+
+
+def test_recalibrate_mode_is_checked_and_reaches_the_statistics():
+    import argparse
+
+    import pytest
+
+    from hyclora import HyCLoRAConfig
+
+    with pytest.raises(ValueError, match="recalibrate_mode='sometimes'.*refresh, reset"):
+        HyCLoRAConfig(recalibrate_mode="sometimes")
+    parser = HyCLoRAConfig.add_arguments(argparse.ArgumentParser())
+    assert HyCLoRAConfig.from_args(parser.parse_args([])).recalibrate_mode == "refresh"
+    assert HyCLoRAConfig.from_args(parser.parse_args(["--recalibrate_mode", "reset"])).recalibrate_mode == "reset"
+    from hyclora import apply_hyclora, revert_hyclora
+    from hyclora.demo import build_lora_llama
+    from hyclora.quant import ChannelStats
+
+    model, _ = build_lora_llama(hidden=32, layers=1, heads=2, kv_heads=2, ffn=48, vocab=64)
+    for mode, refresh in (("refresh", True), ("reset", False)):
+        apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", recalibrate_mode=mode))
+        stats = [m for m in model.modules() if isinstance(m, ChannelStats)]
+        assert stats and all(s.refresh is refresh for s in stats)
+        revert_hyclora(model)
