@@ -80,6 +80,7 @@ def run_variant(args, variant, bs, seq):
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        loss = loss.detach()  # a loss still holding its graph would make the next capture fail
         opt.step()
         opt.zero_grad(set_to_none=True)
         harness.sync(device)

@@ -117,61 +117,103 @@ def assert_unsharded(tensors: Union[Mapping[str, torch.Tensor], Iterable[Tuple[s
         )
 
 
-def _guarded_forward(module: nn.Module, forward):
+class _NewOutput(torch.autograd.Function):
+    """Identity whose output is a new tensor (not a view; same storage): FSDP2 registers its
+    pre-backward unshard on it, and warns about views, whose in-place ops drop that hook."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def stale_instance_forward(module: nn.Module) -> bool:
+    """True when ``module`` has an instance-level ``forward`` bound to an ancestor class's forward
+    that its class has since overridden (``fully_shard`` subclassing the layer after it was bound).
+    From transformers 5.23 the decoder layer's checkpointing is that override, run only by the
+    outermost class: such a forward runs the layer without checkpointing, silently. Wrappers are
+    looked through along ``__wrapped__`` (``functools.wraps``, accelerate's hooks); a closure without
+    it is not seen."""
+    forward, function = module.__dict__.get("forward"), None
+    for _ in range(8):  # a few wrappers deep at most; a cycle must not hang the forward
+        function = getattr(forward, "__func__", None)
+        if function is not None or forward is None:
+            break
+        forward = getattr(forward, "__wrapped__", None)
+    cls = type(module)
+    return function is not None and cls.forward is not function \
+        and any(c.__dict__.get("forward") is function for c in cls.__mro__[1:])
+
+
+def _check_before_forward(module: nn.Module, args) -> None:
+    assert_unsharded(module.named_parameters(), f"{type(module).__name__}.forward")
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled() \
+            and stale_instance_forward(module):
+        raise RuntimeError(
+            f"hyclora: {type(module).__name__} has an instance-level forward ({module.__dict__['forward']!r}) bound "
+            "before fully_shard subclassed the layer; it skips the class forward, where transformers >= 5.23 "
+            "checkpoints, so activation checkpointing would silently not run. Install that wrapper after "
+            "fully_shard / accelerator.prepare, or as module hooks (register_forward_pre_hook / "
+            "register_forward_hook) instead of a forward."
+        )
+
+
+def _check_before_backward(module: nn.Module, args, out):
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    if not (isinstance(first, torch.Tensor) and first.requires_grad):
+        return None
     name = type(module).__name__
 
-    def forward_with_shard_check(*args, **kwargs):
-        assert_unsharded(module.named_parameters(), f"{name}.forward")
-        out = forward(*args, **kwargs)
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        if not (isinstance(first, torch.Tensor) and first.requires_grad):
-            return out
+    def check_before_backward(grad):
+        assert_unsharded(module.named_parameters(), f"{name} backward")
+        return grad
 
-        def check_before_backward(grad):
-            assert_unsharded(module.named_parameters(), f"{name} backward")
-            return grad
-
-        # FSDP2 registers its pre-backward unshard on the tensor the layer returns, after this
-        # forward; tensor hooks run in registration order. The check goes on the block's own
-        # output and the layer returns a view of it, so the unshard (on the view) runs first.
-        first.register_hook(check_before_backward)
-        returned = first.view_as(first)
-        if isinstance(out, tuple):
-            return (returned,) + tuple(out[1:])
-        if isinstance(out, list):
-            return [returned] + list(out[1:])
-        return returned
-
-    return forward_with_shard_check
+    # FSDP2's pre-backward unshard goes on the tensor the module returns: on `returned` when its
+    # post-forward hook runs after this one, else on `first` before this check (tensor hooks run in
+    # registration order). Either way the unshard precedes the check.
+    first.register_hook(check_before_backward)
+    returned = _NewOutput.apply(first)
+    if isinstance(out, tuple):
+        return (returned,) + tuple(out[1:])
+    if isinstance(out, list):
+        return [returned] + list(out[1:])
+    return returned
 
 
 class ShardGuardHandle:
-    """Returned by :func:`install_shard_guards`; ``remove()`` restores the original forwards."""
+    """Returned by :func:`install_shard_guards`; ``remove()`` removes the guards' hooks."""
 
     def __init__(self, modules: List[nn.Module]):
         self.modules = modules
 
     def remove(self) -> None:
         for module in self.modules:
-            original, had_instance_forward = module.__dict__.pop("_hyclora_shard_guard", (None, False))
-            module.__dict__.pop("forward", None)
-            if had_instance_forward and original is not None:
-                module.forward = original
+            for handle in module.__dict__.pop("_hyclora_shard_guard", ()):
+                handle.remove()
 
 
 def install_shard_guards(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None) -> ShardGuardHandle:
     """Check at every forward and before every backward of ``modules`` (default: the hyclora
     blocks, :func:`hyclora.integrations.deepspeed.hyclora_blocks`) that no parameter below them is
-    an FSDP2 shard; raise :class:`FSDPShardError` naming the fix otherwise. Idempotent."""
+    an FSDP2 shard; raise :class:`FSDPShardError` naming the fix otherwise. Idempotent.
+
+    The checks are module hooks, not an instance-level ``forward``: from transformers 5.23 the
+    decoder layer's checkpointing lives in its class ``forward`` and runs only in the outermost
+    class's wrapper; an instance ``forward`` bound before ``fully_shard`` subclasses the layer is
+    not the outermost one, so checkpointing would silently stop (FSDP2 parity test, ``f_ii_ckpt``).
+    FSDP2 prepends its unshard pre-hook, so the forward check sees gathered weights either way."""
     targets = list(modules) if modules is not None else hyclora_blocks(model)
     installed = []
     for module in targets:
         if "_hyclora_shard_guard" in module.__dict__:
             continue
-        had_instance_forward = "forward" in module.__dict__
-        original = module.__dict__["forward"] if had_instance_forward else None
-        module.__dict__["_hyclora_shard_guard"] = (original, had_instance_forward)
-        module.forward = _guarded_forward(module, module.forward)
+        module.__dict__["_hyclora_shard_guard"] = (
+            module.register_forward_pre_hook(_check_before_forward),
+            module.register_forward_hook(_check_before_backward),
+        )
         installed.append(module)
     return ShardGuardHandle(installed)
 
@@ -408,4 +450,5 @@ __all__ = [
     "prepare_fsdp2",
     "save_lora_adapter",
     "shard_model",
+    "stale_instance_forward",
 ]

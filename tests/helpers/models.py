@@ -134,3 +134,33 @@ def compare_with_peft(model, batch, tol, config=None):
     assert err <= tol, f"worst relative gradient error {err:.3g} > {tol}"
     return err, g
 
+
+
+def check_s2attn_step_equals_peft(model, batch) -> None:
+    """S²-Attn (group ratio 1/4) on a PEFT ``model``: hyclora's baseline equals PEFT's step to
+    rounding (and full attention does not: the comparison has teeth), 8-bit intra_inter is within
+    1e-4 in loss and 0.999 in LoRA-gradient cosine."""
+    import copy
+
+    from hyclora.config import HyCLoRAConfig
+    from hyclora.integrations.longseq import disable_s2attn, enable_s2attn
+    from hyclora.models import apply_hyclora, buffered_tensors, revert_hyclora
+
+    from helpers.numerics import cosine, worst_rel_err
+
+    enable_s2attn(model, group_ratio=0.25)
+    ref = copy.deepcopy(model)
+    batch = dict(batch, use_cache=False)
+    loss_ref, g_ref = step_grads(ref, batch)
+    apply_hyclora(model, HyCLoRAConfig(layer_type="baseline"))
+    _, g = step_grads(model, batch)
+    assert all(buffered_tensors(model).values())
+    assert worst_rel_err(g, g_ref) <= 1e-5
+    full = copy.deepcopy(ref)
+    disable_s2attn(full)
+    assert worst_rel_err(step_grads(full, batch)[1], g_ref) > 1e-2
+    revert_hyclora(model)
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=8))
+    loss8, g8 = step_grads(model, batch)
+    assert abs(float(loss8) - float(loss_ref)) <= 1e-4 * abs(float(loss_ref))
+    assert min(cosine(g8[n], g_ref[n]) for n in g_ref if "lora_" in n) >= 0.999

@@ -52,10 +52,21 @@ def offload_policy(sc):
 
 
 def maybe_checkpointing(model, sc):
+    """Enable sc["ckpt"]; returns a one-item list counting the calls that reach the layers'
+    checkpoint function (a wrapper that bypasses transformers' checkpointing leaves it at 0)."""
+    calls = [0]
     if sc.get("ckpt"):
         from hyclora.integrations.checkpointing import enable_activation_checkpointing
+        from hyclora.integrations.deepspeed import decoder_layers
 
         enable_activation_checkpointing(model, **sc["ckpt"])
+        for layer in decoder_layers(model):
+            def counted(*args, _func=layer._gradient_checkpointing_func, **kwargs):
+                calls[0] += 1
+                return _func(*args, **kwargs)
+
+            layer._gradient_checkpointing_func = counted
+    return calls
 
 
 def shard(model, sc):
@@ -82,7 +93,7 @@ def run_loop(sc, model_dir, out):
     mb, ga, steps = sc["mb"], sc.get("ga", 1), sc["steps"]
     data = token_data()
     model = build_model(model_dir, sc)
-    maybe_checkpointing(model, sc)
+    ckpt_calls = maybe_checkpointing(model, sc)
     if sc.get("fsdp"):
         model = shard(model, sc)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,7 +128,8 @@ def run_loop(sc, model_dir, out):
     save_lora_adapter(model, out / "adapter")
     param_types = sorted({type(p).__name__ for p in model.parameters()})
     return {"losses": losses, "saved_bytes": saved_bytes, "param_types": param_types,
-            "param_devices": sorted({str(p.device) for p in model.parameters()})}
+            "param_devices": sorted({str(p.device) for p in model.parameters()}),
+            "ckpt_calls": ckpt_calls[0], "micro_batches": steps * ga}
 
 
 def make_fsdp_accelerator(sc):
@@ -134,10 +146,12 @@ def run_accelerate(sc, model_dir, out):
 
     from hyclora.integrations.accelerate import prepare_model
 
-    AcceleratorState._reset_state(reset_partial_state=False)
+    # PartialState too: it keeps the FSDP distributed_type use_fsdp_on_cpu gave the previous
+    # scenario, and a new AcceleratorState copying it would get no fsdp_plugin
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = make_fsdp_accelerator(sc)
     model = build_model(model_dir, sc)
-    maybe_checkpointing(model, sc)
+    ckpt_calls = maybe_checkpointing(model, sc)
     prepare_model(acc, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=sc.get("lr", 1e-2), weight_decay=0.0)
@@ -174,7 +188,8 @@ def run_accelerate(sc, model_dir, out):
 
     save_lora_adapter(acc.unwrap_model(model), out / "adapter")
     return {"losses": losses, "distributed_type": str(acc.distributed_type),
-            "param_types": sorted({type(p).__name__ for p in model.parameters()})}
+            "param_types": sorted({type(p).__name__ for p in model.parameters()}),
+            "ckpt_calls": ckpt_calls[0], "micro_batches": micro}
 
 
 def run_trainer(sc, model_dir, out):

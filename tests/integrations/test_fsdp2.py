@@ -1,8 +1,8 @@
 """FSDP2 (``fully_shard``) with 2 gloo processes on CPU, and with 1, equals a 1-process run without
 FSDP, for hyclora baseline and intra_inter, through a plain loop (``shard_model``), accelerate and
 HF Trainer; parameter CPU offload, bf16 compute with fp32 reduction and compressed checkpoint
-boundaries change nothing; Trainer resume under FSDP2 continues the loss curve (calibrated
-statistics included); the adapter gathered from the shards is a plain PEFT adapter; the compressed
+boundaries change nothing (and the layers really are checkpointed under FSDP2); Trainer resume
+under FSDP2 continues the loss curve (calibrated statistics included); the adapter gathered from the shards is a plain PEFT adapter; the compressed
 activation bytes are those of the unsharded run; a hyclora layer whose child is its own FSDP unit
 fails loudly.
 
@@ -35,8 +35,10 @@ BOUNDARY = {"every_k": 1, "boundary_bits": 8}
 # scenario name -> reference name
 PARITY = {
     "f_base": "ref_base", "f_ii": "ref_ii", "f1_ii": "ref_ii", "f_ii_ckpt": "ref_ii_ckpt",
-    "f_ii_offload": "ref_ii", "acc_ii": "ref_ii", "t_ii": "tref_ii",
+    "f_ii_offload": "ref_ii", "acc_ii": "ref_ii", "acc_ii_ckpt": "ref_ii_ckpt", "t_ii": "tref_ii",
 }
+CHECKPOINTED = ("ref_ii_ckpt", "f_ii_ckpt", "acc_ii_ckpt")
+LAYERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,7 @@ def test_fsdp2_parity_offload_bf16_checkpointing_resume(model_dir, tmp_path):
         dict(name="f_ii_offload", fsdp=True, offload=True, hyclora=INTRA_INTER, **loop),
         dict(name="f_ii_bf16", fsdp=True, mp="bf16", hyclora=INTRA_INTER, **loop),
         dict(name="acc_ii", mode="accelerate", steps=STEPS, mb=MB, hyclora=INTRA_INTER),
+        dict(name="acc_ii_ckpt", mode="accelerate", steps=STEPS, mb=MB, hyclora=INTRA_INTER, ckpt=BOUNDARY),
         dict(name="t_ii", fsdp=True, hyclora=INTRA_INTER, **trainer),
         # Calibrated statistics (frozen after 2 forwards) are per-rank state: resuming from step 2
         # must restore each rank's own, or steps 3-4 would quantise differently.
@@ -125,6 +128,13 @@ def test_fsdp2_parity_offload_bf16_checkpointing_resume(model_dir, tmp_path):
         _assert_adapter_equal(where("f_ii_bf16"), where("ref_ii_bf16"), BF16_W_ATOL)
         # bf16 compute really differs from fp32 (else this compares nothing new)
         assert got["losses"] != _ok(refs, "ref_ii")["losses"]
+
+    def checkpointing_ran():
+        # transformers >= 5.23 checkpoints in the layer's class forward, which only the outermost
+        # class runs: a wrapper bound before fully_shard subclasses the layer switched it off unseen.
+        for name in CHECKPOINTED:
+            got = _ok(results, name)
+            assert got["ckpt_calls"] == LAYERS * got["micro_batches"] > 0, (name, got["ckpt_calls"], got["micro_batches"])
 
     def offload_on_host():
         assert _ok(runs, "f_ii_offload")["param_devices"] == ["cpu"]
@@ -169,7 +179,55 @@ def test_fsdp2_parity_offload_bf16_checkpointing_resume(model_dir, tmp_path):
 
     _check_all(
         [(name, lambda name=name: parity(name)) for name in sorted(PARITY)]
-        + [("bf16", bf16), ("offload", offload_on_host), ("memory", compressed_bytes_unchanged),
-           ("resume", resume_continues), ("child_unit", child_unit_names_fsdp),
+        + [("checkpointing_ran", checkpointing_ran), ("bf16", bf16), ("offload", offload_on_host),
+           ("memory", compressed_bytes_unchanged), ("resume", resume_continues), ("child_unit", child_unit_names_fsdp),
            ("adapter_load", adapter_loads_without_fsdp)]
     )
+
+
+class _Block(torch.nn.Module):
+    gradient_checkpointing = True
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _subclass_like_fully_shard(module):
+    # fully_shard swaps in a subclass; transformers >= 5.23 gives it its own (checkpointing) forward
+    base = type(module)
+    module.__class__ = type(f"FSDP{base.__name__}", (base,), {"forward": lambda self, *a, **k: base.forward(self, *a, **k)})
+
+
+def test_shard_guards_are_hooks_and_refuse_a_stale_instance_forward():
+    import functools
+
+    from hyclora.integrations.fsdp import install_shard_guards, stale_instance_forward
+
+    x = torch.randn(2, 4, requires_grad=True)
+    block = _Block().train()
+    handle = install_shard_guards(None, [block])
+    _subclass_like_fully_shard(block)
+    # the guards leave the class forward (where transformers checkpoints) reachable
+    assert "forward" not in block.__dict__ and not stale_instance_forward(block)
+    out = block(x)
+    assert out._base is None, "FSDP2 warns about (and loses its hook on in-place ops of) view outputs"
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, block.proj.weight.sum(0).expand(2, 4))
+    handle.remove()
+    assert not block._forward_pre_hooks and not block._forward_hooks
+
+    stale = _Block().train()
+    bound = stale.forward
+    stale.forward = functools.wraps(bound)(lambda *a, **k: bound(*a, **k))  # bound before the subclass
+    install_shard_guards(None, [stale])
+    assert not stale_instance_forward(stale)  # nothing overrides it yet
+    _subclass_like_fully_shard(stale)
+    assert stale_instance_forward(stale)
+    with pytest.raises(RuntimeError, match="instance-level forward .* activation checkpointing would silently not run"):
+        stale(x)
+    stale.gradient_checkpointing = False  # without checkpointing skipping the class forward loses nothing
+    stale(x)

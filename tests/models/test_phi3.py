@@ -37,7 +37,7 @@ from hyclora.memory import LayerShape, measure_saved_tensors, theoretical_layer_
 from hyclora.models import apply_hyclora, buffered_tensors, get_adapter, is_patched, revert_hyclora
 
 from helpers.kernels import needs_triton
-from helpers.models import compare_with_peft, lora_model, needs_quant, step_grads
+from helpers.models import check_s2attn_step_equals_peft, compare_with_peft, lora_model, needs_quant, step_grads
 from helpers.numerics import cosine, worst_rel_err
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -449,26 +449,7 @@ def test_partial_rope_equals_transformers(rot):
 
 
 def test_s2attn_step_equals_peft():
-    from hyclora.integrations.longseq import disable_s2attn, enable_s2attn
-
-    model = phi3_lora(variant_model("partial", "sdpa"), train_norms=True)
-    enable_s2attn(model, group_ratio=0.25)
-    ref = copy.deepcopy(model)
-    batch = _batch(s=32)
-    batch["use_cache"] = False
-    loss_ref, g_ref = step_grads(ref, batch)
-    apply_hyclora(model, BASELINE)
-    _, g = step_grads(model, batch)
-    assert all(buffered_tensors(model).values())
-    assert worst_rel_err(g, g_ref) <= 1e-5
-    full = copy.deepcopy(ref)  # not vacuous: full attention gives other gradients
-    disable_s2attn(full)
-    assert worst_rel_err(step_grads(full, batch)[1], g_ref) > 1e-2
-    revert_hyclora(model)
-    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=8))
-    loss8, g8 = step_grads(model, batch)
-    assert abs(float(loss8) - float(loss_ref)) <= 1e-4 * abs(float(loss_ref))
-    assert min(cosine(g8[n], g_ref[n]) for n in g_ref if "lora_" in n) >= 0.999
+    check_s2attn_step_equals_peft(phi3_lora(variant_model("partial", "sdpa"), train_norms=True), _batch(s=32))
 
 
 @needs_quant
