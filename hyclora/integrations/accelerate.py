@@ -108,9 +108,11 @@ def use_fsdp_on_cpu(accelerator_or_trainer, plugin=None) -> bool:
     trainer = accelerator_or_trainer if hasattr(accelerator_or_trainer, "accelerator") else None
     accelerator = trainer.accelerator if trainer is not None else accelerator_or_trainer
     state = accelerator.state
-    if state.distributed_type == DistributedType.FSDP or torch.cuda.is_available():
+    if torch.cuda.is_available():
         return False
-    if state.distributed_type != DistributedType.MULTI_CPU:
+    if state.distributed_type == DistributedType.FSDP and getattr(state, "fsdp_plugin", None) is not None:
+        return False  # a second Accelerator in the process: the shared state may lack the plugin
+    if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP):
         raise RuntimeError(
             f"use_fsdp_on_cpu: accelerate set up {state.distributed_type}, not a CPU process group; launch "
             "with several processes (torchrun / accelerate launch) or initialise gloo first."
