@@ -392,13 +392,17 @@ class LayerShape:
     head_dim: int
     lora_rank: int = 0
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    features: tuple = ()  # optional parts of the tensor table the layer has (Gemma's post-norms)
+    double_bits: tuple = ()  # tensors its architecture keeps at twice q_bit beyond the table's
 
     @classmethod
     def from_config(cls, config, lora_rank: int = 0, lora_targets: Optional[Iterable[str]] = None):
         """``lora_targets`` default: every linear module of the layer (a fused projection such as
-        Phi-3's ``qkv_proj`` is one module and keeps one ``X A``)."""
+        Phi-3's ``qkv_proj`` is one module and keeps one ``X A``). The features and extra
+        double-bit tensors come from the architecture's spec."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        spec = _spec_of(config)
         return cls(
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
@@ -407,6 +411,8 @@ class LayerShape:
             head_dim=head_dim,
             lora_rank=lora_rank,
             lora_targets=tuple(lora_targets) if lora_targets is not None else _linear_modules(config),
+            features=spec.features if spec is not None else (),
+            double_bits=spec.double_bits if spec is not None else (),
         )
 
     @property
@@ -416,16 +422,21 @@ class LayerShape:
                 "kv_heads": self.num_kv_heads * self.head_dim, "d_ff": self.intermediate}
 
 
-def _linear_modules(config) -> tuple:
-    """The module names of a decoder layer's linears: the Llama seven, or for an architecture with
-    fused projections (its spec's ``fused_projections``) each fused module once."""
+def _spec_of(config):
+    """The registered architecture spec of ``config``'s model type, or None."""
     from .models import get_adapter
 
     try:
-        spec = get_adapter(getattr(config, "model_type", None)).spec
+        return get_adapter(getattr(config, "model_type", None)).spec
     except ValueError:  # not a registered model type: the Llama layout
-        return LayerShape.lora_targets
-    if not spec.fused_projections:
+        return None
+
+
+def _linear_modules(config) -> tuple:
+    """The module names of a decoder layer's linears: the Llama seven, or for an architecture with
+    fused projections (its spec's ``fused_projections``) each fused module once."""
+    spec = _spec_of(config)
+    if spec is None or not spec.fused_projections:
         return LayerShape.lora_targets
     return tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for _, path in spec.linears))
 
@@ -434,13 +445,13 @@ def _packed_bytes(width: int, bits: int) -> float:
     return math.ceil(width * bits / 8)
 
 
-def _compressed_bytes(spec, width: int, rows: int, q_bit: int, dtype_bytes: int) -> float:
+def _compressed_bytes(spec, width: int, rows: int, q_bit: int, dtype_bytes: int, double: tuple = ()) -> float:
     """Bytes of one tensor as :class:`hyclora.ops.storage.StoragePolicy` keeps it (its row of
     :mod:`hyclora.ops.tensor_specs`): packed codes, fp32 range parameters (per channel, or per
     row group), and the exact outlier rows."""
     from .ops.tensor_specs import GROUP_SIZE, outlier_row_count
 
-    total = rows * _packed_bytes(width, _bits(spec, q_bit))
+    total = rows * _packed_bytes(width, _bits(spec, q_bit, double))
     if spec.grouped:
         total += rows * math.ceil(width / GROUP_SIZE) * 8
     else:
@@ -451,26 +462,27 @@ def _compressed_bytes(spec, width: int, rows: int, q_bit: int, dtype_bytes: int)
     return total
 
 
-def _bits(spec, q_bit: int) -> int:
-    return min(8, 2 * q_bit) if spec.double_bits else q_bit
+def _bits(spec, q_bit: int, double: tuple = ()) -> int:
+    return min(8, 2 * q_bit) if spec.double_bits or spec.name in double else q_bit
 
 
 def _kept_tensors(shape: LayerShape, layer_type: str, attention: str, probs: str):
     """``([(TensorSpec, width), ...], keeps_map)``: every per-token tensor a decoder layer keeps
-    (the table's quantised activations; kept as is by ``baseline``), and whether the eager
-    attention map is kept."""
+    (the table's quantised activations and those of the layer's features; kept as is by
+    ``baseline``), and whether the eager attention map is kept."""
     from .ops.tensor_specs import DECODER, kept_activations, tensor_widths
 
     keeps_map = attention == "eager" and probs != "recompute"
     widths = tensor_widths(DECODER, shape.dims)
-    return [(s, widths[s.name]) for s in kept_activations(DECODER, layer_type, keeps_map)], keeps_map
+    kept = kept_activations(DECODER, layer_type, keeps_map, shape.features)
+    return [(s, widths[s.name]) for s in kept], keeps_map
 
 
-def _norm_stats_per_token() -> int:
+def _norm_stats_per_token(features: tuple = ()) -> int:
     """fp32 values per token the decoder's norms keep beside their inputs (one rstd each)."""
-    from .ops.tensor_specs import DECODER, NORM_STAT, family_specs
+    from .ops.tensor_specs import DECODER, NORM_STAT, family_specs, has_feature
 
-    return sum(1 for s in family_specs(DECODER).values() if s.role == NORM_STAT and s.feature is None)
+    return sum(1 for s in family_specs(DECODER).values() if s.role == NORM_STAT and has_feature(s, features))
 
 
 def theoretical_layer_bytes(
@@ -508,10 +520,10 @@ def theoretical_layer_bytes(
         if not compress:
             total += tokens * width * dtype_bytes
             continue
-        total += _compressed_bytes(spec, width, tokens, q_bit, dtype_bytes)
+        total += _compressed_bytes(spec, width, tokens, q_bit, dtype_bytes, shape.double_bits)
         if spec.outlier_channels and k:
             total += tokens * k * dtype_bytes + 8 * k
-    total += tokens * _norm_stats_per_token() * 4
+    total += tokens * _norm_stats_per_token(shape.features) * 4
     if shape.lora_rank:
         total += tokens * len(shape.lora_targets) * shape.lora_rank * lora_w
     if keeps_map:
@@ -539,12 +551,12 @@ def theoretical_bytes_per_token(
     quantised (b, s, width) tensors."""
     compress = layer_type != "baseline"
     kept, _ = _kept_tensors(shape, layer_type, attention, "recompute" if compress else "dense")
-    big = sum((_packed_bytes(w, _bits(s, q_bit)) if compress else w * dtype_bytes) for s, w in kept)
+    big = sum((_packed_bytes(w, _bits(s, q_bit, shape.double_bits)) if compress else w * dtype_bytes) for s, w in kept)
     if attention == "eager" and not compress:
         big += shape.num_heads * shape.head_dim * dtype_bytes  # o, kept beside the dense map
     if not include_small:
         return float(big)
-    small = _norm_stats_per_token() * 4 + len(shape.lora_targets) * shape.lora_rank * dtype_bytes
+    small = _norm_stats_per_token(shape.features) * 4 + len(shape.lora_targets) * shape.lora_rank * dtype_bytes
     if compress:
         norm_inputs = sum(1 for s, _ in kept if s.outlier_channels)
         small += norm_inputs * math.floor(shape.hidden * layernorm_outlier_ratio) * dtype_bytes
