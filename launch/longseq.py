@@ -272,8 +272,11 @@ def _latest_checkpoint(output_dir: str):
 
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
+    from hyclora.training.run import show_hyclora_info
+
     args = parse_args(argv)
     hcfg = HyCLoRAConfig.from_args(args)  # validates every hyclora flag up front
+    show_hyclora_info()
 
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm

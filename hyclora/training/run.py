@@ -214,6 +214,21 @@ def _graph_layers(args: FinetuneArgs, model):
     return cuda_graphs.graph_decoder_layers(model)
 
 
+def show_hyclora_info() -> None:
+    """Print hyclora's INFO lines (the kernels' one-time tuning progress, data notes) on stderr
+    when nothing configured logging: Python drops INFO by default. A configured root or hyclora
+    logger is left as it is."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("hyclora")
+    if root.handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def run_finetune(
     args: Union[FinetuneArgs, Sequence[str]],
     *,
@@ -238,6 +253,7 @@ def run_finetune(
             raise ValueError("run_finetune(argv_list) needs task=")
         args = parse_finetune_args(task, list(args))
     t = args.training
+    show_hyclora_info()
     resume = _resolve_resume(t)  # before any loading: a wrong checkpoint fails at once
     set_seed(t.seed)
     if tokenizer is None:
@@ -366,4 +382,4 @@ def run_finetune(
     return metrics
 
 
-__all__ = ["TaskData", "prepare_task_data", "run_finetune"]
+__all__ = ["TaskData", "prepare_task_data", "run_finetune", "show_hyclora_info"]

@@ -275,3 +275,24 @@ def test_a_real_autotuned_kernel_same_output_for_lengths_of_one_bucket(tmp_path)
     common.forget_tuned()
     pack(29, common.TuningCache(str(tmp_path)))  # a new process: from disk, nothing timed
     assert len(benched) == 2
+
+
+def test_examples_show_the_tuning_progress_line(capsys):
+    import logging
+
+    from hyclora.training.run import show_hyclora_info
+
+    ours = logging.getLogger("hyclora")
+    root_handlers, our_handlers, level = logging.getLogger().handlers[:], ours.handlers[:], ours.level
+    logging.getLogger().handlers.clear()
+    ours.handlers.clear()
+    try:
+        show_hyclora_info()
+        logging.getLogger("hyclora.kernels.tuning").info("hyclora: tuning k[N=8,M<=1024] over 2 configs")
+        assert "hyclora: tuning k[N=8,M<=1024]" in capsys.readouterr().err
+        show_hyclora_info()  # once configured, left alone
+        assert len(ours.handlers) == 1
+    finally:
+        ours.handlers[:] = our_handlers
+        ours.setLevel(level)
+        logging.getLogger().handlers[:] = root_handlers
