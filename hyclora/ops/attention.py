@@ -45,6 +45,7 @@ on its groups (:func:`document_index_mask`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Callable, Optional, Tuple
@@ -239,7 +240,10 @@ def layer_attention_mask(impl: str, arguments, hidden: torch.Tensor, where: str 
     return block_attention_mask(impl, mask, where)
 
 
-_VARLEN_ARGS: dict = {}
+@functools.lru_cache(maxsize=None)
+def _keywords(fn: Callable) -> frozenset:
+    """The keyword names of ``fn`` (torch's varlen_attn changed them between releases)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def varlen_kernel(q: torch.Tensor) -> Optional[Callable]:
@@ -260,9 +264,7 @@ def varlen_kernel(q: torch.Tensor) -> Optional[Callable]:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    if "params" not in _VARLEN_ARGS:  # its keywords changed between torch releases: read them once
-        _VARLEN_ARGS["params"] = frozenset(inspect.signature(varlen_attn).parameters)
-    params = _VARLEN_ARGS["params"]
+    params = _keywords(varlen_attn)
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
     def torch_varlen(q, k, v, cu, n, scale):
