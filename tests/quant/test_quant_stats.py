@@ -346,3 +346,16 @@ def test_observe_columns_kernel_matches_torch(dtype):
     for lo, hi, score in results:
         assert torch.equal(lo, seen.min(0).values) and torch.equal(hi, seen.max(0).values)
         torch.testing.assert_close(score, (seen * seen).sum(0), rtol=1e-5, atol=0)
+
+
+def test_observe_kernel_compiles_for_sm90_without_spills(tmp_path):
+    pytest.importorskip("triton")
+    from helpers.kernels import compile_for_sm90
+
+    cases = [dict(module="hyclora.quant.triton_kernels", kernel="_col_observe_kernel",
+                  ptrs=dict(x_ptr=dtype, flag_ptr="i32", lo_ptr="fp32", hi_ptr="fp32", score_ptr="fp32",
+                            skip_ptr="i64"),
+                  floats=[], consts=dict(BLOCK_M=32, BLOCK_N=128, ROW_TILES=4, K_PAD=k), warps=8,
+                  tag=[dtype, k]) for dtype in ("bf16", "fp32") for k in (1, 32)]
+    for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
+        assert local == 0 and stack == 0, (tag, regs, stack)
