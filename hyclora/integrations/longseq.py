@@ -130,6 +130,7 @@ def s2attn_attention_forward(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    _refuse_softcap(kwargs.get("softcap"), type(module).__name__)
     if not module.training:
         dense = attention_mask.dense() if isinstance(attention_mask, IndexMask) else attention_mask
         return sdpa_attention_forward(
@@ -152,6 +153,23 @@ def s2attn_attention_forward(
         scaling=scaling, dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+# The config key of attention logit soft-capping, per model type whose attention applies it (Gemma 3
+# stores the key but never applies it): neither S²-Attn nor the sdpa attention of its eval path
+# applies it, so such a model is refused rather than trained without it. Other model types are
+# caught at their first forward (the attention function receives ``softcap``).
+_ATTN_SOFTCAP_KEYS = {"gemma2": "attn_logit_softcapping"}
+
+
+def _refuse_softcap(cap, where: str) -> None:
+    if cap is not None:
+        raise ValueError(
+            f"S²-Attn ({where}): attention logit soft-capping {cap!r} is set, and S²-Attn (and its eval path, "
+            "sdpa) applies none, so the model trained would not be the pretrained model. Train with "
+            "attn_implementation='eager' (full attention, soft-capping kept), or set "
+            "config.attn_logit_softcapping = None to train under S²-Attn without soft-capping knowingly."
+        )
 
 
 def register_s2attn(name: str = S2ATTN_NAME) -> str:
@@ -193,6 +211,10 @@ def enable_s2attn(
     """
     resolve_group_size(8, group_ratio, group_size)  # validate early with a clear message
     inner = _hf_model(model)
+    for cfg in _configs(inner):
+        key = _ATTN_SOFTCAP_KEYS.get(getattr(cfg, "model_type", None))
+        if key is not None:
+            _refuse_softcap(getattr(cfg, key, None), f"{type(inner).__name__}, config.{key}")
     register_s2attn()
     current = inner.config._attn_implementation
     if current != S2ATTN_NAME:

@@ -128,19 +128,63 @@ def _linear_key(module: nn.Module):
     scaling of the active adapter and the identity of every parameter it returns. Public PEFT
     attributes only; ``None`` (do not cache) for anything else, which then resolves each call."""
     ad = getattr(module, "active_adapters", None)
-    if ad is None or not hasattr(module, "lora_A"):
+    if ad is None or not ("lora_A" in module._modules or hasattr(module, "lora_A")):
         if isinstance(module, nn.Linear):
-            return (id(module), id(module.weight), id(module.bias))
+            return (id(module), id(_member(module, "weight")), id(_member(module, "bias")))
         return None
     first = ad[0] if len(ad) else None
-    lora_a, lora_b, drop = module.lora_A, module.lora_B, module.lora_dropout
-    base = module.base_layer
-    a = lora_a[first] if first in lora_a else None
-    b = lora_b[first] if first in lora_b else None
-    d = drop[first] if first in drop else None
+    lora_a, lora_b = _member(module, "lora_A"), _member(module, "lora_B")
+    drop, base = _member(module, "lora_dropout"), _member(module, "base_layer")
+    a, b, d = _entry(lora_a, first), _entry(lora_b, first), _entry(drop, first)
     return (id(module), tuple(ad), module.disable_adapters, module.merged, module.scaling.get(first),
-            None if d is None else (id(d), d.training), id(base), id(base.weight), id(base.bias),
-            None if a is None else (id(a), id(a.weight)), None if b is None else (id(b), id(b.weight)))
+            None if d is None else (id(d), d.training), id(base), id(_member(base, "weight")),
+            id(_member(base, "bias")), None if a is None else (id(a), id(_member(a, "weight"))),
+            None if b is None else (id(b), id(_member(b, "weight"))))
+
+
+_ABSENT = object()
+
+
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a registered parameter or submodule, read from the registry
+    dict itself: ``nn.Module.__getattr__`` (a Python call after a failed lookup) costs host time
+    on every layer call. Anything else (a property, a plain attribute) is read by getattr."""
+    try:
+        value = module._parameters.get(name, _ABSENT)
+        if value is _ABSENT:
+            value = module._modules.get(name, _ABSENT)
+    except AttributeError:  # not an nn.Module
+        return getattr(module, name)
+    if value is _ABSENT or name in module.__dict__ or _class_defines(type(module), name):
+        return getattr(module, name)
+    return value
+
+
+def _member_path(module: nn.Module, names: Tuple[str, ...]):
+    """``attrgetter("a.b")(module)`` by :func:`_member` steps."""
+    for name in names:
+        module = _member(module, name)
+    return module
+
+
+_CLASS_ATTRS: Dict[Tuple[type, str], bool] = {}
+
+
+def _class_defines(cls: type, name: str) -> bool:
+    """Whether ``cls`` (or a base) defines ``name`` (a property shadows the registries), once per
+    class and name: a failed ``hasattr`` raises and catches an AttributeError each time."""
+    known = _CLASS_ATTRS.get((cls, name))
+    if known is None:
+        known = _CLASS_ATTRS[(cls, name)] = any(name in k.__dict__ for k in cls.__mro__)
+    return known
+
+
+def _entry(container, key):
+    """``container[key] if key in container else None``; a plain ``nn.ModuleDict`` (PEFT's
+    ``lora_A`` ...) read from its registry without its Python ``__contains__`` / ``__getitem__``."""
+    if type(container) is nn.ModuleDict:
+        return container._modules.get(key)
+    return container[key] if key in container else None
 
 
 # Hooks from these packages are their own machinery (ZeRO-3, PEFT's adapter routing ...), not a
@@ -151,9 +195,10 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 
 def _user_hooks(submodules):
     """``(submodule name, hook)`` of the user hooks on the submodules of a patched layer."""
-    for sub_name, sub in submodules:
-        if not (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks):
-            continue
+    # the scan runs on every layer call: one comprehension (no generator step per submodule)
+    hooked = [(n, sub) for n, sub in submodules
+              if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks]
+    for sub_name, sub in hooked:
         for attr in _HOOK_DICTS:
             for hook in getattr(sub, attr).values():
                 origin = getattr(getattr(hook, "func", hook), "__module__", None) or ""
@@ -263,6 +308,7 @@ class LayerAdapter:
         self._linear_groups = tuple(tuple((short, p, attrgetter(p)) for short, p in group)
                                     for group in (spec.attention_linears, spec.mlp_linears))
         self._linears = tuple(get for group in self._linear_groups for _, _, get in group)
+        self._linear_paths = tuple(tuple(p.split(".")) for group in self._linear_groups for _, p, _ in group)
         self._fused_parts = spec.fused_parts
         self._fused_group = {part[0]: g for g, group in enumerate(self._fused_parts) for part in group if part}
 
@@ -312,14 +358,20 @@ class LayerAdapter:
         if is_s2(impl) and not spec.s2attn:
             raise ValueError(
                 f"hyclora: attn_implementation={impl!r} (LongLoRA's S²-Attn) is not supported for {model_type}: its "
-                "layers' own attention patterns (alternating sliding-window and global layers, soft-capping) are "
-                "not implemented in hyclora's S²-Attn. Use 'sdpa' or 'eager'."
+                "layers' own attention pattern is not implemented in hyclora's S²-Attn. Use 'sdpa' or 'eager'."
             )
         key = spec.attn_softcap_key
         cap = getattr(config, key, None) if key else None
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
                 raise ValueError(f"hyclora: {key}={cap!r} is not a positive soft-capping value ({model_type}).")
+            if is_s2(impl):
+                raise ValueError(
+                    f"hyclora: attn_implementation={impl!r} (LongLoRA's S²-Attn) with {key}={cap!r} ({model_type}): "
+                    "the S²-Attn kernels apply no attention logit soft-capping, so the model trained would not be "
+                    f"the pretrained model. Train with attn_implementation='eager' (full attention, soft-capping "
+                    f"kept), or set config.{key} = None to train under S²-Attn without soft-capping knowingly."
+                )
             if impl != "eager":
                 raise ValueError(
                     f"hyclora: {model_type} with {key}={cap!r} (attention logit soft-capping) under "
@@ -431,7 +483,7 @@ class LayerAdapter:
     def state_key(self, layer: nn.Module):
         """:func:`_linear_key` of the spec's linears (``None`` inside for a linear that cannot be
         keyed): what the layer's resolved linears depend on."""
-        return tuple(_linear_key(get(layer)) for get in self._linears)
+        return tuple(_linear_key(_member_path(layer, names)) for names in self._linear_paths)
 
     def resolve_cached(self, layer: nn.Module, patch: LayerPatch):
         """:meth:`resolve`, the linears re-read only when one's adapter state or parameters change

@@ -17,7 +17,12 @@ What differs from Llama, and where the blocks take it (:mod:`hyclora.ops.blocks`
   read from the attention module.
 * Alternating sliding-window / global layers: ``Gemma2Model`` / ``Gemma3TextModel`` hand every layer
   the mask of its own type (``causal_mask_mapping[config.layer_types[i]]``) and Gemma 3 its own
-  RoPE tables (local / global base); the blocks use what the layer receives. S²-Attn is refused.
+  RoPE tables (local / global base); the blocks use what the layer receives.
+* LongLoRA's S²-Attn (``enable_s2attn``): a sliding layer's mask reaches S²-Attn as transformers
+  builds it (the window predicate, lazily: :func:`hyclora.integrations.longseq.s2attn_mask`), and
+  S²-Attn applies it inside each group, so a group larger than the window stays exact (with
+  ``group_size <= sliding_window`` the window hides nothing a group does not). Refused for Gemma 2
+  with ``attn_logit_softcapping`` set: the S²-Attn kernels have no soft-capping.
 * Gemma 2's attention logit soft-capping (``attn_logit_softcapping``): applied by transformers'
   eager attention only (its sdpa attention drops it); hyclora's eager attention applies it forward
   and backward, and refuses sdpa with it set. Gemma 3's attention applies none (its config key is
@@ -63,7 +68,7 @@ def _gemma_spec(model_type: str, module: str, prefix: str, **extra):
         activation_keys=("hidden_activation",), activations=GEMMA_ACTIVATIONS,
         default_activation="gelu_pytorch_tanh",
         config_rules=LLAMA_SPEC.config_rules + (_NOT_BIDIRECTIONAL,),
-        s2attn=False, double_bits=GEMMA_DOUBLE_BITS, **extra,
+        double_bits=GEMMA_DOUBLE_BITS, **extra,
     )
 
 

@@ -338,7 +338,9 @@ class Manifest(UserList):
         self._data, self._raw = value, ()
 
 
-_PARAM_NAMES = tuple(f"p{i}" for i in range(64))  # "p<i>": the i-th Function input the backward reads
+# the index entry of TensorStore.params: ((offset, start, count, rows), ...), one span per call
+# (one dict entry per block instead of one per parameter: host time on every block call)
+_PARAMS = "p*"
 
 
 class TensorStore:
@@ -380,12 +382,11 @@ class TensorStore:
         by number. ``rows``: ``{offset + j: (start, stop)}`` of inputs the backward reads as those
         rows only (a fused linear's bias and ``B`` for one of its parts); the whole tensor is saved,
         so that it stays the Function's input (ZeRO-3 swaps ``param.data``)."""
-        index, start = self._index, len(self._tensors)
-        for j in range(len(tensors)):
-            name = _PARAM_NAMES[offset + j]
-            if name in index:
-                raise RuntimeError(f"hyclora internal error: {name!r} saved twice")
-            index[name] = ("plain", start + j, 1, rows.get(offset + j) if rows else None)
+        spans, count = self._index.get(_PARAMS, ()), len(tensors)
+        for off, _, n, _ in spans:
+            if off < offset + count and offset < off + n:
+                raise RuntimeError(f"hyclora internal error: parameter p{max(off, offset)} saved twice")
+        self._index[_PARAMS] = spans + ((offset, len(self._tensors), count, rows or None),)
         self._tensors.extend(tensors)
 
     def packed(self, name: str, kind: str, obj):
@@ -411,9 +412,15 @@ class TensorLoad:
 
     def param(self, i: int) -> Optional[torch.Tensor]:
         """The tensor stored as ``p<i>`` (:meth:`TensorStore.params`; its rows, if saved with some)."""
-        _, pos, _, rows = self._index[_PARAM_NAMES[i]]
-        t = self._saved[pos]
-        return t if rows is None or t is None else t[rows[0]:rows[1]]
+        spans = self._index[_PARAMS]
+        off, start, n, rows = spans[0]  # one span per block: no loop in the common case
+        if not off <= i < off + n:
+            off, start, n, rows = next((sp for sp in spans if sp[0] <= i < sp[0] + sp[2]), (None,) * 4)
+            if off is None:
+                raise KeyError(f"p{i}")
+        t = self._saved[start + i - off]
+        part = rows.get(i) if rows is not None else None
+        return t if part is None or t is None else t[part[0]:part[1]]
 
     def get_quantized(self, name: str):
         """The stored ``QuantizedTensor`` of ``name`` as is (codes, not dequantised), or its

@@ -166,20 +166,146 @@ def test_gemma3_bidirectional_refused():
                  "use_bidirectional_attention")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_s2attn_refused(kind):
-    from hyclora.integrations.longseq import S2ATTN_NAME, register_s2attn
+def test_s2attn_refused_with_gemma2_softcapping():
+    """Gemma 2 with attention logit soft-capping under S²-Attn is refused by name: by hyclora's
+    adapter, by enable_s2attn, and by the attention function itself when the implementation was set
+    by hand (the S²-Attn kernels, and sdpa in eval, apply no soft-capping)."""
+    from hyclora.integrations.longseq import S2ATTN_NAME, enable_s2attn, register_s2attn
 
     register_s2attn()
-    model = lora_model(tiny_gemma(kind, "sdpa"))
+    model = lora_model(tiny_gemma("gemma2", "eager"))
     model.get_base_model().config._attn_implementation = S2ATTN_NAME
-    _apply_error(model, "S²-Attn")
+    _apply_error(model, r"S²-Attn.*attn_logit_softcapping=5\.0")
+    with pytest.raises(ValueError, match="soft-capping.*attn_logit_softcapping = None"):
+        enable_s2attn(lora_model(tiny_gemma("gemma2", "eager")))
+    model = tiny_gemma("gemma2", "eager")
+    model.set_attn_implementation(S2ATTN_NAME)
+    for train in (True, False):
+        model.train(train)
+        with pytest.raises(ValueError, match="soft-capping"):
+            model(**_s2_batch())
 
 
 def test_unknown_submodule_with_parameters_refused():
     model = tiny_gemma("gemma2", "sdpa")
     model.model.layers[0].extra_norm = torch.nn.LayerNorm(64)
     _apply_error(model, "extra_norm")
+
+
+# -- LongLoRA S²-Attn -----------------------------------------------------------------------------
+#
+# Sliding layers: inside an S²-Attn group of G tokens a query sees keys at distance < G, so a window
+# W >= G hides nothing more; with G > W the window applies inside each group. The reference below
+# is independent of hyclora's S²-Attn code: dense softmax attention under S²-Attn's head pattern
+# and the mask transformers builds for "sdpa" (sliding window, padding).
+
+S2_REFERENCE = "s2_dense_reference"
+
+
+def _s2_model(kind: str, window: int = 5, **overrides):
+    """Gemma 3 under sdpa; Gemma 2 under eager (newer transformers refuse sdpa for it) without
+    soft-capping (S²-Attn refuses it)."""
+    if kind == "gemma2":
+        return tiny_gemma(kind, "eager", window=window, attn_logit_softcapping=None, **overrides)
+    return tiny_gemma(kind, "sdpa", window=window, **overrides)
+
+
+def _s2_batch(s: int = 30, padded: bool = False):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (2, s), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, -4:] = 0  # right padding
+        mask[1, :3] = 0   # left padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100), "use_cache": False}
+
+
+def _dense_s2_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from hyclora.ops.s2attn import resolve_group_size, s2_attention_reference_mask
+
+    b, h, s, _ = query.shape
+    group = resolve_group_size(s, module.config.s2attn_group_ratio, module.config.s2attn_group_size)
+    allowed = s2_attention_reference_mask(s, h, group)[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)
+    rep = h // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scores = (query @ k.transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (probs @ v).transpose(1, 2).contiguous(), None
+
+
+def _with_reference(model, window: int):
+    """A copy of the (S²-Attn-enabled) PEFT ``model`` on the dense reference, with ``window``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(S2_REFERENCE, _dense_s2_reference)
+    AttentionMaskInterface.register(S2_REFERENCE, sdpa_mask)
+    ref = copy.deepcopy(model)
+    inner = ref.get_base_model()
+    inner.config.sliding_window = window  # read when the sliding layers' mask is built
+    inner.set_attn_implementation(S2_REFERENCE)
+    return ref
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("window", [5, 64])  # G = 8 (ratio 1/4 of 30 tokens): > window, <= window
+def test_s2attn_step_equals_peft(kind, window):
+    from helpers.models import check_s2attn_step_equals_peft
+
+    check_s2attn_step_equals_peft(lora_model(_s2_model(kind, window), train_norms=True), _s2_batch())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group_size,window", [(8, 5), (4, 5)])
+def test_s2attn_applies_the_sliding_window_inside_groups(kind, group_size, window):
+    """PEFT + S²-Attn and hyclora (baseline) under S²-Attn equal the dense reference with the layer's
+    window (left and right padding too). A group larger than the window: dropping the window changes
+    the gradients (so the window is applied inside the groups); a group within the window: the
+    window changes nothing."""
+    from hyclora.integrations.longseq import enable_s2attn
+
+    batch = _s2_batch(padded=True)
+    model = enable_s2attn(lora_model(_s2_model(kind, window), train_norms=True), group_size=group_size)
+    _, g_ref = step_grads(_with_reference(model, window), batch)
+    _, g_no_window = step_grads(_with_reference(model, 64), batch)
+    _, g_peft = step_grads(copy.deepcopy(model), batch)
+    apply_hyclora(model, BASELINE)
+    _, g_hyc = step_grads(model, batch)
+    assert all(buffered_tensors(model).values())
+    assert worst_rel_err(g_peft, g_ref) <= 1e-5
+    assert worst_rel_err(g_hyc, g_ref) <= 1e-5
+    if group_size > window:
+        assert worst_rel_err(g_no_window, g_ref) > 1e-2
+    else:
+        assert worst_rel_err(g_no_window, g_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_s2attn_eval_is_full_attention(kind, padded):
+    """In eval an S²-Attn model (hyclora applied or not) runs the sliding / full attention of the
+    implementation it had before (the window kept: the eval mask is the one "sdpa" builds)."""
+    from hyclora.integrations.longseq import enable_s2attn
+
+    batch = {k: v for k, v in _s2_batch(padded=padded).items() if k != "labels"}
+    model = lora_model(_s2_model(kind))
+    plain = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = plain(**batch).logits
+        no_window = copy.deepcopy(plain)  # teeth: the window matters for these logits
+        no_window.get_base_model().config.sliding_window = 64
+        assert not torch.allclose(no_window(**batch).logits, expected, atol=1e-4)
+        enable_s2attn(model)
+        train_logits = model.train()(**batch).logits  # S²-Attn: not full attention
+        assert not torch.allclose(train_logits, expected, atol=1e-4)
+        for hyc in (False, True):
+            if hyc:
+                apply_hyclora(model, BASELINE)
+            got = model.eval()(**batch).logits
+            rows = batch["attention_mask"].bool()
+            torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
 
 
 # -- compression ---------------------------------------------------------------------------------
