@@ -269,6 +269,10 @@ def main():
         if sc.get("expect_error"):
             # An expected failure can leave ranks out of step; stop instead of running on.
             break
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # gloo's threads must be joined before the interpreter exits, or a rank can abort at exit
+        # ("terminate called without an active exception", exit code -6) after all its work
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
