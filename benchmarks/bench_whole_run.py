@@ -24,6 +24,7 @@ peak allocated over the whole run above the weights + LoRA + optimizer state at 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -105,7 +106,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--from_step", type=int, default=8, help="first step of the 'late' mean")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--variant", default=None, help=argparse_suppress())
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process: one variant
     args = harness.parse(p, argv, shapes=[(2, 32)], steps=6, from_step=2)
     if args.variant:  # a child: one variant, one shape; its result as JSON on the last line
         bs, seq = args.shapes[0]
@@ -145,12 +146,6 @@ def main(argv=None):
          "note"], table)))
     harness.write_csv(harness.out_dir(args) / "whole_run.csv", rows, env=env)
     return rows
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -164,3 +164,38 @@ def check_s2attn_step_equals_peft(model, batch) -> None:
     loss8, g8 = step_grads(model, batch)
     assert abs(float(loss8) - float(loss_ref)) <= 1e-4 * abs(float(loss_ref))
     assert min(cosine(g8[n], g_ref[n]) for n in g_ref if "lora_" in n) >= 0.999
+
+
+def fidelity_batch(vocab: int = 128, seed: int = 11, shape=(4, 32)) -> Dict[str, torch.Tensor]:
+    """A padded batch (row 1 left-padded, row 3 right-padded) for the fidelity checks."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, shape, generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[3, -5:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def check_compression_fidelity(model, batch, layer_type: str, lora_params: int, what: str = ""):
+    """LoRA-gradient cosines of ``layer_type`` at 8 and 4 bits against the exact step of the same
+    PEFT ``model``: 8-bit min >= 0.999, 4-bit mean >= 0.98 (``intra``: 8 bits only). Returns
+    ``{bits: (mean, min)}``; ``lora_params``: how many LoRA tensors the model has."""
+    from hyclora.config import HyCLoRAConfig
+    from hyclora.models import apply_hyclora, revert_hyclora
+
+    from helpers.numerics import cosine
+
+    _, ref = step_grads(model, batch)
+    out = {}
+    for bits in (8, 4):
+        apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=bits))
+        _, grads = step_grads(model, batch)
+        revert_hyclora(model)
+        values = torch.tensor([cosine(grads[n], ref[n]) for n in ref if "lora_" in n])
+        assert len(values) == lora_params
+        out[bits] = (round(float(values.mean()), 5), round(float(values.min()), 5))
+    print(what, layer_type, out)
+    assert out[8][1] >= 0.999, f"{what} {layer_type} 8 bits: min cosine {out[8][1]}"
+    if layer_type != "intra":
+        assert out[4][0] >= 0.98, f"{what} {layer_type} 4 bits: mean cosine {out[4][0]}"
+    return out

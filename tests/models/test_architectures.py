@@ -23,7 +23,7 @@ and equal to :func:`hyclora.memory.theoretical_layer_bytes`; (d) every submodule
 that holds parameters is a path of the spec or refused by name; plus a step under S²-Attn equal to
 PEFT + S²-Attn, and the CUDA-graph dispatcher (CPU emulation) equal to the eager steps.
 
-Measured (CPU, torch 2.13, ``_fidelity_batch``; sdpa, eager within 3e-4; ``intra_inter_full_fuse``
+Measured (CPU, torch 2.13, ``helpers.models.fidelity_batch``; sdpa, eager within 3e-4; ``intra_inter_full_fuse``
 equal to ``intra_inter`` to 5 digits), LoRA-gradient cosine (mean, min):
 
 ============  ================  ================  ================  ================
@@ -56,8 +56,8 @@ from hyclora.memory import LayerShape, measure_saved_tensors, theoretical_layer_
 from hyclora.models import apply_hyclora, buffered_tensors, get_adapter, is_patched, revert_hyclora
 
 from helpers.kernels import needs_triton
-from helpers.models import check_s2attn_step_equals_peft, lora_model, needs_quant, quant_available, step_grads
-from helpers.numerics import cosine, worst_rel_err
+from helpers.models import check_compression_fidelity, check_s2attn_step_equals_peft, fidelity_batch, lora_model, needs_quant, quant_available, step_grads
+from helpers.numerics import worst_rel_err
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -229,38 +229,13 @@ def test_each_layer_gets_the_mask_of_its_type(arch, impl):
 
 # -- (b) compression fidelity --------------------------------------------------------------------------
 
-def _fidelity_batch():
-    gen = torch.Generator().manual_seed(11)
-    ids = torch.randint(3, 128, (4, 32), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    mask[3, -5:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
 @needs_quant
 @pytest.mark.parametrize("layer_type", COMPRESSING)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_compression_fidelity(arch, impl, layer_type):
     model = lora_model(arch_model(arch, impl), b_std=0.05)
-    batch = _fidelity_batch()
-    _, ref = step_grads(model, batch)
-    out = {}
-    for bits in (8, 4):
-        apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=bits))
-        _, grads = step_grads(model, batch)
-        revert_hyclora(model)
-        values = torch.tensor([cosine(grads[n], ref[n]) for n in ref if "lora_" in n])
-        assert len(values) == 2 * 7 * 2
-        out[bits] = (round(float(values.mean()), 5), round(float(values.min()), 5))
-    print(arch, impl, layer_type, out)
-    mean8, min8 = out[8]
-    assert min8 >= 0.999, f"{arch} {impl} {layer_type} 8 bits: min cosine {min8}"
-    if layer_type != "intra":
-        mean4, _ = out[4]
-        assert mean4 >= 0.98, f"{arch} {impl} {layer_type} 4 bits: mean cosine {mean4}"
-
+    check_compression_fidelity(model, fidelity_batch(), layer_type, 2 * 7 * 2, f"{arch} {impl}")
 
 @needs_quant
 @needs_triton

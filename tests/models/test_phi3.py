@@ -11,7 +11,7 @@ signal. Variants: ``default`` (full rotary), ``partial`` (factor 0.75: 12 of 16 
 sequences, so the long factors are in use), ``bias`` (a biased, trainable ``qkv_proj``: Phi-3 ships
 none, but the blocks' bias rows and the fused bias gradient must be right for any fused linear).
 
-Measured (CPU, torch 2.13, transformers 5.17, ``_fidelity_batch``), LoRA-gradient cosine (mean, min),
+Measured (CPU, torch 2.13, transformers 5.17, ``helpers.models.fidelity_batch``), LoRA-gradient cosine (mean, min),
 sdpa; eager within 3e-4; ``intra_inter_full_fuse`` equal to ``intra_inter`` to 5 digits; baseline
 worst relative gradient error against HF + PEFT 3.9e-7..4.8e-7 over the variants and impls:
 
@@ -37,7 +37,7 @@ from hyclora.memory import LayerShape, measure_saved_tensors, theoretical_layer_
 from hyclora.models import apply_hyclora, buffered_tensors, get_adapter, is_patched, revert_hyclora
 
 from helpers.kernels import needs_triton
-from helpers.models import check_s2attn_step_equals_peft, compare_with_peft, lora_model, needs_quant, step_grads
+from helpers.models import check_compression_fidelity, check_s2attn_step_equals_peft, fidelity_batch, compare_with_peft, lora_model, needs_quant, step_grads
 from helpers.numerics import cosine, worst_rel_err
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -218,36 +218,13 @@ def test_xa_kept_once_per_fused_linear(layer_type):
 # -- the compressed layer types -----------------------------------------------------------------------
 
 
-def _fidelity_batch():
-    gen = torch.Generator().manual_seed(11)
-    ids = torch.randint(3, 128, (4, 32), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    mask[3, -5:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
 @needs_quant
 @pytest.mark.parametrize("layer_type", COMPRESSING)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", ["default", "partial", "bias"])
 def test_compression_fidelity(variant, impl, layer_type):
     model = phi3_lora(variant_model(variant, impl))
-    batch = _fidelity_batch()
-    _, ref = step_grads(model, batch)
-    out = {}
-    for bits in (8, 4):
-        apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=bits))
-        _, grads = step_grads(model, batch)
-        revert_hyclora(model)
-        values = torch.tensor([cosine(grads[n], ref[n]) for n in ref if "lora_" in n])
-        assert len(values) == 2 * len(TARGETS) * 2
-        out[bits] = (round(float(values.mean()), 5), round(float(values.min()), 5))
-    print(variant, impl, layer_type, out)
-    assert out[8][1] >= 0.999, f"{variant} {impl} {layer_type} 8 bits: min cosine {out[8][1]}"
-    if layer_type != "intra":
-        assert out[4][0] >= 0.98, f"{variant} {impl} {layer_type} 4 bits: mean cosine {out[4][0]}"
-
+    check_compression_fidelity(model, fidelity_batch(), layer_type, 2 * len(TARGETS) * 2, f"{variant} {impl}")
 
 @needs_quant
 @needs_triton
