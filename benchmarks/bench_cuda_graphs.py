@@ -238,7 +238,7 @@ def _graphed_row(args, device, model, ids, hcfg, calib, cfg, row, failed, exact,
 def main(argv=None):
     p = harness.parser(__doc__, "model", "shapes", "steps", "lora", "hyclora", "smoke",
                        steps=5, warmup=2, layer_type="intra_inter_full_fuse", q_bit=2)
-    p.add_argument("--graph_warmup", type=int, default=3, help="make_graphed_callables warm-up iterations")
+    p.add_argument("--graph_warmup", type=int, default=1, help="eager warm-up iterations per layer before the capture")
     p.add_argument("--liger", action="store_true",
                    help="also time Liger's kernels on the same model, last (they patch transformers "
                         "process-wide); one shape per run")

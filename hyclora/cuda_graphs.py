@@ -275,7 +275,7 @@ class DecoderLayerGraphs:
     """
 
     def __init__(self, model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
-                 num_warmup_iters: int = 3, recapture: bool = True,
+                 num_warmup_iters: int = 1, recapture: bool = True,
                  _grapher: Optional[Callable] = None):
         if sample_shape is not None:
             if (not isinstance(sample_shape, (tuple, list)) or len(sample_shape) != 2
@@ -808,7 +808,7 @@ def run_refusal(*, use_hyclora: bool, checkpointing: bool, several_processes: bo
 
 
 def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
-                         num_warmup_iters: int = 3, recapture: bool = True) -> DecoderLayerGraphs:
+                         num_warmup_iters: int = 1, recapture: bool = True) -> DecoderLayerGraphs:
     """Replay CUDA graphs of ``model``'s hyclora-patched decoder layers once their statistics
     are frozen (see the module docstring for when a call runs eager, captures or replays).
 
@@ -816,8 +816,9 @@ def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, 
         model: a model :func:`hyclora.apply_hyclora` patched, on a CUDA device.
         sample_shape: ``(batch_size, seq_len)`` to capture; other shapes run eager. ``None``: the
             first eligible batch's shape.
-        num_warmup_iters: eager warm-up iterations per layer before each capture (Triton
-            autotuning happens in the first ones).
+        num_warmup_iters: eager warm-up iterations per layer before each capture. One runs Triton's
+            autotuning and the lazy initialisations; ``make_graphed_callables``' default of 3 is for
+            DDP, which graphs do not run under. Each one costs about an eager step at capture.
         recapture: capture again after the graphs went stale (recalibration, moved storage,
             changed adapters); ``False``: free them and stay eager.
 

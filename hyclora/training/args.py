@@ -95,12 +95,14 @@ class DataArguments:
         default=None, metadata={"help": "results JSON (default: <output_dir>/results.json)"}
     )
     progress: bool = field(default=True, metadata={"help": "progress bars during evaluation"})
-    packing: bool = field(
-        default=False,
+    packing: Optional[bool] = field(
+        default=None,
         metadata={"help": "padding-free training: whole examples concatenated into packed rows (TRL's "
                           "best-fit-decreasing packer), attention and RoPE positions per example "
                           "(hyclora.data.packing; needs trl). Every micro-batch has the one shape "
-                          "--tokens_per_batch gives, so --cuda_graphs replays it. SFT tasks (gsm8k, multitask)"},
+                          "--tokens_per_batch gives, so --cuda_graphs replays it. SFT tasks (gsm8k, multitask). "
+                          "Default: on where the CUDA graphs can replay (hyclora on one CUDA device, see "
+                          "--cuda_graphs) and trl is installed, else off"},
     )
     tokens_per_batch: Optional[int] = field(
         default=None,
@@ -110,8 +112,10 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.tokens_per_batch is not None and not self.packing:
-            raise ValueError("--tokens_per_batch sets the size of packed micro-batches: add --packing true, or drop it")
+        if self.tokens_per_batch is not None and self.packing is False:
+            raise ValueError("--tokens_per_batch sets the size of packed micro-batches: drop --packing false, or drop it")
+        if self.tokens_per_batch is not None:
+            self.packing = True  # asking for a packed size asks for packing
         if self.tokens_per_batch is not None and (isinstance(self.tokens_per_batch, bool) or self.tokens_per_batch < 2):
             raise ValueError(f"--tokens_per_batch {self.tokens_per_batch}: expected a token count >= 2")
 
@@ -198,15 +202,16 @@ class CheckpointingArguments:
                           "DDP/DeepSpeed wrappers would not see): use launch/longseq.py for distributed runs."},
     )
 
-    cuda_graphs: bool = field(
-        default=False,
+    cuda_graphs: Optional[bool] = field(
+        default=None,
         metadata={"help": "replay CUDA graphs of the compressed decoder layers once their statistics are "
                           "frozen (hyclora.cuda_graphs; CUDA, single process, no activation checkpointing, no "
                           "LoRA dropout). A hyclora step at a few thousand tokens is bound by the host's "
-                          "kernel launches, which replaying removes (BENCHMARKS.md). Calls replay only at the "
+                          "kernel launches, which replaying removes. Calls replay only at the "
                           "first captured batch shape and without "
                           "padding masks (packed or equal-length batches, e.g. wikitext2); others run eager. "
-                          "The end-of-run summary counts replays and eager calls."},
+                          "The end-of-run summary counts replays and eager calls. Default: on where it can "
+                          "replay (those conditions, with packed batches or wikitext2's full rows), else off"},
     )
 
     def __post_init__(self) -> None:
@@ -392,6 +397,45 @@ def imply_save_strategy(parser, argv: Sequence[str], overrides: Dict[str, Any]) 
                       UserWarning, stacklevel=3)
 
 
+SFT_TASKS = ("gsm8k", "multitask")
+
+
+def resolve_auto_defaults(task: str, *, packing: Optional[bool], cuda_graphs: Optional[bool],
+                          graph_refusal: Optional[str], cuda: bool, lora_dropout: float,
+                          trl_available: bool) -> Tuple[bool, bool, List[str]]:
+    """``--packing`` / ``--cuda_graphs`` left unset (None): on where they pay, i.e. where the graphs
+    can replay. Graphs replay only one batch shape without padding masks, so they pay with packed
+    SFT batches or wikitext2's full rows; packing is what makes SFT batches one shape. Returns the
+    resolved (packing, cuda_graphs) and a note per decision taken here. ``graph_refusal``: why a run
+    of these arguments could not replay (``hyclora.cuda_graphs.run_refusal``), or None."""
+    notes: List[str] = []
+    why_not = graph_refusal
+    if why_not is None and not cuda:
+        why_not = "no CUDA device"
+    if why_not is None and lora_dropout > 0:
+        why_not = "LoRA dropout > 0 (its mask is redrawn in the backward from a host-read generator state)"
+    if packing is None:
+        packing = task in SFT_TASKS and why_not is None and trl_available
+        if task in SFT_TASKS:
+            if packing:
+                notes.append("--packing defaulted to true (padding-free rows of one shape, which the CUDA graphs "
+                             "replay; --packing false for padded batches)")
+            elif why_not is None:
+                notes.append("--packing defaulted to false: trl is not installed (pip install trl); padded batches "
+                             "run eager, without the CUDA graphs")
+    if cuda_graphs is None:
+        one_shape = packing or task == "wikitext2"
+        cuda_graphs = why_not is None and one_shape
+        if cuda_graphs:
+            notes.append("--cuda_graphs defaulted to true (--cuda_graphs false to run every step eager)")
+        elif why_not is None:
+            notes.append("--cuda_graphs defaulted to false: padded batches of changing lengths would not replay "
+                         "(--packing true makes them one shape)")
+        else:
+            notes.append(f"--cuda_graphs defaulted to false: {why_not}")
+    return bool(packing), bool(cuda_graphs), notes
+
+
 # Paper Table 8 (lr / max len / batch / grad-acc / epochs) and the reference scripts' optimiser
 # settings (hyclora-method.md section 7).
 _COMMON: Dict[str, Any] = dict(
@@ -485,7 +529,9 @@ def parse_finetune_args(task: str, argv: Sequence[str] = (), **overrides: Any) -
 
 __all__ = [
     "TASKS",
+    "SFT_TASKS",
     "TASK_DEFAULTS",
+    "resolve_auto_defaults",
     "LLAMA_LINEARS",
     "ModelArguments",
     "DataArguments",

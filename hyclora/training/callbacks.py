@@ -233,10 +233,12 @@ class MemoryThroughputCallback(TrainerCallback):
     """Measures a training run and prints a summary at its end.
 
     * throughput: optimizer steps and (non-padding) input tokens per second over the whole run,
-      and over the steps after the first (which includes warm-up, compilation, calibration);
+      and over the steps after the first (which includes warm-up, compilation, calibration), and
+      the first step's seconds;
       tokens come from ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``).
     * CUDA: peak allocated / reserved bytes during training (``torch.cuda`` peak counters reset
-      at train begin) and what was allocated before the first step (weights, optimizer-free).
+      at train begin), what was allocated before the first step (weights, optimizer-free) and the
+      peak above it.
     * CPU only: the process's peak resident set size over its whole life, labelled as such;
       nothing GPU-like is reported without a GPU.
 
@@ -286,6 +288,8 @@ class MemoryThroughputCallback(TrainerCallback):
             "input_tokens": tokens if tokens else None,
             "tokens_per_s": tokens / elapsed if tokens and elapsed > 0 else None,
         }
+        if self._first is not None:
+            s["first_step_seconds"] = self._first[0] - self._t0
         if self._first is not None and state.global_step > self._first[1]:
             dt = now - self._first[0]
             dtok = (state.num_input_tokens_seen or 0) - self._first[2]
@@ -294,6 +298,7 @@ class MemoryThroughputCallback(TrainerCallback):
         if self._device is not None:
             s["cuda_static_gb"] = self._static / 2**30
             s["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+            s["cuda_peak_above_static_gb"] = s["cuda_peak_allocated_gb"] - s["cuda_static_gb"]
             s["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self._device) / 2**30
         else:
             s["cpu_peak_rss_gb_process_lifetime"] = _rss_peak_gb()

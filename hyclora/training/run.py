@@ -38,7 +38,7 @@ from hyclora.eval.harness import (
     write_results,
 )
 
-from .args import FinetuneArgs, parse_finetune_args
+from .args import FinetuneArgs, checkpointing_requested, parse_finetune_args, resolve_auto_defaults
 from .callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state
 from .checkpoints import resolve_resume
 from .model import load_tokenizer, prepare_model, zero3_enabled
@@ -159,6 +159,11 @@ def _chunked_loss_trainer():
     return ChunkedLMLossTrainer
 
 
+def _fsdp_requested(training_args) -> bool:
+    """``--fsdp`` or an accelerate config with ``distributed_type: FSDP``."""
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def _setup_fsdp(trainer, model) -> bool:
     """FSDP from the accelerate config (``distributed_type: FSDP``) or ``--fsdp``: FSDP2 only (hyclora's
     layers must be whole FSDP units, see ``hyclora.integrations.fsdp``); on a CPU process group the
@@ -166,8 +171,7 @@ def _setup_fsdp(trainer, model) -> bool:
     from hyclora.integrations.accelerate import cpu_backend_needed, use_fsdp_on_cpu
     from hyclora.integrations.fsdp import fsdp2_enabled, prepare_fsdp2
 
-    requested = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if requested and cpu_backend_needed():
+    if _fsdp_requested(trainer.args) and cpu_backend_needed():
         use_fsdp_on_cpu(trainer)
     if not getattr(trainer, "is_fsdp_enabled", False):
         return False
@@ -199,16 +203,39 @@ def _packed(args: FinetuneArgs, data: TaskData, tokenizer, padded_collator):
     return replace(data, train=train, notes=notes), collator
 
 
+def _graph_refusal(args: FinetuneArgs, checkpointing: bool) -> Optional[str]:
+    from hyclora import cuda_graphs
+
+    t = args.training
+    return cuda_graphs.run_refusal(
+        use_hyclora=args.hyclora.use_hyclora, checkpointing=checkpointing,
+        several_processes=t.world_size > 1 or bool(t.deepspeed) or t.n_gpu > 1 or _fsdp_requested(t))
+
+
+def _resolve_auto_defaults(args: FinetuneArgs) -> List[str]:
+    """``--packing`` / ``--cuda_graphs`` left unset: decided here, before the data is built (see
+    ``resolve_auto_defaults``). Returns the notes to log."""
+    if args.data.packing is not None and args.checkpointing.cuda_graphs is not None:
+        return []
+    import importlib.util
+
+    t, c = args.training, args.checkpointing
+    checkpointing = (checkpointing_requested(t) or c.checkpointing_backend in ("hf", "deepspeed")
+                     or c.checkpoint_every_k > 1)
+    packing, graphs, notes = resolve_auto_defaults(
+        args.task, packing=args.data.packing, cuda_graphs=c.cuda_graphs,
+        graph_refusal=_graph_refusal(args, checkpointing), cuda=t.device.type == "cuda",
+        lora_dropout=args.lora.lora_dropout, trl_available=importlib.util.find_spec("trl") is not None)
+    args.data.packing, c.cuda_graphs = packing, graphs
+    return notes
+
+
 def _graph_layers(args: FinetuneArgs, model):
     """``--cuda_graphs``: a ``DecoderLayerGraphs`` over the hyclora-patched layers, or a clear error
     where graphs cannot replay."""
     from hyclora import cuda_graphs
 
-    t = args.training
-    why = cuda_graphs.run_refusal(
-        use_hyclora=args.hyclora.use_hyclora,
-        checkpointing=getattr(model, "hyclora_activation_checkpointing", None) is not None,
-        several_processes=t.world_size > 1 or bool(t.deepspeed) or t.n_gpu > 1)
+    why = _graph_refusal(args, getattr(model, "hyclora_activation_checkpointing", None) is not None)
     if why is not None:
         raise ValueError(f"--cuda_graphs: {why}")
     return cuda_graphs.graph_decoder_layers(model)
@@ -258,7 +285,9 @@ def run_finetune(
     set_seed(t.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(args.model)
+    auto_notes = _resolve_auto_defaults(args)
     data = prepare_task_data(args, tokenizer)
+    data.notes[:0] = auto_notes
     collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=_pad_multiple(args))
     if args.data.packing:
         data, collator = _packed(args, data, tokenizer, collator)

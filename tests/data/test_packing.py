@@ -130,8 +130,9 @@ def test_example_flags_are_checked():
     from hyclora.training import parse_finetune_args
     from hyclora.training.run import _packed
 
-    with pytest.raises(ValueError, match="add --packing true"):
-        parse_finetune_args("gsm8k", ["--tokens_per_batch", "512"])
+    with pytest.raises(ValueError, match="drop --packing false"):
+        parse_finetune_args("gsm8k", ["--packing", "false", "--tokens_per_batch", "512"])
+    assert parse_finetune_args("gsm8k", ["--tokens_per_batch", "1024"]).data.packing is True
     args = parse_finetune_args("gsm8k", ["--packing", "true", "--tokens_per_batch", "300",
                                          "--per_device_train_batch_size", "2", "--max_length", "256"])
     with pytest.raises(ValueError, match="multiple of --per_device_train_batch_size 2"):

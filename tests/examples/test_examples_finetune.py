@@ -421,3 +421,38 @@ def test_cuda_graphs_flag_refuses_what_cannot_replay(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA graphs need the model on a CUDA device"):
             run(tiny(tmp_path / "c", cuda_graphs=True, use_hyclora=True, layer_type="intra_inter"))
+
+
+# -- --packing / --cuda_graphs left unset -----------------------------------------------------------
+def test_auto_defaults_turn_packing_and_graphs_on_only_where_graphs_replay():
+    from hyclora.training.args import resolve_auto_defaults
+
+    def auto(task="gsm8k", packing=None, cuda_graphs=None, refusal=None, cuda=True, dropout=0.0, trl=True):
+        return resolve_auto_defaults(task, packing=packing, cuda_graphs=cuda_graphs, graph_refusal=refusal,
+                                     cuda=cuda, lora_dropout=dropout, trl_available=trl)
+
+    packing, graphs, notes = auto()
+    assert (packing, graphs) == (True, True) and len(notes) == 2
+    assert auto(task="multitask")[:2] == (True, True)
+    # wikitext2's rows are full already: graphs without packing
+    assert auto(task="wikitext2")[:2] == (False, True)
+    # anything that keeps the graphs from replaying turns both off, and says why
+    for kw, why in ((dict(cuda=False), "no CUDA device"), (dict(dropout=0.1), "LoRA dropout"),
+                    (dict(refusal="it runs in one process"), "it runs in one process")):
+        packing, graphs, notes = auto(**kw)
+        assert (packing, graphs) == (False, False) and why in notes[-1]
+    # no trl: padded batches, which do not replay, so no graphs either
+    packing, graphs, notes = auto(trl=False)
+    assert (packing, graphs) == (False, False) and "trl is not installed" in notes[0]
+    # what the command line says wins, and the other one follows it
+    assert auto(packing=False)[:2] == (False, False)
+    assert auto(cuda_graphs=False)[:2] == (True, False)
+    assert auto(packing=True, cuda_graphs=True) == (True, True, [])
+
+
+def test_defaults_on_the_cpu_pad_and_run_eager_with_a_note(tmp_path):
+    metrics = run(tiny(tmp_path, use_hyclora=True, layer_type="intra_inter", max_steps=1, max_generate_samples=0))
+    assert "cuda_graphs" not in metrics and metrics["first_step_seconds"] > 0
+    args = json.loads(Path(metrics["results_file"]).read_text())
+    assert args["args"]["data"]["packing"] is False and args["args"]["checkpointing"]["cuda_graphs"] is False
+    assert any("--cuda_graphs defaulted to false: no CUDA device" in n for n in args["notes"])
