@@ -4,9 +4,11 @@
 # 4 examples or 4 packed rows (gradient accumulation 1), one process per run:
 #   peft_padded     PEFT LoRA, padded batches          (--use_hyclora false --packing false)
 #   hyclora         hyclora with the example's defaults (packing + CUDA graphs where they replay)
-#   hyclora_warm    the same again, 10 steps: the first step with warm Triton / tuning caches
+#   hyclora_warm    the same again, 5 steps: the first step with warm Triton / tuning caches
 #   peft_packed     PEFT LoRA with the same packing    (--use_hyclora false --packing true)
 #   hyclora_padded  hyclora, padded batches (eager)    (--packing false)
+# ARGS: more arguments for every run (e.g. "--attn_implementation sdpa"); HYARGS: for the hyclora runs
+# (e.g. "--layer_type intra_inter_full_fuse --q_bit 2", README's speed recipe).
 # Needs ../shared/gpu/stage.sh gsm8k llama2-tokenizer-32k and the trl wheel in .whl; carry [".whl", ".data"].
 # The table (non-padding tokens/s over the whole run and after the first step, first step, peak above
 # the weights) goes to $OUT/gsm8k.md; each run's log and results.json beside it.
@@ -33,18 +35,18 @@ run() {  # name, seconds, extra args
   timeout "$limit" python3 examples/gsm8k.py --model_name_or_path "$MODEL" \
     --tokenizer_name_or_path .data/llama2-tokenizer-32k --data .data/gsm8k --bf16 true --max_steps "$STEPS" \
     --gradient_accumulation_steps 1 --save_strategy no --max_eval_samples 0 --max_generate_samples 0 \
-    --logging_steps 50 --output_dir "/tmp/gsm8k/$name" --results_file "$OUT/$name.json" "$@" \
+    --logging_steps 50 --output_dir "/tmp/gsm8k/$name" --results_file "$OUT/$name.json" ${ARGS:-} "$@" \
     > "$OUT/$name.log" 2>&1
   echo "$name: exit $?"; grep -A16 "training summary" "$OUT/$name.log" | grep -E "tokens_per_s|first_step|peak_above" \
     | tr -s ' ' | paste -sd' '
 }
 for name in ${RUNS:-hyclora hyclora_warm peft_padded peft_packed hyclora_padded}; do
   case $name in
-    hyclora) run hyclora 200 ;;
-    hyclora_warm) STEPS=10 run hyclora_warm 90 ;;
+    hyclora) run hyclora 200 ${HYARGS:-} ;;
+    hyclora_warm) STEPS=5 run hyclora_warm 90 ${HYARGS:-} ;;
     peft_padded) run peft_padded 150 --use_hyclora false --packing false ;;
     peft_packed) run peft_packed 150 --use_hyclora false --packing true ;;
-    hyclora_padded) run hyclora_padded 200 --packing false ;;
+    hyclora_padded) run hyclora_padded 200 --packing false ${HYARGS:-} ;;
   esac
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/gsm8k.md"

@@ -16,6 +16,9 @@ from hyclora.quant import ChannelStats
 from .peft_utils import transformers_model
 
 
+_NONE_CALIBRATING: frozenset = frozenset()
+
+
 class HyCLoRALayerState(nn.Module):
     """Child module ``hyclora_state`` of a patched layer.
 
@@ -60,13 +63,18 @@ class HyCLoRALayerState(nn.Module):
         forward must treat the same way. Nothing while ``counting`` is off."""
         if not self.counting:
             return
-        self.forward_count.add_(1)  # a buffer without grad: no autograd record
-        for s in self.stats.values():
+        # registries read directly and the set stored in __dict__: nn.Module's __getattr__ /
+        # __setattr__ cost host time on every layer call
+        self._buffers["forward_count"].add_(1)  # a buffer without grad: no autograd record
+        calibrating = None
+        for name, s in self._modules["stats"]._modules.items():
             s.note_counted_forward()
-        self.calibrating = frozenset(n for n, s in self.stats.items() if not s.frozen)
+            if not s.frozen:
+                calibrating = [name] if calibrating is None else calibrating + [name]
+        self.__dict__["calibrating"] = _NONE_CALIBRATING if calibrating is None else frozenset(calibrating)
 
     def stats_dict(self) -> Dict[str, nn.Module]:
-        return dict(self.stats.items())
+        return dict(self._modules["stats"]._modules)
 
 
 _IGNORED_ON_SAVE = "_hyclora_ignored_on_save"  # the keys we added, so revert removes only those

@@ -41,7 +41,7 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
                            f"but the storage policy keeps it in row groups.")
     bits = pol.bits_for(name)
     d = x.shape[-1]
-    x2d = x.detach().reshape(-1, d)
+    x2d = (x.detach() if torch.is_grad_enabled() else x).reshape(-1, d)  # a Function's forward: no grad mode
     stats, replay = plan.stats.get(name), name in plan.replay
     k_rows = OutlierRows.count(x2d.shape[0]) if spec.row_outliers else 0
     rows = None
@@ -54,7 +54,7 @@ def fused_norm_forward(plan, store, name: str, rstd_name: str, x: Tensor, weight
                                           observe=not (k_rows and rows is None))
     with torch.no_grad():
         y, rstd, codes, vals, score = rmsnorm_quant_forward(
-            x2d, weight.detach(), plan.eps if eps is None else eps, lo, inv, idx, bits,
+            x2d, weight, plan.eps if eps is None else eps, lo, inv, idx, bits,
             row_score=bool(k_rows) and rows is None, backend=pol.backend, variant=norm_variant(plan))
         qt = QuantizedTensor(codes, lo, step, bits=bits, shape=x.shape, dtype=x.dtype,
                              outlier_idx=idx, outlier_vals=vals)

@@ -56,8 +56,8 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     yw_u = u_out.y_w.reshape(-1, n)
     params = []
     for name, y2d in zip(_GATE_UP, (yw_g, yw_u)):
-        lo, step, inv, idx = pol.quant_params(y2d.detach(), plan.stats.get(name), plan.update,
-                                                      name in plan.replay, name=name)
+        lo, step, inv, idx = pol.quant_params(y2d, plan.stats.get(name), plan.update, name in plan.replay,
+                                              name=name)
         if idx is not None:
             raise RuntimeError(
                 "hyclora internal error: the fused SwiGLU kernel quantises gate/up without outlier "
@@ -68,7 +68,7 @@ def fused_gate_up_forward(plan, store, g_out: LinearOut, u_out: LinearOut, b_gat
     xa_g, xa_u, bg, bu, dot = _lora_operands(meta_g, meta_u, g_out.xa, u_out.xa, b_gate, b_up)
     with torch.no_grad():
         codes_g, codes_u, d = glu_lora_forward(
-            yw_g.detach(), yw_u.detach(), xa_g, xa_u, bg, bu, meta_g.scaling, meta_u.scaling,
+            yw_g, yw_u, xa_g, xa_u, bg, bu, meta_g.scaling, meta_u.scaling,
             lo_g, inv_g, lo_u, inv_u, bits, act=gate_activation(plan), dot_dtype=dot, backend=pol.backend)
     # same names and order as the op-by-op path (blocks.swiglu_epilogue_forward)
     for name, meta, out, codes, lo, step, b in ((("gate", meta_g, g_out, codes_g, lo_g, step_g, bits[0])),

@@ -168,11 +168,43 @@ def lora_linear_forward(
     added in one pass (:func:`_add_lora`), one rounding instead of three, no full-size temporary.
     ``down``: ``(xa, rng_state)`` of the previous part of the same fused linear (same input, same
     ``A``: ``meta.reuses_xa``), used instead of computing ``drop(x) A^T`` again."""
-    y_w = F.linear(x, dense_weight(meta, weight), bias)
-    if not meta.has_lora:
+    y_w2, xa2, rng_state = _base_rows(meta, x, weight, bias, lora_a, fused, down)
+    if xa2 is None:
+        y_w = _unflat(y_w2, x)
         return LinearOut(y_w, y_w, None, None)
-    xa, rng_state = _down(meta, x, lora_a, fused, down)
-    return LinearOut(_add_lora(meta, y_w, xa, lora_b, fused), y_w, xa, rng_state)
+    y2 = _add_lora(meta, y_w2, xa2, lora_b, fused)
+    return LinearOut(_unflat(y2, x), _unflat(y_w2, x), _unflat(xa2, x), rng_state)
+
+
+def _unflat(t2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t2`` (tokens, n) as ``x``'s leading shape (no view op when ``x`` is 2-D already)."""
+    return t2 if x.dim() == 2 else t2.view(*x.shape[:-1], t2.shape[-1])
+
+
+def _base_rows(meta: LinearMeta, x, weight, bias, lora_a, fused, down):
+    """``(x W^T + bias, drop(x) A^T or None, rng state)`` on ``(tokens, features)`` views.
+
+    A contiguous ``(..., in)`` input goes through its 2-D view: that is what ``F.linear`` /
+    ``matmul`` fold it into (the same ``addmm`` / ``mm`` calls, bit for bit), without their view
+    and transpose ops per call (host time). Other inputs keep the ``(..., in)`` ops (linear then
+    runs matmul + bias add instead of one addmm) and come back as 2-D views."""
+    w = dense_weight(meta, weight)
+    if x.dim() == 2 or x.is_contiguous():
+        x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+        y_w2 = F.linear(x2, w, bias)
+    else:
+        x2 = None
+        y_w2 = F.linear(x, w, bias)
+        y_w2 = y_w2.reshape(-1, y_w2.shape[-1])
+    if not meta.has_lora:
+        return y_w2, None, None
+    if meta.reuses_xa or down is not None or x2 is None or meta.dropout_p > 0:
+        # dropout: the mask is drawn in x's shape, as the backward redraws it
+        xa, rng_state = _down(meta, x, lora_a, fused, down)
+        return y_w2, xa.reshape(-1, xa.shape[-1]), rng_state
+    if _reads_16bit(fused, x2, lora_a):
+        return y_w2, lora_kernels.lora_down(x2, lora_a, backend=fused.backend, min_tokens=fused.min_tokens), None
+    return y_w2, F.linear(cast_to(x2, lora_a.dtype), lora_a), None
 
 
 def _down(meta: LinearMeta, x, lora_a, fused, down):
@@ -212,6 +244,8 @@ def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: tor
         return lora_kernels.lora_epilogue_torch(y_w, xa, lora_b, meta.scaling)
     n, r = y_w.shape[-1], xa.shape[-1]
     if xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
+        if y_w.dim() == 2 and xa.dim() == 2:  # the forward's (tokens, n) views: no view ops
+            return torch.addmm(y_w, xa, lora_b.t(), alpha=meta.scaling)
         return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
     return lora_kernels.lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused.backend,
                                       min_tokens=fused.min_tokens)
@@ -225,11 +259,8 @@ def lora_base_forward(meta: LinearMeta, x: torch.Tensor, weight: torch.Tensor, b
     (``y`` is ``None``; ``lora_b`` is accepted for the same signature and not used): the fused
     kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
     dropout draw (same generator consumption) as the original; ``down`` as there."""
-    y_w = F.linear(x, dense_weight(meta, weight), bias)
-    if not meta.has_lora:
-        return LinearOut(None, y_w, None, None)
-    xa, rng_state = _down(meta, x, lora_a, fused, down)
-    return LinearOut(None, y_w, xa, rng_state)
+    y_w2, xa2, rng_state = _base_rows(meta, x, weight, bias, lora_a, fused, down)
+    return LinearOut(None, _unflat(y_w2, x), None if xa2 is None else _unflat(xa2, x), rng_state)
 
 
 def lora_reconstruct(
@@ -272,44 +303,49 @@ def lora_linear_backward(
 
 def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng_state, need_dx, need_da,
                           need_db, need_dbias, fused):
-    """:func:`lora_linear_backward` that also returns ``dxa = s dy B`` (``None`` without LoRA)."""
-    dx = F.linear(dy, dense_weight(meta, weight).t()) if need_dx else None
-    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
-    da = db = dxa = None
+    """:func:`lora_linear_backward` that also returns ``dxa = s dy B`` as ``(tokens, r)`` (``None``
+    without LoRA)."""
+    # Every product on (tokens, features) views: the mm calls that matmul / linear fold a
+    # (..., n) operand into, bit for bit, without their view / transpose ops per call (host time).
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx2 = dy2.mm(dense_weight(meta, weight)) if need_dx else None
+    dbias = dy2.sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
+    da = db = dxa2 = None
     if meta.has_lora and (need_dx or need_da or need_db):
         r = lora_a.shape[0]
         if _reads_16bit(fused, dy, lora_b):
             # fp32 adapters, 16-bit dy: the rank-r products read dy as it is (no fp32 copy)
-
             if need_db:
-                db = cast_to(scaled(lora_kernels.token_reduced_product(dy, xa, backend=fused.backend, min_tokens=fused.min_tokens), meta.scaling), lora_b.dtype)
-            dxa = scaled(lora_kernels.lora_down(dy, lora_b.t(), backend=fused.backend, min_tokens=fused.min_tokens), meta.scaling)  # (..., r)
+                db = cast_to(scaled(lora_kernels.token_reduced_product(dy2, xa.reshape(-1, r), backend=fused.backend,
+                                                                       min_tokens=fused.min_tokens), meta.scaling),
+                             lora_b.dtype)
+            dxa2 = scaled(lora_kernels.lora_down(dy2, lora_b.t(), backend=fused.backend, min_tokens=fused.min_tokens),
+                          meta.scaling)  # (tokens, r)
         else:
-            dl = scaled(cast_to(dy, lora_b.dtype), meta.scaling)
-            dl2 = dl.reshape(-1, dl.shape[-1])
+            dl2 = scaled(cast_to(dy2, lora_b.dtype), meta.scaling)
             if need_db:
                 db = cast_to(dl2.t().mm(cast_to(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
-            dxa = dl.matmul(cast_to(lora_b, dl.dtype))  # (..., r)
-            del dl, dl2
-        mask = None
+            dxa2 = dl2.mm(cast_to(lora_b, dl2.dtype))  # (tokens, r)
+            del dl2
+        mask2 = None
         if meta.dropout_p > 0 and (need_da or need_dx):
-            mask = _dropout_mask(meta, rng_state, dy, lora_a)
+            mask2 = _dropout_mask(meta, rng_state, dy, lora_a).view(-1, lora_a.shape[1])
         if need_da:
-            da = _lora_grad_a(meta, dxa, x_hat, lora_a, mask, fused)
+            da = _lora_grad_a(meta, dxa2, x_hat, lora_a, mask2, fused)
         if need_dx:
-            if mask is None and dxa.dtype == dx.dtype:
+            if mask2 is None and dxa2.dtype == dx2.dtype:
                 # straight into dx (this function's own fresh tensor): no (tokens, in) temporary
-                dx.view(-1, dx.shape[-1]).addmm_(dxa.reshape(-1, r), cast_to(lora_a, dx.dtype))
-            elif mask is None and _reads_16bit(fused, dx, lora_a):
-
-                dx = lora_kernels.lora_epilogue(dx, dxa, lora_a.t(), 1.0, backend=fused.backend,
-                                                min_tokens=fused.min_tokens, in_place=True)  # dx: ours
+                dx2.addmm_(dxa2, cast_to(lora_a, dx2.dtype))
+            elif mask2 is None and _reads_16bit(fused, dx2, lora_a):
+                dx2 = lora_kernels.lora_epilogue(dx2, dxa2, lora_a.t(), 1.0, backend=fused.backend,
+                                                 min_tokens=fused.min_tokens, in_place=True)  # dx: ours
             else:
-                dxl = dxa.matmul(cast_to(lora_a, dxa.dtype))
-                if mask is not None:
-                    dxl = dxl * mask
-                dx = dx.add_(cast_to(dxl, dx.dtype))
-    return dx, dbias, da, db, dxa
+                dxl = dxa2.mm(cast_to(lora_a, dxa2.dtype))
+                if mask2 is not None:
+                    dxl = dxl * mask2
+                dx2 = dx2.add_(cast_to(dxl, dx2.dtype))
+    dx = None if dx2 is None else dx2.view(*dy.shape[:-1], dx2.shape[-1])
+    return dx, dbias, da, db, dxa2
 
 
 def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
@@ -330,20 +366,20 @@ def _reads_16bit(fused: Optional[FusedLoRA], x: torch.Tensor, factor: torch.Tens
 _16BIT = (torch.float16, torch.bfloat16)
 
 
-def _lora_grad_a(meta: LinearMeta, dxa: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,
-                 mask: Optional[torch.Tensor], fused: Optional[FusedLoRA] = None) -> torch.Tensor:
-    """``dA = dxa^T (drop(x_hat))`` reduced over all tokens, in ``lora_a``'s dtype."""
+def _lora_grad_a(meta: LinearMeta, dxa2: torch.Tensor, x_hat: Optional[torch.Tensor], lora_a: torch.Tensor,
+                 mask2: Optional[torch.Tensor], fused: Optional[FusedLoRA] = None) -> torch.Tensor:
+    """``dA = dxa^T (drop(x_hat))`` reduced over all tokens, in ``lora_a``'s dtype; ``dxa2`` and
+    the mask ``mask2`` as ``(tokens, .)``."""
     if x_hat is None:
         raise RuntimeError(f"hyclora internal error: {meta.name} input was not saved")
-    if mask is None and _reads_16bit(fused, x_hat, lora_a) and dxa.dtype == torch.float32:
-
-        return cast_to(lora_kernels.token_reduced_product(x_hat, dxa, backend=fused.backend,
-                                                             min_tokens=fused.min_tokens).t(), lora_a.dtype)
-    xl = cast_to(x_hat, lora_a.dtype)
-    if mask is not None:
-        xl = xl * mask
-    r = lora_a.shape[0]
-    return cast_to(dxa.reshape(-1, r).t().mm(xl.reshape(-1, xl.shape[-1])), lora_a.dtype)
+    x2 = x_hat.reshape(-1, x_hat.shape[-1])
+    if mask2 is None and _reads_16bit(fused, x_hat, lora_a) and dxa2.dtype == torch.float32:
+        return cast_to(lora_kernels.token_reduced_product(x2, dxa2, backend=fused.backend,
+                                                          min_tokens=fused.min_tokens).t(), lora_a.dtype)
+    xl = cast_to(x2, lora_a.dtype)
+    if mask2 is not None:
+        xl = xl * mask2
+    return cast_to(dxa2.t().mm(xl), lora_a.dtype)
 
 
 def lora_linear_backward_input_first(
@@ -372,8 +408,9 @@ def lora_linear_backward_input_first(
     def grad_a(x_hat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not (need_da and meta.has_lora):
             return None
-        mask = _dropout_mask(meta, rng_state, dy, lora_a) if meta.dropout_p > 0 else None
-        return _lora_grad_a(meta, dxa, x_hat, lora_a, mask, fused)
+        mask2 = (_dropout_mask(meta, rng_state, dy, lora_a).view(-1, lora_a.shape[1]) if meta.dropout_p > 0
+                 else None)
+        return _lora_grad_a(meta, dxa, x_hat, lora_a, mask2, fused)
 
     return dx, dbias, db, grad_a
 

@@ -53,13 +53,13 @@ class OutlierRows:
         with ``clean=False`` (frozen ranges: the rows cannot stretch them, their codes are
         clamped and never read since dequantisation overwrites them).
         None when there are too few rows for it to pay off."""
-        x2d = x.detach().reshape(-1, x.shape[-1])
-        k = OutlierRows.count(x2d.shape[0])
+        k = OutlierRows.count(x.numel() // x.shape[-1] if x.dim() else 1)
         if not k:
             return None
         with hq.core.no_grad():
-            lo, hi = torch.aminmax(x2d, dim=1)  # max |x| per row in one read, no |x| temporary
-            score = torch.maximum(hi, lo.neg())
+            x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # no grad mode: no detach op needed
+            # max |x| per row in one read and one kernel (the same values as max(hi, -lo) of aminmax)
+            score = torch.linalg.vector_norm(x2d, ord=math.inf, dim=1)
             idx = score.topk(k).indices
             if not clean:
                 return OutlierRows(None, idx, x2d.index_select(0, idx), None)
@@ -241,9 +241,10 @@ class StoragePolicy:
             idx = stats.outlier_idx.clone() if stats.num_outliers > 0 else None
             qt = hq.quantize(x, bits, outlier_idx=idx, backend=self.backend)
         else:
-            if stats is not None and stats.frozen:  # a refresh window gathers the next statistics
-                stats.observe(x.detach().reshape(-1, x.shape[-1]), skip_rows=None if rows is None else rows.idx,
-                              update=update, backend=self.backend)
+            # a refresh window gathers the next statistics (only ever with these flags: no view op else)
+            if stats is not None and stats.frozen and update and stats.refresh and stats.recalibrate_every:
+                stats.observe(_rows(x), skip_rows=None if rows is None else rows.idx, update=update,
+                              backend=self.backend)
             qt = hq.quantize(x, bits, stats=stats, update=update, backend=self.backend)
         if rows is None:
             store.packed(name, "quant", qt)
@@ -291,6 +292,14 @@ class StoragePolicy:
             store.plain(name, probs)
             return
         store.packed(name, "sparse", hq.sparsify_probs(probs, self.softmax_ratio))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(tokens, features)``, detached where grad mode is on (inside a block Function's
+    forward it is off: no detach op)."""
+    if torch.is_grad_enabled():
+        x = x.detach()
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _nbytes(t: Optional[torch.Tensor]) -> int:

@@ -386,7 +386,9 @@ def quantize(x: Tensor, bits: int, *, stats=None, outlier_idx: Optional[Tensor] 
     backend = resolve_backend(backend, x.device)
     explicit_outliers = outlier_idx is not None  # an explicit empty set means "none"
     outlier_idx = _check_outlier_idx(outlier_idx, x)
-    x2d = x.detach().reshape(-1, n)
+    # no detach op where grad mode is off (the blocks' Functions): every use below is under no_grad
+    x2d = x.detach() if torch.is_grad_enabled() else x
+    x2d = x2d if x2d.dim() == 2 else x2d.reshape(-1, n)
 
     if stats is not None:
         if group_size is not None:

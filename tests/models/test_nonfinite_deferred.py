@@ -54,9 +54,12 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
-    # 3 layers x (input + output check), read together once per step (a non-reentrant
-    # recompute replays a checked forward and is not checked again)
-    assert reads == [6 + 3, 6 + 3]  # + the final norm's output, the logits and the loss
+    # 3 layers' output checks and the first layer's input check (a layer's input is the checked
+    # output of the layer before; a reentrant checkpoint's recompute gets a new input tensor, checked
+    # too), read together once per step (a non-reentrant recompute replays a checked forward and is
+    # not checked again)
+    inputs = 3 if ckpt == "reentrant" else 1
+    assert reads == [inputs + 3 + 3, inputs + 3 + 3]  # + the final norm's output, the logits and the loss
 
     reads.clear()
     with torch.no_grad():  # NaN from layer 1 on: layers 1 and 2 both see it
@@ -64,12 +67,32 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss  # the forward no longer stops ...
     assert not torch.isfinite(loss)
+    bad = 6 if ckpt == "reentrant" else 5  # outputs of layers 1 and 2 (reentrant: layer 2's input), norm, logits, loss
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1 \(output of the decoder layer\).*"
-                                                 r"6 of the 9 places.*on_nonfinite='ignore'"):
+                                                 rf"{bad} of the {inputs + 6} places.*on_nonfinite='ignore'"):
         loss.backward()  # ... the backward does, before the first layer's gradients exist
-    assert reads == [9]
+    assert reads == [inputs + 6]
     first_a = _layers(model)[0].self_attn.q_proj.lora_A["default"].weight
     assert first_a.grad is None
+
+
+def test_an_output_changed_in_place_is_checked_again_as_the_next_input(reads):
+    """A layer's input is not checked again when it is the previous layer's checked output, unless
+    it changed since: a hook that writes a NaN into layer 0's output in place is caught at layer 1's input."""
+    model = lora_model(tiny_model("llama", "sdpa"))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="intra_inter", q_bit=4))
+    model.train()
+
+    def poison(module, args, out):
+        (out[0] if isinstance(out, tuple) else out).view(-1)[0] = float("nan")
+
+    _layers(model)[0].register_forward_hook(poison)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a hook on the layer itself is not reported
+        loss = model(**_batch()).loss
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.1 \(input of the decoder layer\)"):
+        loss.backward()
+    assert reads == [7]  # the first input, layer 1's input, 2 outputs, final norm, logits, loss
 
 
 def test_forward_without_backward_is_read_at_the_next_step(reads):
@@ -80,7 +103,7 @@ def test_forward_without_backward_is_read_at_the_next_step(reads):
     model(**batch)  # e.g. a train-mode loss for logging, never backpropagated
     assert reads == []
     model(**batch).loss.backward()
-    assert reads == [7, 7]  # the stale flags first, then this step's (4 layer + 3 output checks)
+    assert reads == [6, 6]  # the stale flags first, then this step's (first input + 2 layer outputs + 3)
 
 
 def test_ignore_records_nothing(reads):
@@ -186,8 +209,9 @@ def test_one_host_read_per_step_with_the_output_checks(reads):
     model.train()
     for _ in range(2):
         model(**_batch()).loss.backward()
-    # 2 layers x (input + output) + final norm + logits + loss, one read per step
-    assert reads == [7, 7]
+    # the first layer's input, 2 layer outputs (each the next layer's input), final norm, logits,
+    # loss: one read per step
+    assert reads == [6, 6]
 
 
 def test_hooks_on_submodules_are_reported_by_name():
