@@ -2,6 +2,7 @@
 # Issue 23 on the GPU, one call: whole runs (bench_whole_run: one process per variant, AdamW, $STEPS
 # steps) at 4x512 (PEFT, hyclora graphed with the defaults, graphed with recalibrate_mode=reset,
 # eager) and 1x4096 (PEFT, graphed), then the real-capture GPU tests of the CUDA graphs (TESTS=1).
+# RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out.
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
 mkdir -p "$OUT"
@@ -13,12 +14,12 @@ cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
   tests/test_cuda_graphs.py 2>&1 | tail -6 | tee "$OUT/tests_gpu_cuda_graphs.log"
 # a short hyclora run first: its first step is the cold one (Triton compiles, hyclora tunes and caches);
 # the measured runs after it start with warm caches, as a user's second run does
-timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 3 --variants graphed --out /tmp/bench/cold 2>&1 \
+[ "${COLD:-1}" = 1 ] && timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 3 --variants graphed --out /tmp/bench/cold 2>&1 \
   | grep -v Warning | tee "$OUT/cold.log" | grep "^|"
-timeout "${LIMIT_512:-330}" python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps "$STEPS" \
+[ "${RUN_512:-1}" = 1 ] && timeout "${LIMIT_512:-330}" python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps "$STEPS" \
   --variants ${VARIANTS_512:-peft graphed graphed_reset eager} --out /tmp/bench/whole_run_4x512 2>&1 | grep -v Warning \
   | tee "$OUT/whole_run_4x512.log" | grep "^|"
-timeout "${LIMIT_4096:-170}" python3 benchmarks/bench_whole_run.py --shapes 1x4096 --steps "$STEPS" \
+[ "${RUN_4096:-1}" = 1 ] && timeout "${LIMIT_4096:-170}" python3 benchmarks/bench_whole_run.py --shapes 1x4096 --steps "$STEPS" \
   --variants ${VARIANTS_4096:-peft graphed} --out /tmp/bench/whole_run_1x4096 2>&1 | grep -v Warning \
   | tee "$OUT/whole_run_1x4096.log" | grep "^|"
 exit 0
