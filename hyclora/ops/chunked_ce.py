@@ -4,9 +4,11 @@ At long context the logits dominate memory: 32k tokens x 32k vocabulary in fp32 
 autograd keeps them (plus their softmax) for the backward. :func:`chunked_cross_entropy` takes the
 final hidden states and the LM-head weight instead of logits. The forward computes, chunk by
 chunk, ``logits = hidden @ W.T (+ b)``, upcasts to fp32 (as HF's loss does), and keeps only the
-per-token log-sum-exp (4 bytes per token). The backward recomputes each chunk's logits, forms
-``softmax - onehot`` scaled by the incoming gradient, and accumulates ``d hidden`` and (only when
-the weight is trainable) ``d W`` / ``d b`` in fp32. Peak extra memory is one chunk of logits.
+per-token log-sum-exp (4 bytes per token). For a scalar loss (``mean``/``sum``) the forward also
+forms each chunk's ``softmax - onehot`` while its logits exist and accumulates ``d hidden`` and
+(only when the weight is trainable) ``d W`` / ``d b`` in fp32; the backward multiplies them by the
+incoming gradient, so the logits are computed once. Per-token losses (``none``) recompute each
+chunk's logits in the backward instead. Peak extra memory is one chunk of logits.
 
 Numerics follow the plain path ``F.cross_entropy(F.linear(h, W, b).float(), y)``: the matmul runs
 in the input dtype, softmax/log-sum-exp in fp32, and the logits gradient is cast back to the input
@@ -58,27 +60,57 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return (logits, t) if keep_tanh else logits
 
 
+def _chunk_grad(logits, t, lse, labels, weights, dtype, softcap):
+    """``d loss / d raw logits`` of one chunk, ``(softmax - onehot) * weights`` per token (the
+    weights are 0 at ignored tokens), through the soft-capping when there is one (then in
+    ``dtype``). ``logits`` is overwritten."""
+    g = logits.sub_(lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), labels] -= 1.0
+    g.mul_(weights[:, None])
+    if t is not None:  # through the soft-capping, autograd's ops in the input dtype
+        g = torch.ops.aten.tanh_backward(g.to(dtype) * softcap, t) / softcap
+    return g
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """For the scalar reductions the gradients are computed in the forward, chunk by chunk, while
+    the chunk's logits exist (the backward only scales them by the incoming gradient), so the
+    logits are computed once per step instead of again in the backward. ``reduction="none"``
+    (a per-token incoming gradient) keeps the per-token log-sum-exp and recomputes in the backward."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction, softcap=None):
         n = hidden.shape[0]
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         acc = torch.promote_types(hidden.dtype, torch.float32)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        ahead = reduction != "none" and (need_h or need_w or need_b)
+        n_valid = valid.sum()
+        # the gradient for an incoming 1 (what a training loss gets), scaled before the cast to the
+        # input dtype as autograd's mean would; the backward multiplies by the actual incoming gradient
+        unit = valid.to(acc) / n_valid if reduction == "mean" else valid.to(acc)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         losses = torch.empty(n, dtype=acc, device=hidden.device)
+        grads = _empty_grads(hidden, weight, bias, acc, need_h, need_w, need_b) if ahead else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, bias, softcap)
+            logits, t = _chunk_logits(hidden[start:end], weight, bias, softcap, keep_tanh=True)
             lse_c = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
             lse[start:end] = lse_c
             losses[start:end] = lse_c - target
-            del logits
+            if ahead:
+                g = _chunk_grad(logits, t, lse_c, safe_labels[start:end], unit[start:end], hidden.dtype, softcap)
+                _accumulate(grads, g, hidden[start:end], weight, start, end, acc)
+            del logits, t
         losses = losses.masked_fill(~valid, 0.0)
-        n_valid = valid.sum()
 
-        ctx.save_for_backward(hidden, safe_labels, valid, lse, n_valid)
+        if ahead:
+            ctx.grads = _finish_grads(grads, weight, bias)
+        else:
+            ctx.save_for_backward(hidden, safe_labels, valid, lse, n_valid)
+        ctx.ahead = ahead
         # Keep the Parameter objects themselves (see module docstring: ZeRO-3 re-gathers them).
         ctx.weight = weight
         ctx.bias = bias
@@ -95,6 +127,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if ctx.ahead:
+            grads, ctx.grads = ctx.grads, None
+            out = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
+            return (*out, None, None, None, None, None)
         hidden, labels, valid, lse, n_valid = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -104,46 +140,42 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 "the weight must be gathered (register it as an external parameter of the module "
                 "that calls the loss; see hyclora.integrations.longseq.CausalLMChunkedLoss)."
             )
-        n = hidden.shape[0]
         acc = lse.dtype
-        grad_out = grad_out.to(acc)
-        if ctx.reduction == "mean":
-            scale = (grad_out / n_valid).expand(n)
-        elif ctx.reduction == "sum":
-            scale = grad_out.expand(n)
-        else:
-            scale = grad_out
-        scale = scale * valid
+        scale = grad_out.to(acc) * valid  # reduction "none": one incoming gradient per token
+        grads = _empty_grads(hidden, weight, bias, acc, need_h, need_w, need_b)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits, t = _chunk_logits(hidden[start:end], weight, bias, ctx.softcap, keep_tanh=True)
+            g = _chunk_grad(logits, t, lse[start:end], labels[start:end], scale[start:end], hidden.dtype,
+                            ctx.softcap)
+            _accumulate(grads, g, hidden[start:end], weight, start, end, acc)
+            del logits, t, g
+        return (*_finish_grads(grads, weight, bias), None, None, None, None, None)
 
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        for start in range(0, n, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, n)
-            h = hidden[start:end]
-            logits, t = _chunk_logits(h, weight, bias, ctx.softcap, keep_tanh=True)
-            # softmax - onehot, scaled per token; in place to keep one chunk-sized buffer.
-            g = logits.sub_(lse[start:end, None]).exp_()
-            g[torch.arange(end - start, device=g.device), labels[start:end]] -= 1.0
-            g.mul_(scale[start:end, None])
-            if t is not None:  # through the soft-capping, autograd's ops in the input dtype
-                g = torch.ops.aten.tanh_backward(g.to(hidden.dtype) * ctx.softcap, t) / ctx.softcap
-                del t
-                if need_b:
-                    grad_bias += g.to(acc).sum(0)
-            elif need_b:
-                grad_bias += g.sum(0)
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_hidden[start:end] = g @ weight.to(hidden.dtype)
-            if need_w:
-                grad_weight += (g.t() @ h).to(acc)
-            del logits, g
-        if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_b:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+def _empty_grads(hidden, weight, bias, acc, need_h, need_w, need_b):
+    """(d hidden, d W in fp32, d b in fp32) buffers, None where no gradient is needed."""
+    return [torch.empty_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None,
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None]
+
+
+def _accumulate(grads, g, h, weight, start, end, acc):
+    """Add one chunk's logits gradient ``g`` to the buffers (matmuls in the input dtype, as autograd)."""
+    grad_h, grad_w, grad_b = grads
+    if grad_b is not None:
+        grad_b += g.to(acc).sum(0)
+    g = g.to(h.dtype)
+    if grad_h is not None:
+        grad_h[start:end] = g @ weight.to(h.dtype)
+    if grad_w is not None:
+        grad_w += (g.t() @ h).to(acc)
+
+
+def _finish_grads(grads, weight, bias):
+    grad_h, grad_w, grad_b = grads
+    return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
 
 
 def chunked_cross_entropy(
