@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from hyclora.ops.attention import check_implementation, is_s2
 from hyclora.ops.lora import FusedPart
@@ -39,7 +40,7 @@ from hyclora.ops.storage import StoragePolicy
 from hyclora.ops.tensor_specs import stats_names, tensor_widths
 
 from .patching import call_original, patch_forward, unpatch_forward
-from .peft_utils import NormParams, resolve_linear, resolve_norm
+from .peft_utils import NormParams, class_attribute_names, resolve_linear, resolve_norm
 from .spec import ArchitectureSpec, get_path
 from .state import HyCLoRALayerState
 
@@ -65,6 +66,8 @@ class LayerPatch:
     # the layer's submodules (for the hook check), refreshed when the resolved linears change
     cached_submodules: Any = None
     warned_hooks: set = field(default_factory=set)
+    # (submodules, torch's hook-handle counter) at the last hook scan (warn_unreachable_hooks)
+    hooks_scanned: Any = None
 
     def submodules(self, layer: nn.Module):
         cached = self.cached_submodules
@@ -133,13 +136,17 @@ def _linear_key(module: nn.Module):
             return (id(module), id(_member(module, "weight")), id(_member(module, "bias")))
         return None
     first = ad[0] if len(ad) else None
-    lora_a, lora_b = _member(module, "lora_A"), _member(module, "lora_B")
-    drop, base = _member(module, "lora_dropout"), _member(module, "base_layer")
+    lora_a, lora_b, drop, base = _members(module, _LORA_MEMBERS)
     a, b, d = _entry(lora_a, first), _entry(lora_b, first), _entry(drop, first)
+    base_weight, base_bias = _members(base, _BASE_MEMBERS)
     return (id(module), tuple(ad), module.disable_adapters, module.merged, module.scaling.get(first),
-            None if d is None else (id(d), d.training), id(base), id(_member(base, "weight")),
-            id(_member(base, "bias")), None if a is None else (id(a), id(_member(a, "weight"))),
+            None if d is None else (id(d), d.training), id(base), id(base_weight),
+            id(base_bias), None if a is None else (id(a), id(_member(a, "weight"))),
             None if b is None else (id(b), id(_member(b, "weight"))))
+
+
+_LORA_MEMBERS = ("lora_A", "lora_B", "lora_dropout", "base_layer")
+_BASE_MEMBERS = ("weight", "bias")
 
 
 _ABSENT = object()
@@ -150,14 +157,27 @@ def _member(module: nn.Module, name: str):
     dict itself: ``nn.Module.__getattr__`` (a Python call after a failed lookup) costs host time
     on every layer call. Anything else (a property, a plain attribute) is read by getattr."""
     try:
-        value = module._parameters.get(name, _ABSENT)
-        if value is _ABSENT:
-            value = module._modules.get(name, _ABSENT)
-    except AttributeError:  # not an nn.Module
+        d = module.__dict__
+        params, mods = d["_parameters"], d["_modules"]
+        # indexing, not .get: DeepSpeed ZeRO-3's parameter dict gathers in __getitem__
+        value = params[name] if name in params else mods[name] if name in mods else _ABSENT
+    except (AttributeError, KeyError):  # not an nn.Module
         return getattr(module, name)
-    if value is _ABSENT or name in module.__dict__ or _class_defines(type(module), name):
+    if value is _ABSENT or name in d or name in class_attribute_names(type(module)):
         return getattr(module, name)
     return value
+
+
+def _members(module: nn.Module, names: Tuple[str, ...]):
+    """``[_member(module, n) for n in names]``, the class and the instance dict checked once."""
+    try:
+        d = module.__dict__
+        params, mods = d["_parameters"], d["_modules"]
+    except (AttributeError, KeyError):  # not an nn.Module
+        return [getattr(module, n) for n in names]
+    if d.keys().isdisjoint(names) and class_attribute_names(type(module)).isdisjoint(names):
+        return [params[n] if n in params else mods[n] if n in mods else getattr(module, n) for n in names]
+    return [_member(module, n) for n in names]
 
 
 def _member_path(module: nn.Module, names: Tuple[str, ...]):
@@ -165,18 +185,6 @@ def _member_path(module: nn.Module, names: Tuple[str, ...]):
     for name in names:
         module = _member(module, name)
     return module
-
-
-_CLASS_ATTRS: Dict[Tuple[type, str], bool] = {}
-
-
-def _class_defines(cls: type, name: str) -> bool:
-    """Whether ``cls`` (or a base) defines ``name`` (a property shadows the registries), once per
-    class and name: a failed ``hasattr`` raises and catches an AttributeError each time."""
-    known = _CLASS_ATTRS.get((cls, name))
-    if known is None:
-        known = _CLASS_ATTRS[(cls, name)] = any(name in k.__dict__ for k in cls.__mro__)
-    return known
 
 
 def _entry(container, key):
@@ -214,6 +222,13 @@ def warn_unreachable_hooks(layers) -> None:
     for name, layer in layers:
         patch = layer.__dict__.get("_hyclora_patch")
         submodules = patch.submodules(layer) if patch is not None else _submodules(layer)
+        if patch is not None:
+            # every hook registration takes a RemovableHandle, which advances this counter: the
+            # same submodules and the same count since the last scan mean no hook was added
+            stamp = getattr(RemovableHandle, "next_id", None)
+            scanned = patch.hooks_scanned
+            if stamp is not None and scanned is not None and scanned[0] is submodules and scanned[1] == stamp:
+                continue
         warned = patch.warned_hooks if patch is not None else set()
         for sub_name, hook in _user_hooks(submodules):
             key = (sub_name, id(hook))
@@ -227,6 +242,8 @@ def warn_unreachable_hooks(layers) -> None:
                 "without hyclora (HyCLoRAConfig(use_hyclora=False)) where the hook must see every step.",
                 UserWarning, stacklevel=3,
             )
+        if patch is not None:  # after the scan: a warning raised as an error leaves it to the next call
+            patch.hooks_scanned = (submodules, stamp)
 
 
 def _submodules(layer: nn.Module):
@@ -309,6 +326,14 @@ class LayerAdapter:
                                     for group in (spec.attention_linears, spec.mlp_linears))
         self._linears = tuple(get for group in self._linear_groups for _, _, get in group)
         self._linear_paths = tuple(tuple(p.split(".")) for group in self._linear_groups for _, p, _ in group)
+        # the same paths as (parent path, consecutive children under it): each parent read once
+        parents: List[Tuple[Tuple[str, ...], List[str]]] = []
+        for names in self._linear_paths:
+            if parents and parents[-1][0] == names[:-1]:
+                parents[-1][1].append(names[-1])
+            else:
+                parents.append((names[:-1], [names[-1]]))
+        self._linear_parents = tuple((parent, tuple(children)) for parent, children in parents)
         self._fused_parts = spec.fused_parts
         self._fused_group = {part[0]: g for g, group in enumerate(self._fused_parts) for part in group if part}
 
@@ -483,7 +508,11 @@ class LayerAdapter:
     def state_key(self, layer: nn.Module):
         """:func:`_linear_key` of the spec's linears (``None`` inside for a linear that cannot be
         keyed): what the layer's resolved linears depend on."""
-        return tuple(_linear_key(_member_path(layer, names)) for names in self._linear_paths)
+        keys = []
+        for parent, children in self._linear_parents:
+            for module in _members(_member_path(layer, parent), children):
+                keys.append(_linear_key(module))
+        return tuple(keys)
 
     def resolve_cached(self, layer: nn.Module, patch: LayerPatch):
         """:meth:`resolve`, the linears re-read only when one's adapter state or parameters change

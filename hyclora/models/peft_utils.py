@@ -7,7 +7,7 @@ Unsupported PEFT features are refused with a message listing what is supported.
 
 from __future__ import annotations
 
-from typing import Collection, NamedTuple, Optional
+from typing import Collection, Dict, FrozenSet, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,44 @@ SUPPORTED_PEFT = (
     "q/k/v/o/gate/up/down_proj (Phi-3: qkv/o/gate_up/down_proj) as targets, lora_dropout, use_rslora, "
     "bias on the base layer"
 )
+
+
+_CLASS_NAMES: Dict[type, FrozenSet[str]] = {}
+
+
+def class_attribute_names(cls: type) -> FrozenSet[str]:
+    """Every name ``cls`` or a base defines (a property there shadows nn.Module's registries),
+    once per class."""
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        names = _CLASS_NAMES[cls] = frozenset(n for k in cls.__mro__ for n in k.__dict__)
+    return names
+
+
+_MISSING = object()
+_NO_ENTRIES: Dict[str, object] = {}
+_MODULE_GETATTR = nn.Module.__getattr__
+
+
+def module_attr(module, name: str, default=None):
+    """``getattr(module, name, default)``, read from the instance dict and nn.Module's registries
+    when that is where ``getattr`` would find it: a missing name otherwise raises and catches an
+    AttributeError inside ``nn.Module.__getattr__``, host time on every layer call."""
+    cls = type(module)
+    if (not isinstance(module, nn.Module) or cls.__getattr__ is not _MODULE_GETATTR
+            or name in class_attribute_names(cls)):
+        return getattr(module, name, default)
+    d = module.__dict__
+    value = d.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    # nn.Module.__getattr__'s own order; indexing, not .get: DeepSpeed ZeRO-3's parameter dict
+    # gathers a partitioned parameter in __getitem__
+    for key in ("_parameters", "_buffers", "_modules"):
+        registry = d.get(key, _NO_ENTRIES)
+        if name in registry:
+            return registry[name]
+    return default
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -119,6 +157,20 @@ def resolve_linear(module: nn.Module, name: str, where: str, training: bool = Tr
     return LinearMeta(name, False, weight_fn=weight_fn), (weight, bias, None, None)
 
 
+_NORM_CLASSES: Dict[type, tuple] = {}
+
+
+def _norm_class(module: nn.Module):
+    """``(original class, its qualified name)`` of ``module``, once per class: both follow from
+    the class alone (a patched module gets a new subclass, no class is changed)."""
+    cls = type(module)
+    known = _NORM_CLASSES.get(cls)
+    if known is None:
+        original = original_class(module)
+        known = _NORM_CLASSES[cls] = (original, qualified_name(original))
+    return known
+
+
 class NormParams(NamedTuple):
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]  # None for RMSNorm
@@ -128,7 +180,8 @@ class NormParams(NamedTuple):
 def unwrap_modules_to_save(module: nn.Module) -> nn.Module:
     """The module PEFT's ``ModulesToSaveWrapper`` runs now (the trained copy of the active adapter,
     or the original with adapters disabled); ``module`` itself when it is no such wrapper."""
-    if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+    if (module_attr(module, "original_module", _MISSING) is not _MISSING
+            and module_attr(module, "modules_to_save", _MISSING) is not _MISSING):
         active = list(getattr(module, "active_adapters", [])) or [getattr(module, "active_adapter", None)]
         if getattr(module, "disable_adapters", False) or active[0] not in module.modules_to_save:
             return module.original_module
@@ -142,8 +195,7 @@ def resolve_norm(module: nn.Module, where: str, kind: str, classes: Collection[s
     PEFT's ``ModulesToSaveWrapper``. Its class must be one of ``classes`` (qualified names): a norm
     of another class may compute something else from the same parameters (Gemma's ``1 + w``)."""
     module = unwrap_modules_to_save(module)
-    cls = original_class(module)
-    name = qualified_name(cls)
+    cls, name = _norm_class(module)
     if name not in classes:
         raise ValueError(
             f"hyclora: {where} is a {name}; hyclora's blocks for this layer support {', '.join(sorted(classes))}. "
@@ -154,11 +206,11 @@ def resolve_norm(module: nn.Module, where: str, kind: str, classes: Collection[s
             raise ValueError(f"hyclora: {where} is a {cls.__name__}, expected a torch.nn.LayerNorm over the "
                              "hidden dimension (BERT/RoBERTa post-LN layout).")
         return NormParams(module.weight, module.bias, float(module.eps))
-    eps = getattr(module, "variance_epsilon", None)
+    eps = module_attr(module, "variance_epsilon")
     if eps is None:
-        eps = getattr(module, "eps", None)
-    weight = getattr(module, "weight", None)
-    if eps is None or not isinstance(weight, torch.Tensor) or getattr(module, "bias", None) is not None:
+        eps = module_attr(module, "eps")
+    weight = module_attr(module, "weight")
+    if eps is None or not isinstance(weight, torch.Tensor) or module_attr(module, "bias") is not None:
         raise ValueError(
             f"hyclora: {where} is a {cls.__name__}, expected an RMSNorm with a weight and "
             "variance_epsilon (Llama/Mistral RMSNorm)."

@@ -138,16 +138,19 @@ class ChannelStats(torch.nn.Module):
         starts a new calibration window."""
         if not self.frozen:
             return
+        # plain host ints written into the instance dict: nn.Module.__setattr__ (it searches the
+        # parameter / buffer / module registries first) costs host time on every layer call
+        d = self.__dict__
         if self.refresh:
             if self._observing and self._observed >= self.iteration_threshold:
                 self._finish_refresh()
             elif not self._observing and self.recalibrate_every and self._frozen_forwards >= self.recalibrate_every:
                 self._start_refresh()
-            self._frozen_forwards += 1
-            self._observed += self._observing
+            d["_frozen_forwards"] += 1
+            d["_observed"] += self._observing
             return
         expires = self.expires_at_next_forward()
-        self._frozen_forwards += 1
+        d["_frozen_forwards"] += 1
         if expires:
             self.reset()
 

@@ -71,3 +71,71 @@ def test_setup_cache_follows_attention_implementation():
     assert torch.equal(loss2, ref2)
     layer = model.base_model.model.model.layers[0]
     assert layer._hyclora_patch.setup[0][2] == "eager"
+
+
+def test_module_attr_equals_getattr():
+    """peft_utils.module_attr (the norms' fast reads) against plain getattr: registry entries, a
+    None bias, plain and shadowing instance attributes, properties, a class with its own
+    __getattr__, a missing name, a non-module."""
+    from torch import nn
+
+    from hyclora.models.peft_utils import module_attr
+
+    class WithProperty(nn.Linear):
+        @property
+        def eps(self):
+            return 0.5
+
+    class Forwarding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2, bias=False)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    lin = nn.Linear(3, 3, bias=False)
+    lin.variance_epsilon = 1e-6
+    lin.register_buffer("buf", torch.ones(1))
+    shadowed = nn.Linear(2, 2)
+    object.__setattr__(shadowed, "weight", "instance value")  # beside the registered parameter
+    missing = object()
+    for module in (lin, shadowed, WithProperty(2, 2), Forwarding(), object()):
+        for name in ("weight", "bias", "buf", "variance_epsilon", "eps", "nothing", "training", "in_features"):
+            assert module_attr(module, name, missing) is getattr(module, name, missing), (type(module), name)
+
+
+def test_registry_reads_index_the_parameter_dict():
+    """module_attr and the adapter's member reads index ``_parameters`` (``[name]``), never
+    ``.get``: DeepSpeed ZeRO-3 replaces that dict by one whose ``__getitem__`` gathers a
+    partitioned parameter, and a norm read past it saw a weight of shape (0,)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from hyclora.models.adapter import _member, _members
+    from hyclora.models.peft_utils import module_attr
+
+    class Gathering(OrderedDict):
+        def __init__(self, items):
+            super().__init__(items)
+            self.indexed = []
+
+        def __getitem__(self, key):
+            self.indexed.append(key)
+            return super().__getitem__(key)
+
+    norm = nn.Module()
+    norm.weight = nn.Parameter(torch.ones(4))
+    norm.variance_epsilon = 1e-6
+    norm._parameters = Gathering(norm._parameters)
+    assert module_attr(norm, "weight") is norm._parameters["weight"]
+    assert norm._parameters.indexed.count("weight") == 2
+    norm._parameters.indexed.clear()
+    assert _member(norm, "weight") is not None and norm._parameters.indexed == ["weight"]
+    norm._parameters.indexed.clear()
+    _members(norm, ("weight",))
+    assert norm._parameters.indexed == ["weight"]

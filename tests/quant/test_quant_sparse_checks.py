@@ -181,3 +181,27 @@ def test_pending_flags_are_bounded(monkeypatch):
         assert guard.num_pending == 2
         check_finite(torch.ones(2), "c")  # read and cleared at the cap
         assert guard.num_pending == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_flag_equals_isfinite_all(dtype):
+    """The deferred flag against the plain reference ``isfinite(x).all()``: one NaN / +-Inf
+    anywhere, the dtype's largest finite magnitudes (no overflow), a requires-grad input (no
+    autograd record), 0-d and 1-element inputs."""
+    from hyclora.quant.checks import _all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.randn(3, 5, 7).to(dtype) * 100, torch.tensor([big, -big], dtype=dtype),
+             torch.tensor(1.5, dtype=dtype), torch.zeros(1, dtype=dtype)]
+    for i, bad in enumerate((math.nan, math.inf, -math.inf)):
+        x = torch.randn(4, 9).to(dtype)
+        x.view(-1)[7 * i + 3] = bad
+        cases.append(x)
+    cases.append(torch.tensor([math.inf, -math.inf], dtype=dtype))
+    for x in cases:
+        flag = _all_finite(x)
+        assert flag.dtype == torch.bool and flag.dim() == 0
+        assert bool(flag) == bool(torch.isfinite(x).all()), x
+    x = torch.randn(6, 6, dtype=dtype, requires_grad=True) * 2
+    flag = _all_finite(x)
+    assert bool(flag) and not flag.requires_grad and flag.grad_fn is None
