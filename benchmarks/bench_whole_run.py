@@ -76,7 +76,17 @@ def run_variant(args, variant, bs, seq):
     harness.reset_peak(device)
     start = harness.allocated(device)
     times = []
+    profiler = None
+    if args.profile_steps:  # where the first steps' host time goes (calibration, capture, kernel loading)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     for step in range(args.steps):
+        if profiler is not None and step == args.profile_steps:
+            profiler.disable()
+            _print_profile(profiler, variant, args.profile_steps)
+            profiler = None
         ids = batches[step % len(batches)]
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -92,12 +102,22 @@ def run_variant(args, variant, bs, seq):
                run_tok_s=tokens * len(times) / sum(times),
                late_tok_s=tokens * len(late) / sum(late),
                steady_tok_s=tokens / statistics.median(times),
-               first_step_s=times[0],
+               first_step_s=times[0], first_steps_s=[round(t, 3) for t in times[:10]],
                peak_gib=(harness.max_allocated(device) - start) / harness.GIB if device == "cuda" else harness.NAN,
                loss=float(loss.detach()), note="")
     if graphs is not None:
         out["note"] = graphs.summary()
     return out
+
+
+def _print_profile(profiler, variant, steps):
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    print(f"PROFILE {variant}, first {steps} steps (stderr)", flush=True)
+    print(text.getvalue(), file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -106,6 +126,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--from_step", type=int, default=8, help="first step of the 'late' mean")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="cProfile the first N steps of each variant (printed to the child's stderr)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process: one variant
     args = harness.parse(p, argv, shapes=[(2, 32)], steps=6, from_step=2)
     if args.variant:  # a child: one variant, one shape; its result as JSON on the last line
@@ -118,6 +140,8 @@ def main(argv=None):
         for variant in args.variants:
             child = [sys.executable, os.path.abspath(__file__), *argv, "--shapes", f"{bs}x{seq}", "--variant", variant]
             proc = subprocess.run(child, capture_output=True, text=True)
+            if args.profile_steps:
+                (harness.out_dir(args) / f"profile_{bs}x{seq}_{variant}.txt").write_text(proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 row = dict(variant=variant, shape=f"{bs}x{seq}", note=f"FAILED: {proc.stderr[-300:]}")
@@ -126,7 +150,7 @@ def main(argv=None):
             rows.append(row)
             print(f"{row.get('shape')} {variant:15s} run {row.get('run_tok_s', harness.NAN):8.0f} tok/s  "
                   f"steady {row.get('steady_tok_s', harness.NAN):8.0f}  peak {row.get('peak_gib', harness.NAN):6.2f} GiB  "
-                  f"{row.get('note', '')}", flush=True)
+                  f"first steps s {row.get('first_steps_s')}  {row.get('note', '')}", flush=True)
     env = harness.environment(harness.device_of(args))
     table = []
     for r in rows:

@@ -519,6 +519,9 @@ def main(argv=None) -> dict:
                    if "peak_allocated_gib" in r else "")
             log(f"rank {r['rank']}: host peak RSS {r['peak_rss_gib']:.2f} GiB{gpu}")
     accelerator.wait_for_everyone()
+    # Engine and process groups torn down while the interpreter is alive: a gloo worker still holding a
+    # ZeRO-3 prefetch at interpreter exit aborts the process.
+    accelerator.free_memory()
     accelerator.end_training()
     return summary
 
