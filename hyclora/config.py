@@ -18,6 +18,7 @@ LAYER_TYPES = ("baseline", "intra", "intra_inter", "intra_inter_full_fuse")
 Q_BITS = (2, 4, 8)
 ON_NONFINITE = ("raise", "ignore")
 RECALIBRATE_MODES = ("refresh", "reset")
+CALIBRATIONS = ("auto", "quick", "eager")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ATTENTION_PROBS = ("auto", "dense", "sparse", "recompute")
 S2_BLOCK_KERNELS = ("auto", "sdpa", "flash")
@@ -66,6 +67,13 @@ class HyCLoRAConfig:
             captured CUDA graphs keep replaying through it (no release, no eager step, no
             re-capture). ``reset``: the statistics expire and calibrate again from scratch, each
             calibrating forward quantising with its own range (graphs are released and re-captured).
+        calibration: how the first statistics are gathered. ``quick``: the first forward's ranges
+            are used from the second forward on while the next ``iteration_threshold - 1``
+            forwards refine them as a refresh window (CUDA graphs capture at the second step; the
+            frozen statistics end up the same). ``eager``: ``iteration_threshold`` forwards each
+            quantise with their own range before the statistics freeze (the paper). ``auto``
+            (default): ``quick`` with ``recalibrate_mode="refresh"`` and ``iteration_threshold
+            >= 1``, else ``eager``.
         on_nonfinite: ``raise`` (default) stops on a NaN/Inf activation naming the layer;
             ``ignore`` skips the check.
         kernel_backend: ``auto`` (Triton on CUDA tensors, torch on CPU), ``triton`` or ``torch``.
@@ -96,6 +104,7 @@ class HyCLoRAConfig:
     iteration_threshold: int = 5
     recalibrate_every: int = 50
     recalibrate_mode: str = "refresh"
+    calibration: str = "auto"
     on_nonfinite: str = "raise"
     kernel_backend: str = "auto"
     attention_probs: str = "auto"
@@ -184,6 +193,18 @@ class HyCLoRAConfig:
                 f"HyCLoRAConfig.recalibrate_mode={self.recalibrate_mode!r} is invalid: expected one of "
                 f"{', '.join(RECALIBRATE_MODES)}."
             )
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"HyCLoRAConfig.calibration={self.calibration!r} is invalid: expected one of "
+                f"{', '.join(CALIBRATIONS)}."
+            )
+        if self.calibration == "quick" and not (self.recalibrate_mode == "refresh" and self.iteration_threshold > 0):
+            raise ValueError(
+                "HyCLoRAConfig.calibration='quick' refines the first statistics the way "
+                "recalibrate_mode='refresh' does and needs iteration_threshold >= 1 (got recalibrate_mode="
+                f"{self.recalibrate_mode!r}, iteration_threshold={self.iteration_threshold!r}); use "
+                "calibration='eager' or 'auto'."
+            )
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"HyCLoRAConfig.on_nonfinite={self.on_nonfinite!r} is invalid: expected one of "
@@ -224,6 +245,13 @@ class HyCLoRAConfig:
     def compresses(self) -> bool:
         """True when saved activations are lossy (anything but ``baseline``)."""
         return self.use_hyclora and self.layer_type != "baseline"
+
+    @property
+    def quick_calibration(self) -> bool:
+        """Whether the first statistics are calibrated quickly (``calibration``, ``auto`` resolved)."""
+        if self.calibration == "auto":
+            return self.recalibrate_mode == "refresh" and self.iteration_threshold > 0
+        return self.calibration == "quick"
 
     @property
     def reconstructs(self) -> bool:
@@ -301,6 +329,12 @@ class HyCLoRAConfig:
             "--recalibrate_mode", choices=RECALIBRATE_MODES, default=defaults["recalibrate_mode"].default,
             help="refresh: gather new statistics beside the frozen ones and swap them in place (CUDA graphs "
                  "keep replaying); reset: calibrate again from scratch",
+        )
+        group.add_argument(
+            "--calibration", choices=CALIBRATIONS, default=defaults["calibration"].default,
+            help="quick: freeze the first forward's statistics and refine them over the next forwards (graphs "
+                 "capture at step 2); eager: calibrate iteration_threshold forwards first; auto: quick where "
+                 "recalibrate_mode=refresh",
         )
         group.add_argument("--on_nonfinite", choices=ON_NONFINITE, default=defaults["on_nonfinite"].default)
         group.add_argument("--kernel_backend", choices=KERNEL_BACKENDS, default=defaults["kernel_backend"].default)

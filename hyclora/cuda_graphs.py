@@ -29,7 +29,8 @@ What happens per decoder-layer call:
   ``requires_grad`` of the input than the captured one (``sample_shape`` pins the one shape to
   capture), an attention implementation other than ``sdpa`` / ``eager`` / S²-Attn
   (``hyclora_s2attn``), autocast state other
-  than at capture, statistics that are still calibrating (the first calibration) or that expire
+  than at capture, statistics that are still calibrating (the first calibration: the first forward with
+  ``calibration="quick"``, the default, ``iteration_threshold`` with ``"eager"``) or that expire
   at this forward (``recalibrate_mode="reset"``), a previous graphed forward of the same layer whose backward has not
   run yet (e.g. two forwards, then one backward of their sum: the graph's saved activations are
   static buffers, a second replay would overwrite them), and anything the graph read that

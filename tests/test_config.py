@@ -105,3 +105,31 @@ def test_recalibrate_mode_is_checked_and_reaches_the_statistics():
         stats = [m for m in model.modules() if isinstance(m, ChannelStats)]
         assert stats and all(s.refresh is refresh for s in stats)
         revert_hyclora(model)
+
+
+def test_calibration_is_checked_resolved_and_reaches_the_statistics():
+    import argparse
+
+    import pytest
+
+    from hyclora import HyCLoRAConfig, apply_hyclora, revert_hyclora
+    from hyclora.demo import build_lora_llama
+    from hyclora.quant import ChannelStats
+
+    with pytest.raises(ValueError, match="calibration='soon'.*auto, quick, eager"):
+        HyCLoRAConfig(calibration="soon")
+    with pytest.raises(ValueError, match="calibration='quick'.*recalibrate_mode='reset'"):
+        HyCLoRAConfig(calibration="quick", recalibrate_mode="reset")
+    with pytest.raises(ValueError, match="calibration='quick'.*iteration_threshold=0"):
+        HyCLoRAConfig(calibration="quick", iteration_threshold=0)
+    parser = HyCLoRAConfig.add_arguments(argparse.ArgumentParser())
+    assert HyCLoRAConfig.from_args(parser.parse_args(["--calibration", "eager"])).calibration == "eager"
+    model, _ = build_lora_llama(hidden=32, layers=1, heads=2, kv_heads=2, ffn=48, vocab=64)
+    for kwargs, quick in (({}, True), ({"recalibrate_mode": "reset"}, False), ({"iteration_threshold": 0}, False),
+                          ({"calibration": "eager"}, False), ({"calibration": "quick", "recalibrate_every": 0}, True)):
+        cfg = HyCLoRAConfig(layer_type="intra_inter", **kwargs)
+        assert cfg.quick_calibration is quick, kwargs
+        apply_hyclora(model, cfg)
+        stats = [m for m in model.modules() if isinstance(m, ChannelStats)]
+        assert stats and all(s.quick is quick for s in stats), kwargs
+        revert_hyclora(model)

@@ -34,11 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(layer_type="intra_inter_full_fuse", q_bit=2, threshold=2, every=3, device="cpu", dtype=torch.float32,
-           **cfg):
+           calibration="eager", **cfg):
+    """The dispatcher tests count ``threshold`` eager calibrating steps; the quick calibration (the
+    library's default) is parametrized where it changes what the graphs do."""
     model, _ = build_lora_llama(hidden=64, layers=3, heads=4, kv_heads=2, ffn=96, vocab=128, device=device,
                                 dtype=dtype)
     apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=q_bit, iteration_threshold=threshold,
-                                       recalibrate_every=every, **cfg))
+                                       recalibrate_every=every, calibration=calibration, **cfg))
     return model
 
 
@@ -192,23 +194,27 @@ def test_equal_to_eager_over_recalibration(on_nonfinite):
     assert "_hyclora_graphs" not in _layers(graphed)[0].__dict__
 
 
+@pytest.mark.parametrize("calibration", ["eager", "quick"])
 @pytest.mark.parametrize("grapher", ["emulated", "chain"])
-def test_refresh_recalibrates_inside_the_graphs(grapher):
+def test_refresh_recalibrates_inside_the_graphs(grapher, calibration):
     """recalibrate_mode="refresh" (the default): the statistics are renewed while the graphs keep
     replaying (one capture, no release, no eager step after the first calibration), with the
-    same losses and gradients as the eager model, and the renewed parameters reach the graphs."""
-    eager = _model()  # calibrate 2, then every 3 frozen forwards a window of 2
+    same losses and gradients as the eager model, and the renewed parameters reach the graphs.
+    Quick calibration: one eager step, the capture at the second, whose replays refine the first
+    statistics with the running range (a flag the graphs read) as the eager model does."""
+    eager = _model(calibration=calibration)  # calibrate 2 (quick: 1 + a window of 1), then every 3 a window of 2
     assert _layers(eager)[0]._hyclora_patch.config.recalibrate_mode == "refresh"
     graphed = copy.deepcopy(eager)
     graphs = (_graphs(graphed) if grapher == "emulated"
               else _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1))
     stats = _layers(graphed)[1].hyclora_state.stats["x_mid"]
-    _steps_in_lockstep(eager, graphed, 3, "cpu", loss_tol=0.0, grad_tol=0.0)  # calibrate 2, capture
+    _steps_in_lockstep(eager, graphed, 3, "cpu", loss_tol=0.0, grad_tol=0.0)  # calibrate, capture
     params = [t.clone() for t in stats.frozen_params(4)[:3]]
     _steps_in_lockstep(eager, graphed, 11, "cpu", loss_tol=0.0, grad_tol=0.0)  # two renewal windows
     c = graphs.counts
+    calibrating = 2 if calibration == "eager" else 1
     assert c["capture"] == 1 and not any(k.startswith("release") for k in c), dict(c)
-    assert c["replay"] == 3 * 12 and c["eager: statistics calibrating"] == 3 * 2
+    assert c["replay"] == 3 * (14 - calibrating) and c["eager: statistics calibrating"] == 3 * calibrating
     # two windows closed (forwards 6-7 and 11-12 of each layer): new parameters, same tensors
     assert not all(torch.equal(a, b) for a, b in zip(stats.frozen_params(4)[:3], params))
     graphs.remove()
@@ -345,15 +351,17 @@ def test_bench_smoke(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["reset", "refresh"])
+@pytest.mark.parametrize("mode", ["reset", "refresh", "refresh_quick"])
 @pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
 def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit, mode):
-    eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda", recalibrate_mode=mode)
+    eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda", recalibrate_mode=mode.split("_")[0],
+                   calibration="quick" if mode.endswith("quick") else "eager")
     graphed = copy.deepcopy(eager)
     graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
     _steps_in_lockstep(eager, graphed, 10, "cuda", loss_tol=1e-5, grad_tol=1e-4)
     # reset: released and captured again after each window; refresh: one capture replays throughout
-    expected = (2, 18) if mode == "reset" else (1, 24)
+    # (quick: captured at the second step, inside the window that refines the first statistics)
+    expected = {"reset": (2, 18), "refresh": (1, 24), "refresh_quick": (1, 27)}[mode]
     assert (graphs.counts["capture"], graphs.counts["replay"]) == expected, dict(graphs.counts)
     graphs.remove()
 

@@ -574,7 +574,7 @@ class LayerAdapter:
         layer.hyclora_state = HyCLoRALayerState(
             widths, names, config.layernorm_outlier_ratio, config.iteration_threshold,
             device=device, recalibrate_every=config.recalibrate_every, family=family,
-            refresh=config.recalibrate_mode == "refresh",
+            refresh=config.recalibrate_mode == "refresh", quick=config.quick_calibration,
         )
         sig = inspect.signature(type(layer).forward)
         params = list(sig.parameters.values())[1:]  # drop self

@@ -34,7 +34,7 @@ class HyCLoRALayerState(nn.Module):
 
     def __init__(self, widths: Dict[str, int], names: Iterable[str], layernorm_outlier_ratio: float,
                  iteration_threshold: int, device=None, recalibrate_every: int = 0, family: str = DECODER,
-                 refresh: bool = True):
+                 refresh: bool = True, quick: bool = False):
         super().__init__()
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long, device=device))
         self.stats = nn.ModuleDict()
@@ -46,7 +46,7 @@ class HyCLoRALayerState(nn.Module):
                 outliers = int(math.floor(width * layernorm_outlier_ratio)) if specs[name].outlier_channels else 0
                 self.stats[name] = ChannelStats(
                     width, num_outliers=outliers, iteration_threshold=iteration_threshold,
-                    recalibrate_every=recalibrate_every, refresh=refresh,
+                    recalibrate_every=recalibrate_every, refresh=refresh, quick=quick,
                 )
             if device is not None:
                 self.stats.to(device)

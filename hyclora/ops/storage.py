@@ -242,7 +242,7 @@ class StoragePolicy:
             qt = hq.quantize(x, bits, outlier_idx=idx, backend=self.backend)
         else:
             # a refresh window gathers the next statistics (only ever with these flags: no view op else)
-            if stats is not None and stats.frozen and update and stats.refresh and stats.recalibrate_every:
+            if stats is not None and stats.frozen and update and stats.gathers:
                 stats.observe(_rows(x), skip_rows=None if rows is None else rows.idx, update=update,
                               backend=self.backend)
             qt = hq.quantize(x, bits, stats=stats, update=update, backend=self.backend)

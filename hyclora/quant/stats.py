@@ -28,6 +28,18 @@ the paper does. Two ways (``refresh``):
 * ``False`` (``"reset"``): the statistics expire (:meth:`reset`) and calibrate again from scratch,
   each calibrating forward quantising with its own range (eager steps under CUDA graphs).
 
+Quick first calibration (``quick=True``, ``HyCLoRAConfig.calibration="quick"``, the default with
+``refresh``): the first counted forward's range and outlier scores freeze provisionally, and the
+next ``iteration_threshold - 1`` forwards refine them as a refresh window seeded with them (its
+statistics start from the first forward's, not empty); at its end they are exactly what an eager
+calibration over the same ``iteration_threshold`` forwards freezes (running min/max, summed
+scores), and ``count`` reaches ``iteration_threshold``. Each of those forwards quantises with the
+range of the forwards before it (written in place into the parameters at its start, so a captured
+graph reads it and a checkpoint recompute sees the same; values outside it are clamped) instead of
+its own, and CUDA graphs capture at the second step instead of after ``iteration_threshold`` eager
+ones. A window is saved with the
+statistics, so a run resumed inside one continues it as the uninterrupted run does.
+
 ``iteration_threshold == 0`` never freezes: ranges come from each micro-batch and the outlier set
 is recomputed from each micro-batch alone (``outlier_score`` then holds the latest batch's score,
 not a sum that would grow without bound).
@@ -60,11 +72,13 @@ class ChannelStats(torch.nn.Module):
 
     Buffers: ``lo`` (N,) fp32, ``hi`` (N,) fp32, ``outlier_score`` (N,) fp32,
     ``outlier_idx`` (k,) long (not in ``state_dict`` when k == 0), ``count`` () long,
-    ``frozen_forwards`` () long (counted forwards since the statistics froze).
+    ``frozen_forwards`` () long (counted forwards since the statistics froze), and the refresh
+    window's ``next_lo`` / ``next_hi`` / ``next_score`` (N,) fp32, ``observing`` () int32 and
+    ``window_observed`` () long.
     """
 
     def __init__(self, width: int, *, num_outliers: int = 0, iteration_threshold: int = 5,
-                 recalibrate_every: int = 0, refresh: bool = True):
+                 recalibrate_every: int = 0, refresh: bool = True, quick: bool = False):
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"ChannelStats width={width!r} is invalid: use the tensor's last dimension (>= 1).")
@@ -85,9 +99,16 @@ class ChannelStats(torch.nn.Module):
                 f"ChannelStats recalibrate_every={recalibrate_every!r} is invalid: use an int >= 0 "
                 f"(0 = keep the frozen statistics for good)."
             )
+        if quick and not (refresh and iteration_threshold > 0):
+            raise ValueError(
+                "ChannelStats quick=True refines the first statistics in a refresh window: it needs "
+                f"refresh=True and iteration_threshold >= 1 (got refresh={refresh!r}, "
+                f"iteration_threshold={iteration_threshold!r}); use quick=False."
+            )
         self.width = width
         self.recalibrate_every = recalibrate_every
         self.refresh = bool(refresh)
+        self.quick = bool(quick)
         self._frozen_forwards = 0  # counted forwards since the statistics froze (host only)
         self.num_outliers = num_outliers
         self.iteration_threshold = iteration_threshold
@@ -103,13 +124,17 @@ class ChannelStats(torch.nn.Module):
         self._count_host = 0
         self._counting = True  # False inside uncounted_updates(): merge, do not count
         # refresh window (see the module notes): the next statistics, gathered while the frozen
-        # ones stay in use; the device flag the observe kernel reads, and its host mirror
-        self.register_buffer("next_lo", torch.full((width,), float("inf")), persistent=False)
-        self.register_buffer("next_hi", torch.full((width,), float("-inf")), persistent=False)
-        self.register_buffer("next_score", torch.zeros(width), persistent=False)
-        self.register_buffer("observing", torch.zeros((), dtype=torch.int32), persistent=False)
+        # ones stay in use; the device flag the observe kernel reads, and its host mirror; saved, so
+        # a run resumed inside a window continues it
+        self.register_buffer("next_lo", torch.full((width,), float("inf")))
+        self.register_buffer("next_hi", torch.full((width,), float("-inf")))
+        self.register_buffer("next_score", torch.zeros(width))
+        self.register_buffer("observing", torch.zeros((), dtype=torch.int32))
+        # device copy of _observed, written only when state_dict is taken
+        self.register_buffer("window_observed", torch.zeros((), dtype=torch.long))
         self._observing = False
         self._observed = 0  # forwards observed in this window
+        self._window = 0  # forwards the open window observes
         # frozen quantisation parameters per bit width (see frozen_params); never modified in
         # place, only dropped, so autograd graphs may keep references to them
         self._param_cache = {}
@@ -117,7 +142,14 @@ class ChannelStats(torch.nn.Module):
     # -- state ----------------------------------------------------------------------------------
     @property
     def frozen(self) -> bool:
-        return self.iteration_threshold > 0 and self._count_host >= self.iteration_threshold
+        # quick: provisionally after the first forward (refined by the first window)
+        return self.iteration_threshold > 0 and self._count_host >= (1 if self.quick else self.iteration_threshold)
+
+    @property
+    def gathers(self) -> bool:
+        """Whether refresh windows may ever open (so :meth:`observe` has work, and a captured
+        forward must launch it)."""
+        return self.refresh and bool(self.recalibrate_every or self.quick)
 
     @property
     def calibrating(self) -> bool:
@@ -142,10 +174,14 @@ class ChannelStats(torch.nn.Module):
         # parameter / buffer / module registries first) costs host time on every layer call
         d = self.__dict__
         if self.refresh:
-            if self._observing and self._observed >= self.iteration_threshold:
+            if self._observing and self._observed >= self._window:
                 self._finish_refresh()
+            elif not self._observing and self._count_host < self.iteration_threshold:
+                self._start_refresh(first=True)  # quick: the first calibration's remaining forwards
             elif not self._observing and self.recalibrate_every and self._frozen_forwards >= self.recalibrate_every:
                 self._start_refresh()
+            elif self._observing and self._count_host < self.iteration_threshold:
+                self._use_running_range()
             d["_frozen_forwards"] += 1
             d["_observed"] += self._observing
             return
@@ -154,17 +190,25 @@ class ChannelStats(torch.nn.Module):
         if expires:
             self.reset()
 
-    def _set_observing(self, on: bool) -> None:
+    def _set_observing(self, on: bool, window: int = 0) -> None:
         with torch.no_grad():
             self.observing.fill_(int(on))
-        self._observing, self._observed = on, 0
+        self._observing, self._observed, self._window = on, 0, window
 
-    def _start_refresh(self) -> None:
+    def _start_refresh(self, first: bool = False) -> None:
+        """Open a window of ``iteration_threshold`` forwards gathering new statistics; ``first``:
+        the quick calibration's, continuing the statistics gathered so far for the forwards
+        still missing."""
         with torch.no_grad():
-            self.next_lo.fill_(float("inf"))
-            self.next_hi.fill_(float("-inf"))
-            self.next_score.zero_()
-        self._set_observing(True)
+            if first:
+                self.next_lo.copy_(self.lo)
+                self.next_hi.copy_(self.hi)
+                self.next_score.copy_(self.outlier_score)
+            else:
+                self.next_lo.fill_(float("inf"))
+                self.next_hi.fill_(float("-inf"))
+                self.next_score.zero_()
+        self._set_observing(True, self.iteration_threshold - (self._count_host if first else 0))
 
     def _finish_refresh(self) -> None:
         """The observed window becomes the statistics: ``lo``/``hi``/``outlier_score``/``outlier_idx``
@@ -172,9 +216,11 @@ class ChannelStats(torch.nn.Module):
         no autograd graph of an earlier step is alive between two counted forwards)."""
         self._set_observing(False)
         self._frozen_forwards = 0
-        from .core import affine_params
 
         with torch.no_grad():
+            if self._count_host < self.iteration_threshold:  # the quick calibration's window: done
+                self.count.fill_(self.iteration_threshold)
+                self._count_host = self.iteration_threshold
             # a window that observed nothing (a path these statistics are not on) keeps what is in
             # use; decided on the device, no host read
             seen = torch.isfinite(self.next_lo).all()
@@ -183,6 +229,21 @@ class ChannelStats(torch.nn.Module):
             if self.num_outliers > 0:
                 idx = torch.topk(self.outlier_score, self.num_outliers, sorted=False).indices.sort().values
                 self.outlier_idx.copy_(torch.where(seen, idx, self.outlier_idx))
+        self._write_cached_params()
+
+    def _use_running_range(self) -> None:
+        """Inside the quick calibration's window: the range in use becomes the range of the
+        forwards so far (fixed for this forward and its checkpoint recompute), written in place."""
+        with torch.no_grad():
+            self.lo.copy_(self.next_lo)
+            self.hi.copy_(self.next_hi)
+        self._write_cached_params()
+
+    def _write_cached_params(self) -> None:
+        """Every cached parameter set recomputed from ``lo``/``hi``/``outlier_idx``, in place."""
+        from .core import affine_params
+
+        with torch.no_grad():
             for bits, (lo, step, inv_step, idx) in self._param_cache.items():
                 new = affine_params(self.lo, self.hi, bits)
                 if idx is not None:
@@ -197,7 +258,7 @@ class ChannelStats(torch.nn.Module):
         into the refresh window's statistics. Launched while a window is open, and always inside a
         CUDA graph capture (the kernel then reads the device flag on every replay); nothing else
         (``update=False``: a checkpoint recompute, already observed)."""
-        if not (self.refresh and self.recalibrate_every and update):
+        if not (self.gathers and update):
             return
         if not (self._observing or (x2d.is_cuda and torch.cuda.is_current_stream_capturing())):
             return
@@ -219,6 +280,7 @@ class ChannelStats(torch.nn.Module):
         self._param_cache = {}
 
     _FP32_BUFFERS = ("lo", "hi", "outlier_score", "next_lo", "next_hi", "next_score")
+    _WINDOW_BUFFERS = ("next_lo", "next_hi", "next_score", "observing", "window_observed")
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; statistics must stay
@@ -236,10 +298,10 @@ class ChannelStats(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # the host count is the truth (no device work per forward); write it where state_dict
         # reads it (an inference tensor can only be written inside inference mode)
-        buf = self.frozen_forwards
-        if not buf.is_inference() or torch.is_inference_mode_enabled():
-            with torch.no_grad():
-                buf.fill_(self._frozen_forwards)
+        for buf, value in ((self.frozen_forwards, self._frozen_forwards), (self.window_observed, self._observed)):
+            if not buf.is_inference() or torch.is_inference_mode_enabled():
+                with torch.no_grad():
+                    buf.fill_(value)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -247,12 +309,14 @@ class ChannelStats(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # Checkpoints written before frozen_forwards was saved lack it (the count since freezing
-        # then restarts at 0, as it did), and hold an empty outlier_idx when there are no
-        # outlier channels, which is no longer saved: both load.
-        key = prefix + "frozen_forwards"
-        had_frozen_forwards = key in state_dict
-        if not had_frozen_forwards and key in missing_keys:
-            missing_keys.remove(key)
+        # then restarts at 0, as it did), or the refresh window (it then opens again at the next
+        # forward, as it did), and hold an empty outlier_idx when there are no outlier channels,
+        # which is no longer saved: all load.
+        had = {name: prefix + name in state_dict for name in ("frozen_forwards", *self._WINDOW_BUFFERS)}
+        for name, present in had.items():
+            if not present and prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        had_frozen_forwards = had["frozen_forwards"]
         key = prefix + "outlier_idx"
         if (self.num_outliers == 0 and key in unexpected_keys and isinstance(state_dict.get(key), torch.Tensor)
                 and state_dict[key].numel() == 0):
@@ -263,16 +327,21 @@ class ChannelStats(torch.nn.Module):
             self._frozen_forwards = int(self.frozen_forwards.item())
         elif prefix + "count" in state_dict:
             self._frozen_forwards = 0
+        self._param_cache = {}
+        if all(had[name] for name in self._WINDOW_BUFFERS) and self.gathers and int(self.observing.item()):
+            first = self._count_host < self.iteration_threshold  # the quick calibration's window
+            self._observing, self._window = True, self.iteration_threshold - (self._count_host if first else 0)
+            self._observed = int(self.window_observed.item())
+            return
         if self.refresh and self.recalibrate_every:
-            # a window the checkpoint was taken in is not saved: it opens again at the next forward
+            # no window saved: one the checkpoint was taken in opens again at the next forward
             self._frozen_forwards = min(self._frozen_forwards, self.recalibrate_every)
         self._set_observing(False)
-        self._param_cache = {}
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, num_outliers={self.num_outliers}, "
                 f"iteration_threshold={self.iteration_threshold}, recalibrate_every={self.recalibrate_every}, "
-                f"refresh={self.refresh}, "
+                f"refresh={self.refresh}, quick={self.quick}, "
                 f"count={self._count_host}")
 
     def check_compatible(self, x: Tensor) -> None:
@@ -317,6 +386,8 @@ class ChannelStats(torch.nn.Module):
         Computed once per bit width after freezing and reused on every later step, so the
         steady-state ``quantize`` launches the kernel and the outlier gather, nothing else.
         Outlier columns get lo = step = inv_step = 0 (they encode as 0, restored exactly).
+        Inside the quick calibration's window they follow the running range (rewritten in place
+        at each counted forward, :meth:`note_counted_forward`).
         """
         if not self.frozen:
             raise RuntimeError("ChannelStats.frozen_params() is only defined once the stats are frozen.")

@@ -605,6 +605,6 @@ def test_cuda_graphs_keep_each_layer_types_rope_tables():
             model(input_ids=ids, labels=ids).loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         assert worst_rel_err(grads[1], grads[0]) <= 1e-6, step
-    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 2 * 4, dict(graphs.counts)
+    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 3 * 4, dict(graphs.counts)  # capture at step 1
     assert graphs._captured.rope_groups == [0, 1, 0, 1]
     graphs.remove()

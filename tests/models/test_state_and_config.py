@@ -107,11 +107,13 @@ def test_channel_stats_state_dict_has_no_empty_tensor_and_old_checkpoints_load()
 
     none = ChannelStats(8, num_outliers=0, iteration_threshold=1, recalibrate_every=3)
     some = ChannelStats(8, num_outliers=2, iteration_threshold=1, recalibrate_every=3)
-    assert set(none.state_dict()) == {"lo", "hi", "outlier_score", "count", "frozen_forwards"}
-    assert set(some.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count", "frozen_forwards"}
+    window = {"next_lo", "next_hi", "next_score", "observing", "window_observed"}
+    assert set(none.state_dict()) == {"lo", "hi", "outlier_score", "count", "frozen_forwards"} | window
+    assert set(some.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count", "frozen_forwards"} | window
+    assert all(t.numel() > 0 for t in none.state_dict().values())
     assert none.outlier_idx.numel() == 0  # still there for the code that reads it
-    # a checkpoint written before: an empty outlier_idx, no frozen_forwards; strict load works
-    old = {k: v for k, v in none.state_dict().items() if k != "frozen_forwards"}
+    # a checkpoint written before: an empty outlier_idx, no frozen_forwards or window; strict load works
+    old = {k: v for k, v in none.state_dict().items() if k != "frozen_forwards" and k not in window}
     old["outlier_idx"] = torch.empty(0, dtype=torch.long)
     ChannelStats(8, num_outliers=0).load_state_dict(old, strict=True)
     # statistics built under inference_mode still give a state_dict outside it

@@ -143,7 +143,8 @@ def test_state_dict_round_trip_and_fp32_kept_under_casts():
     assert t.frozen and int(t.count) == 2
     for name in ("lo", "hi", "outlier_score", "outlier_idx", "count"):
         assert torch.equal(getattr(t, name), getattr(s, name)), name
-    assert set(s.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count", "frozen_forwards"}
+    assert set(s.state_dict()) == {"lo", "hi", "outlier_score", "outlier_idx", "count", "frozen_forwards",
+                                   "next_lo", "next_hi", "next_score", "observing", "window_observed"}
     # as a child of a model cast to bf16 / half: stats stay exact fp32
     parent = torch.nn.Sequential(torch.nn.Linear(5, 5), t)
     parent.to(torch.bfloat16)
@@ -306,7 +307,7 @@ def test_refresh_window_that_saw_nothing_keeps_the_statistics():
     assert all(torch.equal(a, b) for a, b in zip(st.frozen_params(2), params))
 
 
-def test_refresh_resumes_a_window_from_its_start():
+def test_refresh_resumes_inside_a_window_as_the_uninterrupted_run():
     st = _calibrated()
     for _ in range(4):  # 3 frozen + the first observed forward of the window
         st.note_counted_forward()
@@ -314,6 +315,26 @@ def test_refresh_resumes_a_window_from_its_start():
     assert st._observing
     loaded = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3)
     loaded.load_state_dict(st.state_dict())
+    assert loaded.frozen and loaded._observing and loaded._observed == 1 and int(loaded.observing) == 1
+    for _ in range(2):  # the window's second forward, then the swap
+        x = torch.randn(3, 4)
+        for s in (st, loaded):
+            s.note_counted_forward()
+            s.observe(x)
+    assert not loaded._observing and loaded._frozen_forwards == st._frozen_forwards
+    for name in ("lo", "hi", "outlier_score", "outlier_idx"):
+        assert torch.equal(getattr(loaded, name), getattr(st, name)), name
+
+
+def test_refresh_window_missing_from_an_older_checkpoint_opens_again():
+    st = _calibrated()
+    for _ in range(4):
+        st.note_counted_forward()
+        st.observe(torch.randn(3, 4))
+    old = {k: v for k, v in st.state_dict().items()
+           if k not in ("next_lo", "next_hi", "next_score", "observing", "window_observed")}
+    loaded = ChannelStats(4, num_outliers=1, iteration_threshold=2, recalibrate_every=3)
+    loaded.load_state_dict(old)
     assert loaded.frozen and not loaded._observing and loaded._frozen_forwards == 3
     loaded.note_counted_forward()
     assert loaded._observing and loaded._observed == 1
@@ -359,3 +380,72 @@ def test_observe_kernel_compiles_for_sm90_without_spills(tmp_path):
                   tag=[dtype, k]) for dtype in ("bf16", "fp32") for k in (1, 32)]
     for tag, regs, stack, local in compile_for_sm90(cases, tmp_path):
         assert local == 0 and stack == 0, (tag, regs, stack)
+
+
+# -- quick first calibration (HyCLoRAConfig.calibration="quick") ----------------------------------
+
+
+def _layer_forward(st, x, bits=4):
+    """What a layer does per counted forward: note it, let an open window observe, quantise."""
+    st.note_counted_forward()
+    if st.frozen:
+        st.observe(x)
+    return quantize(x, bits, stats=st)
+
+
+@pytest.mark.parametrize("every", [0, 4])
+def test_quick_calibration_freezes_what_eager_calibration_freezes(every):
+    from hyclora.quant.core import affine_params
+
+    threshold = 3
+    quick = ChannelStats(4, num_outliers=1, iteration_threshold=threshold, recalibrate_every=every, quick=True)
+    eager = ChannelStats(4, num_outliers=1, iteration_threshold=threshold, recalibrate_every=every)
+    batches = [_batch(s, n=4, big=(s % 4, 30.0 + s), scale=1.0 + s) for s in range(threshold + 1)]
+    for i, x in enumerate(batches[:threshold]):
+        qt = _layer_forward(quick, x)
+        _layer_forward(eager, x)
+        assert quick.frozen and eager.frozen == (i == threshold - 1)
+        # the first forward quantises with its own range, each later one with the range of those before it
+        seen = torch.cat(batches[:max(i, 1)])
+        lo, step, _ = (t.index_fill(0, quick.outlier_idx, 0.0)
+                       for t in affine_params(seen.min(0).values, seen.max(0).values, 4))
+        assert torch.equal(qt.lo, lo) and torch.equal(qt.step, step), i
+        assert quick.outlier_idx.tolist() == qt.outlier_idx.tolist()
+    cache = quick._param_cache[4]
+    assert int(quick.count) == 1 and quick._observing and int(quick.observing) == 1
+    _layer_forward(quick, batches[-1])  # the window ends: the statistics are written in place
+    _layer_forward(eager, batches[-1])
+    assert not quick._observing and int(quick.count) == threshold == int(eager.count)
+    for name in ("lo", "hi", "outlier_score", "outlier_idx"):
+        assert torch.equal(getattr(quick, name), getattr(eager, name)), name
+    assert quick.frozen_params(4) is cache  # the cached tensors, rewritten: a graph keeps reading them
+    assert all(torch.equal(a, b) for a, b in zip(cache, eager.frozen_params(4)))
+    assert quick._frozen_forwards == eager._frozen_forwards == 1  # the renewal schedule is eager's
+
+
+def test_quick_calibration_resumes_inside_its_window():
+    st = ChannelStats(4, num_outliers=1, iteration_threshold=3, quick=True)
+    for seed in range(2):  # the calibrating forward and the window's first
+        _layer_forward(st, _batch(seed, n=4))
+    loaded = ChannelStats(4, num_outliers=1, iteration_threshold=3, quick=True)
+    loaded.load_state_dict(st.state_dict())
+    assert loaded.frozen and int(loaded.count) == 1 and loaded._observing and loaded._observed == 1
+    for seed in range(2, 4):  # the window's last forward, then the swap
+        for s in (st, loaded):
+            _layer_forward(s, _batch(seed, n=4))
+    assert not loaded._observing and int(loaded.count) == 3
+    xs = torch.cat([_batch(s, n=4) for s in range(3)])
+    assert torch.equal(loaded.lo, xs.min(0).values) and torch.equal(loaded.hi, xs.max(0).values)
+    for name in ("lo", "hi", "outlier_score", "outlier_idx", "count"):
+        assert torch.equal(getattr(loaded, name), getattr(st, name)), name
+
+
+def test_quick_calibration_needs_refresh_and_a_threshold():
+    with pytest.raises(ValueError, match="quick=True"):
+        ChannelStats(4, iteration_threshold=3, refresh=False, quick=True)
+    with pytest.raises(ValueError, match="quick=True"):
+        ChannelStats(4, iteration_threshold=0, quick=True)
+    st = ChannelStats(4, iteration_threshold=1, quick=True)  # nothing to refine: frozen after one forward
+    _layer_forward(st, _batch(0, n=4))
+    _layer_forward(st, _batch(1, n=4))
+    assert st.frozen and not st._observing and int(st.count) == 1
