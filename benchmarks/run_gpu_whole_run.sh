@@ -2,7 +2,8 @@
 # Issue 23 on the GPU, one call: whole runs (bench_whole_run: one process per variant, AdamW, $STEPS
 # steps) at 4x512 (PEFT, hyclora graphed with the defaults, graphed with recalibrate_mode=reset,
 # eager) and 1x4096 (PEFT, graphed), then the real-capture GPU tests of the CUDA graphs (TESTS=1).
-# RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for.
+# RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for;
+# TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps.
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
 mkdir -p "$OUT"
@@ -11,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total --format=csv; date -u; } | tee "$OUT/env.txt"
 [ "${TESTS:-1}" = 1 ] && timeout "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_cuda_graphs.py 2>&1 | tail -6 | tee "$OUT/tests_gpu_cuda_graphs.log"
+  -k "${TEST_K:-}" tests/test_cuda_graphs.py 2>&1 | tail -6 | tee "$OUT/tests_gpu_cuda_graphs.log"
 # a short hyclora run first (8 steps: past calibration and the capture, so the frozen path compiles too): its
 # first step is the cold one (Triton compiles, hyclora tunes and caches);
 # the measured runs after it start with warm caches, as a user's second run does
@@ -23,4 +24,7 @@ cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
 [ "${RUN_4096:-1}" = 1 ] && timeout "${LIMIT_4096:-170}" python3 benchmarks/bench_whole_run.py --shapes 1x4096 --steps "$STEPS" \
   --variants ${VARIANTS_4096:-peft graphed} --out /tmp/bench/whole_run_1x4096 2>&1 | grep -v Warning \
   | tee "$OUT/whole_run_1x4096.log" | grep "^|"
+# where the first steps' host time goes (cProfile of steps 1-2 of a graphed run, warm caches)
+[ "${PROFILE:-0}" = 1 ] && timeout 90 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 3 --variants graphed \
+  --profile_steps 2 --out "$OUT/profile" 2>&1 | grep -v Warning | grep "^|"
 exit 0
