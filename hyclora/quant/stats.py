@@ -37,8 +37,8 @@ scores), and ``count`` reaches ``iteration_threshold``. Each of those forwards q
 range of the forwards before it (written in place into the parameters at its start, so a captured
 graph reads it and a checkpoint recompute sees the same; values outside it are clamped) instead of
 its own, and CUDA graphs capture at the second step instead of after ``iteration_threshold`` eager
-ones. A window is saved with the
-statistics, so a run resumed inside one continues it as the uninterrupted run does.
+ones. A window is saved with the statistics, so a run resumed inside one continues it as the
+uninterrupted run does.
 
 ``iteration_threshold == 0`` never freezes: ranges come from each micro-batch and the outlier set
 is recomputed from each micro-batch alone (``outlier_score`` then holds the latest batch's score,
@@ -135,8 +135,8 @@ class ChannelStats(torch.nn.Module):
         self._observing = False
         self._observed = 0  # forwards observed in this window
         self._window = 0  # forwards the open window observes
-        # frozen quantisation parameters per bit width (see frozen_params); never modified in
-        # place, only dropped, so autograd graphs may keep references to them
+        # frozen quantisation parameters per bit width (see frozen_params); rewritten in place only
+        # between two counted forwards (windows), when no autograd graph still references them
         self._param_cache = {}
 
     # -- state ----------------------------------------------------------------------------------
