@@ -108,6 +108,8 @@ of one step are fine within that step). ``copy.deepcopy`` of a graphed model is 
 from __future__ import annotations
 
 import collections
+import contextlib
+import warnings
 import weakref
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -744,16 +746,26 @@ class CudaGraphCapture:
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), quiet_grad_stream_warning():
             fn()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), quiet_grad_stream_warning():
             result = fn()
         return graph, result
+
+
+@contextlib.contextmanager
+def quiet_grad_stream_warning():
+    """Silences torch's warning that a parameter's AccumulateGrad node (made by an eager step on
+    the default stream) does not match the side stream of a warm-up or capture: those run
+    ``torch.autograd.grad``, which returns the gradients and never runs that node."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+        yield
 
 
 def _refuse_dropout(name: str, layer: nn.Module, training_only: bool) -> None:

@@ -487,3 +487,19 @@ def test_a_failed_capture_names_the_fix():
         with pytest.raises(RuntimeError, match=expected):
             _backward(model, 2)
         graphs.remove()
+
+
+def test_capture_silences_only_the_accumulate_grad_stream_warning():
+    import warnings
+
+    from hyclora.cuda_graphs import quiet_grad_stream_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_grad_stream_warning():
+            warnings.warn("The AccumulateGrad node's stream does not match the stream of the node that produced "
+                          "the incoming gradient.", UserWarning)
+            warnings.warn("something else", UserWarning)
+        warnings.warn("The AccumulateGrad node's stream does not match (outside)", UserWarning)
+    assert [str(w.message) for w in seen] == ["something else",
+                                              "The AccumulateGrad node's stream does not match (outside)"]
