@@ -280,7 +280,8 @@ class ChannelStats(torch.nn.Module):
         self._param_cache = {}
 
     _FP32_BUFFERS = ("lo", "hi", "outlier_score", "next_lo", "next_hi", "next_score")
-    _WINDOW_BUFFERS = ("next_lo", "next_hi", "next_score", "observing", "window_observed")
+    # the refresh window's state (saved since the quick calibration; older checkpoints lack it)
+    WINDOW_BUFFERS = ("next_lo", "next_hi", "next_score", "observing", "window_observed")
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; statistics must stay
@@ -312,7 +313,7 @@ class ChannelStats(torch.nn.Module):
         # then restarts at 0, as it did), or the refresh window (it then opens again at the next
         # forward, as it did), and hold an empty outlier_idx when there are no outlier channels,
         # which is no longer saved: all load.
-        had = {name: prefix + name in state_dict for name in ("frozen_forwards", *self._WINDOW_BUFFERS)}
+        had = {name: prefix + name in state_dict for name in ("frozen_forwards", *self.WINDOW_BUFFERS)}
         for name, present in had.items():
             if not present and prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
@@ -328,7 +329,7 @@ class ChannelStats(torch.nn.Module):
         elif prefix + "count" in state_dict:
             self._frozen_forwards = 0
         self._param_cache = {}
-        if all(had[name] for name in self._WINDOW_BUFFERS) and self.gathers and int(self.observing.item()):
+        if all(had[name] for name in self.WINDOW_BUFFERS) and self.gathers and int(self.observing.item()):
             first = self._count_host < self.iteration_threshold  # the quick calibration's window
             self._observing, self._window = True, self.iteration_threshold - (self._count_host if first else 0)
             self._observed = int(self.window_observed.item())

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 from transformers import TrainerCallback
 
+from hyclora.quant import ChannelStats
+
 from .checkpoints import LATEST, resolve_resume
 
 logger = logging.getLogger(__name__)
@@ -148,10 +150,12 @@ def load_hyclora_state(model, folder_or_file: str, *, world_size: int = 1, rank:
     for name, module in modules.items():
         sub = by_module[name]
         current = module.state_dict()
-        # files written before ChannelStats kept empty outlier_idx buffers out of state_dict and
-        # saved frozen_forwards hold the one and lack the other; its strict load accepts both
+        # files written before ChannelStats kept empty outlier_idx buffers out of state_dict, and
+        # before it saved frozen_forwards and its refresh window, hold the one and lack the others;
+        # its strict load accepts them
         legacy_extra = {k for k in set(sub) - set(current) if k.endswith("outlier_idx") and sub[k].numel() == 0}
-        legacy_missing = {k for k in set(current) - set(sub) if k.endswith("frozen_forwards")}
+        legacy_missing = {k for k in set(current) - set(sub)
+                          if k.rpartition(".")[2] in ("frozen_forwards", *ChannelStats.WINDOW_BUFFERS)}
         if set(sub) - legacy_extra != set(current) - legacy_missing:
             raise ValueError(
                 f"{path}: {name} holds {sorted(set(sub) - set(current))[:3]} but not "

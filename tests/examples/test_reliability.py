@@ -298,3 +298,31 @@ def test_adapter_stores_absolute_base_path_and_evaluates_from_elsewhere(tmp_path
     with pytest.raises(FileNotFoundError, match=r"base_model_name_or_path in .*adapter_config.json \(pass "
                                                 r"--model_name_or_path BASE_FOLDER\): folder not found: ./runs/base"):
         load_model_for_eval(ns)
+
+
+def test_state_file_without_the_refresh_window_still_loads(tmp_path):
+    """A hyclora_state.pt written before the refresh window was saved (no next_* / observing /
+    window_observed, no frozen_forwards) resumes: the statistics load, the window opens again."""
+    from hyclora import HyCLoRAConfig, apply_hyclora
+    from hyclora.demo import build_lora_llama
+    from hyclora.quant import ChannelStats
+
+    def model():
+        m, _ = build_lora_llama(hidden=32, layers=2, heads=2, kv_heads=2, ffn=48, vocab=64)
+        apply_hyclora(m, HyCLoRAConfig(layer_type="intra_inter", iteration_threshold=2))
+        return m
+
+    trained = model()
+    for seed in range(3):
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+        trained(input_ids=ids, labels=ids).loss.backward()
+    path = Path(save_hyclora_state(trained, str(tmp_path)))
+    old = {k: v for k, v in torch.load(path, weights_only=True).items()
+           if k.rpartition(".")[2] not in ("frozen_forwards", *ChannelStats.WINDOW_BUFFERS)}
+    torch.save(old, path)
+    resumed = model()
+    assert load_hyclora_state(resumed, str(tmp_path)) == str(path)
+    pairs = [(a, b) for a, b in zip(trained.modules(), resumed.modules()) if isinstance(a, ChannelStats)]
+    assert pairs and any(int(a.count) > 0 for a, _ in pairs)
+    for a, b in pairs:
+        assert torch.equal(a.lo, b.lo) and torch.equal(a.hi, b.hi) and int(a.count) == int(b.count)
