@@ -67,10 +67,10 @@ class HyCLoRAConfig:
             captured CUDA graphs keep replaying through it (no release, no eager step, no
             re-capture). ``reset``: the statistics expire and calibrate again from scratch, each
             calibrating forward quantising with its own range (graphs are released and re-captured).
-        calibration: how the first statistics are gathered. ``quick``: the first forward's ranges
-            are used from the second forward on while the next ``iteration_threshold - 1``
-            forwards refine them as a refresh window (CUDA graphs capture at the second step; the
-            frozen statistics end up the same). ``eager``: ``iteration_threshold`` forwards each
+        calibration: how the first statistics are gathered. ``quick``: they freeze after the
+            first forward and the next ``iteration_threshold - 1`` forwards refine them as a
+            refresh window, each quantising with the range of the forwards before it (CUDA graphs
+            capture at the second step; the frozen statistics end up the same). ``eager``: ``iteration_threshold`` forwards each
             quantise with their own range before the statistics freeze (the paper). ``auto``
             (default): ``quick`` with ``recalibrate_mode="refresh"`` and ``iteration_threshold
             >= 1``, else ``eager``.
@@ -332,8 +332,8 @@ class HyCLoRAConfig:
         )
         group.add_argument(
             "--calibration", choices=CALIBRATIONS, default=defaults["calibration"].default,
-            help="quick: freeze the first forward's statistics and refine them over the next forwards (graphs "
-                 "capture at step 2); eager: calibrate iteration_threshold forwards first; auto: quick where "
+            help="quick: freeze the statistics after the first forward and refine them over the next forwards "
+                 "(graphs capture at step 2); eager: calibrate iteration_threshold forwards first; auto: quick where "
                  "recalibrate_mode=refresh",
         )
         group.add_argument("--on_nonfinite", choices=ON_NONFINITE, default=defaults["on_nonfinite"].default)

@@ -134,7 +134,6 @@ class ChannelStats(torch.nn.Module):
         self.register_buffer("window_observed", torch.zeros((), dtype=torch.long))
         self._observing = False
         self._observed = 0  # forwards observed in this window
-        self._window = 0  # forwards the open window observes
         # frozen quantisation parameters per bit width (see frozen_params); rewritten in place only
         # between two counted forwards (windows), when no autograd graph still references them
         self._param_cache = {}
@@ -144,6 +143,17 @@ class ChannelStats(torch.nn.Module):
     def frozen(self) -> bool:
         # quick: provisionally after the first forward (refined by the first window)
         return self.iteration_threshold > 0 and self._count_host >= (1 if self.quick else self.iteration_threshold)
+
+    @property
+    def _first_unfinished(self) -> bool:
+        """The quick calibration's first statistics are still being refined (frozen, not counted out)."""
+        return self._count_host < self.iteration_threshold
+
+    @property
+    def _window_length(self) -> int:
+        """Forwards the open window observes: the quick calibration's the ones its first forward
+        left, a renewal's ``iteration_threshold``."""
+        return self.iteration_threshold - (self._count_host if self._first_unfinished else 0)
 
     @property
     def gathers(self) -> bool:
@@ -174,13 +184,13 @@ class ChannelStats(torch.nn.Module):
         # parameter / buffer / module registries first) costs host time on every layer call
         d = self.__dict__
         if self.refresh:
-            if self._observing and self._observed >= self._window:
+            if self._observing and self._observed >= self._window_length:
                 self._finish_refresh()
-            elif not self._observing and self._count_host < self.iteration_threshold:
-                self._start_refresh(first=True)  # quick: the first calibration's remaining forwards
+            elif not self._observing and self._first_unfinished:
+                self._start_refresh()  # quick: the first calibration's remaining forwards
             elif not self._observing and self.recalibrate_every and self._frozen_forwards >= self.recalibrate_every:
                 self._start_refresh()
-            elif self._observing and self._count_host < self.iteration_threshold:
+            elif self._observing and self._first_unfinished:
                 self._use_running_range()
             d["_frozen_forwards"] += 1
             d["_observed"] += self._observing
@@ -190,17 +200,16 @@ class ChannelStats(torch.nn.Module):
         if expires:
             self.reset()
 
-    def _set_observing(self, on: bool, window: int = 0) -> None:
+    def _set_observing(self, on: bool) -> None:
         with torch.no_grad():
             self.observing.fill_(int(on))
-        self._observing, self._observed, self._window = on, 0, window
+        self._observing, self._observed = on, 0
 
-    def _start_refresh(self, first: bool = False) -> None:
-        """Open a window of ``iteration_threshold`` forwards gathering new statistics; ``first``:
-        the quick calibration's, continuing the statistics gathered so far for the forwards
-        still missing."""
+    def _start_refresh(self) -> None:
+        """Open a window gathering new statistics (:attr:`_window_length` forwards); the quick
+        calibration's continues the statistics its first forward gathered."""
         with torch.no_grad():
-            if first:
+            if self._first_unfinished:
                 self.next_lo.copy_(self.lo)
                 self.next_hi.copy_(self.hi)
                 self.next_score.copy_(self.outlier_score)
@@ -208,7 +217,7 @@ class ChannelStats(torch.nn.Module):
                 self.next_lo.fill_(float("inf"))
                 self.next_hi.fill_(float("-inf"))
                 self.next_score.zero_()
-        self._set_observing(True, self.iteration_threshold - (self._count_host if first else 0))
+        self._set_observing(True)
 
     def _finish_refresh(self) -> None:
         """The observed window becomes the statistics: ``lo``/``hi``/``outlier_score``/``outlier_idx``
@@ -218,7 +227,7 @@ class ChannelStats(torch.nn.Module):
         self._frozen_forwards = 0
 
         with torch.no_grad():
-            if self._count_host < self.iteration_threshold:  # the quick calibration's window: done
+            if self._first_unfinished:  # the quick calibration's window: done
                 self.count.fill_(self.iteration_threshold)
                 self._count_host = self.iteration_threshold
             # a window that observed nothing (a path these statistics are not on) keeps what is in
@@ -330,9 +339,7 @@ class ChannelStats(torch.nn.Module):
             self._frozen_forwards = 0
         self._param_cache = {}
         if all(had[name] for name in self.WINDOW_BUFFERS) and self.gathers and int(self.observing.item()):
-            first = self._count_host < self.iteration_threshold  # the quick calibration's window
-            self._observing, self._window = True, self.iteration_threshold - (self._count_host if first else 0)
-            self._observed = int(self.window_observed.item())
+            self._observing, self._observed = True, int(self.window_observed.item())
             return
         if self.refresh and self.recalibrate_every:
             # no window saved: one the checkpoint was taken in opens again at the next forward
