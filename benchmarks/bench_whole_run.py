@@ -82,20 +82,42 @@ def run_variant(args, variant, bs, seq):
 
         profiler = cProfile.Profile()
         profiler.enable()
+    trace = harness.MemoryTrace() if args.memory_trace_steps and device == "cuda" else None
+    cuda = device == "cuda"
+    peaks = []  # per step: the peak (GiB above start) in its forward, backward and optimizer step
     for step in range(args.steps):
         if profiler is not None and step == args.profile_steps:
             profiler.disable()
             _print_profile(profiler, variant, args.profile_steps)
             profiler = None
+        if trace is not None and step == args.memory_trace_steps:
+            print(f"MEMORY {variant}, first {step} steps\n{trace.report()}", file=sys.stderr, flush=True)
+            trace = None
         ids = batches[step % len(batches)]
         t0 = time.perf_counter()
+        phase = []  # allocator statistics only: no device sync between the phases
+        if trace is not None:
+            trace.mark(f"step {step} forward")
         loss = model(input_ids=ids, labels=ids).loss
+        phase.append(harness.max_allocated(device))
+        harness.reset_peak(device)
+        if trace is not None:
+            trace.mark(f"step {step} backward")
         loss.backward()
         loss = loss.detach()  # a loss still holding its graph would make the next capture fail
+        phase.append(harness.max_allocated(device))
+        harness.reset_peak(device)
+        if trace is not None:
+            trace.mark(f"step {step} optimizer")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        phase.append(harness.max_allocated(device))
+        harness.reset_peak(device)
         harness.sync(device)
         times.append(time.perf_counter() - t0)
+        peaks.append([(b - start) / harness.GIB for b in phase])
+    if trace is not None:
+        print(f"MEMORY {variant}, all {args.steps} steps\n{trace.report()}", file=sys.stderr, flush=True)
     tokens = bs * seq
     late = times[args.from_step:] or times
     out = dict(variant=variant, shape=f"{bs}x{seq}", steps=args.steps,
@@ -103,7 +125,11 @@ def run_variant(args, variant, bs, seq):
                late_tok_s=tokens * len(late) / sum(late),
                steady_tok_s=tokens / statistics.median(times),
                first_step_s=times[0], first_steps_s=[round(t, 3) for t in times[:10]],
-               peak_gib=(harness.max_allocated(device) - start) / harness.GIB if device == "cuda" else harness.NAN,
+               peak_gib=max(max(p) for p in peaks) if cuda else harness.NAN,
+               peak_step=max(range(len(peaks)), key=lambda i: max(peaks[i])) if cuda else None,
+               # forward / backward / optimizer peaks of the first steps and of the median-time step
+               step_peaks_gib=[[round(b, 3) for b in p] for p in peaks[:4]] if cuda else None,
+               steady_peaks_gib=[round(b, 3) for b in peaks[times.index(statistics.median_low(times))]] if cuda else None,
                loss=float(loss.detach()), note="")
     if graphs is not None:
         out["note"] = graphs.summary()
@@ -128,6 +154,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="cProfile the first N steps of each variant (printed to the child's stderr)")
+    p.add_argument("--memory_trace_steps", type=int, default=0,
+                   help="record CUDA allocations over the first N steps and print the live ones at their peak "
+                        "(to the child's stderr, with --profile_steps' file)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process: one variant
     args = harness.parse(p, argv, shapes=[(2, 32)], steps=6, from_step=2)
     if args.variant:  # a child: one variant, one shape; its result as JSON on the last line
@@ -140,7 +169,7 @@ def main(argv=None):
         for variant in args.variants:
             child = [sys.executable, os.path.abspath(__file__), *argv, "--shapes", f"{bs}x{seq}", "--variant", variant]
             proc = subprocess.run(child, capture_output=True, text=True)
-            if args.profile_steps:
+            if args.profile_steps or args.memory_trace_steps:
                 (harness.out_dir(args) / f"profile_{bs}x{seq}_{variant}.txt").write_text(proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -150,7 +179,9 @@ def main(argv=None):
             rows.append(row)
             print(f"{row.get('shape')} {variant:15s} run {row.get('run_tok_s', harness.NAN):8.0f} tok/s  "
                   f"steady {row.get('steady_tok_s', harness.NAN):8.0f}  peak {row.get('peak_gib', harness.NAN):6.2f} GiB  "
-                  f"first steps s {row.get('first_steps_s')}  {row.get('note', '')}", flush=True)
+                  f"first steps s {row.get('first_steps_s')}  peak at step {row.get('peak_step')}, "
+                  f"fwd/bwd/opt peaks of steps 1-4 {row.get('step_peaks_gib')}, steady {row.get('steady_peaks_gib')}  "
+                  f"{row.get('note', '')}", flush=True)
     env = harness.environment(harness.device_of(args))
     table = []
     for r in rows:

@@ -631,6 +631,68 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class MemoryTrace:
+    """Which allocations are live at the peak of a stretch of CUDA work (``torch.cuda.memory``'s
+    allocation history, Python stacks): ``mark(label)`` notes a point (a tiny allocation of a size
+    no tensor has, found again in the history); ``report()`` stops recording and returns, as text,
+    the peak above the start, the marks around it and the live allocations grouped by where they
+    were made."""
+
+    MARK_BYTES = 512 * 7919  # a marker's size: 512 x k for the k-th mark after this one
+
+    def __init__(self, max_entries: int = 1_000_000):
+        self.labels: List[str] = []
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=max_entries)
+
+    def mark(self, label: str) -> None:
+        nbytes = self.MARK_BYTES + 512 * len(self.labels)
+        torch.empty(nbytes, dtype=torch.uint8, device="cuda")  # freed at once
+        self.labels.append(label)
+
+    @staticmethod
+    def _where(event, depth: int = 3) -> str:
+        ours = [f for f in event.get("frames", ())
+                if any(k in f["filename"] for k in ("/hyclora/", "/transformers/", "/peft/", "/benchmarks/"))]
+        return " <- ".join(f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in ours[:depth]) or "?"
+
+    def report(self, top: int = 25) -> str:
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        events = snap["device_traces"][torch.cuda.current_device()]
+        marks, live, total, peak, at = [], {}, 0, 0, -1
+        for n, e in enumerate(events):
+            if e["action"] == "alloc":
+                k = (e["size"] - self.MARK_BYTES) // 512
+                if e["size"] % 512 == 0 and 0 <= k < len(self.labels):
+                    marks.append((n, self.labels[k]))
+                    continue
+                live[e["addr"]] = e["size"]
+                total += e["size"]
+            elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+                total -= live.pop(e["addr"])  # the allocator's "allocated" drops at the request
+            if total > peak:
+                peak, at = total, n
+        live = {}
+        for e in events[:at + 1]:  # the allocations live at the peak
+            if e["action"] == "alloc" and e["size"] < self.MARK_BYTES:
+                live[e["addr"]] = e
+            elif e["action"] in ("free_requested", "free_completed"):
+                live.pop(e["addr"], None)
+        before = [label for n, label in marks if n <= at][-1:] or ["(start)"]
+        after = [label for n, label in marks if n > at][:1] or ["(end)"]
+        groups: Dict[str, List[int]] = {}
+        for e in live.values():
+            g = groups.setdefault(self._where(e), [0, 0])
+            g[0] += e["size"]
+            g[1] += 1
+        lines = [f"peak {peak / GIB:.3f} GiB above the trace's start, event {at} of {len(events)}, "
+                 f"between marks '{before[0]}' and '{after[0]}'; live at the peak ({len(live)} blocks):"]
+        for where, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+            lines.append(f"  {size / 2**20:9.1f} MiB  {count:5d} x  {where}")
+        return "\n".join(lines)
+
+
 def clear(device) -> None:
     """Collect garbage and return cached blocks to the GPU (between variants)."""
     gc.collect()

@@ -240,9 +240,10 @@ class MemoryThroughputCallback(TrainerCallback):
       and over the steps after the first (which includes warm-up, compilation, calibration), and
       the first step's seconds;
       tokens come from ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``).
-    * CUDA: peak allocated / reserved bytes during training (``torch.cuda`` peak counters reset
-      at train begin), what was allocated before the first step (weights, optimizer-free) and the
-      peak above it.
+    * CUDA: peak allocated / reserved bytes during training, what was allocated before the first
+      step (weights, optimizer-free), the peak above it and the optimizer step in which it
+      happened (``cuda_peak_step``; ``torch.cuda``'s peak counter is reset at train begin and
+      after every step, so it reads per step while the run trains).
     * CPU only: the process's peak resident set size over its whole life, labelled as such;
       nothing GPU-like is reported without a GPU.
 
@@ -266,12 +267,21 @@ class MemoryThroughputCallback(TrainerCallback):
             torch.cuda.synchronize(self._device)
             torch.cuda.reset_peak_memory_stats(self._device)
             self._static = torch.cuda.memory_allocated(self._device)
+        self._peak, self._peak_step = 0, None
         self._t0 = time.perf_counter()
         self._step0 = state.global_step
         self._tokens0 = state.num_input_tokens_seen or 0
         self._first = None
 
+    def _note_peak(self, step: int) -> None:
+        peak = torch.cuda.max_memory_allocated(self._device)  # an allocator counter: no device sync
+        if peak > self._peak:
+            self._peak, self._peak_step = peak, step
+        torch.cuda.reset_peak_memory_stats(self._device)
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self._device is not None:
+            self._note_peak(state.global_step)
         if self._first is None:
             if self._device is not None:
                 torch.cuda.synchronize(self._device)
@@ -300,8 +310,10 @@ class MemoryThroughputCallback(TrainerCallback):
             s["seconds_per_step_after_first"] = dt / (state.global_step - self._first[1])
             s["tokens_per_s_after_first"] = dtok / dt if dtok and dt > 0 else None
         if self._device is not None:
+            self._note_peak(state.global_step)  # whatever ran after the last step
             s["cuda_static_gb"] = self._static / 2**30
-            s["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+            s["cuda_peak_allocated_gb"] = self._peak / 2**30
+            s["cuda_peak_step"] = self._peak_step
             s["cuda_peak_above_static_gb"] = s["cuda_peak_allocated_gb"] - s["cuda_static_gb"]
             s["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self._device) / 2**30
         else:

@@ -324,6 +324,31 @@ def test_throughput_arithmetic(monkeypatch):
     assert s["seconds_per_step_after_first"] == pytest.approx(1.0)
 
 
+def test_cuda_peak_is_the_largest_step_and_names_it(monkeypatch):
+    """The peak counter is read and reset after every step: the summary's peak is the largest
+    step's, and cuda_peak_step says which step that was."""
+    counters = {"peak": 0}
+    steps = iter([5 * 2**30, 9 * 2**30, 7 * 2**30, 1 * 2**30])  # per-step peaks; the last after training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: counters.update(peak=next(steps, 0)))
+    cb = MemoryThroughputCallback(print_summary=False)
+    args = SimpleNamespace(device=torch.device("cuda", 0))
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, is_world_process_zero=True)
+    cb.on_train_begin(args, state, None)  # resets: step 1 will have peaked at 5 GiB
+    for step in (1, 2, 3):
+        state.global_step = step
+        cb.on_step_end(args, state, None)
+    cb.on_train_end(args, state, None)
+    s = cb.summary
+    assert s["cuda_peak_allocated_gb"] == 9 and s["cuda_peak_step"] == 2
+    assert s["cuda_peak_above_static_gb"] == 7 and s["cuda_static_gb"] == 2
+
+
 def test_deepspeed_zero3_single_process_matches_plain_run(tmp_path):
     """ZeRO-3 partitions every weight: hyclora's layers must be ZeRO-3 leaf modules (done by
     run_finetune) and the adapter must be gathered on save. One CPU process, the gloo backend."""
