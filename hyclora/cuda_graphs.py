@@ -95,13 +95,14 @@ hook on each trainable parameter of the graphed layers returns a copy when ``.gr
 Memory: the graphs of all layers share one pool, and the layers share their static inputs
 (hidden states of compressing layer types, cos, sin), one incoming-gradient buffer and one
 input-gradient buffer (:func:`graph_layer_chain`, our variant of ``make_graphed_callables``,
-which keeps one of each per layer); what stays per layer is its static output, about
-``layers x batch x seq x hidden`` elements beyond what an eager step keeps at its peak (measure
-it: benchmarks/bench_cuda_graphs.py).
+which keeps one of each per layer); compressing layers also share one output buffer (that same
+input buffer). What stays per layer is what its backward reads, as in an eager step, and the
+static gradient buffers of its trainable parameters (measure it: benchmarks/bench_whole_run.py).
 
-Outputs: the tensor a graphed layer returns is the graph's static output: the next step's
-replay of that layer overwrites it. Clone what you keep across steps (``output_hidden_states``
-of one step are fine within that step). ``copy.deepcopy`` of a graphed model is not supported
+Outputs: the tensor a graphed layer returns is a static buffer. Compressing layers all write
+their output into the one buffer the next layer reads its input from, so the next layer's replay
+overwrites it; a layer with a forward hook (transformers' ``output_hidden_states`` records
+through hooks) returns a copy instead. Clone an output you keep without a hook. ``copy.deepcopy`` of a graphed model is not supported
 (the copy's layers would dispatch to the original's graphs): ``remove()`` first.
 """
 
@@ -239,6 +240,8 @@ class _Captured:
         self.rope_groups = rope_groups
         self.rope_source = {}  # group -> the (cos, sin, documents) its first layer's last replay copied from
         self.pending = [None] * len(graphed)  # per layer: weakref to the last replay's autograd node
+        # the layers return one shared static buffer (graph_layer_chain), rewritten by the next layer
+        self.shared_output = False
 
 
 def _config_knobs(config):
@@ -552,6 +555,8 @@ class DecoderLayerGraphs:
             cap.pending[i] = weakref.ref(node)
             node.register_hook(_make_done(cap, i))
         self.counts["replay"] += 1
+        if cap.shared_output and (layer._forward_hooks or _global_forward_hooks()):
+            return y.clone()  # a forward hook (transformers' output_hidden_states) may keep it past the next layer
         return y
 
     # -- capture --------------------------------------------------------------------------------
@@ -616,8 +621,35 @@ class DecoderLayerGraphs:
                     hooks.append(p.register_hook(_make_grad_copy(p)))
         self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs, hooks,
                                    [s[0].requires_grad for s in samples], [tables[g] for g in groups], groups)
+        self._captured.shared_output = len(samples) > 1 and all(s[0] is shared for s in samples[1:])
         self.counts["capture"] += 1
         return self._captured
+
+
+def _own_block(y: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether ``y``'s memory may go back to the pool once the graph has copied it into ``hidden``:
+    ``y`` owns its storage and the backward cannot read it. Only the node that made ``y`` can have
+    saved it (every other node of its graph ran before ``y`` existed): a built-in op's
+    ``_saved_*`` tensors, a custom Function's ``saved_tensors``."""
+    storage = y.untyped_storage()
+    if y._base is not None or storage.data_ptr() == hidden.untyped_storage().data_ptr():
+        return False
+    node = y.grad_fn
+    saved = []
+    for name in dir(node):
+        if name.startswith("_saved_") or name == "saved_tensors":
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed or not applicable
+                continue
+            saved.extend(value if isinstance(value, (tuple, list)) else (value,))
+    return not any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage.data_ptr()
+                   for t in saved)
+
+
+def _global_forward_hooks():
+    """torch's global module forward hooks (``register_module_forward_hook``), if it keeps them."""
+    return getattr(torch.nn.modules.module, "_global_forward_hooks", None)
 
 
 def _groups_by_identity(sides: List[tuple]) -> List[int]:
@@ -645,7 +677,12 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     one memory pool, so they must replay in the order they were captured.
 
     Every callable must return one tensor that requires grad, of the same shape and dtype for all
-    (the hidden states). ``_capture``: how warm-ups run and graphs are captured
+    (the hidden states). When callables 1..n-1 share one static input (``sample_args[i][0]`` the
+    same tensor: layers that never keep their input for the backward), each graph also writes its
+    output into that buffer and returns it, so the chain keeps one hidden-state buffer instead of
+    one output per callable (at 7B / 4 x 512, 31 x 16 MiB less). Each callable's own output
+    block goes back to the pool right after its forward capture, unless the node that made it
+    saved it for the backward (:func:`_own_block`). ``_capture``: how warm-ups run and graphs are captured
     (:class:`CudaGraphCapture`; the CPU tests pass an emulation that replays by re-running)."""
     n = len(callables)
     if any(a.requires_grad for args in sample_args for a in args[1:]):
@@ -676,17 +713,26 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     # capture's own; an emulation that replays by re-running updates it)
     live: List[Optional[torch.Tensor]] = [None] * n
 
+    hidden = sample_args[1][0] if n > 1 and all(a[0] is sample_args[1][0] for a in sample_args[1:]) else None
+
     def forward_of(i):
         def run():
-            live[i] = callables[i](*sample_args[i])
-            return live[i]
+            y = checked(i, callables[i](*sample_args[i]), hidden)
+            live[i] = y
+            if hidden is None:
+                return y
+            with torch.no_grad():
+                hidden.copy_(y)  # after the graph's last read of its input (stream order)
+            if _own_block(y, hidden):
+                y.untyped_storage().resize_(0)  # the pool may hand the block to the next layer's capture
+            return hidden
         return run
 
     fwd_graphs, outputs = [], []
     for i in range(n):
         graph, out = cap.capture(forward_of(i))
         fwd_graphs.append(graph)
-        outputs.append(checked(i, out, outputs[0] if outputs else None))
+        outputs.append(checked(i, out, outputs[0] if outputs else None) if hidden is None else out)
     grad_out = torch.empty_like(outputs[0])  # the incoming gradient of every backward graph
     grad_in = torch.empty_like(outputs[0]) if any(input_grad) else None  # the input gradient they write
 

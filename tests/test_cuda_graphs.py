@@ -426,6 +426,79 @@ def test_layer_chain_gradient_accumulation_and_trainable_embeddings():
     graphs.remove()
 
 
+def test_layer_chain_shares_one_output_buffer_and_hooks_get_copies():
+    # compressing layers write their outputs into the one static input buffer: every layer after the
+    # first returns it, and output_hidden_states (forward hooks) still sees each layer's own output
+    eager = _model(every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
+    for step in range(3):
+        _lockstep(eager, graphed, step)
+    assert graphs._captured.shared_output and graphs.counts["replay"] == 3
+    returned = []
+    handles = [layer.register_forward_hook(lambda m, a, out: returned.append(out)) for layer in _layers(graphed)]
+    ids = _batch(7)
+    want = eager(input_ids=ids, output_hidden_states=True).hidden_states
+    got = graphed(input_ids=ids, output_hidden_states=True).hidden_states
+    for h in handles:
+        h.remove()
+    assert len(got) == len(want) == 4 and len({t.data_ptr() for t in got}) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    graphed.zero_grad(set_to_none=True)
+    _backward(graphed, 8)  # without hooks: the layers return the shared buffer
+    plain = [graphs._captured.graphed[i](*((returned[-1],) if i else (got[0],)), *graphs._captured.static_rope[i])
+             for i in range(2)]
+    assert plain[0].data_ptr() == plain[1].data_ptr()
+    graphs.remove()
+
+
+@pytest.mark.parametrize("saves_output", ["exp", "function", "none"])
+def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
+    # the chain gives each layer's own output block back after its forward capture, except where
+    # the node that made the output saved it (exp saves its result; a custom Function may too)
+    class SaveOut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            out = t * 2
+            ctx.save_for_backward(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            (out,) = ctx.saved_tensors
+            return g * out / out.clamp_min(1e-6).detach() * 2  # reads the saved output's data
+
+    class Layer(torch.nn.Module):  # keeps nothing of its input (as the compressing layers): may share it
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(4) * 0.1)
+
+        def forward(self, t):
+            z = t * 0.5 + self.bias
+            if saves_output == "exp":
+                return torch.exp(z)
+            return SaveOut.apply(z) if saves_output == "function" else z + 1
+
+    torch.manual_seed(0)
+    layers = [Layer() for _ in range(3)]
+    shared = torch.randn(2, 4, requires_grad=True)
+    first = torch.randn(2, 4, requires_grad=True)
+    graphed = graph_layer_chain(layers, ((first,), (shared,), (shared,)), num_warmup_iters=1,
+                                _capture=EmulatedCapture())
+    x = torch.randn(2, 4, requires_grad=True)
+    y = x
+    for f in graphed:
+        y = f(y)
+    y.square().sum().backward()
+    want_x = x.detach().clone().requires_grad_(True)
+    y = want_x
+    for layer in layers:
+        y = layer(y)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, want_x.grad)
+
+
 def test_layer_chain_refuses_what_it_cannot_graph():
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4, requires_grad=True)
