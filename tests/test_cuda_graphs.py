@@ -388,6 +388,25 @@ def test_cuda_graphs_accumulation_and_nonfinite():
         loss.backward()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_graphs_share_one_output_and_hidden_states_stay_per_layer():
+    eager = _model(device="cuda", every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = graph_decoder_layers(graphed, num_warmup_iters=1)
+    _steps_in_lockstep(eager, graphed, 4, "cuda", loss_tol=1e-5, grad_tol=1e-4)
+    assert graphs._captured.shared_output and graphs.counts["replay"] == 2 * 3, dict(graphs.counts)
+    ids = _batch(7, device="cuda")
+    want = eager(input_ids=ids, output_hidden_states=True).hidden_states
+    got = graphed(input_ids=ids, output_hidden_states=True).hidden_states
+    assert graphs.counts["replay"] == 3 * 3 and len({t.data_ptr() for t in got}) == len(got) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    del got, want
+    _steps_in_lockstep(eager, graphed, 2, "cuda", loss_tol=1e-5, grad_tol=1e-4)
+    graphs.remove()
+
+
 # -- graph_layer_chain (the grapher of real runs) with an emulated capture (CPU) -------------------
 
 
