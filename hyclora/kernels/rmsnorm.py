@@ -119,9 +119,14 @@ def rmsnorm_from_rstd(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
     exact ``rstd``, op by op as :func:`rmsnorm_forward` computes it (bit-identical for the exact
     input), in row chunks."""
     d = x.shape[-1]
+    scale = _scale(weight) if one_plus_w(variant) else None
+    if x.numel() <= _CHUNK_ELEMENTS and x.is_contiguous():  # one chunk: the expression, no buffer/slices/copy
+        r = rstd if rstd.dim() == x.dim() else rstd.view(*x.shape[:-1], 1)
+        if scale is not None:
+            return ((x.to(torch.float32) * r) * scale).to(x.dtype)
+        return weight * (x.to(torch.float32) * r).to(x.dtype)
     x2, r2 = x.reshape(-1, d), rstd.reshape(-1, 1)
     out = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight, variant), device=x.device)
-    scale = _scale(weight) if one_plus_w(variant) else None
     for rows in _row_chunks(x2.shape[0], d):
         if scale is not None:
             out[rows] = ((x2[rows].to(torch.float32) * r2[rows]) * scale).to(x.dtype)
@@ -145,10 +150,12 @@ def rmsnorm_backward(
     statistic saved by the forward, so the scale of the gradient stays exact.
     """
     d = x.shape[-1]
+    scale = _scale(weight) if one_plus_w(variant) else None
+    if x.numel() <= _CHUNK_ELEMENTS and x.is_contiguous() and dy.is_contiguous():
+        return _rmsnorm_backward_whole(dy, x, rstd, weight, need_dx, need_dweight, scale)
     x2, dy2, r2 = x.reshape(-1, d), dy.reshape(-1, d), rstd.reshape(-1, 1)
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_dx else None
     dweight = torch.zeros(d, dtype=torch.float32, device=x.device) if need_dweight else None
-    scale = _scale(weight) if one_plus_w(variant) else None
     for rows in _row_chunks(x2.shape[0], d):
         x_hat = x2[rows].to(torch.float32) * r2[rows]
         if need_dx:
@@ -165,6 +172,24 @@ def rmsnorm_backward(
             dweight += (dy2[rows].to(torch.float32) * xw).sum(0)
         del x_hat
     return (None if dx is None else dx.view(x.shape)), (None if dweight is None else dweight.to(weight.dtype))
+
+
+def _rmsnorm_backward_whole(dy, x, rstd, weight, need_dx: bool, need_dweight: bool, scale):
+    """:func:`rmsnorm_backward`'s loop body for one chunk of all rows, on the tensors in their own
+    shape (the 2-D views, output buffer and slice copies are there to chunk): the same ops."""
+    r = rstd if rstd.dim() == x.dim() else rstd.view(*x.shape[:-1], 1)
+    x_hat = x.to(torch.float32) * r
+    dx = dweight = None
+    if need_dx:
+        g = dy.to(torch.float32) * scale if scale is not None else (dy * weight).to(torch.float32)
+        dx = (r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+        del g
+    if need_dweight:
+        d = x.shape[-1]
+        xw = x_hat if scale is not None else x_hat.to(x.dtype).to(torch.float32)
+        # + 0.0: the chunked loop accumulates into zeros (a -0.0 sum comes out +0.0 there too)
+        dweight = (dy.to(torch.float32) * xw).view(-1, d).sum(0).add_(0.0).to(weight.dtype)
+    return dx, dweight
 
 
 # ---------------------------------------------------------------------------------------------

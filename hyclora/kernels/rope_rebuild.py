@@ -91,7 +91,7 @@ def rebuild_rope_torch(saved, xa: Optional[Tensor], lora_b: Optional[Tensor], sc
         x = x.index_copy(0, ridx, rvals.to(x.dtype))
     if xa is not None:
         dot = dot_dtype or torch.promote_types(xa.dtype, lora_b.dtype)
-        lora = lora_term_torch(xa.reshape(-1, xa.shape[-1]), lora_b, dot)
+        lora = lora_term_torch(xa if xa.dim() == 2 else xa.reshape(-1, xa.shape[-1]), lora_b, dot)
         x = with_lora(x.float(), lora, scaling).to(q.dtype)
     x = x.float().view(b, s, heads, head_dim).transpose(1, 2)
     half = head_dim // 2
@@ -196,7 +196,7 @@ def rebuild_rope_triton(saved, xa, lora_b, scaling, cos, sin, heads, head_dim, *
     b, s, n = q.shape
     m = b * s
     half = head_dim // 2
-    xa2 = None if xa is None else xa.reshape(m, -1)
+    xa2 = None if xa is None else xa if xa.dim() == 2 else xa.reshape(m, -1)
     (xa2, bb), r, dot_fp32 = dot_operands("fused RoPE rebuild", dot_dtype, [(xa2, lora_b)])
     out = torch.empty((b, heads, s, head_dim), dtype=q.dtype, device=q.codes.device)
     cos2, sin2 = cos, sin

@@ -29,8 +29,8 @@ def gate_activation(plan) -> str:
 def _lora_operands(meta_g, meta_u, xa_g, xa_u, b_g, b_u):
     """``(xa_g, xa_u, b_g, b_u, dot_dtype)`` for the kernels: 2-D ``xa``, ``None`` for a
     projection without LoRA, and the dtype of the LoRA dot (None without LoRA)."""
-    xa_g = xa_g.reshape(-1, xa_g.shape[-1]) if meta_g.has_lora else None
-    xa_u = xa_u.reshape(-1, xa_u.shape[-1]) if meta_u.has_lora else None
+    xa_g = (xa_g if xa_g.dim() == 2 else xa_g.reshape(-1, xa_g.shape[-1])) if meta_g.has_lora else None
+    xa_u = (xa_u if xa_u.dim() == 2 else xa_u.reshape(-1, xa_u.shape[-1])) if meta_u.has_lora else None
     b_g = b_g if meta_g.has_lora else None
     b_u = b_u if meta_u.has_lora else None
     ref = xa_g if xa_g is not None else xa_u

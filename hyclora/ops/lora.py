@@ -149,7 +149,7 @@ def redraw_dropout_mask(
 class LinearOut:
     y: torch.Tensor                      # full output
     y_w: torch.Tensor                    # base part x W^T + bias (== y without LoRA)
-    xa: Optional[torch.Tensor]           # drop(x) A^T, exact (None without LoRA)
+    xa: Optional[torch.Tensor]           # drop(x) A^T as (tokens, r), exact (None without LoRA)
     rng_state: Optional[torch.Tensor]    # generator state before the dropout mask
 
 
@@ -173,7 +173,8 @@ def lora_linear_forward(
         y_w = _unflat(y_w2, x)
         return LinearOut(y_w, y_w, None, None)
     y2 = _add_lora(meta, y_w2, xa2, lora_b, fused)
-    return LinearOut(_unflat(y2, x), _unflat(y_w2, x), _unflat(xa2, x), rng_state)
+    # xa stays (tokens, r): every reader takes it 2-D (a view op less each way)
+    return LinearOut(_unflat(y2, x), _unflat(y_w2, x), xa2, rng_state)
 
 
 def _unflat(t2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +202,7 @@ def _base_rows(meta: LinearMeta, x, weight, bias, lora_a, fused, down):
     if meta.reuses_xa or down is not None or x2 is None or meta.dropout_p > 0:
         # dropout: the mask is drawn in x's shape, as the backward redraws it
         xa, rng_state = _down(meta, x, lora_a, fused, down)
-        return y_w2, xa.reshape(-1, xa.shape[-1]), rng_state
+        return y_w2, xa if xa.dim() == 2 else xa.reshape(-1, xa.shape[-1]), rng_state
     if _reads_16bit(fused, x2, lora_a):
         return y_w2, lora_kernels.lora_down(x2, lora_a, backend=fused.backend, min_tokens=fused.min_tokens), None
     return y_w2, F.linear(cast_to(x2, lora_a.dtype), lora_a), None
@@ -240,6 +241,8 @@ def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: tor
     share a dtype, and :func:`lora_epilogue` for mixed dtypes (PEFT's fp32 adapters on a bf16
     base): one Triton pass where its kernels run (CUDA graph capture by default:
     :func:`hyclora.kernels.lora.kernels_run`), else PEFT's op-by-op expression."""
+    if xa.dim() == 2 and y_w.dim() != 2:  # a rebuilt (..., n) with the kept (tokens, r) xa
+        return _add_lora(meta, y_w.reshape(-1, y_w.shape[-1]), xa, lora_b, fused).view(y_w.shape)
     if fused is None:
         return lora_kernels.lora_epilogue_torch(y_w, xa, lora_b, meta.scaling)
     n, r = y_w.shape[-1], xa.shape[-1]
@@ -260,7 +263,7 @@ def lora_base_forward(meta: LinearMeta, x: torch.Tensor, weight: torch.Tensor, b
     kernel adds the LoRA term itself, so the full output is never materialised. Same ops, same
     dropout draw (same generator consumption) as the original; ``down`` as there."""
     y_w2, xa2, rng_state = _base_rows(meta, x, weight, bias, lora_a, fused, down)
-    return LinearOut(None, _unflat(y_w2, x), None if xa2 is None else _unflat(xa2, x), rng_state)
+    return LinearOut(None, _unflat(y_w2, x), xa2, rng_state)
 
 
 def lora_reconstruct(
@@ -316,7 +319,7 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
         if _reads_16bit(fused, dy, lora_b):
             # fp32 adapters, 16-bit dy: the rank-r products read dy as it is (no fp32 copy)
             if need_db:
-                db = cast_to(scaled(lora_kernels.token_reduced_product(dy2, xa.reshape(-1, r), backend=fused.backend,
+                db = cast_to(scaled(lora_kernels.token_reduced_product(dy2, _rows2(xa, r), backend=fused.backend,
                                                                        min_tokens=fused.min_tokens), meta.scaling),
                              lora_b.dtype)
             dxa2 = scaled(lora_kernels.lora_down(dy2, lora_b.t(), backend=fused.backend, min_tokens=fused.min_tokens),
@@ -324,7 +327,7 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
         else:
             dl2 = scaled(cast_to(dy2, lora_b.dtype), meta.scaling)
             if need_db:
-                db = cast_to(dl2.t().mm(cast_to(xa.reshape(-1, r), dl2.dtype)), lora_b.dtype)
+                db = cast_to(dl2.t().mm(cast_to(_rows2(xa, r), dl2.dtype)), lora_b.dtype)
             dxa2 = dl2.mm(cast_to(lora_b, dl2.dtype))  # (tokens, r)
             del dl2
         mask2 = None
@@ -346,6 +349,11 @@ def _lora_linear_backward(meta, dy, x_hat, xa, weight, bias, lora_a, lora_b, rng
                 dx2 = dx2.add_(cast_to(dxl, dx2.dtype))
     dx = None if dx2 is None else dx2.view(*dy.shape[:-1], dx2.shape[-1])
     return dx, dbias, da, db, dxa2
+
+
+def _rows2(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as ``(tokens, n)``; no view op when it is 2-D already (a kept ``xa``)."""
+    return t if t.dim() == 2 else t.reshape(-1, n)
 
 
 def _dropout_mask(meta: LinearMeta, rng_state, dy: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def test_lora_linear_matches_peft_semantics(p, bias, adapter_dtype):
     torch.manual_seed(11)
     out = lora_linear_forward(meta, x.detach(), w, None if bb is None else bb.detach(), a.detach(), b.detach())
     assert torch.equal(out.y, ref.detach())  # same RNG draws, same ops
-    assert out.xa.shape == (2, 5, r) and (out.rng_state is not None) == (p > 0)
+    assert out.xa.shape == (10, r) and (out.rng_state is not None) == (p > 0)  # xa: (tokens, r)
     # the rebuilt output from the exact base part equals the forward output
     assert torch.equal(lora_reconstruct(meta, out.y_w, out.xa, b.detach()), out.y)
     torch.manual_seed(999)  # the backward must not depend on the global RNG: it redraws the mask
