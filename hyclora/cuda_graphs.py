@@ -594,6 +594,7 @@ class DecoderLayerGraphs:
                 upstream_grad = upstream_grad or any(p.requires_grad for p in layer.parameters())
         # the input of layer i > 0 requires grad iff something before it does; each call checks its
         # input against its sample (the graphs need them to match)
+        shared_hidden = shared if len(samples) > 1 and all(s[0] is shared for s in samples[1:]) else None
         try:
             # allow_unused_input: a trainable parameter the compressed path does not use gets no
             # gradient, as in the eager step
@@ -601,7 +602,7 @@ class DecoderLayerGraphs:
             # replay launches nothing from the host)
             with kernels_for_graph_capture(self.layers):
                 graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
-                                        allow_unused_input=True)
+                                        allow_unused_input=True, shared_hidden=shared_hidden)
         except Exception as exc:
             hint = ""
             if "legacy stream" in str(exc):
@@ -621,7 +622,7 @@ class DecoderLayerGraphs:
                     hooks.append(p.register_hook(_make_grad_copy(p)))
         self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs, hooks,
                                    [s[0].requires_grad for s in samples], [tables[g] for g in groups], groups)
-        self._captured.shared_output = len(samples) > 1 and all(s[0] is shared for s in samples[1:])
+        self._captured.shared_output = shared_hidden is not None
         self.counts["capture"] += 1
         return self._captured
 
@@ -662,7 +663,7 @@ def _groups_by_identity(sides: List[tuple]) -> List[int]:
 
 
 def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False,
-                      *, _capture: Optional["CudaGraphCapture"] = None):
+                      *, shared_hidden: Optional[torch.Tensor] = None, _capture: Optional["CudaGraphCapture"] = None):
     """``torch.cuda.make_graphed_callables`` for callables that run one after another, each once
     per step, forwards in order and backwards in reverse (decoder layers): the same contract
     (graphed functions that copy their inputs into the static samples, replay, and return static
@@ -677,9 +678,9 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     one memory pool, so they must replay in the order they were captured.
 
     Every callable must return one tensor that requires grad, of the same shape and dtype for all
-    (the hidden states). When callables 1..n-1 share one static input (``sample_args[i][0]`` the
-    same tensor: layers that never keep their input for the backward), each graph also writes its
-    output into that buffer and returns it, so the chain keeps one hidden-state buffer instead of
+    (the hidden states). ``shared_hidden``: the static input of callables 1..n-1 (``sample_args[i][0]``
+    for each), given when none of them keeps its input for the backward (compressing layers);
+    then each graph also writes its output into that buffer and returns it, so the chain keeps one hidden-state buffer instead of
     one output per callable (at 7B / 4 x 512, 31 x 16 MiB less). Each callable's own output
     block goes back to the pool right after its forward capture, unless the node that made it
     saved it for the backward (:func:`_own_block`). ``_capture``: how warm-ups run and graphs are captured
@@ -713,7 +714,10 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     # capture's own; an emulation that replays by re-running updates it)
     live: List[Optional[torch.Tensor]] = [None] * n
 
-    hidden = sample_args[1][0] if n > 1 and all(a[0] is sample_args[1][0] for a in sample_args[1:]) else None
+    hidden = shared_hidden
+    if hidden is not None and not all(a[0] is hidden for a in sample_args[1:]):
+        raise ValueError("hyclora.cuda_graphs: shared_hidden must be the first sample input of every callable "
+                         "after the first")
 
     def forward_of(i):
         def run():

@@ -472,6 +472,17 @@ def test_layer_chain_shares_one_output_buffer_and_hooks_get_copies():
     graphs.remove()
 
 
+def test_layer_chain_keeps_outputs_apart_for_layers_that_keep_their_input():
+    # baseline layers keep their input for the backward: one static input and output each
+    eager = _model(layer_type="baseline", every=0)
+    graphed = copy.deepcopy(eager)
+    graphs = _graphs(graphed, grapher=chain_grapher, num_warmup_iters=1)
+    for step in range(3):
+        _lockstep(eager, graphed, step)
+    assert graphs.counts["replay"] == 3 * 3 and not graphs._captured.shared_output  # no statistics to calibrate
+    graphs.remove()
+
+
 @pytest.mark.parametrize("saves_output", ["exp", "function", "none"])
 def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
     # the chain gives each layer's own output block back after its forward capture, except where
@@ -504,7 +515,7 @@ def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
     shared = torch.randn(2, 4, requires_grad=True)
     first = torch.randn(2, 4, requires_grad=True)
     graphed = graph_layer_chain(layers, ((first,), (shared,), (shared,)), num_warmup_iters=1,
-                                _capture=EmulatedCapture())
+                                shared_hidden=shared, _capture=EmulatedCapture())
     x = torch.randn(2, 4, requires_grad=True)
     y = x
     for f in graphed:
