@@ -678,13 +678,14 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     one memory pool, so they must replay in the order they were captured.
 
     Every callable must return one tensor that requires grad, of the same shape and dtype for all
-    (the hidden states). ``shared_hidden``: the static input of callables 1..n-1 (``sample_args[i][0]``
-    for each), given when none of them keeps its input for the backward (compressing layers);
-    then each graph also writes its output into that buffer and returns it, so the chain keeps one hidden-state buffer instead of
-    one output per callable (at 7B / 4 x 512, 31 x 16 MiB less). Each callable's own output
-    block goes back to the pool right after its forward capture, unless the node that made it
-    saved it for the backward (:func:`_own_block`). ``_capture``: how warm-ups run and graphs are captured
-    (:class:`CudaGraphCapture`; the CPU tests pass an emulation that replays by re-running)."""
+    (the hidden states). ``shared_hidden``: the static input of callables 1..n-1 (their
+    ``sample_args[i][0]``), given when none of them keeps its input for the backward (compressing
+    layers). Each graph then also writes its output into that buffer and returns it, so the chain
+    keeps one hidden state instead of one output per callable (at 7B / 4 x 512, 31 x 16 MiB
+    less). Each callable's own output block goes back to the pool right after its forward
+    capture, unless the node that made it saved it for the backward (:func:`_own_block`).
+    ``_capture``: how warm-ups run and graphs are captured (:class:`CudaGraphCapture`; the CPU
+    tests pass an emulation that replays by re-running)."""
     n = len(callables)
     if any(a.requires_grad for args in sample_args for a in args[1:]):
         raise ValueError("hyclora.cuda_graphs: only the first input of a graphed layer may require grad")
@@ -693,6 +694,10 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     if any(not surface for surface in surfaces):
         raise ValueError("hyclora.cuda_graphs: a graphed layer has nothing that requires grad")
     input_grad = [bool(args[0].requires_grad) for args in sample_args]
+    hidden = shared_hidden
+    if hidden is not None and not all(a[0] is hidden for a in sample_args[1:]):
+        raise ValueError("hyclora.cuda_graphs: shared_hidden must be the first sample input of every callable "
+                         "after the first")
     cap = _capture or CudaGraphCapture()
 
     def checked(i, out, like=None):
@@ -713,11 +718,6 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     # ``live[i]``: the output whose autograd graph the backward capture differentiates (on CUDA the
     # capture's own; an emulation that replays by re-running updates it)
     live: List[Optional[torch.Tensor]] = [None] * n
-
-    hidden = shared_hidden
-    if hidden is not None and not all(a[0] is hidden for a in sample_args[1:]):
-        raise ValueError("hyclora.cuda_graphs: shared_hidden must be the first sample input of every callable "
-                         "after the first")
 
     def forward_of(i):
         def run():
