@@ -63,17 +63,28 @@ class LayerPatch:
     # host-time caches of compressed_forward (see there); rebuilt whenever their key changes
     resolved: Any = None  # (key, (attn metas, attn params), (mlp metas, mlp params))
     setup: Any = None  # (key, (geometry, s2 group, StoragePolicy))
-    # the layer's submodules (for the hook check), refreshed when the resolved linears change
+    # (resolved linears, the layer's submodules, their hook dicts) for the hook check, refreshed
+    # when the resolved linears change
     cached_submodules: Any = None
     warned_hooks: set = field(default_factory=set)
-    # (submodules, torch's hook-handle counter) at the last hook scan (warn_unreachable_hooks)
+    # (submodules, torch's hook-handle counter, _hook_fingerprint) at the last hook scan
     hooks_scanned: Any = None
 
-    def submodules(self, layer: nn.Module):
+    def _cached_submodules(self, layer: nn.Module):
         cached = self.cached_submodules
-        if self.resolved is None or cached is None or cached[0] is not self.resolved:
-            cached = self.cached_submodules = (self.resolved, _submodules(layer))
-        return cached[1]
+        linears = None if self.resolved is None else self.resolved[1]
+        if linears is None or cached is None or cached[0] is not linears:
+            submodules = _submodules(layer)
+            dicts = tuple(getattr(sub, attr) for _, sub in submodules for attr in _HOOK_DICTS)
+            cached = self.cached_submodules = (linears, submodules, dicts)
+        return cached
+
+    def submodules(self, layer: nn.Module):
+        return self._cached_submodules(layer)[1]
+
+    def hook_dicts(self, layer: nn.Module):
+        """The hook dicts (``_HOOK_DICTS``) of :meth:`submodules`, in one flat tuple."""
+        return self._cached_submodules(layer)[2]
 
 
 class Calibration(NamedTuple):
@@ -222,13 +233,22 @@ def warn_unreachable_hooks(layers) -> None:
     for name, layer in layers:
         patch = layer.__dict__.get("_hyclora_patch")
         submodules = patch.submodules(layer) if patch is not None else _submodules(layer)
+        fingerprint = None
         if patch is not None:
             # every hook registration takes a RemovableHandle, which advances this counter: the
             # same submodules and the same count since the last scan mean no hook was added
             stamp = getattr(RemovableHandle, "next_id", None)
             scanned = patch.hooks_scanned
-            if stamp is not None and scanned is not None and scanned[0] is submodules and scanned[1] == stamp:
-                continue
+            if scanned is not None and scanned[0] is submodules:
+                if stamp is not None and scanned[1] == stamp:
+                    continue
+                # the counter also moves for tensor hooks (FiniteGuard arms one per step)
+                fingerprint = _hook_fingerprint(patch.hook_dicts(layer))
+                if fingerprint == scanned[2]:
+                    patch.hooks_scanned = (submodules, stamp, fingerprint)
+                    continue
+            else:
+                fingerprint = _hook_fingerprint(patch.hook_dicts(layer))
         warned = patch.warned_hooks if patch is not None else set()
         for sub_name, hook in _user_hooks(submodules):
             key = (sub_name, id(hook))
@@ -243,7 +263,17 @@ def warn_unreachable_hooks(layers) -> None:
                 UserWarning, stacklevel=3,
             )
         if patch is not None:  # after the scan: a warning raised as an error leaves it to the next call
-            patch.hooks_scanned = (submodules, stamp)
+            patch.hooks_scanned = (submodules, stamp, fingerprint)
+
+
+def _hook_fingerprint(hook_dicts) -> Tuple[int, int]:
+    """``(hooks held, largest handle id)`` over ``hook_dicts``: every hook dict is keyed by its
+    RemovableHandle's id, which grows with each registration, so a hook added since the last
+    fingerprint (and still there) raises the largest id, and a removal lowers the count."""
+    hooked = list(filter(None, hook_dicts))  # C-level: the common case holds no hook at all
+    if not hooked:
+        return 0, -1
+    return sum(map(len, hooked)), max(map(max, hooked))
 
 
 def _submodules(layer: nn.Module):

@@ -242,3 +242,32 @@ def test_hooks_on_submodules_are_reported_by_name():
         warnings.simplefilter("error")
         model(**_batch()).loss.backward()
     assert fired[-1] == "layer"
+
+
+def test_hook_scan_skips_tensor_hooks_but_not_a_swapped_submodule_hook():
+    """The scan is skipped while the submodules' hooks are unchanged, though torch's handle
+    counter moves every step (FiniteGuard's tensor hook); a hook removed and another added
+    between two steps (same count of hooks) is still reported."""
+    from hyclora.models import adapter as adapter_module
+
+    model = lora_model(tiny_model("llama", "sdpa"))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="baseline"))
+    model.train()
+    first, second = (lambda m, a, o: None), (lambda m, a, o: None)  # both kept: distinct ids
+    old = _layers(model)[0].mlp.register_forward_hook(first)
+    with pytest.warns(UserWarning, match=r"layers\.0\.mlp does not run"):
+        model(**_batch()).loss.backward()
+    scans = []
+    real_user_hooks = adapter_module._user_hooks
+    adapter_module._user_hooks = lambda submodules: scans.append(1) or real_user_hooks(submodules)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(**_batch()).loss.backward()
+        assert scans == []  # nothing changed on the submodules: no scan
+        old.remove()
+        _layers(model)[0].mlp.register_forward_hook(second)
+        with pytest.warns(UserWarning, match=r"layers\.0\.mlp does not run"):
+            model(**_batch()).loss.backward()
+    finally:
+        adapter_module._user_hooks = real_user_hooks
