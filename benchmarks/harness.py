@@ -650,6 +650,10 @@ class MemoryTrace:
         torch.empty(nbytes, dtype=torch.uint8, device="cuda")  # freed at once
         self.labels.append(label)
 
+    def _mark(self, size: int) -> Optional[int]:
+        k, rest = divmod(size - self.MARK_BYTES, 512)
+        return k if rest == 0 and 0 <= k < len(self.labels) else None
+
     @staticmethod
     def _where(event, depth: int = 3) -> str:
         ours = [f for f in event.get("frames", ())
@@ -663,8 +667,8 @@ class MemoryTrace:
         marks, live, total, peak, at = [], {}, 0, 0, -1
         for n, e in enumerate(events):
             if e["action"] == "alloc":
-                k = (e["size"] - self.MARK_BYTES) // 512
-                if e["size"] % 512 == 0 and 0 <= k < len(self.labels):
+                k = self._mark(e["size"])
+                if k is not None:
                     marks.append((n, self.labels[k]))
                     continue
                 live[e["addr"]] = e["size"]
@@ -675,7 +679,7 @@ class MemoryTrace:
                 peak, at = total, n
         live = {}
         for e in events[:at + 1]:  # the allocations live at the peak
-            if e["action"] == "alloc" and e["size"] < self.MARK_BYTES:
+            if e["action"] == "alloc" and self._mark(e["size"]) is None:
                 live[e["addr"]] = e
             elif e["action"] in ("free_requested", "free_completed"):
                 live.pop(e["addr"], None)
