@@ -16,7 +16,9 @@ variant runs in its own process (a fresh allocator, so its peak is its own):
 
 Reported per variant: mean tok/s over all steps ("run mean"), over steps --from_step.. (the
 issue's "steps 8-70" style), the median step ("steady state"), the first step's seconds, and the
-peak allocated over the whole run above the weights + LoRA + optimizer state at the start.
+peak allocated over the whole run above the weights + LoRA + optimizer state at the start; beside
+it the same peak with, for each step after a capture, the memory the graphs' pool holds off the
+allocated count (their saved activations and scratch: ``hyclora.memory.graph_pool_free_bytes``).
 
     python benchmarks/bench_whole_run.py --shapes 4x512 --steps 200
     python benchmarks/bench_whole_run.py --smoke
@@ -50,6 +52,7 @@ def _config(args, variant):
 
 def run_variant(args, variant, bs, seq):
     from hyclora import apply_hyclora
+    from hyclora.memory import graph_pool_free_bytes
 
     device = harness.device_of(args)
     dtype = harness.dtype_of(args, device)
@@ -85,6 +88,8 @@ def run_variant(args, variant, bs, seq):
     trace = harness.MemoryTrace() if args.memory_trace_steps and device == "cuda" else None
     cuda = device == "cuda"
     peaks = []  # per step: the peak (GiB above start) in its forward, backward and optimizer step
+    # per step: what graph pools held off the allocated count during it (their saved activations)
+    pool_free, pools, reserved = 0, [], None
     for step in range(args.steps):
         if profiler is not None and step == args.profile_steps:
             profiler.disable()
@@ -116,6 +121,9 @@ def run_variant(args, variant, bs, seq):
         harness.sync(device)
         times.append(time.perf_counter() - t0)
         peaks.append([(b - start) / harness.GIB for b in phase])
+        pools.append(pool_free / harness.GIB)
+        if cuda and torch.cuda.memory_reserved() != reserved:  # a capture or a release changes the pools
+            reserved, pool_free = torch.cuda.memory_reserved(), graph_pool_free_bytes()
     if trace is not None:
         print(f"MEMORY {variant}, all {args.steps} steps\n{trace.report()}", file=sys.stderr, flush=True)
     tokens = bs * seq
@@ -127,6 +135,8 @@ def run_variant(args, variant, bs, seq):
                first_step_s=times[0], first_steps_s=[round(t, 3) for t in times[:10]],
                peak_gib=max(max(p) for p in peaks) if cuda else harness.NAN,
                peak_step=max(range(len(peaks)), key=lambda i: max(peaks[i])) if cuda else None,
+               peak_with_pool_gib=max(max(p) + f for p, f in zip(peaks, pools)) if cuda else harness.NAN,
+               graph_pool_free_gib=round(pools[-1], 3) if cuda else None,
                # forward / backward / optimizer peaks of the first steps and of the median-time step
                step_peaks_gib=[[round(b, 3) for b in p] for p in peaks[:4]] if cuda else None,
                steady_peaks_gib=[round(b, 3) for b in peaks[times.index(statistics.median_low(times))]] if cuda else None,
@@ -192,13 +202,16 @@ def main(argv=None):
                       f"{r.get('run_tok_s', harness.NAN) / r.get('steady_tok_s', harness.NAN):.2f}",
                       f"{r.get('first_step_s', harness.NAN):.1f}", f"{r.get('peak_gib', harness.NAN):.2f}",
                       f"{peft.get('peak_gib', harness.NAN) / r.get('peak_gib', harness.NAN):.1f}" if peft else "nan",
+                      f"{r.get('peak_with_pool_gib', harness.NAN):.2f}",
+                      f"{peft.get('peak_gib', harness.NAN) / r.get('peak_with_pool_gib', harness.NAN):.1f}"
+                      if peft else "nan",
                       r.get("note", "")[:160]))
     print(f"\n{harness.env_line(env)}; Llama hidden {harness.shape_of(args).hidden}, LoRA r={args.lora_r}, "
           f"{args.attn}, AdamW, {args.steps} steps per variant, one process each")
     print("\n".join(harness.markdown_table(
         ["bs x seq", "variant", "run mean tok/s", "x PEFT (run)", f"mean from step {args.from_step}",
          "steady (median) tok/s", "run / steady", "first step s", "peak GiB above start", "x less than PEFT",
-         "note"], table)))
+         "peak with graph pool GiB", "x less (with pool)", "note"], table)))
     harness.write_csv(harness.out_dir(args) / "whole_run.csv", rows, env=env)
     return rows
 

@@ -563,6 +563,23 @@ def theoretical_bytes_per_token(
     return float(big + small)
 
 
+def graph_pool_free_bytes(device: Optional[torch.device] = None) -> int:
+    """Bytes that private memory pools (CUDA graphs) hold but the allocator counts as free.
+
+    After a capture, the tensors a graph saved for its backward and its scratch are freed in
+    the allocator's books, yet every replay writes and reads that memory: it is in use whenever
+    the graphs run, and ``torch.cuda.max_memory_allocated`` does not see it. Add this to the
+    allocated peak of a step that replays graphs to get what the step really holds. 0 without
+    CUDA. Reads the allocator's segment list (``torch.cuda.memory_snapshot``): call it when
+    ``memory_reserved`` changed, not every step."""
+    if not torch.cuda.is_available():
+        return 0
+    index = None if device is None else torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -585,4 +602,5 @@ __all__ = [
     "theoretical_bytes_per_token",
     "theoretical_layer_bytes",
     "format_bytes",
+    "graph_pool_free_bytes",
 ]

@@ -80,3 +80,20 @@ def test_counter_ignores_parameters_and_counts_storages_once():
         y = lin(x) + lin(x)  # the same input saved twice, the weight never counted
     y.sum().backward()
     assert report.total == x.numel() * x.element_size()
+
+
+def test_graph_pool_free_bytes_counts_private_pools_only(monkeypatch):
+    from hyclora.memory import graph_pool_free_bytes
+
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 10},  # the default pool
+        {"device": 0, "segment_pool_id": (0, 1), "total_size": 64, "allocated_size": 16},   # a graph pool
+        {"device": 0, "segment_pool_id": (0, 1), "total_size": 32, "allocated_size": 32},
+        {"device": 1, "segment_pool_id": (0, 2), "total_size": 50, "allocated_size": 0},    # another GPU
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    assert graph_pool_free_bytes() == 48 and graph_pool_free_bytes("cuda:1") == 50
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert graph_pool_free_bytes() == 0

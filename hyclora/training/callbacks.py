@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import torch
 from transformers import TrainerCallback
 
+from hyclora.memory import graph_pool_free_bytes
 from hyclora.quant import ChannelStats
 
 from .checkpoints import LATEST, resolve_resume
@@ -243,7 +244,10 @@ class MemoryThroughputCallback(TrainerCallback):
     * CUDA: peak allocated / reserved bytes during training, what was allocated before the first
       step (weights, optimizer-free), the peak above it and the optimizer step in which it
       happened (``cuda_peak_step``; ``torch.cuda``'s peak counter is reset at train begin and
-      after every step, so it reads per step while the run trains).
+      after every step, so it reads per step while the run trains). With CUDA graphs, the
+      memory their pool holds outside the allocator's "allocated" count (saved activations,
+      scratch: :func:`hyclora.memory.graph_pool_free_bytes`) is added to each step that ran
+      after the capture: ``cuda_peak_with_graph_pool_above_static_gb``.
     * CPU only: the process's peak resident set size over its whole life, labelled as such;
       nothing GPU-like is reported without a GPU.
 
@@ -268,6 +272,7 @@ class MemoryThroughputCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats(self._device)
             self._static = torch.cuda.memory_allocated(self._device)
         self._peak, self._peak_step = 0, None
+        self._pool_free, self._peak_with_pool, self._reserved = 0, 0, None
         self._t0 = time.perf_counter()
         self._step0 = state.global_step
         self._tokens0 = state.num_input_tokens_seen or 0
@@ -277,7 +282,12 @@ class MemoryThroughputCallback(TrainerCallback):
         peak = torch.cuda.max_memory_allocated(self._device)  # an allocator counter: no device sync
         if peak > self._peak:
             self._peak, self._peak_step = peak, step
+        # a graph pool that existed before this step held its free-listed memory through it
+        self._peak_with_pool = max(self._peak_with_pool, peak + self._pool_free)
         torch.cuda.reset_peak_memory_stats(self._device)
+        reserved = torch.cuda.memory_reserved(self._device)
+        if reserved != self._reserved:  # pools only change with the reserved memory (a capture, a release)
+            self._reserved, self._pool_free = reserved, graph_pool_free_bytes(self._device)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._device is not None:
@@ -315,6 +325,7 @@ class MemoryThroughputCallback(TrainerCallback):
             s["cuda_peak_allocated_gb"] = self._peak / 2**30
             s["cuda_peak_step"] = self._peak_step
             s["cuda_peak_above_static_gb"] = s["cuda_peak_allocated_gb"] - s["cuda_static_gb"]
+            s["cuda_peak_with_graph_pool_above_static_gb"] = (self._peak_with_pool - self._static) / 2**30
             s["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self._device) / 2**30
         else:
             s["cpu_peak_rss_gb_process_lifetime"] = _rss_peak_gb()

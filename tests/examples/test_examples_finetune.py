@@ -336,6 +336,10 @@ def test_cuda_peak_is_the_largest_step_and_names_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
                         lambda device=None: counters.update(peak=next(steps, 0)))
+    # step 1 captured graphs whose pool holds 3 GiB off the allocated count; read once (reserved unchanged after)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 8 * 2**30)
+    pools = iter([3 * 2**30])
+    monkeypatch.setattr("hyclora.training.callbacks.graph_pool_free_bytes", lambda device=None: next(pools))
     cb = MemoryThroughputCallback(print_summary=False)
     args = SimpleNamespace(device=torch.device("cuda", 0))
     state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, is_world_process_zero=True)
@@ -347,6 +351,8 @@ def test_cuda_peak_is_the_largest_step_and_names_it(monkeypatch):
     s = cb.summary
     assert s["cuda_peak_allocated_gb"] == 9 and s["cuda_peak_step"] == 2
     assert s["cuda_peak_above_static_gb"] == 7 and s["cuda_static_gb"] == 2
+    # step 1 (5 GiB) ran before the pool; steps 2 (9) and 3 (7) with its 3 GiB
+    assert s["cuda_peak_with_graph_pool_above_static_gb"] == 9 + 3 - 2
 
 
 def test_deepspeed_zero3_single_process_matches_plain_run(tmp_path):
