@@ -99,6 +99,10 @@ def run_variant(args, variant, bs, seq):
             print(f"MEMORY {variant}, first {step} steps\n{trace.report()}", file=sys.stderr, flush=True)
             trace = None
         ids = batches[step % len(batches)]
+        timeline = None
+        if step in args.torch_profile_steps:  # host and device time of this step by op (cudaGraphInstantiate, ...)
+            timeline = torch.profiler.profile(activities=_activities(device))
+            timeline.__enter__()
         t0 = time.perf_counter()
         phase = []  # allocator statistics only: no device sync between the phases
         if trace is not None:
@@ -120,6 +124,11 @@ def run_variant(args, variant, bs, seq):
         harness.reset_peak(device)
         harness.sync(device)
         times.append(time.perf_counter() - t0)
+        if timeline is not None:
+            timeline.__exit__(None, None, None)
+            print(f"TORCH PROFILE {variant}, step {step} ({times[-1]:.3f} s unprofiled work included)\n"
+                  + timeline.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60),
+                  file=sys.stderr, flush=True)
         peaks.append([(b - start) / harness.GIB for b in phase])
         pools.append(pool_free / harness.GIB)
         if cuda and torch.cuda.memory_reserved() != reserved:  # a capture or a release changes the pools
@@ -146,6 +155,11 @@ def run_variant(args, variant, bs, seq):
     return out
 
 
+def _activities(device):
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    return cpu + [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else cpu
+
+
 def _print_profile(profiler, variant, steps):
     import io
     import pstats
@@ -164,6 +178,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="cProfile the first N steps of each variant (printed to the child's stderr)")
+    p.add_argument("--torch_profile_steps", type=int, nargs="*", default=[],
+                   help="torch.profiler tables (ops by host time) of these steps, e.g. 0 1 (the first step and the "
+                        "capture), to the child's stderr (with --profile_steps' file)")
     p.add_argument("--memory_trace_steps", type=int, default=0,
                    help="record CUDA allocations over the first N steps and print the live ones at their peak "
                         "(to the child's stderr, with --profile_steps' file)")
@@ -179,7 +196,7 @@ def main(argv=None):
         for variant in args.variants:
             child = [sys.executable, os.path.abspath(__file__), *argv, "--shapes", f"{bs}x{seq}", "--variant", variant]
             proc = subprocess.run(child, capture_output=True, text=True)
-            if args.profile_steps or args.memory_trace_steps:
+            if args.profile_steps or args.memory_trace_steps or args.torch_profile_steps:
                 (harness.out_dir(args) / f"profile_{bs}x{seq}_{variant}.txt").write_text(proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:

@@ -3,7 +3,8 @@
 # steps) at 4x512 (PEFT, hyclora graphed with the defaults, graphed with recalibrate_mode=reset,
 # eager) and 1x4096 (PEFT, graphed), then the real-capture GPU tests of the CUDA graphs (TESTS=1).
 # RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for;
-# TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps;
+# TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps and
+# torch.profiler tables of its first and capture steps;
 # MEMORY=1: the allocations live at the peak of a graphed run's first 4 steps (\$OUT/memory/).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
@@ -26,8 +27,15 @@ cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
   --variants ${VARIANTS_4096:-peft graphed} --out /tmp/bench/whole_run_1x4096 2>&1 | grep -v Warning \
   | tee "$OUT/whole_run_1x4096.log" | grep "^|"
 # where the first steps' host time goes (cProfile of steps 1-2 of a graphed run, warm caches)
+# (printed too: the device tool brings back a limited number of files)
 [ "${PROFILE:-0}" = 1 ] && timeout 90 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 3 --variants graphed \
-  --profile_steps 2 --out "$OUT/profile" 2>&1 | grep -v Warning | grep "^|"
-[ "${MEMORY:-0}" = 1 ] && timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 5 --variants graphed \
-  --memory_trace_steps 4 --out "$OUT/memory" 2>&1 | grep -v Warning | grep "^|"
+  --profile_steps 2 --out "$OUT/profile" 2>&1 | grep -v Warning | grep "^|" \
+  && grep -A50 "Ordered by" "$OUT"/profile/profile_*.txt | cut -c1-170
+# torch.profiler tables of the first step and the capture step (host time by op: instantiation, syncs, launches)
+[ "${PROFILE:-0}" = 1 ] && timeout 90 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 3 --variants graphed \
+  --torch_profile_steps 0 1 --out "$OUT/timeline" 2>&1 | grep -v Warning | grep "^|" \
+  && grep -A36 "^TORCH PROFILE" "$OUT"/timeline/profile_*.txt | cut -c1-170
+[ "${MEMORY:-0}" = 1 ] && timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 6 --variants graphed \
+  --memory_trace_steps 5 --out "$OUT/memory" 2>&1 | grep -v Warning | grep "^|" \
+  && grep -A26 "^MEMORY" "$OUT"/memory/profile_*.txt | cut -c1-200
 exit 0
