@@ -5,7 +5,7 @@
 # RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for;
 # TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps and
 # torch.profiler tables of its first and capture steps;
-# MEMORY=1: the allocations live at the peak of a graphed run's first 4 steps (\$OUT/memory/).
+# MEMORY=1: the allocations live at the peak of a graphed run's first 5 steps ($OUT/memory/).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
 mkdir -p "$OUT"
