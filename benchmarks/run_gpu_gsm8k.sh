@@ -11,7 +11,7 @@
 # (e.g. "--layer_type intra_inter_full_fuse --q_bit 2", README's speed recipe).
 # Needs ../shared/gpu/stage.sh gsm8k llama2-tokenizer-32k and the trl wheel in .whl; carry [".whl", ".data"].
 # The table (non-padding tokens/s over the whole run and after the first step, first step, peak above
-# the weights) goes to $OUT/gsm8k.md; each run's log and results.json beside it.
+# the weights: allocated, with the graphs' pool, reserved) goes to $OUT/gsm8k.md; each run's log and results.json beside it.
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
 mkdir -p "$OUT"
@@ -57,13 +57,15 @@ base = {"padded": runs.get("peft_padded", {}), "packed": runs.get("peft_packed",
 def ratio(m, ref, key):
     return f"{m[key] / ref[key]:.2f}" if m.get(key) and ref.get(key) else "n/a"
 print("| run | steps | non-pad tok/s (run) | after step 1 | x PEFT padded (run) | x PEFT packed (run) | "
-      "first step s | peak above weights GiB | x less than PEFT padded | graphs |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+      "first step s | peak above weights GiB | x less than PEFT padded | with graph pool GiB | reserved GiB | graphs |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, m in runs.items():
     peak, ref_peak = m.get("cuda_peak_above_static_gb"), base["padded"].get("cuda_peak_above_static_gb")
     print(f"| {name} | {m.get('train_steps')} | {m.get('tokens_per_s') or 0:.0f} | {m.get('tokens_per_s_after_first') or 0:.0f} | "
           f"{ratio(m, base['padded'], 'tokens_per_s')} | {ratio(m, base['packed'], 'tokens_per_s')} | "
           f"{m.get('first_step_seconds', float('nan')):.1f} | {peak if peak is None else round(peak, 2)} | "
-          f"{ref_peak / peak if peak and ref_peak else float('nan'):.1f} | {m.get('cuda_graphs', '')} |")
+          f"{ref_peak / peak if peak and ref_peak else float('nan'):.1f} | "
+          f"{m.get('cuda_peak_with_graph_pool_above_static_gb', float('nan')):.2f} | "
+          f"{m.get('cuda_peak_reserved_gb', float('nan')) - m.get('cuda_static_gb', 0):.2f} | {m.get('cuda_graphs', '')} |")
 PY
 exit 0
