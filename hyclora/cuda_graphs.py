@@ -98,12 +98,16 @@ input-gradient buffer (:func:`graph_layer_chain`, our variant of ``make_graphed_
 which keeps one of each per layer); compressing layers also share one output buffer (that same
 input buffer). What stays per layer is what its backward reads, as in an eager step, and the
 static gradient buffers of its trainable parameters (measure it: benchmarks/bench_whole_run.py).
+After the capture, what the graphs saved for their backward lives in their pool as memory the
+allocator counts as free, so ``torch.cuda.max_memory_allocated`` leaves it out
+(``hyclora.memory.graph_pool_free_bytes`` gives it).
 
 Outputs: the tensor a graphed layer returns is a static buffer. Compressing layers all write
 their output into the one buffer the next layer reads its input from, so the next layer's replay
 overwrites it; a layer with a forward hook (transformers' ``output_hidden_states`` records
-through hooks) returns a copy instead. Clone an output you keep without a hook. ``copy.deepcopy`` of a graphed model is not supported
-(the copy's layers would dispatch to the original's graphs): ``remove()`` first.
+through hooks) returns a copy instead. Clone an output you keep without a hook.
+``copy.deepcopy`` of a graphed model is not supported (the copy's layers would dispatch to the
+original's graphs): ``remove()`` first.
 """
 
 from __future__ import annotations
