@@ -576,7 +576,11 @@ def graph_pool_free_bytes(device: Optional[torch.device] = None) -> int:
         return 0
     index = None if device is None else torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
-    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+    try:  # without the allocation history a user may be recording (large)
+        segments = torch.cuda.memory_snapshot(include_traces=False)
+    except TypeError:  # torch releases before the include_traces argument
+        segments = torch.cuda.memory_snapshot()
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in segments
                if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 

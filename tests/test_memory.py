@@ -93,7 +93,9 @@ def test_graph_pool_free_bytes_counts_private_pools_only(monkeypatch):
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda include_traces=True: segments)
     assert graph_pool_free_bytes() == 48 and graph_pool_free_bytes("cuda:1") == 50
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)  # a torch without include_traces
+    assert graph_pool_free_bytes() == 48
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert graph_pool_free_bytes() == 0
