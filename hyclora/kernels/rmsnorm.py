@@ -114,24 +114,54 @@ def _row_chunks(rows: int, width: int):
         yield slice(start, min(rows, start + step))
 
 
+def _normalised_rows(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, scale) -> torch.Tensor:
+    """The normalised output of rows ``x`` with their ``r`` = rstd, op by op as the forward."""
+    if scale is not None:
+        return ((x.to(torch.float32) * r) * scale).to(x.dtype)
+    return weight * (x.to(torch.float32) * r).to(x.dtype)
+
+
+def _backward_rows(dy, x, r, weight, scale, need_dx: bool, need_dweight: bool):
+    """``(dx, fp32 weight-gradient sum over these rows)`` of rows ``x`` (either may be None)."""
+    x_hat = x.to(torch.float32) * r
+    dx = part = None
+    if need_dx:
+        if scale is not None:  # (1 + w): autograd's chain is fp32 from dy.float() on
+            g = dy.to(torch.float32) * scale
+        else:  # autograd multiplies dy * w in the output dtype before upcasting; do the same.
+            g = (dy * weight).to(torch.float32)
+        dx = (r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+        del g
+    if need_dweight:
+        # fp32 accumulation over all tokens (autograd sums in the grad dtype); (1 + w)
+        # multiplies the unrounded fp32 x_hat
+        xw = x_hat if scale is not None else x_hat.to(x.dtype).to(torch.float32)
+        part = (dy.to(torch.float32) * xw).reshape(-1, x.shape[-1]).sum(0)
+    return dx, part
+
+
+def _one_chunk(*tensors: torch.Tensor) -> bool:
+    """Whether the row loop would run once over contiguous tensors: then the rows are the tensors
+    themselves (no output buffer, slices or copies)."""
+    return tensors[0].numel() <= _CHUNK_ELEMENTS and all(t.is_contiguous() for t in tensors)
+
+
+def _rows_rstd(rstd: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return rstd if rstd.dim() == x.dim() else rstd.view(*x.shape[:-1], 1)
+
+
 def rmsnorm_from_rstd(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, variant: str = "w") -> torch.Tensor:
     """The forward's output rebuilt from its input ``x`` (or a reconstruction of it) and the
     exact ``rstd``, op by op as :func:`rmsnorm_forward` computes it (bit-identical for the exact
     input), in row chunks."""
     d = x.shape[-1]
     scale = _scale(weight) if one_plus_w(variant) else None
-    if x.numel() <= _CHUNK_ELEMENTS and x.is_contiguous():  # one chunk: the expression, no buffer/slices/copy
-        r = rstd if rstd.dim() == x.dim() else rstd.view(*x.shape[:-1], 1)
-        if scale is not None:
-            return ((x.to(torch.float32) * r) * scale).to(x.dtype)
-        return weight * (x.to(torch.float32) * r).to(x.dtype)
+    if _one_chunk(x):
+        return _normalised_rows(x, _rows_rstd(rstd, x), weight, scale)
     x2, r2 = x.reshape(-1, d), rstd.reshape(-1, 1)
     out = torch.empty(x2.shape, dtype=norm_out_dtype(x.dtype, weight, variant), device=x.device)
     for rows in _row_chunks(x2.shape[0], d):
-        if scale is not None:
-            out[rows] = ((x2[rows].to(torch.float32) * r2[rows]) * scale).to(x.dtype)
-        else:
-            out[rows] = weight * (x2[rows].to(torch.float32) * r2[rows]).to(x.dtype)
+        out[rows] = _normalised_rows(x2[rows], r2[rows], weight, scale)
     return out.view(x.shape)
 
 
@@ -151,45 +181,21 @@ def rmsnorm_backward(
     """
     d = x.shape[-1]
     scale = _scale(weight) if one_plus_w(variant) else None
-    if x.numel() <= _CHUNK_ELEMENTS and x.is_contiguous() and dy.is_contiguous():
-        return _rmsnorm_backward_whole(dy, x, rstd, weight, need_dx, need_dweight, scale)
+    if _one_chunk(x, dy):
+        dx, part = _backward_rows(dy, x, _rows_rstd(rstd, x), weight, scale, need_dx, need_dweight)
+        # + 0.0: as the loop's accumulation into zeros (a -0.0 sum comes out +0.0 there too)
+        return dx, (None if part is None else part.add_(0.0).to(weight.dtype))
     x2, dy2, r2 = x.reshape(-1, d), dy.reshape(-1, d), rstd.reshape(-1, 1)
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_dx else None
     dweight = torch.zeros(d, dtype=torch.float32, device=x.device) if need_dweight else None
     for rows in _row_chunks(x2.shape[0], d):
-        x_hat = x2[rows].to(torch.float32) * r2[rows]
+        dx_rows, part = _backward_rows(dy2[rows], x2[rows], r2[rows], weight, scale, need_dx, need_dweight)
         if need_dx:
-            if scale is not None:  # (1 + w): autograd's chain is fp32 from dy.float() on
-                g = dy2[rows].to(torch.float32) * scale
-            else:  # autograd multiplies dy * w in the output dtype before upcasting; do the same.
-                g = (dy2[rows] * weight).to(torch.float32)
-            dx[rows] = (r2[rows] * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
-            del g
+            dx[rows] = dx_rows
         if need_dweight:
-            # fp32 accumulation over all tokens (autograd sums in the grad dtype); (1 + w)
-            # multiplies the unrounded fp32 x_hat
-            xw = x_hat if scale is not None else x_hat.to(x.dtype).to(torch.float32)
-            dweight += (dy2[rows].to(torch.float32) * xw).sum(0)
-        del x_hat
+            dweight += part
+        del dx_rows, part
     return (None if dx is None else dx.view(x.shape)), (None if dweight is None else dweight.to(weight.dtype))
-
-
-def _rmsnorm_backward_whole(dy, x, rstd, weight, need_dx: bool, need_dweight: bool, scale):
-    """:func:`rmsnorm_backward`'s loop body for one chunk of all rows, on the tensors in their own
-    shape (the 2-D views, output buffer and slice copies are there to chunk): the same ops."""
-    r = rstd if rstd.dim() == x.dim() else rstd.view(*x.shape[:-1], 1)
-    x_hat = x.to(torch.float32) * r
-    dx = dweight = None
-    if need_dx:
-        g = dy.to(torch.float32) * scale if scale is not None else (dy * weight).to(torch.float32)
-        dx = (r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
-        del g
-    if need_dweight:
-        d = x.shape[-1]
-        xw = x_hat if scale is not None else x_hat.to(x.dtype).to(torch.float32)
-        # + 0.0: the chunked loop accumulates into zeros (a -0.0 sum comes out +0.0 there too)
-        dweight = (dy.to(torch.float32) * xw).view(-1, d).sum(0).add_(0.0).to(weight.dtype)
-    return dx, dweight
 
 
 # ---------------------------------------------------------------------------------------------
