@@ -236,20 +236,15 @@ def lora_down_projection(meta: LinearMeta, x: torch.Tensor, lora_a: torch.Tensor
 
 def _add_lora(meta: LinearMeta, y_w: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor,
               fused: Optional[FusedLoRA]) -> torch.Tensor:
-    """``y_w + s * xa B^T`` in ``y_w``'s dtype. Op by op (PEFT's roundings) unless ``fused`` (a
-    kernel backend): then one ``addmm`` whose GEMM epilogue adds ``y_w`` in fp32 when the three
-    share a dtype, and :func:`lora_epilogue` for mixed dtypes (PEFT's fp32 adapters on a bf16
-    base): one Triton pass where its kernels run (CUDA graph capture by default:
-    :func:`hyclora.kernels.lora.kernels_run`), else PEFT's op-by-op expression."""
-    if xa.dim() == 2 and y_w.dim() != 2:  # a rebuilt (..., n) with the kept (tokens, r) xa
-        return _add_lora(meta, y_w.reshape(-1, y_w.shape[-1]), xa, lora_b, fused).view(y_w.shape)
+    """``y_w + s * xa B^T`` on (tokens, n) and (tokens, r) rows, in ``y_w``'s dtype. Op by op
+    (PEFT's roundings) unless ``fused`` (a kernel backend): then one ``addmm`` whose GEMM epilogue
+    adds ``y_w`` in fp32 when the three share a dtype, and :func:`lora_epilogue` for mixed dtypes
+    (PEFT's fp32 adapters on a bf16 base): one Triton pass where its kernels run (CUDA graph
+    capture by default: :func:`hyclora.kernels.lora.kernels_run`), else PEFT's op-by-op expression."""
     if fused is None:
         return lora_kernels.lora_epilogue_torch(y_w, xa, lora_b, meta.scaling)
-    n, r = y_w.shape[-1], xa.shape[-1]
     if xa.dtype == y_w.dtype == lora_b.dtype and y_w.is_contiguous():
-        if y_w.dim() == 2 and xa.dim() == 2:  # the forward's (tokens, n) views: no view ops
-            return torch.addmm(y_w, xa, lora_b.t(), alpha=meta.scaling)
-        return torch.addmm(y_w.view(-1, n), xa.reshape(-1, r), lora_b.t(), alpha=meta.scaling).view(y_w.shape)
+        return torch.addmm(y_w, xa, lora_b.t(), alpha=meta.scaling)
     return lora_kernels.lora_epilogue(y_w, xa, lora_b, meta.scaling, backend=fused.backend,
                                       min_tokens=fused.min_tokens)
 
@@ -273,7 +268,8 @@ def lora_reconstruct(
     """Rebuild ``y = y_w + s * xa B^T`` from a (dequantised) base part and the exact ``xa``."""
     if not meta.has_lora:
         return y_w
-    return _add_lora(meta, y_w, xa, lora_b, fused)
+    rows = _add_lora(meta, y_w.reshape(-1, y_w.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b, fused)
+    return rows.view(y_w.shape)
 
 
 def lora_linear_backward(
