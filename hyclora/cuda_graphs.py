@@ -38,11 +38,13 @@ What happens per decoder-layer call:
   parameters, PEFT adapter state, the ``HyCLoRAConfig`` knobs).
 * **capture**: at the first decoder layer's training forward where every layer's statistics are
   frozen and none expires now, all layers are captured together (one memory pool, captured in
-  the order they run), after ``num_warmup_iters`` eager warm-up iterations of each layer (these
-  run Triton's autotuning before capture). The warm-ups and the capture do not count as
+  the order they run), after ``num_warmup_iters`` eager warm-up iterations (these run Triton's
+  autotuning and the capture stream's lazy initialisation before capture) of one layer of each
+  kind (``warm_up_layers="distinct"``: layers of one class with the same parameter and input
+  shapes run the same kernels; ``"all"``: every layer). The warm-ups and the capture do not count as
   training forwards (the layer state's counter is not advanced) and use copies of the current
-  batch. A capture happens inside the model's forward and costs about ``num_warmup_iters + 1``
-  eager steps.
+  batch. A capture happens inside the model's forward and costs about one eager step plus the
+  warm-ups.
 * **replay**: the host bookkeeping of a counted forward still runs once per call
   (``HyCLoRALayerState.count_forward``: counter, expiry of frozen statistics), then the
   forward graph replays; the backward graph replays in the backward.
@@ -133,6 +135,7 @@ __all__ = ["graph_decoder_layers", "DecoderLayerGraphs", "stats_ready", "GRAPHAB
 # eager with a None mask runs sdpa in hyclora's blocks; S²-Attn (LongLoRA) with a None mask (no
 # padding) runs its shifted groups inside the blocks, from shapes only
 GRAPHABLE_ATTENTION = ("sdpa", "eager", S2ATTN_NAME)
+WARM_UP_LAYERS = ("distinct", "all")
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -285,7 +288,7 @@ class DecoderLayerGraphs:
     """
 
     def __init__(self, model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
-                 num_warmup_iters: int = 1, recapture: bool = True,
+                 num_warmup_iters: int = 1, recapture: bool = True, warm_up_layers: str = "distinct",
                  _grapher: Optional[Callable] = None):
         if sample_shape is not None:
             if (not isinstance(sample_shape, (tuple, list)) or len(sample_shape) != 2
@@ -296,6 +299,9 @@ class DecoderLayerGraphs:
         if isinstance(num_warmup_iters, bool) or not isinstance(num_warmup_iters, int) or num_warmup_iters < 1:
             raise ValueError(f"hyclora.cuda_graphs: num_warmup_iters={num_warmup_iters!r} is invalid: use an "
                              "int >= 1 (the warm-ups run Triton's autotuning before capture).")
+        if warm_up_layers not in WARM_UP_LAYERS:
+            raise ValueError(f"hyclora.cuda_graphs: warm_up_layers={warm_up_layers!r} is invalid: use one of "
+                             f"{', '.join(map(repr, WARM_UP_LAYERS))}.")
         layers = patched_layers(model)
         if not layers:
             raise ValueError("hyclora.cuda_graphs: the model has no hyclora-patched decoder layers; call "
@@ -324,6 +330,7 @@ class DecoderLayerGraphs:
         self.layers = [m for _, m in layers]
         self.sample_shape = sample_shape
         self.num_warmup_iters = num_warmup_iters
+        self.warm_up_layers = warm_up_layers
         self.recapture = recapture
         self.enabled = True
         self.counts: collections.Counter = collections.Counter()
@@ -605,8 +612,10 @@ class DecoderLayerGraphs:
             # the fused LoRA kernels run at any token count in the warm-ups and the capture (a
             # replay launches nothing from the host)
             with kernels_for_graph_capture(self.layers):
+                warm_up = (_first_of_each_kind(self.layers, samples) if self.warm_up_layers == "distinct"
+                           else tuple(range(len(samples))))
                 graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
-                                        allow_unused_input=True, shared_hidden=shared_hidden)
+                                        allow_unused_input=True, shared_hidden=shared_hidden, warm_up=warm_up)
         except Exception as exc:
             hint = ""
             if "legacy stream" in str(exc):
@@ -652,6 +661,21 @@ def _own_block(y: torch.Tensor, hidden: torch.Tensor) -> bool:
                    for t in saved)
 
 
+def _first_of_each_kind(layers, samples) -> Tuple[int, ...]:
+    """The first layer of each kind: what a warm-up prepares (Triton compilation and tuning, the
+    capture stream's cuBLAS workspace) depends on the kernels a layer launches and their shapes,
+    the same for layers of one class, configuration, parameter shapes and input shapes."""
+    seen, first = set(), []
+    for i, (layer, args) in enumerate(zip(layers, samples)):
+        kind = (type(layer), _config_knobs(layer._hyclora_patch.config),
+                tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in layer.parameters()),
+                tuple((tuple(a.shape), a.dtype, a.requires_grad) for a in args))
+        if kind not in seen:
+            seen.add(kind)
+            first.append(i)
+    return tuple(first)
+
+
 def _global_forward_hooks():
     """torch's global module forward hooks (``register_module_forward_hook``), if it keeps them."""
     return getattr(torch.nn.modules.module, "_global_forward_hooks", None)
@@ -667,7 +691,8 @@ def _groups_by_identity(sides: List[tuple]) -> List[int]:
 
 
 def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_unused_input: bool = False,
-                      *, shared_hidden: Optional[torch.Tensor] = None, _capture: Optional["CudaGraphCapture"] = None):
+                      *, shared_hidden: Optional[torch.Tensor] = None, warm_up: Optional[Tuple[int, ...]] = None,
+                      _capture: Optional["CudaGraphCapture"] = None):
     """``torch.cuda.make_graphed_callables`` for callables that run one after another, each once
     per step, forwards in order and backwards in reverse (decoder layers): the same contract
     (graphed functions that copy their inputs into the static samples, replay, and return static
@@ -687,6 +712,7 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     layers). Each graph then also writes its output into that buffer and returns it, so the chain
     keeps one hidden state instead of one output per callable. Each callable's own output block
     goes back to the pool right after its forward capture, unless the node that made it saved it for the backward (:func:`_own_block`).
+    ``warm_up``: the indices of the callables to warm up (``None``: all of them).
     ``_capture``: how warm-ups run and graphs are captured (:class:`CudaGraphCapture`; the CPU
     tests pass an emulation that replays by re-running)."""
     n = len(callables)
@@ -711,7 +737,8 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
         return out
 
     def warm_ups():  # Triton autotuning, cuBLAS workspaces, lazy initialisation
-        for i, (c, args, surface) in enumerate(zip(callables, sample_args, surfaces)):
+        for i in range(n) if warm_up is None else warm_up:
+            c, args, surface = callables[i], sample_args[i], surfaces[i]
             for _ in range(num_warmup_iters):
                 out = checked(i, c(*args))
                 torch.autograd.grad(out, surface, torch.ones_like(out), allow_unused=allow_unused_input)
@@ -874,7 +901,8 @@ def run_refusal(*, use_hyclora: bool, checkpointing: bool, several_processes: bo
 
 
 def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
-                         num_warmup_iters: int = 1, recapture: bool = True) -> DecoderLayerGraphs:
+                         num_warmup_iters: int = 1, recapture: bool = True,
+                         warm_up_layers: str = "distinct") -> DecoderLayerGraphs:
     """Replay CUDA graphs of ``model``'s hyclora-patched decoder layers once their statistics
     are frozen (see the module docstring for when a call runs eager, captures or replays).
 
@@ -882,13 +910,16 @@ def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, 
         model: a model :func:`hyclora.apply_hyclora` patched, on a CUDA device.
         sample_shape: ``(batch_size, seq_len)`` to capture; other shapes run eager. ``None``: the
             first eligible batch's shape.
-        num_warmup_iters: eager warm-up iterations per layer before each capture. One runs Triton's
-            autotuning and the lazy initialisations; ``make_graphed_callables``' default of 3 is for
-            DDP, which graphs do not run under. Each one costs about an eager step at capture.
+        num_warmup_iters: eager warm-up iterations per warmed-up layer before each capture. One
+            runs Triton's autotuning and the lazy initialisations; ``make_graphed_callables``'
+            default of 3 is for DDP, which graphs do not run under.
+        warm_up_layers: ``"distinct"`` warms up the first layer of each kind (class, configuration,
+            parameter and input shapes: the same kernels), ``"all"`` every layer (as
+            ``make_graphed_callables`` does; about one more eager step per capture).
         recapture: capture again after the graphs went stale (recalibration, moved storage,
             changed adapters); ``False``: free them and stay eager.
 
     Returns the :class:`DecoderLayerGraphs` (``.counts``, ``.enabled``, ``.remove()``).
     """
     return DecoderLayerGraphs(model, sample_shape=sample_shape, num_warmup_iters=num_warmup_iters,
-                              recapture=recapture)
+                              recapture=recapture, warm_up_layers=warm_up_layers)

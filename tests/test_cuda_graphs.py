@@ -11,6 +11,7 @@ the gradient-accumulation copy, the deferred NaN/Inf check. GPU tests capture fo
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -527,6 +528,58 @@ def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
         y = layer(y)
     y.square().sum().backward()
     torch.testing.assert_close(x.grad, want_x.grad)
+
+
+@pytest.mark.parametrize("warm_up_layers", ["distinct", "all"])
+def test_warm_up_runs_one_layer_of_each_kind(warm_up_layers, monkeypatch):
+    """The warm-ups before a capture (Triton tuning, the capture stream's lazy set-up) run the first
+    layer of each kind only: layer 0's input needs no gradient (the embeddings are frozen), layers
+    1 and 2 are alike, so two warm-ups instead of three. The graphs then equal the eager model."""
+    eager = _model(every=0)
+    graphed = copy.deepcopy(eager)
+    seen = []
+
+    def grapher(*args, **kwargs):
+        seen.append(kwargs["warm_up"])
+        return chain_grapher(*args, **kwargs)
+
+    calls = collections.Counter()  # compressed forwards per layer
+    index = {id(layer): i for i, layer in enumerate(_layers(graphed))}
+    adapter = _layers(graphed)[0]._hyclora_patch.adapter
+    real = adapter.compressed_forward
+
+    def counted(layer, *args, **kwargs):
+        calls.update([index[id(layer)]])
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "compressed_forward", counted)
+    graphs = _graphs(graphed, grapher=grapher, num_warmup_iters=1, warm_up_layers=warm_up_layers)
+    _steps_in_lockstep(eager, graphed, 2, "cpu", loss_tol=0.0, grad_tol=0.0)  # calibrate
+    calls.clear()
+    _steps_in_lockstep(eager, graphed, 2, "cpu", loss_tol=0.0, grad_tol=0.0)  # capture, replay
+    assert seen == [(0, 1) if warm_up_layers == "distinct" else (0, 1, 2)]
+    # per layer: its warm-up (not layer 2's with "distinct"), the forward capture and the emulated
+    # replays of the two steps
+    assert calls == ({0: 4, 1: 4, 2: 3} if warm_up_layers == "distinct" else {0: 4, 1: 4, 2: 4}), calls
+    assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 6, dict(graphs.counts)
+    graphs.remove()
+    with pytest.raises(ValueError, match="warm_up_layers"):
+        _graphs(graphed, warm_up_layers="first")
+
+
+def test_layers_of_another_kind_get_their_own_warm_up():
+    from hyclora.cuda_graphs import _first_of_each_kind
+
+    model = _model()
+    layers = list(_layers(model))
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    samples = [(x,), (x,), (x,)]
+    assert _first_of_each_kind(layers, samples) == (0,)
+    assert _first_of_each_kind(layers, [(x,), (x[:, :6],), (x,)]) == (0, 1)  # another input shape
+    with torch.no_grad():
+        wide = torch.nn.Parameter(torch.zeros(3))
+    layers[2].register_parameter("extra", wide)  # another parameter set
+    assert _first_of_each_kind(layers, samples) == (0, 2)
 
 
 def test_layer_chain_refuses_what_it_cannot_graph():

@@ -16,7 +16,7 @@ from hyclora.cuda_graphs import graph_layer_chain
 
 
 def emulated_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None,
-                     shared_hidden=None):  # outputs of their own: what make_graphed_callables returns
+                     shared_hidden=None, warm_up=None):  # outputs of their own: what make_graphed_callables returns
     # warm-ups and capture launch the fused LoRA kernels at any token count (free at replay):
     # the dispatcher runs the grapher inside hyclora.models.kernels_for_graph_capture
     assert all(c.layer._hyclora_patch.under_graph_capture for c in callables if hasattr(c, "layer"))
@@ -104,6 +104,7 @@ class _EmulatedGraph:
                     buf.copy_(value)
 
 
-def chain_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, shared_hidden=None):
+def chain_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, shared_hidden=None,
+                  warm_up=None):
     return graph_layer_chain(callables, sample_args, num_warmup_iters, allow_unused_input,
-                             shared_hidden=shared_hidden, _capture=EmulatedCapture())
+                             shared_hidden=shared_hidden, warm_up=warm_up, _capture=EmulatedCapture())
