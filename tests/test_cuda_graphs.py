@@ -354,11 +354,12 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["reset", "refresh", "refresh_quick"])
 @pytest.mark.parametrize("layer_type,q_bit", [("intra_inter_full_fuse", 2), ("intra_inter", 4)])
-def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit, mode):
+@pytest.mark.parametrize("warm_up_layers", ["all", "distinct"])  # distinct: layer 2 is captured unwarmed
+def test_cuda_graphs_equal_eager_over_recalibration(layer_type, q_bit, mode, warm_up_layers):
     eager = _model(layer_type=layer_type, q_bit=q_bit, device="cuda", recalibrate_mode=mode.split("_")[0],
                    calibration="quick" if mode.endswith("quick") else "eager")
     graphed = copy.deepcopy(eager)
-    graphs = graph_decoder_layers(graphed, num_warmup_iters=2)
+    graphs = graph_decoder_layers(graphed, num_warmup_iters=2, warm_up_layers=warm_up_layers)
     _steps_in_lockstep(eager, graphed, 10, "cuda", loss_tol=1e-5, grad_tol=1e-4)
     # reset: released and captured again after each window; refresh: one capture replays throughout
     # (quick: captured at the second step, inside the window that refines the first statistics)
