@@ -41,8 +41,8 @@ What happens per decoder-layer call:
   the order they run), after ``num_warmup_iters`` eager warm-up iterations (these run Triton's
   autotuning and the capture stream's lazy initialisation before capture) of every layer
   (``warm_up_layers="all"``, as ``make_graphed_callables``) or of the first layer of each kind
-  (``"distinct"``: layers of one class, configuration, parameter and input shapes run the same
-  kernels; the others are captured without a warm-up of their own). The warm-ups and the capture do not count as
+  (``"distinct"``: layers of one class, configuration, parameter, buffer and input shapes run the
+  same kernels; the others are captured without a warm-up of their own). The warm-ups and the capture do not count as
   training forwards (the layer state's counter is not advanced) and use copies of the current
   batch. A capture happens inside the model's forward and costs about one eager step plus the
   warm-ups.
@@ -665,11 +665,12 @@ def _own_block(y: torch.Tensor, hidden: torch.Tensor) -> bool:
 def _first_of_each_kind(layers, samples) -> Tuple[int, ...]:
     """The first layer of each kind: what a warm-up prepares (Triton compilation and tuning, the
     capture stream's cuBLAS workspace) depends on the kernels a layer launches and their shapes,
-    the same for layers of one class, configuration, parameter shapes and input shapes."""
+    the same for layers of one class, configuration, parameter and buffer shapes and input shapes."""
     seen, first = set(), []
     for i, (layer, args) in enumerate(zip(layers, samples)):
         kind = (type(layer), _config_knobs(layer._hyclora_patch.config),
                 tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in layer.parameters()),
+                tuple((tuple(b.shape), b.dtype) for b in layer.buffers()),
                 tuple((tuple(a.shape), a.dtype, a.requires_grad) for a in args))
         if kind not in seen:
             seen.add(kind)
@@ -915,7 +916,7 @@ def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, 
             runs Triton's autotuning and the lazy initialisations; ``make_graphed_callables``'
             default of 3 is for DDP, which graphs do not run under.
         warm_up_layers: ``"all"`` warms up every layer (as ``make_graphed_callables`` does);
-            ``"distinct"`` only the first layer of each kind (class, configuration, parameter and
+            ``"distinct"`` only the first layer of each kind (class, configuration, parameter, buffer and
             input shapes: the same kernels), which saves about one eager step per capture.
         recapture: capture again after the graphs went stale (recalibration, moved storage,
             changed adapters); ``False``: free them and stay eager.

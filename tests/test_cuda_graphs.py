@@ -581,6 +581,8 @@ def test_layers_of_another_kind_get_their_own_warm_up():
         wide = torch.nn.Parameter(torch.zeros(3))
     layers[2].register_parameter("extra", wide)  # another parameter set
     assert _first_of_each_kind(layers, samples) == (0, 2)
+    layers[1].register_buffer("table", torch.zeros(5))  # another buffer set
+    assert _first_of_each_kind(layers, samples) == (0, 1, 2)
 
 
 def test_layer_chain_refuses_what_it_cannot_graph():
