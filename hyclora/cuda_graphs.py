@@ -713,7 +713,8 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     ``sample_args[i][0]``), given when none of them keeps its input for the backward (compressing
     layers). Each graph then also writes its output into that buffer and returns it, so the chain
     keeps one hidden state instead of one output per callable. Each callable's own output block
-    goes back to the pool right after its forward capture, unless the node that made it saved it for the backward (:func:`_own_block`).
+    goes back to the pool right after its forward capture, unless the node that made it saved it
+    for the backward (:func:`_own_block`).
     ``warm_up``: the indices of the callables to warm up (``None``: all of them).
     ``_capture``: how warm-ups run and graphs are captured (:class:`CudaGraphCapture`; the CPU
     tests pass an emulation that replays by re-running)."""
