@@ -612,9 +612,9 @@ class DecoderLayerGraphs:
             # gradient, as in the eager step
             # the fused LoRA kernels run at any token count in the warm-ups and the capture (a
             # replay launches nothing from the host)
+            warm_up = (_first_of_each_kind(self.layers, samples) if self.warm_up_layers == "distinct"
+                       else tuple(range(len(samples))))
             with kernels_for_graph_capture(self.layers):
-                warm_up = (_first_of_each_kind(self.layers, samples) if self.warm_up_layers == "distinct"
-                           else tuple(range(len(samples))))
                 graphed = self._grapher(callables, tuple(samples), num_warmup_iters=self.num_warmup_iters,
                                         allow_unused_input=True, shared_hidden=shared_hidden, warm_up=warm_up)
         except Exception as exc:
@@ -917,8 +917,8 @@ def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, 
             runs Triton's autotuning and the lazy initialisations; ``make_graphed_callables``'
             default of 3 is for DDP, which graphs do not run under.
         warm_up_layers: ``"all"`` warms up every layer (as ``make_graphed_callables`` does);
-            ``"distinct"`` only the first layer of each kind (class, configuration, parameter, buffer and
-            input shapes: the same kernels), which saves about one eager step per capture.
+            ``"distinct"`` only the first layer of each kind (class, configuration, parameter, buffer
+            and input shapes: the same kernels); the others are captured without a warm-up.
         recapture: capture again after the graphs went stale (recalibration, moved storage,
             changed adapters); ``False``: free them and stay eager.
 

@@ -577,9 +577,7 @@ def test_layers_of_another_kind_get_their_own_warm_up():
     samples = [(x,), (x,), (x,)]
     assert _first_of_each_kind(layers, samples) == (0,)
     assert _first_of_each_kind(layers, [(x,), (x[:, :6],), (x,)]) == (0, 1)  # another input shape
-    with torch.no_grad():
-        wide = torch.nn.Parameter(torch.zeros(3))
-    layers[2].register_parameter("extra", wide)  # another parameter set
+    layers[2].register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # another parameter set
     assert _first_of_each_kind(layers, samples) == (0, 2)
     layers[1].register_buffer("table", torch.zeros(5))  # another buffer set
     assert _first_of_each_kind(layers, samples) == (0, 1, 2)

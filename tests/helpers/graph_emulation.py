@@ -21,14 +21,15 @@ def emulated_grapher(callables, sample_args, num_warmup_iters=3, allow_unused_in
     # the dispatcher runs the grapher inside hyclora.models.kernels_for_graph_capture
     assert all(c.layer._hyclora_patch.under_graph_capture for c in callables if hasattr(c, "layer"))
     calls = []
-    for c, args in zip(callables, sample_args):
+    for i, (c, args) in enumerate(zip(callables, sample_args)):
         params = tuple(c.parameters())
         surface = tuple(args) + params
-        for _ in range(num_warmup_iters):  # like the real one: forward + grad on the samples
+        warmed = warm_up is None or i in warm_up
+        for _ in range(num_warmup_iters if warmed else 0):  # like the real one: forward + grad on the samples
             y = c(*args)
             torch.autograd.grad(y, [t for t in surface if t.requires_grad], torch.ones_like(y),
                                 allow_unused=allow_unused_input)
-        if hasattr(c, "layer"):  # the warm-ups ran with the capture policy
+        if hasattr(c, "layer") and warmed:  # the warm-ups ran with the capture policy
             assert c.layer._hyclora_patch.setup[1][2].lora_kernels_min_tokens == 0
         calls.append(_emulated(c, tuple(args), params))
     emulated_grapher.captures += 1
