@@ -39,10 +39,10 @@ What happens per decoder-layer call:
 * **capture**: at the first decoder layer's training forward where every layer's statistics are
   frozen and none expires now, all layers are captured together (one memory pool, captured in
   the order they run), after ``num_warmup_iters`` eager warm-up iterations (these run Triton's
-  autotuning and the capture stream's lazy initialisation before capture) of every layer
-  (``warm_up_layers="all"``, as ``make_graphed_callables``) or of the first layer of each kind
-  (``"distinct"``: layers of one class, configuration, parameter, buffer and input shapes run the
-  same kernels; the others are captured without a warm-up of their own). The warm-ups and the capture do not count as
+  autotuning and the capture stream's lazy initialisation before capture) of the first layer of
+  each kind (``warm_up_layers="distinct"``, the default: layers of one class, configuration,
+  parameter, buffer and input shapes run the same kernels; the others are captured without a
+  warm-up of their own) or of every layer (``"all"``, as ``make_graphed_callables``). The warm-ups and the capture do not count as
   training forwards (the layer state's counter is not advanced) and use copies of the current
   batch. A capture happens inside the model's forward and costs about one eager step plus the
   warm-ups.
@@ -289,7 +289,7 @@ class DecoderLayerGraphs:
     """
 
     def __init__(self, model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
-                 num_warmup_iters: int = 1, recapture: bool = True, warm_up_layers: str = "all",
+                 num_warmup_iters: int = 1, recapture: bool = True, warm_up_layers: str = "distinct",
                  _grapher: Optional[Callable] = None):
         if sample_shape is not None:
             if (not isinstance(sample_shape, (tuple, list)) or len(sample_shape) != 2
@@ -905,7 +905,7 @@ def run_refusal(*, use_hyclora: bool, checkpointing: bool, several_processes: bo
 
 def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, int]] = None,
                          num_warmup_iters: int = 1, recapture: bool = True,
-                         warm_up_layers: str = "all") -> DecoderLayerGraphs:
+                         warm_up_layers: str = "distinct") -> DecoderLayerGraphs:
     """Replay CUDA graphs of ``model``'s hyclora-patched decoder layers once their statistics
     are frozen (see the module docstring for when a call runs eager, captures or replays).
 
@@ -916,9 +916,10 @@ def graph_decoder_layers(model: nn.Module, *, sample_shape: Optional[Tuple[int, 
         num_warmup_iters: eager warm-up iterations per warmed-up layer before each capture. One
             runs Triton's autotuning and the lazy initialisations; ``make_graphed_callables``'
             default of 3 is for DDP, which graphs do not run under.
-        warm_up_layers: ``"all"`` warms up every layer (as ``make_graphed_callables`` does);
-            ``"distinct"`` only the first layer of each kind (class, configuration, parameter, buffer
-            and input shapes: the same kernels); the others are captured without a warm-up.
+        warm_up_layers: ``"distinct"`` (default) warms up only the first layer of each kind
+            (class, configuration, parameter, buffer and input shapes: the same kernels); the
+            others are captured without a warm-up. ``"all"`` warms up every layer (as
+            ``make_graphed_callables`` does).
         recapture: capture again after the graphs went stale (recalibration, moved storage,
             changed adapters); ``False``: free them and stay eager.
 

@@ -531,11 +531,12 @@ def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
     torch.testing.assert_close(x.grad, want_x.grad)
 
 
-@pytest.mark.parametrize("warm_up_layers", ["distinct", "all"])
+@pytest.mark.parametrize("warm_up_layers", [None, "distinct", "all"])
 def test_warm_up_runs_one_layer_of_each_kind(warm_up_layers, monkeypatch):
     """The warm-ups before a capture (Triton tuning, the capture stream's lazy set-up) run the first
-    layer of each kind only: layer 0's input needs no gradient (the embeddings are frozen), layers
-    1 and 2 are alike, so two warm-ups instead of three. The graphs then equal the eager model."""
+    layer of each kind only (the default): layer 0's input needs no gradient (the embeddings are
+    frozen), layers 1 and 2 are alike, so two warm-ups instead of three. The graphs then equal the
+    eager model."""
     eager = _model(every=0)
     graphed = copy.deepcopy(eager)
     seen = []
@@ -554,14 +555,16 @@ def test_warm_up_runs_one_layer_of_each_kind(warm_up_layers, monkeypatch):
         return real(layer, *args, **kwargs)
 
     monkeypatch.setattr(adapter, "compressed_forward", counted)
-    graphs = _graphs(graphed, grapher=grapher, num_warmup_iters=1, warm_up_layers=warm_up_layers)
+    chosen = {} if warm_up_layers is None else dict(warm_up_layers=warm_up_layers)
+    graphs = _graphs(graphed, grapher=grapher, num_warmup_iters=1, **chosen)
     _steps_in_lockstep(eager, graphed, 2, "cpu", loss_tol=0.0, grad_tol=0.0)  # calibrate
     calls.clear()
     _steps_in_lockstep(eager, graphed, 2, "cpu", loss_tol=0.0, grad_tol=0.0)  # capture, replay
-    assert seen == [(0, 1) if warm_up_layers == "distinct" else (0, 1, 2)]
+    distinct = warm_up_layers != "all"
+    assert seen == [(0, 1) if distinct else (0, 1, 2)]
     # per layer: its warm-up (not layer 2's with "distinct"), the forward capture and the emulated
     # replays of the two steps
-    assert calls == ({0: 4, 1: 4, 2: 3} if warm_up_layers == "distinct" else {0: 4, 1: 4, 2: 4}), calls
+    assert calls == ({0: 4, 1: 4, 2: 3} if distinct else {0: 4, 1: 4, 2: 4}), calls
     assert graphs.counts["capture"] == 1 and graphs.counts["replay"] == 6, dict(graphs.counts)
     graphs.remove()
     with pytest.raises(ValueError, match="warm_up_layers"):
