@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
@@ -71,10 +72,54 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# the thread computing Triton's compiler hash, until the first kernel launch waits for it
+_PENDING_HASH: Dict[str, threading.Thread] = {}
+
+
+def start_compiler_hash(device: torch.device) -> Optional[threading.Thread]:
+    """Start computing Triton's once-per-process compiler hash (``triton_key``: a SHA-256 of its
+    shared library and sources, which the first kernel launch of a process needs) on a daemon
+    thread, so that it overlaps the set-up before the first training step where that set-up
+    leaves the GIL free (file reads, GPU work, tokenizers; hashing itself releases it). The first
+    launch then waits for the thread (:func:`check_triton_device`) instead of hashing again beside
+    it. Returns the thread, or None where no Triton kernel will run on ``device`` or the hash is
+    known."""
+    if triton is None or INTERPRET or device.type != "cuda" or _PENDING_HASH:
+        return None
+    try:
+        from triton.runtime import cache
+    except ImportError:  # pragma: no cover - a Triton without this module hashes its own way
+        return None
+    triton_key = getattr(cache, "triton_key", None)
+    info = getattr(triton_key, "cache_info", None)
+    if info is None or info().currsize:
+        return None
+
+    def compute():
+        try:
+            triton_key()
+        except Exception:  # the first launch computes it again and reports the error in context
+            pass
+
+    thread = threading.Thread(target=compute, name="hyclora-triton-compiler-hash", daemon=True)
+    _PENDING_HASH["thread"] = thread
+    thread.start()
+    return thread
+
+
+def _wait_for_compiler_hash() -> None:
+    thread = _PENDING_HASH.pop("thread", None)
+    if thread is not None:
+        thread.join(timeout=60)  # else the launch hashes by itself
+
+
 def check_triton_device(what: str, *tensors: Optional[torch.Tensor]) -> None:
-    """Refuse tensors the Triton kernels of ``what`` cannot take, naming the fix."""
+    """Refuse tensors the Triton kernels of ``what`` cannot take, naming the fix. Runs before
+    every launch: the first waits for :func:`start_compiler_hash`'s thread."""
     if triton is None:
         raise RuntimeError(f"hyclora {what}: backend='triton' needs the `triton` package; use backend='torch'.")
+    if _PENDING_HASH:
+        _wait_for_compiler_hash()
     for t in tensors:
         if t is not None and t.device.type != "cuda" and not INTERPRET:
             raise RuntimeError(
@@ -485,7 +530,8 @@ if triton is not None:
 
 
 __all__ = [
-    "triton", "tl", "INTERPRET", "AUTOTUNE", "BACKENDS", "FIXED_TILE", "resolve_backend", "check_triton_device",
+    "triton", "tl", "INTERPRET", "AUTOTUNE", "BACKENDS", "FIXED_TILE", "resolve_backend", "start_compiler_hash",
+    "check_triton_device",
     "next_pow2", "prev_pow2", "block_r", "interpret_tile", "launch_opts", "dot_dtype_for", "promoted_dtype",
     "lora_term_torch", "with_lora", "dot_operands", "launch_tuned", "forget_tuned", "tuned_choices", "token_bucket",
     "device_tag", "TuningCache", "TUNING_CACHE_DIR", "TOKEN_BUCKET_MIN", "cast_out", "load_bt", "lora_tile",

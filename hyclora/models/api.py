@@ -7,6 +7,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from hyclora.kernels.common import start_compiler_hash
+
 from .adapter import LayerAdapter, warn_unreachable_hooks
 from .patching import check_forward_reached
 from .peft_utils import transformers_model
@@ -86,6 +88,9 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     # state_dict keeps the statistics for checkpoints
     exclude_state_from_save_pretrained(model)
     config._attach()  # field assignments now raise, naming revert_hyclora + apply_hyclora
+    param = next(layers[0][1].parameters(), None)
+    if param is not None and config.kernel_backend != "torch":
+        start_compiler_hash(param.device)  # overlaps the set-up before the first step
     return model
 
 

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import torch
+
 from hyclora.data import (
     CausalLMCollator,
     build_gsm8k_dataset,
@@ -37,6 +39,7 @@ from hyclora.eval.harness import (
     format_table,
     write_results,
 )
+from hyclora.kernels.common import start_compiler_hash
 
 from .args import FinetuneArgs, checkpointing_requested, parse_finetune_args, resolve_auto_defaults
 from .callbacks import HyCLoRAStateCallback, MemoryThroughputCallback, save_hyclora_state
@@ -256,6 +259,15 @@ def show_hyclora_info() -> None:
     ours.setLevel(logging.INFO)
 
 
+def _hash_triton_compiler_early(args: FinetuneArgs) -> None:
+    """A run that will launch hyclora's Triton kernels on the GPU starts Triton's compiler hash
+    (``start_compiler_hash``) before tokenisation and model loading, which it then overlaps."""
+    h = args.hyclora
+    if (h.use_hyclora and h.kernel_backend != "torch" and torch.cuda.is_available()
+            and not getattr(args.training, "use_cpu", False)):
+        start_compiler_hash(torch.device("cuda"))
+
+
 def run_finetune(
     args: Union[FinetuneArgs, Sequence[str]],
     *,
@@ -281,6 +293,7 @@ def run_finetune(
         args = parse_finetune_args(task, list(args))
     t = args.training
     show_hyclora_info()
+    _hash_triton_compiler_early(args)
     resume = _resolve_resume(t)  # before any loading: a wrong checkpoint fails at once
     set_seed(t.seed)
     if tokenizer is None:
