@@ -42,10 +42,10 @@ What happens per decoder-layer call:
   autotuning and the capture stream's lazy initialisation before capture) of the first layer of
   each kind (``warm_up_layers="distinct"``, the default: layers of one class, configuration,
   parameter, buffer and input shapes run the same kernels; the others are captured without a
-  warm-up of their own) or of every layer (``"all"``, as ``make_graphed_callables``). The warm-ups and the capture do not count as
-  training forwards (the layer state's counter is not advanced) and use copies of the current
-  batch. A capture happens inside the model's forward and costs about one eager step plus the
-  warm-ups.
+  warm-up of their own) or of every layer (``"all"``, as ``make_graphed_callables``). The
+  warm-ups and the capture do not count as training forwards (the layer state's counter is not
+  advanced) and use copies of the current batch. A capture happens inside the model's forward
+  and costs about one eager step plus the warm-ups.
 * **replay**: the host bookkeeping of a counted forward still runs once per call
   (``HyCLoRALayerState.count_forward``: counter, expiry of frozen statistics), then the
   forward graph replays; the backward graph replays in the backward.
