@@ -76,15 +76,15 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 _PENDING_HASH: Dict[str, threading.Thread] = {}
 
 
-def start_compiler_hash(device: torch.device) -> Optional[threading.Thread]:
+def start_compiler_hash(device: torch.device, backend: str = "auto") -> Optional[threading.Thread]:
     """Start computing Triton's once-per-process compiler hash (``triton_key``: a SHA-256 of its
     shared library and sources, which the first kernel launch of a process needs) on a daemon
     thread, so that it overlaps the set-up before the first training step where that set-up
     leaves the GIL free (file reads, GPU work, tokenizers; hashing itself releases it). The first
     launch then waits for the thread (:func:`check_triton_device`) instead of hashing again beside
-    it. Returns the thread, or None where no Triton kernel will run on ``device`` or the hash is
-    known."""
-    if triton is None or INTERPRET or device.type != "cuda" or _PENDING_HASH:
+    it. Returns the thread, or None where no Triton kernel will run (``backend`` ``"torch"``, a
+    device other than CUDA, the interpreter) or the hash is known."""
+    if backend == "torch" or triton is None or INTERPRET or device.type != "cuda" or _PENDING_HASH:
         return None
     try:
         from triton.runtime import cache

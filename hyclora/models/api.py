@@ -89,8 +89,8 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
     exclude_state_from_save_pretrained(model)
     config._attach()  # field assignments now raise, naming revert_hyclora + apply_hyclora
     param = next(layers[0][1].parameters(), None)
-    if param is not None and config.kernel_backend != "torch":
-        start_compiler_hash(param.device)  # overlaps the set-up before the first step
+    if param is not None:
+        start_compiler_hash(param.device, config.kernel_backend)  # overlaps the set-up before the first step
     return model
 
 

@@ -262,10 +262,8 @@ def show_hyclora_info() -> None:
 def _hash_triton_compiler_early(args: FinetuneArgs) -> None:
     """A run that will launch hyclora's Triton kernels on the GPU starts Triton's compiler hash
     (``start_compiler_hash``) before tokenisation and model loading, which it then overlaps."""
-    h = args.hyclora
-    if (h.use_hyclora and h.kernel_backend != "torch" and torch.cuda.is_available()
-            and not getattr(args.training, "use_cpu", False)):
-        start_compiler_hash(torch.device("cuda"))
+    if args.hyclora.use_hyclora and torch.cuda.is_available() and not getattr(args.training, "use_cpu", False):
+        start_compiler_hash(torch.device("cuda"), args.hyclora.kernel_backend)
 
 
 def run_finetune(

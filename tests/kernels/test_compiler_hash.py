@@ -63,6 +63,7 @@ def test_hash_runs_once_on_a_background_thread(fake_key, monkeypatch):
 
 def test_no_hash_where_no_triton_kernel_runs(fake_key, monkeypatch):
     assert common.start_compiler_hash(torch.device("cpu")) is None
+    assert common.start_compiler_hash(torch.device("cuda"), "torch") is None  # the torch references
     monkeypatch.setattr(common, "INTERPRET", True)  # the interpreter compiles nothing
     assert common.start_compiler_hash(torch.device("cuda")) is None
     assert fake_key.calls == []
@@ -78,12 +79,12 @@ def test_a_failing_hash_is_left_to_the_first_launch(fake_key, monkeypatch):
         fake_key()
 
 
-@pytest.mark.parametrize("backend,started", [("auto", True), ("torch", False)])
-def test_apply_hyclora_starts_it_for_the_model_device(backend, started, monkeypatch):
-    devices = []
-    monkeypatch.setattr("hyclora.models.api.start_compiler_hash", devices.append)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_apply_hyclora_starts_it_for_the_model_device(backend, monkeypatch):
+    calls = []
+    monkeypatch.setattr("hyclora.models.api.start_compiler_hash", lambda *a: calls.append(a))
     apply_hyclora(lora_model(tiny_model()), HyCLoRAConfig(kernel_backend=backend))
-    assert devices == ([torch.device("cpu")] if started else [])
+    assert calls == [(torch.device("cpu"), backend)]
 
 
 def test_the_installed_triton_caches_its_hash_as_assumed():
@@ -95,7 +96,7 @@ def test_the_installed_triton_caches_its_hash_as_assumed():
     ([], True, True),
     ([], False, False),  # no GPU
     (["--use_hyclora", "false"], True, False),
-    (["--kernel_backend", "torch"], True, False),
+    (["--kernel_backend", "torch"], True, True),  # start_compiler_hash refuses that backend
     (["--use_cpu", "true"], True, False),
 ])
 def test_a_training_run_starts_it_before_loading(argv, cuda, started, monkeypatch):
@@ -103,8 +104,8 @@ def test_a_training_run_starts_it_before_loading(argv, cuda, started, monkeypatc
     from hyclora.training.args import parse_finetune_args
 
     args = parse_finetune_args("gsm8k", argv)
-    devices = []
-    monkeypatch.setattr(run, "start_compiler_hash", devices.append)
+    calls = []
+    monkeypatch.setattr(run, "start_compiler_hash", lambda *a: calls.append(a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     run._hash_triton_compiler_early(args)
-    assert devices == ([torch.device("cuda")] if started else [])
+    assert calls == ([(torch.device("cuda"), args.hyclora.kernel_backend)] if started else [])
