@@ -7,13 +7,15 @@ variant runs in its own process (a fresh allocator, so its peak is its own):
 
 * ``peft``: PEFT LoRA;
 * ``graphed``: hyclora with the library defaults (``intra_inter_full_fuse`` 2-bit unless the
-  hyclora arguments say otherwise, ``recalibrate_every=50``, ``recalibrate_mode="refresh"``) and
-  ``graph_decoder_layers``;
+  hyclora arguments say otherwise, ``recalibrate_every=50``, ``recalibrate_mode="refresh"``, the
+  chunked LM loss) and ``graph_decoder_layers``;
 * ``graphed_reset``: the same with ``recalibrate_mode="reset"`` (release, eager calibration,
   re-capture every 50 steps);
 * ``graphed_frozen``: the same with ``recalibrate_every=0`` (the steady state, no renewal);
 * ``graphed_warm_all``: ``graphed`` warming up every layer before the capture
   (``warm_up_layers="all"``) instead of the first layer of each kind (the default);
+* ``graphed_model_loss``: ``graphed`` with the model's own LM loss (``lm_loss="model"``: full
+  logits) instead of the default chunked loss;
 * ``eager``: hyclora defaults without graphs.
 
 Reported per variant: mean tok/s over all steps ("run mean"), over steps --from_step.. (the
@@ -40,7 +42,7 @@ import torch
 
 import harness
 
-VARIANTS = ("peft", "graphed", "graphed_reset", "graphed_frozen", "graphed_warm_all", "eager")
+VARIANTS = ("peft", "graphed", "graphed_reset", "graphed_frozen", "graphed_warm_all", "graphed_model_loss", "eager")
 
 
 def _config(args, variant):
@@ -49,6 +51,8 @@ def _config(args, variant):
         overrides["recalibrate_mode"] = "reset"
     elif variant == "graphed_frozen":
         overrides["recalibrate_every"] = 0
+    elif variant == "graphed_model_loss":
+        overrides["lm_loss"] = "model"
     return harness.hyclora_config(args, **overrides)
 
 

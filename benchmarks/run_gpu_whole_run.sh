@@ -2,7 +2,8 @@
 # Issue 23 on the GPU, one call: whole runs (bench_whole_run: one process per variant, AdamW, $STEPS
 # steps) at 4x512 (PEFT, hyclora graphed with the defaults, graphed with recalibrate_mode=reset,
 # eager) and 1x4096 (PEFT, graphed), then the real-capture GPU tests of the CUDA graphs (TESTS=1).
-# RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for;
+# RUN_512=0 / RUN_4096=0 / COLD=0 leave a part out; COLD_SHAPES: the shapes the cold run compiles for
+# (COLD_LIMIT seconds, default 150);
 # TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps and
 # torch.profiler tables of its first and capture steps;
 # MEMORY=1: the allocations live at the peak of a graphed run's first 5 steps ($OUT/memory/).
@@ -20,7 +21,7 @@ cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
 # a short hyclora run first (8 steps: past calibration and the capture, so the frozen path compiles too): its
 # first step is the cold one (Triton compiles, hyclora tunes and caches);
 # the measured runs after it start with warm caches, as a user's second run does
-[ "${COLD:-1}" = 1 ] && timeout 150 python3 benchmarks/bench_whole_run.py --shapes ${COLD_SHAPES:-4x512} --steps 8 --variants graphed --out /tmp/bench/cold 2>&1 \
+[ "${COLD:-1}" = 1 ] && timeout "${COLD_LIMIT:-150}" python3 benchmarks/bench_whole_run.py --shapes ${COLD_SHAPES:-4x512} --steps 8 --variants graphed --out /tmp/bench/cold 2>&1 \
   | grep -v Warning | tee "$OUT/cold.log" | grep "^|"
 [ "${RUN_512:-1}" = 1 ] && timeout "${LIMIT_512:-330}" python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps "$STEPS" \
   --variants ${VARIANTS_512:-peft graphed graphed_reset eager} --out /tmp/bench/whole_run_4x512 2>&1 | grep -v Warning \

@@ -22,6 +22,7 @@ CALIBRATIONS = ("auto", "quick", "eager")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ATTENTION_PROBS = ("auto", "dense", "sparse", "recompute")
 S2_BLOCK_KERNELS = ("auto", "sdpa", "flash")
+LM_LOSSES = ("auto", "chunked", "model")
 
 
 def str2bool(value: Any) -> bool:
@@ -77,6 +78,13 @@ class HyCLoRAConfig:
         on_nonfinite: ``raise`` (default) stops on a NaN/Inf activation naming the layer;
             ``ignore`` skips the check.
         kernel_backend: ``auto`` (Triton on CUDA tensors, torch on CPU), ``triton`` or ``torch``.
+        lm_loss: how a causal LM's training loss is computed. ``chunked``: in chunks of tokens
+            through the LM head (``hyclora.ops.chunked_ce``), so the ``(tokens, vocab)`` logits, their
+            fp32 upcast and their gradient never exist at once; a training forward with labels
+            then returns ``logits=None`` (evaluation and generation keep the model's own
+            forward). Refused on a model whose loss it cannot reproduce. ``model``: the model's
+            own loss. ``auto`` (default): ``chunked`` where it can reproduce the model's loss,
+            else ``model``.
         attention_probs: how the eager attention path keeps the softmax map for the backward:
             ``sparse`` (the paper: the top ``softmax_outlier_ratio`` entries), ``recompute``
             (nothing: the backward recomputes it from the rebuilt Q/K, like the sdpa path),
@@ -107,6 +115,7 @@ class HyCLoRAConfig:
     calibration: str = "auto"
     on_nonfinite: str = "raise"
     kernel_backend: str = "auto"
+    lm_loss: str = "auto"
     attention_probs: str = "auto"
     fused_lora_ops: bool = True
     lora_kernels_min_tokens: Optional[int] = None
@@ -219,6 +228,10 @@ class HyCLoRAConfig:
             raise ValueError(
                 f"HyCLoRAConfig.kernel_backend={self.kernel_backend!r} is invalid: expected one "
                 f"of {', '.join(KERNEL_BACKENDS)}."
+            )
+        if self.lm_loss not in LM_LOSSES:
+            raise ValueError(
+                f"HyCLoRAConfig.lm_loss={self.lm_loss!r} is invalid: expected one of {', '.join(LM_LOSSES)}."
             )
         if not isinstance(self.fused_lora_ops, bool):
             raise ValueError(f"HyCLoRAConfig.fused_lora_ops={self.fused_lora_ops!r} is invalid: expected True or False.")
@@ -338,6 +351,11 @@ class HyCLoRAConfig:
         )
         group.add_argument("--on_nonfinite", choices=ON_NONFINITE, default=defaults["on_nonfinite"].default)
         group.add_argument("--kernel_backend", choices=KERNEL_BACKENDS, default=defaults["kernel_backend"].default)
+        group.add_argument(
+            "--lm_loss", choices=LM_LOSSES, default=defaults["lm_loss"].default,
+            help="causal LMs: chunked: the training loss in chunks through the LM head, no full logits; model: the "
+                 "model's own loss; auto: chunked where it reproduces the model's loss",
+        )
         group.add_argument(
             "--attention_probs", choices=ATTENTION_PROBS, default=defaults["attention_probs"].default,
             help="eager attention: keep the softmax map sparse/dense, or recompute it in backward",

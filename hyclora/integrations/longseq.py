@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from hyclora.models.causal_lm_loss import active_head, final_logit_softcap, split_causal_lm, zero3_partitioned
 from hyclora.ops.chunked_ce import chunked_cross_entropy
 from hyclora.ops.s2attn import S2ATTN_NAME, DEFAULT_GROUP_RATIO, IndexMask, resolve_group_size, s2_attention
 _PREV_ATTR = "_hyclora_attn_before_s2attn"
@@ -345,55 +346,6 @@ def longlora_lora_config(
 # ---------------------------------------------------------------------------------------------------
 # Causal-LM loss without full logits
 # ---------------------------------------------------------------------------------------------------
-def _active_head(module: nn.Module) -> nn.Module:
-    """The module whose weight the LM head's forward would use (unwraps PEFT modules_to_save)."""
-    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
-        active = [a for a in module.active_adapters if a in module.modules_to_save]
-        if module.disable_adapters or not active:
-            return module.original_module
-        return module.modules_to_save[active[0]]
-    if hasattr(module, "get_base_layer") and module.get_base_layer() is not module:
-        raise ValueError(
-            "The LM head carries a PEFT adapter (e.g. LoRA on lm_head): the chunked loss reads the head's "
-            "weight directly and would ignore it. Remove lm_head from target_modules (use modules_to_save "
-            "to train it), or compute the loss from the model's logits instead."
-        )
-    if not isinstance(getattr(module, "weight", None), torch.Tensor):
-        raise TypeError(f"LM head {type(module).__name__} has no weight tensor; cannot compute a chunked loss.")
-    return module
-
-
-def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a transformers causal LM (PEFT-wrapped or not)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
-        raise TypeError(f"{type(inner).__name__} is not a causal LM with an output embedding (lm_head).")
-    config = getattr(inner, "config", None)
-    # final_logit_softcapping (Gemma) is applied by the chunked loss itself (final_logit_softcap)
-    for attr in ("logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"{type(inner).__name__} transforms its logits ({attr}={getattr(config, attr)}); the chunked "
-                "loss computes plain hidden @ lm_head.weight and would be wrong. Use the model's own loss."
-            )
-    decoder = inner.get_decoder()
-    if decoder is inner:
-        raise TypeError(f"Could not find the decoder inside {type(inner).__name__} (get_decoder returned itself).")
-    return decoder, inner.get_output_embeddings()
-
-
-def final_logit_softcap(model: nn.Module) -> Optional[float]:
-    """The final-logit soft-capping of a causal LM's config (Gemma's ``final_logit_softcapping``), or None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
-    return None if cap is None else float(cap)
-
-
-def _zero3_partitioned(param: torch.Tensor) -> bool:
-    status = getattr(param, "ds_status", None)
-    return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
-
-
 class _LMHeadLoss(nn.Module):
     """Owns no parameters: reads the LM head's weight (registered as ZeRO-3 external parameter)."""
 
@@ -405,9 +357,9 @@ class _LMHeadLoss(nn.Module):
         self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        head = _active_head(self.lm_head)
+        head = active_head(self.lm_head)
         params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-        if not torch.is_grad_enabled() and any(_zero3_partitioned(p) for p in params):
+        if not torch.is_grad_enabled() and any(zero3_partitioned(p) for p in params):
             # Evaluation through a wrapper DeepSpeed never saw (no hooks): gather for this call.
             import deepspeed
 

@@ -10,6 +10,7 @@ from torch import nn
 from hyclora.kernels.common import start_compiler_hash
 
 from .adapter import LayerAdapter, warn_unreachable_hooks
+from .causal_lm_loss import install_chunked_loss, uninstall_chunked_loss
 from .patching import check_forward_reached
 from .peft_utils import transformers_model
 from .registry import get_adapter, supported_model_types
@@ -66,6 +67,7 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         adapter.check_layer(layer, name)
     from hyclora.quant.checks import FiniteGuard
 
+    install_chunked_loss(transformers_model(model), config.lm_loss)  # raises before anything is patched
     guard = FiniteGuard()  # one per model: all layers' NaN/Inf flags, read once per step
     norms = adapter.find_final_norms(model, layers)
     for order, (name, layer) in enumerate(layers):
@@ -103,6 +105,7 @@ def revert_hyclora(model: nn.Module) -> nn.Module:
     include_state_in_save_pretrained(model)
     for config in configs.values():
         config._detach()
+    uninstall_chunked_loss(transformers_model(model))
     for module in model.modules():
         LayerAdapter.unpatch_final_norm(module)
         handle = module.__dict__.pop("_hyclora_output_check", None)

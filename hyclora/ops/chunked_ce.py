@@ -34,13 +34,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Auto chunk: about 2**26 logits (256 MiB in fp32) per chunk.
-_AUTO_CHUNK_ELEMENTS = 1 << 26
+# Auto chunk: about 2**24 logits (64 MiB in fp32) per chunk: at 4 x 512 tokens and a 32k vocabulary
+# the loss then keeps a quarter of the logits at a time, and the matmuls stay large.
+_AUTO_CHUNK_ELEMENTS = 1 << 24
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def auto_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so one chunk of fp32 logits is about 256 MiB."""
+    """Tokens per chunk so one chunk of fp32 logits is about 64 MiB."""
     return max(1, _AUTO_CHUNK_ELEMENTS // max(1, int(vocab_size)))
 
 
@@ -129,6 +130,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.ahead:
             grads, ctx.grads = ctx.grads, None
+            if grads is None:  # scaled in place and handed out by the first backward
+                raise RuntimeError(
+                    "chunked_cross_entropy: a second backward through the same loss (retain_graph=True) is not "
+                    "supported: its gradients were computed in the forward and the first backward used them. "
+                    "Compute the loss again, or use the model's own loss (HyCLoRAConfig(lm_loss='model')).")
             out = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
             return (*out, None, None, None, None, None)
         hidden, labels, valid, lse, n_valid = ctx.saved_tensors
@@ -196,7 +202,7 @@ def chunked_cross_entropy(
         weight: ``(vocab, d)`` LM-head weight. bias: optional ``(vocab,)``.
         labels: ``(...)`` target ids matching hidden's leading shape; ``ignore_index`` is skipped.
             Labels are NOT shifted here: for causal LM pass ``labels[t] = input_ids[t + 1]``.
-        chunk_size: tokens per chunk (default: about 256 MiB of fp32 logits per chunk).
+        chunk_size: tokens per chunk (default: about 64 MiB of fp32 logits per chunk).
         reduction: ``mean`` over non-ignored tokens (nan if none), ``sum``, or ``none``
             (per-token losses, 0 at ignored positions).
         softcap: final-logit soft-capping (Gemma's ``final_logit_softcapping``): the logits are
@@ -239,11 +245,9 @@ def chunked_cross_entropy(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1).long()
     bad = (flat_y != ignore_index) & ((flat_y < 0) | (flat_y >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(
-            f"chunked_cross_entropy: label ids must be in [0, {weight.shape[0]}) or ignore_index "
-            f"({ignore_index}); found {flat_y[bad][:5].tolist()}."
-        )
+    # checked on the device: reading the flag on the host would stall every training step
+    torch._assert_async(torch.logical_not(bad.any()), f"chunked_cross_entropy: label ids must be in [0, "
+                        f"{weight.shape[0]}) or ignore_index ({ignore_index})")
     device_type = flat_h.device.type
     if torch.is_autocast_enabled(device_type):
         # Resolve autocast once here: the Function runs without it, so forward and the recomputing

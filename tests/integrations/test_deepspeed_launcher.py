@@ -36,6 +36,8 @@ COMMON = [
     # lossy types' ZeRO parity is test_zero_parity's job (a quantiser turns rounding noise into
     # occasional code flips, which would need a tolerance too loose to catch sharding bugs).
     "--use_hyclora", "true", "--layer_type", "baseline",
+    # the model's own LM loss on both sides: the chunked one does not run on a ZeRO-3-sharded head
+    "--lm_loss", "model",
 ]
 # Measured: losses and adapters bit-equal with 2 ranks (8 ranks: losses 1.5e-7 relative,
 # adapters 7e-9), fp32.

@@ -37,7 +37,7 @@ def _q_proj(model):
 
 def test_resolve_cache_follows_adapter_and_parameter_changes():
     model = lora_model(tiny_model())
-    apply_hyclora(model, HyCLoRAConfig(layer_type="baseline"))
+    apply_hyclora(model, HyCLoRAConfig(layer_type="baseline", lm_loss="model"))  # HF's forward op by op
     batch = _batch()
     for _ in range(2):  # the second call runs from the caches
         loss, ref = _losses(model, batch)

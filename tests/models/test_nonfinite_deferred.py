@@ -59,7 +59,8 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
     # too), read together once per step (a non-reentrant recompute replays a checked forward and is
     # not checked again)
     inputs = 3 if ckpt == "reentrant" else 1
-    assert reads == [inputs + 3 + 3, inputs + 3 + 3]  # + the final norm's output, the logits and the loss
+    # + the final norm's output and the loss (the default chunked LM loss builds no logits)
+    assert reads == [inputs + 3 + 2, inputs + 3 + 2]
 
     reads.clear()
     with torch.no_grad():  # NaN from layer 1 on: layers 1 and 2 both see it
@@ -67,11 +68,11 @@ def test_one_host_read_per_step_and_error_names_the_earliest_layer(reads, ckpt, 
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss  # the forward no longer stops ...
     assert not torch.isfinite(loss)
-    bad = 6 if ckpt == "reentrant" else 5  # outputs of layers 1 and 2 (reentrant: layer 2's input), norm, logits, loss
+    bad = 5 if ckpt == "reentrant" else 4  # outputs of layers 1 and 2 (reentrant: layer 2's input), norm, loss
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1 \(output of the decoder layer\).*"
-                                                 rf"{bad} of the {inputs + 6} places.*on_nonfinite='ignore'"):
+                                                 rf"{bad} of the {inputs + 5} places.*on_nonfinite='ignore'"):
         loss.backward()  # ... the backward does, before the first layer's gradients exist
-    assert reads == [inputs + 6]
+    assert reads == [inputs + 5]
     first_a = _layers(model)[0].self_attn.q_proj.lora_A["default"].weight
     assert first_a.grad is None
 
@@ -92,7 +93,7 @@ def test_an_output_changed_in_place_is_checked_again_as_the_next_input(reads):
         loss = model(**_batch()).loss
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1 \(input of the decoder layer\)"):
         loss.backward()
-    assert reads == [7]  # the first input, layer 1's input, 2 outputs, final norm, logits, loss
+    assert reads == [6]  # the first input, layer 1's input, 2 outputs, final norm, loss
 
 
 def test_forward_without_backward_is_read_at_the_next_step(reads):
@@ -103,7 +104,7 @@ def test_forward_without_backward_is_read_at_the_next_step(reads):
     model(**batch)  # e.g. a train-mode loss for logging, never backpropagated
     assert reads == []
     model(**batch).loss.backward()
-    assert reads == [6, 6]  # the stale flags first, then this step's (first input + 2 layer outputs + 3)
+    assert reads == [5, 5]  # the stale flags first, then this step's (first input + 2 layer outputs + norm + loss)
 
 
 def test_ignore_records_nothing(reads):
@@ -170,15 +171,16 @@ def _poison_loss(model):
         lambda m, a, out: out.__setitem__("loss", out["loss"] * float("nan")), prepend=True)
 
 
-@pytest.mark.parametrize("where, poison", [
-    (r"model\.norm \(output of the final norm\)", _poison_final_norm),
-    (r"the model's logits", _poison_lm_head),
-    (r"the model's loss", _poison_loss),
+@pytest.mark.parametrize("where, poison, lm_loss", [
+    (r"model\.norm \(output of the final norm\)", _poison_final_norm, "auto"),
+    (r"the model's logits", _poison_lm_head, "model"),
+    (r"the model's loss", _poison_lm_head, "auto"),  # the chunked loss: no logits to check
+    (r"the model's loss", _poison_loss, "auto"),
 ])
 @pytest.mark.parametrize("layer_type", ["baseline", "intra_inter"])
-def test_nan_after_the_last_layer_stops_this_backward(where, poison, layer_type):
+def test_nan_after_the_last_layer_stops_this_backward(where, poison, lm_loss, layer_type):
     model = lora_model(tiny_model("llama", "sdpa"))
-    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=8))
+    apply_hyclora(model, HyCLoRAConfig(layer_type=layer_type, q_bit=8, lm_loss=lm_loss))
     model.train()
     batch = _batch()
     model(**batch).loss.backward()  # a clean step first
@@ -209,9 +211,9 @@ def test_one_host_read_per_step_with_the_output_checks(reads):
     model.train()
     for _ in range(2):
         model(**_batch()).loss.backward()
-    # the first layer's input, 2 layer outputs (each the next layer's input), final norm, logits,
-    # loss: one read per step
-    assert reads == [6, 6]
+    # the first layer's input, 2 layer outputs (each the next layer's input), final norm, loss
+    # (the default chunked LM loss builds no logits): one read per step
+    assert reads == [5, 5]
 
 
 def test_hooks_on_submodules_are_reported_by_name():
