@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Dict
 
 import torch
@@ -15,6 +16,8 @@ from .patching import check_forward_reached
 from .peft_utils import transformers_model
 from .registry import get_adapter, supported_model_types
 from .state import exclude_state_from_save_pretrained, include_state_in_save_pretrained
+
+logger = logging.getLogger(__name__)
 
 
 def _model_config(model: nn.Module):
@@ -67,7 +70,9 @@ def apply_hyclora(model: nn.Module, config=None) -> nn.Module:
         adapter.check_layer(layer, name)
     from hyclora.quant.checks import FiniteGuard
 
-    install_chunked_loss(transformers_model(model), config.lm_loss)  # raises before anything is patched
+    why_not = install_chunked_loss(transformers_model(model), config.lm_loss)  # raises before anything is patched
+    if why_not is not None and config.lm_loss == "auto":
+        logger.info("hyclora: lm_loss='auto' keeps the model's own LM loss: %s", why_not)
     guard = FiniteGuard()  # one per model: all layers' NaN/Inf flags, read once per step
     norms = adapter.find_final_norms(model, layers)
     for order, (name, layer) in enumerate(layers):

@@ -27,7 +27,6 @@ from torch import nn
 
 from hyclora.ops.chunked_ce import chunked_cross_entropy
 
-LM_LOSS_ATTR = "_hyclora_lm_loss"
 # kwargs of the model's forward that only its own loss reads (transformers' ForCausalLMLoss)
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 # kwargs that ask for something the chunked path does not produce: the model's own forward runs
@@ -105,8 +104,10 @@ def chunked_loss_refusal(hf_model: nn.Module) -> Optional[str]:
         head = active_head(head)
     except (TypeError, ValueError) as exc:
         return str(exc)
-    if not isinstance(head, nn.Linear):
-        return f"its LM head is a {type(head).__name__}, not a Linear"
+    # a subclass with its own forward (a quantised Linear4bit, ...) does not compute weight @ hidden
+    plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+    if not plain or not head.weight.is_floating_point():
+        return f"its LM head is a {type(head).__name__} ({head.weight.dtype}), not a plain floating-point Linear"
     return None
 
 
@@ -115,9 +116,8 @@ class ChunkedLossForward:
     through the LM head and returns no logits; anything else goes to the class's own forward.
     A class, not a closure, so that a patched model still pickles and deep-copies."""
 
-    def __init__(self, model: nn.Module, chunk_size: Optional[int] = None):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.chunk_size = chunk_size
         self.signature = inspect.signature(type(model).forward)  # binds positional calls by name
         self.var_keyword = next((k for k, p in self.signature.parameters.items()
                                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
@@ -158,7 +158,7 @@ class ChunkedLossForward:
         count = extra.get("num_items_in_batch")
         loss = chunked_cross_entropy(
             hidden, head.weight, targets.to(hidden.device), bias=getattr(head, "bias", None),
-            chunk_size=self.chunk_size, ignore_index=ignore_index,
+            ignore_index=ignore_index,
             reduction="mean" if count is None else "sum", softcap=final_logit_softcap(model))
         if count is not None:
             loss = loss / (count.to(loss.device) if torch.is_tensor(count) else count)
@@ -182,13 +182,12 @@ def install_chunked_loss(hf_model: nn.Module, mode: str) -> Optional[str]:
                              "Use HyCLoRAConfig(lm_loss='model') (the model's own loss, full logits).")
         return reason
     hf_model.__dict__["forward"] = ChunkedLossForward(hf_model)
-    hf_model.__dict__[LM_LOSS_ATTR] = True
     return None
 
 
 def uninstall_chunked_loss(hf_model: nn.Module) -> None:
     """Undo :func:`install_chunked_loss` (the class's forward again)."""
-    if hf_model.__dict__.pop(LM_LOSS_ATTR, False) and isinstance(hf_model.__dict__.get("forward"), ChunkedLossForward):
+    if isinstance(hf_model.__dict__.get("forward"), ChunkedLossForward):
         del hf_model.__dict__["forward"]
 
 

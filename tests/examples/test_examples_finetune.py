@@ -487,3 +487,20 @@ def test_defaults_on_the_cpu_pad_and_run_eager_with_a_note(tmp_path):
     args = json.loads(Path(metrics["results_file"]).read_text())
     assert args["args"]["data"]["packing"] is False and args["args"]["checkpointing"]["cuda_graphs"] is False
     assert any("--cuda_graphs defaulted to false: no CUDA device" in n for n in args["notes"])
+
+
+@needs_hyclora
+def test_trainer_steps_take_the_chunked_lm_loss_by_default(tmp_path, monkeypatch):
+    """run_finetune's Trainer steps go through HyCLoRAConfig.lm_loss's chunked loss (one call per
+    training step, none in evaluation) and log the model's own losses to rounding."""
+    from hyclora.models import causal_lm_loss
+
+    calls = []
+    real = causal_lm_loss.chunked_cross_entropy
+    monkeypatch.setattr(causal_lm_loss, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chunked = run(tiny(tmp_path / "chunked", use_hyclora=True, layer_type="baseline", max_generate_samples=0))
+    assert len(calls) == 3 and math.isfinite(chunked["eval_loss"])
+    own = run(tiny(tmp_path / "own", use_hyclora=True, layer_type="baseline", lm_loss="model", max_generate_samples=0))
+    assert len(calls) == 3
+    got, want = ([loss for _, loss in m["loss_history"]] for m in (chunked, own))
+    assert got == pytest.approx(want, rel=1e-5)

@@ -175,6 +175,11 @@ def test_baseline_equals_unpatched_sft(tmp_path, how):
     run = train(tmp_path, BASELINE, how=how)
     assert_hyclora_ran(run, compresses=False)
     assert_same_run(run, reference(tmp_path, how=how))
+    # TRL's fused LM head computes SFT's loss without logits in every order: lm_loss="auto" leaves
+    # a forward TRL replaced alone, and TRL's wrapper bypasses ours when hyclora came first
+    from hyclora.models.causal_lm_loss import uses_chunked_loss
+
+    assert not uses_chunked_loss(run.trainer.model)
 
 
 def test_compressed_run_is_close_and_really_compressed(tmp_path):

@@ -151,18 +151,33 @@ def test_patched_model_pickles_and_deep_copies():
         assert clone(**_batch()).logits is None
 
 
-def test_lora_on_the_lm_head_auto_keeps_the_models_loss_chunked_refuses():
+def test_lora_on_the_lm_head_auto_keeps_the_models_loss_chunked_refuses(caplog):
     def make():
         return lora_model(tiny_model(), targets=("q_proj", "v_proj", "lm_head"))
 
-    model = apply_hyclora(make(), HyCLoRAConfig(**BASELINE))
+    with caplog.at_level("INFO", logger="hyclora.models.api"):
+        model = apply_hyclora(make(), HyCLoRAConfig(**BASELINE))
     assert not uses_chunked_loss(model)
+    assert "keeps the model's own LM loss: The LM head carries a PEFT adapter" in caplog.text
     model.train()
     assert model(**_batch()).logits is not None
     fresh = make()
     with pytest.raises(ValueError, match="lm_loss='model'"):
         apply_hyclora(fresh, HyCLoRAConfig(lm_loss="chunked", **BASELINE))
     assert not any("_hyclora_patch" in m.__dict__ for m in fresh.modules())  # refused before patching
+
+
+def test_a_head_with_its_own_forward_keeps_the_models_loss():
+    class ScaledHead(torch.nn.Linear):  # e.g. a quantised Linear: weight @ hidden is not its output
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = lora_model(tiny_model())
+    old = model.get_base_model().lm_head
+    head = ScaledHead(old.in_features, old.out_features, bias=False)
+    head.weight = old.weight
+    model.get_base_model().lm_head = head
+    assert not uses_chunked_loss(apply_hyclora(model, HyCLoRAConfig(**BASELINE)))
 
 
 def test_encoder_keeps_its_loss_and_chunked_is_refused_by_name():
