@@ -35,14 +35,16 @@ import torch
 import torch.nn.functional as F
 
 # Auto chunk: about 2**24 logits (64 MiB in fp32) per chunk: at 4 x 512 tokens and a 32k vocabulary
-# the loss then keeps a quarter of the logits at a time, and the matmuls stay large.
+# the loss then keeps a quarter of the logits at a time, and the matmuls stay large. At least 256
+# tokens: each chunk reads the whole LM-head weight twice (1 GiB at Qwen's 152k x 3584).
 _AUTO_CHUNK_ELEMENTS = 1 << 24
+_MIN_CHUNK_TOKENS = 256
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def auto_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so one chunk of fp32 logits is about 64 MiB."""
-    return max(1, _AUTO_CHUNK_ELEMENTS // max(1, int(vocab_size)))
+    """Tokens per chunk so one chunk of fp32 logits is about 64 MiB, and at least 256 tokens."""
+    return max(_MIN_CHUNK_TOKENS, _AUTO_CHUNK_ELEMENTS // max(1, int(vocab_size)))
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -202,7 +204,8 @@ def chunked_cross_entropy(
         weight: ``(vocab, d)`` LM-head weight. bias: optional ``(vocab,)``.
         labels: ``(...)`` target ids matching hidden's leading shape; ``ignore_index`` is skipped.
             Labels are NOT shifted here: for causal LM pass ``labels[t] = input_ids[t + 1]``.
-        chunk_size: tokens per chunk (default: about 64 MiB of fp32 logits per chunk).
+        chunk_size: tokens per chunk (default: about 64 MiB of fp32 logits per chunk, at least
+            256 tokens).
         reduction: ``mean`` over non-ignored tokens (nan if none), ``sum``, or ``none``
             (per-token losses, 0 at ignored positions).
         softcap: final-logit soft-capping (Gemma's ``final_logit_softcapping``): the logits are
