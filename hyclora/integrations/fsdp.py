@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from hyclora.models.peft_utils import is_sharded
+
 from .deepspeed import hyclora_blocks
 from .wrappers import unwrap_engine
 
@@ -59,27 +61,12 @@ class FSDPShardError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # detection
 # ----------------------------------------------------------------------------------------------
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
 def _fsdp_module_type():
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch < 2.6 or without distributed
         return None
     return FSDPModule
-
-
-def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
-    """True when ``tensor`` is an FSDP2 shard (a ``DTensor``): what a module's parameters are
-    between its unshard and reshard."""
-    dtensor = _dtensor_type()
-    return tensor is not None and dtensor is not None and isinstance(tensor, dtensor)
 
 
 def is_fsdp_unit(module: nn.Module) -> bool:

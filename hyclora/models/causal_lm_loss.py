@@ -1,8 +1,8 @@
 """The causal-LM training loss without full logits, inside the model's own forward.
 
 A transformers causal LM computes ``lm_head(hidden)`` for every token, upcasts the logits to fp32
-and keeps them and their log-softmax for the backward: at 4 x 512 tokens and a 32k vocabulary
-that is about 0.6 GiB live at once, more than hyclora's compressed decoder layers keep. With
+and keeps them and their log-softmax for the backward: (tokens, vocab) tensors in fp32, often more
+than hyclora's compressed decoder layers keep. With
 ``HyCLoRAConfig.lm_loss`` ``"auto"`` (default) or ``"chunked"``, :func:`install_chunked_loss`
 puts a :class:`ChunkedLossForward` on the model. In a training forward with labels (a module in
 train mode, gradients enabled) it runs the decoder, then
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from hyclora.ops.chunked_ce import chunked_cross_entropy
+
+from .peft_utils import is_sharded, transformers_model
 
 # kwargs of the model's forward that only its own loss reads (transformers' ForCausalLMLoss)
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -53,7 +55,7 @@ def active_head(module: nn.Module) -> nn.Module:
 
 def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """``(decoder, lm_head)`` of a transformers causal LM (PEFT-wrapped or not)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = transformers_model(model)
     if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
         raise TypeError(f"{type(inner).__name__} is not a causal LM with an output embedding (lm_head).")
     config = getattr(inner, "config", None)
@@ -72,7 +74,7 @@ def split_causal_lm(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
 
 def final_logit_softcap(model: nn.Module) -> Optional[float]:
     """The final-logit soft-capping of a causal LM's config (Gemma's ``final_logit_softcapping``), or None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = transformers_model(model)
     cap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
     return None if cap is None else float(cap)
 
@@ -147,7 +149,7 @@ class ChunkedLossForward:
         decoder, head = split_causal_lm(model)
         head = active_head(head)
         params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-        if any(zero3_partitioned(p) or hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in params):
+        if any(hasattr(p, "ds_id") or is_sharded(p) for p in params):  # ZeRO-3 / FSDP2
             return self._own(args, kwargs)  # sharded: only the head's own forward gathers it
         out = decoder(**named, **extra)  # the loss kwargs reach the decoder too, as in transformers
         hidden = out.last_hidden_state
@@ -193,8 +195,7 @@ def uninstall_chunked_loss(hf_model: nn.Module) -> None:
 
 def uses_chunked_loss(model: nn.Module) -> bool:
     """Whether the transformers model (inside ``model``) computes its training loss in chunks."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(inner.__dict__.get("forward"), ChunkedLossForward)
+    return isinstance(transformers_model(model).__dict__.get("forward"), ChunkedLossForward)
 
 
 __all__ = [

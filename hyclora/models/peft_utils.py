@@ -68,6 +68,16 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
+    """True when ``tensor`` is an FSDP2 shard (a ``DTensor``): what a module's parameters are
+    between its unshard and reshard."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
 
@@ -218,4 +228,5 @@ def resolve_norm(module: nn.Module, where: str, kind: str, classes: Collection[s
     return NormParams(weight, None, float(eps))
 
 
-__all__ = ["transformers_model", "resolve_linear", "resolve_norm", "unwrap_modules_to_save", "NormParams", "is_lora_layer", "SUPPORTED_PEFT"]
+__all__ = ["transformers_model", "resolve_linear", "resolve_norm", "unwrap_modules_to_save", "NormParams", "is_lora_layer",
+           "is_sharded", "SUPPORTED_PEFT"]

@@ -34,9 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Auto chunk: about 2**24 logits (64 MiB in fp32) per chunk: at 4 x 512 tokens and a 32k vocabulary
-# the loss then keeps a quarter of the logits at a time, and the matmuls stay large. At least 256
-# tokens: each chunk reads the whole LM-head weight twice (1 GiB at Qwen's 152k x 3584).
+# Auto chunk: about 2**24 logits (64 MiB in fp32) per chunk, small beside a short batch's full logits,
+# and at least 256 tokens, since each chunk reads the whole LM-head weight twice.
 _AUTO_CHUNK_ELEMENTS = 1 << 24
 _MIN_CHUNK_TOKENS = 256
 REDUCTIONS = ("mean", "sum", "none")
