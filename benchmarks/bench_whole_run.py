@@ -2,8 +2,9 @@
 recalibration included) and the peak over the run, beside the steady state.
 
 A random-weight Llama (Llama-2-7B shape by default, bf16), PEFT LoRA r=16 on all seven linears,
-sdpa, AdamW on the LoRA parameters, --steps steps of random tokens per --shapes entry. Each
-variant runs in its own process (a fresh allocator, so its peak is its own):
+sdpa, AdamW on the LoRA parameters (fused on CUDA, the HF Trainer's default), --steps steps of
+random tokens per --shapes entry. Each variant runs in its own process (a fresh allocator, so its
+peak is its own):
 
 * ``peft``: PEFT LoRA;
 * ``graphed``: hyclora with the library defaults (``intra_inter_full_fuse`` 2-bit unless the
@@ -74,7 +75,7 @@ def run_variant(args, variant, bs, seq):
             warm_up = dict(warm_up_layers="all") if variant == "graphed_warm_all" else {}  # else the default
             graphs = graph_decoder_layers(model, sample_shape=(bs, seq), **warm_up)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")  # the HF Trainer's default AdamW
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (bs, seq), device=device, generator=gen) for _ in range(4)]
     # the optimizer state exists from the first step on: allocate it before the baseline
@@ -92,18 +93,21 @@ def run_variant(args, variant, bs, seq):
 
         profiler = cProfile.Profile()
         profiler.enable()
-    trace = harness.MemoryTrace() if args.memory_trace_steps and device == "cuda" else None
+    trace = None
     cuda = device == "cuda"
     peaks = []  # per step: the peak (GiB above start) in its forward, backward and optimizer step
     # per step: what graph pools held off the allocated count during it (their saved activations)
     pool_free, pools, reserved = 0, [], None
     for step in range(args.steps):
+        if args.memory_trace_steps and cuda and step == args.memory_trace_from:
+            trace = harness.MemoryTrace()
         if profiler is not None and step == args.profile_steps:
             profiler.disable()
             _print_profile(profiler, variant, args.profile_steps)
             profiler = None
         if trace is not None and step == args.memory_trace_steps:
-            print(f"MEMORY {variant}, first {step} steps\n{trace.report()}", file=sys.stderr, flush=True)
+            print(f"MEMORY {variant}, steps {args.memory_trace_from}..{step - 1}\n{trace.report()}", file=sys.stderr,
+                  flush=True)
             trace = None
         ids = batches[step % len(batches)]
         timeline = None
@@ -141,7 +145,8 @@ def run_variant(args, variant, bs, seq):
         if cuda and torch.cuda.memory_reserved() != reserved:  # a capture or a release changes the pools
             reserved, pool_free = torch.cuda.memory_reserved(), graph_pool_free_bytes()
     if trace is not None:
-        print(f"MEMORY {variant}, all {args.steps} steps\n{trace.report()}", file=sys.stderr, flush=True)
+        print(f"MEMORY {variant}, steps {args.memory_trace_from}..{args.steps - 1}\n{trace.report()}", file=sys.stderr,
+              flush=True)
     tokens = bs * seq
     late = times[args.from_step:] or times
     out = dict(variant=variant, shape=f"{bs}x{seq}", steps=args.steps,
@@ -189,8 +194,11 @@ def main(argv=None):
                    help="torch.profiler tables (ops by host time) of these steps, e.g. 0 1 (the first step and the "
                         "capture), to the child's stderr (with --profile_steps' file)")
     p.add_argument("--memory_trace_steps", type=int, default=0,
-                   help="record CUDA allocations over the first N steps and print the live ones at their peak "
+                   help="record CUDA allocations up to step N and print the live ones at their peak "
                         "(to the child's stderr, with --profile_steps' file)")
+    p.add_argument("--memory_trace_from", type=int, default=0,
+                   help="the step the recording starts at (e.g. 3: a steady graphed step, past calibration "
+                        "and capture)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a child process: one variant
     args = harness.parse(p, argv, shapes=[(2, 32)], steps=6, from_step=2)
     if args.variant:  # a child: one variant, one shape; its result as JSON on the last line

@@ -6,7 +6,8 @@
 # (COLD_LIMIT seconds, default 150);
 # TEST_K: a pytest -k selection of the GPU tests; PROFILE=1: a cProfile of a graphed run's first steps and
 # torch.profiler tables of its first and capture steps;
-# MEMORY=1: the allocations live at the peak of a graphed run's first 5 steps ($OUT/memory/).
+# MEMORY=1: the allocations live at the peak of a graphed run's first 5 steps and of its steady steps 4-6
+# ($OUT/memory/, $OUT/memory_steady/).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}"); STEPS=${STEPS:-200}
 mkdir -p "$OUT"
@@ -41,4 +42,7 @@ cd "${TREE:-.}" && export PYTHONPATH=/tmp/site:$PWD
 [ "${MEMORY:-0}" = 1 ] && timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 6 --variants graphed \
   --memory_trace_steps 5 --out "$OUT/memory" 2>&1 | grep -v Warning | grep "^|" \
   && grep -A26 "^MEMORY" "$OUT"/memory/profile_*.txt | cut -c1-200
+[ "${MEMORY:-0}" = 1 ] && timeout 120 python3 benchmarks/bench_whole_run.py --shapes 4x512 --steps 7 --variants graphed \
+  --memory_trace_from 4 --memory_trace_steps 7 --out "$OUT/memory_steady" 2>&1 | grep -v Warning | grep "^|" \
+  && grep -A26 "^MEMORY" "$OUT"/memory_steady/profile_*.txt | cut -c1-200
 exit 0

@@ -89,18 +89,17 @@ variable until it is reassigned, keeps the parameters' gradient accumulators of 
 step, tied to the default stream; a capture in the next forward then fails with "operation would
 make the legacy stream depend on a capturing blocking stream" (seen in launch/longseq.py).
 
-Gradients: the backward graph returns the LoRA gradients in static buffers; PyTorch would let a
-parameter's ``.grad`` alias such a buffer (pytorch/pytorch#181723), so the next replay would
-overwrite an accumulated gradient (gradient accumulation, ``zero_grad(set_to_none=False)``). A
-hook on each trainable parameter of the graphed layers returns a copy when ``.grad`` is still
-``None``, so ``.grad`` never aliases a graph buffer.
+Gradients: the backward graphs write the LoRA gradients into static buffers that all layers of
+one parameter layout share (only one backward replays at a time); each backward hands autograd
+fresh copies, so ``.grad`` (or what ``torch.autograd.grad`` returns) never aliases a buffer the
+next replay overwrites (PyTorch lets ``.grad`` steal an incoming gradient: pytorch/pytorch#181723).
 
 Memory: the graphs of all layers share one pool, and the layers share their static inputs
 (hidden states of compressing layer types, cos, sin), one incoming-gradient buffer and one
-input-gradient buffer (:func:`graph_layer_chain`, our variant of ``make_graphed_callables``,
-which keeps one of each per layer); compressing layers also share one output buffer (that same
-input buffer). What stays per layer is what its backward reads, as in an eager step, and the
-static gradient buffers of its trainable parameters (measure it: benchmarks/bench_whole_run.py).
+input-gradient buffer and one set of parameter-gradient buffers (:func:`graph_layer_chain`, our
+variant of ``make_graphed_callables``, which keeps one of each per layer); compressing layers also
+share one output buffer (that same input buffer). What stays per layer is what its backward reads,
+as in an eager step (measure it: benchmarks/bench_whole_run.py).
 After the capture, what the graphs saved for their backward lives in their pool as memory the
 allocator counts as free, so ``torch.cuda.max_memory_allocated`` leaves it out
 (``hyclora.memory.graph_pool_free_bytes`` gives it).
@@ -230,7 +229,7 @@ class _LayerCallable(nn.Module):
 class _Captured:
     """One capture of all layers: the graphed callables and what each one read."""
 
-    def __init__(self, key, callables, graphed, tensors, checks, linear_keys, config_knobs, hooks,
+    def __init__(self, key, callables, graphed, tensors, checks, linear_keys, config_knobs,
                  input_requires_grad, static_rope, rope_groups):
         self.key = key
         self.input_requires_grad = input_requires_grad  # per layer, as in the sample args
@@ -240,7 +239,6 @@ class _Captured:
         self.checks = checks        # per layer: (tensor storage pointers, stats caches)
         self.linear_keys = linear_keys
         self.config_knobs = config_knobs
-        self.hooks = hooks
         # per layer: its (cos, sin[, documents]) sample tensors, one set per group of layers that read
         # the same tables (rope_groups[i]: the group's first layer; Gemma 3's sliding and global
         # layers are two groups): a backward replay reads them, so no other table may overwrite them
@@ -359,8 +357,6 @@ class DecoderLayerGraphs:
         """Free the captured graphs (the next eligible step captures again)."""
         cap, self._captured = self._captured, None
         if cap is not None:
-            for h in cap.hooks:
-                h.remove()
             del cap
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -629,12 +625,7 @@ class DecoderLayerGraphs:
         checks = [_layer_storage(*t) for t in tensors]
         linear_keys = [adapter_state_key(layer) for layer in self.layers]
         knobs = [_config_knobs(layer._hyclora_patch.config) for layer in self.layers]
-        hooks = []
-        for layer in self.layers:
-            for p in layer.parameters():
-                if p.requires_grad:
-                    hooks.append(p.register_hook(_make_grad_copy(p)))
-        self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs, hooks,
+        self._captured = _Captured(key, callables, graphed, tensors, checks, linear_keys, knobs,
                                    [s[0].requires_grad for s in samples], [tables[g] for g in groups], groups)
         self._captured.shared_output = shared_hidden is not None
         self.counts["capture"] += 1
@@ -699,14 +690,16 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     per step, forwards in order and backwards in reverse (decoder layers): the same contract
     (graphed functions that copy their inputs into the static samples, replay, and return static
     outputs; gradients for the samples that require grad and the trainable parameters), but the
-    backward graphs share one incoming-gradient buffer and one input-gradient buffer instead of
-    one of each per callable. They may: only one backward replays at a time, the incoming
-    gradient is copied in before it replays, and the input gradient it returns is consumed (copied
-    into the shared incoming buffer by the previous layer's backward, or read by whatever produced
-    the first input) before the next backward replay writes it. At 7B / 4 x 512 that is 2 x 31 x
-    16 MiB less. As with ``make_graphed_callables``, the returned gradients are static buffers
-    overwritten by later replays (here: by the next layer's backward too) and all graphs share
-    one memory pool, so they must replay in the order they were captured.
+    backward graphs share one incoming-gradient buffer, one input-gradient buffer and one
+    parameter-gradient buffer per parameter position and layout instead of one of each per
+    callable. They may: only one backward replays at a time, the incoming gradient is copied in
+    before it replays, and the input gradient it returns is consumed (copied into the shared
+    incoming buffer by the previous layer's backward, or read by whatever produced the first
+    input) before the next backward replay writes it. Unlike ``make_graphed_callables``, the
+    parameter gradients are returned as fresh copies (one launch per layer), so autograd never
+    keeps a static buffer. The input gradient is a static buffer, overwritten by the next layer's
+    backward, and all graphs share one memory pool, so they must replay in the order they were
+    captured.
 
     Every callable must return one tensor that requires grad, of the same shape and dtype for all
     (the hidden states). ``shared_hidden``: the static input of callables 1..n-1 (their
@@ -773,6 +766,14 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
     grad_out = torch.empty_like(outputs[0])  # the incoming gradient of every backward graph
     grad_in = torch.empty_like(outputs[0]) if any(input_grad) else None  # the input gradient they write
 
+    # one gradient buffer per parameter position and layout, shared by the layers: Replayed.backward
+    # copies it out before the next backward replay rewrites it
+    grad_slots = {}
+    for ps in params:
+        for j, p in enumerate(ps):
+            if (j, p.shape, p.dtype) not in grad_slots:
+                grad_slots[(j, p.shape, p.dtype)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+
     def backward_of(i):
         def run():
             grads = torch.autograd.grad(live[i], surfaces[i], grad_out, allow_unused=allow_unused_input)
@@ -782,7 +783,11 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
                     raise RuntimeError(f"hyclora.cuda_graphs: layer {i}'s output does not depend on its input")
                 grad_in.copy_(grads[0])
                 grads = grads[1:]
-            return tuple(grads)
+            slots = [grad_slots[(j, p.shape, p.dtype)] for j, p in enumerate(params[i])]
+            used = [(slot, g) for slot, g in zip(slots, grads) if g is not None]
+            if used:
+                torch._foreach_copy_([slot for slot, _ in used], [g for _, g in used])
+            return tuple(None if g is None else slot for slot, g in zip(slots, grads))
         return run
 
     bwd_graphs, param_grads = [None] * n, [None] * n
@@ -807,7 +812,9 @@ def graph_layer_chain(callables, sample_args, num_warmup_iters: int = 3, allow_u
             n_args = len(sample_args[i])
             first = grad_in.detach() if input_grad[i] else None
             arg_grads = (first,) + (None,) * (n_args - 1)
-            return (None,) + arg_grads + tuple(None if g is None else g.detach() for g in param_grads[i])
+            used = [g for g in param_grads[i] if g is not None]
+            copies = iter(torch._foreach_mul(used, 1.0) if used else ())  # fresh tensors in one launch
+            return (None,) + arg_grads + tuple(None if g is None else next(copies) for g in param_grads[i])
 
     def make(i):
         def graphed(*args):
@@ -858,18 +865,6 @@ def _refuse_dropout(name: str, layer: nn.Module, training_only: bool) -> None:
                 f"hyclora.cuda_graphs: {name}.{sub} is a dropout with p={m.p}; LoRA dropout > 0 cannot be "
                 "graphed (hyclora redraws the mask in the backward from a generator state read on the "
                 "host). Use lora_dropout=0 or train without graphs (graphs.remove()).")
-
-
-def _make_grad_copy(p: torch.Tensor):
-    ref = weakref.ref(p)
-
-    def hook(grad):
-        param = ref()
-        if param is not None and param.grad is None:
-            return grad.clone()  # .grad must not alias a graph's static buffer (pytorch#181723)
-        return None
-
-    return hook
 
 
 def _make_done(cap: _Captured, i: int):

@@ -4,9 +4,9 @@ hyclora step.
 CPU tests run the dispatcher against an emulation of ``torch.cuda.make_graphed_callables``
 (same call surface and the same static-buffer semantics: one static input per sample arg, copied
 into unless it is the same storage; one saved forward per callable, replaced by the next
-forward; static output and gradient buffers returned detached), so that everything except the
-CUDA capture itself is exercised: counting, recalibration and re-capture, shared static inputs,
-the gradient-accumulation copy, the deferred NaN/Inf check. GPU tests capture for real.
+forward; a static output buffer, gradients copied out of static buffers), so that everything
+except the CUDA capture itself is exercised: counting, recalibration and re-capture, shared static
+inputs, gradient accumulation, the deferred NaN/Inf check. GPU tests capture for real.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def test_gradient_accumulation_and_two_forwards_before_backward():
         model.zero_grad(set_to_none=True)
         for step in (3, 4):  # accumulated over two micro-batches
             _backward(model, step)
-    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)  # without the copy hook: 2x the second
+    _compare(_lora_grads(graphed), _lora_grads(eager), 1e-6)  # .grad never aliases a static buffer
     for model in (eager, graphed):
         model.zero_grad(set_to_none=True)
         total = sum(model(input_ids=_batch(s), labels=_batch(s)).loss for s in (5, 6))
@@ -529,6 +529,60 @@ def test_layer_chain_keeps_an_output_its_backward_reads(saves_output):
         y = layer(y)
     y.square().sum().backward()
     torch.testing.assert_close(x.grad, want_x.grad)
+
+
+def test_layer_chain_shares_parameter_gradient_buffers_and_hands_out_copies():
+    # the backward graphs of layers with one parameter layout write one set of static gradient
+    # buffers; autograd gets copies, so accumulation into .grad and torch.autograd.grad with .grad
+    # already set still see each layer's own gradient
+    class Layer(torch.nn.Module):
+        def __init__(self, scale_shape):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4) * 0.5)
+            self.scale = torch.nn.Parameter(torch.rand(scale_shape) + 0.5)
+
+        def forward(self, t):
+            return torch.tanh(t @ self.weight) * self.scale + t
+
+    class Recording(EmulatedCapture):
+        def __init__(self):
+            self.results = []
+
+        def capture(self, fn):
+            graph, result = super().capture(fn)
+            self.results.append(result)
+            return graph, result
+
+    torch.manual_seed(0)
+    layers = [Layer(4), Layer(4), Layer(1)]  # the third's scale has another layout
+    reference = copy.deepcopy(layers)
+    capture = Recording()  # the layers keep their inputs for the backward: one static input each
+    graphed = graph_layer_chain(layers, tuple((torch.randn(2, 4, requires_grad=True),) for _ in layers),
+                                num_warmup_iters=1, _capture=capture)
+    backward_buffers = [r for r in capture.results if isinstance(r, tuple)][::-1]  # captured last to first
+    weights = {b[0].data_ptr() for b in backward_buffers}
+    scales = [b[1].data_ptr() for b in backward_buffers]
+    assert len(weights) == 1 and scales[0] == scales[1] != scales[2]
+
+    def loss_of(fns, x):
+        for f in fns:
+            x = f(x)
+        return x.square().sum()
+
+    params = [p for layer in layers for p in layer.parameters()]
+    want_params = [p for layer in reference for p in layer.parameters()]
+    for seed in (1, 2):  # two micro-batches accumulate into .grad
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+        loss_of(graphed, x.clone().requires_grad_(True)).backward()
+        loss_of(reference, x.clone().requires_grad_(True)).backward()
+    for p, want in zip(params, want_params):
+        torch.testing.assert_close(p.grad, want.grad)
+        assert all(p.grad.data_ptr() != b.data_ptr() for bufs in backward_buffers for b in bufs)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(loss_of(graphed, x.clone().requires_grad_(True)), params)
+    want = torch.autograd.grad(loss_of(reference, x.clone().requires_grad_(True)), want_params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("warm_up_layers", [None, "distinct", "all"])

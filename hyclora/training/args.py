@@ -437,7 +437,8 @@ def resolve_auto_defaults(task: str, *, packing: Optional[bool], cuda_graphs: Op
 
 
 # Paper Table 8 (lr / max len / batch / grad-acc / epochs) and the reference scripts' optimiser
-# settings (hyclora-method.md section 7).
+# settings (hyclora-method.md section 7); AdamW in its fused form, transformers' own default (the
+# same update without the full-size temporary the foreach form allocates at the step).
 _COMMON: Dict[str, Any] = dict(
     learning_rate=3e-4,
     per_device_train_batch_size=4,
@@ -446,7 +447,7 @@ _COMMON: Dict[str, Any] = dict(
     lr_scheduler_type="cosine",
     warmup_steps=0.03,
     weight_decay=0.1,
-    optim="adamw_torch",
+    optim="adamw_torch_fused",
     seed=11,
     logging_steps=10,
     save_strategy="epoch",

@@ -2,8 +2,9 @@
 
 :func:`emulated_grapher` stands in for ``torch.cuda.make_graphed_callables`` (same call surface and
 the same static-buffer semantics: one static input per sample arg, copied into unless it is the
-same storage; one saved forward per callable, replaced by the next forward; static output and
-gradient buffers returned detached); :class:`EmulatedCapture` for ``CudaGraphCapture``, so that
+same storage; one saved forward per callable, replaced by the next forward; a static output
+buffer returned detached; the gradients copied out of static buffers, as ``graph_layer_chain``
+returns them); :class:`EmulatedCapture` for ``CudaGraphCapture``, so that
 :func:`chain_grapher` runs ``graph_layer_chain`` on the CPU. Everything except the CUDA capture
 itself is exercised.
 """
@@ -66,8 +67,8 @@ def _emulated(c, static_args, params):
                 held["grads"] = [torch.empty_like(t) for t in grads]
             for buf, t in zip(held["grads"], grads):
                 buf.copy_(t)
-            it = iter(held["grads"])
-            return tuple(next(it).detach() if t.requires_grad else None for t in surface)
+            it = iter(held["grads"])  # copies out of the static buffers, as graph_layer_chain hands out
+            return tuple(next(it).clone() if t.requires_grad else None for t in surface)
 
     def run(*user_args):
         return Emulated.apply(*(tuple(user_args) + params))
