@@ -125,6 +125,7 @@ from torch import nn
 
 from hyclora.models.adapter import adapter_state_key, in_backward_pass, kernels_for_graph_capture
 from hyclora.models.api import patched_layers
+from hyclora.models.peft_utils import is_zero3_param
 from hyclora.ops.attention import packed_documents
 from hyclora.ops.s2attn import S2ATTN_NAME
 from hyclora.ops.tensor_specs import DECODER
@@ -314,7 +315,7 @@ class DecoderLayerGraphs:
                                  "decoder layer; only Llama/Mistral layers can be graphed.")
             _refuse_dropout(name, layer, training_only=False)
             for p in layer.parameters():
-                if hasattr(p, "ds_id"):
+                if is_zero3_param(p):
                     raise ValueError(f"hyclora.cuda_graphs: {name} has DeepSpeed ZeRO-3 parameters (gathered per "
                                      "call); CUDA graphs need resident weights. Use ZeRO-0/1/2 or no graphs.")
             if _grapher is None:

@@ -44,6 +44,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from hyclora.models.peft_utils import is_zero3_param
+
 from .wrappers import hf_model, unwrap_engine
 from .fsdp import is_fsdp_unit, is_sharded
 from .deepspeed import (
@@ -181,7 +183,7 @@ def _plain_first_pass_ok(layer: Optional[nn.Module], function: Callable, x: torc
     if x.numel() > PLAIN_FIRST_PASS_ELEMENTS:
         return False
     params, dropouts = _layer_structure(layer)
-    if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed adds ds_id in place: checked per call
+    if any(is_zero3_param(p) for p in params):  # checked per call: DeepSpeed marks parameters in place
         return False
     if is_fsdp_unit(layer) or any(is_sharded(p) for p in params):
         return False

@@ -32,6 +32,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from hyclora.models.peft_utils import is_zero3_param
+
 from .wrappers import hf_model, unwrap_engine
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
@@ -251,7 +253,7 @@ def is_zero3(obj: Union[None, nn.Module, ConfigLike] = None) -> bool:
             return False
         return bool(is_deepspeed_zero3_enabled())
     if isinstance(obj, nn.Module):
-        return any(hasattr(p, "ds_id") for p in obj.parameters())
+        return any(is_zero3_param(p) for p in obj.parameters())
     return zero_stage(obj) == 3
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from hyclora.ops.chunked_ce import chunked_cross_entropy
 
-from .peft_utils import is_sharded, transformers_model
+from .peft_utils import is_sharded, is_zero3_param, transformers_model
 
 # kwargs of the model's forward that only its own loss reads (transformers' ForCausalLMLoss)
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -149,7 +149,7 @@ class ChunkedLossForward:
         decoder, head = split_causal_lm(model)
         head = active_head(head)
         params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-        if any(hasattr(p, "ds_id") or is_sharded(p) for p in params):  # ZeRO-3 / FSDP2
+        if any(is_zero3_param(p) or is_sharded(p) for p in params):  # ZeRO-3 / FSDP2
             return self._own(args, kwargs)  # sharded: only the head's own forward gathers it
         out = decoder(**named, **extra)  # the loss kwargs reach the decoder too, as in transformers
         hidden = out.last_hidden_state

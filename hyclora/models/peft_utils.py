@@ -78,6 +78,12 @@ def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """True when DeepSpeed ZeRO-3 manages ``param`` (it sets ``ds_id`` on every parameter it
+    partitions, in place, so the answer can change after a model was patched)."""
+    return hasattr(param, "ds_id")
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
 
