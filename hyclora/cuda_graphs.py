@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import warnings
 import weakref
 from typing import Any, Callable, List, Optional, Tuple
@@ -844,9 +845,23 @@ class CudaGraphCapture:
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), quiet_grad_stream_warning():
+        with no_cyclic_gc(), torch.cuda.graph(graph, pool=self.pool), quiet_grad_stream_warning():
             result = fn()
         return graph, result
+
+
+@contextlib.contextmanager
+def no_cyclic_gc():
+    """Python's cyclic garbage collector paused (``torch.cuda.graph`` collects once as it begins):
+    a collection inside a capture may destroy CUDA objects of earlier graphs or events, whose
+    destructors call the driver, which invalidates the capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

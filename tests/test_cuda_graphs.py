@@ -717,3 +717,27 @@ def test_capture_silences_only_the_accumulate_grad_stream_warning():
         warnings.warn("The AccumulateGrad node's stream does not match (outside)", UserWarning)
     assert [str(w.message) for w in seen] == ["something else",
                                               "The AccumulateGrad node's stream does not match (outside)"]
+
+
+def test_capture_pauses_the_cyclic_garbage_collector():
+    # a collection inside a capture could run CUDA destructors of earlier graphs; the state is
+    # given back as it was, also after an error
+    import gc
+
+    from hyclora.cuda_graphs import no_cyclic_gc
+
+    assert gc.isenabled()
+    with no_cyclic_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with no_cyclic_gc():
+            raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_cyclic_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
