@@ -409,6 +409,35 @@ def test_cuda_graphs_share_one_output_and_hidden_states_stay_per_layer():
     graphs.remove()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_capture_survives_garbage_holding_an_earlier_graph():
+    # torch.cuda.graph no longer collects garbage before a capture: an earlier graph left in a
+    # reference cycle (a released capture, an earlier model) may be freed by a collection inside
+    # the next capture, and its destructor's driver calls would invalidate that capture
+    import gc
+
+    from hyclora.cuda_graphs import CudaGraphCapture
+
+    x = torch.zeros(64, device="cuda")
+    earlier = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(earlier):
+        x.add_(1)
+    cycle = [earlier]
+    cycle.append(cycle)
+    del earlier, cycle  # garbage that only the cyclic collector frees
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at nearly every Python allocation
+    try:
+        graph, out = CudaGraphCapture().capture(lambda: [x * k for k in range(50)][-1])
+    finally:
+        gc.set_threshold(*threshold)
+    x.fill_(2)
+    graph.replay()
+    torch.testing.assert_close(out, torch.full_like(x, 98.0))
+    gc.collect()
+
+
 # -- graph_layer_chain (the grapher of real runs) with an emulated capture (CPU) -------------------
 
 
