@@ -5,6 +5,7 @@
 #   peft_padded     PEFT LoRA, padded batches          (--use_hyclora false --packing false)
 #   hyclora         hyclora with the example's defaults (packing + CUDA graphs where they replay)
 #   hyclora_warm    the same again, 5 steps: the first step with warm Triton / tuning caches
+#   hyclora_again   the same again, all $STEPS steps: a whole run with warm caches
 #   peft_packed     PEFT LoRA with the same packing    (--use_hyclora false --packing true)
 #   hyclora_padded  hyclora, padded batches (eager)    (--packing false)
 # ARGS: more arguments for every run (e.g. "--attn_implementation sdpa"); HYARGS: for the hyclora runs
@@ -44,6 +45,7 @@ for name in ${RUNS:-hyclora hyclora_warm peft_padded peft_packed hyclora_padded}
   case $name in
     hyclora) run hyclora 200 ${HYARGS:-} ;;
     hyclora_warm) STEPS=5 run hyclora_warm 90 ${HYARGS:-} ;;
+    hyclora_again) run hyclora_again 150 ${HYARGS:-} ;;
     peft_padded) run peft_padded 150 --use_hyclora false --packing false ;;
     peft_packed) run peft_packed 150 --use_hyclora false --packing true ;;
     hyclora_padded) run hyclora_padded 200 --packing false ${HYARGS:-} ;;
