@@ -852,9 +852,10 @@ class CudaGraphCapture:
 
 @contextlib.contextmanager
 def no_cyclic_gc():
-    """Python's cyclic garbage collector paused (``torch.cuda.graph`` collects once as it begins):
-    a collection inside a capture may destroy CUDA objects of earlier graphs or events, whose
-    destructors call the driver, which invalidates the capture."""
+    """Python's cyclic garbage collector paused, its garbage kept for after the capture: a
+    collection inside a capture may destroy CUDA objects of earlier graphs or events, whose
+    destructors call the driver, which invalidates the capture (``torch.cuda.graph`` no longer
+    collects before it begins)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
