@@ -271,6 +271,10 @@ def test_task_defaults_follow_table_8_and_flags_win(tmp_path):
         assert args.lora.target_modules() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert [a.training.num_train_epochs for a in (g, w, m)] == [6, 3, 12]
     assert [a.data.max_length for a in (g, w, m)] == [512, 1024, 512]
+    # transformers' fused AdamW (no full-size temporary at the step), unless the command line says otherwise
+    assert {getattr(a.training.optim, "value", a.training.optim) for a in (g, w, m)} == {"adamw_torch_fused"}
+    optim = parse_finetune_args("gsm8k", ["--optim", "adamw_torch"]).training.optim
+    assert getattr(optim, "value", optim) == "adamw_torch"
     ds = tmp_path / "zero2.json"
     ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
     a = parse_finetune_args("gsm8k", ["--deepspeed", str(ds), "--local_rank=0", "--q_bit", "2",
