@@ -853,9 +853,9 @@ class CudaGraphCapture:
 @contextlib.contextmanager
 def no_cyclic_gc():
     """Python's cyclic garbage collector paused, its garbage kept for after the capture: a
-    collection inside a capture may destroy CUDA objects of earlier graphs or events, whose
-    destructors call the driver, which invalidates the capture (``torch.cuda.graph`` no longer
-    collects before it begins)."""
+    collection inside a capture runs the destructors of whatever it frees (earlier graphs, CUDA
+    events, what tuning left in reference cycles), and a driver call among them can invalidate
+    the capture; ``torch.cuda.graph`` no longer collects before it begins."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -411,10 +411,12 @@ def test_cuda_graphs_share_one_output_and_hidden_states_stay_per_layer():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_capture_survives_garbage_holding_an_earlier_graph():
-    # torch.cuda.graph no longer collects garbage before a capture: an earlier graph left in a
-    # reference cycle (a released capture, an earlier model) may be freed by a collection inside
-    # the next capture, and its destructor's driver calls would invalidate that capture
+def test_no_collection_runs_inside_a_capture():
+    # torch.cuda.graph no longer collects garbage before a capture, and runs of these tests that
+    # compiled and tuned with cold caches had captures invalidated, unless the collector was paused
+    # (BENCHMARKS run 18). At threshold 1 each tensor the captured function makes would start a
+    # collection; none may start inside, and the capture must hold with garbage holding an
+    # earlier graph and a recorded event that a collection would free there
     import gc
 
     from hyclora.cuda_graphs import CudaGraphCapture
@@ -423,15 +425,26 @@ def test_capture_survives_garbage_holding_an_earlier_graph():
     earlier = torch.cuda.CUDAGraph()
     with torch.cuda.graph(earlier):
         x.add_(1)
-    cycle = [earlier]
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    cycle = [earlier, event]
     cycle.append(cycle)
-    del earlier, cycle  # garbage that only the cyclic collector frees
+    del earlier, event, cycle  # garbage that only the cyclic collector frees
+    inside = []
+
+    def record(phase, info):
+        if phase == "start" and torch.cuda.is_current_stream_capturing():
+            inside.append(info["generation"])
+
     threshold = gc.get_threshold()
-    gc.set_threshold(1)  # a collection at nearly every Python allocation
+    gc.callbacks.append(record)
+    gc.set_threshold(1)
     try:
         graph, out = CudaGraphCapture().capture(lambda: [x * k for k in range(50)][-1])
     finally:
         gc.set_threshold(*threshold)
+        gc.callbacks.remove(record)
+    assert inside == [], f"cyclic collections of generations {inside} ran inside the capture"
     x.fill_(2)
     graph.replay()
     torch.testing.assert_close(out, torch.full_like(x, 98.0))
