@@ -412,11 +412,9 @@ def test_cuda_graphs_share_one_output_and_hidden_states_stay_per_layer():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_no_collection_runs_inside_a_capture():
-    # torch.cuda.graph no longer collects garbage before a capture, and runs of these tests that
-    # compiled and tuned with cold caches had captures invalidated, unless the collector was paused
-    # (BENCHMARKS run 18). At threshold 1 each tensor the captured function makes would start a
-    # collection; none may start inside, and the capture must hold with garbage holding an
-    # earlier graph and a recorded event that a collection would free there
+    # a collection inside a capture runs destructors that may call the driver and invalidate it:
+    # at threshold 1 each tensor the captured function makes would start one, yet none may, and
+    # the capture holds with an earlier graph and a recorded event left in garbage
     import gc
 
     from hyclora.cuda_graphs import CudaGraphCapture
