@@ -8,8 +8,8 @@
 ``python benchmarks/probe_capture_collections.py tests pause|plain``
     The real-capture GPU tests (``tests/test_cuda_graphs.py -m gpu``, stopping at the first
     failure), with hyclora's collector pause or with it patched out, printing what runs inside a
-    capture: cyclic collections, Triton compiles (in-process cache misses) and hyclora tuning
-    lookups. Remove ``~/.triton/cache`` and ``~/.cache/hyclora`` first for cold caches.
+    capture: cyclic collections, Triton compiles (in-process cache misses) and hyclora tunings
+    (the INFO lines of the ``hyclora.kernels.tuning`` logger). Remove ``~/.triton/cache`` and ``~/.cache/hyclora`` first for cold caches.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import sys
 
 import torch
@@ -63,7 +64,6 @@ def traced_tests(mode: str) -> int:
     import triton
 
     import hyclora.cuda_graphs as cuda_graphs
-    import hyclora.kernels.common as common
 
     if mode == "plain":
         cuda_graphs.no_cyclic_gc = contextlib.nullcontext
@@ -78,16 +78,16 @@ def traced_tests(mode: str) -> int:
             print(f"\n[Triton compile inside a capture: {repr[:160]}]", flush=True)
         return None  # compile as usual
 
-    recall_or_tune = common._recall_or_tune
-
-    def on_tuning_lookup(tuner, *args, **kwargs):
-        if capturing():
-            print(f"\n[hyclora tuning lookup inside a capture: {common._kernel_name(tuner)}]", flush=True)
-        return recall_or_tune(tuner, *args, **kwargs)
+    class OnTuning(logging.Handler):
+        def emit(self, record):
+            if capturing():
+                print(f"\n[hyclora tuning inside a capture: {record.getMessage()[:160]}]", flush=True)
 
     gc.callbacks.append(on_collection)
     triton.knobs.runtime.jit_cache_hook = on_compile
-    common._recall_or_tune = on_tuning_lookup
+    tuning = logging.getLogger("hyclora.kernels.tuning")
+    tuning.setLevel(logging.INFO)
+    tuning.addHandler(OnTuning())
     return pytest.main(["-v", "-s", "-x", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_cuda_graphs.py"])
 
 
